@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.linalg
+from scipy.spatial.transform import Rotation
 
 __all__ = [
     "GeometryError",
@@ -72,33 +73,13 @@ def rotation_about_axis(axis: np.ndarray, angle_deg: float) -> np.ndarray:
 
 
 def rotation_from_rotvec(rotvec_rad: np.ndarray) -> np.ndarray:
-    """Rodrigues: 3x3 rotation from an axis-angle vector (radians)."""
-    r = np.asarray(rotvec_rad, dtype=float).reshape(3)
-    theta = float(np.linalg.norm(r))
-    Kx = np.array([[0.0, -r[2], r[1]], [r[2], 0.0, -r[0]], [-r[1], r[0], 0.0]])
-    if theta < 1e-12:
-        return np.eye(3) + Kx
-    Kx /= theta
-    return np.eye(3) + np.sin(theta) * Kx + (1.0 - np.cos(theta)) * (Kx @ Kx)
+    """3x3 rotation from an axis-angle vector (radians)."""
+    return Rotation.from_rotvec(np.asarray(rotvec_rad, dtype=float).reshape(3)).as_matrix()
 
 
 def rotvec_from_rotation(R: np.ndarray) -> np.ndarray:
-    """Axis-angle vector (radians) of a 3x3 rotation, the inverse of rotation_from_rotvec."""
-    R = np.asarray(R, dtype=float)
-    cos_theta = np.clip((np.trace(R) - 1.0) / 2.0, -1.0, 1.0)
-    theta = np.arccos(cos_theta)
-    w = np.array([R[2, 1] - R[1, 2], R[0, 2] - R[2, 0], R[1, 0] - R[0, 1]])
-    if theta < 1e-7:
-        return w / 2.0
-    if np.pi - theta < 1e-4:
-        # Near 180 degrees the antisymmetric part vanishes; take the axis from R + I.
-        M = (R + np.eye(3)) / 2.0
-        axis = M[:, int(np.argmax(np.diag(M)))]
-        axis = axis / np.linalg.norm(axis)
-        if np.dot(w, axis) < 0:
-            axis = -axis
-        return axis * theta
-    return w * (theta / (2.0 * np.sin(theta)))
+    """Axis-angle vector (radians, angle in [0, pi]) of a 3x3 rotation."""
+    return Rotation.from_matrix(np.asarray(R, dtype=float)[:3, :3]).as_rotvec()
 
 
 def rotation_angle_deg(T_or_R: np.ndarray) -> float:

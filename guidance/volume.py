@@ -186,7 +186,10 @@ def load_volume(path: str | Path, *, series_uid: str | None = None, units: str =
         try:
             image = sitk.ReadImage(str(path))
         except RuntimeError as exc:
-            raise VolumeError(f"cannot read image {path}: {str(exc).strip().splitlines()[-1]}") from None
+            detail = str(exc).strip().splitlines()[-1]
+            if "spacing" in str(exc).lower():
+                raise VolumeError(f"{path}: missing or zero voxel spacing ({detail})") from None
+            raise VolumeError(f"cannot read image {path}: {detail}") from None
     if image.GetDimension() == 2:
         raise VolumeError(f"{path} is a 2D image, not a CT volume")
     if image.GetDimension() == 3 and min(image.GetSize()) < 2:
