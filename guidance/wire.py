@@ -1,0 +1,585 @@
+"""Message schemas of the guidance bus: encode, decode, validate. The one place that knows
+the byte layout of a message.
+
+A message is a list of byte strings (a ZeroMQ multipart message without the topic frame
+that ``guidance.transport`` puts in front):
+
+- part 0: UTF-8 JSON header, one object::
+
+      {"schema": "guidance.msg", "version": 1, "kind": "frame",
+       "seq": 12, "stamp_ns": 1700000000000000000, "source": "sim",
+       "buffers": [{"dtype": "uint16", "shape": [H, W], "nbytes": n, "crc32": c}],
+       ...kind-specific fields...}
+
+- parts 1..: the raw little-endian bytes of each binary buffer (C order), described in
+  the same order by ``buffers``; ``crc32`` is ``zlib.crc32`` of the part and is verified on
+  decode.
+
+Poses travel as 4x4 row-major nested lists (CONVENTIONS.md), times as integer
+nanoseconds (``_ns``, ``time.time_ns()`` epoch), lengths in mm, angles in degrees. Every
+JSON number must be finite. The header is written with sorted keys and no whitespace, so
+``encode(decode(parts)) == parts`` for anything ``encode`` produced.
+
+One frozen dataclass per kind; its constructor validates and normalises its fields
+(raising ``WireError``), so a message that exists is a valid message, whether it was
+built locally or decoded. ``KINDS`` maps each kind name to its class.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from dataclasses import MISSING, Field, dataclass, field, fields
+from typing import Any, ClassVar
+
+import numpy as np
+
+from guidance.geometry import GeometryError, check_rigid
+from guidance.views import View, ViewError, view_from_dict, view_to_dict
+
+__all__ = [
+    "SCHEMA",
+    "VERSION",
+    "DTYPES",
+    "WireError",
+    "Message",
+    "Frame",
+    "TrackerSample",
+    "PoseResult",
+    "InstrumentState",
+    "Overlay",
+    "Heartbeat",
+    "KINDS",
+    "encode",
+    "decode",
+]
+
+SCHEMA = "guidance.msg"
+VERSION = 1
+DTYPES = ("uint8", "uint16", "float32")
+POSE_STATUSES = ("ok", "failed")
+POSE_MODES = ("global", "tracking")
+OVERLAY_SIGNATURES = {"png": b"\x89PNG\r\n\x1a\n", "jpeg": b"\xff\xd8\xff"}
+_ENVELOPE = ("schema", "version", "kind", "buffers")
+_DESCRIPTOR_KEYS = {"dtype", "shape", "nbytes", "crc32"}
+_UNIT_TOL = 1e-6
+
+
+class WireError(ValueError):
+    """A message that violates the guidance.msg contract (on encode, decode or construction)."""
+
+
+# ---------------------------------------------------------------------------------------
+# Field validators: each returns the normalised value or raises WireError naming the field.
+
+
+def _int(value: Any, name: str, *, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise WireError(f"'{name}' must be an integer, got {type(value).__name__}")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise WireError(f"'{name}' must be >= {minimum}, got {value}")
+    return value
+
+
+def _float(value: Any, name: str, *, lo: float | None = None, hi: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise WireError(f"'{name}' must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise WireError(f"'{name}' must be finite, got {value}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise WireError(f"'{name}' must lie in [{lo}, {hi}], got {value}")
+    return value
+
+
+def _opt_float(value: Any, name: str, **limits: float) -> float | None:
+    return None if value is None else _float(value, name, **limits)
+
+
+def _str(value: Any, name: str, *, choices: tuple[str, ...] | None = None,
+         nonempty: bool = False) -> str:
+    if not isinstance(value, str):
+        raise WireError(f"'{name}' must be a string, got {type(value).__name__}")
+    if choices is not None and value not in choices:
+        raise WireError(f"'{name}' must be one of {', '.join(choices)}; got {value!r}")
+    if nonempty and not value:
+        raise WireError(f"'{name}' must not be empty")
+    return value
+
+
+def _opt_str(value: Any, name: str) -> str | None:
+    return None if value is None else _str(value, name)
+
+
+def _pose(value: Any, name: str) -> np.ndarray:
+    """A rigid 4x4 float64 pose (finite, orthonormal rotation, last row [0, 0, 0, 1])."""
+    try:
+        T = np.asarray(value, dtype=float)
+    except (TypeError, ValueError):
+        raise WireError(f"'{name}' must be a 4x4 numeric matrix") from None
+    try:
+        return check_rigid(T, f"'{name}'")
+    except GeometryError as exc:
+        raise WireError(str(exc)) from None
+
+
+def _opt_pose(value: Any, name: str) -> np.ndarray | None:
+    return None if value is None else _pose(value, name)
+
+
+def _pose_map(value: Any, name: str, *, required: tuple[str, ...] = ()) -> dict:
+    """A dict of name -> rigid 4x4 pose."""
+    if not isinstance(value, dict):
+        raise WireError(f"'{name}' must be an object of name -> 4x4 pose")
+    out = {}
+    for key, pose in value.items():
+        out[_str(key, f"{name} key")] = _pose(pose, f"{name}.{key}")
+    for key in required:
+        if key not in out:
+            raise WireError(f"'{name}' is missing '{key}'")
+    return out
+
+
+def _vec3(value: Any, name: str, *, unit: bool = False) -> np.ndarray:
+    try:
+        v = np.asarray(value, dtype=float)
+    except (TypeError, ValueError):
+        raise WireError(f"'{name}' must be 3 numbers") from None
+    if v.shape != (3,):
+        raise WireError(f"'{name}' must have shape (3,), got {v.shape}")
+    if not np.all(np.isfinite(v)):
+        raise WireError(f"'{name}' contains NaN or infinite values")
+    if unit and abs(float(np.linalg.norm(v)) - 1.0) > _UNIT_TOL:
+        raise WireError(f"'{name}' must be a unit vector, its norm is {np.linalg.norm(v):.9g}")
+    return v
+
+
+def _pixels(value: Any, name: str) -> np.ndarray:
+    if not isinstance(value, np.ndarray):
+        raise WireError(f"'{name}' must be a numpy array, got {type(value).__name__}")
+    if value.ndim != 2:
+        raise WireError(f"'{name}' must be a 2-D image, got shape {value.shape}")
+    if value.dtype.name not in DTYPES:
+        raise WireError(f"'{name}' dtype {value.dtype.name} not allowed; use {', '.join(DTYPES)}")
+    if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
+        raise WireError(f"'{name}' contains NaN or infinite pixels")
+    return value
+
+
+def _set(obj: object, name: str, value: Any) -> None:
+    object.__setattr__(obj, name, value)
+
+
+# ---------------------------------------------------------------------------------------
+# Message kinds
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class Message:
+    """Fields every message carries.
+
+    ``seq``: per-publisher, per-kind sequence number (>= 0); ``stamp_ns``: send time
+    (``time.time_ns()``); ``source``: id of the sending process. ``guidance.transport``
+    Publisher sets ``seq`` and ``stamp_ns`` when it sends.
+    """
+
+    kind: ClassVar[str] = ""
+    buffer_fields: ClassVar[tuple[str, ...]] = ()
+
+    seq: int = 0
+    stamp_ns: int = 0
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        _set(self, "seq", _int(self.seq, "seq", minimum=0))
+        _set(self, "stamp_ns", _int(self.stamp_ns, "stamp_ns", minimum=0))
+        _set(self, "source", _str(self.source, "source"))
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class Frame(Message):
+    """One X-ray image with its calibrated geometry.
+
+    ``pixels``: 2-D (H, W) uint8, uint16 or float32 array indexed ``[v, u]``, finite;
+    ``view``: a ``View`` (or its guidance.view/1 dict) whose ``image_size`` is (W, H);
+    ``acquired_ns``: acquisition time; ``ground_truth``: optional name -> 4x4 pose
+    (e.g. ``T_cam_from_world``, ``T_world_corrected_from_world``) for bench testing.
+    """
+
+    kind: ClassVar[str] = "frame"
+    buffer_fields: ClassVar[tuple[str, ...]] = ("pixels",)
+
+    frame_id: int
+    acquired_ns: int
+    view: View
+    pixels: np.ndarray
+    ground_truth: dict[str, np.ndarray] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _set(self, "frame_id", _int(self.frame_id, "frame_id", minimum=0))
+        _set(self, "acquired_ns", _int(self.acquired_ns, "acquired_ns", minimum=0))
+        view = self.view
+        if isinstance(view, dict):
+            try:
+                view = view_from_dict(view)
+            except ViewError as exc:
+                raise WireError(f"bad view geometry: {exc}") from None
+        elif not isinstance(view, View):
+            raise WireError(f"'view' must be a View or a guidance.view/1 object, "
+                            f"got {type(view).__name__}")
+        pixels = _pixels(self.pixels, "pixels")
+        H, W = pixels.shape
+        if view.image_size != (W, H):
+            raise WireError(f"bad view geometry: view image_size {list(view.image_size)} does "
+                            f"not match the pixels [W, H] = [{W}, {H}]")
+        _set(self, "view", view)
+        if self.ground_truth is not None:
+            _set(self, "ground_truth", _pose_map(self.ground_truth, "ground_truth"))
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class TrackerSample(Message):
+    """One instrument pose from a tracking system, in the tracker's own frame (mm).
+
+    ``quality``: the tracker's figure of merit (e.g. RMS marker fit error, mm);
+    ``T_tracker_from_reference``: optional pose of the patient reference array.
+    """
+
+    kind: ClassVar[str] = "tracker_sample"
+
+    tool_id: str
+    T_tracker_from_tool: np.ndarray
+    quality: float
+    acquired_ns: int
+    T_tracker_from_reference: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _set(self, "tool_id", _str(self.tool_id, "tool_id", nonempty=True))
+        _set(self, "T_tracker_from_tool", _pose(self.T_tracker_from_tool, "T_tracker_from_tool"))
+        _set(self, "quality", _float(self.quality, "quality"))
+        _set(self, "acquired_ns", _int(self.acquired_ns, "acquired_ns", minimum=0))
+        _set(self, "T_tracker_from_reference",
+             _opt_pose(self.T_tracker_from_reference, "T_tracker_from_reference"))
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class PoseResult(Message):
+    """A registration result for one frame.
+
+    ``status`` "ok" requires ``T_world_corrected_from_world`` (the rigid CT correction,
+    CONVENTIONS.md); "failed" requires it to be None and a non-empty ``reason``.
+    ``views``: per view, a dict with at least ``T_cam_from_world``; ``level_poses``:
+    vertebral level (e.g. "L4") -> 4x4 pose; ``similarity``: final similarity value;
+    ``confidence`` in [0, 1]; ``mode``: "global" or "tracking"; ``latency_ms``: stage ->
+    duration in ms (>= 0); ``frame_acquired_ns``: acquisition time of the frame.
+    """
+
+    kind: ClassVar[str] = "pose_result"
+
+    frame_id: int
+    status: str
+    reason: str
+    T_world_corrected_from_world: np.ndarray | None = None
+    views: list[dict[str, np.ndarray]] = field(default_factory=list)
+    level_poses: dict[str, np.ndarray] = field(default_factory=dict)
+    similarity: float | None = None
+    confidence: float
+    mode: str
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    frame_acquired_ns: int
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _set(self, "frame_id", _int(self.frame_id, "frame_id", minimum=0))
+        _set(self, "status", _str(self.status, "status", choices=POSE_STATUSES))
+        _set(self, "reason", _str(self.reason, "reason", nonempty=self.status == "failed"))
+        T = _opt_pose(self.T_world_corrected_from_world, "T_world_corrected_from_world")
+        if (T is None) != (self.status == "failed"):
+            raise WireError("'T_world_corrected_from_world' must be given when status is 'ok' "
+                            "and null when it is 'failed'")
+        _set(self, "T_world_corrected_from_world", T)
+        if not isinstance(self.views, (list, tuple)):
+            raise WireError("'views' must be a list")
+        _set(self, "views", [_pose_map(v, f"views[{i}]", required=("T_cam_from_world",))
+                             for i, v in enumerate(self.views)])
+        _set(self, "level_poses", _pose_map(self.level_poses, "level_poses"))
+        _set(self, "similarity", _opt_float(self.similarity, "similarity"))
+        _set(self, "confidence", _float(self.confidence, "confidence", lo=0.0, hi=1.0))
+        _set(self, "mode", _str(self.mode, "mode", choices=POSE_MODES))
+        if not isinstance(self.latency_ms, dict):
+            raise WireError("'latency_ms' must be an object of stage -> ms")
+        _set(self, "latency_ms", {_str(k, "latency_ms key"): _float(v, f"latency_ms.{k}", lo=0.0)
+                                  for k, v in self.latency_ms.items()})
+        _set(self, "frame_acquired_ns",
+             _int(self.frame_acquired_ns, "frame_acquired_ns", minimum=0))
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class InstrumentState(Message):
+    """An instrument in world (CT, LPS mm) coordinates and its deviation from the plan.
+
+    ``tip_world``: tip position (mm); ``axis_world``: unit direction of the instrument axis
+    (towards the tip); ``status``: e.g. "ok", "stale", "not_visible". Deviation from the
+    planned trajectory of ``plan_level`` / ``plan_side`` (all optional):
+    ``distance_to_trajectory_mm`` and ``tip_to_target_mm`` (>= 0),
+    ``angle_to_trajectory_deg`` in [0, 180], ``depth_along_trajectory_mm`` (signed, from
+    the entry point along the planned direction).
+    """
+
+    kind: ClassVar[str] = "instrument_state"
+
+    frame_id: int
+    tool_id: str
+    tip_world: np.ndarray
+    axis_world: np.ndarray
+    status: str
+    plan_level: str | None = None
+    plan_side: str | None = None
+    distance_to_trajectory_mm: float | None = None
+    angle_to_trajectory_deg: float | None = None
+    depth_along_trajectory_mm: float | None = None
+    tip_to_target_mm: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _set(self, "frame_id", _int(self.frame_id, "frame_id", minimum=0))
+        _set(self, "tool_id", _str(self.tool_id, "tool_id", nonempty=True))
+        _set(self, "tip_world", _vec3(self.tip_world, "tip_world"))
+        _set(self, "axis_world", _vec3(self.axis_world, "axis_world", unit=True))
+        _set(self, "status", _str(self.status, "status", nonempty=True))
+        _set(self, "plan_level", _opt_str(self.plan_level, "plan_level"))
+        _set(self, "plan_side", _opt_str(self.plan_side, "plan_side"))
+        _set(self, "distance_to_trajectory_mm",
+             _opt_float(self.distance_to_trajectory_mm, "distance_to_trajectory_mm", lo=0.0))
+        _set(self, "angle_to_trajectory_deg",
+             _opt_float(self.angle_to_trajectory_deg, "angle_to_trajectory_deg",
+                        lo=0.0, hi=180.0))
+        _set(self, "depth_along_trajectory_mm",
+             _opt_float(self.depth_along_trajectory_mm, "depth_along_trajectory_mm"))
+        _set(self, "tip_to_target_mm",
+             _opt_float(self.tip_to_target_mm, "tip_to_target_mm", lo=0.0))
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class Overlay(Message):
+    """An encoded picture for the display: ``data`` holds the PNG or JPEG file bytes."""
+
+    kind: ClassVar[str] = "overlay"
+    buffer_fields: ClassVar[tuple[str, ...]] = ("data",)
+
+    frame_id: int
+    encoding: str
+    data: bytes
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _set(self, "frame_id", _int(self.frame_id, "frame_id", minimum=0))
+        encoding = _str(self.encoding, "encoding", choices=tuple(OVERLAY_SIGNATURES))
+        data = self.data
+        if isinstance(data, np.ndarray):
+            if data.dtype != np.uint8 or data.ndim != 1:
+                raise WireError(f"'data' must be a 1-D uint8 buffer, got {data.dtype.name} "
+                                f"shape {data.shape}")
+            data = data.tobytes()
+        elif isinstance(data, bytearray):
+            data = bytes(data)
+        elif not isinstance(data, bytes):
+            raise WireError(f"'data' must be bytes, got {type(data).__name__}")
+        if not data.startswith(OVERLAY_SIGNATURES[encoding]):
+            raise WireError(f"'data' does not start with the {encoding} file signature")
+        _set(self, "data", data)
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class Heartbeat(Message):
+    """Liveness of a process: ``role`` (e.g. "sim", "pipeline", "display"), ``state`` (e.g.
+    "running", "waiting_for_frames"), optional flat ``stats`` of name -> number, string,
+    bool or null."""
+
+    kind: ClassVar[str] = "heartbeat"
+
+    role: str
+    state: str
+    stats: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _set(self, "role", _str(self.role, "role", nonempty=True))
+        _set(self, "state", _str(self.state, "state", nonempty=True))
+        if self.stats is not None:
+            if not isinstance(self.stats, dict):
+                raise WireError("'stats' must be an object")
+            _set(self, "stats", {_str(k, "stats key"): _stat(v, f"stats.{k}")
+                                 for k, v in self.stats.items()})
+
+
+def _stat(value: Any, name: str) -> Any:
+    if value is None or isinstance(value, (str, bool)):
+        return value
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return _float(value, name)
+    raise WireError(f"'{name}' must be a number, string, bool or null, "
+                    f"got {type(value).__name__}")
+
+
+KINDS: dict[str, type[Message]] = {
+    cls.kind: cls for cls in (Frame, TrackerSample, PoseResult, InstrumentState, Overlay,
+                              Heartbeat)
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Encode / decode
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, View):
+        return view_to_dict(value)
+    if isinstance(value, dict):
+        return {k: _to_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_json(v) for v in value]
+    return value
+
+
+def _buffer_array(value: np.ndarray | bytes) -> np.ndarray:
+    if isinstance(value, bytes):
+        return np.frombuffer(value, dtype=np.uint8)
+    return value.astype(value.dtype.newbyteorder("<"), copy=False)
+
+
+def encode(msg: Message) -> list[bytes]:
+    """The multipart frames of a message: [JSON header, buffer bytes, ...]."""
+    if type(msg) not in KINDS.values():
+        raise WireError(f"cannot encode {type(msg).__name__}: not a registered message kind")
+    header: dict[str, Any] = {"schema": SCHEMA, "version": VERSION, "kind": msg.kind}
+    payloads = []
+    descriptors = []
+    for f in fields(msg):
+        value = getattr(msg, f.name)
+        if f.name not in msg.buffer_fields:
+            header[f.name] = _to_json(value)
+            continue
+        array = _buffer_array(value)
+        payload = array.tobytes()
+        payloads.append(payload)
+        descriptors.append({"dtype": array.dtype.name, "shape": list(array.shape),
+                            "nbytes": len(payload), "crc32": zlib.crc32(payload)})
+    header["buffers"] = descriptors
+    try:
+        text = json.dumps(header, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise WireError(f"{msg.kind} header cannot be written as finite JSON: {exc}") from None
+    return [text.encode("utf-8"), *payloads]
+
+
+def _parse_finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise WireError(f"header contains a non-finite number {text}")
+    return value
+
+
+def _reject_constant(text: str) -> None:
+    raise WireError(f"header contains a non-finite number {text}")
+
+
+def _parse_header(part: bytes) -> dict:
+    if not isinstance(part, (bytes, bytearray, memoryview)):
+        raise WireError(f"part 0 must be bytes, got {type(part).__name__}")
+    try:
+        text = bytes(part).decode("utf-8")
+    except UnicodeDecodeError:
+        raise WireError("header (part 0) is not UTF-8 text") from None
+    try:
+        header = json.loads(text, parse_float=_parse_finite_float, parse_constant=_reject_constant)
+    except WireError:
+        raise
+    except (ValueError, RecursionError) as exc:
+        raise WireError(f"header (part 0) is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise WireError(f"header (part 0) must be a JSON object, got {type(header).__name__}")
+    return header
+
+
+def _unpack_buffer(descriptor: Any, part: bytes, index: int) -> np.ndarray:
+    name = f"buffer {index}"
+    if not isinstance(descriptor, dict) or set(descriptor) != _DESCRIPTOR_KEYS:
+        raise WireError(f"{name}: descriptor must be an object with exactly "
+                        f"{', '.join(sorted(_DESCRIPTOR_KEYS))}")
+    dtype = descriptor["dtype"]
+    if dtype not in DTYPES:
+        raise WireError(f"{name}: dtype {dtype!r} not allowed; allowed: {', '.join(DTYPES)}")
+    shape = descriptor["shape"]
+    if not isinstance(shape, list):
+        raise WireError(f"{name}: shape must be a list of integers")
+    shape = [_int(n, f"{name} shape", minimum=0) for n in shape]
+    nbytes = _int(descriptor["nbytes"], f"{name} nbytes", minimum=0)
+    crc = _int(descriptor["crc32"], f"{name} crc32", minimum=0)
+    expected = math.prod(shape) * np.dtype(dtype).itemsize
+    if nbytes != expected:
+        raise WireError(f"{name}: nbytes {nbytes} != {dtype} x shape {shape} = {expected} bytes")
+    if not isinstance(part, (bytes, bytearray, memoryview)):
+        raise WireError(f"{name}: part must be bytes, got {type(part).__name__}")
+    if len(part) != nbytes:
+        raise WireError(f"{name}: part has {len(part)} bytes, its descriptor says {nbytes}")
+    actual = zlib.crc32(part)
+    if actual != crc:
+        raise WireError(f"{name}: CRC32 mismatch (header {crc:#010x}, data {actual:#010x})")
+    return np.frombuffer(part, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
+
+
+def decode(parts: list[bytes]) -> Message:
+    """Validate multipart frames and build their message.
+
+    Raises WireError naming the problem. Buffer arrays are read-only views of ``parts``.
+    """
+    if not isinstance(parts, (list, tuple)) or not parts:
+        raise WireError("too few parts: a message needs at least the header part")
+    header = _parse_header(parts[0])
+    schema = header.get("schema")
+    if schema != SCHEMA:
+        raise WireError(f"unknown schema {schema!r}; expected {SCHEMA!r}")
+    version = header.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version != VERSION:
+        raise WireError(f"unsupported version {version!r}; this side speaks version {VERSION}")
+    kind = header.get("kind")
+    if kind not in KINDS:
+        raise WireError(f"unknown kind {kind!r}; known kinds: {', '.join(KINDS)}")
+    cls = KINDS[kind]
+    descriptors = header.get("buffers")
+    if not isinstance(descriptors, list):
+        raise WireError(f"{kind}: 'buffers' must be a list of buffer descriptors")
+    if len(descriptors) != len(cls.buffer_fields):
+        raise WireError(f"{kind}: header lists {len(descriptors)} buffers, a {kind} has "
+                        f"{len(cls.buffer_fields)}")
+    if len(parts) != 1 + len(descriptors):
+        few_many = "too few" if len(parts) < 1 + len(descriptors) else "too many"
+        raise WireError(f"{kind}: {few_many} parts: got {len(parts)}, expected header + "
+                        f"{len(descriptors)} buffers")
+    try:
+        arrays = [_unpack_buffer(d, p, i) for i, (d, p) in enumerate(zip(descriptors, parts[1:]))]
+        content = {k: v for k, v in header.items() if k not in _ENVELOPE}
+        names = {f.name for f in fields(cls)} - set(cls.buffer_fields)
+        unknown = sorted(set(content) - names)
+        if unknown:
+            raise WireError(f"unexpected field(s) {', '.join(unknown)}")
+        missing = sorted(f.name for f in fields(cls) if f.name in names and f.name not in content
+                         and _is_required(f))
+        if missing:
+            raise WireError(f"missing field(s) {', '.join(missing)}")
+        return cls(**content, **dict(zip(cls.buffer_fields, arrays)))
+    except WireError as exc:
+        raise WireError(f"{kind}: {exc}") from None
+
+
+def _is_required(f: Field) -> bool:
+    return f.default is MISSING and f.default_factory is MISSING
