@@ -1,0 +1,198 @@
+"""guidance.transport over loopback sockets on free ports (each test well under 2 s)."""
+
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from guidance import wire
+from guidance.transport import (
+    HeartbeatMonitor,
+    Publisher,
+    Subscriber,
+    free_tcp_endpoint,
+)
+from guidance.views import carm_view
+
+VIEW = carm_view(detector_size_px=(32, 24))
+
+
+def _frame(frame_id: int, size: tuple[int, int] = (24, 32)) -> wire.Frame:
+    view = VIEW if size == (24, 32) else carm_view(detector_size_px=(size[1], size[0]))
+    return wire.Frame(source="sim", frame_id=frame_id, acquired_ns=time.time_ns(), view=view,
+                      pixels=np.full(size, frame_id, np.uint16))
+
+
+def _handshake(send, sub: Subscriber, timeout_s: float = 1.5) -> wire.Message:
+    """Send heartbeats until one arrives (PUB/SUB drops what is sent before the
+    subscription reaches the publisher)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        send(wire.Heartbeat(source="handshake", role="sim", state="handshake"))
+        msg = sub.recv(0.05)
+        if msg is not None:
+            return msg
+    raise AssertionError("no message arrived")
+
+
+def _recv(sub: Subscriber, timeout_s: float = 1.0) -> wire.Message | None:
+    """The next message that is not a (late) handshake heartbeat."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        msg = sub.recv(max(0.0, deadline - time.monotonic()))
+        if msg is None or msg.source != "handshake":
+            return msg
+
+
+@pytest.fixture
+def endpoint():
+    return free_tcp_endpoint()
+
+
+def test_pub_sub_delivery(endpoint):
+    with Publisher(endpoint) as pub, Subscriber(endpoint) as sub:
+        assert pub.endpoint == endpoint
+        _handshake(pub.send, sub)
+        sent = pub.send(_frame(5))
+        msg = _recv(sub)
+        assert isinstance(msg, wire.Frame) and msg.frame_id == 5
+        assert (msg.seq, msg.stamp_ns) == (sent.seq, sent.stamp_ns) and msg.seq == 0
+        assert wire.encode(msg) == wire.encode(sent)
+        assert _recv(sub, 0.01) is None
+        assert sub.malformed == 0 and sub.lost == 0
+
+
+def test_subscriber_first_then_publisher_and_topic_filter(endpoint):
+    with Subscriber(endpoint, topics=["frame"]) as sub:
+        assert sub.recv(0.05) is None
+        with Publisher(endpoint) as pub:
+            deadline = time.monotonic() + 1.5
+            msg = None
+            while msg is None and time.monotonic() < deadline:
+                pub.send(wire.Heartbeat(role="sim", state="filtered out"))
+                pub.send(_frame(1))
+                msg = sub.recv(0.05)
+            assert isinstance(msg, wire.Frame)
+
+
+def test_subscriber_binds_publisher_connects(endpoint):
+    with Subscriber(endpoint, bind=True) as sub, Publisher(endpoint, bind=False) as pub:
+        assert isinstance(_handshake(pub.send, sub), wire.Heartbeat)
+
+
+def test_unknown_topic_and_bad_endpoint():
+    with pytest.raises(ValueError, match="unknown topic 'frames'; topics are message kinds"):
+        Subscriber(free_tcp_endpoint(), topics=["frames"])
+    with pytest.raises(ValueError, match="endpoint must start with one of tcp://"):
+        Publisher("127.0.0.1:5555")
+
+
+def test_latest_frame_policy_skips_older_frames():
+    # inproc delivery is synchronous once subscribed, so the counts are exact.
+    endpoint = f"inproc://latest-{time.monotonic_ns()}"
+    with Publisher(endpoint) as pub, Subscriber(endpoint) as sub:
+        _handshake(pub.send, sub)
+        for frame_id in range(5):
+            pub.send(_frame(frame_id))
+        pub.send(wire.Heartbeat(role="sim", state="after frames"))
+        latest = sub.recv_latest(1.0)
+        assert set(latest) == {"frame", "heartbeat"}
+        assert latest["frame"].frame_id == 4
+        assert latest["heartbeat"].state == "after frames"
+        assert sub.skipped == 4 and sub.lost == 0
+        assert sub.recv_latest(0.01) == {}
+
+
+def test_latest_frame_policy_over_tcp(endpoint):
+    with Publisher(endpoint) as pub, Subscriber(endpoint) as sub:
+        _handshake(pub.send, sub)
+        for frame_id in range(5):
+            pub.send(_frame(frame_id))
+        pub.send(wire.Heartbeat(role="sim", state="marker"))
+        frames = []
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            latest = sub.recv_latest(0.2)
+            if "frame" in latest:
+                frames.append(latest["frame"].frame_id)
+            if "heartbeat" in latest and latest["heartbeat"].state == "marker":
+                break
+        assert frames[-1] == 4
+        assert len(frames) + sub.skipped + sub.lost == 5
+
+
+def test_malformed_message_is_counted_and_next_good_one_arrives(endpoint, caplog):
+    ctx = zmq.Context.instance()
+    raw = ctx.socket(zmq.PUB)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.bind(endpoint)
+    try:
+        with Subscriber(endpoint) as sub:
+            _handshake(lambda m: raw.send_multipart([m.kind.encode(), *wire.encode(m)]), sub)
+            good = wire.encode(_frame(9))
+            bad_crc = [good[0], good[1][:-1] + bytes([good[1][-1] ^ 1])]
+            raw.send_multipart([b"frame", b"\x00garbage"])
+            raw.send_multipart([b"frame"])
+            raw.send_multipart([b"frame", *bad_crc])
+            raw.send_multipart([b"heartbeat", *good])
+            raw.send_multipart([b"frame", *good])
+            msg = _recv(sub)
+            assert isinstance(msg, wire.Frame) and msg.frame_id == 9
+            assert sub.malformed == 4
+            assert "does not match kind 'frame'" in sub.last_error
+            assert "dropped malformed message (4 so far)" in caplog.text
+    finally:
+        raw.close()
+
+
+def test_sequence_gaps_count_as_lost(endpoint):
+    ctx = zmq.Context.instance()
+    raw = ctx.socket(zmq.PUB)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.bind(endpoint)
+    try:
+        with Subscriber(endpoint) as sub:
+            def send(msg):
+                raw.send_multipart([msg.kind.encode(), *wire.encode(msg)])
+
+            _handshake(send, sub)
+            for seq in (10, 11, 14, 0):  # 12 and 13 lost; 0: the publisher restarted
+                send(wire.Heartbeat(source="p", seq=seq, role="pipeline", state="running"))
+            received = [_recv(sub).seq for _ in range(4)]
+            assert received == [10, 11, 14, 0]
+            assert sub.lost == 2
+    finally:
+        raw.close()
+
+
+def test_publisher_never_blocks(endpoint):
+    frame = _frame(0, size=(256, 256))  # 128 KiB per message
+    with Publisher(endpoint) as pub:
+        start = time.monotonic()
+        for _ in range(100):
+            pub.send(frame)
+        assert time.monotonic() - start < 1.0  # nobody listening
+        with Subscriber(endpoint) as sub:  # listening, never reading
+            _handshake(pub.send, sub)
+            start = time.monotonic()
+            for _ in range(200):
+                pub.send(frame)
+            assert time.monotonic() - start < 1.0
+        assert pub.sent >= 300
+
+
+def test_heartbeat_monitor():
+    monitor = HeartbeatMonitor(timeout_s=2.0)
+    assert not monitor.alive("sim", now_s=0.0)
+    assert monitor.age_s("sim", now_s=0.0) is None and monitor.state("sim") is None
+    monitor.update(wire.Heartbeat(role="sim", state="running"), now_s=10.0)
+    assert monitor.alive("sim", now_s=11.5)
+    assert monitor.age_s("sim", now_s=11.5) == pytest.approx(1.5)
+    assert not monitor.alive("sim", now_s=12.5)
+    assert not monitor.alive("display", now_s=11.0)
+    assert monitor.state("sim") == "running"
+    monitor.update(wire.Heartbeat(role="sim", state="running"))
+    assert monitor.alive("sim")
+    with pytest.raises(ValueError, match="timeout_s must be positive"):
+        HeartbeatMonitor(0)
