@@ -1,0 +1,157 @@
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose
+
+from guidance.geometry import project
+from guidance.overlay import (
+    COLOURS,
+    draw_instrument,
+    draw_outline,
+    draw_status,
+    draw_trajectories,
+    status_bar_height,
+    to_display_bgr,
+)
+from guidance.views import carm_view
+from guidance.volume import Volume
+
+VIEW = carm_view(detector_size_px=(256, 256), pixel_spacing_mm=(1.0, 1.0))  # AP, iso at 0
+LEFT = {"level": "L3", "label": 29, "side": "left", "entry_world": [25.0, 40.0, 5.0],
+        "target_world": [8.0, -15.0, 0.0], "screw_diameter_mm": 6.5}
+RIGHT = dict(LEFT, side="right", entry_world=[-25.0, 40.0, 5.0], target_world=[-8.0, -15.0, 0.0])
+
+
+def black() -> np.ndarray:
+    return np.zeros((VIEW.height, VIEW.width, 3), np.uint8)
+
+
+def pixel(img: np.ndarray, uv: np.ndarray) -> np.ndarray:
+    u, v = np.round(uv).astype(int)
+    return img[v, u]
+
+
+def drawn_near(img: np.ndarray, uv: np.ndarray, radius: int = 1) -> bool:
+    u, v = np.round(uv).astype(int)
+    return bool(img[v - radius: v + radius + 1, u - radius: u + radius + 1].any())
+
+
+def box_labels(label: int = 29) -> Volume:
+    data = np.zeros((64, 64, 64), np.uint8)
+    data[26:38, 28:36, 24:40] = label  # k, j, i
+    T = np.diag([2.0, 2.0, 2.0, 1.0])
+    T[:3, 3] = -63.0
+    return Volume(data, T, "label")
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+def test_to_display_bgr_line_integral_shows_bone_dark(dtype):
+    img = np.zeros((40, 50), dtype)
+    img[10:20, 10:20] = 200  # "bone": large line integral
+    bgr = to_display_bgr(img, intensity="line_integral")
+    assert bgr.shape == (40, 50, 3) and bgr.dtype == np.uint8
+    assert bgr[15, 15, 0] < 10 and bgr[30, 40, 0] > 245
+    assert (bgr[..., 0] == bgr[..., 2]).all()
+    raw = to_display_bgr(img, intensity="raw")  # counts: high = unattenuated, stays bright
+    assert raw[15, 15, 0] > 245 and raw[30, 40, 0] < 10
+
+
+def test_to_display_bgr_constant_image_and_errors():
+    assert to_display_bgr(np.full((8, 8), 3.0, np.float32), intensity="display").shape == (8, 8, 3)
+    with pytest.raises(ValueError, match="line_integral, raw, display"):
+        to_display_bgr(np.zeros((8, 8), np.uint8), intensity="log")
+    with pytest.raises(ValueError, match="2-D"):
+        to_display_bgr(np.zeros((8, 8, 3), np.uint8), intensity="display")
+
+
+def test_trajectory_end_points_land_on_projected_pixels():
+    img = black()
+    out = draw_trajectories(img, VIEW, {"trajectories": [LEFT, RIGHT]})
+    assert not img.any()  # the input is untouched
+    for traj in (LEFT, RIGHT):
+        colour = np.array(COLOURS[traj["side"]])
+        (entry_uv, target_uv) = project(VIEW.P, np.array([traj["entry_world"],
+                                                          traj["target_world"]]))
+        for uv in (entry_uv, target_uv, (entry_uv + target_uv) / 2):
+            assert_allclose(pixel(out, uv), colour, atol=60)
+    # Nothing far from the lines (image corner).
+    assert not out[:20, :20].any()
+
+
+def test_trajectory_highlight_and_clipping():
+    upper = dict(LEFT, level="L2", entry_world=[25.0, 40.0, 40.0], target_world=[8, -15, 35.0])
+    out = draw_trajectories(black(), VIEW, [LEFT, upper], highlight_level="L3")
+    entry_l3, entry_l2 = project(VIEW.P, np.array([LEFT["entry_world"], upper["entry_world"]]))
+    bold = np.count_nonzero(out[int(entry_l3[1]) - 8: int(entry_l3[1]) + 9,
+                                int(entry_l3[0]) - 8: int(entry_l3[0]) + 9].any(axis=2))
+    thin = np.count_nonzero(out[int(entry_l2[1]) - 8: int(entry_l2[1]) + 9,
+                                int(entry_l2[0]) - 8: int(entry_l2[0]) + 9].any(axis=2))
+    assert bold > thin > 0
+    # Far outside the image and partly behind the source: clipped, no error.
+    huge = dict(LEFT, entry_world=[1e7, 0.0, 0.0], target_world=[0.0, 2000.0, 0.0])
+    draw_trajectories(black(), VIEW, [huge])
+
+
+def test_outline_surrounds_projected_label_centroid():
+    labels = box_labels()
+    out = draw_outline(black(), VIEW, labels, 29)
+    kji = np.argwhere(labels.data == 29)
+    centroid = labels.index_to_world(kji[:, ::-1].mean(axis=0))[0]
+    cu, cv = np.round(project(VIEW.P, centroid[None])[0]).astype(int)
+    drawn = out.any(axis=2)
+    assert not drawn[cv, cu]
+    assert drawn[cv, :cu].any() and drawn[cv, cu:].any()
+    assert drawn[:cv, cu].any() and drawn[cv:, cu].any()
+    # The outline follows the box's outer faces (voxel boundaries) within 2 pixels.
+    half = labels.index_to_world(np.array([[23.5, 31.5, 31.5], [39.5, 31.5, 31.5]]))
+    faces_u = project(VIEW.P, half)[:, 0]
+    row = out[cv].max(axis=1).astype(float)  # anti-aliased line: weight by intensity
+    cols = np.arange(len(row))
+    left = np.average(cols[:cu], weights=row[:cu])
+    right = np.average(cols[cu:], weights=row[cu:])
+    assert_allclose([left, right], sorted(faces_u), atol=1.0)
+    assert_allclose(out[drawn].max(axis=0), COLOURS["outline"], atol=1)
+
+
+def test_outline_unknown_label_raises():
+    with pytest.raises(ValueError, match="label 30"):
+        draw_outline(black(), VIEW, box_labels(), 30)
+
+
+def test_instrument_pixels_along_projected_shaft_and_dashed_extension():
+    tip = np.array([10.0, 0.0, 0.0])
+    axis = np.array([0.0, 0.0, -1.0])  # advancing towards the feet: down the image
+    out = draw_instrument(black(), VIEW, tip, axis, 60.0, extension_mm=40.0)
+    for d in np.linspace(-55.0, -2.0, 12):  # along the shaft, behind the tip
+        uv = project(VIEW.P, (tip + d * axis)[None])[0]
+        assert_allclose(pixel(out, uv), COLOURS["shaft"], atol=40)
+    ext = project(VIEW.P, (tip + np.linspace(1.0, 39.0, 200)[:, None] * axis))
+    hits = [drawn_near(out, uv, 0) for uv in ext]
+    assert 0.3 < np.mean(hits) < 0.8  # dashed
+    beyond = project(VIEW.P, (tip + 50.0 * axis)[None])[0]
+    assert not drawn_near(out, beyond, 2)
+
+
+def test_instrument_with_affine_camera():
+    # Orthographic axial reslice camera: u = x / 0.5 + 50, v = y / 0.5 + 50.
+    P = np.array([[2.0, 0, 0, 50], [0, 2.0, 0, 50], [0, 0, 0, 1.0]])
+    out = draw_instrument(np.zeros((100, 100, 3), np.uint8), P, [0.0, 0, 0], [0, -1.0, 0], 20.0,
+                          extension_mm=10.0)
+    assert out[60:90, 50].any(axis=1).all()  # shaft behind the tip (posterior = +y = down)
+    assert out[32:48, 50].any(axis=1).any()  # dashed extension (anterior = up)
+    assert not out[:26].any()  # nothing beyond the 10 mm extension
+
+
+def test_status_bar_and_warning():
+    img = np.full((300, 400, 3), 128, np.uint8)
+    ok = draw_status(img, ["REG OK conf 0.95", "dist 1.0 mm"], state="ok")
+    bar = status_bar_height(2)
+    assert (ok[: 300 - bar] == 128).all()  # nothing above the bar
+    assert (ok[300 - bar:] != 128).any()
+    stale = draw_status(img, ["no pose for 0.8 s"], state="stale")
+    warning = np.all(np.abs(stale.astype(int) - COLOURS["stale"]) < 30, axis=2)
+    assert warning[60:200, 100:300].any()  # large word across the picture
+    assert warning[:3].all()  # border
+    with pytest.raises(ValueError, match="ok, stale, invalid, waiting"):
+        draw_status(img, [], state="bad")
+    with pytest.raises(ValueError, match="BGR uint8"):
+        draw_status(np.zeros((10, 10), np.uint8), [], state="ok")
