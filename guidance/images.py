@@ -1,0 +1,122 @@
+"""X-ray image IO and preprocessing by intensity kind (CONVENTIONS.md).
+
+Registration compares a line-integral-like picture (bone bright, roughly linear in
+attenuation) with DRRs. ``preprocess`` turns each intensity kind into that:
+``raw`` by -log(I / I0), ``line_integral`` as is, ``display`` by robust windowing
+and, because the monitor's polarity is unknown, an explicit or detected polarity.
+It also finds the valid pixels (inside the collimator, finite, not saturated).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import SimpleITK as sitk
+
+from guidance.views import View
+
+__all__ = ["ImageError", "PreparedImage", "read_xray", "write_xray", "preprocess", "valid_pixel_mask"]
+
+POLARITIES = ("bone_dark", "bone_bright")
+
+
+class ImageError(ValueError):
+    """An X-ray image that cannot be read or does not fit its view."""
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """A line-integral-like float32 image (bone bright) and its valid-pixel mask."""
+
+    image: np.ndarray
+    mask: np.ndarray
+
+
+def read_xray(path: str | Path) -> np.ndarray:
+    """Read a 2D X-ray image: PNG/TIFF 8/16-bit (OpenCV), MetaImage/NRRD float or DICOM
+    (SimpleITK; the first frame of a multi-frame file). Returns the pixel array [v, u]."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"X-ray image not found: {path}")
+    suffix = "".join(path.suffixes).lower()
+    if suffix.endswith((".png", ".tif", ".tiff", ".jpg", ".jpeg")):
+        image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if image is None:
+            raise ImageError(f"cannot decode image {path}")
+        if image.ndim == 3:
+            image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+        return image
+    try:
+        image = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    except RuntimeError as exc:
+        raise ImageError(f"cannot read image {path}: {str(exc).strip().splitlines()[-1]}") from None
+    if image.ndim == 3:
+        image = image[0]
+    if image.ndim != 2:
+        raise ImageError(f"{path} is not a 2D image (shape {image.shape})")
+    return image
+
+
+def write_xray(image: np.ndarray, path: str | Path) -> None:
+    """Write an X-ray image: integer images to PNG/TIFF, float images to .mha/.nrrd."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in (".png", ".tif", ".tiff"):
+        if image.dtype not in (np.uint8, np.uint16):
+            raise ImageError(f"{suffix} needs an 8 or 16-bit image, got {image.dtype}")
+        if not cv2.imwrite(str(path), image):
+            raise ImageError(f"cannot write {path}")
+        return
+    sitk.WriteImage(sitk.GetImageFromArray(image), str(path))
+
+
+def valid_pixel_mask(image: np.ndarray, *, erode_px: int = 2) -> np.ndarray:
+    """Pixels inside the collimator: not NaN/inf and not part of a flat dark region that
+    touches the image border (the collimator blades), eroded by ``erode_px``."""
+    finite = np.isfinite(image)
+    values = np.where(finite, image, 0).astype(np.float32)
+    lo, hi = np.percentile(values[finite], [0.0, 99.0]) if finite.any() else (0.0, 1.0)
+    dark = (values <= lo + 0.01 * max(hi - lo, 1e-12)) & finite
+    n, comp = cv2.connectedComponents(dark.astype(np.uint8), connectivity=4)
+    border = np.unique(np.concatenate([comp[0], comp[-1], comp[:, 0], comp[:, -1]]))
+    collimated = np.isin(comp, border[border > 0])
+    mask = finite & ~collimated
+    if erode_px > 0:
+        kernel = np.ones((2 * erode_px + 1, 2 * erode_px + 1), np.uint8)
+        mask = cv2.erode(mask.astype(np.uint8), kernel).astype(bool)
+    return mask
+
+
+def preprocess(image: np.ndarray, view: View, *, polarity: str = "bone_dark") -> PreparedImage:
+    """Line-integral-like image (float32, bone bright) and valid mask for registration.
+
+    ``polarity`` applies to ``display`` images only: "bone_dark" (fluoroscopy monitors)
+    or "bone_bright" (radiographic convention).
+    """
+    if image.ndim != 2:
+        raise ImageError(f"expected a 2D image, got shape {image.shape}")
+    if image.shape != view.shape:
+        raise ImageError(
+            f"image is {image.shape[1]}x{image.shape[0]} pixels but its view says "
+            f"{view.width}x{view.height}"
+        )
+    if polarity not in POLARITIES:
+        raise ValueError(f"polarity must be one of {', '.join(POLARITIES)}; got {polarity!r}")
+    pixels = image.astype(np.float32)
+    mask = valid_pixel_mask(pixels) if view.intensity != "line_integral" else np.isfinite(pixels)
+    if not mask.any():
+        raise ImageError("no valid pixels in the image (all collimated, NaN or constant)")
+    if view.intensity == "raw":
+        line = -np.log(np.clip(pixels, 1e-3 * view.I0, None) / view.I0)
+    elif view.intensity == "line_integral":
+        line = pixels
+    else:
+        lo, hi = np.percentile(pixels[mask], [0.5, 99.5])
+        line = np.clip((pixels - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
+        if polarity == "bone_dark":
+            line = 1.0 - line
+    line = np.where(mask, line, 0.0).astype(np.float32)
+    return PreparedImage(image=line, mask=mask)

@@ -1,0 +1,77 @@
+"""Quality gate: decide ``ok`` or ``failed`` (with a reason) and a confidence in [0, 1].
+
+A pose is only ``ok`` when the final similarity is high enough in every view, the
+last optimisation stage converged, and the correction stayed inside the search
+bounds. Anything else is ``failed`` with the first reason found, so the display
+never shows a silent wrong pose.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from guidance.geometry import rotation_angle_deg
+
+__all__ = ["QualityLimits", "Verdict", "assess"]
+
+
+@dataclass(frozen=True)
+class QualityLimits:
+    """Thresholds of the gate. Similarities are gradient correlations in [-1, 1]."""
+
+    min_similarity: float = 0.25
+    good_similarity: float = 0.6
+    min_view_similarity: float = 0.15
+    max_translation_mm: float = 80.0
+    max_rotation_deg: float = 25.0
+
+
+@dataclass(frozen=True)
+class Verdict:
+    status: str
+    reason: str
+    confidence: float
+
+
+def assess(
+    similarity: float,
+    per_view_similarity: list[float],
+    converged: bool,
+    T_world_corrected_from_world: np.ndarray,
+    centre_world: np.ndarray,
+    limits: QualityLimits,
+) -> Verdict:
+    """Judge a registration result; ``centre_world`` is the anatomy centre (mm) used to
+    measure how far the correction moved it."""
+    moved_mm = float(np.linalg.norm(
+        T_world_corrected_from_world[:3, :3] @ centre_world + T_world_corrected_from_world[:3, 3] - centre_world
+    ))
+    turned_deg = rotation_angle_deg(T_world_corrected_from_world)
+    span = max(limits.good_similarity - limits.min_similarity, 1e-6)
+    confidence = float(np.clip((similarity - limits.min_similarity) / span, 0.0, 1.0))
+    if per_view_similarity:
+        worst = min(per_view_similarity)
+        confidence *= float(np.clip((worst - limits.min_view_similarity) / span, 0.0, 1.0)) ** 0.5
+    if not np.isfinite(similarity):
+        return Verdict("failed", "similarity is not a number", 0.0)
+    if similarity < limits.min_similarity:
+        return Verdict(
+            "failed", f"similarity {similarity:.3f} below {limits.min_similarity:.3f}: no match", confidence
+        )
+    for i, s in enumerate(per_view_similarity):
+        if s < limits.min_view_similarity:
+            return Verdict(
+                "failed", f"view {i} similarity {s:.3f} below {limits.min_view_similarity:.3f}", confidence
+            )
+    if moved_mm > limits.max_translation_mm or turned_deg > limits.max_rotation_deg:
+        return Verdict(
+            "failed",
+            f"correction of {moved_mm:.1f} mm / {turned_deg:.1f} deg exceeds the plausible "
+            f"{limits.max_translation_mm:.0f} mm / {limits.max_rotation_deg:.0f} deg",
+            confidence,
+        )
+    if not converged:
+        return Verdict("failed", "optimiser did not converge", confidence)
+    return Verdict("ok", "converged", confidence)
