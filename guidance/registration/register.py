@@ -29,7 +29,7 @@ from guidance.registration.similarity import get_similarity
 from guidance.views import View
 from guidance.volume import Volume, VolumeError, hu_to_attenuation, resample, volume_from_sitk, volume_to_sitk
 
-__all__ = ["RegistrationSettings", "RegistrationResult", "Registrator", "RegistrationError"]
+__all__ = ["RegistrationSettings", "RegistrationResult", "Registrator", "RegistrationError", "register_levels"]
 
 
 class RegistrationError(ValueError):
@@ -43,7 +43,9 @@ class RegistrationSettings:
     ``search_scale`` is the typical step per parameter (rx, ry, rz deg; tx, ty, tz mm)
     of the global search; depth (tz in the "camera" parameterisation) gets the largest
     because one view observes it only through magnification. ``search_bound`` limits
-    the global search to +- bound x scale.
+    the global search to +- bound x scale. ``prior_weight`` weighs a Gaussian prior on
+    the parameters (when a registration is given ``prior_sd``) against the image
+    residuals, whose squared norm is 2 (1 - similarity) per normalised block.
     """
 
     similarity: str = "gradient_ncc"
@@ -61,6 +63,7 @@ class RegistrationSettings:
     energy_kev: float = 60.0
     fixed_blur_px: float = 0.7
     roi_margin_mm: float = 10.0
+    prior_weight: float = 0.05
     seed: int = 0
     quality: QualityLimits = field(default_factory=QualityLimits)
 
@@ -258,11 +261,15 @@ class Registrator:
         initial_T_world_corrected_from_world: np.ndarray | None = None,
         global_search: bool = True,
         pyramid: tuple[int, ...] | None = None,
+        local_max_fev: int | None = None,
+        prior_sd: np.ndarray | None = None,
     ) -> RegistrationResult:
         """Register preprocessed images (one per view, views carry the initial poses).
 
         With ``global_search`` the coarsest level runs CMA-ES; finer levels are refined
-        locally. ``level`` (a label id) registers that vertebra alone.
+        locally. ``level`` (a label id) registers that vertebra alone. ``prior_sd``
+        (deg, deg, deg, mm, mm, mm) keeps the solution near the initial correction, e.g.
+        in depth, which one view hardly observes.
         """
         t_start = time.perf_counter()
         if len(images) != len(views) or not images:
@@ -275,6 +282,7 @@ class Registrator:
         param = PoseParameterization(s.parameterization, centre, views[0].T_cam_from_world)
         x = np.zeros(6) if initial_T_world_corrected_from_world is None else param.params(
             initial_T_world_corrected_from_world)
+        x_prior = x.copy()
         scale = np.asarray(s.search_scale, dtype=float)
         pyramid_levels = self._levels(images, views, s.pyramid if pyramid is None else pyramid)
         timings: dict[str, float] = {}
@@ -286,6 +294,8 @@ class Registrator:
             spacing = 0.7 * self._footprint_mm(levels[0], centre)
             dv = self.drr_volume(level, spacing)
             objective = self._objective(levels, dv, param, level)
+            if prior_sd is not None:
+                objective.set_prior(x_prior, np.asarray(prior_sd, dtype=float), s.prior_weight)
             if n == 0 and global_search:
                 outcome = minimize(
                     s.global_optimizer, objective, x, scale, sigma=1.0, popsize=s.popsize,
@@ -293,7 +303,8 @@ class Registrator:
                 )
                 stage = f"global@{levels[0].view.width}px"
             else:
-                outcome = minimize(s.local_optimizer, objective, x, scale, max_fev=s.local_max_fev)
+                outcome = minimize(s.local_optimizer, objective, x, scale,
+                                   max_fev=s.local_max_fev if local_max_fev is None else local_max_fev)
                 stage = f"local@{levels[0].view.width}px"
             x = outcome.x
             evaluations += outcome.nfev
@@ -325,7 +336,11 @@ class Registrator:
 
 class _Objective:
     """Cost of a parameter vector on one pyramid level: renders every view at the
-    corrected pose and compares it with that view's image (mean over views)."""
+    corrected pose and compares it with that view's image.
+
+    Least squares sees the residuals of all views (plus the prior's); the scalar cost
+    is the same squared norm, scaled to -1 for a perfect match without prior.
+    """
 
     def __init__(self, levels, dv, param, measures):
         self.levels = levels
@@ -333,6 +348,11 @@ class _Objective:
         self.param = param
         self.measures = measures
         self.buffers = [np.empty(lv.view.shape, np.float32) for lv in levels]
+        self.n_blocks = sum(m.n_blocks for m in measures)
+        self.prior = None
+
+    def set_prior(self, x0: np.ndarray, sd: np.ndarray, weight: float) -> None:
+        self.prior = (x0, sd, np.sqrt(weight))
 
     def _drrs(self, x: np.ndarray):
         T_corr_inv = invert_rigid(self.param.correction(x))
@@ -343,7 +363,75 @@ class _Objective:
         return [float(m.score(drr)) for m, drr in zip(self.measures, self._drrs(x))]
 
     def scalar(self, x: np.ndarray) -> float:
-        return -float(np.mean(self.per_view(x)))
+        r = self.residuals(x)
+        return float(np.dot(r, r)) / (2.0 * self.n_blocks) - 1.0
 
     def residuals(self, x: np.ndarray) -> np.ndarray:
-        return np.concatenate([m.residuals(drr) for m, drr in zip(self.measures, self._drrs(x))])
+        parts = [m.residuals(drr) for m, drr in zip(self.measures, self._drrs(x))]
+        if self.prior is not None:
+            x0, sd, w = self.prior
+            parts.append(w * (np.asarray(x) - x0) / sd)
+        return np.concatenate(parts)
+
+
+def register_levels(
+    registrator: Registrator,
+    images: list[PreparedImage],
+    views: list[View],
+    levels: dict[str, int],
+    *,
+    max_disagreement_mm: float = 10.0,
+    level_prior_sd: tuple[float, ...] = (5.0, 5.0, 5.0, 5.0, 5.0, 2.0),
+) -> RegistrationResult:
+    """Register the whole spine, then every visible vertebra on its own.
+
+    ``levels`` maps level names to label ids. Each vertebra starts from the whole-spine
+    correction and is refined locally; a level whose registration fails or whose
+    correction moves its centre more than ``max_disagreement_mm`` away from where the
+    whole-spine correction puts it is marked failed. ``level_prior_sd`` (deg x3, mm x3
+    in the reference camera frame) ties each level loosely to the spine, tightest in
+    depth, which a single vertebra in one view hardly constrains. The returned result is the
+    whole-spine one with ``level_poses`` (level -> T_world_corrected_from_world) and
+    ``level_status`` filled in; it fails when no level succeeds.
+    """
+    t0 = time.perf_counter()
+    spine = registrator.register(images, views)
+    poses: dict[str, np.ndarray] = {}
+    status: dict[str, str] = {}
+    for name, label in levels.items():
+        try:
+            centre = registrator.centre(label)
+        except VolumeError:
+            status[name] = "failed: label not present"
+            continue
+        if not _visible(centre, spine.views):
+            status[name] = "failed: not in the field of view"
+            continue
+        result = registrator.register(images, views, level=label,
+                                      initial_T_world_corrected_from_world=spine.T_world_corrected_from_world,
+                                      global_search=False, pyramid=registrator.settings.pyramid[1:],
+                                      prior_sd=level_prior_sd)
+        T_spine, T_level = spine.T_world_corrected_from_world, result.T_world_corrected_from_world
+        moved = np.linalg.norm((T_level[:3, :3] - T_spine[:3, :3]) @ centre + T_level[:3, 3] - T_spine[:3, 3])
+        if not result.ok:
+            status[name] = f"failed: {result.reason}"
+        elif moved > max_disagreement_mm:
+            status[name] = f"failed: disagrees with the spine by {moved:.1f} mm"
+        else:
+            status[name] = "ok"
+            poses[name] = T_level
+    spine.level_poses = poses
+    spine.level_status = status
+    if spine.ok and not poses:
+        spine.status, spine.reason = "failed", "no vertebra registered on its own"
+    spine.time_s = time.perf_counter() - t0
+    return spine
+
+
+def _visible(point_world: np.ndarray, views: list[View]) -> bool:
+    """Whether a world point projects inside at least one image."""
+    for view in views:
+        u, v = project(view.P, point_world[None])[0]
+        if 0 <= u < view.width and 0 <= v < view.height:
+            return True
+    return False

@@ -1,0 +1,67 @@
+"""Frame-to-frame tracking: a small, fast local registration from the previous pose.
+
+The live pipeline calls ``track`` for every new frame once a global registration
+succeeded. It searches only locally (least squares on a reduced pyramid) starting
+from the previous correction, and fails, so the pipeline falls back to a global
+registration, when the similarity drops or the pose jumps further than a patient
+can move between two frames.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from guidance.geometry import rotation_angle_deg
+from guidance.images import PreparedImage
+from guidance.registration.register import RegistrationResult, Registrator
+from guidance.views import View
+
+__all__ = ["TrackingSettings", "track"]
+
+
+@dataclass(frozen=True)
+class TrackingSettings:
+    """Pyramid (detector binning, coarse first), iteration cap, the largest motion (mm at
+    the anatomy centre, deg) accepted between two frames, and the expected motion per
+    frame (deg x3, mm x3 in the reference camera frame) used as a prior."""
+
+    pyramid: tuple[int, ...] = (2,)
+    max_iterations: int = 8
+    max_step_mm: float = 10.0
+    max_step_deg: float = 8.0
+    motion_sd: tuple[float, ...] = (2.0, 2.0, 2.0, 2.0, 2.0, 2.0)
+
+
+def track(
+    registrator: Registrator,
+    images: list[PreparedImage],
+    views: list[View],
+    previous_T_world_corrected_from_world: np.ndarray,
+    *,
+    level: int | None = None,
+    settings: TrackingSettings | None = None,
+) -> RegistrationResult:
+    """Update the correction for a new frame; ``views`` carry the frame's nominal poses
+    (as for ``Registrator.register``), the previous correction is the start."""
+    s = settings or TrackingSettings()
+    result = registrator.register(
+        images,
+        views,
+        level=level,
+        initial_T_world_corrected_from_world=previous_T_world_corrected_from_world,
+        global_search=False,
+        pyramid=s.pyramid,
+        local_max_fev=s.max_iterations,
+        prior_sd=np.asarray(s.motion_sd),
+    )
+    if result.ok:
+        centre = registrator.centre(level)
+        T_new, T_old = result.T_world_corrected_from_world, previous_T_world_corrected_from_world
+        step_mm = float(np.linalg.norm((T_new[:3, :3] - T_old[:3, :3]) @ centre + T_new[:3, 3] - T_old[:3, 3]))
+        step_deg = rotation_angle_deg(T_new[:3, :3] @ T_old[:3, :3].T)
+        if step_mm > s.max_step_mm or step_deg > s.max_step_deg:
+            result.status = "failed"
+            result.reason = f"tracking jumped {step_mm:.1f} mm / {step_deg:.1f} deg in one frame"
+    return result
