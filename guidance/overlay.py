@@ -44,7 +44,7 @@ COLOURS = {
     "other_side": (220, 220, 220),
     "outline": (0, 220, 255),
     "shaft": (60, 230, 60),
-    "extension": (170, 255, 170),
+    "extension": (150, 255, 255),
     "ok": (60, 200, 60),
     "stale": (0, 165, 255),
     "invalid": (40, 40, 255),
@@ -176,7 +176,9 @@ def put_text(img: np.ndarray, text: str, origin_px: tuple[float, float],
     """Draw text in place with a dark outline (readable on any background); the origin is
     the left end of the baseline, in pixels."""
     org = (int(round(origin_px[0])), int(round(origin_px[1])))
-    cv2.putText(img, text, org, _FONT, scale, (0, 0, 0), thickness + 2, cv2.LINE_AA)
+    for dx, dy in ((-1, -1), (1, -1), (-1, 1), (1, 1)):
+        cv2.putText(img, text, (org[0] + dx, org[1] + dy), _FONT, scale, (0, 0, 0), thickness,
+                    cv2.LINE_AA)
     cv2.putText(img, text, org, _FONT, scale, colour, thickness, cv2.LINE_AA)
 
 
@@ -213,13 +215,21 @@ def _label_points_world(labels: Volume, level_label: int) -> np.ndarray:
     return labels.index_to_world(kji[:, ::-1])
 
 
+def _disc(diameter_px: float) -> np.ndarray:
+    """An elliptic structuring element of odd size at least ``diameter_px``."""
+    size = int(np.ceil(diameter_px))
+    size += 1 - size % 2
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
+
+
 def draw_outline(bgr: np.ndarray, view: View | np.ndarray, labels_volume: Volume,
                  level_label: int, *, supersample: int = 2) -> np.ndarray:
     """The projected outline (silhouette) of one labelled vertebra.
 
-    The label's voxel centres are projected, splatted into a mask ``supersample`` times
-    finer than the picture, dilated by about half a projected voxel (which closes the gaps
-    between neighbouring voxels), and the mask's outer contours are drawn.
+    The label's voxel centres are projected and splatted into a mask ``supersample`` times
+    finer than the picture; a closing over two projected voxels fills the gaps between
+    neighbouring voxels, a dilation by half a voxel moves the edge from the outer voxel
+    centres to the voxel boundary, and the mask's outer contours are drawn.
     """
     out = _canvas(bgr)
     P = camera_matrix(view)
@@ -237,12 +247,19 @@ def draw_outline(bgr: np.ndarray, view: View | np.ndarray, labels_volume: Volume
     H, W = out.shape[:2]
     grid = np.round((uv + 0.5) * s - 0.5).astype(np.int64)
     keep = (grid[:, 0] >= 0) & (grid[:, 0] < W * s) & (grid[:, 1] >= 0) & (grid[:, 1] < H * s)
-    mask = np.zeros((H * s, W * s), np.uint8)
-    mask[grid[keep, 1], grid[keep, 0]] = 255
-    size = int(np.ceil(footprint * s)) + 1
-    size += 1 - size % 2
-    mask = cv2.dilate(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size)))
-    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    grid = grid[keep]
+    if len(grid) == 0:
+        return out
+    close, grow = _disc(2.0 * footprint * s + 1.0), _disc(footprint * s)
+    # Work on the splats' bounding box plus the kernels' reach only.
+    pad = close.shape[0] + grow.shape[0]
+    lo = np.maximum(grid.min(axis=0) - pad, 0)
+    hi = np.minimum(grid.max(axis=0) + pad + 1, [W * s, H * s])
+    mask = np.zeros((hi[1] - lo[1], hi[0] - lo[0]), np.uint8)
+    mask[grid[:, 1] - lo[1], grid[:, 0] - lo[0]] = 255
+    mask = cv2.dilate(cv2.morphologyEx(mask, cv2.MORPH_CLOSE, close), grow)
+    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE,
+                                   offset=(int(lo[0]), int(lo[1])))
     polygons = [np.round(((cnt.astype(float) + 0.5) / s - 0.5) * _ONE).astype(np.int32)
                 for cnt in contours]
     cv2.polylines(out, polygons, True, COLOURS["outline"], 2, cv2.LINE_AA, SHIFT)
@@ -262,7 +279,7 @@ def draw_instrument(bgr: np.ndarray, view: View | np.ndarray, tip_world: np.ndar
     axis = axis / np.linalg.norm(axis)
     for start in np.arange(0.0, extension_mm, 2.0 * dash_mm):
         end = min(start + dash_mm, extension_mm)
-        _line(out, P, tip + start * axis, tip + end * axis, COLOURS["extension"], 1)
+        _line(out, P, tip + start * axis, tip + end * axis, COLOURS["extension"], 2)
     _line(out, P, tip - length_mm * axis, tip, COLOURS["shaft"], 3)
     uv_tip = _visible_pixel(P, tip, out.shape)
     if uv_tip is not None:
