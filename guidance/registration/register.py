@@ -262,6 +262,7 @@ class Registrator:
         global_search: bool = True,
         pyramid: tuple[int, ...] | None = None,
         local_max_fev: int | None = None,
+        local_ftol: float = 1e-4,
         prior_sd: np.ndarray | None = None,
     ) -> RegistrationResult:
         """Register preprocessed images (one per view, views carry the initial poses).
@@ -304,7 +305,8 @@ class Registrator:
                 stage = f"global@{levels[0].view.width}px"
             else:
                 outcome = minimize(s.local_optimizer, objective, x, scale,
-                                   max_fev=s.local_max_fev if local_max_fev is None else local_max_fev)
+                                   max_fev=s.local_max_fev if local_max_fev is None else local_max_fev,
+                                   ftol=local_ftol)
                 stage = f"local@{levels[0].view.width}px"
             x = outcome.x
             evaluations += outcome.nfev

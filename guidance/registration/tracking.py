@@ -23,12 +23,14 @@ __all__ = ["TrackingSettings", "track"]
 
 @dataclass(frozen=True)
 class TrackingSettings:
-    """Pyramid (detector binning, coarse first), iteration cap, the largest motion (mm at
+    """Pyramid (detector binning, coarse first), iteration cap and relative cost tolerance
+    of the least-squares updates, the largest motion (mm at
     the anatomy centre, deg) accepted between two frames, and the expected motion per
     frame (deg x3, mm x3 in the reference camera frame) used as a prior."""
 
-    pyramid: tuple[int, ...] = (2,)
-    max_iterations: int = 8
+    pyramid: tuple[int, ...] = (4, 2)
+    max_iterations: int = 10
+    ftol: float = 1e-3
     max_step_mm: float = 10.0
     max_step_deg: float = 8.0
     motion_sd: tuple[float, ...] = (2.0, 2.0, 2.0, 2.0, 2.0, 2.0)
@@ -54,6 +56,7 @@ def track(
         global_search=False,
         pyramid=s.pyramid,
         local_max_fev=s.max_iterations,
+        local_ftol=s.ftol,
         prior_sd=np.asarray(s.motion_sd),
     )
     if result.ok:
