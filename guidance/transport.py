@@ -28,8 +28,9 @@ from __future__ import annotations
 import logging
 import math
 import socket
+import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 
 import zmq
@@ -61,6 +62,7 @@ RECONNECT_IVL_MS = 100
 RECONNECT_IVL_MAX_MS = 1000
 ENDPOINT_SCHEMES = ("tcp://", "ipc://", "inproc://")
 MAX_DRAIN = 256
+BIND_RETRY_S = 3.0
 """At most this many queued messages are read by one ``recv_latest`` call."""
 
 
@@ -77,6 +79,22 @@ def _socket(context: zmq.Context | None, socket_type: int) -> zmq.Socket:
     sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
     return sock
+
+
+def _bind(sock: zmq.Socket, endpoint: str, timeout_s: float = BIND_RETRY_S) -> None:
+    """Bind, retrying for ``timeout_s`` while the address is still held: a restarted
+    process rebinds the port its predecessor just closed, which ZeroMQ frees asynchronously."""
+    endpoint = _check_endpoint(endpoint)
+    deadline = time.monotonic() + timeout_s
+    pause = threading.Event()
+    while True:
+        try:
+            sock.bind(endpoint)
+            return
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EADDRINUSE or time.monotonic() >= deadline:
+                raise
+            pause.wait(0.05)
 
 
 def free_tcp_endpoint(host: str = "127.0.0.1") -> str:
@@ -99,7 +117,7 @@ class Publisher:
         self._socket = _socket(context, zmq.PUB)
         self._socket.setsockopt(zmq.SNDHWM, sndhwm)
         if bind:
-            self._socket.bind(_check_endpoint(endpoint))
+            _bind(self._socket, endpoint)
         else:
             self._socket.connect(_check_endpoint(endpoint))
         self._next_seq: dict[str, int] = {}
@@ -139,6 +157,9 @@ class Subscriber:
     ``endpoints``: one endpoint or several, connected (or bound with ``bind=True``);
     ``topics``: the kinds to receive (``wire.KINDS`` names), all when None.
 
+    ``tap`` is called with the wire parts (topic frame removed) of every multipart message
+    received, valid or not, before decoding: the recorder's hook.
+
     Counters: ``received`` (valid messages decoded), ``malformed`` (dropped, reason of the
     last one in ``last_error``), ``skipped`` (superseded by a newer message of their kind in
     ``recv_latest``), ``lost`` (gaps in the publishers' sequence numbers).
@@ -146,7 +167,8 @@ class Subscriber:
 
     def __init__(self, endpoints: str | Sequence[str], topics: Iterable[str] | None = None,
                  bind: bool = False, *, rcvhwm: int = DEFAULT_RCVHWM,
-                 context: zmq.Context | None = None) -> None:
+                 context: zmq.Context | None = None,
+                 tap: Callable[[list[bytes]], None] | None = None) -> None:
         if isinstance(endpoints, str):
             endpoints = [endpoints]
         endpoints = [_check_endpoint(e) for e in endpoints]
@@ -164,11 +186,12 @@ class Subscriber:
             self._socket.setsockopt(zmq.SUBSCRIBE, topic.encode("ascii"))
         for endpoint in endpoints:
             if bind:
-                self._socket.bind(endpoint)
+                _bind(self._socket, endpoint)
             else:
                 self._socket.connect(endpoint)
         self._poller = zmq.Poller()
         self._poller.register(self._socket, zmq.POLLIN)
+        self._tap = tap
         self._last_seq: dict[tuple[str, str], int] = {}
         self.received = 0
         self.malformed = 0
@@ -213,6 +236,8 @@ class Subscriber:
                 parts = self._socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            if self._tap is not None:
+                self._tap(parts[1:])
             msg = self._accept(parts)
             if msg is not None:
                 yield msg

@@ -28,6 +28,10 @@ from functools import lru_cache
 import cv2
 import numpy as np
 
+from guidance.drr import prepare_volume, render_drr
+from guidance.views import View
+from guidance.volume import Volume, hu_to_attenuation
+
 __all__ = [
     "VARIANTS",
     "RAW_DTYPES",
@@ -39,6 +43,7 @@ __all__ = [
     "distortion_maps",
     "distort_points",
     "undistort_points",
+    "simulate_xray",
 ]
 
 VARIANTS = ("line_integral", "raw", "display")
@@ -293,3 +298,13 @@ def _raw_output(intensity: np.ndarray, dtype: str | None) -> np.ndarray:
     if name == "uint16":
         return np.clip(np.rint(intensity), 0, 65535).astype(np.uint16)
     return intensity.astype(np.float32)
+
+
+def simulate_xray(ct_hu: Volume, view: View, params: XrayParams = XrayParams(), *, variant: str,
+                  energy_kev: float = 70.0, step_mm: float = 0.5) -> tuple[np.ndarray, View]:
+    """A simulated X-ray of a CT (HU) seen in ``view``: DRR of the full CT at an effective
+    energy, then ``form_image``. Returns the image (raw as uint16) and the view labelled
+    with its intensity kind (and I0 for raw)."""
+    line = render_drr(prepare_volume(hu_to_attenuation(ct_hu, energy_kev=energy_kev), step_mm=step_mm), view)
+    image = form_image(line, params, variant=variant, dtype="uint16" if variant == "raw" else None)
+    return image, view.with_intensity(variant, I0=params.I0 if variant == "raw" else None)

@@ -1,0 +1,28 @@
+# The two commands of the README: `make demo` (main job on the embedded phantom) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test,plots]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) run_guidance.py demo --out out/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m flake8
+
+bench: $(STAMP)
+	$(PY) run_guidance.py bench drr
+
+clean:
+	rm -rf $(VENV) out build *.egg-info

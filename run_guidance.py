@@ -1,0 +1,195 @@
+#!/usr/bin/env python3
+"""The one command line of the guidance system: parses arguments, calls the library, prints.
+
+Run ``python run_guidance.py --help`` for the subcommands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
+
+
+def _ct_and_labels(args):
+    """(CT in HU, labels or None, plan or None) from --ct/--labels or the embedded phantom."""
+    from guidance.volume import load_volume
+
+    if getattr(args, "ct", None):
+        labels = load_volume(args.labels, units="label") if getattr(args, "labels", None) else None
+        return load_volume(args.ct), labels, None
+    from sim.phantom import make_phantom
+
+    phantom = make_phantom(seed=args.phantom_seed)
+    return phantom.ct, phantom.labels, phantom.plan
+
+
+def _add_ct_arguments(p: argparse.ArgumentParser, *, labels: bool = True) -> None:
+    p.add_argument("--ct", help="pre-operative CT (NIfTI, MHA, NRRD or DICOM folder); default: embedded phantom")
+    if labels:
+        p.add_argument("--labels", help="label map on the CT grid (vertebra ids)")
+    p.add_argument("--phantom-seed", type=int, default=0, help="seed of the embedded phantom (without --ct)")
+
+
+def cmd_phantom(args) -> int:
+    from sim.phantom import make_phantom, write_phantom
+
+    phantom = make_phantom(seed=args.seed, spacing_mm=args.spacing, scoliosis_deg=args.scoliosis,
+                           include_sacrum=args.sacrum)
+    paths = write_phantom(phantom, args.out)
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def cmd_render(args) -> int:
+    from guidance.images import write_xray
+    from guidance.views import carm_view, read_view, write_view
+    from sim.xray import XrayParams, simulate_xray
+
+    ct, _, _ = _ct_and_labels(args)
+    if args.view:
+        view = read_view(args.view)
+    else:
+        view = carm_view(lao_deg=args.lao, cranial_deg=args.cranial, source_to_detector_mm=args.sdd,
+                         source_to_isocenter_mm=args.sid, detector_size_px=(args.size, args.size),
+                         pixel_spacing_mm=(args.pitch, args.pitch), isocenter_world=ct.center_world(),
+                         patient_position=args.position)
+    params = XrayParams(dose=args.dose, distortion_k1=args.distortion_k1, seed=args.seed, noise=not args.no_noise)
+    image, view = simulate_xray(ct, view, params, variant=args.variant)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_xray(image, out)
+    view_path = out.with_name(out.name.split(".")[0] + ".view.json")
+    write_view(view, view_path)
+    print(f"image: {out}\nview: {view_path}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    if args.what == "drr":
+        from guidance.bench import bench_drr, format_table
+
+        rows = bench_drr(shared_data=Path(args.shared_data), repeats=args.repeats)
+        print(format_table(rows))
+        if args.json:
+            Path(args.json).write_text(json.dumps([r.__dict__ for r in rows], indent=2))
+        return 0
+    raise AssertionError(args.what)
+
+
+def cmd_register(args) -> int:
+    from guidance.images import preprocess, read_xray
+    from guidance.registration.register import Registrator, register_levels
+    from guidance.views import read_view
+
+    if len(args.image) != len(args.view):
+        print("error: give one --view per --image", file=sys.stderr)
+        return 2
+    ct, labels, _ = _ct_and_labels(args)
+    views = [read_view(v) for v in args.view]
+    images = [preprocess(read_xray(i), v) for i, v in zip(args.image, views)]
+    registrator = Registrator(ct, labels=labels)
+    if args.all_levels:
+        levels = {str(n): n for n in sorted({int(x) for x in set(labels.data.ravel().tolist())} - {0})}
+        result = register_levels(registrator, images, views, levels)
+    else:
+        result = registrator.register(images, views, level=args.level)
+    Path(args.out).write_text(json.dumps(result.to_dict(), indent=2))
+    print(f"{result.status}: {result.reason}; similarity {result.similarity:.3f}, confidence "
+          f"{result.confidence:.2f}, {result.time_s:.2f} s -> {args.out}")
+    return 0 if result.ok else 1
+
+
+def cmd_register3d(args) -> int:
+    from guidance.registration.register3d import register_volumes
+    from guidance.volume import load_volume
+
+    fixed = load_volume(args.fixed)
+    moving = load_volume(args.moving)
+    mask = None
+    if args.labels:
+        mask = load_volume(args.labels, units="label").data == args.level
+    result = register_volumes(fixed, moving, fixed_mask=mask)
+    Path(args.out).write_text(json.dumps(result.to_dict(), indent=2))
+    print(f"metric {result.metric:.4f} after {result.iterations} iterations, {result.time_s:.2f} s "
+          f"({result.stop_reason}) -> {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="run_guidance.py", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("phantom", help="write the synthetic spine phantom: CT, labels, screw plan")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--spacing", type=float, default=1.0, help="voxel size (mm)")
+    p.add_argument("--scoliosis", type=float, default=0.0, help="coronal Cobb angle (deg)")
+    p.add_argument("--sacrum", action="store_true")
+    p.set_defaults(func=cmd_phantom)
+
+    p = sub.add_parser("render", help="simulate an X-ray image and write it with its view file")
+    _add_ct_arguments(p, labels=False)
+    p.add_argument("--phantom", action="store_true", help="use the embedded phantom (the default without --ct)")
+    p.add_argument("--view", help="view file; default: a C-arm view from the options below")
+    p.add_argument("--lao", type=float, default=0.0)
+    p.add_argument("--cranial", type=float, default=0.0)
+    p.add_argument("--sdd", type=float, default=1000.0, help="source to detector (mm)")
+    p.add_argument("--sid", type=float, default=600.0, help="source to isocentre (mm)")
+    p.add_argument("--size", type=int, default=512, help="detector pixels per side")
+    p.add_argument("--pitch", type=float, default=0.6, help="detector pixel pitch (mm)")
+    p.add_argument("--position", choices=("prone", "supine"), default="prone")
+    p.add_argument("--variant", choices=("raw", "display", "line_integral"), default="raw")
+    p.add_argument("--dose", type=float, default=1.0)
+    p.add_argument("--distortion-k1", type=float, default=0.0)
+    p.add_argument("--no-noise", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="image file (.png/.tif for raw/display, .mha for line_integral)")
+    p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("bench", help="benchmarks that print a table")
+    p.add_argument("what", choices=("drr",))
+    p.add_argument("--json", help="also write the rows as JSON")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--shared-data", default=str(SHARED_DATA))
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("register", help="2D/3D registration of X-ray images to a CT")
+    _add_ct_arguments(p)
+    p.add_argument("--image", action="append", required=True, help="X-ray image (repeat for more views)")
+    p.add_argument("--view", action="append", required=True, help="its view file with the initial guess")
+    p.add_argument("--level", type=int, help="register this vertebra (label id) alone")
+    p.add_argument("--all-levels", action="store_true", help="also register every labelled vertebra")
+    p.add_argument("--out", required=True, help="result JSON")
+    p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser("register3d", help="rigid 3D/3D registration of an intra-op CT to the pre-op CT")
+    p.add_argument("--fixed", required=True, help="pre-operative CT")
+    p.add_argument("--moving", required=True, help="intra-operative CT / CBCT")
+    p.add_argument("--labels", help="labels on the fixed grid, to register one vertebra (--level)")
+    p.add_argument("--level", type=int)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_register3d)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
