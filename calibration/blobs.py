@@ -38,11 +38,6 @@ class Blobs:
     def __len__(self) -> int:
         return len(self.uv)
 
-    def subset(self, keep: np.ndarray) -> "Blobs":
-        """The blobs selected by a boolean mask or an index array."""
-        return Blobs(self.uv[keep], self.radius_px[keep], self.integral[keep],
-                     self.elongation[keep])
-
 
 def attenuation_image(image: np.ndarray, *, intensity: str = "raw",
                       I0: float | None = None) -> np.ndarray:

@@ -109,14 +109,6 @@ class CarmCalibrationResult:
         return float(0.5 * (self.K[0, 0] * pixel_spacing_mm[0]
                             + self.K[1, 1] * pixel_spacing_mm[1]))
 
-    def view(self, T_phantom_from_world: np.ndarray | None = None, **kwargs) -> View:
-        """The calibrated View; world = phantom frame unless ``T_phantom_from_world`` is
-        given. Keyword arguments go to View (intensity, I0, pixel_spacing_mm, ...)."""
-        T = self.T_cam_from_phantom
-        if T_phantom_from_world is not None:
-            T = T @ np.asarray(T_phantom_from_world, dtype=float)
-        return View(K=self.K, T_cam_from_world=T, image_size=self.image_size, **kwargs)
-
 
 def detect_bbs(image: np.ndarray, *, intensity: str = "raw", I0: float | None = None,
                max_radius_px: float = 12.0, mask: np.ndarray | None = None) -> Blobs:

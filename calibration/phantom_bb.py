@@ -271,7 +271,7 @@ def anatomy_background(image_size: tuple[int, int], rng: np.random.Generator, *,
 
 
 def counts_from_line_integrals(line_integral: np.ndarray, rng: np.random.Generator, *,
-                               I0: float = 4000.0, blur_sigma_px: float = 0.6) -> np.ndarray:
+                               I0: float = 10000.0, blur_sigma_px: float = 0.6) -> np.ndarray:
     """Detector counts (float32): Beer-Lambert ``I0 * exp(-L)``, Gaussian detector blur of
     ``blur_sigma_px``, then Poisson noise."""
     expected = I0 * np.exp(-np.asarray(line_integral, dtype=float))

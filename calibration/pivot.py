@@ -77,22 +77,22 @@ def _result(T: np.ndarray, tip: np.ndarray, pivot: np.ndarray, method: str) -> P
     return PivotResult(tip, pivot, res, float(np.sqrt((res ** 2).sum(axis=1).mean())), method)
 
 
-def _check_spread(R: np.ndarray) -> None:
-    """Raise unless the rotations span enough directions to fix the tip (a tool that only
-    spins about one axis leaves the tip offset along that axis undetermined)."""
+def _stacked_system(R: np.ndarray) -> np.ndarray:
+    """The (3N, 6) matrix [R_i | -I] of the pivot equations, after checking that the
+    rotations span enough directions to fix the tip (a tool that only spins about one
+    axis leaves the tip offset along that axis undetermined)."""
     A = np.concatenate([R, -np.broadcast_to(np.eye(3), R.shape)], axis=2).reshape(-1, 6)
     s = np.linalg.svd(A, compute_uv=False)
     if s[-1] < 1e-3 * s[0]:
         raise CalibrationError("poses do not pivot enough: tilt the tool in two directions")
+    return A
 
 
 def pivot_linear(T_tracker_from_tool: np.ndarray) -> PivotResult:
     """Tip offset and pivot point by linear least squares (see module docstring)."""
     T = _check_poses(T_tracker_from_tool)
-    R, t = T[:, :3, :3], T[:, :3, 3]
-    _check_spread(R)
-    A = np.concatenate([R, -np.broadcast_to(np.eye(3), R.shape)], axis=2).reshape(-1, 6)
-    x = np.linalg.lstsq(A, -t.reshape(-1), rcond=None)[0]
+    A = _stacked_system(T[:, :3, :3])
+    x = np.linalg.lstsq(A, -T[:, :3, 3].reshape(-1), rcond=None)[0]
     return _result(T, x[:3], x[3:], "linear")
 
 
@@ -100,7 +100,7 @@ def pivot_sphere(T_tracker_from_tool: np.ndarray) -> PivotResult:
     """Tip offset and pivot point from a sphere fitted to the tool origins."""
     T = _check_poses(T_tracker_from_tool)
     R, t = T[:, :3, :3], T[:, :3, 3]
-    _check_spread(R)
+    _stacked_system(R)
     # Algebraic fit |t|^2 = 2 c.t + (r^2 - |c|^2), then geometric refinement.
     A = np.column_stack([2.0 * t, np.ones(len(t))])
     sol = np.linalg.lstsq(A, (t ** 2).sum(axis=1), rcond=None)[0]
