@@ -567,8 +567,10 @@ def interpolate_view(table: CarmAngleTable, lao_deg: float, cranial_deg: float, 
             e = table.entry(a, c)
             corners[a, c] = (e.K, e.T_cam_from_world @ invert_rigid(
                 table.ideal_T_cam_from_world(a, c)))
-    w = {(a0, c0): (1 - fa) * (1 - fc), (a1, c0): fa * (1 - fc),
-         (a0, c1): (1 - fa) * fc, (a1, c1): fa * fc}
+    w: dict = {}
+    for a, wa in ((a0, 1.0 - fa), (a1, fa)):
+        for c, wc in ((c0, 1.0 - fc), (c1, fc)):
+            w[a, c] = w.get((a, c), 0.0) + wa * wc
     K = sum(w[k] * corners[k][0] for k in w)
     t = sum(w[k] * corners[k][1][:3, 3] for k in w)
     R_c0 = _slerp(corners[a0, c0][1][:3, :3], corners[a1, c0][1][:3, :3], fa)

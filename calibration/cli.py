@@ -10,6 +10,7 @@ then also holds the errors against the simulated truth.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import cv2
@@ -45,12 +46,20 @@ from calibration.phantom_bb import (
 )
 from calibration.pivot import pivot_calibration, read_poses, simulate_pivot_poses, write_poses
 from calibration.report import render_pivot, render_residuals, write_png
-from guidance.geometry import invert_rigid, make_rigid, project, rotation_about_axis
+from guidance.geometry import (
+    GeometryError,
+    check_rigid,
+    invert_rigid,
+    make_rigid,
+    project,
+    rotation_about_axis,
+)
 from guidance.views import View, carm_view, read_view, write_view
 
 __all__ = ["calibrate_carm", "calibrate_distortion", "calibrate_pivot", "read_image"]
 
 SIM_I0 = 10000.0
+PHANTOM_POSE_FILE = "phantom_pose.json"
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -122,8 +131,30 @@ def _simulate_carm_inputs(out: Path, seed: int, angles: list[tuple[float, float]
                    _view_path(path))
         paths.append(path)
         truth[float(lao), float(cran)] = view
+    (folder / PHANTOM_POSE_FILE).write_text(json.dumps(
+        {"T_world_from_phantom": T_world_from_phantom.tolist()}, indent=1) + "\n")
     return paths, {"views": truth, "T_world_from_phantom": T_world_from_phantom,
                    "sdd_mm": sdd, "pp_px": pp}
+
+
+def _phantom_pose(value: np.ndarray | str | Path | None, first_image: Path) -> np.ndarray:
+    """T_world_from_phantom: given, read from a JSON file (key ``T_world_from_phantom``),
+    or from ``phantom_pose.json`` beside the first image; identity if there is none."""
+    if value is None:
+        found = first_image.parent / PHANTOM_POSE_FILE
+        if not found.exists():
+            return np.eye(4)
+        value = found
+    if isinstance(value, (str, Path)):
+        try:
+            value = json.loads(Path(value).read_text())["T_world_from_phantom"]
+        except (OSError, KeyError, TypeError, json.JSONDecodeError) as exc:
+            raise CalibrationError(f"cannot read T_world_from_phantom from {value}: "
+                                   f"{exc!r}") from None
+    try:
+        return check_rigid(np.asarray(value, dtype=float), "T_world_from_phantom")
+    except (GeometryError, ValueError) as exc:
+        raise CalibrationError(str(exc)) from None
 
 
 def _mosaic(tiles: list[np.ndarray], columns: int = 3) -> np.ndarray:
@@ -140,7 +171,7 @@ def calibrate_carm(images: list[str | Path] | None = None, simulate: bool = Fals
                    out: str | Path = "carm.calibration.json", seed: int = 0, *,
                    device_id: str = "carm-sim", phantom: str | Path | None = None,
                    angles: list[tuple[float, float]] | None = None,
-                   T_world_from_phantom: np.ndarray | None = None,
+                   T_world_from_phantom: np.ndarray | str | Path | None = None,
                    source_to_isocenter_mm: float = 600.0,
                    distortion: str | Path | None = None, missing_fraction: float = 0.1,
                    spurious_fraction: float = 0.05, background: str = "plates") -> dict:
@@ -151,11 +182,14 @@ def calibrate_carm(images: list[str | Path] | None = None, simulate: bool = Fals
     intensity/I0, and for several orientations ``lao_deg`` / ``cranial_deg``). One image
     gives a single-orientation calibration (``T_cam_from_phantom``); several give an angle
     table. The phantom (``guidance.bbphantom/1`` file, default: the two-plane design) sits
-    at ``T_world_from_phantom`` (default: world = phantom frame). ``distortion``: a
-    distortion calibration file whose model corrects the detected BB centres.
+    at ``T_world_from_phantom`` (a 4x4 matrix or a JSON file with that key; default: the
+    ``phantom_pose.json`` beside the first image, else world = phantom frame).
+    ``distortion``: a distortion calibration file whose model corrects the detected BB
+    centres.
 
     ``simulate``: make the exposures instead (``angles`` default [(0, 0)]) with
-    ``missing_fraction`` / ``spurious_fraction`` BBs and ``background``.
+    ``missing_fraction`` / ``spurious_fraction`` BBs and ``background``, with the
+    phantom's (known) pose in ``phantom_pose.json``.
 
     Returns a summary: paths, per-orientation SDD (mm), principal point (px), RMS (px), BB
     counts, and with ``simulate`` the errors against the truth.
@@ -166,12 +200,10 @@ def calibrate_carm(images: list[str | Path] | None = None, simulate: bool = Fals
     if simulate:
         images, truth = _simulate_carm_inputs(out, seed, angles or [(0.0, 0.0)],
                                               missing_fraction, spurious_fraction, background)
-        T_world_from_phantom = truth["T_world_from_phantom"]
     if not images:
         raise CalibrationError("give calibration images or simulate=True")
     ph = two_plane_phantom() if phantom is None else read_phantom(phantom)
-    T_wp = np.eye(4) if T_world_from_phantom is None else np.asarray(T_world_from_phantom,
-                                                                     dtype=float)
+    T_wp = _phantom_pose(T_world_from_phantom, Path(images[0]))
     undistort = None
     if distortion is not None:
         undistort = distortion_model(read_calibration(distortion)).undistort_points

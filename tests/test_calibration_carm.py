@@ -190,3 +190,18 @@ def test_cli_simulated_carm_calibration(tmp_path):
     view = apply_carm_calibration(read_calibration(out))
     assert view.image_size == (512, 512)
     assert view.source_to_detector_mm == pytest.approx(entry["sdd_mm"])
+
+
+def test_cli_one_row_angle_table_and_rerun_from_files(tmp_path):
+    summary = calibrate_carm(None, True, tmp_path / "table.calibration.json", 5,
+                             angles=[(0.0, 0.0), (20.0, 0.0)])
+    assert summary["n_images"] == 2 and summary["interpolation_mpd_px"] < 0.25
+    cal = read_calibration(tmp_path / "table.calibration.json")
+    assert apply_carm_calibration(cal, lao_deg=10.0, cranial_deg=0.0).extra["lao_deg"] == 10.0
+    # The simulated inputs on disk (images, view files, phantom pose) give the same result.
+    images = sorted((tmp_path / "table_inputs").glob("*.png"))
+    again = calibrate_carm(images, False, tmp_path / "again.calibration.json")
+    assert [e["sdd_mm"] for e in again["entries"]] == \
+        [e["sdd_mm"] for e in sorted(summary["entries"], key=lambda e: e["image"])]
+    with pytest.raises(CalibrationError, match="no nominal view file"):
+        calibrate_carm([tmp_path / "table.calibration.png"], False, tmp_path / "x.json")
