@@ -79,7 +79,13 @@ def cmd_bench(args) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps([r.__dict__ for r in rows], indent=2))
         return 0
-    raise AssertionError(args.what)
+    from calibration.bench import format_table, run_calibration_benchmark
+
+    rows = run_calibration_benchmark()
+    print(format_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
 
 
 def cmd_register(args) -> int:
@@ -121,6 +127,95 @@ def cmd_register3d(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from guidance.evaluation import evaluate, evaluate_external
+    from sim.phantom import make_phantom
+
+    if args.external:
+        if not args.ct:
+            print("error: --external needs --ct", file=sys.stderr)
+            return 2
+        summaries = {"external": evaluate_external(args.external, args.ct, labels_path=args.labels,
+                                                   out_dir=args.out, jobs=args.jobs)}
+    else:
+        source = args.ct if args.ct else make_phantom(seed=args.phantom_seed)
+        summaries = evaluate(source, out_dir=args.out, labels_path=args.labels, level=args.level,
+                             variants=args.variant, biplane=args.biplane, n_views=args.views,
+                             n_starts_per_bin=args.starts, detector_px=args.detector_px, jobs=args.jobs,
+                             seed=args.seed)
+    for name, summary in summaries.items():
+        print(f"\n## {name}")
+        print(json.dumps({k: summary[k] for k in summary if k != "bins"}, indent=2))
+    print(f"\nreports: {args.out}")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from calibration.cli import calibrate_carm, calibrate_distortion, calibrate_pivot
+
+    if not args.simulate and not args.images:
+        print("error: give --images (or --poses for pivot) or --simulate", file=sys.stderr)
+        return 2
+    if args.kind == "carm":
+        angles = [tuple(float(x) for x in a.split(",")) for a in args.angles] if args.angles else None
+        summary = calibrate_carm(args.images, simulate=args.simulate, out=args.out, seed=args.seed, angles=angles)
+    elif args.kind == "distortion":
+        summary = calibrate_distortion(args.images, simulate=args.simulate, out=args.out, seed=args.seed,
+                                       amplitude_px=args.amplitude_px)
+    else:
+        summary = calibrate_pivot(args.images[0] if args.images else None, simulate=args.simulate, out=args.out,
+                                  seed=args.seed, method=args.method)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _stop_on_signals():
+    """A threading.Event set by SIGINT/SIGTERM: signal handling belongs to the entry point."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def cmd_pipeline(args) -> int:
+    from guidance.pipeline import Pipeline, PipelineSettings, run_pipeline
+    from guidance.registration.register import Registrator
+
+    ct, labels, plan = _ct_and_labels(args)
+    if args.plan:
+        from sim.phantom import read_plan
+
+        plan = read_plan(args.plan)
+    stop = _stop_on_signals()
+    pipeline = Pipeline(Registrator(ct, labels=labels), plan=plan, labels=labels,
+                        settings=PipelineSettings(level=args.level, overlay=args.overlay))
+    print(f"pipeline: frames from {', '.join(args.frames)}, results on {args.results}", flush=True)
+    stats = run_pipeline(pipeline, frame_endpoints=args.frames, result_endpoint=args.results, stop=stop,
+                         record_dir=args.record)
+    print(json.dumps(stats.as_dict(), indent=2))
+    return 0
+
+
+def cmd_display(args) -> int:
+    from guidance.display import HeadlessWriter, WindowSink
+    from guidance.display_client import run_display
+
+    ct, labels, plan = _ct_and_labels(args)
+    if args.plan:
+        from sim.phantom import read_plan
+
+        plan = read_plan(args.plan)
+    sink = HeadlessWriter(args.out, every_n=args.every) if args.headless else WindowSink(fallback_dir=args.out)
+    stop = _stop_on_signals()
+    stats = run_display(frame_endpoint=args.frames, result_endpoint=args.results, ct=ct, plan=plan, labels=labels,
+                        sink=sink, stop=stop, refresh_hz=args.fps)
+    print(json.dumps(stats, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="run_guidance.py", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -154,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("bench", help="benchmarks that print a table")
-    p.add_argument("what", choices=("drr",))
+    p.add_argument("what", choices=("drr", "calibration"))
     p.add_argument("--json", help="also write the rows as JSON")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--shared-data", default=str(SHARED_DATA))
@@ -176,6 +271,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--level", type=int)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_register3d)
+
+    p = sub.add_parser("evaluate", help="registration benchmark: success rate, capture range, mTRE, mPD, time")
+    _add_ct_arguments(p)
+    p.add_argument("--level", help="register this vertebra alone (label id or name, e.g. L3)")
+    p.add_argument("--variant", nargs="+", default=["raw", "display"], choices=("raw", "display", "line_integral"))
+    p.add_argument("--biplane", action="store_true", help="AP + lateral pairs sharing one correction")
+    p.add_argument("--views", type=int, default=6, help="views (or view pairs) per set")
+    p.add_argument("--starts", type=int, default=5, help="starts per initial-mTRE bin and view")
+    p.add_argument("--detector-px", type=int, default=256)
+    p.add_argument("--jobs", type=int, default=1, help="worker processes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--external", help="score an external set folder (cases.json, images, views, targets)")
+    p.add_argument("--out", required=True, help="report folder (JSON, markdown, PNG plots)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("calibrate", help="C-arm geometry, image-intensifier distortion or pivot calibration")
+    p.add_argument("kind", choices=("carm", "distortion", "pivot"))
+    p.add_argument("--images", nargs="+", help="exposures (each with <name>.view.json), or the poses file (pivot)")
+    p.add_argument("--simulate", action="store_true", help="simulate the inputs with known truth")
+    p.add_argument("--angles", nargs="+", help="carm: C-arm orientations 'lao,cranial' to simulate")
+    p.add_argument("--amplitude-px", type=float, default=10.0, help="distortion: simulated edge distortion (px)")
+    p.add_argument("--method", choices=("linear", "sphere"), default="linear", help="pivot: solver")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="calibration JSON (a PNG report is written beside it)")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("pipeline", help="live registration/tracking: SUB frames + tracker, PUB poses")
+    _add_ct_arguments(p)
+    p.add_argument("--plan", help="screw plan JSON (guidance.plan/1); default: the phantom's")
+    p.add_argument("--level", type=int, help="register this vertebra (label id) alone")
+    p.add_argument("--frames", nargs="+", default=["tcp://127.0.0.1:5555"], help="frame/tracker endpoints")
+    p.add_argument("--results", default="tcp://127.0.0.1:5556", help="endpoint to publish results on (bound)")
+    p.add_argument("--overlay", action="store_true", help="also publish an overlay picture per frame")
+    p.add_argument("--record", help="record every input and output message into this folder")
+    p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("display", help="the navigation screen: fluoro + overlay, CT reslices at the tool tip")
+    _add_ct_arguments(p)
+    p.add_argument("--plan", help="screw plan JSON (guidance.plan/1); default: the phantom's")
+    p.add_argument("--frames", default="tcp://127.0.0.1:5555")
+    p.add_argument("--results", default="tcp://127.0.0.1:5556")
+    p.add_argument("--headless", action="store_true", help="write PNG screens instead of a window")
+    p.add_argument("--every", type=int, default=1, help="headless: write every n-th screen")
+    p.add_argument("--fps", type=float, default=10.0, help="screen refresh rate")
+    p.add_argument("--out", default="out/screens", help="PNG folder (headless, or without a display)")
+    p.set_defaults(func=cmd_display)
     return parser
 
 

@@ -74,13 +74,23 @@ def write_xray(image: np.ndarray, path: str | Path) -> None:
 
 
 def valid_pixel_mask(image: np.ndarray, *, erode_px: int = 2) -> np.ndarray:
-    """Pixels inside the collimator: not NaN/inf and not part of a flat dark region that
-    touches the image border (the collimator blades), eroded by ``erode_px``."""
+    """Pixels inside the collimator, eroded by ``erode_px``.
+
+    Collimated pixels are finite-but-flat: near the image minimum, with (almost) no local
+    variation in a 5x5 window, and connected to the image border (the blades). A dark but
+    noisy region, such as a thick body part in a lateral view, stays valid; NaN/inf
+    pixels are invalid.
+    """
     finite = np.isfinite(image)
     values = np.where(finite, image, 0).astype(np.float32)
-    lo, hi = np.percentile(values[finite], [0.0, 99.0]) if finite.any() else (0.0, 1.0)
-    dark = (values <= lo + 0.01 * max(hi - lo, 1e-12)) & finite
-    n, comp = cv2.connectedComponents(dark.astype(np.uint8), connectivity=4)
+    if not finite.any():
+        return finite
+    lo, hi = np.percentile(values[finite], [0.0, 99.0])
+    span = max(float(hi - lo), 1e-12)
+    mean = cv2.blur(values, (5, 5))
+    std = np.sqrt(np.maximum(cv2.blur(values * values, (5, 5)) - mean * mean, 0.0))
+    flat_dark = (values <= lo + 0.02 * span) & (std <= 1e-3 * span) & finite
+    n, comp = cv2.connectedComponents(flat_dark.astype(np.uint8), connectivity=4)
     border = np.unique(np.concatenate([comp[0], comp[-1], comp[:, 0], comp[:, -1]]))
     collimated = np.isin(comp, border[border > 0])
     mask = finite & ~collimated

@@ -71,7 +71,7 @@ def test_decompose_projection_recovers_k_and_pose_up_to_scale():
     rng = np.random.default_rng(2)
     K = intrinsics(1100.0, (0.4, 0.4), (300.0, 310.0), skew=0.5)
     T = random_pose(rng)
-    for scale in (1.0, -3.5, 1e-3):
+    for scale in (1.0, -3.5, 1e-3, 1e-9):
         K2, T2 = decompose_projection(scale * projection_matrix(K, T))
         assert_allclose(K2, K, rtol=1e-10, atol=1e-9)
         assert_allclose(T2, T, atol=1e-9)

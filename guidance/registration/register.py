@@ -46,6 +46,9 @@ class RegistrationSettings:
     the global search to +- bound x scale. ``prior_weight`` weighs a Gaussian prior on
     the parameters (when a registration is given ``prior_sd``) against the image
     residuals, whose squared norm is 2 (1 - similarity) per normalised block.
+    After the global stage both its optimum and the start are refined; when they end
+    more than ``ambiguity_distance_mm`` apart with costs (about -similarity) closer than
+    ``ambiguity_margin``, the result is failed as ambiguous.
     """
 
     similarity: str = "gradient_ncc"
@@ -64,6 +67,8 @@ class RegistrationSettings:
     fixed_blur_px: float = 0.7
     roi_margin_mm: float = 10.0
     prior_weight: float = 0.05
+    ambiguity_margin: float = 0.02
+    ambiguity_distance_mm: float = 5.0
     seed: int = 0
     quality: QualityLimits = field(default_factory=QualityLimits)
 
@@ -242,6 +247,18 @@ class Registrator:
         roi[v0:v1, u0:u1] = mask[v0:v1, u0:u1]
         return roi
 
+    def _ambiguity(self, best, second, param: PoseParameterization, centre: np.ndarray) -> str | None:
+        """A reason when two refined candidates match (almost) equally well although their
+        poses differ, e.g. a shift by one vertebral level along a repetitive spine."""
+        s = self.settings
+        gap = second.fun - best.fun
+        T_a, T_b = param.correction(best.x), param.correction(second.x)
+        apart_mm = float(np.linalg.norm((T_a[:3, :3] - T_b[:3, :3]) @ centre + T_a[:3, 3] - T_b[:3, 3]))
+        if apart_mm > s.ambiguity_distance_mm and gap < s.ambiguity_margin:
+            return (f"ambiguous: two poses {apart_mm:.0f} mm apart match almost equally "
+                    f"(cost gap {gap:.3f} < {s.ambiguity_margin})")
+        return None
+
     def _objective(
         self, levels: list[_Level], dv: DrrVolume, param: PoseParameterization, level: int | None
     ) -> "_Objective":
@@ -290,6 +307,8 @@ class Registrator:
         stops: list[str] = []
         evaluations = iterations = 0
         outcome = None
+        ambiguity = None
+        candidates = [x]
         for n, levels in enumerate(pyramid_levels):
             t0 = time.perf_counter()
             spacing = 0.7 * self._footprint_mm(levels[0], centre)
@@ -303,11 +322,19 @@ class Registrator:
                     max_iter=s.max_generations, bound=s.search_bound, seed=s.seed,
                 )
                 stage = f"global@{levels[0].view.width}px"
+                candidates = [outcome.x]
+                if np.linalg.norm((outcome.x - x_prior) / scale) > 0.5:
+                    candidates.append(x_prior)  # the start itself, in case the search left its basin
             else:
-                outcome = minimize(s.local_optimizer, objective, x, scale,
-                                   max_fev=s.local_max_fev if local_max_fev is None else local_max_fev,
-                                   ftol=local_ftol)
-                stage = f"local@{levels[0].view.width}px"
+                refined = [minimize(s.local_optimizer, objective, c, scale, ftol=local_ftol,
+                                    max_fev=s.local_max_fev if local_max_fev is None else local_max_fev)
+                           for c in candidates]
+                order = np.argsort([r.fun for r in refined])
+                outcome = refined[order[0]]
+                if len(refined) > 1:
+                    ambiguity = self._ambiguity(refined[order[0]], refined[order[1]], param, centre)
+                candidates = [outcome.x]
+                stage = f"local@{levels[0].view.width}px" + (f" x{len(refined)}" if len(refined) > 1 else "")
             x = outcome.x
             evaluations += outcome.nfev
             iterations += outcome.nit
@@ -318,6 +345,8 @@ class Registrator:
         T_corr = param.correction(x)
         verdict = assess(similarity, per_view_sim if len(views) > 1 else [], outcome.converged, T_corr, centre,
                          s.quality)
+        if ambiguity is not None and verdict.status == "ok":
+            verdict = replace(verdict, status="failed", reason=ambiguity)
         est_views = [v.with_pose(v.T_cam_from_world @ invert_rigid(T_corr)) for v in views]
         return RegistrationResult(
             status=verdict.status,
