@@ -153,7 +153,8 @@ def decompose_projection(P: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if P.shape != (3, 4) or not np.all(np.isfinite(P)):
         raise GeometryError(f"P must be a finite 3x4 matrix, got shape {P.shape}")
     M = P[:, :3]
-    if abs(np.linalg.det(M)) < 1e-12 * np.linalg.norm(M) ** 3:
+    norm = np.linalg.norm(M)
+    if norm == 0 or abs(np.linalg.det(M)) < 1e-12 * norm**3:
         raise GeometryError("P is singular: its left 3x3 block has no inverse")
     if np.linalg.det(M) < 0:
         P = -P
