@@ -1,0 +1,472 @@
+"""Scripted intra-operative scenarios: a C-arm, a moving patient and a tracked instrument.
+
+Frames (CONVENTIONS.md): world = LPS mm of the pre-operative CT (the phantom); camera =
+the C-arm source frame (OpenCV pinhole); tool / reference / tracker = the frames of the
+instrument's marker array, the patient reference array and the optical tracker.
+
+What the system believes and what really happens:
+
+- The *nominal* view is the C-arm geometry (``guidance.views.carm_view``, patient prone,
+  isocentre at the body centre of the target vertebra) as the C-arm and the pre-op plan
+  give it: ``T_cam_from_world_nominal``.
+- The anatomy really sits moved by a world-frame rigid motion ``M(t)``: a seeded initial
+  misplacement (``initial_misalignment_mm`` translation in a random direction and
+  ``initial_misalignment_deg`` rotation about a random axis through the isocentre), then
+  breathing, a sinusoidal translation along y (anterior-posterior) of
+  ``breathing_amplitude_mm`` with period ``breathing_period_s``:
+  ``M(t) = Trans(0, A sin(2 pi t / P), 0) @ M0``. A CT point X lies at ``M X``.
+- Hence the actual camera pose ``T_cam_from_world = T_cam_from_world_nominal @ M`` and
+  the correction a registration should find, ``T_world_corrected_from_world = inv(M)``.
+- The optical tracker is fixed in the room and calibrated to the C-arm: for every shot
+  ``T_tracker_from_cam`` is known exactly. A tracked pose is
+  ``T_tracker_from_tool = T_tracker_from_cam @ T_cam_from_world @ T_world_from_tool``
+  (reference array and instrument get seeded tracker noise in their own frame).
+- The instrument follows the planned trajectory of ``target_level`` / ``target_side``
+  (in CT coordinates: the surgeon follows the anatomy): its tip starts
+  ``START_OUTSIDE_MM`` before the entry point and advances at ``advance_mm_per_s`` to the
+  target, where it stops. It is rendered into the X-ray as a steel cylinder.
+
+Images: the anatomy's line integral (numba DRR of the full CT, soft tissue included, at
+70 keV) plus the instrument's analytic line integral go through
+``sim.xray.form_image`` (Poisson noise, detector blur). The same scenario and seed give
+identical frames whatever the order in which times are asked for.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from guidance.drr import DrrVolume, prepare_volume, render_drr
+from guidance.geometry import (
+    invert_rigid,
+    make_rigid,
+    rotation_about_axis,
+    rotation_from_rotvec,
+    transform_points,
+)
+from guidance.instruments import INSTRUMENTS, InstrumentModel, get_instrument, trajectory_endpoints
+from guidance.views import View, carm_view
+from guidance.volume import Volume, hu_to_attenuation
+from sim.phantom import LUMBAR, SIDES, Phantom
+from sim.xray import VARIANTS, XrayParams, form_image
+
+__all__ = [
+    "MODES",
+    "PATIENT_POSITIONS",
+    "I0",
+    "ENERGY_KEV",
+    "START_OUTSIDE_MM",
+    "STEEL_MU_PER_MM",
+    "METAL_MAX_LINE_INTEGRAL",
+    "Scenario",
+    "SimState",
+    "SimFrame",
+    "ScenarioPlayer",
+    "tool_pose_on_trajectory",
+    "instrument_line_integral",
+]
+
+MODES = ("fluoro", "shots")
+PATIENT_POSITIONS = ("prone", "supine")
+I0 = 4095.0
+"""Detector counts of an unattenuated pixel in "raw" frames."""
+ENERGY_KEV = 70.0
+"""Effective beam energy of the HU -> attenuation mapping (keV)."""
+BONE_STEP_MM = 0.5
+"""DRR sampling step through bone (mm)."""
+SOFT_STEP_MM = 2.0
+"""DRR sampling step through soft tissue (mm): smooth, so a coarse step is exact to <0.3%."""
+SOFT_TISSUE_MAX_HU = 100.0
+"""CT numbers up to this are soft tissue (rendered at SOFT_STEP_MM); the excess is bone."""
+START_OUTSIDE_MM = 20.0
+"""The instrument tip starts this far before the entry point, along the trajectory."""
+STEEL_MU_PER_MM = 0.5
+"""Effective linear attenuation of the instrument's steel (1/mm): lower than steel's true
+~2/mm at 60 keV, which would paint a black bar."""
+METAL_MAX_LINE_INTEGRAL = 3.0
+"""The instrument's line integral saturates here (a thick screw stays just visible)."""
+_SUPERSAMPLE = 2
+"""Instrument rays per pixel side (anti-aliasing of the thin shaft)."""
+_TRACKER_OFFSET_WORLD = np.array([-600.0, 1200.0, -900.0])
+"""Tracker position relative to the isocentre in the nominal world (mm): patient's right,
+above a prone patient's back, towards the feet."""
+_REFERENCE_IN_VERTEBRA = np.array([0.0, 90.0, 30.0])
+"""Reference array origin in the target vertebra's frame (mm): behind the spinous process."""
+
+
+def _allowed(name: str, value: object, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+def _positive(scenario: "Scenario", *names: str) -> None:
+    for name in names:
+        value = getattr(scenario, name)
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a positive number; got {value!r}")
+
+
+def _non_negative(scenario: "Scenario", *names: str) -> None:
+    for name in names:
+        value = getattr(scenario, name)
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a non-negative number; got {value!r}")
+
+
+def _angle_pair(value: object, name: str) -> tuple[float, float]:
+    try:
+        lao, cranial = (float(x) for x in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a (lao_deg, cranial_deg) pair; got {value!r}") from None
+    if not (math.isfinite(lao) and math.isfinite(cranial)):
+        raise ValueError(f"{name} must be finite angles; got {value!r}")
+    return lao, cranial
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A scripted session. Lengths in mm, angles in degrees, times in seconds.
+
+    ``mode``: "fluoro" (continuous fluoroscopy at ``fps`` from ``fluoro_angles``) or
+    "shots" (one image every ``shot_interval_s``, cycling through ``shots``); angles are
+    (LAO, cranial) pairs as the C-arm displays them. The detector is ``detector_px``
+    square pixels of ``pixel_spacing_mm``; ``sdd_mm`` / ``sid_mm``: source to detector /
+    isocentre. ``variant``: the pixels' intensity kind ("raw" uint16 counts with
+    ``I0``, "display" uint8, "line_integral" float32); ``dose`` scales the photon count.
+    ``instrument``: a name from ``guidance.instruments.INSTRUMENTS`` or None (no
+    instrument in the images or the tracker). Tracker noise: RMS 3-D position error
+    ``tracker_noise_mm`` and RMS rotation ``tracker_noise_deg`` of each noisy sample.
+    """
+
+    duration_s: float = 20.0
+    fps: float = 15.0
+    mode: str = "fluoro"
+    shots: tuple[tuple[float, float], ...] = ((0.0, 0.0), (90.0, 0.0), (20.0, 0.0), (-20.0, 0.0))
+    shot_interval_s: float = 2.0
+    fluoro_angles: tuple[float, float] = (0.0, 0.0)
+    detector_px: int = 256
+    pixel_spacing_mm: float = 1.2
+    sdd_mm: float = 1000.0
+    sid_mm: float = 600.0
+    patient_position: str = "prone"
+    variant: str = "raw"
+    dose: float = 1.0
+    initial_misalignment_mm: float = 8.0
+    initial_misalignment_deg: float = 3.0
+    breathing_amplitude_mm: float = 1.5
+    breathing_period_s: float = 4.0
+    instrument: str | None = "kwire"
+    target_level: str = "L3"
+    target_side: str = "left"
+    advance_mm_per_s: float = 3.0
+    tracker_noise_mm: float = 0.25
+    tracker_noise_deg: float = 0.2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _allowed("mode", self.mode, MODES)
+        _allowed("variant", self.variant, VARIANTS)
+        _allowed("patient_position", self.patient_position, PATIENT_POSITIONS)
+        _allowed("instrument", self.instrument, (*INSTRUMENTS, None))
+        _allowed("target_level", self.target_level, LUMBAR)
+        _allowed("target_side", self.target_side, SIDES)
+        _positive(self, "duration_s", "fps", "shot_interval_s", "pixel_spacing_mm", "sdd_mm",
+                  "sid_mm", "dose", "breathing_period_s")
+        _non_negative(self, "initial_misalignment_mm", "initial_misalignment_deg",
+                      "breathing_amplitude_mm", "advance_mm_per_s", "tracker_noise_mm",
+                      "tracker_noise_deg")
+        if isinstance(self.detector_px, bool) or not isinstance(self.detector_px, int) or self.detector_px < 8:
+            raise ValueError(f"detector_px must be an integer >= 8; got {self.detector_px!r}")
+        if not self.sid_mm < self.sdd_mm:
+            raise ValueError(f"sid_mm ({self.sid_mm}) must be less than sdd_mm ({self.sdd_mm})")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer; got {self.seed!r}")
+        shots = tuple(_angle_pair(s, f"shots[{i}]") for i, s in enumerate(self.shots))
+        if not shots:
+            raise ValueError("shots must hold at least one (lao_deg, cranial_deg) pair")
+        object.__setattr__(self, "shots", shots)
+        object.__setattr__(self, "fluoro_angles", _angle_pair(self.fluoro_angles, "fluoro_angles"))
+
+    def acquisition_index(self, t_s: float) -> int:
+        """Index of the image acquired at scenario time ``t_s``: the fluoroscopy frame
+        (round(t * fps)) or the shot number (floor(t / shot_interval_s))."""
+        if self.mode == "fluoro":
+            return int(round(t_s * self.fps))
+        return int(math.floor(t_s / self.shot_interval_s + 1e-9))
+
+    def angles(self, index: int) -> tuple[float, float]:
+        """(LAO, cranial) degrees of acquisition ``index``."""
+        return self.fluoro_angles if self.mode == "fluoro" else self.shots[index % len(self.shots)]
+
+
+@dataclass(frozen=True)
+class SimState:
+    """Geometry and tracking at one scenario time ``t_s`` (s), without the image.
+
+    ``frame_id``: the acquisition index (``Scenario.acquisition_index``); ``view``: the
+    NOMINAL view (its intensity kind is the scenario's variant); ``T_cam_from_world``: the
+    actual pose (= nominal @ M); ``T_world_corrected_from_world``: inv(M);
+    ``T_world_from_tool``: the true instrument pose in CT coordinates (None without an
+    instrument); ``T_tracker_from_cam``: the C-arm in the tracker frame (exact);
+    ``tracker``: tool id -> ``T_tracker_from_tool`` as the tracker reports it ("carm"
+    exact, "reference" and the instrument with noise).
+    """
+
+    t_s: float
+    frame_id: int
+    view: View
+    T_cam_from_world: np.ndarray
+    T_world_corrected_from_world: np.ndarray
+    T_world_from_tool: np.ndarray | None
+    T_tracker_from_cam: np.ndarray
+    tracker: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class SimFrame(SimState):
+    """A ``SimState`` with its X-ray image: ``pixels`` (H, W) in the view's intensity kind."""
+
+    pixels: np.ndarray
+
+
+def _rotation_with_z(z: np.ndarray) -> np.ndarray:
+    """A rotation whose third column is the unit vector ``z`` (first column chosen freely)."""
+    z = np.asarray(z, dtype=float) / np.linalg.norm(z)
+    helper = np.eye(3)[int(np.argmin(np.abs(z)))]
+    x = np.cross(helper, z)
+    x /= np.linalg.norm(x)
+    return np.column_stack([x, np.cross(z, x), z])
+
+
+def tool_pose_on_trajectory(entry_world: np.ndarray, target_world: np.ndarray, depth_mm: float,
+                            model: InstrumentModel) -> np.ndarray:
+    """``T_world_from_tool`` of an instrument on the line entry -> target (world mm) whose tip
+    lies ``depth_mm`` past the entry (negative: before it) and which points at the target,
+    consistent with ``guidance.instruments.tip_and_axis``."""
+    entry = np.asarray(entry_world, dtype=float)
+    direction = np.asarray(target_world, dtype=float) - entry
+    direction /= np.linalg.norm(direction)
+    # tip_and_axis: axis_world = -R @ axis_tool must equal the advancing direction.
+    R = _rotation_with_z(-direction) @ _rotation_with_z(model.axis_tool).T
+    tip = entry + depth_mm * direction
+    return make_rigid(R, tip - R @ model.tip_offset_tool)
+
+
+# ---------------------------------------------------------------------- instrument image
+
+
+def _segment_distance_px(uv: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Distance (pixels) of points uv (N, 2) to the 2-D segment a-b."""
+    ab = b - a
+    s = np.clip(((uv - a) @ ab) / max(float(ab @ ab), 1e-12), 0.0, 1.0)
+    return np.linalg.norm(uv - a - s[:, None] * ab, axis=1)
+
+
+def _cylinder_chords(d: np.ndarray, tip: np.ndarray, w: np.ndarray, length: float,
+                     radius: float) -> np.ndarray:
+    """Chord lengths (mm) of rays from the origin along unit directions d (..., 3) through the
+    finite cylinder of ``radius`` whose axis runs from ``tip`` along unit ``w`` for
+    ``length`` (all in one frame, mm)."""
+    dw = d @ w
+    aw = float(tip @ w)
+    d_perp = d - dw[..., None] * w
+    a_perp = tip - aw * w
+    A = np.einsum("...i,...i->...", d_perp, d_perp)
+    B = d_perp @ a_perp
+    C = float(a_perp @ a_perp) - radius**2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        root = np.sqrt(np.maximum(B * B - A * C, 0.0))
+        parallel = A < 1e-12
+        hit = (parallel & (C < 0)) | (~parallel & (B * B - A * C > 0))
+        s_in = np.where(parallel, -np.inf, (B - root) / A)
+        s_out = np.where(parallel, np.inf, (B + root) / A)
+        # Between the end caps: aw <= s dw <= aw + length.
+        cap_a, cap_b = aw / dw, (aw + length) / dw
+        across = np.abs(dw) < 1e-12
+        within = (0.0 <= -aw) & (-aw <= length)
+        lo = np.where(across, np.where(within, -np.inf, np.inf), np.minimum(cap_a, cap_b))
+        hi = np.where(across, np.where(within, np.inf, -np.inf), np.maximum(cap_a, cap_b))
+    start = np.maximum(np.maximum(s_in, lo), 0.0)
+    stop = np.minimum(s_out, hi)
+    return np.where(hit, np.maximum(stop - start, 0.0), 0.0)
+
+
+def instrument_line_integral(view: View, T_cam_from_tool: np.ndarray, model: InstrumentModel, *,
+                             mu_per_mm: float = STEEL_MU_PER_MM,
+                             max_line_integral: float = METAL_MAX_LINE_INTEGRAL,
+                             supersample: int = _SUPERSAMPLE) -> np.ndarray:
+    """Line integral image (H, W) float32 of the instrument's working part, a cylinder of
+    ``model.diameter_mm`` from the tip ``model.length_mm`` back towards the handle, at
+    ``T_cam_from_tool`` in ``view`` (only K and the image size are used).
+
+    Per pixel: ``min(mu_per_mm * chord, max_line_integral)`` averaged over
+    ``supersample``^2 rays, with the chord computed analytically; only pixels within the
+    projected radius (+2 px) of the projected axis are evaluated. Zero everywhere when the
+    instrument is not entirely in front of the source.
+    """
+    H, W = view.shape
+    out = np.zeros((H, W), dtype=np.float32)
+    R = np.asarray(T_cam_from_tool, dtype=float)[:3, :3]
+    tip = transform_points(T_cam_from_tool, model.tip_offset_tool)
+    w = R @ model.axis_tool
+    ends = np.array([tip, tip + model.length_mm * w])
+    if np.any(ends[:, 2] <= 1.0):
+        return out
+    radius = model.diameter_mm / 2.0
+    ends_px = (ends @ view.K.T)[:, :2] / ends[:, 2:3]
+    margin = radius * max(view.K[0, 0], view.K[1, 1]) / ends[:, 2].min() + 2.0
+    lo = np.maximum(np.floor(ends_px.min(axis=0) - margin), 0).astype(int)
+    hi = np.minimum(np.ceil(ends_px.max(axis=0) + margin), [W - 1, H - 1]).astype(int)
+    if np.any(hi < lo):
+        return out
+    vv, uu = np.mgrid[lo[1]:hi[1] + 1, lo[0]:hi[0] + 1]
+    uv = np.column_stack([uu.ravel(), vv.ravel()]).astype(float)
+    uv = uv[_segment_distance_px(uv, ends_px[0], ends_px[1]) <= margin]
+    offsets = (np.arange(supersample) + 0.5) / supersample - 0.5
+    du, dv = (g.ravel() for g in np.meshgrid(offsets, offsets))
+    rays = np.stack([uv[:, :1] + du, uv[:, 1:] + dv, np.ones((len(uv), du.size))], axis=-1)
+    d = rays @ np.linalg.inv(view.K).T
+    d /= np.linalg.norm(d, axis=-1, keepdims=True)
+    chords = _cylinder_chords(d, tip, w, model.length_mm, radius)
+    values = np.minimum(mu_per_mm * chords, max_line_integral).mean(axis=1)
+    out[uv[:, 1].astype(int), uv[:, 0].astype(int)] = values
+    return out
+
+
+# ---------------------------------------------------------------------------- player
+
+
+def _split_attenuation(ct: Volume) -> tuple[DrrVolume, DrrVolume]:
+    """(soft tissue, bone excess) DRR volumes whose attenuations sum to the full CT's at
+    ENERGY_KEV; soft tissue is sampled at SOFT_STEP_MM, bone at BONE_STEP_MM."""
+    mu = hu_to_attenuation(ct, energy_kev=ENERGY_KEV)
+    soft = hu_to_attenuation(ct.with_data(np.minimum(ct.data, SOFT_TISSUE_MAX_HU)), energy_kev=ENERGY_KEV)
+    bone = mu.with_data(np.maximum(mu.data - soft.data, 0.0).astype(np.float32))
+    return prepare_volume(soft, step_mm=SOFT_STEP_MM), prepare_volume(bone, step_mm=BONE_STEP_MM)
+
+
+def _look_at(position: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """``T_world_from_frame`` of a frame at ``position`` whose +z looks at ``target``."""
+    return make_rigid(_rotation_with_z(np.asarray(target) - position), position)
+
+
+def _noisy(T: np.ndarray, rng: np.random.Generator, rms_mm: float, rms_deg: float) -> np.ndarray:
+    """``T`` perturbed in its own frame by Gaussian noise of RMS 3-D magnitude ``rms_mm``
+    (translation) and ``rms_deg`` (rotation vector)."""
+    t = rng.normal(0.0, rms_mm / math.sqrt(3.0), 3)
+    rotvec = rng.normal(0.0, math.radians(rms_deg) / math.sqrt(3.0), 3)
+    return T @ make_rigid(rotation_from_rotvec(rotvec), t)
+
+
+class ScenarioPlayer:
+    """Computes the state and the image of a ``Scenario`` at any time, on a ``Phantom``.
+
+    The constructor prepares the DRR volumes (the full CT incl. soft tissue) and the fixed
+    poses; ``state_at(t)`` is cheap, ``frame_at(t)`` renders. Raises ValueError when the
+    phantom's plan has no trajectory for the scenario's target level and side.
+    """
+
+    def __init__(self, scenario: Scenario, phantom: Phantom) -> None:
+        self.scenario = scenario
+        matches = [t for t in phantom.plan
+                   if t.get("level") == scenario.target_level and t.get("side") == scenario.target_side]
+        if not matches:
+            planned = ", ".join(f"{t.get('level')}/{t.get('side')}" for t in phantom.plan)
+            raise ValueError(f"the phantom's plan has no {scenario.target_level}/{scenario.target_side} "
+                             f"trajectory; planned: {planned}")
+        self.trajectory = matches[0]
+        self.entry_world, self.target_world = trajectory_endpoints(self.trajectory)
+        self.model = None if scenario.instrument is None else get_instrument(scenario.instrument)
+        T_world_from_vertebra = phantom.T_world_from_vertebra[scenario.target_level]
+        self.isocenter_world = T_world_from_vertebra[:3, 3].copy()
+        self.T_world_from_reference = T_world_from_vertebra @ make_rigid(np.eye(3), _REFERENCE_IN_VERTEBRA)
+        self.T_tracker_from_room = invert_rigid(
+            _look_at(self.isocenter_world + _TRACKER_OFFSET_WORLD, self.isocenter_world))
+        self.M0 = self._initial_misplacement()
+        self._soft, self._bone = _split_attenuation(phantom.ct)
+        self._views: dict[tuple[float, float], View] = {}
+
+    def _initial_misplacement(self) -> np.ndarray:
+        """M0: world-frame rigid motion of the anatomy, seeded: a rotation of exactly
+        ``initial_misalignment_deg`` about a random axis through the isocentre, then a
+        translation of exactly ``initial_misalignment_mm`` in a random direction."""
+        s = self.scenario
+        rng = np.random.default_rng([s.seed, 0])
+        axis, shift = (v / np.linalg.norm(v) for v in rng.normal(size=(2, 3)))
+        R = rotation_about_axis(axis, s.initial_misalignment_deg)
+        c = self.isocenter_world
+        return make_rigid(R, c - R @ c + s.initial_misalignment_mm * shift)
+
+    def patient_motion(self, t_s: float) -> np.ndarray:
+        """M(t): where the anatomy really is, as a world-frame rigid motion (CT point X lies
+        at M X in the nominal world): breathing (y translation) after the misplacement."""
+        s = self.scenario
+        y = s.breathing_amplitude_mm * math.sin(2.0 * math.pi * t_s / s.breathing_period_s)
+        return make_rigid(np.eye(3), (0.0, y, 0.0)) @ self.M0
+
+    def tip_depth_mm(self, t_s: float) -> float:
+        """Depth of the instrument tip past the entry point along the trajectory (mm): starts at
+        -START_OUTSIDE_MM, advances at ``advance_mm_per_s``, stops at the target."""
+        depth = -START_OUTSIDE_MM + self.scenario.advance_mm_per_s * t_s
+        return min(depth, float(np.linalg.norm(self.target_world - self.entry_world)))
+
+    def nominal_view(self, lao_deg: float, cranial_deg: float) -> View:
+        """The C-arm's nominal view at these angles (cached), in the scenario's intensity kind."""
+        key = (lao_deg, cranial_deg)
+        if key not in self._views:
+            s = self.scenario
+            self._views[key] = carm_view(
+                lao_deg=lao_deg, cranial_deg=cranial_deg, source_to_detector_mm=s.sdd_mm,
+                source_to_isocenter_mm=s.sid_mm, detector_size_px=(s.detector_px, s.detector_px),
+                pixel_spacing_mm=(s.pixel_spacing_mm, s.pixel_spacing_mm),
+                isocenter_world=self.isocenter_world, patient_position=s.patient_position,
+                intensity=s.variant, I0=I0 if s.variant == "raw" else None)
+        return self._views[key]
+
+    def state_at(self, t_s: float) -> SimState:
+        """Geometry and (noisy) tracker samples at scenario time ``t_s`` (s)."""
+        s = self.scenario
+        frame_id = s.acquisition_index(t_s)
+        view = self.nominal_view(*s.angles(frame_id))
+        M = self.patient_motion(t_s)
+        T_cam_from_world = view.T_cam_from_world @ M
+        T_tracker_from_cam = self.T_tracker_from_room @ invert_rigid(view.T_cam_from_world)
+        T_tracker_from_world = T_tracker_from_cam @ T_cam_from_world
+        rng = np.random.default_rng([s.seed, 1, int(round(t_s * 1e6))])
+        tracker = {
+            "carm": T_tracker_from_cam,
+            "reference": _noisy(T_tracker_from_world @ self.T_world_from_reference, rng,
+                                s.tracker_noise_mm, s.tracker_noise_deg),
+        }
+        T_world_from_tool = None
+        if self.model is not None:
+            T_world_from_tool = tool_pose_on_trajectory(self.entry_world, self.target_world,
+                                                        self.tip_depth_mm(t_s), self.model)
+            tracker[self.model.name] = _noisy(T_tracker_from_world @ T_world_from_tool, rng,
+                                              s.tracker_noise_mm, s.tracker_noise_deg)
+        return SimState(t_s=t_s, frame_id=frame_id, view=view, T_cam_from_world=T_cam_from_world,
+                        T_world_corrected_from_world=invert_rigid(M), T_world_from_tool=T_world_from_tool,
+                        T_tracker_from_cam=T_tracker_from_cam, tracker=tracker)
+
+    def render(self, state: SimState) -> SimFrame:
+        """The X-ray image of ``state`` (anatomy and instrument seen from the actual pose,
+        Poisson noise seeded by the scenario seed and the acquisition time)."""
+        s = self.scenario
+        actual = state.view.with_pose(state.T_cam_from_world)
+        line_integral = render_drr(self._soft, actual)
+        line_integral += render_drr(self._bone, actual)
+        if self.model is not None:
+            line_integral += instrument_line_integral(actual, state.T_cam_from_world @ state.T_world_from_tool,
+                                                      self.model)
+        seed = int(np.random.SeedSequence([s.seed, 2, int(round(state.t_s * 1e6))]).generate_state(1)[0])
+        params = XrayParams(I0=I0, dose=s.dose, seed=seed)
+        pixels = form_image(line_integral, params, variant=s.variant,
+                            dtype="uint16" if s.variant == "raw" else None)
+        return SimFrame(**{f.name: getattr(state, f.name) for f in fields(SimState)}, pixels=pixels)
+
+    def frame_at(self, t_s: float) -> SimFrame:
+        """State and X-ray image at scenario time ``t_s`` (s)."""
+        return self.render(self.state_at(t_s))
