@@ -216,6 +216,45 @@ def cmd_display(args) -> int:
     return 0
 
 
+def cmd_sim(args) -> int:
+    from sim.stream import replay_recording, run_sim, run_video
+
+    stop = _stop_on_signals()
+    if args.replay:
+        stats = replay_recording(args.replay, frame_endpoint=args.frames, speed=None if args.fast else args.speed,
+                                 stop=stop)
+    elif args.video is not None:
+        if not args.view:
+            print("error: --video needs --view (the static geometry of the video frames)", file=sys.stderr)
+            return 2
+        source = int(args.video) if args.video.isdigit() else args.video
+        stats = run_video(source, args.view, frame_endpoint=args.frames, fps=args.fps, stop=stop, loop=args.loop)
+    else:
+        from sim.phantom import make_phantom
+        from sim.scenario import Scenario
+
+        scenario = Scenario(duration_s=args.duration, fps=args.fps or 15.0, mode=args.mode, variant=args.variant,
+                            instrument=None if args.instrument == "none" else args.instrument,
+                            target_level=args.level_name, target_side=args.side, seed=args.seed)
+        phantom = make_phantom(seed=args.phantom_seed)
+        print(f"sim: {scenario.mode} {scenario.duration_s:.0f} s at {scenario.fps:g} fps on {args.frames}", flush=True)
+        stats = run_sim(scenario, phantom, frame_endpoint=args.frames, speed=None if args.fast else args.speed,
+                        stop=stop, startup_s=args.startup)
+    print(json.dumps(stats, indent=2))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from guidance.demo import run_demo
+
+    report = run_demo(args.out, duration_s=args.duration, fps=args.fps)
+    summary = report.summary()
+    lines = [f"{k:28s} {v:.3g}" if isinstance(v, float) else f"{k:28s} {v}" for k, v in summary.items()]
+    print("\n" + "\n".join(lines))
+    print(f"navigation screens: {args.out}/screen_*.png; recording: {args.out}/recording")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="run_guidance.py", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -296,6 +335,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="calibration JSON (a PNG report is written beside it)")
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("sim", help="simulator: stream a scenario, replay a recording, or a video source")
+    p.add_argument("--phantom-seed", type=int, default=0)
+    p.add_argument("--frames", default="tcp://127.0.0.1:5555", help="endpoint to publish on (bound)")
+    p.add_argument("--duration", type=float, default=20.0, help="scenario length (s)")
+    p.add_argument("--fps", type=float, help="frame rate (default 15; video: the file's own)")
+    p.add_argument("--mode", choices=("fluoro", "shots"), default="fluoro")
+    p.add_argument("--variant", choices=("raw", "display", "line_integral"), default="raw")
+    p.add_argument("--instrument", default="kwire", help="instrument name, or 'none'")
+    p.add_argument("--level-name", default="L3", help="vertebra whose planned trajectory the instrument follows")
+    p.add_argument("--side", choices=("left", "right"), default="left")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--speed", type=float, default=1.0, help="1.0 real time, 2.0 twice as fast")
+    p.add_argument("--fast", action="store_true", help="as fast as possible")
+    p.add_argument("--startup", type=float, default=0.5, help="seconds to let subscribers connect first")
+    p.add_argument("--replay", help="re-publish a recording folder instead of simulating")
+    p.add_argument("--video", help="video file or capture device number to publish instead")
+    p.add_argument("--view", help="view file of the video frames")
+    p.add_argument("--loop", action="store_true", help="video: start over at the end")
+    p.set_defaults(func=cmd_sim)
+
+    p = sub.add_parser("demo", help="sim + pipeline + display on loopback; prints pose error, latency, fps")
+    p.add_argument("--out", default="out/demo")
+    p.add_argument("--duration", type=float, default=20.0)
+    p.add_argument("--fps", type=float, default=15.0)
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("pipeline", help="live registration/tracking: SUB frames + tracker, PUB poses")
     _add_ct_arguments(p)
