@@ -79,6 +79,17 @@ def cmd_bench(args) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps([r.__dict__ for r in rows], indent=2))
         return 0
+    if args.what == "latency":
+        from guidance.demo import run_demo
+
+        report = run_demo(args.out, duration_s=args.duration, with_display=False, print_rows=False)
+        summary = report.summary()
+        print("| measure | value |\n|---|---|")
+        for k, v in summary.items():
+            print(f"| {k} | {v:.3g} |" if isinstance(v, float) else f"| {k} | {v} |")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"summary": summary, "rows": report.rows}, indent=2))
+        return 0
     from calibration.bench import format_table, run_calibration_benchmark
 
     rows = run_calibration_benchmark()
@@ -288,7 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("bench", help="benchmarks that print a table")
-    p.add_argument("what", choices=("drr", "calibration"))
+    p.add_argument("what", choices=("drr", "latency", "calibration"))
+    p.add_argument("--duration", type=float, default=120.0, help="latency: scenario length (s)")
+    p.add_argument("--out", default="out/bench_latency", help="latency: recording folder")
     p.add_argument("--json", help="also write the rows as JSON")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--shared-data", default=str(SHARED_DATA))

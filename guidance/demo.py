@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from guidance.display import NavigationState
 from guidance.evaluation import mean_projection_distance, mtre, target_points
 from guidance.transport import Subscriber, free_tcp_endpoint
 from guidance.wire import Frame, Heartbeat, PoseResult
@@ -35,6 +36,7 @@ class DemoReport:
     frames_published: int = 0
     pipeline_stats: dict = field(default_factory=dict)
     elapsed_s: float = 0.0
+    stale_after_stop_s: float = float("nan")
 
     def summary(self) -> dict:
         ok = [r for r in self.rows if r["status"] == "ok"]
@@ -55,6 +57,8 @@ class DemoReport:
             "latency_p95_ms": float(np.percentile(lat, 95)),
             "pose_rate_hz": len(self.rows) / self.elapsed_s if self.elapsed_s > 0 else 0.0,
             "frames_skipped_by_pipeline": self.pipeline_stats.get("frames_skipped"),
+            "frames_lost_in_transport": self.pipeline_stats.get("lost"),
+            "stale_shown_after_stop_s": self.stale_after_stop_s,
         }
 
 
@@ -78,10 +82,13 @@ def _stop(process: subprocess.Popen, timeout_s: float = 10.0) -> int:
 
 
 def run_demo(out_dir: str | Path, *, duration_s: float = 20.0, fps: float = 15.0, seed: int = 0,
-             startup_timeout_s: float = 120.0, print_rows: bool = True) -> DemoReport:
-    """Run sim + pipeline + display on loopback for ``duration_s`` of scenario time.
+             startup_timeout_s: float = 120.0, print_rows: bool = True, with_display: bool = True,
+             record: bool = True) -> DemoReport:
+    """Run sim + pipeline (+ display) on loopback for ``duration_s`` of scenario time.
 
     Screens go to ``out_dir`` (PNG), the pipeline's recording to ``out_dir/recording``.
+    At the end the pipeline is stopped first and the time until a navigation state fed
+    by the monitor turns STALE is measured (``report.stale_after_stop_s``).
     """
     from sim.phantom import make_phantom
 
@@ -91,10 +98,13 @@ def run_demo(out_dir: str | Path, *, duration_s: float = 20.0, fps: float = 15.0
     phantom = make_phantom(seed=seed)
     targets = target_points(phantom.ct, labels=phantom.labels, max_points=300, seed=seed)
     monitor = Subscriber([frames_ep, results_ep], topics=("frame", "pose_result", "heartbeat"), rcvhwm=1000)
+    record_args = ("--record", str(out / "recording")) if record else ()
     pipeline = _cli("pipeline", "--frames", frames_ep, "--results", results_ep, "--phantom-seed", str(seed),
-                    "--record", str(out / "recording"), threads=2)
-    display = _cli("display", "--headless", "--out", str(out), "--frames", frames_ep, "--results", results_ep,
-                   "--phantom-seed", str(seed), "--fps", "4", threads=1)
+                    *record_args, threads=2)
+    display = None
+    if with_display:
+        display = _cli("display", "--headless", "--out", str(out), "--frames", frames_ep, "--results", results_ep,
+                       "--phantom-seed", str(seed), "--fps", "4", threads=1)
     sim = None
     report = DemoReport()
     try:
@@ -102,29 +112,48 @@ def run_demo(out_dir: str | Path, *, duration_s: float = 20.0, fps: float = 15.0
         sim = _cli("sim", "--frames", frames_ep, "--duration", str(duration_s), "--fps", str(fps),
                    "--phantom-seed", str(seed), threads=1)
         frames: dict[int, Frame] = {}
-        t0 = time.monotonic()
-        end = None
-        while end is None or time.monotonic() < end:
+        state = NavigationState()
+        t0 = None
+        # Score until shortly before the scenario ends (scenario time counts from the first
+        # frame), then stop the pipeline while frames still flow, to time the STALE warning.
+        while (t0 is None or time.monotonic() - t0 < duration_s - 1.0) and sim.poll() is None:
             msg = monitor.recv(0.2)
             if isinstance(msg, Frame):
+                t0 = time.monotonic() if t0 is None else t0
                 frames[msg.frame_id] = msg
                 report.frames_published += 1
             elif isinstance(msg, PoseResult) and msg.frame_id in frames:
+                state.on_pose(msg, time.time())
                 row = _score(msg, frames[msg.frame_id], targets)
                 report.rows.append(row)
                 if print_rows:
                     print(_format_row(row), flush=True)
             elif isinstance(msg, Heartbeat) and msg.role == "pipeline" and msg.stats:
                 report.pipeline_stats = dict(msg.stats)
-            if end is None and sim.poll() is not None:
-                end = time.monotonic() + 3.0  # let the last poses arrive
-        report.elapsed_s = time.monotonic() - t0
+        report.elapsed_s = time.monotonic() - t0 if t0 is not None else 0.0
+        report.stale_after_stop_s = _time_to_stale(pipeline, monitor, state)
     finally:
         monitor.close()
         for process in (sim, pipeline, display):
             if process is not None:
                 _stop(process)
     return report
+
+
+def _time_to_stale(pipeline: subprocess.Popen, monitor: Subscriber, state: NavigationState) -> float:
+    """Stop the pipeline while poses are fresh; seconds until ``state`` says STALE."""
+    deadline = time.monotonic() + 2.0
+    while state.status(time.time()) != "ok" and time.monotonic() < deadline:
+        msg = monitor.recv(0.05)
+        if isinstance(msg, PoseResult):
+            state.on_pose(msg, time.time())
+    if state.status(time.time()) != "ok":
+        return float("nan")  # no fresh pose to go stale from (the sim has ended)
+    stopped = time.time()
+    _stop(pipeline)
+    while state.status(time.time()) == "ok":
+        monitor.recv(0.01)
+    return time.time() - stopped
 
 
 def _wait_for_heartbeat(sub: Subscriber, role: str, timeout_s: float, process: subprocess.Popen) -> None:

@@ -111,8 +111,7 @@ def prepare_volume(
     )
 
 
-@numba.njit(cache=True, parallel=True, fastmath=True)
-def _cast(codes, size_ijk, Kinv, R_index_from_cam, src_index, step_mm, mu_scale, out):
+def _cast_kernel(codes, size_ijk, Kinv, R_index_from_cam, src_index, step_mm, mu_scale, out):
     """Trilinear ray casting over the padded uint16 grid; one prange row per thread."""
     H, W = out.shape
     s_j = codes.shape[2]
@@ -190,6 +189,14 @@ def _cast(codes, size_ijk, Kinv, R_index_from_cam, src_index, step_mm, mu_scale,
             out[v, u] = acc * step * mu_scale
 
 
+_cast_parallel = numba.njit(cache=True, parallel=True, fastmath=True)(_cast_kernel)
+_cast_serial = numba.njit(cache=True, fastmath=True)(_cast_kernel)
+PARALLEL_MIN_PIXELS = 128 * 128
+"""Smaller images render on one thread: their work per parallel region is so short that
+thread start-up and waiting for a descheduled peer (a busy 2-core machine) cost more
+than the second thread gains (measured 10x slower registrations under load)."""
+
+
 def _ray_geometry(drr_volume: DrrVolume, view: View) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     T_index_from_cam = drr_volume.T_index_from_world @ invert_rigid(view.T_cam_from_world)
     Kinv = np.linalg.inv(view.K)
@@ -220,7 +227,8 @@ def render_drr(
         raise ValueError(f"out must be float32 of shape {view.shape}")
     Kinv, R, src = _ray_geometry(volume, view)
     size = np.array(volume.size_ijk, dtype=np.float64)
-    _cast(volume.codes, size, Kinv, R, src, step, volume.mu_scale, out)
+    cast = _cast_parallel if out.size >= PARALLEL_MIN_PIXELS else _cast_serial
+    cast(volume.codes, size, Kinv, R, src, step, volume.mu_scale, out)
     return out
 
 
