@@ -79,6 +79,15 @@ def cmd_bench(args) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps([r.__dict__ for r in rows], indent=2))
         return 0
+    if args.what == "register3d":
+        from guidance.bench import bench_register3d
+
+        rows = bench_register3d(shared_data=Path(args.shared_data))
+        print("| volume | grid | TRE mean mm | TRE max mm | time s | iterations |\n|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['volume']} | {r['grid']} | {r['tre_mean_mm']:.3f} | {r['tre_max_mm']:.3f} | "
+                  f"{r['time_s']:.2f} | {r['iterations']} |")
+        return 0
     if args.what == "latency":
         from guidance.demo import run_demo
 
@@ -299,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("bench", help="benchmarks that print a table")
-    p.add_argument("what", choices=("drr", "latency", "calibration"))
+    p.add_argument("what", choices=("drr", "latency", "register3d", "calibration"))
     p.add_argument("--duration", type=float, default=120.0, help="latency: scenario length (s)")
     p.add_argument("--out", default="out/bench_latency", help="latency: recording folder")
     p.add_argument("--json", help="also write the rows as JSON")

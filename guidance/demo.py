@@ -44,12 +44,15 @@ class DemoReport:
         err = np.array([r["mtre_mm"] for r in ok]) if ok else np.array([np.nan])
         mpd = np.array([r["mpd_iso_mm"] for r in ok]) if ok else np.array([np.nan])
         tracking = [r for r in ok if r["mode"] == "tracking"]
+        track_ms = np.array([r["registration_ms"] for r in tracking]) if tracking else np.array([np.nan])
         return {
             "frames_published": self.frames_published,
             "poses": len(self.rows),
             "ok": len(ok),
             "failed": len(self.rows) - len(ok),
             "tracking_updates": len(tracking),
+            "tracking_update_p50_ms": float(np.percentile(track_ms, 50)),
+            "tracking_update_p95_ms": float(np.percentile(track_ms, 95)),
             "mtre_median_mm": float(np.median(err)),
             "mtre_p95_mm": float(np.percentile(err, 95)),
             "mpd_iso_median_mm": float(np.median(mpd)),
@@ -169,7 +172,8 @@ def _wait_for_heartbeat(sub: Subscriber, role: str, timeout_s: float, process: s
 
 def _score(pose: PoseResult, frame: Frame, targets: np.ndarray) -> dict:
     row = {"frame_id": pose.frame_id, "status": pose.status, "mode": pose.mode, "reason": pose.reason,
-           "latency_ms": pose.latency_ms.get("total", float("nan")), "mtre_mm": float("nan"),
+           "latency_ms": pose.latency_ms.get("total", float("nan")),
+           "registration_ms": pose.latency_ms.get("registration", float("nan")), "mtre_mm": float("nan"),
            "mpd_iso_mm": float("nan")}
     if pose.status == "ok" and frame.ground_truth:
         T_gt = frame.ground_truth["T_cam_from_world"]
