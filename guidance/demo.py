@@ -152,10 +152,13 @@ def _time_to_stale(pipeline: subprocess.Popen, monitor: Subscriber, state: Navig
             state.on_pose(msg, time.time())
     if state.status(time.time()) != "ok":
         return float("nan")  # no fresh pose to go stale from (the sim has ended)
-    stopped = time.time()
     _stop(pipeline)
+    stopped = time.time()  # the pipeline has exited; a pose it finished on the way out may still arrive
     while state.status(time.time()) == "ok":
-        monitor.recv(0.01)
+        msg = monitor.recv(0.01)
+        if isinstance(msg, PoseResult):
+            state.on_pose(msg, time.time())
+            stopped = time.time()
     return time.time() - stopped
 
 

@@ -191,7 +191,7 @@ def _cast_kernel(codes, size_ijk, Kinv, R_index_from_cam, src_index, step_mm, mu
 
 _cast_parallel = numba.njit(cache=True, parallel=True, fastmath=True)(_cast_kernel)
 _cast_serial = numba.njit(cache=True, fastmath=True)(_cast_kernel)
-PARALLEL_MIN_PIXELS = 128 * 128
+PARALLEL_MIN_PIXELS = 192 * 192
 """Smaller images render on one thread: their work per parallel region is so short that
 thread start-up and waiting for a descheduled peer (a busy 2-core machine) cost more
 than the second thread gains (measured 10x slower registrations under load)."""

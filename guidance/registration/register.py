@@ -336,7 +336,7 @@ class Registrator:
                 candidates = [outcome.x]
                 stage = f"local@{levels[0].view.width}px" + (f" x{len(refined)}" if len(refined) > 1 else "")
             x = outcome.x
-            evaluations += outcome.nfev
+            evaluations += objective.evaluations
             iterations += outcome.nit
             stops.append(f"{stage}: {outcome.stop_reason}")
             timings[stage] = time.perf_counter() - t0
@@ -381,11 +381,13 @@ class _Objective:
         self.buffers = [np.empty(lv.view.shape, np.float32) for lv in levels]
         self.n_blocks = sum(m.n_blocks for m in measures)
         self.prior = None
+        self.evaluations = 0
 
     def set_prior(self, x0: np.ndarray, sd: np.ndarray, weight: float) -> None:
         self.prior = (x0, sd, np.sqrt(weight))
 
     def _drrs(self, x: np.ndarray):
+        self.evaluations += 1
         T_corr_inv = invert_rigid(self.param.correction(x))
         for lv, buf in zip(self.levels, self.buffers):
             yield render_drr(self.dv, lv.view.with_pose(lv.view.T_cam_from_world @ T_corr_inv), out=buf)

@@ -28,7 +28,7 @@ class TrackingSettings:
     the anatomy centre, deg) accepted between two frames, and the expected motion per
     frame (deg x3, mm x3 in the reference camera frame) used as a prior."""
 
-    pyramid: tuple[int, ...] = (4, 2)
+    pyramid: tuple[int, ...] = (2,)
     max_iterations: int = 10
     ftol: float = 1e-3
     max_step_mm: float = 10.0
