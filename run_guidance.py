@@ -91,7 +91,7 @@ def cmd_bench(args) -> int:
     if args.what == "latency":
         from guidance.demo import run_demo
 
-        report = run_demo(args.out, duration_s=args.duration, with_display=False, print_rows=False)
+        report = run_demo(args.out, duration_s=args.duration, with_display=False, print_rows=False, prerender=True)
         summary = report.summary()
         print("| measure | value |\n|---|---|")
         for k, v in summary.items():
@@ -259,7 +259,7 @@ def cmd_sim(args) -> int:
         phantom = make_phantom(seed=args.phantom_seed)
         print(f"sim: {scenario.mode} {scenario.duration_s:.0f} s at {scenario.fps:g} fps on {args.frames}", flush=True)
         stats = run_sim(scenario, phantom, frame_endpoint=args.frames, speed=None if args.fast else args.speed,
-                        stop=stop, startup_s=args.startup)
+                        stop=stop, startup_s=args.startup, prerender=args.prerender)
     print(json.dumps(stats, indent=2))
     return 0
 
@@ -372,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speed", type=float, default=1.0, help="1.0 real time, 2.0 twice as fast")
     p.add_argument("--fast", action="store_true", help="as fast as possible")
     p.add_argument("--startup", type=float, default=0.5, help="seconds to let subscribers connect first")
+    p.add_argument("--prerender", action="store_true",
+                   help="render all images before streaming (benchmarks: the simulated C-arm costs no CPU then)")
     p.add_argument("--replay", help="re-publish a recording folder instead of simulating")
     p.add_argument("--video", help="video file or capture device number to publish instead")
     p.add_argument("--view", help="view file of the video frames")

@@ -46,7 +46,7 @@ from calibration.distortion import (
     distortion_model_from_dict,
     distortion_model_to_dict,
 )
-from calibration.errors import CalibrationError
+from calibration.errors import CalibrationError, matrix_field
 from calibration.pivot import PivotResult
 from guidance.views import View
 
@@ -103,17 +103,6 @@ def _finite_list(values, n: int, name: str) -> list[float]:
     return out
 
 
-def _matrix(value, shape: tuple[int, int], name: str) -> np.ndarray:
-    try:
-        m = np.array(value, dtype=float)
-    except (TypeError, ValueError):
-        raise CalibrationError(f"{name} must be a numeric {shape[0]}x{shape[1]} matrix") from None
-    if m.shape != shape or not np.all(np.isfinite(m)):
-        raise CalibrationError(f"{name} must be a finite {shape[0]}x{shape[1]} matrix, "
-                               f"got shape {m.shape}")
-    return m
-
-
 def _validate_carm(p: dict, image_size: tuple[int, int]) -> None:
     spacing = tuple(_finite_list(p.get("pixel_spacing_mm"), 2, "parameters.pixel_spacing_mm"))
     if min(spacing) <= 0:
@@ -123,8 +112,8 @@ def _validate_carm(p: dict, image_size: tuple[int, int]) -> None:
         raise CalibrationError("carm parameters need 'K' + 'T_cam_from_phantom' or "
                                "'angle_table'")
     if has_single:
-        K = _matrix(p.get("K"), (3, 3), "parameters.K")
-        T = _matrix(p.get("T_cam_from_phantom"), (4, 4), "parameters.T_cam_from_phantom")
+        K = matrix_field(p.get("K"), (3, 3), "parameters.K")
+        T = matrix_field(p.get("T_cam_from_phantom"), (4, 4), "parameters.T_cam_from_phantom")
         try:
             View(K=K, T_cam_from_world=T, image_size=image_size)
         except ValueError as exc:

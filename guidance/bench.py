@@ -17,7 +17,7 @@ import numpy as np
 from guidance.drr import prepare_volume, render_drr
 from guidance.geometry import invert_rigid
 from guidance.views import View, carm_view
-from guidance.volume import Volume, hu_to_attenuation, load_volume, resample
+from guidance.volume import Volume, hu_to_attenuation, load_volume, resample, transform_volume
 
 __all__ = ["DrrBenchRow", "bench_drr", "format_table", "clinical_grid", "diffdrr_geometry", "diffdrr_renderer"]
 
@@ -255,20 +255,10 @@ def format_table(rows: list[DrrBenchRow]) -> str:
 
 
 def _cbct_like(ct: Volume, T_moving_from_fixed: np.ndarray, seed: int) -> Volume:
-    """The CT seen by an intra-operative scanner after a known rigid motion: resampled
-    through ``T_moving_from_fixed``, with another intensity calibration (0.9 HU + 30)
-    and Gaussian noise (20 HU), as a CBCT differs from the pre-operative CT."""
-    import SimpleITK as sitk
-
-    from guidance.geometry import invert_rigid
-    from guidance.volume import volume_from_sitk, volume_to_sitk
-
-    T = invert_rigid(T_moving_from_fixed)
-    tx = sitk.AffineTransform(3)
-    tx.SetMatrix(T[:3, :3].ravel().tolist())
-    tx.SetTranslation(T[:3, 3].tolist())
-    image = volume_to_sitk(ct)
-    moved = volume_from_sitk(sitk.Resample(image, image, tx, sitk.sitkLinear, -1000.0))
+    """The CT seen by an intra-operative scanner after a known rigid motion, with another
+    intensity calibration (0.9 HU + 30) and Gaussian noise (20 HU), as a CBCT differs
+    from the pre-operative CT."""
+    moved = transform_volume(ct, T_moving_from_fixed)
     noise = np.random.default_rng(seed).normal(0.0, 20.0, moved.data.shape).astype(np.float32)
     return moved.with_data(0.9 * moved.data + 30.0 + noise)
 

@@ -86,10 +86,11 @@ def _stop(process: subprocess.Popen, timeout_s: float = 10.0) -> int:
 
 def run_demo(out_dir: str | Path, *, duration_s: float = 20.0, fps: float = 15.0, seed: int = 0,
              startup_timeout_s: float = 120.0, print_rows: bool = True, with_display: bool = True,
-             record: bool = True) -> DemoReport:
+             record: bool = True, prerender: bool = False) -> DemoReport:
     """Run sim + pipeline (+ display) on loopback for ``duration_s`` of scenario time.
 
     Screens go to ``out_dir`` (PNG), the pipeline's recording to ``out_dir/recording``.
+    ``prerender``: the simulator renders its images before streaming (benchmarks).
     At the end the pipeline is stopped first and the time until a navigation state fed
     by the monitor turns STALE is measured (``report.stale_after_stop_s``).
     """
@@ -113,7 +114,7 @@ def run_demo(out_dir: str | Path, *, duration_s: float = 20.0, fps: float = 15.0
     try:
         _wait_for_heartbeat(monitor, "pipeline", startup_timeout_s, pipeline)
         sim = _cli("sim", "--frames", frames_ep, "--duration", str(duration_s), "--fps", str(fps),
-                   "--phantom-seed", str(seed), threads=1)
+                   "--phantom-seed", str(seed), *(("--prerender",) if prerender else ()), threads=1)
         frames: dict[int, Frame] = {}
         state = NavigationState()
         t0 = None

@@ -28,6 +28,7 @@ __all__ = [
     "crop_to_index_box",
     "resample",
     "affine_from_geometry",
+    "transform_volume",
 ]
 
 
@@ -322,3 +323,21 @@ def resample(
         data = data.astype(np.float32, copy=False)
     T = affine_from_geometry(out.GetOrigin(), out.GetSpacing(), out.GetDirection())
     return Volume(data=np.ascontiguousarray(data), T_world_from_index=T, units=volume.units)
+
+
+def transform_volume(volume: Volume, T_new_from_old: np.ndarray, *, default_value: float | None = None,
+                     interpolation: str = "linear") -> Volume:
+    """The volume's content moved by a rigid motion (world mm), on the same grid:
+    the value at world point y is the old value at ``inv(T_new_from_old) @ y``."""
+    interpolators = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor}
+    if interpolation not in interpolators:
+        raise ValueError(f"interpolation must be one of {', '.join(interpolators)}; got {interpolation!r}")
+    T_old_from_new = np.linalg.inv(np.asarray(T_new_from_old, dtype=float))
+    tx = sitk.AffineTransform(3)
+    tx.SetMatrix(T_old_from_new[:3, :3].ravel().tolist())
+    tx.SetTranslation(T_old_from_new[:3, 3].tolist())
+    if default_value is None:
+        default_value = -1000.0 if volume.units == "HU" else 0.0
+    image = volume_to_sitk(volume)
+    moved = sitk.GetArrayFromImage(sitk.Resample(image, image, tx, interpolators[interpolation], default_value))
+    return volume.with_data(moved.astype(volume.data.dtype, copy=False))

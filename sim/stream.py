@@ -155,8 +155,13 @@ def run_sim(
     on_frame: Callable[[SimFrame, wire.Frame], None] | None = None,
     heartbeat_s: float = 0.5,
     startup_s: float = 0.0,
+    prerender: bool = False,
 ) -> dict:
     """Play ``scenario`` on ``phantom`` and publish it until its ``duration_s`` or ``stop``.
+
+    ``prerender`` renders every image before streaming starts, so the simulated C-arm
+    costs no CPU while it streams: for benchmarks of the pipeline on the same machine,
+    where a real C-arm would be a separate device.
 
     Ticks run at the scenario's ``fps`` (scenario time t = k / fps); ``speed`` 1.0 paces
     them in real time (2.0: twice as fast), None runs as fast as possible. When rendering
@@ -177,6 +182,7 @@ def run_sim(
     """
     _check_speed(speed)
     player = ScenarioPlayer(scenario, phantom)
+    rendered = _prerender(player) if prerender else {}
     stats = {"frames": 0, "tracker_samples": 0, "skipped_ticks": 0, "render_ms_mean": 0.0, "render_ms_max": 0.0}
     with ExitStack() as stack:
         frame_pub = stack.enter_context(Publisher(frame_endpoint))
@@ -185,7 +191,7 @@ def run_sim(
             tracker_pub = stack.enter_context(Publisher(tracker_endpoint))
         session = _Session(frame_pub, "sim", stop, heartbeat_s, stats)
         if session.start(startup_s):
-            _play(session, _SimPublisher(player, frame_pub, tracker_pub, on_frame, stats), speed)
+            _play(session, _SimPublisher(player, frame_pub, tracker_pub, on_frame, stats, rendered), speed)
         session.finish()
     logger.info("sim: %d frames (%.1f ms mean render), %d tracker samples, %d ticks skipped in %.1f s",
                 stats["frames"], stats["render_ms_mean"], stats["tracker_samples"], stats["skipped_ticks"],
@@ -197,8 +203,10 @@ class _SimPublisher:
     """Publishes the scenario's ticks: tracker samples at each, a frame at each new image."""
 
     def __init__(self, player: ScenarioPlayer, frame_pub: Publisher, tracker_pub: Publisher,
-                 on_frame: Callable[[SimFrame, wire.Frame], None] | None, stats: dict) -> None:
+                 on_frame: Callable[[SimFrame, wire.Frame], None] | None, stats: dict,
+                 rendered: dict[int, SimFrame]) -> None:
         self.player = player
+        self._rendered = rendered
         self._frame_pub = frame_pub
         self._tracker_pub = tracker_pub
         self._on_frame = on_frame
@@ -217,7 +225,7 @@ class _SimPublisher:
         if state.frame_id == self._last_frame_id:
             return
         started = time.perf_counter()
-        frame = self.player.render(state)
+        frame = self._rendered.pop(state.frame_id, None) or self.player.render(state)
         self._render_ms.append((time.perf_counter() - started) * 1e3)
         sent = self._frame_pub.send(_frame_message(frame, acquired_ns))
         self._last_frame_id = state.frame_id
@@ -225,6 +233,18 @@ class _SimPublisher:
                            render_ms_max=float(np.max(self._render_ms)))
         if self._on_frame is not None:
             self._on_frame(frame, sent)
+
+
+def _prerender(player: ScenarioPlayer) -> dict[int, SimFrame]:
+    """Every image of the scenario, rendered now (frame id -> frame)."""
+    scenario = player.scenario
+    frames: dict[int, SimFrame] = {}
+    for tick in range(int(math.floor(scenario.duration_s * scenario.fps + 1e-9))):
+        state = player.state_at(tick / scenario.fps)
+        if state.frame_id not in frames:
+            frames[state.frame_id] = player.render(state)
+    logger.info("sim: pre-rendered %d images", len(frames))
+    return frames
 
 
 def _play(session: _Session, sim: _SimPublisher, speed: float | None) -> None:

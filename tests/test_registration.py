@@ -3,7 +3,6 @@ images fail, per-vertebra mode follows a vertebra moved on its own, tracking, 3D
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 
 from guidance.drr import prepare_volume, render_drr
 from guidance.geometry import invert_rigid, make_rigid, rotation_about_axis, transform_points
@@ -14,7 +13,7 @@ from guidance.registration.register3d import Register3dSettings, register_volume
 from guidance.registration.similarity import SIMILARITIES, get_similarity
 from guidance.registration.tracking import track
 from guidance.views import carm_view
-from guidance.volume import Volume, hu_to_attenuation, volume_from_sitk, volume_to_sitk
+from guidance.volume import Volume, hu_to_attenuation, transform_volume
 from sim.phantom import make_phantom
 from sim.xray import XrayParams, form_image
 
@@ -212,12 +211,7 @@ def test_per_vertebra_follows_a_vertebra_moved_alone(phantom, registrator):
 def _warp_label(mu, labels, label, M):
     """Attenuation of one label moved by the world motion M (linear resampling)."""
     only = mu.with_data(np.where(labels.data == label, mu.data, 0.0).astype(np.float32))
-    Minv = invert_rigid(M)
-    tx = sitk.AffineTransform(3)
-    tx.SetMatrix(Minv[:3, :3].ravel().tolist())
-    tx.SetTranslation(Minv[:3, 3].tolist())
-    image = volume_to_sitk(only)
-    return sitk.GetArrayFromImage(sitk.Resample(image, image, tx, sitk.sitkLinear, 0.0)).astype(np.float32)
+    return transform_volume(only, M).data
 
 
 def test_tracking_follows_small_motion(phantom, registrator, truth_volume):
@@ -248,12 +242,7 @@ def test_3d3d_recovers_a_known_transform():
     c = fixed.center_world()
     R = rotation_about_axis([0.3, 1.0, 0.2], 6.0)
     T_moving_from_fixed = make_rigid(R, c + np.array([4.0, -3.0, 5.0]) - R @ c)
-    T_fixed_from_moving = invert_rigid(T_moving_from_fixed)
-    tx = sitk.AffineTransform(3)
-    tx.SetMatrix(T_fixed_from_moving[:3, :3].ravel().tolist())
-    tx.SetTranslation(T_fixed_from_moving[:3, 3].tolist())
-    image = volume_to_sitk(fixed)
-    moving = volume_from_sitk(sitk.Resample(image, image, tx, sitk.sitkLinear, -1000.0))
+    moving = transform_volume(fixed, T_moving_from_fixed)
     result = register_volumes(fixed, moving)
     pts = targets(ph)
     err = np.linalg.norm(transform_points(result.T_moving_from_fixed, pts)

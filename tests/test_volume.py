@@ -15,6 +15,7 @@ from guidance.volume import (
     load_volume,
     resample,
     save_volume,
+    transform_volume,
 )
 
 
@@ -181,3 +182,16 @@ def test_resample_preserves_a_linear_field():
     assert_allclose(got, expected, atol=1e-3)
     with pytest.raises(ValueError, match="linear, nearest, bspline"):
         resample(vol, interpolation="cubic")
+
+
+def test_transform_volume_moves_content_by_the_motion():
+    data = np.zeros((20, 20, 20), np.float32)
+    data[10, 10, 5] = 100.0
+    vol = Volume(data, np.eye(4), "mu_per_mm")
+    T = np.eye(4)
+    T[:3, 3] = [3.0, 0.0, 0.0]  # +3 mm along i
+    moved = transform_volume(vol, T)
+    assert moved.data[10, 10, 8] == pytest.approx(100.0)
+    assert moved.data[10, 10, 5] == 0.0
+    with pytest.raises(ValueError, match="linear, nearest"):
+        transform_volume(vol, T, interpolation="cubic")
