@@ -237,7 +237,7 @@ def _unpack(x: np.ndarray, aspect: float | None) -> tuple[np.ndarray, np.ndarray
         fy = fx * aspect
         rest = x[3:]
     K = np.array([[fx, 0.0, u0], [0.0, fy, v0], [0.0, 0.0, 1.0]])
-    return K, make_rigid(Rotation.from_rotvec(rest[:3]).asmatrix_field(), rest[3:6])
+    return K, make_rigid(Rotation.from_rotvec(rest[:3]).as_matrix(), rest[3:6])
 
 
 def refine_camera(points_mm: np.ndarray, uv: np.ndarray, K0: np.ndarray,
@@ -254,7 +254,7 @@ def refine_camera(points_mm: np.ndarray, uv: np.ndarray, K0: np.ndarray,
     X = np.asarray(points_mm, dtype=float)
     x_obs = np.asarray(uv, dtype=float)
     aspect = K0[1, 1] / K0[0, 0] if fix_aspect else None
-    rot = Rotation.frommatrix_field(T0_cam_from_phantom[:3, :3]).as_rotvec()
+    rot = Rotation.from_matrix(T0_cam_from_phantom[:3, :3]).as_rotvec()
     focal = [K0[0, 0]] if fix_aspect else [K0[0, 0], K0[1, 1]]
     p0 = np.concatenate([focal, K0[:2, 2], rot, T0_cam_from_phantom[:3, 3]])
 
@@ -533,7 +533,7 @@ def sagging_carm_view(lao_deg: float, cranial_deg: float, *, sag_mm: float = 2.0
     t = sag_mm * np.array([np.sin(a), np.sin(b), np.cos(a) - 1.0])
     du, dv = ideal.pixel_spacing_mm
     K = np.array([[sdd / du, 0.0, pp[0]], [0.0, sdd / dv, pp[1]], [0.0, 0.0, 1.0]])
-    return View(K=K, T_cam_from_world=make_rigid(R.asmatrix_field(), t) @ ideal.T_cam_from_world,
+    return View(K=K, T_cam_from_world=make_rigid(R.as_matrix(), t) @ ideal.T_cam_from_world,
                 image_size=(W, H), intensity=ideal.intensity, I0=ideal.I0,
                 pixel_spacing_mm=ideal.pixel_spacing_mm, source_to_detector_mm=float(sdd))
 
@@ -551,8 +551,8 @@ def _bracket(values: list[float], x: float, name: str) -> tuple[float, float, fl
 
 
 def _slerp(R0: np.ndarray, R1: np.ndarray, t: float) -> np.ndarray:
-    rots = Rotation.frommatrix_field(np.stack([R0, R1]))
-    return Slerp([0.0, 1.0], rots)([t]).asmatrix_field()[0]
+    rots = Rotation.from_matrix(np.stack([R0, R1]))
+    return Slerp([0.0, 1.0], rots)([t]).as_matrix()[0]
 
 
 def interpolate_view(table: CarmAngleTable, lao_deg: float, cranial_deg: float, *,
