@@ -271,7 +271,7 @@ def cmd_demo(args) -> int:
     summary = report.summary()
     lines = [f"{k:28s} {v:.3g}" if isinstance(v, float) else f"{k:28s} {v}" for k, v in summary.items()]
     print("\n" + "\n".join(lines))
-    print(f"navigation screens: {args.out}/screen_*.png; recording: {args.out}/recording")
+    print(f"navigation screens: {args.out}/screen_*.png; recording: {args.out}/recording-*")
     return 0
 
 
@@ -416,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -89,7 +89,8 @@ def run_demo(out_dir: str | Path, *, duration_s: float = 20.0, fps: float = 15.0
              record: bool = True, prerender: bool = False) -> DemoReport:
     """Run sim + pipeline (+ display) on loopback for ``duration_s`` of scenario time.
 
-    Screens go to ``out_dir`` (PNG), the pipeline's recording to ``out_dir/recording``.
+    Screens go to ``out_dir`` (PNG), the pipeline's recording to a new
+    ``out_dir/recording-<date>-<time>`` (recordings are never overwritten).
     ``prerender``: the simulator renders its images before streaming (benchmarks).
     At the end the pipeline is stopped first and the time until a navigation state fed
     by the monitor turns STALE is measured (``report.stale_after_stop_s``).
@@ -102,7 +103,8 @@ def run_demo(out_dir: str | Path, *, duration_s: float = 20.0, fps: float = 15.0
     phantom = make_phantom(seed=seed)
     targets = target_points(phantom.ct, labels=phantom.labels, max_points=300, seed=seed)
     monitor = Subscriber([frames_ep, results_ep], topics=("frame", "pose_result", "heartbeat"), rcvhwm=1000)
-    record_args = ("--record", str(out / "recording")) if record else ()
+    recording = out / time.strftime("recording-%Y%m%d-%H%M%S")
+    record_args = ("--record", str(recording)) if record else ()
     pipeline = _cli("pipeline", "--frames", frames_ep, "--results", results_ep, "--phantom-seed", str(seed),
                     *record_args, threads=2)
     display = None

@@ -21,7 +21,13 @@ import numpy as np
 
 from guidance.geometry import invert_rigid, make_rigid, rotation_from_rotvec, rotvec_from_rotation
 
-__all__ = ["PARAMETERIZATIONS", "PoseParameterization"]
+__all__ = ["PARAMETERIZATIONS", "PoseParameterization", "point_displacement_mm"]
+
+
+def point_displacement_mm(T_a: np.ndarray, T_b: np.ndarray, point: np.ndarray) -> float:
+    """Distance (mm) between where two rigid transforms put one point."""
+    p = np.asarray(point, dtype=float)
+    return float(np.linalg.norm((T_a[:3, :3] - T_b[:3, :3]) @ p + T_a[:3, 3] - T_b[:3, 3]))
 
 
 def _motion(x: np.ndarray, centre: np.ndarray) -> np.ndarray:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from guidance.geometry import rotation_angle_deg
+from guidance.registration.pose import point_displacement_mm
 
 __all__ = ["QualityLimits", "Verdict", "assess"]
 
@@ -45,9 +46,7 @@ def assess(
 ) -> Verdict:
     """Judge a registration result; ``centre_world`` is the anatomy centre (mm) used to
     measure how far the correction moved it."""
-    moved_mm = float(np.linalg.norm(
-        T_world_corrected_from_world[:3, :3] @ centre_world + T_world_corrected_from_world[:3, 3] - centre_world
-    ))
+    moved_mm = point_displacement_mm(T_world_corrected_from_world, np.eye(4), centre_world)
     turned_deg = rotation_angle_deg(T_world_corrected_from_world)
     span = max(limits.good_similarity - limits.min_similarity, 1e-6)
     confidence = float(np.clip((similarity - limits.min_similarity) / span, 0.0, 1.0))

@@ -23,7 +23,7 @@ from guidance.drr import DrrVolume, prepare_volume, render_drr
 from guidance.geometry import invert_rigid, project
 from guidance.images import PreparedImage
 from guidance.registration.optimizers import minimize
-from guidance.registration.pose import PoseParameterization
+from guidance.registration.pose import PoseParameterization, point_displacement_mm
 from guidance.registration.quality import QualityLimits, assess
 from guidance.registration.similarity import get_similarity
 from guidance.views import View
@@ -253,7 +253,7 @@ class Registrator:
         s = self.settings
         gap = second.fun - best.fun
         T_a, T_b = param.correction(best.x), param.correction(second.x)
-        apart_mm = float(np.linalg.norm((T_a[:3, :3] - T_b[:3, :3]) @ centre + T_a[:3, 3] - T_b[:3, 3]))
+        apart_mm = point_displacement_mm(T_a, T_b, centre)
         if apart_mm > s.ambiguity_distance_mm and gap < s.ambiguity_margin:
             return (f"ambiguous: two poses {apart_mm:.0f} mm apart match almost equally "
                     f"(cost gap {gap:.3f} < {s.ambiguity_margin})")
@@ -445,7 +445,7 @@ def register_levels(
                                       global_search=False, pyramid=registrator.settings.pyramid[1:],
                                       prior_sd=level_prior_sd)
         T_spine, T_level = spine.T_world_corrected_from_world, result.T_world_corrected_from_world
-        moved = np.linalg.norm((T_level[:3, :3] - T_spine[:3, :3]) @ centre + T_level[:3, 3] - T_spine[:3, 3])
+        moved = point_displacement_mm(T_level, T_spine, centre)
         if not result.ok:
             status[name] = f"failed: {result.reason}"
         elif moved > max_disagreement_mm:

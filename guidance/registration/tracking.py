@@ -15,6 +15,7 @@ import numpy as np
 
 from guidance.geometry import rotation_angle_deg
 from guidance.images import PreparedImage
+from guidance.registration.pose import point_displacement_mm
 from guidance.registration.register import RegistrationResult, Registrator
 from guidance.views import View
 
@@ -62,7 +63,7 @@ def track(
     if result.ok:
         centre = registrator.centre(level)
         T_new, T_old = result.T_world_corrected_from_world, previous_T_world_corrected_from_world
-        step_mm = float(np.linalg.norm((T_new[:3, :3] - T_old[:3, :3]) @ centre + T_new[:3, 3] - T_old[:3, 3]))
+        step_mm = point_displacement_mm(T_new, T_old, centre)
         step_deg = rotation_angle_deg(T_new[:3, :3] @ T_old[:3, :3].T)
         if step_mm > s.max_step_mm or step_deg > s.max_step_deg:
             result.status = "failed"
