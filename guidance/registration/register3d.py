@@ -2,7 +2,7 @@
 
 SimpleITK's registration framework, configured the way its examples recommend:
 Mattes mutual information (robust to the different intensity calibration of a
-CBCT), a 3-level shrink/smooth pyramid, regular-step gradient descent with
+CBCT), a 2-level shrink/smooth pyramid, regular-step gradient descent with
 physical-shift parameter scales, and a geometric or moments initialisation done as
 a separate step. Optionally restricted to one vertebra by a fixed-image mask.
 """
@@ -26,6 +26,8 @@ INITIALISATIONS = ("geometry", "moments", "identity")
 class Register3dSettings:
     """Choices of the 3D/3D registration (units: mm, voxels for shrink factors).
 
+    The pyramid stops at half resolution: the full-resolution level cost 5x the time for
+    TRE 0.02 instead of 0.06 mm (phantom) and 0.10 instead of 0.13 mm (3 mm CT).
     ``seed`` drives the metric's random sampling; it must be >= 1 because SimpleITK
     reads 0 as "seed from the wall clock", which would make runs irreproducible.
     """
@@ -33,8 +35,8 @@ class Register3dSettings:
     initialisation: str = "geometry"
     histogram_bins: int = 50
     sampling_fraction: float = 0.25
-    shrink_factors: tuple[int, ...] = (4, 2, 1)
-    smoothing_sigmas_mm: tuple[float, ...] = (2.0, 1.0, 0.0)
+    shrink_factors: tuple[int, ...] = (4, 2)
+    smoothing_sigmas_mm: tuple[float, ...] = (2.0, 1.0)
     learning_rate: float = 2.0
     min_step: float = 1e-5
     iterations: int = 200
