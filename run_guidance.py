@@ -9,8 +9,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
+
+# Thread runtimes read these when they start, so they are set before anything imports
+# numpy, OpenCV or numba (see guidance/__init__.py for why).
+for _name, _value in {"OPENBLAS_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE",
+                      "OPENCV_FOR_THREADS_NUM": "1"}.items():
+    os.environ.setdefault(_name, _value)
 
 SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
 

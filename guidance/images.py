@@ -21,6 +21,11 @@ from guidance.views import View
 __all__ = ["ImageError", "PreparedImage", "read_xray", "write_xray", "preprocess", "valid_pixel_mask"]
 
 POLARITIES = ("bone_dark", "bone_bright")
+FLAT_RELATIVE_STD = 0.005
+RAW_FLOOR = 1e-5
+"""Raw counts are floored at this fraction of I0 before -log: line integrals up to 11.5.
+A lateral view through an abdomen reaches 7-8, so a higher floor (1e-3 was used) cut
+the body off flat and the collimator detection then took it for a blade."""
 
 
 class ImageError(ValueError):
@@ -76,10 +81,11 @@ def write_xray(image: np.ndarray, path: str | Path) -> None:
 def valid_pixel_mask(image: np.ndarray, *, erode_px: int = 2) -> np.ndarray:
     """Pixels inside the collimator, eroded by ``erode_px``.
 
-    Collimated pixels are finite-but-flat: near the image minimum, with (almost) no local
-    variation in a 5x5 window, and connected to the image border (the blades). A dark but
-    noisy region, such as a thick body part in a lateral view, stays valid; NaN/inf
-    pixels are invalid.
+    Collimated pixels are finite-but-flat: near the image minimum, with a local (5x5)
+    standard deviation under ``FLAT_RELATIVE_STD`` of their own level, and connected to
+    the image border (the blades). Anatomy carries quantum noise of at least that much,
+    so a dark but noisy region, such as a thick body in a lateral view, stays valid;
+    NaN/inf pixels are invalid.
     """
     finite = np.isfinite(image)
     values = np.where(finite, image, 0).astype(np.float32)
@@ -89,7 +95,8 @@ def valid_pixel_mask(image: np.ndarray, *, erode_px: int = 2) -> np.ndarray:
     span = max(float(hi - lo), 1e-12)
     mean = cv2.blur(values, (5, 5))
     std = np.sqrt(np.maximum(cv2.blur(values * values, (5, 5)) - mean * mean, 0.0))
-    flat_dark = (values <= lo + 0.02 * span) & (std <= 1e-3 * span) & finite
+    flat = std <= np.maximum(FLAT_RELATIVE_STD * np.abs(mean), 1e-6 * span)
+    flat_dark = (values <= lo + 0.02 * span) & flat & finite
     n, comp = cv2.connectedComponents(flat_dark.astype(np.uint8), connectivity=4)
     border = np.unique(np.concatenate([comp[0], comp[-1], comp[:, 0], comp[:, -1]]))
     collimated = np.isin(comp, border[border > 0])
@@ -120,7 +127,7 @@ def preprocess(image: np.ndarray, view: View, *, polarity: str = "bone_dark") ->
     if not mask.any():
         raise ImageError("no valid pixels in the image (all collimated, NaN or constant)")
     if view.intensity == "raw":
-        line = -np.log(np.clip(pixels, 1e-3 * view.I0, None) / view.I0)
+        line = -np.log(np.clip(pixels, RAW_FLOOR * view.I0, None) / view.I0)
     elif view.intensity == "line_integral":
         line = pixels
     else:
