@@ -216,9 +216,14 @@ def cmd_pipeline(args) -> int:
         from sim.phantom import read_plan
 
         plan = read_plan(args.plan)
+    distortion = None
+    if args.calibration:
+        from calibration.files import read_calibration
+
+        distortion = read_calibration(args.calibration)
     stop = _stop_on_signals()
     pipeline = Pipeline(Registrator(ct, labels=labels), plan=plan, labels=labels,
-                        settings=PipelineSettings(level=args.level, overlay=args.overlay))
+                        settings=PipelineSettings(level=args.level, overlay=args.overlay, distortion=distortion))
     print(f"pipeline: frames from {', '.join(args.frames)}, results on {args.results}", flush=True)
     stats = run_pipeline(pipeline, frame_endpoints=args.frames, result_endpoint=args.results, stop=stop,
                          record_dir=args.record)
@@ -401,6 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", default="tcp://127.0.0.1:5556", help="endpoint to publish results on (bound)")
     p.add_argument("--overlay", action="store_true", help="also publish an overlay picture per frame")
     p.add_argument("--record", help="record every input and output message into this folder")
+    p.add_argument("--calibration", help="image-intensifier distortion calibration (guidance.calibration/1) "
+                   "applied to every frame; frames of another size or device (source id) are refused")
     p.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser("display", help="the navigation screen: fluoro + overlay, CT reslices at the tool tip")

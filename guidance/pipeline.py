@@ -19,6 +19,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from calibration.distortion import undistort_image, undistort_maps
+from calibration.errors import CalibrationError
+from calibration.files import Calibration, check_matches, distortion_model
 from guidance.geometry import invert_rigid, project
 from guidance.images import ImageError, preprocess
 from guidance.instruments import INSTRUMENTS, nearest_trajectory, plan_trajectories, tip_and_axis, tool_in_world
@@ -39,9 +42,12 @@ log = logging.getLogger(__name__)
 class PipelineSettings:
     """``level``: label id of the vertebra to register alone (None: the whole spine);
     ``overlay``: also publish an encoded overlay picture per frame; tool ids of the
-    C-arm's tracker calibration and of the patient reference array."""
+    C-arm's tracker calibration and of the patient reference array; ``distortion``: an
+    image-intensifier calibration applied to every frame before registration (frames
+    whose size or device, their ``source`` id, do not match it are refused)."""
 
     level: int | None = None
+    distortion: Calibration | None = None
     overlay: bool = False
     tracking: TrackingSettings = field(default_factory=TrackingSettings)
     carm_tool: str = "carm"
@@ -86,6 +92,10 @@ class Pipeline:
         self.T_reference_from_world: np.ndarray | None = None
         self.poses: dict[str, TrackerSample] = {}
         self.frame_id = 0
+        self._undistort = None
+        if self.settings.distortion is not None:
+            model = distortion_model(self.settings.distortion)
+            self._undistort = (model, undistort_maps(model))
 
     # -- frames --------------------------------------------------------------------------
 
@@ -96,9 +106,14 @@ class Pipeline:
         self.stats.frames_processed += 1
         self.frame_id = frame.frame_id
         try:
-            image = preprocess(frame.pixels, frame.view)
+            pixels = frame.pixels
+            if self._undistort is not None:
+                check_matches(self.settings.distortion, image_size=frame.view.image_size, device_id=frame.source)
+                model, maps = self._undistort
+                pixels = undistort_image(pixels, model, maps=maps)
+            image = preprocess(pixels, frame.view)
             self._check_geometry(frame)
-        except (ImageError, ValueError) as exc:
+        except (ImageError, CalibrationError, ValueError) as exc:
             self.stats.frames_rejected += 1
             log.warning("frame %d rejected: %s", frame.frame_id, exc)
             return [self._failed(frame, f"bad frame: {exc}", t0, received_ns)]

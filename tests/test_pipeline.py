@@ -12,7 +12,7 @@ import zmq
 from guidance.display import HeadlessWriter
 from guidance.display_client import run_display
 from guidance.geometry import invert_rigid, make_rigid, rotation_about_axis, transform_points
-from guidance.pipeline import Pipeline, run_pipeline
+from guidance.pipeline import Pipeline, PipelineSettings, run_pipeline
 from guidance.recording import read_recording
 from guidance.registration.register import Registrator
 from guidance.transport import Publisher, Subscriber, free_tcp_endpoint
@@ -334,3 +334,24 @@ def test_recording_replays_to_the_same_poses(tmp_path, registrator, frames, phan
         np.testing.assert_allclose(replayed[frame_id].T_world_corrected_from_world,
                                    pose.T_world_corrected_from_world, atol=1e-9)
     assert view_to_dict(inputs[0].view)["schema"] == "guidance.view/1"
+
+
+def test_distortion_calibration_is_applied_and_mismatches_refused(registrator, frames, phantom):
+    from calibration.distortion import DistortionModel
+    from calibration.files import distortion_calibration
+
+    n_terms = 6  # degree 2
+    shift = np.zeros((2, n_terms))
+    shift[0, 0] = 1.5  # undistorted = distorted + 1.5 px in u
+    model = DistortionModel(image_size=(192, 192), degree=2, center_px=(95.5, 95.5), scale_px=96.0,
+                            forward=shift, inverse=-shift)
+    cal = distortion_calibration(model, device_id="test")
+    pipeline = Pipeline(registrator, plan=phantom.plan, settings=PipelineSettings(distortion=cal))
+    (pose,) = pipeline.on_frame(frames[0])  # source "test", 192 x 192: accepted
+    assert pose.status == "ok", pose.reason
+    other = Frame(frame_id=9, acquired_ns=frames[0].acquired_ns, view=frames[0].view, pixels=frames[0].pixels,
+                  source="another-carm")
+    (refused,) = pipeline.on_frame(other)
+    assert refused.status == "failed"
+    assert "calibration is for 192x192 frames from device test" in refused.reason
+    assert "another-carm" in refused.reason
