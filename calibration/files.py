@@ -48,6 +48,7 @@ from calibration.distortion import (
 )
 from calibration.errors import CalibrationError, matrix_field
 from calibration.pivot import PivotResult
+from guidance.jsonfile import read_json
 from guidance.views import View
 
 __all__ = [
@@ -198,13 +199,7 @@ def write_calibration(cal: Calibration, path: str | Path) -> Path:
 
 def read_calibration(path: str | Path) -> Calibration:
     """Read and validate a calibration file (CalibrationError naming the file and field)."""
-    path = Path(path)
-    try:
-        d = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CalibrationError(f"calibration file not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CalibrationError(f"calibration file {path} is not valid JSON: {exc}") from None
+    d = read_json(path, what="calibration", error=CalibrationError)
     try:
         return calibration_from_dict(d)
     except CalibrationError as exc:

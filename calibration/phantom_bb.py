@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 
 from calibration.errors import CalibrationError
+from guidance.jsonfile import read_json
 from guidance.geometry import backproject, make_rigid, project, transform_points
 from guidance.views import View
 
@@ -176,14 +177,7 @@ def phantom_from_dict(d: dict) -> BBPhantom:
 
 def read_phantom(path: str | Path) -> BBPhantom:
     """Read a ``guidance.bbphantom/1`` JSON file."""
-    path = Path(path)
-    try:
-        d = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CalibrationError(f"phantom file not found: {path}") from None
-    except json.JSONDecodeError as exc:
-        raise CalibrationError(f"phantom file {path} is not valid JSON: {exc}") from None
-    return phantom_from_dict(d)
+    return phantom_from_dict(read_json(path, what="phantom", error=CalibrationError))
 
 
 def write_phantom(phantom: BBPhantom, path: str | Path) -> None:

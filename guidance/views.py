@@ -23,6 +23,7 @@ from guidance.geometry import (
     make_rigid,
     projection_matrix,
 )
+from guidance.jsonfile import read_json
 
 __all__ = [
     "INTENSITY_KINDS",
@@ -227,13 +228,7 @@ def view_from_dict(d: dict) -> View:
 
 def read_view(path: str | Path) -> View:
     """Read and validate a ``*.view.json`` file."""
-    path = Path(path)
-    try:
-        d = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ViewError(f"view file not found: {path}") from None
-    except json.JSONDecodeError as exc:
-        raise ViewError(f"view file {path} is not valid JSON: {exc}") from None
+    d = read_json(path, what="view", error=ViewError)
     try:
         return view_from_dict(d)
     except ViewError as exc:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from guidance.jsonfile import read_json
 from guidance.geometry import make_rigid, rotation_from_rotvec, transform_points
 from guidance.volume import Volume, save_volume
 
@@ -744,13 +745,7 @@ def plan_to_dict(trajectories: list[dict]) -> dict:
 
 def read_plan(path: str | Path) -> list[dict]:
     """Read and validate a plan JSON file; errors name the file and the faulty entry."""
-    path = Path(path)
-    try:
-        d = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise PlanError(f"plan file not found: {path}") from None
-    except json.JSONDecodeError as exc:
-        raise PlanError(f"plan file {path} is not valid JSON: {exc}") from None
+    d = read_json(path, what="plan", error=PlanError)
     try:
         return plan_from_dict(d)
     except PlanError as exc:

@@ -1,0 +1,21 @@
+"""Reading JSON files with errors that name the file and the problem."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["read_json"]
+
+
+def read_json(path: str | Path, *, what: str, error: type[Exception] = ValueError) -> Any:
+    """The parsed content of a JSON file; ``error`` ("<what> file not found: ..." or
+    "... is not valid JSON: ...") when it is missing or malformed."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise error(f"{what} file not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{what} file {path} is not valid JSON: {exc}") from None
