@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,9 +56,15 @@ class PipelineSettings:
     source: str = "pipeline"
 
 
+LATENCY_WINDOW = 1800
+"""Latencies kept for the reported percentiles: the last 2 minutes at 15 fps (a session
+runs for hours; an unbounded list would grow and slow every heartbeat)."""
+
+
 @dataclass
 class PipelineStats:
-    """Counters and latencies (ms, frame acquisition -> pose published)."""
+    """Counters and the latest ``LATENCY_WINDOW`` latencies (ms, frame acquisition ->
+    pose published)."""
 
     frames_received: int = 0
     frames_processed: int = 0
@@ -67,7 +74,7 @@ class PipelineStats:
     tracking_updates: int = 0
     tracking_fallbacks: int = 0
     failed: int = 0
-    latencies_ms: list[float] = field(default_factory=list)
+    latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
 
     def as_dict(self) -> dict:
         lat = np.asarray(self.latencies_ms) if self.latencies_ms else np.zeros(1)
@@ -198,6 +205,8 @@ class Pipeline:
                     tip, axis = self._tip_and_axis(sample)
                     bgr = draw_instrument(bgr, view, tip, axis, INSTRUMENTS[tool_id].length_mm)
         ok, data = cv2.imencode(".png", bgr)
+        if not ok:
+            raise RuntimeError(f"PNG encoding of the overlay of frame {frame.frame_id} failed")
         return Overlay(frame_id=frame.frame_id, encoding="png", data=data.tobytes(), source=self.settings.source)
 
     # -- tracker -------------------------------------------------------------------------

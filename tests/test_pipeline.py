@@ -355,3 +355,15 @@ def test_distortion_calibration_is_applied_and_mismatches_refused(registrator, f
     assert refused.status == "failed"
     assert "calibration is for 192x192 frames from device test" in refused.reason
     assert "another-carm" in refused.reason
+
+
+def test_overlay_is_published_as_png_of_the_frame(registrator, frames, phantom):
+    import cv2
+
+    pipeline = Pipeline(registrator, plan=phantom.plan, settings=PipelineSettings(overlay=True))
+    pose, overlay = pipeline.on_frame(frames[0])
+    assert pose.status == "ok" and overlay.frame_id == frames[0].frame_id and overlay.encoding == "png"
+    picture = cv2.imdecode(np.frombuffer(overlay.data, np.uint8), cv2.IMREAD_COLOR)
+    assert picture.shape == (192, 192, 3)
+    # The planned trajectories are drawn in colour on the grey frame.
+    assert (np.ptp(picture.astype(int), axis=2) > 40).sum() > 50
