@@ -9,22 +9,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
-# Thread runtimes read these when they start, so they are set before anything imports
-# numpy, OpenCV or numba (see guidance/__init__.py for why).
-for _name, _value in {"OPENBLAS_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE",
-                      "OPENCV_FOR_THREADS_NUM": "1"}.items():
-    os.environ.setdefault(_name, _value)
+from guidance.core.threads import configure_threads
 
 SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
 
 
 def _ct_and_labels(args):
     """(CT in HU, labels or None, plan or None) from --ct/--labels or the embedded phantom."""
-    from guidance.volume import load_volume
+    from guidance.core.volume import load_volume
 
     if getattr(args, "ct", None):
         labels = load_volume(args.labels, units="label") if getattr(args, "labels", None) else None
@@ -54,8 +49,8 @@ def cmd_phantom(args) -> int:
 
 
 def cmd_render(args) -> int:
-    from guidance.images import write_xray
-    from guidance.views import carm_view, read_view, write_view
+    from guidance.core.images import write_xray
+    from guidance.core.views import carm_view, read_view, write_view
     from sim.xray import XrayParams, simulate_xray
 
     ct, _, _ = _ct_and_labels(args)
@@ -79,7 +74,7 @@ def cmd_render(args) -> int:
 
 def cmd_bench(args) -> int:
     if args.what == "drr":
-        from guidance.bench import bench_drr, format_table
+        from guidance.tools.bench import bench_drr, format_table
 
         rows = bench_drr(shared_data=Path(args.shared_data), repeats=args.repeats)
         print(format_table(rows))
@@ -87,7 +82,7 @@ def cmd_bench(args) -> int:
             Path(args.json).write_text(json.dumps([r.__dict__ for r in rows], indent=2))
         return 0
     if args.what == "register3d":
-        from guidance.bench import bench_register3d
+        from guidance.tools.bench import bench_register3d
 
         rows = bench_register3d(shared_data=Path(args.shared_data))
         print("| volume | grid | TRE mean mm | TRE max mm | time s | iterations |\n|---|---|---|---|---|---|")
@@ -96,7 +91,7 @@ def cmd_bench(args) -> int:
                   f"{r['time_s']:.2f} | {r['iterations']} |")
         return 0
     if args.what == "latency":
-        from guidance.demo import run_demo
+        from guidance.tools.demo import run_demo
 
         report = run_demo(args.out, duration_s=args.duration, with_display=False, print_rows=False, prerender=True)
         summary = report.summary()
@@ -116,9 +111,9 @@ def cmd_bench(args) -> int:
 
 
 def cmd_register(args) -> int:
-    from guidance.images import preprocess, read_xray
+    from guidance.core.images import preprocess, read_xray
     from guidance.registration.register import Registrator, register_levels
-    from guidance.views import read_view
+    from guidance.core.views import read_view
 
     if len(args.image) != len(args.view):
         print("error: give one --view per --image", file=sys.stderr)
@@ -140,7 +135,7 @@ def cmd_register(args) -> int:
 
 def cmd_register3d(args) -> int:
     from guidance.registration.register3d import register_volumes
-    from guidance.volume import load_volume
+    from guidance.core.volume import load_volume
 
     fixed = load_volume(args.fixed)
     moving = load_volume(args.moving)
@@ -155,7 +150,7 @@ def cmd_register3d(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from guidance.evaluation import evaluate, evaluate_external
+    from guidance.evaluation.benchmark import evaluate, evaluate_external
     from sim.phantom import make_phantom
 
     if args.external:
@@ -208,12 +203,12 @@ def _stop_on_signals():
 
 
 def cmd_pipeline(args) -> int:
-    from guidance.pipeline import Pipeline, PipelineSettings, run_pipeline
+    from guidance.live.pipeline import Pipeline, PipelineSettings, run_pipeline
     from guidance.registration.register import Registrator
 
     ct, labels, plan = _ct_and_labels(args)
     if args.plan:
-        from sim.phantom import read_plan
+        from guidance.core.plan import read_plan
 
         plan = read_plan(args.plan)
     distortion = None
@@ -232,12 +227,12 @@ def cmd_pipeline(args) -> int:
 
 
 def cmd_display(args) -> int:
-    from guidance.display import HeadlessWriter, WindowSink
-    from guidance.display_client import run_display
+    from guidance.live.display import HeadlessWriter, WindowSink
+    from guidance.live.display_client import run_display
 
     ct, labels, plan = _ct_and_labels(args)
     if args.plan:
-        from sim.phantom import read_plan
+        from guidance.core.plan import read_plan
 
         plan = read_plan(args.plan)
     sink = HeadlessWriter(args.out, every_n=args.every) if args.headless else WindowSink(fallback_dir=args.out)
@@ -277,7 +272,7 @@ def cmd_sim(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from guidance.demo import run_demo
+    from guidance.tools.demo import run_demo
 
     report = run_demo(args.out, duration_s=args.duration, fps=args.fps)
     summary = report.summary()
@@ -426,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    configure_threads()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -12,7 +12,7 @@ OpenCV camera axes). The pipeline:
    (``scipy.optimize.linear_sum_assignment``) with a distance gate, a pose from
    ``cv2.solvePnPRansac`` with the nominal K (refined from the nominal pose), then
    matching again under shrinking gates;
-3. normalised DLT, split by ``guidance.geometry.decompose_projection``, then
+3. normalised DLT, split by ``guidance.core.geometry.decompose_projection``, then
    ``scipy.optimize.least_squares`` over fx, fy, u0, v0 (skew fixed at 0) and the pose,
    robust loss first, then outliers (> max(0.75 px, 4 x median residual)) dropped and a
    plain least-squares pass; the reprojection RMS and parameter standard deviations are
@@ -26,7 +26,7 @@ in view). Results implausibly far from the nominal K are refused rather than ret
 
 Calibrations at several (lao_deg, cranial_deg) orientations form a ``CarmAngleTable``.
 Between entries, K is interpolated bilinearly and the pose as a correction of the ideal
-isocentric C-arm (``guidance.views.carm_view``): ``C = T_cam_from_world @ inv(T_ideal)``
+isocentric C-arm (``guidance.core.views.carm_view``): ``C = T_cam_from_world @ inv(T_ideal)``
 per entry, rotations blended with ``scipy.spatial.transform.Slerp``, translations and K
 bilinearly, giving ``T = C(angles) @ T_ideal(angles)``.
 """
@@ -45,7 +45,7 @@ from scipy.spatial.transform import Rotation, Slerp
 from calibration.blobs import Blobs, attenuation_image, detect_blobs
 from calibration.errors import CalibrationError, matrix_field
 from calibration.phantom_bb import BBPhantom
-from guidance.geometry import (
+from guidance.core.geometry import (
     GeometryError,
     decompose_projection,
     invert_rigid,
@@ -53,7 +53,7 @@ from guidance.geometry import (
     project,
     transform_points,
 )
-from guidance.views import View, carm_view
+from guidance.core.views import View, carm_view
 
 __all__ = [
     "CarmCalibrationResult",
@@ -443,7 +443,7 @@ class CarmAngleTable:
 
     ``nominal`` holds the ideal isocentric model used as the interpolation backbone:
     ``source_to_detector_mm``, ``source_to_isocenter_mm``, ``isocenter_world`` (mm) and
-    ``patient_position`` (arguments of ``guidance.views.carm_view``).
+    ``patient_position`` (arguments of ``guidance.core.views.carm_view``).
     """
 
     entries: tuple[CarmAngleEntry, ...]
@@ -523,7 +523,7 @@ def sagging_carm_view(lao_deg: float, cranial_deg: float, *, sag_mm: float = 2.0
     (gravity sag of the source and detector). Relative to ``carm_view(...)`` the camera is
     displaced by about ``sag_mm`` and turned by ``sag_deg``, the principal point moves by
     about ``pp_shift_px`` and the SDD by ``sdd_change_mm``, each varying as the sine or
-    cosine of the angles. ``kwargs`` go to ``guidance.views.carm_view``."""
+    cosine of the angles. ``kwargs`` go to ``guidance.core.views.carm_view``."""
     a, b = np.deg2rad(lao_deg), np.deg2rad(cranial_deg)
     ideal = carm_view(lao_deg=lao_deg, cranial_deg=cranial_deg, **kwargs)
     W, H = ideal.image_size

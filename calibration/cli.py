@@ -46,7 +46,7 @@ from calibration.phantom_bb import (
 )
 from calibration.pivot import pivot_calibration, read_poses, simulate_pivot_poses, write_poses
 from calibration.report import render_pivot, render_residuals, write_png
-from guidance.geometry import (
+from guidance.core.geometry import (
     GeometryError,
     check_rigid,
     invert_rigid,
@@ -54,7 +54,7 @@ from guidance.geometry import (
     project,
     rotation_about_axis,
 )
-from guidance.views import View, carm_view, read_view, write_view
+from guidance.core.views import View, carm_view, read_view, write_view
 
 __all__ = ["calibrate_carm", "calibrate_distortion", "calibrate_pivot", "read_image"]
 

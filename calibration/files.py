@@ -48,8 +48,8 @@ from calibration.distortion import (
 )
 from calibration.errors import CalibrationError, matrix_field
 from calibration.pivot import PivotResult
-from guidance.jsonfile import read_json
-from guidance.views import View
+from guidance.core.jsonfile import read_json
+from guidance.core.views import View
 
 __all__ = [
     "CALIBRATION_SCHEMA",

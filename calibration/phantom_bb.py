@@ -25,9 +25,9 @@ import cv2
 import numpy as np
 
 from calibration.errors import CalibrationError
-from guidance.jsonfile import read_json
-from guidance.geometry import backproject, make_rigid, project, transform_points
-from guidance.views import View
+from guidance.core.jsonfile import read_json
+from guidance.core.geometry import backproject, make_rigid, project, transform_points
+from guidance.core.views import View
 
 __all__ = [
     "PHANTOM_SCHEMA",

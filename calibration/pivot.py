@@ -24,7 +24,7 @@ from scipy.optimize import least_squares
 from scipy.spatial.transform import Rotation
 
 from calibration.errors import CalibrationError
-from guidance.geometry import make_rigid
+from guidance.core.geometry import make_rigid
 
 __all__ = [
     "PIVOT_METHODS",

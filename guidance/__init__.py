@@ -1,21 +1,55 @@
 """Intra-operative X-ray / CT guidance for minimally invasive spine surgery.
 
-Threads: the hot loops run in numba's thread pool. Other runtimes' worker threads
-spin-wait beside it and, on a small machine shared with a simulator or display, stole
-the cores the registration needed (a live tracking update measured 137 ms instead of
-28 ms; gdb showed OpenBLAS's server thread at 100% CPU while idle). So, unless the
-user chose otherwise: BLAS and OpenCV run single-threaded (their work here is small)
-and OpenMP threads wait passively. The variables only act if set before numpy, OpenCV
-and numba start their runtimes, which ``run_guidance.py`` ensures; the BLAS limit is
-also applied at run time with threadpoolctl for library users who imported numpy first.
+The public API, loaded on first use so that ``import guidance`` is cheap and changes
+nothing in the host process (thread setup is the explicit ``configure_threads``)::
+
+    import guidance
+    ct = guidance.load_volume("ct.nii.gz")                  # HU, LPS mm
+    image, view = guidance.read_xray("shot.png"), guidance.read_view("shot.view.json")
+    result = guidance.Registrator(ct).register([image], [view])
+    print(result.status, result.T_world_corrected_from_world)
+
+Layers (each imports only those before it): ``guidance.core`` -> ``guidance.registration``
+-> ``guidance.navigation`` -> ``guidance.live``; ``guidance.evaluation`` and
+``guidance.tools`` apart; ``sim`` and ``calibration`` use the core only.
 """
 
-import os
+from __future__ import annotations
 
-THREAD_ENVIRONMENT = {"OPENBLAS_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "OPENCV_FOR_THREADS_NUM": "1"}
-for _name, _value in THREAD_ENVIRONMENT.items():
-    os.environ.setdefault(_name, _value)
+import importlib
 
-from threadpoolctl import threadpool_limits  # noqa: E402  (after the environment on purpose)
+_API = {
+    "GuidanceError": "guidance.core.errors",
+    "configure_threads": "guidance.core.threads",
+    "Volume": "guidance.core.volume",
+    "load_volume": "guidance.core.volume",
+    "hu_to_attenuation": "guidance.core.volume",
+    "View": "guidance.core.views",
+    "read_view": "guidance.core.views",
+    "write_view": "guidance.core.views",
+    "carm_view": "guidance.core.views",
+    "read_xray": "guidance.core.images",
+    "write_xray": "guidance.core.images",
+    "render_drr": "guidance.core.drr",
+    "prepare_volume": "guidance.core.drr",
+    "read_plan": "guidance.core.plan",
+    "level_label": "guidance.core.levels",
+    "Registrator": "guidance.registration.register",
+    "RegistrationSettings": "guidance.registration.register",
+    "RegistrationResult": "guidance.registration.register",
+    "register_volumes": "guidance.registration.register3d",
+}
 
-threadpool_limits(limits=1, user_api="blas")
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str):
+    if name not in _API:
+        raise AttributeError(f"module 'guidance' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_API[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))

@@ -12,37 +12,23 @@ seed gives the same phantom.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from guidance.jsonfile import read_json
-from guidance.geometry import make_rigid, rotation_from_rotvec, transform_points
-from guidance.volume import Volume, save_volume
+from guidance.core.geometry import make_rigid, rotation_from_rotvec, transform_points
+from guidance.core.levels import LEVEL_LABELS, LUMBAR
+from guidance.core.plan import SIDES, write_plan
+from guidance.core.volume import Volume, save_volume
 
 __all__ = [
-    "PLAN_SCHEMA",
-    "LEVEL_LABELS",
-    "LUMBAR",
-    "SIDES",
     "Phantom",
-    "PlanError",
     "make_phantom",
     "write_phantom",
-    "plan_to_dict",
-    "plan_from_dict",
-    "read_plan",
-    "write_plan",
 ]
 
-PLAN_SCHEMA = "guidance.plan/1"
-# TotalSegmentator label ids; discs and soft tissue are 0.
-LEVEL_LABELS = {"L1": 31, "L2": 30, "L3": 29, "L4": 28, "L5": 27, "sacrum": 25}
-LUMBAR = ("L1", "L2", "L3", "L4", "L5")
-SIDES = ("left", "right")
 
 # CT numbers (HU) of the tissues.
 _HU_AIR = -1000.0
@@ -52,10 +38,6 @@ _HU_MUSCLE = 40.0
 _HU_CANAL = 10.0
 _HU_DISC = 90.0
 _FAR = 1.0e3  # "far outside" signed distance (mm) where a shape is not evaluated
-
-
-class PlanError(ValueError):
-    """A screw plan (or plan file) that violates the guidance.plan/1 schema."""
 
 
 @dataclass(frozen=True)
@@ -682,78 +664,3 @@ def write_phantom(phantom: Phantom, out_dir: str | Path) -> dict[str, Path]:
     save_volume(phantom.labels, paths["labels"])
     write_plan(phantom.plan, paths["plan"])
     return paths
-
-
-# ------------------------------------------------------------------------- plan files
-
-
-def _point(t: dict, key: str, where: str) -> list[float]:
-    value = t[key]
-    try:
-        p = np.array(value, dtype=float)
-    except (TypeError, ValueError):
-        raise PlanError(f"{where}: '{key}' must be [x, y, z] numbers (mm), got {value!r}") from None
-    if p.shape != (3,) or not np.all(np.isfinite(p)):
-        raise PlanError(f"{where}: '{key}' must be 3 finite numbers [x, y, z] (mm), got {value!r}")
-    return [float(v) for v in p]
-
-
-def _trajectory_from_dict(t, where: str) -> dict:
-    """One validated trajectory (a copy; unknown keys are kept)."""
-    if not isinstance(t, dict):
-        raise PlanError(f"{where} must be a JSON object")
-    missing = [k for k in ("level", "label", "side", "entry_world", "target_world",
-                           "screw_diameter_mm") if k not in t]
-    if missing:
-        raise PlanError(f"{where} is missing {', '.join(repr(k) for k in missing)}")
-    level, label, side = t["level"], t["label"], t["side"]
-    if not isinstance(level, str) or not level:
-        raise PlanError(f"{where}: 'level' must be a non-empty string, got {level!r}")
-    if isinstance(label, bool) or not isinstance(label, int) or label <= 0:
-        raise PlanError(f"{where}: 'label' must be a positive integer, got {label!r}")
-    if level in LEVEL_LABELS and LEVEL_LABELS[level] != label:
-        raise PlanError(f"{where}: label {label} does not match level {level} "
-                        f"(TotalSegmentator id {LEVEL_LABELS[level]})")
-    if side not in SIDES:
-        raise PlanError(f"{where}: 'side' must be one of {', '.join(SIDES)}; got {side!r}")
-    entry, target = _point(t, "entry_world", where), _point(t, "target_world", where)
-    if np.linalg.norm(np.subtract(target, entry)) < 1.0:
-        raise PlanError(f"{where}: entry and target are less than 1 mm apart")
-    d = t["screw_diameter_mm"]
-    if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d < 20:
-        raise PlanError(f"{where}: 'screw_diameter_mm' must be a number in (0, 20), got {d!r}")
-    return {**t, "entry_world": entry, "target_world": target, "screw_diameter_mm": float(d)}
-
-
-def plan_from_dict(d) -> list[dict]:
-    """Validate a guidance.plan/1 object and return its trajectories."""
-    if not isinstance(d, dict):
-        raise PlanError("a plan must be a JSON object")
-    if d.get("schema") != PLAN_SCHEMA:
-        raise PlanError(f"unsupported plan schema {d.get('schema')!r}; expected {PLAN_SCHEMA!r}")
-    trajectories = d.get("trajectories")
-    if not isinstance(trajectories, list):
-        raise PlanError("plan 'trajectories' must be a list")
-    return [_trajectory_from_dict(t, f"trajectories[{i}]") for i, t in enumerate(trajectories)]
-
-
-def plan_to_dict(trajectories: list[dict]) -> dict:
-    """The guidance.plan/1 object of a list of trajectories (validated)."""
-    return {"schema": PLAN_SCHEMA,
-            "trajectories": plan_from_dict({"schema": PLAN_SCHEMA, "trajectories": trajectories})}
-
-
-def read_plan(path: str | Path) -> list[dict]:
-    """Read and validate a plan JSON file; errors name the file and the faulty entry."""
-    d = read_json(path, what="plan", error=PlanError)
-    try:
-        return plan_from_dict(d)
-    except PlanError as exc:
-        raise PlanError(f"{path}: {exc}") from None
-
-
-def write_plan(trajectories: list[dict], path: str | Path) -> Path:
-    """Write trajectories as a guidance.plan/1 JSON file."""
-    path = Path(path)
-    path.write_text(json.dumps(plan_to_dict(trajectories), indent=2) + "\n")
-    return path

@@ -6,7 +6,7 @@ instrument's marker array, the patient reference array and the optical tracker.
 
 What the system believes and what really happens:
 
-- The *nominal* view is the C-arm geometry (``guidance.views.carm_view``, patient prone,
+- The *nominal* view is the C-arm geometry (``guidance.core.views.carm_view``, patient prone,
   isocentre at the body centre of the target vertebra) as the C-arm and the pre-op plan
   give it: ``T_cam_from_world_nominal``.
 - The anatomy really sits moved by a world-frame rigid motion ``M(t)``: a seeded initial
@@ -39,18 +39,20 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from guidance.drr import DrrVolume, prepare_volume, render_drr
-from guidance.geometry import (
+from guidance.core.drr import DrrVolume, prepare_volume, render_drr
+from guidance.core.geometry import (
     invert_rigid,
     make_rigid,
     rotation_about_axis,
     rotation_from_rotvec,
     transform_points,
 )
-from guidance.instruments import INSTRUMENTS, InstrumentModel, get_instrument, trajectory_endpoints
-from guidance.views import View, carm_view
-from guidance.volume import Volume, hu_to_attenuation
-from sim.phantom import LUMBAR, SIDES, Phantom
+from guidance.core.instrument_models import INSTRUMENTS, InstrumentModel, get_instrument
+from guidance.core.plan import SIDES, trajectory_endpoints
+from guidance.core.levels import LUMBAR
+from guidance.core.views import View, carm_view
+from guidance.core.volume import Volume, hu_to_attenuation
+from sim.phantom import Phantom
 from sim.xray import VARIANTS, XrayParams, form_image
 
 __all__ = [
@@ -136,7 +138,7 @@ class Scenario:
     square pixels of ``pixel_spacing_mm``; ``sdd_mm`` / ``sid_mm``: source to detector /
     isocentre. ``variant``: the pixels' intensity kind ("raw" uint16 counts with
     ``I0``, "display" uint8, "line_integral" float32); ``dose`` scales the photon count.
-    ``instrument``: a name from ``guidance.instruments.INSTRUMENTS`` or None (no
+    ``instrument``: a name from ``guidance.core.instrument_models.INSTRUMENTS`` or None (no
     instrument in the images or the tracker). Tracker noise: RMS 3-D position error
     ``tracker_noise_mm`` and RMS rotation ``tracker_noise_deg`` of each noisy sample.
     """
@@ -245,7 +247,7 @@ def tool_pose_on_trajectory(entry_world: np.ndarray, target_world: np.ndarray, d
                             model: InstrumentModel) -> np.ndarray:
     """``T_world_from_tool`` of an instrument on the line entry -> target (world mm) whose tip
     lies ``depth_mm`` past the entry (negative: before it) and which points at the target,
-    consistent with ``guidance.instruments.tip_and_axis``."""
+    consistent with ``guidance.navigation.instruments.tip_and_axis``."""
     entry = np.asarray(entry_world, dtype=float)
     direction = np.asarray(target_world, dtype=float) - entry
     direction /= np.linalg.norm(direction)

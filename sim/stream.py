@@ -1,7 +1,7 @@
 """Frame sources on the guidance bus: the live simulator, a recording replay and a video file.
 
-Each source binds a ``guidance.transport.Publisher`` on ``frame_endpoint`` (the pipeline
-connects), publishes ``guidance.wire`` messages and, every ``heartbeat_s`` seconds, a
+Each source binds a ``guidance.live.transport.Publisher`` on ``frame_endpoint`` (the pipeline
+connects), publishes ``guidance.live.wire`` messages and, every ``heartbeat_s`` seconds, a
 ``Heartbeat`` with role "sim" (state "starting", "running", then "finished" or
 "stopped") whose ``source`` names the kind of source ("sim", "replay", "video"). Pacing
 waits on the caller's ``stop`` event (``stop.wait``), so setting it ends a source at
@@ -27,10 +27,10 @@ import cv2
 import numpy as np
 import zmq
 
-from guidance import wire
-from guidance.recording import Record, read_recording, replay
-from guidance.transport import Publisher
-from guidance.views import View, read_view
+from guidance.live import wire
+from guidance.live.recording import Record, read_recording, replay
+from guidance.live.transport import Publisher
+from guidance.core.views import View, read_view
 from sim.phantom import Phantom
 from sim.scenario import Scenario, ScenarioPlayer, SimFrame, SimState
 
@@ -278,7 +278,7 @@ class _VerbatimPublisher(Publisher):
 
 def _replayable(records: Iterator[Record], stats: dict) -> Iterator[tuple[str, int, list[bytes]]]:
     """(kind, recv_ns, parts) of the valid "in" frame and tracker sample records (the time
-    stays second, where ``guidance.recording.replay`` reads it)."""
+    stays second, where ``guidance.live.recording.replay`` reads it)."""
     for direction, recv_ns, parts in records:
         if direction != "in":
             continue
@@ -303,7 +303,7 @@ def replay_recording(
     heartbeat_s: float = 0.5,
     startup_s: float = 0.0,
 ) -> dict:
-    """Re-publish the "in" frames and tracker samples of a ``guidance.recording`` recording
+    """Re-publish the "in" frames and tracker samples of a ``guidance.live.recording`` recording
     exactly as they were received (the recorded parts, byte for byte: same ``seq``,
     ``stamp_ns`` and ``source``), at their recorded relative timing scaled by ``speed``
     (None: as fast as possible). Other kinds and "out" records are skipped; malformed

@@ -1,4 +1,4 @@
-"""X-ray image formation from a line-integral image (the output of guidance.drr).
+"""X-ray image formation from a line-integral image (the output of guidance.core.drr).
 
 The input is a float (H, W) array of attenuation line integrals L = int mu dl
 (dimensionless); pixels are (u, v) = (column, row) with the centre of the top-left pixel
@@ -28,9 +28,9 @@ from functools import lru_cache
 import cv2
 import numpy as np
 
-from guidance.drr import prepare_volume, render_drr
-from guidance.views import View
-from guidance.volume import Volume, hu_to_attenuation
+from guidance.core.drr import prepare_volume, render_drr
+from guidance.core.views import View
+from guidance.core.volume import Volume, hu_to_attenuation
 
 __all__ = [
     "VARIANTS",

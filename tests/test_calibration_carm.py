@@ -25,14 +25,14 @@ from calibration.phantom_bb import (
     two_plane_phantom,
     write_phantom,
 )
-from guidance.geometry import (
+from guidance.core.geometry import (
     decompose_projection,
     invert_rigid,
     make_rigid,
     project,
     rotation_about_axis,
 )
-from guidance.views import carm_view
+from guidance.core.views import carm_view
 
 I0 = 10000.0
 

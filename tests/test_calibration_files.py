@@ -26,7 +26,7 @@ from calibration.files import (
 )
 from calibration.pivot import PivotResult
 from calibration.report import calibration_summary, render_pivot, render_residuals, write_png
-from guidance.views import carm_view
+from guidance.core.views import carm_view
 
 K = carm_view(source_to_detector_mm=1010.0, principal_point_px=(258.0, 251.0)).K
 T = carm_view().T_cam_from_world

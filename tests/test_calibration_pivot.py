@@ -12,7 +12,7 @@ from calibration.pivot import (
     simulate_pivot_poses,
     write_poses,
 )
-from guidance.geometry import make_rigid, rotation_about_axis
+from guidance.core.geometry import make_rigid, rotation_about_axis
 
 
 @pytest.fixture(scope="module")

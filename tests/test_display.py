@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose
 
-from guidance.display import (
+from guidance.live.display import (
     HeadlessWriter,
     NavigationState,
     WindowSink,
@@ -13,11 +13,11 @@ from guidance.display import (
     reslice,
     screen_layout,
 )
-from guidance.geometry import make_rigid, project, rotation_about_axis, transform_points
-from guidance.overlay import COLOURS
-from guidance.views import carm_view
-from guidance.volume import Volume
-from guidance.wire import Frame, InstrumentState, PoseResult
+from guidance.core.geometry import make_rigid, project, rotation_about_axis, transform_points
+from guidance.navigation.overlay import COLOURS
+from guidance.core.views import carm_view
+from guidance.core.volume import Volume
+from guidance.live.wire import Frame, InstrumentState, PoseResult
 
 T0 = 1_700_000_000.0
 VIEW = carm_view(detector_size_px=(128, 128), pixel_spacing_mm=(2.0, 2.0))
@@ -235,7 +235,7 @@ def test_headless_writer_writes_every_nth_png(tmp_path):
 
 def test_window_sink_falls_back_to_png_without_display(tmp_path, monkeypatch, caplog):
     monkeypatch.delenv("DISPLAY", raising=False)
-    with caplog.at_level(logging.WARNING, logger="guidance.display"):
+    with caplog.at_level(logging.WARNING, logger="guidance.live.display"):
         sink = WindowSink(fallback_dir=tmp_path)
     assert "no DISPLAY" in caplog.text
     sink.show(np.zeros((24, 32, 3), np.uint8))

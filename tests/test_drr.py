@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose
 
-from guidance.drr import prepare_volume, render_drr, render_drr_reference
-from guidance.geometry import backproject, rotation_about_axis
-from guidance.views import carm_view
-from guidance.volume import Volume, VolumeError, affine_from_geometry, resample
+from guidance.core.drr import prepare_volume, render_drr, render_drr_reference
+from guidance.core.geometry import backproject, rotation_about_axis
+from guidance.core.views import carm_view
+from guidance.core.volume import Volume, VolumeError, affine_from_geometry, resample
 
 
 def grid(n, spacing, centre=(0.0, 0.0, 0.0)):

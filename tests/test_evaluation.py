@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose
 
-from guidance import evaluation as ev
-from guidance.geometry import make_rigid, rotation_angle_deg, transform_points
+from guidance.evaluation import benchmark as ev
+from guidance.core.geometry import make_rigid, rotation_angle_deg, transform_points
 from guidance.registration.register import RegistrationSettings
-from guidance.views import carm_view
+from guidance.core.views import carm_view
 from sim.phantom import make_phantom
 
 TARGETS = np.array([[0.0, 0.0, 0.0], [20.0, -10.0, 5.0], [-15.0, 30.0, -25.0], [5.0, 5.0, 40.0]])

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose
 
-from guidance.geometry import (
+from guidance.core.geometry import (
     GeometryError,
     backproject,
     check_rigid,

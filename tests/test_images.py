@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from guidance.images import ImageError, preprocess, valid_pixel_mask
-from guidance.views import carm_view
+from guidance.core.images import ImageError, preprocess, valid_pixel_mask
+from guidance.core.views import carm_view
 
 
 def test_raw_becomes_line_integrals_even_through_thick_bodies():

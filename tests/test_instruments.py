@@ -4,17 +4,10 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose
 
-from guidance.geometry import make_rigid, rotation_about_axis, transform_points
-from guidance.instruments import (
-    INSTRUMENTS,
-    InstrumentModel,
-    deviation_from_plan,
-    get_instrument,
-    nearest_trajectory,
-    plan_trajectories,
-    tip_and_axis,
-    tool_in_world,
-)
+from guidance.core.geometry import make_rigid, rotation_about_axis, transform_points
+from guidance.core.instrument_models import INSTRUMENTS, InstrumentModel, get_instrument
+from guidance.core.plan import plan_trajectories
+from guidance.navigation.instruments import deviation_from_plan, nearest_trajectory, tip_and_axis, tool_in_world
 
 # Entry on the back, target 40 mm anteriorly (-y): the planned direction is -y.
 TRAJECTORY = {"level": "L3", "label": 29, "side": "left", "entry_world": [20.0, 50.0, 0.0],
@@ -114,7 +107,7 @@ def test_deviation_reversed_and_perpendicular_instrument():
 
 def test_deviation_rejects_degenerate_trajectory():
     bad = dict(TRAJECTORY, target_world=TRAJECTORY["entry_world"])
-    with pytest.raises(ValueError, match="coincide"):
+    with pytest.raises(ValueError, match="less than 1 mm apart"):
         deviation_from_plan(np.zeros(3), PLAN_DIR, bad)
     with pytest.raises(ValueError, match="target_world"):
         deviation_from_plan(np.zeros(3), PLAN_DIR, {"entry_world": [0, 0, 0]})
@@ -123,14 +116,14 @@ def test_deviation_rejects_degenerate_trajectory():
 def test_nearest_trajectory_picks_closest_segment():
     right = dict(TRAJECTORY, side="right", entry_world=[-20.0, 50.0, 0.0],
                  target_world=[-20.0, 10.0, 0.0])
-    upper = dict(TRAJECTORY, level="L2", entry_world=[20.0, 50.0, 35.0],
+    upper = dict(TRAJECTORY, level="L2", label=30, entry_world=[20.0, 50.0, 35.0],
                  target_world=[20.0, 10.0, 35.0])
     plan = {"schema": "guidance.plan/1", "trajectories": [right, TRAJECTORY, upper]}
     traj, dev = nearest_trajectory([-18.0, 40.0, 1.0], PLAN_DIR, plan)
-    assert traj is right
+    assert traj == right
     assert dev["distance_to_trajectory_mm"] == pytest.approx(math.hypot(2.0, 1.0))
     traj, _ = nearest_trajectory([19.0, 45.0, 30.0], PLAN_DIR, [right, TRAJECTORY, upper])
-    assert traj is upper
+    assert traj == upper
     with pytest.raises(ValueError, match="no trajectories"):
         nearest_trajectory(np.zeros(3), PLAN_DIR, [])
 
@@ -138,11 +131,13 @@ def test_nearest_trajectory_picks_closest_segment():
 def test_plan_trajectories_forms():
     assert plan_trajectories(None) == []
     assert plan_trajectories([TRAJECTORY]) == [TRAJECTORY]
-    assert plan_trajectories({"trajectories": [TRAJECTORY]}) == [TRAJECTORY]
+    assert plan_trajectories({"schema": "guidance.plan/1", "trajectories": [TRAJECTORY]}) == [TRAJECTORY]
     with pytest.raises(ValueError, match="schema"):
         plan_trajectories({"schema": "other/1", "trajectories": []})
-    with pytest.raises(ValueError, match="list of trajectory"):
-        plan_trajectories({"trajectories": 3})
+    with pytest.raises(ValueError, match="schema"):
+        plan_trajectories({"trajectories": [TRAJECTORY]})
+    with pytest.raises(ValueError, match="must be a list"):
+        plan_trajectories({"schema": "guidance.plan/1", "trajectories": 3})
 
 
 def test_full_chain_tip_lands_on_plan():

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose
 
-from guidance.geometry import project
-from guidance.overlay import (
+from guidance.core.geometry import project
+from guidance.navigation.overlay import (
     COLOURS,
     draw_instrument,
     draw_outline,
@@ -12,8 +12,8 @@ from guidance.overlay import (
     status_bar_height,
     to_display_bgr,
 )
-from guidance.views import carm_view
-from guidance.volume import Volume
+from guidance.core.views import carm_view
+from guidance.core.volume import Volume
 
 VIEW = carm_view(detector_size_px=(256, 256), pixel_spacing_mm=(1.0, 1.0))  # AP, iso at 0
 LEFT = {"level": "L3", "label": 29, "side": "left", "entry_world": [25.0, 40.0, 5.0],
@@ -65,7 +65,7 @@ def test_to_display_bgr_constant_image_and_errors():
 
 def test_trajectory_end_points_land_on_projected_pixels():
     img = black()
-    out = draw_trajectories(img, VIEW, {"trajectories": [LEFT, RIGHT]})
+    out = draw_trajectories(img, VIEW, {"schema": "guidance.plan/1", "trajectories": [LEFT, RIGHT]})
     assert not img.any()  # the input is untouched
     for traj in (LEFT, RIGHT):
         colour = np.array(COLOURS[traj["side"]])
@@ -78,7 +78,7 @@ def test_trajectory_end_points_land_on_projected_pixels():
 
 
 def test_trajectory_highlight_and_clipping():
-    upper = dict(LEFT, level="L2", entry_world=[25.0, 40.0, 40.0], target_world=[8, -15, 35.0])
+    upper = dict(LEFT, level="L2", label=30, entry_world=[25.0, 40.0, 40.0], target_world=[8, -15, 35.0])
     out = draw_trajectories(black(), VIEW, [LEFT, upper], highlight_level="L3")
     entry_l3, entry_l2 = project(VIEW.P, np.array([LEFT["entry_world"], upper["entry_world"]]))
     bold = np.count_nonzero(out[int(entry_l3[1]) - 8: int(entry_l3[1]) + 9,

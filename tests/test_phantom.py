@@ -6,19 +6,11 @@ import time
 import numpy as np
 import pytest
 
-from guidance.geometry import invert_rigid, transform_points
-from guidance.volume import load_volume
-from sim.phantom import (
-    LEVEL_LABELS,
-    LUMBAR,
-    PLAN_SCHEMA,
-    PlanError,
-    make_phantom,
-    plan_from_dict,
-    read_plan,
-    write_phantom,
-    write_plan,
-)
+from guidance.core.geometry import invert_rigid, transform_points
+from guidance.core.volume import load_volume
+from guidance.core.levels import LEVEL_LABELS, LUMBAR
+from guidance.core.plan import PLAN_SCHEMA, PlanError, plan_from_dict, read_plan, write_plan
+from sim.phantom import make_phantom, write_phantom
 
 
 @pytest.fixture(scope="module")

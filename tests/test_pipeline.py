@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import zmq
 
-from guidance.display import HeadlessWriter
-from guidance.display_client import run_display
-from guidance.geometry import invert_rigid, make_rigid, rotation_about_axis, transform_points
-from guidance.pipeline import Pipeline, PipelineSettings, run_pipeline
-from guidance.recording import read_recording
+from guidance.live.display import HeadlessWriter
+from guidance.live.display_client import run_display
+from guidance.core.geometry import invert_rigid, make_rigid, rotation_about_axis, transform_points
+from guidance.live.pipeline import Pipeline, PipelineSettings, run_pipeline
+from guidance.live.recording import read_recording
 from guidance.registration.register import Registrator
-from guidance.transport import Publisher, Subscriber, free_tcp_endpoint
-from guidance.views import carm_view, view_to_dict
-from guidance.wire import Frame, PoseResult, TrackerSample, decode, encode
+from guidance.live.transport import Publisher, Subscriber, free_tcp_endpoint
+from guidance.core.views import carm_view, view_to_dict
+from guidance.live.wire import Frame, PoseResult, TrackerSample, decode, encode
 from sim.phantom import make_phantom
 from sim.xray import XrayParams, simulate_xray
 
@@ -63,7 +63,7 @@ def pose_error_mm(pose: PoseResult, frame: Frame, centre) -> float:
 
 
 def projection_error_px(pose: PoseResult, frame: Frame, centre) -> float:
-    from guidance.geometry import project
+    from guidance.core.geometry import project
 
     est = frame.view.with_pose(pose.views[0]["T_cam_from_world"])
     gt = frame.view.with_pose(frame.ground_truth["T_cam_from_world"])
@@ -96,8 +96,8 @@ def test_instrument_mapped_into_ct(registrator, frames, phantom):
     traj = phantom.plan[4]
     entry, target = np.array(traj["entry_world"]), np.array(traj["target_world"])
     direction = (target - entry) / np.linalg.norm(target - entry)
-    # Tool frame: tip at the origin, axis_tool (tip -> handle) along +z, per guidance.instruments.
-    from guidance.instruments import INSTRUMENTS
+    # Tool frame: tip at the origin, axis_tool (tip -> handle) along +z, per guidance.navigation.instruments.
+    from guidance.core.instrument_models import INSTRUMENTS
 
     model = INSTRUMENTS["kwire"]
     z = -direction

@@ -1,4 +1,4 @@
-"""guidance.recording: append-only session files, crash tolerance and timed replay."""
+"""guidance.live.recording: append-only session files, crash tolerance and timed replay."""
 
 import json
 import threading
@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from guidance import wire
-from guidance.recording import (
+from guidance.live import wire
+from guidance.live.recording import (
     RECORDING_SCHEMA,
     Recorder,
     RecordingError,
@@ -84,7 +84,7 @@ def test_bad_magic_and_corrupt_record(tmp_path):
     with pytest.raises(RecordingError, match="record 0 is corrupt"):
         list(read_recording(other))
     (other / "manifest.json").write_text(json.dumps({"schema": "something/2"}))
-    with pytest.raises(RecordingError, match="not a guidance.recording/1 manifest"):
+    with pytest.raises(RecordingError, match="not a guidance.live.recording/1 manifest"):
         read_manifest(other)
 
 

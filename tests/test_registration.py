@@ -4,16 +4,16 @@ images fail, per-vertebra mode follows a vertebra moved on its own, tracking, 3D
 import numpy as np
 import pytest
 
-from guidance.drr import prepare_volume, render_drr
-from guidance.geometry import invert_rigid, make_rigid, rotation_about_axis, transform_points
-from guidance.images import preprocess
+from guidance.core.drr import prepare_volume, render_drr
+from guidance.core.geometry import invert_rigid, make_rigid, rotation_about_axis, transform_points
+from guidance.core.images import preprocess
 from guidance.registration.pose import PoseParameterization
 from guidance.registration.register import Registrator, RegistrationError, register_levels
 from guidance.registration.register3d import Register3dSettings, register_volumes
 from guidance.registration.similarity import SIMILARITIES, get_similarity
 from guidance.registration.tracking import track
-from guidance.views import carm_view
-from guidance.volume import Volume, hu_to_attenuation, transform_volume
+from guidance.core.views import carm_view
+from guidance.core.volume import Volume, hu_to_attenuation, transform_volume
 from sim.phantom import make_phantom
 from sim.xray import XrayParams, form_image
 
@@ -94,7 +94,7 @@ def cv_blur(img):
 
 def projection_distance_at_iso_mm(view_est, view_gt, pts, iso_depth_mm):
     """Mean projection distance of targets, scaled from pixels to mm at the isocentre."""
-    from guidance.geometry import project
+    from guidance.core.geometry import project
 
     px = np.linalg.norm(project(view_est.P, pts) - project(view_gt.P, pts), axis=1).mean()
     return float(px * iso_depth_mm / view_gt.K[0, 0])

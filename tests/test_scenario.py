@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from guidance.geometry import (
+from guidance.core.geometry import (
     intrinsics,
     invert_rigid,
     make_rigid,
@@ -13,8 +13,9 @@ from guidance.geometry import (
     rotation_angle_deg,
     transform_points,
 )
-from guidance.instruments import InstrumentModel, get_instrument, tip_and_axis, tool_in_world
-from guidance.views import View
+from guidance.core.instrument_models import InstrumentModel, get_instrument
+from guidance.navigation.instruments import tip_and_axis, tool_in_world
+from guidance.core.views import View
 from sim.phantom import make_phantom
 from sim.scenario import (
     START_OUTSIDE_MM,

@@ -7,11 +7,11 @@ import cv2
 import numpy as np
 import pytest
 
-from guidance import wire
-from guidance.geometry import invert_rigid
-from guidance.recording import Recorder
-from guidance.transport import Subscriber, free_tcp_endpoint
-from guidance.views import View, carm_view, write_view
+from guidance.live import wire
+from guidance.core.geometry import invert_rigid
+from guidance.live.recording import Recorder
+from guidance.live.transport import Subscriber, free_tcp_endpoint
+from guidance.core.views import View, carm_view, write_view
 from sim.phantom import make_phantom
 from sim.scenario import Scenario
 from sim.stream import replay_recording, run_sim, run_video

@@ -1,4 +1,4 @@
-"""guidance.transport over loopback sockets on free ports (each test well under 2 s)."""
+"""guidance.live.transport over loopback sockets on free ports (each test well under 2 s)."""
 
 import time
 
@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import zmq
 
-from guidance import wire
-from guidance.transport import (
+from guidance.live import wire
+from guidance.live.transport import (
     HeartbeatMonitor,
     Publisher,
     Subscriber,
     free_tcp_endpoint,
 )
-from guidance.views import carm_view
+from guidance.core.views import carm_view
 
 VIEW = carm_view(detector_size_px=(32, 24))
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose
 
-from guidance.geometry import project, transform_points
-from guidance.views import View, ViewError, carm_view, read_view, view_from_dict, view_to_dict, write_view
+from guidance.core.geometry import project, transform_points
+from guidance.core.views import View, ViewError, carm_view, read_view, view_from_dict, view_to_dict, write_view
 
 
 @pytest.mark.parametrize("position", ["supine", "prone"])

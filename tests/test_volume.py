@@ -3,8 +3,8 @@ import pytest
 import SimpleITK as sitk
 from numpy.testing import assert_allclose
 
-from guidance.geometry import rotation_about_axis
-from guidance.volume import (
+from guidance.core.geometry import rotation_about_axis
+from guidance.core.volume import (
     Volume,
     VolumeError,
     affine_from_geometry,

@@ -1,4 +1,4 @@
-"""guidance.wire: socket-free round trips of every kind and rejection of malformed input."""
+"""guidance.live.wire: socket-free round trips of every kind and rejection of malformed input."""
 
 import json
 import zlib
@@ -6,10 +6,10 @@ import zlib
 import numpy as np
 import pytest
 
-from guidance import wire
-from guidance.geometry import make_rigid, rotation_about_axis
-from guidance.views import carm_view, view_to_dict
-from guidance.wire import WireError, decode, encode
+from guidance.live import wire
+from guidance.core.geometry import make_rigid, rotation_about_axis
+from guidance.core.views import carm_view, view_to_dict
+from guidance.live.wire import WireError, decode, encode
 
 W, H = 24, 16
 

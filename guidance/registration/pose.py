@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from guidance.geometry import invert_rigid, make_rigid, rotation_from_rotvec, rotvec_from_rotation
+from guidance.core.geometry import invert_rigid, make_rigid, rotation_from_rotvec, rotvec_from_rotation
 
 __all__ = ["PARAMETERIZATIONS", "PoseParameterization", "point_displacement_mm"]
 

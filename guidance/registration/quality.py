@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from guidance.geometry import rotation_angle_deg
+from guidance.core.geometry import rotation_angle_deg
 from guidance.registration.pose import point_displacement_mm
 
 __all__ = ["QualityLimits", "Verdict", "assess"]

@@ -1,7 +1,7 @@
 """2D/3D registration of X-ray views to a CT: single view, multi-view and per vertebra.
 
 Composed from swappable parts named in ``RegistrationSettings``: the DRR renderer
-(guidance.drr), a similarity (similarity.SIMILARITIES), a pose parameterisation
+(guidance.core.drr), a similarity (similarity.SIMILARITIES), a pose parameterisation
 (pose.PARAMETERIZATIONS), optimisers (optimizers.OPTIMIZERS) and a detector /
 volume pyramid. A registration runs a global search (CMA-ES) on the coarsest level,
 then local refinement on finer levels, and ends in the quality gate.
@@ -19,15 +19,15 @@ import cv2
 import numpy as np
 import SimpleITK as sitk
 
-from guidance.drr import DrrVolume, prepare_volume, render_drr
-from guidance.geometry import invert_rigid, project
-from guidance.images import PreparedImage
+from guidance.core.drr import DrrVolume, prepare_volume, render_drr
+from guidance.core.geometry import invert_rigid, project
+from guidance.core.images import PreparedImage
 from guidance.registration.optimizers import minimize
 from guidance.registration.pose import PoseParameterization, point_displacement_mm
 from guidance.registration.quality import QualityLimits, assess
 from guidance.registration.similarity import get_similarity
-from guidance.views import View
-from guidance.volume import Volume, VolumeError, hu_to_attenuation, resample, volume_from_sitk, volume_to_sitk
+from guidance.core.views import View
+from guidance.core.volume import Volume, VolumeError, hu_to_attenuation, resample, volume_from_sitk, volume_to_sitk
 
 __all__ = ["RegistrationSettings", "RegistrationResult", "Registrator", "RegistrationError", "register_levels"]
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import SimpleITK as sitk
 
-from guidance.volume import Volume, volume_to_sitk
+from guidance.core.volume import Volume, volume_to_sitk
 
 __all__ = ["Register3dSettings", "Register3dResult", "register_volumes"]
 

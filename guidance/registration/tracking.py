@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from guidance.geometry import rotation_angle_deg
-from guidance.images import PreparedImage
+from guidance.core.geometry import rotation_angle_deg
+from guidance.core.images import PreparedImage
 from guidance.registration.pose import point_displacement_mm
 from guidance.registration.register import RegistrationResult, Registrator
-from guidance.views import View
+from guidance.core.views import View
 
 __all__ = ["TrackingSettings", "track"]
 

@@ -1,4 +1,4 @@
-"""Surgical instruments: models, tracker -> CT mapping and deviation from the screw plan.
+"""Tracked instruments in the CT: tracker -> CT mapping and deviation from the plan.
 
 Frames (CONVENTIONS.md): world = LPS mm of the pre-operative CT; a tracked tool has its
 own frame ("tool", the frame the tracker reports for its marker array); the patient
@@ -6,106 +6,28 @@ reference array has the frame "reference". Poses are 4x4 ``T_to_from_from``.
 
 Direction convention: an ``InstrumentModel.axis_tool`` points from the tip towards the
 handle (as pivot calibration gives it), while every ``axis_world`` in this module (and in
-``guidance.wire.InstrumentState``) points the other way, from the handle towards the tip,
+``guidance.live.wire.InstrumentState``) points the other way, from the handle towards the tip,
 the direction in which the instrument advances.
 
-A plan is a list of trajectory dicts (guidance.plan/1: ``level``, ``label``, ``side``,
-``entry_world``, ``target_world``, ``screw_diameter_mm``), or the plan object holding
-them under ``"trajectories"``; this module never reads plan files.
+Instrument models live in ``guidance.core.instrument_models``, plans in
+``guidance.core.plan``; this module never reads plan files.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import numpy as np
 
-from guidance.geometry import check_rigid, invert_rigid, transform_points
+from guidance.core.geometry import check_rigid, invert_rigid, transform_points
+from guidance.core.instrument_models import InstrumentModel, _vector3
+from guidance.core.plan import plan_trajectories, trajectory_endpoints
 
 __all__ = [
-    "INSTRUMENT_KINDS",
-    "InstrumentModel",
-    "INSTRUMENTS",
-    "get_instrument",
     "tool_in_world",
     "tip_and_axis",
-    "plan_trajectories",
-    "trajectory_endpoints",
     "deviation_from_plan",
     "nearest_trajectory",
 ]
-
-INSTRUMENT_KINDS = ("kwire", "jamshidi", "screw")
-PLAN_SCHEMA = "guidance.plan/1"
-
-
-def _vector3(value: object, name: str) -> np.ndarray:
-    v = np.asarray(value, dtype=float)
-    if v.shape != (3,) or not np.all(np.isfinite(v)):
-        raise ValueError(f"{name} must be 3 finite numbers, got {value!r}")
-    return v
-
-
-@dataclass(frozen=True)
-class InstrumentModel:
-    """A straight instrument tracked by a marker array.
-
-    ``length_mm``: length of the working part drawn back from the tip (wire, needle
-    cannula, screw); ``diameter_mm``: its diameter; ``tip_offset_tool``: tip position
-    in the tool frame (mm, from pivot calibration); ``axis_tool``: unit vector in the
-    tool frame from the tip towards the handle (normalised on construction).
-    """
-
-    name: str
-    kind: str
-    length_mm: float
-    diameter_mm: float
-    tip_offset_tool: np.ndarray
-    axis_tool: np.ndarray
-
-    def __post_init__(self) -> None:
-        if self.kind not in INSTRUMENT_KINDS:
-            raise ValueError(f"kind must be one of {', '.join(INSTRUMENT_KINDS)}; "
-                             f"got {self.kind!r}")
-        if not (self.length_mm > 0 and self.diameter_mm > 0):
-            raise ValueError("length_mm and diameter_mm must be positive")
-        axis = _vector3(self.axis_tool, "axis_tool")
-        norm = float(np.linalg.norm(axis))
-        if norm < 1e-9:
-            raise ValueError("axis_tool must not be the zero vector")
-        object.__setattr__(self, "tip_offset_tool", _vector3(self.tip_offset_tool,
-                                                             "tip_offset_tool"))
-        object.__setattr__(self, "axis_tool", axis / norm)
-
-
-def _nominal(name: str, kind: str, length_mm: float, diameter_mm: float,
-             tip_depth_mm: float) -> InstrumentModel:
-    """A model whose tool frame has +z from the tip towards the handle and its origin on
-    the axis, ``tip_depth_mm`` behind the tip (nominal; real values come from pivot
-    calibration)."""
-    return InstrumentModel(name, kind, length_mm, diameter_mm,
-                           np.array([0.0, 0.0, -tip_depth_mm]), np.array([0.0, 0.0, 1.0]))
-
-
-INSTRUMENTS: dict[str, InstrumentModel] = {
-    m.name: m
-    for m in (
-        _nominal("kwire", "kwire", 150.0, 1.6, 150.0),
-        _nominal("jamshidi", "jamshidi", 120.0, 3.0, 120.0),
-        # 6.5 x 45 mm pedicle screw on a 200 mm driver: the array sits on the driver.
-        _nominal("pedicle_screw_6.5x45", "screw", 45.0, 6.5, 245.0),
-    )
-}
-
-
-def get_instrument(name: str) -> InstrumentModel:
-    """The registered model called ``name``; ValueError lists the known names."""
-    try:
-        return INSTRUMENTS[name]
-    except KeyError:
-        raise ValueError(f"unknown instrument {name!r}; known instruments: "
-                         f"{', '.join(INSTRUMENTS)}") from None
 
 
 def tool_in_world(
@@ -135,34 +57,6 @@ def tip_and_axis(T_world_from_tool: np.ndarray,
     T = check_rigid(T_world_from_tool, "T_world_from_tool")
     tip = transform_points(T, model.tip_offset_tool)
     return tip, -(T[:3, :3] @ model.axis_tool)
-
-
-def plan_trajectories(plan: dict | list | tuple | None) -> list[dict]:
-    """The trajectory dicts of a plan given as a list of them, a guidance.plan/1 object
-    or None (no plan: an empty list)."""
-    if plan is None:
-        return []
-    if isinstance(plan, dict):
-        if plan.get("schema", PLAN_SCHEMA) != PLAN_SCHEMA:
-            raise ValueError(f"unsupported plan schema {plan.get('schema')!r}; "
-                             f"expected {PLAN_SCHEMA!r}")
-        plan = plan.get("trajectories")
-    if not isinstance(plan, (list, tuple)) or not all(isinstance(t, dict) for t in plan):
-        raise ValueError("a plan must be a list of trajectory objects or a guidance.plan/1 "
-                         "object with a 'trajectories' list")
-    return list(plan)
-
-
-def trajectory_endpoints(trajectory: dict) -> tuple[np.ndarray, np.ndarray]:
-    """(entry_world, target_world) of a planned trajectory (LPS mm), validated."""
-    points = []
-    for key in ("entry_world", "target_world"):
-        if key not in trajectory:
-            raise ValueError(f"trajectory {trajectory.get('level', '?')} is missing '{key}'")
-        points.append(_vector3(trajectory[key], key))
-    if np.linalg.norm(points[1] - points[0]) < 1e-6:
-        raise ValueError("trajectory entry_world and target_world coincide")
-    return points[0], points[1]
 
 
 def deviation_from_plan(tip_world: np.ndarray, axis_world: np.ndarray,

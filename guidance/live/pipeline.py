@@ -23,16 +23,18 @@ import numpy as np
 from calibration.distortion import undistort_image, undistort_maps
 from calibration.errors import CalibrationError
 from calibration.files import Calibration, check_matches, distortion_model
-from guidance.geometry import invert_rigid, project
-from guidance.images import ImageError, preprocess
-from guidance.instruments import INSTRUMENTS, nearest_trajectory, plan_trajectories, tip_and_axis, tool_in_world
-from guidance.overlay import draw_instrument, draw_outline, draw_trajectories, to_display_bgr
-from guidance.recording import Recorder
+from guidance.core.geometry import invert_rigid, project
+from guidance.core.images import ImageError, preprocess
+from guidance.core.instrument_models import INSTRUMENTS
+from guidance.core.plan import plan_trajectories
+from guidance.navigation.instruments import nearest_trajectory, tip_and_axis, tool_in_world
+from guidance.navigation.overlay import draw_instrument, draw_outline, draw_trajectories, to_display_bgr
+from guidance.live.recording import Recorder
 from guidance.registration.register import RegistrationResult, Registrator
 from guidance.registration.tracking import TrackingSettings, track
-from guidance.transport import Publisher, Subscriber
-from guidance.volume import Volume
-from guidance.wire import Frame, Heartbeat, InstrumentState, Message, Overlay, PoseResult, TrackerSample, encode
+from guidance.live.transport import Publisher, Subscriber
+from guidance.core.volume import Volume
+from guidance.live.wire import Frame, Heartbeat, InstrumentState, Message, Overlay, PoseResult, TrackerSample, encode
 
 __all__ = ["PipelineSettings", "PipelineStats", "Pipeline", "run_pipeline"]
 

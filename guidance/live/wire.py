@@ -2,7 +2,7 @@
 the byte layout of a message.
 
 A message is a list of byte strings (a ZeroMQ multipart message without the topic frame
-that ``guidance.transport`` puts in front):
+that ``guidance.live.transport`` puts in front):
 
 - part 0: UTF-8 JSON header, one object::
 
@@ -35,8 +35,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from guidance.geometry import GeometryError, check_rigid
-from guidance.views import View, ViewError, view_from_dict, view_to_dict
+from guidance.core.geometry import GeometryError, check_rigid
+from guidance.core.views import View, ViewError, view_from_dict, view_to_dict
 
 __all__ = [
     "SCHEMA",
@@ -181,7 +181,7 @@ class Message:
     """Fields every message carries.
 
     ``seq``: per-publisher, per-kind sequence number (>= 0); ``stamp_ns``: send time
-    (``time.time_ns()``); ``source``: id of the sending process. ``guidance.transport``
+    (``time.time_ns()``); ``source``: id of the sending process. ``guidance.live.transport``
     Publisher sets ``seq`` and ``stamp_ns`` when it sends.
     """
 

@@ -2,7 +2,7 @@
 the pipeline), keep the navigation state and draw the screen at a fixed refresh rate.
 
 The screen logic (STALE after 0.5 s without a pose, INVALID when registration failed)
-lives in guidance.display; this module only moves messages into it.
+lives in guidance.live.display; this module only moves messages into it.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import logging
 import threading
 import time
 
-from guidance.display import NavigationState, compose_screen
-from guidance.transport import HeartbeatMonitor, Subscriber
-from guidance.volume import Volume
-from guidance.wire import Frame, Heartbeat, InstrumentState, PoseResult
+from guidance.live.display import NavigationState, compose_screen
+from guidance.live.transport import HeartbeatMonitor, Subscriber
+from guidance.core.volume import Volume
+from guidance.live.wire import Frame, Heartbeat, InstrumentState, PoseResult
 
 __all__ = ["run_display"]
 

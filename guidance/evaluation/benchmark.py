@@ -42,13 +42,14 @@ import numba
 import numpy as np
 import scipy.optimize
 
-from guidance.drr import prepare_volume, render_drr
-from guidance.geometry import make_rigid, project, rotation_about_axis, transform_points
-from guidance.images import POLARITIES, preprocess, read_xray, write_xray
+from guidance.core.drr import prepare_volume, render_drr
+from guidance.core.geometry import make_rigid, project, rotation_about_axis, transform_points
+from guidance.core.images import POLARITIES, preprocess, read_xray, write_xray
 from guidance.registration.register import RegistrationSettings, Registrator
-from guidance.views import View, carm_view, read_view, write_view
-from guidance.volume import Volume, VolumeError, hu_to_attenuation, load_volume
-from sim.phantom import LEVEL_LABELS, Phantom
+from guidance.core.views import View, carm_view, read_view, write_view
+from guidance.core.volume import Volume, VolumeError, hu_to_attenuation, load_volume
+from guidance.core.levels import LEVEL_LABELS
+from sim.phantom import Phantom
 from sim.xray import XrayParams, form_image
 
 __all__ = [

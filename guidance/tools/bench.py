@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from guidance.drr import prepare_volume, render_drr
-from guidance.geometry import invert_rigid
-from guidance.views import View, carm_view
-from guidance.volume import Volume, hu_to_attenuation, load_volume, resample, transform_volume
+from guidance.core.drr import prepare_volume, render_drr
+from guidance.core.geometry import invert_rigid
+from guidance.core.views import View, carm_view
+from guidance.core.volume import Volume, hu_to_attenuation, load_volume, resample, transform_volume
 
 __all__ = ["DrrBenchRow", "bench_drr", "format_table", "clinical_grid", "diffdrr_geometry", "diffdrr_renderer"]
 
@@ -266,7 +266,7 @@ def _cbct_like(ct: Volume, T_moving_from_fixed: np.ndarray, seed: int) -> Volume
 def bench_register3d(*, shared_data: Path | None = None, seed: int = 0) -> list[dict]:
     """3D/3D registration of a CBCT-like copy moved by a known transform (5 deg, 8 mm):
     TRE (mm) over bone voxels and time (s), for the phantom and the real CT."""
-    from guidance.geometry import make_rigid, rotation_about_axis, transform_points
+    from guidance.core.geometry import make_rigid, rotation_about_axis, transform_points
     from guidance.registration.register3d import register_volumes
     from sim.phantom import make_phantom
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from guidance.geometry import (
+from guidance.core.geometry import (
     GeometryError,
     check_rigid,
     decompose_projection,
@@ -23,7 +23,7 @@ from guidance.geometry import (
     make_rigid,
     projection_matrix,
 )
-from guidance.jsonfile import read_json
+from guidance.core.jsonfile import read_json
 
 __all__ = [
     "INTENSITY_KINDS",

@@ -18,10 +18,10 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from guidance.geometry import project
-from guidance.instruments import plan_trajectories, trajectory_endpoints
-from guidance.views import INTENSITY_KINDS, View
-from guidance.volume import Volume
+from guidance.core.geometry import project
+from guidance.core.plan import plan_trajectories, trajectory_endpoints
+from guidance.core.views import INTENSITY_KINDS, View
+from guidance.core.volume import Volume
 
 __all__ = [
     "STATES",

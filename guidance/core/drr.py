@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from guidance.geometry import invert_rigid
-from guidance.views import View
-from guidance.volume import Volume, VolumeError, crop_to_mask
+from guidance.core.geometry import invert_rigid
+from guidance.core.views import View
+from guidance.core.volume import Volume, VolumeError, crop_to_mask
 
 __all__ = ["DrrVolume", "prepare_volume", "render_drr", "render_drr_reference"]
 
@@ -74,7 +74,7 @@ def prepare_volume(
     if mu_volume.units != "mu_per_mm":
         raise VolumeError(
             f"render_drr needs linear attenuation (units 'mu_per_mm'), got {mu_volume.units!r}; "
-            "map HU with guidance.volume.hu_to_attenuation first"
+            "map HU with guidance.core.volume.hu_to_attenuation first"
         )
     data = mu_volume.data
     if labels is not None or label_ids is not None:
@@ -238,7 +238,7 @@ def render_drr_reference(volume: Volume, view: View, *, step_mm: float = 0.1) ->
     zero outside the voxel-centre box). For tests only."""
     from scipy.ndimage import map_coordinates
 
-    from guidance.geometry import backproject
+    from guidance.core.geometry import backproject
 
     H, W = view.shape
     vv, uu = np.mgrid[0:H, 0:W]

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from guidance.display import NavigationState
-from guidance.evaluation import mean_projection_distance, mtre, target_points
-from guidance.transport import Subscriber, free_tcp_endpoint
-from guidance.wire import Frame, Heartbeat, PoseResult
+from guidance.live.display import NavigationState
+from guidance.evaluation.benchmark import mean_projection_distance, mtre, target_points
+from guidance.live.transport import Subscriber, free_tcp_endpoint
+from guidance.live.wire import Frame, Heartbeat, PoseResult
 
 __all__ = ["DemoReport", "run_demo"]
 

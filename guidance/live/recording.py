@@ -2,7 +2,7 @@
 
 A recording is a directory with two files:
 
-- ``manifest.json``: ``{"schema": "guidance.recording/1", "start_ns": ..., "start_utc": ...,
+- ``manifest.json``: ``{"schema": "guidance.live.recording/1", "start_ns": ..., "start_utc": ...,
   "source": ..., "file": "session.rec"}``, written when the recording opens;
 - ``session.rec``: the magic ``b"GDREC\\r\\n\\x1a"`` and a little-endian uint16 format
   version, then one record per message::
@@ -13,7 +13,7 @@ A recording is a directory with two files:
       lengths    n_parts x uint64
       parts      the bytes of each part, back to back
 
-The parts are wire parts (``guidance.wire.encode``, no transport topic frame). Every record
+The parts are wire parts (``guidance.live.wire.encode``, no transport topic frame). Every record
 is written with one call and flushed, so a crash loses at most the record in flight; a
 truncated final record is skipped with a warning when reading.
 """
@@ -42,7 +42,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-RECORDING_SCHEMA = "guidance.recording/1"
+RECORDING_SCHEMA = "guidance.live.recording/1"
 MAGIC = b"GDREC\r\n\x1a"
 FORMAT_VERSION = 1
 SESSION_FILE = "session.rec"

@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import SimpleITK as sitk
 
-from guidance.views import View
+from guidance.core.views import View
 
 __all__ = ["ImageError", "PreparedImage", "read_xray", "write_xray", "preprocess", "valid_pixel_mask"]
 

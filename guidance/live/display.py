@@ -1,7 +1,7 @@
 """The navigation screen: registered fluoroscopy with overlays and CT reslices at the tip.
 
 A library module without sockets: the pipeline or CLI feeds ``NavigationState`` the
-decoded messages (``guidance.wire`` Frame, PoseResult, InstrumentState) with their
+decoded messages (``guidance.live.wire`` Frame, PoseResult, InstrumentState) with their
 arrival times, ``compose_screen`` draws a BGR uint8 screen from it, and a sink shows it
 (``WindowSink``) or writes it as PNG files (``HeadlessWriter``).
 
@@ -29,15 +29,11 @@ import cv2
 import numpy as np
 from scipy.ndimage import map_coordinates
 
-from guidance.geometry import invert_rigid
-from guidance.instruments import (
-    INSTRUMENTS,
-    deviation_from_plan,
-    nearest_trajectory,
-    plan_trajectories,
-    trajectory_endpoints,
-)
-from guidance.overlay import (
+from guidance.core.geometry import invert_rigid
+from guidance.core.instrument_models import INSTRUMENTS
+from guidance.core.plan import plan_trajectories, trajectory_endpoints
+from guidance.navigation.instruments import deviation_from_plan, nearest_trajectory
+from guidance.navigation.overlay import (
     COLOURS,
     draw_instrument,
     draw_outline,
@@ -47,11 +43,11 @@ from guidance.overlay import (
     status_bar_height,
     to_display_bgr,
 )
-from guidance.views import View
-from guidance.volume import Volume
+from guidance.core.views import View
+from guidance.core.volume import Volume
 
 if TYPE_CHECKING:
-    from guidance.wire import Frame, InstrumentState, PoseResult
+    from guidance.live.wire import Frame, InstrumentState, PoseResult
 
 __all__ = [
     "STALE_AFTER_S",
@@ -145,12 +141,12 @@ class NavigationState:
         self._frame_times: deque[float] = deque(maxlen=max(2, fps_window))
 
     def on_frame(self, frame: Frame, now_s: float) -> None:
-        """Take a frame (``guidance.wire.Frame`` or anything with frame_id, pixels, view)."""
+        """Take a frame (``guidance.live.wire.Frame`` or anything with frame_id, pixels, view)."""
         self.frame = FrameRecord(int(frame.frame_id), frame.pixels, frame.view, float(now_s))
         self._frame_times.append(float(now_s))
 
     def on_pose(self, pose: PoseResult, now_s: float) -> None:
-        """Take a registration result (``guidance.wire.PoseResult``)."""
+        """Take a registration result (``guidance.live.wire.PoseResult``)."""
         stages = dict(pose.latency_ms)
         latency = stages.get("total", sum(stages.values())) if stages else None
         e2e = None
@@ -163,7 +159,7 @@ class NavigationState:
             latency_ms=latency, end_to_end_ms=e2e, received_s=float(now_s))
 
     def on_instrument(self, instrument: InstrumentState, now_s: float) -> None:
-        """Take an instrument state (``guidance.wire.InstrumentState``)."""
+        """Take an instrument state (``guidance.live.wire.InstrumentState``)."""
         self.instrument = InstrumentRecord(
             tool_id=instrument.tool_id,
             tip_world=np.asarray(instrument.tip_world, dtype=float),

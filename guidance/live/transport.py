@@ -2,7 +2,7 @@
 
 On the socket every message is ``[topic, *wire parts]``: the topic frame (the kind name in
 ASCII, e.g. ``b"frame"``) belongs to this module, so that SUB sockets can filter by kind;
-it is not part of the wire format, and ``guidance.wire.decode`` never sees it.
+it is not part of the wire format, and ``guidance.live.wire.decode`` never sees it.
 
 Delivery policy:
 
@@ -35,7 +35,7 @@ from dataclasses import replace
 
 import zmq
 
-from guidance.wire import KINDS, Heartbeat, Message, WireError, decode, encode
+from guidance.live.wire import KINDS, Heartbeat, Message, WireError, decode, encode
 
 __all__ = [
     "DEFAULT_FRAME_ENDPOINT",

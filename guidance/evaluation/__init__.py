@@ -1,0 +1,1 @@
+"""Registration evaluation: metrics, benchmark sets, runners and reports."""

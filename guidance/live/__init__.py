@@ -1,0 +1,1 @@
+"""The live application: wire messages, ZeroMQ transport, recording, pipeline, display client."""

@@ -1,0 +1,1 @@
+"""Navigation: tracked instruments in the CT, guidance metrics, overlays and the screen."""
