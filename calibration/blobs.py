@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-__all__ = ["INTENSITY_KINDS", "Blobs", "attenuation_image", "detect_blobs"]
+from guidance.core.views import check_intensity
 
-INTENSITY_KINDS = ("raw", "line_integral", "display")
+__all__ = ["Blobs", "attenuation_image", "detect_blobs"]
 
 
 @dataclass(frozen=True)
@@ -47,9 +47,7 @@ def attenuation_image(image: np.ndarray, *, intensity: str = "raw",
     bright where unattenuated) and ``display`` images (treated as raw: metal dark) give
     ``-log(I / I0)``; without ``I0`` the 99.9th percentile of the image is used.
     """
-    if intensity not in INTENSITY_KINDS:
-        raise ValueError(f"intensity must be one of {', '.join(INTENSITY_KINDS)}; "
-                         f"got {intensity!r}")
+    check_intensity(intensity)
     img = np.asarray(image, dtype=np.float64)
     if img.ndim != 2:
         raise ValueError(f"expected a single-channel 2-D image, got shape {img.shape}")

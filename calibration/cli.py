@@ -15,7 +15,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import SimpleITK as sitk
 
 from calibration.carm import (
     CarmCalibrationResult,
@@ -54,36 +53,14 @@ from guidance.core.geometry import (
     project,
     rotation_about_axis,
 )
-from guidance.core.views import View, carm_view, read_view, write_view
+from guidance.core.images import read_xray
+from guidance.core.jsonfile import read_json
+from guidance.core.views import View, carm_view, read_view, view_path_for, write_view
 
-__all__ = ["calibrate_carm", "calibrate_distortion", "calibrate_pivot", "read_image"]
+__all__ = ["calibrate_carm", "calibrate_distortion", "calibrate_pivot"]
 
 SIM_I0 = 10000.0
 PHANTOM_POSE_FILE = "phantom_pose.json"
-
-
-def read_image(path: str | Path) -> np.ndarray:
-    """A single-channel image as float64 (H, W): PNG/TIFF via OpenCV (8/16 bit kept as
-    counts), anything else SimpleITK reads (MetaImage, NRRD, DICOM)."""
-    path = Path(path)
-    if not path.exists():
-        raise CalibrationError(f"image not found: {path}")
-    if path.suffix.lower() in (".png", ".tif", ".tiff"):
-        img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-        if img is None:
-            raise CalibrationError(f"cannot read image {path}")
-        if img.ndim == 3:
-            img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
-    else:
-        img = np.squeeze(sitk.GetArrayFromImage(sitk.ReadImage(str(path))))
-    if img.ndim != 2:
-        raise CalibrationError(f"{path}: expected a single 2-D frame, got shape {img.shape}")
-    return img.astype(np.float64)
-
-
-def _view_path(image_path: Path) -> Path:
-    """``x.png`` -> ``x.view.json``."""
-    return image_path.with_name(image_path.with_suffix("").name + ".view.json")
 
 
 def _inputs_dir(out: Path) -> Path:
@@ -128,7 +105,7 @@ def _simulate_carm_inputs(out: Path, seed: int, angles: list[tuple[float, float]
                         pixel_spacing_mm=nominal.pixel_spacing_mm,
                         source_to_detector_mm=nominal.source_to_detector_mm,
                         extra={"lao_deg": float(lao), "cranial_deg": float(cran)}),
-                   _view_path(path))
+                   view_path_for(path))
         paths.append(path)
         truth[float(lao), float(cran)] = view
     (folder / PHANTOM_POSE_FILE).write_text(json.dumps(
@@ -147,8 +124,8 @@ def _phantom_pose(value: np.ndarray | str | Path | None, first_image: Path) -> n
         value = found
     if isinstance(value, (str, Path)):
         try:
-            value = json.loads(Path(value).read_text())["T_world_from_phantom"]
-        except (OSError, KeyError, TypeError, json.JSONDecodeError) as exc:
+            value = read_json(value, what="phantom pose", error=CalibrationError)["T_world_from_phantom"]
+        except (KeyError, TypeError) as exc:
             raise CalibrationError(f"cannot read T_world_from_phantom from {value}: "
                                    f"{exc!r}") from None
     try:
@@ -210,12 +187,12 @@ def calibrate_carm(images: list[str | Path] | None = None, simulate: bool = Fals
     results: list[tuple[float | None, float | None, CarmCalibrationResult]] = []
     tiles, entries, spacing = [], [], None
     for path in map(Path, images):
-        vpath = _view_path(path)
+        vpath = view_path_for(path)
         if not vpath.exists():
             raise CalibrationError(f"no nominal view file {vpath} for image {path}")
         nominal = read_view(vpath)
         spacing = nominal.pixel_spacing_mm or spacing
-        image = read_image(path)
+        image = read_xray(path).astype(np.float64)
         res = calibrate_carm_image(image, ph, nominal, nominal.T_cam_from_world @ T_wp,
                                    undistort=undistort, seed=seed)
         lao, cran = nominal.extra.get("lao_deg"), nominal.extra.get("cranial_deg")
@@ -311,7 +288,7 @@ def calibrate_distortion(images: str | Path | list[str | Path] | None = None,
     if len(paths) != 1:
         raise CalibrationError(f"distortion calibration takes one dot-grid image, got "
                                f"{len(paths)}")
-    image = read_image(paths[0])
+    image = read_xray(paths[0]).astype(np.float64)
     res = calibrate_distortion_image(image, intensity=intensity, I0=I0, degree=degree,
                                      seed=seed)
     residuals = {"heldout_rms_px": res.heldout_rms_px,

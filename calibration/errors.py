@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from guidance.core.errors import GuidanceError
+
 __all__ = ["CalibrationError", "matrix_field"]
 
 
-class CalibrationError(ValueError):
+class CalibrationError(GuidanceError):
     """A calibration that cannot be computed, read, validated or applied.
 
     Raised for malformed or mismatched calibration files, unknown calibration kinds,

@@ -25,6 +25,7 @@ from scipy.spatial.transform import Rotation
 
 from calibration.errors import CalibrationError
 from guidance.core.geometry import make_rigid
+from guidance.core.jsonfile import read_json
 
 __all__ = [
     "PIVOT_METHODS",
@@ -190,7 +191,7 @@ def read_poses(path: str | Path) -> np.ndarray:
         if path.suffix == ".npy":
             T = np.load(path)
         elif path.suffix == ".json":
-            d = json.loads(path.read_text())
+            d = read_json(path, what="poses", error=CalibrationError)
             T = np.array(d["T_tracker_from_tool"] if isinstance(d, dict) else d, dtype=float)
         else:
             T = np.loadtxt(path, delimiter="," if path.suffix == ".csv" else None, ndmin=2)

@@ -26,9 +26,9 @@ What the system believes and what really happens:
   ``START_OUTSIDE_MM`` before the entry point and advances at ``advance_mm_per_s`` to the
   target, where it stops. It is rendered into the X-ray as a steel cylinder.
 
-Images: the anatomy's line integral (numba DRR of the full CT, soft tissue included, at
-70 keV) plus the instrument's analytic line integral go through
-``sim.xray.form_image`` (Poisson noise, detector blur). The same scenario and seed give
+Images: the anatomy's line integral (``sim.xray.prepare_anatomy``: the full CT, soft
+tissue included) plus the instrument's analytic line integral go through
+``sim.xray.acquire`` (Poisson noise, detector blur). The same scenario and seed give
 identical frames whatever the order in which times are asked for.
 """
 
@@ -39,7 +39,6 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from guidance.core.drr import DrrVolume, prepare_volume, render_drr
 from guidance.core.geometry import (
     invert_rigid,
     make_rigid,
@@ -50,16 +49,15 @@ from guidance.core.geometry import (
 from guidance.core.instrument_models import INSTRUMENTS, InstrumentModel, get_instrument
 from guidance.core.plan import SIDES, trajectory_endpoints
 from guidance.core.levels import LUMBAR
-from guidance.core.views import View, carm_view
-from guidance.core.volume import Volume, hu_to_attenuation
+from guidance.core.errors import GuidanceError
+from guidance.core.views import INTENSITY_KINDS, View, carm_view
 from sim.phantom import Phantom
-from sim.xray import VARIANTS, XrayParams, form_image
+from sim.xray import XrayParams, acquire, labelled_view, prepare_anatomy
 
 __all__ = [
     "MODES",
     "PATIENT_POSITIONS",
-    "I0",
-    "ENERGY_KEV",
+    "ScenarioError",
     "START_OUTSIDE_MM",
     "STEEL_MU_PER_MM",
     "METAL_MAX_LINE_INTEGRAL",
@@ -73,16 +71,6 @@ __all__ = [
 
 MODES = ("fluoro", "shots")
 PATIENT_POSITIONS = ("prone", "supine")
-I0 = 4095.0
-"""Detector counts of an unattenuated pixel in "raw" frames."""
-ENERGY_KEV = 70.0
-"""Effective beam energy of the HU -> attenuation mapping (keV)."""
-BONE_STEP_MM = 0.5
-"""DRR sampling step through bone (mm)."""
-SOFT_STEP_MM = 2.0
-"""DRR sampling step through soft tissue (mm): smooth, so a coarse step is exact to <0.3%."""
-SOFT_TISSUE_MAX_HU = 100.0
-"""CT numbers up to this are soft tissue (rendered at SOFT_STEP_MM); the excess is bone."""
 START_OUTSIDE_MM = 20.0
 """The instrument tip starts this far before the entry point, along the trajectory."""
 STEEL_MU_PER_MM = 0.5
@@ -99,32 +87,36 @@ _REFERENCE_IN_VERTEBRA = np.array([0.0, 90.0, 30.0])
 """Reference array origin in the target vertebra's frame (mm): behind the spinous process."""
 
 
+class ScenarioError(GuidanceError):
+    """A scenario that cannot be played (bad setting, or no planned trajectory to follow)."""
+
+
 def _allowed(name: str, value: object, choices: tuple) -> None:
     if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+        raise ScenarioError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
 
 
 def _positive(scenario: "Scenario", *names: str) -> None:
     for name in names:
         value = getattr(scenario, name)
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-            raise ValueError(f"{name} must be a positive number; got {value!r}")
+            raise ScenarioError(f"{name} must be a positive number; got {value!r}")
 
 
 def _non_negative(scenario: "Scenario", *names: str) -> None:
     for name in names:
         value = getattr(scenario, name)
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-            raise ValueError(f"{name} must be a non-negative number; got {value!r}")
+            raise ScenarioError(f"{name} must be a non-negative number; got {value!r}")
 
 
 def _angle_pair(value: object, name: str) -> tuple[float, float]:
     try:
         lao, cranial = (float(x) for x in value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a (lao_deg, cranial_deg) pair; got {value!r}") from None
+        raise ScenarioError(f"{name} must be a (lao_deg, cranial_deg) pair; got {value!r}") from None
     if not (math.isfinite(lao) and math.isfinite(cranial)):
-        raise ValueError(f"{name} must be finite angles; got {value!r}")
+        raise ScenarioError(f"{name} must be finite angles; got {value!r}")
     return lao, cranial
 
 
@@ -136,8 +128,9 @@ class Scenario:
     "shots" (one image every ``shot_interval_s``, cycling through ``shots``); angles are
     (LAO, cranial) pairs as the C-arm displays them. The detector is ``detector_px``
     square pixels of ``pixel_spacing_mm``; ``sdd_mm`` / ``sid_mm``: source to detector /
-    isocentre. ``variant``: the pixels' intensity kind ("raw" uint16 counts with
-    ``I0``, "display" uint8, "line_integral" float32); ``dose`` scales the photon count.
+    isocentre. ``intensity``: the pixels' intensity kind ("raw" uint16 counts with
+    ``XrayParams().I0``, "display" uint8, "line_integral" float32); ``dose`` scales the
+    photon count.
     ``instrument``: a name from ``guidance.core.instrument_models.INSTRUMENTS`` or None (no
     instrument in the images or the tracker). Tracker noise: RMS 3-D position error
     ``tracker_noise_mm`` and RMS rotation ``tracker_noise_deg`` of each noisy sample.
@@ -154,7 +147,7 @@ class Scenario:
     sdd_mm: float = 1000.0
     sid_mm: float = 600.0
     patient_position: str = "prone"
-    variant: str = "raw"
+    intensity: str = "raw"
     dose: float = 1.0
     initial_misalignment_mm: float = 8.0
     initial_misalignment_deg: float = 3.0
@@ -170,7 +163,7 @@ class Scenario:
 
     def __post_init__(self) -> None:
         _allowed("mode", self.mode, MODES)
-        _allowed("variant", self.variant, VARIANTS)
+        _allowed("intensity", self.intensity, INTENSITY_KINDS)
         _allowed("patient_position", self.patient_position, PATIENT_POSITIONS)
         _allowed("instrument", self.instrument, (*INSTRUMENTS, None))
         _allowed("target_level", self.target_level, LUMBAR)
@@ -181,14 +174,14 @@ class Scenario:
                       "breathing_amplitude_mm", "advance_mm_per_s", "tracker_noise_mm",
                       "tracker_noise_deg")
         if isinstance(self.detector_px, bool) or not isinstance(self.detector_px, int) or self.detector_px < 8:
-            raise ValueError(f"detector_px must be an integer >= 8; got {self.detector_px!r}")
+            raise ScenarioError(f"detector_px must be an integer >= 8; got {self.detector_px!r}")
         if not self.sid_mm < self.sdd_mm:
-            raise ValueError(f"sid_mm ({self.sid_mm}) must be less than sdd_mm ({self.sdd_mm})")
+            raise ScenarioError(f"sid_mm ({self.sid_mm}) must be less than sdd_mm ({self.sdd_mm})")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative integer; got {self.seed!r}")
+            raise ScenarioError(f"seed must be a non-negative integer; got {self.seed!r}")
         shots = tuple(_angle_pair(s, f"shots[{i}]") for i, s in enumerate(self.shots))
         if not shots:
-            raise ValueError("shots must hold at least one (lao_deg, cranial_deg) pair")
+            raise ScenarioError("shots must hold at least one (lao_deg, cranial_deg) pair")
         object.__setattr__(self, "shots", shots)
         object.__setattr__(self, "fluoro_angles", _angle_pair(self.fluoro_angles, "fluoro_angles"))
 
@@ -209,7 +202,7 @@ class SimState:
     """Geometry and tracking at one scenario time ``t_s`` (s), without the image.
 
     ``frame_id``: the acquisition index (``Scenario.acquisition_index``); ``view``: the
-    NOMINAL view (its intensity kind is the scenario's variant); ``T_cam_from_world``: the
+    NOMINAL view (its intensity kind is the scenario's); ``T_cam_from_world``: the
     actual pose (= nominal @ M); ``T_world_corrected_from_world``: inv(M);
     ``T_world_from_tool``: the true instrument pose in CT coordinates (None without an
     instrument); ``T_tracker_from_cam``: the C-arm in the tracker frame (exact);
@@ -341,15 +334,6 @@ def instrument_line_integral(view: View, T_cam_from_tool: np.ndarray, model: Ins
 # ---------------------------------------------------------------------------- player
 
 
-def _split_attenuation(ct: Volume) -> tuple[DrrVolume, DrrVolume]:
-    """(soft tissue, bone excess) DRR volumes whose attenuations sum to the full CT's at
-    ENERGY_KEV; soft tissue is sampled at SOFT_STEP_MM, bone at BONE_STEP_MM."""
-    mu = hu_to_attenuation(ct, energy_kev=ENERGY_KEV)
-    soft = hu_to_attenuation(ct.with_data(np.minimum(ct.data, SOFT_TISSUE_MAX_HU)), energy_kev=ENERGY_KEV)
-    bone = mu.with_data(np.maximum(mu.data - soft.data, 0.0).astype(np.float32))
-    return prepare_volume(soft, step_mm=SOFT_STEP_MM), prepare_volume(bone, step_mm=BONE_STEP_MM)
-
-
 def _look_at(position: np.ndarray, target: np.ndarray) -> np.ndarray:
     """``T_world_from_frame`` of a frame at ``position`` whose +z looks at ``target``."""
     return make_rigid(_rotation_with_z(np.asarray(target) - position), position)
@@ -367,7 +351,7 @@ class ScenarioPlayer:
     """Computes the state and the image of a ``Scenario`` at any time, on a ``Phantom``.
 
     The constructor prepares the DRR volumes (the full CT incl. soft tissue) and the fixed
-    poses; ``state_at(t)`` is cheap, ``frame_at(t)`` renders. Raises ValueError when the
+    poses; ``state_at(t)`` is cheap, ``frame_at(t)`` renders. Raises ScenarioError when the
     phantom's plan has no trajectory for the scenario's target level and side.
     """
 
@@ -377,8 +361,8 @@ class ScenarioPlayer:
                    if t.get("level") == scenario.target_level and t.get("side") == scenario.target_side]
         if not matches:
             planned = ", ".join(f"{t.get('level')}/{t.get('side')}" for t in phantom.plan)
-            raise ValueError(f"the phantom's plan has no {scenario.target_level}/{scenario.target_side} "
-                             f"trajectory; planned: {planned}")
+            raise ScenarioError(f"the phantom's plan has no {scenario.target_level}/{scenario.target_side} "
+                                f"trajectory; planned: {planned}")
         self.trajectory = matches[0]
         self.entry_world, self.target_world = trajectory_endpoints(self.trajectory)
         self.model = None if scenario.instrument is None else get_instrument(scenario.instrument)
@@ -388,7 +372,7 @@ class ScenarioPlayer:
         self.T_tracker_from_room = invert_rigid(
             _look_at(self.isocenter_world + _TRACKER_OFFSET_WORLD, self.isocenter_world))
         self.M0 = self._initial_misplacement()
-        self._soft, self._bone = _split_attenuation(phantom.ct)
+        self._anatomy = prepare_anatomy(phantom.ct)
         self._views: dict[tuple[float, float], View] = {}
 
     def _initial_misplacement(self) -> np.ndarray:
@@ -424,8 +408,8 @@ class ScenarioPlayer:
                 lao_deg=lao_deg, cranial_deg=cranial_deg, source_to_detector_mm=s.sdd_mm,
                 source_to_isocenter_mm=s.sid_mm, detector_size_px=(s.detector_px, s.detector_px),
                 pixel_spacing_mm=(s.pixel_spacing_mm, s.pixel_spacing_mm),
-                isocenter_world=self.isocenter_world, patient_position=s.patient_position,
-                intensity=s.variant, I0=I0 if s.variant == "raw" else None)
+                isocenter_world=self.isocenter_world, patient_position=s.patient_position)
+            self._views[key] = labelled_view(self._views[key], s.intensity)
         return self._views[key]
 
     def state_at(self, t_s: float) -> SimState:
@@ -458,15 +442,12 @@ class ScenarioPlayer:
         Poisson noise seeded by the scenario seed and the acquisition time)."""
         s = self.scenario
         actual = state.view.with_pose(state.T_cam_from_world)
-        line_integral = render_drr(self._soft, actual)
-        line_integral += render_drr(self._bone, actual)
+        line_integral = self._anatomy.line_integral(actual)
         if self.model is not None:
             line_integral += instrument_line_integral(actual, state.T_cam_from_world @ state.T_world_from_tool,
                                                       self.model)
         seed = int(np.random.SeedSequence([s.seed, 2, int(round(state.t_s * 1e6))]).generate_state(1)[0])
-        params = XrayParams(I0=I0, dose=s.dose, seed=seed)
-        pixels = form_image(line_integral, params, variant=s.variant,
-                            dtype="uint16" if s.variant == "raw" else None)
+        pixels, _ = acquire(line_integral, actual, XrayParams(dose=s.dose, seed=seed), intensity=s.intensity)
         return SimFrame(**{f.name: getattr(state, f.name) for f in fields(SimState)}, pixels=pixels)
 
     def frame_at(self, t_s: float) -> SimFrame:

@@ -15,25 +15,36 @@ at (0, 0) (CONVENTIONS.md). The chain, in the order the physics applies it:
    pixel centres, so an undistorted point at a corner moves outward by k1 r_max.
 5. Collimation in output pixels: outside, the detector sees nothing (a dark level).
 
-Variants: "raw" counts (bright where unattenuated), "line_integral" -log(I / I0) after
-noise and blur, "display" an 8-bit monitor picture (bone dark).
+Intensity kinds (``guidance.core.views.INTENSITY_KINDS``): "raw" counts (bright where
+unattenuated), "line_integral" -log(I / I0) after noise and blur, "display" an 8-bit
+monitor picture (bone dark).
+
+This is the one X-ray model of the project: the CLI's ``render``, the scenarios of the
+live simulator and the evaluation's test images all call :func:`prepare_anatomy`,
+:meth:`Anatomy.line_integral` and :func:`acquire` (or :func:`simulate_xray`, which chains
+them), so they share one energy, one sampling and one detector.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import cv2
 import numpy as np
 
-from guidance.core.drr import prepare_volume, render_drr
-from guidance.core.views import View
+from guidance.core.drr import DrrVolume, prepare_volume, render_drr
+from guidance.core.errors import GuidanceError
+from guidance.core.views import View, check_intensity
 from guidance.core.volume import Volume, hu_to_attenuation
 
 __all__ = [
-    "VARIANTS",
+    "XrayError",
+    "ENERGY_KEV",
+    "BONE_STEP_MM",
+    "SOFT_STEP_MM",
+    "SOFT_TISSUE_MAX_HU",
     "RAW_DTYPES",
     "DARK_FRACTION",
     "XrayParams",
@@ -43,10 +54,23 @@ __all__ = [
     "distortion_maps",
     "distort_points",
     "undistort_points",
+    "Anatomy",
+    "prepare_anatomy",
+    "acquire",
+    "labelled_view",
+    "auto_exposure",
     "simulate_xray",
 ]
 
-VARIANTS = ("line_integral", "raw", "display")
+ENERGY_KEV = 70.0
+"""Effective beam energy of the HU -> attenuation mapping of simulated images (keV);
+registration renders at another (60 keV), so tests are no "inverse crime"."""
+BONE_STEP_MM = 0.5
+"""DRR sampling step through bone (mm)."""
+SOFT_STEP_MM = 2.0
+"""DRR sampling step through soft tissue (mm): smooth, so a coarse step is exact to <0.3%."""
+SOFT_TISSUE_MAX_HU = 100.0
+"""CT numbers up to this are soft tissue (rendered at SOFT_STEP_MM); the excess is bone."""
 RAW_DTYPES = ("float32", "uint16")
 DARK_FRACTION = 1.0e-3  # detector level outside the collimator, as a fraction of I0
 _SCATTER_SIGMA_FRACTION = 0.1  # scatter kernel sigma, fraction of the larger image side
@@ -54,6 +78,10 @@ _DISPLAY_PERCENTILES = (0.5, 99.5)  # robust window of the log image inside the 
 _UNSHARP_SIGMA_PX = 4.0
 _UNSHARP_AMOUNT = 0.6
 _DISPLAY_GAMMA = 0.8
+
+
+class XrayError(GuidanceError):
+    """Impossible X-ray acquisition settings or an unusable line-integral image."""
 
 
 @dataclass(frozen=True)
@@ -87,13 +115,13 @@ class XrayParams:
         for name in ("I0", "dose", "photons_per_pixel_at_unit_dose"):
             value = getattr(self, name)
             if not (np.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be positive and finite; got {value!r}")
+                raise XrayError(f"{name} must be positive and finite; got {value!r}")
         if not (np.isfinite(self.blur_sigma_px) and self.blur_sigma_px >= 0):
-            raise ValueError(f"blur_sigma_px must be >= 0; got {self.blur_sigma_px!r}")
+            raise XrayError(f"blur_sigma_px must be >= 0; got {self.blur_sigma_px!r}")
         if not (np.isfinite(self.distortion_k1) and self.distortion_k1 > -1.0 / 3.0):
-            raise ValueError(f"distortion_k1 must be finite and > -1/3; got {self.distortion_k1!r}")
+            raise XrayError(f"distortion_k1 must be finite and > -1/3; got {self.distortion_k1!r}")
         if not 0.0 <= self.scatter_fraction < 1.0:
-            raise ValueError(f"scatter_fraction must be in [0, 1); got {self.scatter_fraction!r}")
+            raise XrayError(f"scatter_fraction must be in [0, 1); got {self.scatter_fraction!r}")
         _check_collimation(self.collimation)
 
     @property
@@ -107,12 +135,12 @@ def _check_collimation(collimation) -> None:
         return
     if np.ndim(collimation) == 0:
         if not (np.isfinite(collimation) and collimation > 0):
-            raise ValueError(f"a circular collimation radius must be positive; got {collimation!r}")
+            raise XrayError(f"a circular collimation radius must be positive; got {collimation!r}")
         return
     c = np.asarray(collimation, dtype=float)
     if c.shape != (4,) or not np.all(np.isfinite(c)) or c[2] < c[0] or c[3] < c[1]:
-        raise ValueError("collimation must be None, a radius (pixels) or a rectangle "
-                         f"(u_min, v_min, u_max, v_max) with min <= max; got {collimation!r}")
+        raise XrayError("collimation must be None, a radius (pixels) or a rectangle "
+                        f"(u_min, v_min, u_max, v_max) with min <= max; got {collimation!r}")
 
 
 # -------------------------------------------------------------------------- distortion
@@ -233,9 +261,9 @@ def _quantum_noise(intensity: np.ndarray, params: XrayParams, rng) -> np.ndarray
 def _check_line_integral(line_integral) -> np.ndarray:
     L = np.asarray(line_integral)
     if L.ndim != 2 or min(L.shape) < 2:
-        raise ValueError(f"line_integral must be a 2D (H, W) image; got shape {L.shape}")
+        raise XrayError(f"line_integral must be a 2D (H, W) image; got shape {L.shape}")
     if not np.all(np.isfinite(L)):
-        raise ValueError("line_integral contains NaN or infinite values")
+        raise XrayError("line_integral contains NaN or infinite values")
     return L
 
 
@@ -254,38 +282,37 @@ def _display(intensity: np.ndarray, mask: np.ndarray, I0: float) -> np.ndarray:
 
 
 def form_image(line_integral: np.ndarray, params: XrayParams = XrayParams(), *,
-               variant: str, dtype: str | None = None) -> np.ndarray:
-    """Simulated X-ray image (H, W) of a line-integral image, as ``variant`` asks.
+               intensity: str, dtype: str | None = None) -> np.ndarray:
+    """Simulated X-ray image (H, W) of a line-integral image, in the ``intensity`` kind.
 
     "raw": detector counts, float32 (``dtype="uint16"``: rounded, clipped to 0..65535);
     "line_integral": float32 -log(I / I0) after noise, blur and distortion (zero photon
     counts are floored at half a photon; outside the collimator -log(DARK_FRACTION));
     "display": uint8, bone dark, 0 outside the collimator.
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
-    if dtype is not None and variant != "raw":
-        raise ValueError(f"dtype applies to the 'raw' variant only; got dtype for {variant!r}")
+    check_intensity(intensity)
+    if dtype is not None and intensity != "raw":
+        raise XrayError(f"dtype applies to 'raw' intensity only; got dtype for {intensity!r}")
     L = _check_line_integral(line_integral)
     H, W = L.shape
-    intensity = expected_intensity(L, params)
+    signal = expected_intensity(L, params)
     if params.noise:
-        intensity = _quantum_noise(intensity, params, np.random.default_rng(params.seed))
+        signal = _quantum_noise(signal, params, np.random.default_rng(params.seed))
     if params.blur_sigma_px > 0:
-        intensity = _gaussian(intensity, params.blur_sigma_px)
+        signal = _gaussian(signal, params.blur_sigma_px)
     if params.distortion_k1 != 0:
         center = params.distortion_center_px
         maps = _cached_maps((W, H), params.distortion_k1, None if center is None else tuple(center))
-        intensity = cv2.remap(intensity, *maps, interpolation=cv2.INTER_LINEAR,
-                              borderMode=cv2.BORDER_CONSTANT, borderValue=params.I0 * DARK_FRACTION)
+        signal = cv2.remap(signal, *maps, interpolation=cv2.INTER_LINEAR,
+                           borderMode=cv2.BORDER_CONSTANT, borderValue=params.I0 * DARK_FRACTION)
     mask = collimation_mask((W, H), params.collimation)
-    intensity = np.where(mask, intensity, params.I0 * DARK_FRACTION)
-    if variant == "raw":
-        return _raw_output(intensity, dtype)
-    if variant == "line_integral":
+    signal = np.where(mask, signal, params.I0 * DARK_FRACTION)
+    if intensity == "raw":
+        return _raw_output(signal, dtype)
+    if intensity == "line_integral":
         floor = 0.5 / params.photons_per_pixel if params.noise else np.finfo(np.float64).tiny
-        return (-np.log(np.maximum(intensity / params.I0, floor))).astype(np.float32)
-    return _display(intensity, mask, params.I0)
+        return (-np.log(np.maximum(signal / params.I0, floor))).astype(np.float32)
+    return _display(signal, mask, params.I0)
 
 
 def _raw_output(intensity: np.ndarray, dtype: str | None) -> np.ndarray:
@@ -294,17 +321,63 @@ def _raw_output(intensity: np.ndarray, dtype: str | None) -> np.ndarray:
     except TypeError:
         name = None
     if name not in RAW_DTYPES:
-        raise ValueError(f"raw dtype must be one of {', '.join(RAW_DTYPES)}; got {dtype!r}")
+        raise XrayError(f"raw dtype must be one of {', '.join(RAW_DTYPES)}; got {dtype!r}")
     if name == "uint16":
         return np.clip(np.rint(intensity), 0, 65535).astype(np.uint16)
     return intensity.astype(np.float32)
 
 
-def simulate_xray(ct_hu: Volume, view: View, params: XrayParams = XrayParams(), *, variant: str,
-                  energy_kev: float = 70.0, step_mm: float = 0.5) -> tuple[np.ndarray, View]:
-    """A simulated X-ray of a CT (HU) seen in ``view``: DRR of the full CT at an effective
-    energy, then ``form_image``. Returns the image (raw as uint16) and the view labelled
-    with its intensity kind (and I0 for raw)."""
-    line = render_drr(prepare_volume(hu_to_attenuation(ct_hu, energy_kev=energy_kev), step_mm=step_mm), view)
-    image = form_image(line, params, variant=variant, dtype="uint16" if variant == "raw" else None)
-    return image, view.with_intensity(variant, I0=params.I0 if variant == "raw" else None)
+@dataclass(frozen=True)
+class Anatomy:
+    """A CT (HU) prepared for simulated X-rays: attenuation at ``ENERGY_KEV`` split into
+    soft tissue (HU capped at ``SOFT_TISSUE_MAX_HU``, sampled coarsely) and the bone
+    excess (sampled finely); their line integrals add up to the full CT's."""
+
+    soft: DrrVolume
+    bone: DrrVolume
+
+    def line_integral(self, view: View) -> np.ndarray:
+        """Attenuation line integrals (H, W) float32 (dimensionless) seen in ``view``
+        (its ``T_cam_from_world`` maps world = LPS mm of the CT to the source frame)."""
+        return render_drr(self.soft, view) + render_drr(self.bone, view)
+
+
+def prepare_anatomy(ct_hu: Volume, *, energy_kev: float = ENERGY_KEV, bone_step_mm: float = BONE_STEP_MM,
+                    soft_step_mm: float = SOFT_STEP_MM) -> Anatomy:
+    """The ``Anatomy`` of a CT in HU (soft tissue included), ready for many views."""
+    mu = hu_to_attenuation(ct_hu, energy_kev=energy_kev)
+    soft = hu_to_attenuation(ct_hu.with_data(np.minimum(ct_hu.data, SOFT_TISSUE_MAX_HU)), energy_kev=energy_kev)
+    bone = mu.with_data(np.maximum(mu.data - soft.data, 0.0).astype(np.float32))
+    return Anatomy(soft=prepare_volume(soft, step_mm=soft_step_mm), bone=prepare_volume(bone, step_mm=bone_step_mm))
+
+
+def auto_exposure(line_integral: np.ndarray, params: XrayParams, photons_per_pixel: float) -> XrayParams:
+    """``params`` with the dose an automatic exposure control sets: ``photons_per_pixel``
+    photons on average behind the patient, over the central quarter of the detector."""
+    H, W = line_integral.shape
+    centre = np.asarray(line_integral)[H // 4: H - H // 4, W // 4: W - W // 4]
+    transmitted = float(np.mean(np.exp(-centre.astype(np.float64))))
+    return replace(params, dose=photons_per_pixel / (params.photons_per_pixel_at_unit_dose * max(transmitted, 1e-6)))
+
+
+def acquire(line_integral: np.ndarray, view: View, params: XrayParams = XrayParams(), *,
+            intensity: str) -> tuple[np.ndarray, View]:
+    """An acquisition as it is stored and sent: the pixels of ``form_image`` ("raw" as
+    uint16 counts, "display" uint8, "line_integral" float32) and ``view`` labelled with
+    that intensity kind (and ``params.I0`` for raw)."""
+    image = form_image(line_integral, params, intensity=intensity, dtype="uint16" if intensity == "raw" else None)
+    return image, labelled_view(view, intensity, params)
+
+
+def labelled_view(view: View, intensity: str, params: XrayParams = XrayParams()) -> View:
+    """``view`` labelled with the intensity kind of its images (and ``params.I0`` for raw)."""
+    return view.with_intensity(intensity, I0=params.I0 if intensity == "raw" else None)
+
+
+def simulate_xray(ct_hu: Volume | Anatomy, view: View, params: XrayParams = XrayParams(), *,
+                  intensity: str) -> tuple[np.ndarray, View]:
+    """A simulated X-ray of a CT (HU, or its prepared ``Anatomy``) seen in ``view``:
+    ``acquire`` of the anatomy's line integrals. Returns the stored pixels and the
+    labelled view."""
+    anatomy = ct_hu if isinstance(ct_hu, Anatomy) else prepare_anatomy(ct_hu)
+    return acquire(anatomy.line_integral(view), view, params, intensity=intensity)

@@ -8,10 +8,12 @@ import pytest
 from numpy.testing import assert_allclose
 
 from guidance.evaluation import benchmark as ev
+from guidance.evaluation import metrics, runners
 from guidance.core.geometry import make_rigid, rotation_angle_deg, transform_points
 from guidance.registration.register import RegistrationSettings
 from guidance.core.views import carm_view
 from sim.phantom import make_phantom
+from sim.xray import SOFT_TISSUE_MAX_HU
 
 TARGETS = np.array([[0.0, 0.0, 0.0], [20.0, -10.0, 5.0], [-15.0, 30.0, -25.0], [5.0, 5.0, 40.0]])
 
@@ -31,20 +33,20 @@ def view():
 
 
 def test_ground_truth_has_zero_error(view):
-    assert ev.mtre(view.T_cam_from_world, view.T_cam_from_world, TARGETS) == 0.0
-    assert ev.mean_projection_distance(view, view, TARGETS) == (0.0, 0.0)
+    assert metrics.mtre(view.T_cam_from_world, view.T_cam_from_world, TARGETS) == 0.0
+    assert metrics.mean_projection_distance(view, view, TARGETS) == (0.0, 0.0)
 
 
 @pytest.mark.parametrize("t", [(3.0, 0.0, 0.0), (0.0, -4.0, 0.0), (1.0, 2.0, -2.0)])
 def test_mtre_of_a_translation_is_its_length(view, t):
     T_est = view.T_cam_from_world @ make_rigid(np.eye(3), t)  # the world moved by t
-    assert_allclose(ev.mtre(T_est, view.T_cam_from_world, TARGETS), np.linalg.norm(t), rtol=1e-12)
+    assert_allclose(metrics.mtre(T_est, view.T_cam_from_world, TARGETS), np.linalg.norm(t), rtol=1e-12)
 
 
 @pytest.mark.parametrize("shift", [(1.5, 0.0), (0.0, -2.0), (1.0, 1.0)])
 def test_mpd_at_isocenter_of_an_in_plane_shift_is_the_shift(view, shift):
     T_est = make_rigid(np.eye(3), (*shift, 0.0)) @ view.T_cam_from_world  # shift across the image
-    detector, iso = ev.mean_projection_distance(view.with_pose(T_est), view, TARGETS)
+    detector, iso = metrics.mean_projection_distance(view.with_pose(T_est), view, TARGETS)
     assert_allclose(iso, np.hypot(*shift), rtol=1e-9)
     depth = transform_points(view.T_cam_from_world, TARGETS)[:, 2]
     assert_allclose(detector, np.mean(np.hypot(*shift) * 1100.0 / depth), rtol=1e-9)
@@ -55,22 +57,22 @@ def test_mpd_at_detector_needs_a_pixel_pitch(view):
 
     bare = replace(view, pixel_spacing_mm=None, source_to_detector_mm=None)
     T_est = make_rigid(np.eye(3), (1.0, 0.0, 0.0)) @ view.T_cam_from_world
-    detector, iso = ev.mean_projection_distance(bare.with_pose(T_est), bare, TARGETS)
+    detector, iso = metrics.mean_projection_distance(bare.with_pose(T_est), bare, TARGETS)
     assert np.isnan(detector) and iso == pytest.approx(1.0)
 
 
 def test_target_points_lie_in_the_requested_anatomy(phantom):
     for level in (None, 29):
-        X = ev.target_points(phantom.ct, labels=phantom.labels, level=level, max_points=200, seed=1)
+        X = metrics.target_points(phantom.ct, labels=phantom.labels, level=level, max_points=200, seed=1)
         assert X.shape == (200, 3)
         ijk = np.rint(phantom.labels.world_to_index(X)).astype(int)
         found = phantom.labels.data[ijk[:, 2], ijk[:, 1], ijk[:, 0]]
         assert np.all(found > 0) if level is None else np.all(found == level)
-    X = ev.target_points(phantom.ct, max_points=100)
+    X = metrics.target_points(phantom.ct, max_points=100)
     ijk = np.rint(phantom.ct.world_to_index(X)).astype(int)
     assert np.all(phantom.ct.data[ijk[:, 2], ijk[:, 1], ijk[:, 0]] > 200.0)
     with pytest.raises(ValueError, match="label map"):
-        ev.target_points(phantom.ct, level=29)
+        metrics.target_points(phantom.ct, level=29)
 
 
 def test_success_rates_and_capture_range_on_known_arrays():
@@ -78,15 +80,15 @@ def test_success_rates_and_capture_range_on_known_arrays():
     initial = np.concatenate([rng.uniform(lo, hi, 10) for lo, hi in ev.DEFAULT_BINS])
     final = np.full(50, 0.5)
     final[40:42] = 5.0  # 2 of 10 fail in 20-30 mm: 80%
-    rates = ev.success_rates(initial, final)
+    rates = metrics.success_rates(initial, final)
     assert [r["rate"] for r in rates] == [1.0, 1.0, 1.0, 1.0, 0.8]
     assert [r["n"] for r in rates] == [10] * 5 and rates[-1]["n_success"] == 8
-    assert ev.capture_range(initial, final) == 20.0
-    assert ev.capture_range(initial, np.full(50, 2.0)) == 0.0  # 2 mm is not a success
-    assert ev.success_rates([1.0], [0.1], bins=((0, 5), (5, 10)))[1] == {
+    assert metrics.capture_range(initial, final) == 20.0
+    assert metrics.capture_range(initial, np.full(50, 2.0)) == 0.0  # 2 mm is not a success
+    assert metrics.success_rates([1.0], [0.1], bins=((0, 5), (5, 10)))[1] == {
         "bin_mm": [5.0, 10.0], "n": 0, "n_success": 0, "rate": None}
     with pytest.raises(ValueError, match="differ in length"):
-        ev.success_rates([1.0, 2.0], [1.0])
+        metrics.success_rates([1.0, 2.0], [1.0])
 
 
 def test_summarize_counts_the_quality_gate():
@@ -111,7 +113,7 @@ def test_perturbation_has_the_requested_mtre_and_bounded_rotation():
     centre = TARGETS.mean(axis=0)
     for m in (0.5, 7.0, 29.0):
         P = ev.perturbation(TARGETS, centre, m, rng=rng, max_rotation_deg=10.0)
-        assert ev.mtre(P, np.eye(4), TARGETS) == pytest.approx(m, rel=1e-6)
+        assert metrics.mtre(P, np.eye(4), TARGETS) == pytest.approx(m, rel=1e-6)
         assert rotation_angle_deg(P) <= 10.0 + 1e-9
 
 
@@ -119,7 +121,7 @@ def test_perturbation_has_the_requested_mtre_and_bounded_rotation():
 def small_set(phantom):
     bins = ((0.0, 5.0), (10.0, 15.0), (20.0, 30.0))
     return bins, ev.make_benchmark_set(phantom.ct, labels=phantom.labels, n_views=2, n_starts_per_bin=3, bins=bins,
-                                       variant="raw", detector_px=64, seed=5)
+                                       intensity="raw", detector_px=64, seed=5)
 
 
 def test_starts_fall_inside_their_bins(small_set):
@@ -138,7 +140,7 @@ def test_starts_fall_inside_their_bins(small_set):
 
 def test_biplane_cases_share_one_perturbation(phantom):
     cases = ev.make_benchmark_set(phantom.ct, labels=phantom.labels, n_views=1, n_starts_per_bin=1,
-                                  bins=((5.0, 10.0),), detector_px=32, biplane=True, variant="line_integral")
+                                  bins=((5.0, 10.0),), detector_px=32, biplane=True, intensity="line_integral")
     (case,) = cases
     rays = [v.principal_ray_world for v in case.views_gt]
     assert 75.0 < np.degrees(np.arccos(abs(rays[0] @ rays[1]))) <= 90.0
@@ -147,10 +149,10 @@ def test_biplane_cases_share_one_perturbation(phantom):
 
 
 def test_bad_options_are_rejected(phantom):
-    with pytest.raises(ValueError, match="raw, display, line_integral"):
-        ev.make_benchmark_set(phantom.ct, variant="dicom", n_views=1, n_starts_per_bin=1)
+    with pytest.raises(ValueError, match="line_integral, raw, display"):
+        ev.make_benchmark_set(phantom.ct, intensity="dicom", n_views=1, n_starts_per_bin=1)
     with pytest.raises(ValueError, match="jobs"):
-        ev.run_benchmark([], phantom.ct, jobs=0)
+        runners.run_benchmark([], phantom.ct, jobs=0)
 
 
 # ------------------------------------------------------------------------------ files
@@ -159,7 +161,7 @@ def test_bad_options_are_rejected(phantom):
 @pytest.mark.parametrize("variant, suffix", [("raw", ".png"), ("display", ".png"), ("line_integral", ".mha")])
 def test_benchmark_set_round_trips_through_disk(phantom, tmp_path, variant, suffix):
     cases = ev.make_benchmark_set(phantom.ct, labels=phantom.labels, level=29, n_views=2, n_starts_per_bin=2,
-                                  bins=((0.0, 5.0),), variant=variant, detector_px=32, seed=2)
+                                  bins=((0.0, 5.0),), intensity=variant, detector_px=32, seed=2)
     index = ev.write_benchmark_set(cases, tmp_path)
     assert sorted(p.name for p in (tmp_path / "images").iterdir()) == [f"view_000{suffix}", f"view_001{suffix}"]
     assert [p.name for p in tmp_path.glob("targets*.json")] == ["targets.json"]
@@ -197,8 +199,8 @@ def test_external_set_with_shared_targets_file(small_set, tmp_path):
 
 def test_run_benchmark_registers_biplane_cases_and_reports(phantom, tmp_path):
     cases = ev.make_benchmark_set(phantom.ct, labels=phantom.labels, n_views=1, n_starts_per_bin=2,
-                                  bins=((4.0, 6.0),), variant="raw", detector_px=128, biplane=True, seed=1)
-    records = ev.run_benchmark(cases, phantom.ct, labels=phantom.labels, jobs=1, progress=False)
+                                  bins=((4.0, 6.0),), intensity="raw", detector_px=128, biplane=True, seed=1)
+    records = runners.run_benchmark(cases, phantom.ct, labels=phantom.labels, jobs=1, progress=False)
     assert [r["case_id"] for r in records] == [c.case_id for c in cases]
     for r in records:
         assert 4.0 <= r["initial_mtre_mm"] < 6.0
@@ -215,7 +217,7 @@ def test_run_benchmark_registers_biplane_cases_and_reports(phantom, tmp_path):
 
 def test_evaluate_writes_a_report_per_variant(phantom, tmp_path):
     settings = RegistrationSettings(popsize=8, max_generations=10)
-    summaries = ev.evaluate(phantom, out_dir=tmp_path, level="L3", variants=("display",), n_views=1,
+    summaries = ev.evaluate(phantom, out_dir=tmp_path, level="L3", intensities=("display",), n_views=1,
                             n_starts_per_bin=1, bins=((0.0, 5.0),), detector_px=64, settings=settings,
                             progress=False)
     assert list(summaries) == ["display"] and summaries["display"]["n_cases"] == 1
@@ -224,8 +226,8 @@ def test_evaluate_writes_a_report_per_variant(phantom, tmp_path):
 
 
 def test_progress_line():
-    assert ev._progress_line(5, 10, 12.0, width=10) == "\r[#####.....] 5/10 cases  12 s, ~12 s left"
-    assert ev._progress_line(0, 10, 0.0, width=10) == "\r[..........] 0/10 cases  0 s"
+    assert runners._progress_line(5, 10, 12.0, width=10) == "\r[#####.....] 5/10 cases  12 s, ~12 s left"
+    assert runners._progress_line(0, 10, 0.0, width=10) == "\r[..........] 0/10 cases  0 s"
 
 
 def test_test_images_see_no_edge_of_the_scanned_box(phantom):
@@ -233,5 +235,5 @@ def test_test_images_see_no_edge_of_the_scanned_box(phantom):
     pad = np.array(grown.data.shape) - np.array(phantom.ct.data.shape)
     # Cranio-caudal faces and the soft-tissue side faces are extended, the posterior face (air) is not.
     assert pad[0] == 20 and pad[2] == 20 and pad[1] == 10
-    assert grown.data.max() == phantom.ct.data.max() and grown.data[0].max() <= ev.SOFT_TISSUE_CAP_HU
+    assert grown.data.max() == phantom.ct.data.max() and grown.data[0].max() <= SOFT_TISSUE_MAX_HU
     assert_allclose(grown.index_to_world([[10, 10, 10]]), phantom.ct.index_to_world([[0, 0, 0]]))

@@ -48,7 +48,7 @@ def frames(phantom, registrator):
                                         (3.0, (4.3, -4, 3))]):
         M = motion(centre, angle, shift)
         actual = nominal.with_pose(nominal.T_cam_from_world @ M)
-        image, view = simulate_xray(phantom.ct, actual, XrayParams(seed=i), variant="raw")
+        image, view = simulate_xray(phantom.ct, actual, XrayParams(seed=i), intensity="raw")
         out.append(Frame(frame_id=i + 1, acquired_ns=time.time_ns(), view=nominal.with_intensity("raw", 4095.0),
                          pixels=image, ground_truth={"T_cam_from_world": actual.T_cam_from_world,
                                                      "T_world_corrected_from_world": invert_rigid(M)},

@@ -74,7 +74,7 @@ def test_bad_magic_and_corrupt_record(tmp_path):
     (tmp_path / "session.rec").write_bytes(b"")
     with pytest.raises(RecordingError, match="bad magic"):
         list(read_recording(tmp_path))
-    with pytest.raises(RecordingError, match="no manifest.json"):
+    with pytest.raises(RecordingError, match="manifest.json\\) file not found"):
         read_manifest(tmp_path)
     other = tmp_path / "other"
     _record(other)

@@ -52,7 +52,7 @@ def motion(centre, axis, angle_deg, shift):
 def shot(truth_volume, view, seed, variant="raw", M=np.eye(4)):
     """An X-ray of the anatomy moved by M (world), taken with ``view``."""
     image = form_image(render_drr(truth_volume, view.with_pose(view.T_cam_from_world @ M)),
-                       XrayParams(seed=seed), variant=variant)
+                       XrayParams(seed=seed), intensity=variant)
     return image
 
 
@@ -165,7 +165,7 @@ def test_wrong_image_is_reported_failed(registrator, wrong):
         other = Volume(hu.astype(np.float32), np.diag([3.0, 3.0, 3.0, 1.0]) @ _shift(-g[-1]), "HU")
         other_view = view.with_pose(view.T_cam_from_world @ make_rigid(np.eye(3), -centre))
         line = render_drr(hu_to_attenuation(other), other_view)
-    image = form_image(line, XrayParams(seed=6), variant="raw")
+    image = form_image(line, XrayParams(seed=6), intensity="raw")
     result = registrator.register([preprocess(image, view)], [view])
     assert result.status == "failed"
     assert "similarity" in result.reason or "exceeds" in result.reason
@@ -191,7 +191,7 @@ def test_per_vertebra_follows_a_vertebra_moved_alone(phantom, registrator):
     views = [carm_view(lao_deg=a, isocenter_world=centre, patient_position="prone", detector_size_px=(256, 256),
                        pixel_spacing_mm=(1.2, 1.2), intensity="raw", I0=4095.0) for a in (0, 90)]
     truth = prepare_volume(scene, step_mm=0.5)
-    images = [form_image(render_drr(truth, v), XrayParams(seed=7 + i), variant="raw") for i, v in enumerate(views)]
+    images = [form_image(render_drr(truth, v), XrayParams(seed=7 + i), intensity="raw") for i, v in enumerate(views)]
     levels = {"L2": phantom.levels["L2"], "L3": l3, "L4": phantom.levels["L4"]}
     result = register_levels(registrator, [preprocess(im, v) for im, v in zip(images, views)], views, levels)
     assert result.level_status["L3"] == "ok", result.level_status

@@ -39,7 +39,7 @@ def player(phantom):
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(mode="video"), "mode must be one of fluoro, shots; got 'video'"),
-    (dict(variant="png"), "variant must be one of line_integral, raw, display"),
+    (dict(intensity="png"), "intensity must be one of line_integral, raw, display"),
     (dict(instrument="drill"), "instrument must be one of kwire, jamshidi"),
     (dict(target_side="middle"), "target_side must be one of left, right"),
     (dict(target_level="T12"), "target_level must be one of L1, L2, L3, L4, L5"),

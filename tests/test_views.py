@@ -1,11 +1,21 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from numpy.testing import assert_allclose
 
 from guidance.core.geometry import project, transform_points
-from guidance.core.views import View, ViewError, carm_view, read_view, view_from_dict, view_to_dict, write_view
+from guidance.core.views import (
+    View,
+    ViewError,
+    carm_view,
+    read_view,
+    view_from_dict,
+    view_path_for,
+    view_to_dict,
+    write_view,
+)
 
 
 @pytest.mark.parametrize("position", ["supine", "prone"])
@@ -100,3 +110,25 @@ def test_downsampled_and_cropped_views_project_consistently():
 def test_view_rejects_bad_k():
     with pytest.raises(ViewError, match="positive"):
         View(K=np.diag([-1.0, 1.0, 1.0]), T_cam_from_world=np.eye(4), image_size=(10, 10))
+
+
+def test_views_compare_by_value_and_hash_alike():
+    a = carm_view(lao_deg=20.0, detector_size_px=(64, 48))
+    b = carm_view(lao_deg=20.0, detector_size_px=(64, 48))
+    assert a == b and hash(a) == hash(b) and len({a, b}) == 1
+    assert read_view_round_trip(a) == a
+    shifted = a.T_cam_from_world.copy()
+    shifted[0, 3] += 0.5
+    assert a.with_pose(shifted) != a
+    assert a.with_intensity("raw", I0=4095.0) != a
+    assert a != "a view"
+
+
+def read_view_round_trip(view):
+    return view_from_dict(json.loads(json.dumps(view_to_dict(view))))
+
+
+def test_view_path_for_strips_the_image_suffix():
+    assert view_path_for("out/shot.png") == Path("out/shot.view.json")
+    assert view_path_for("ct.nii.gz") == Path("ct.view.json")
+    assert view_path_for("shot.v2.tif") == Path("shot.v2.view.json")

@@ -13,6 +13,8 @@ import numpy as np
 import scipy.linalg
 from scipy.spatial.transform import Rotation
 
+from guidance.core.errors import GuidanceError
+
 __all__ = [
     "GeometryError",
     "make_rigid",
@@ -31,7 +33,7 @@ __all__ = [
 ]
 
 
-class GeometryError(ValueError):
+class GeometryError(GuidanceError):
     """A matrix or point array that violates the geometric contract."""
 
 

@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 import SimpleITK as sitk
 
+from guidance.core.errors import GuidanceError
 from guidance.core.views import View
 
 __all__ = ["ImageError", "PreparedImage", "read_xray", "write_xray", "preprocess", "valid_pixel_mask"]
@@ -28,7 +29,7 @@ A lateral view through an abdomen reaches 7-8, so a higher floor (1e-3 was used)
 the body off flat and the collimator detection then took it for a blade."""
 
 
-class ImageError(ValueError):
+class ImageError(GuidanceError):
     """An X-ray image that cannot be read or does not fit its view."""
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from guidance.core.errors import GuidanceError
 from guidance.core.geometry import (
     GeometryError,
     check_rigid,
@@ -27,6 +28,7 @@ from guidance.core.jsonfile import read_json
 
 __all__ = [
     "INTENSITY_KINDS",
+    "check_intensity",
     "VIEW_SCHEMA",
     "View",
     "ViewError",
@@ -34,22 +36,38 @@ __all__ = [
     "view_from_dict",
     "read_view",
     "write_view",
+    "view_path_for",
     "carm_view",
     "T_world_from_room",
 ]
 
 VIEW_SCHEMA = "guidance.view/1"
 INTENSITY_KINDS = ("line_integral", "raw", "display")
+"""What an image's pixels mean (docs/conventions.md): "line_integral" float -log(I / I0),
+"raw" detector counts (bright where unattenuated, with the view's I0), "display" an
+8-bit monitor picture of unknown windowing and polarity."""
 PATIENT_POSITIONS = ("supine", "prone")
 
 
-class ViewError(ValueError):
+class ViewError(GuidanceError):
     """A view (or view file) that violates the guidance.view/1 contract."""
 
 
-@dataclass(frozen=True)
+def check_intensity(intensity: str) -> str:
+    """``intensity`` if it is one of INTENSITY_KINDS, else ViewError naming them."""
+    if intensity not in INTENSITY_KINDS:
+        raise ViewError(f"intensity must be one of {', '.join(INTENSITY_KINDS)}; got {intensity!r}")
+    return intensity
+
+
+@dataclass(frozen=True, eq=False)
 class View:
-    """One calibrated X-ray image geometry. ``image_size`` is (W, H) in pixels."""
+    """One calibrated X-ray image geometry. ``image_size`` is (W, H) in pixels.
+
+    ``K`` maps camera (source frame, mm) to pixels; ``T_cam_from_world`` maps world (LPS
+    mm of the pre-op CT) to camera. Views compare equal when every field but ``extra``
+    is equal (arrays element by element), and hash accordingly.
+    """
 
     K: np.ndarray
     T_cam_from_world: np.ndarray
@@ -78,16 +96,26 @@ class View:
             raise ViewError(f"image_size must be [W, H], got {self.image_size!r}") from None
         if W <= 0 or H <= 0 or [W, H] != list(self.image_size):
             raise ViewError(f"image_size must be two positive integers, got {self.image_size!r}")
-        if self.intensity not in INTENSITY_KINDS:
-            raise ViewError(
-                f"intensity must be one of {', '.join(INTENSITY_KINDS)}; got {self.intensity!r}"
-            )
+        check_intensity(self.intensity)
         if self.intensity == "raw":
             if self.I0 is None or not np.isfinite(self.I0) or self.I0 <= 0:
                 raise ViewError("a 'raw' view needs a positive finite I0 (unattenuated level)")
         object.__setattr__(self, "K", K)
         object.__setattr__(self, "T_cam_from_world", T)
         object.__setattr__(self, "image_size", (W, H))
+
+    def _key(self) -> tuple:
+        """Field values that decide equality (-0.0 counts as 0.0)."""
+        return ((self.K + 0.0).tobytes(), (self.T_cam_from_world + 0.0).tobytes(), self.image_size,
+                self.intensity, self.I0, self.pixel_spacing_mm, self.source_to_detector_mm)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, View):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
 
     @property
     def width(self) -> int:
@@ -238,6 +266,17 @@ def read_view(path: str | Path) -> View:
 def write_view(view: View, path: str | Path) -> None:
     """Write a view as a guidance.view/1 JSON file."""
     Path(path).write_text(json.dumps(view_to_dict(view), indent=2) + "\n")
+
+
+def view_path_for(image_path: str | Path) -> Path:
+    """The view file beside an image: its name without the image suffix (and without
+    ``.nii`` before ``.gz``) plus ``.view.json``: ``shot.png`` -> ``shot.view.json``,
+    ``ct.nii.gz`` -> ``ct.view.json``, ``shot.v2.tif`` -> ``shot.v2.view.json``."""
+    path = Path(image_path)
+    stem = path.with_suffix("")
+    if path.suffix.lower() == ".gz":
+        stem = stem.with_suffix("")
+    return path.with_name(stem.name + ".view.json")
 
 
 def T_world_from_room(patient_position: str) -> np.ndarray:

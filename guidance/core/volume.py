@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from guidance.core.errors import GuidanceError
+
 __all__ = [
     "Volume",
     "VolumeError",
@@ -32,7 +34,7 @@ __all__ = [
 ]
 
 
-class VolumeError(ValueError):
+class VolumeError(GuidanceError):
     """A CT volume that cannot be loaded or has unusable geometry."""
 
 

@@ -34,6 +34,7 @@ from guidance.registration.register import RegistrationResult, Registrator
 from guidance.registration.tracking import TrackingSettings, track
 from guidance.live.transport import Publisher, Subscriber
 from guidance.core.volume import Volume
+from guidance.core.views import ViewError
 from guidance.live.wire import Frame, Heartbeat, InstrumentState, Message, Overlay, PoseResult, TrackerSample, encode
 
 __all__ = ["PipelineSettings", "PipelineStats", "Pipeline", "run_pipeline"]
@@ -122,7 +123,7 @@ class Pipeline:
                 pixels = undistort_image(pixels, model, maps=maps)
             image = preprocess(pixels, frame.view)
             self._check_geometry(frame)
-        except (ImageError, CalibrationError, ValueError) as exc:
+        except (ImageError, ViewError, CalibrationError) as exc:
             self.stats.frames_rejected += 1
             log.warning("frame %d rejected: %s", frame.frame_id, exc)
             return [self._failed(frame, f"bad frame: {exc}", t0, received_ns)]
@@ -180,11 +181,11 @@ class Pipeline:
         centre = self.registrator.centre(self.settings.level)
         depth = frame.view.T_cam_from_world[2, :3] @ centre + frame.view.T_cam_from_world[2, 3]
         if depth <= 0:
-            raise ValueError("wrong geometry: the CT lies behind the X-ray source in this view")
+            raise ViewError("wrong geometry: the CT lies behind the X-ray source in this view")
         u, v = project(frame.view.P, centre[None])[0]
         if not (0 <= u < frame.view.width and 0 <= v < frame.view.height):
-            raise ValueError(f"wrong geometry: the CT centre projects to ({u:.0f}, {v:.0f}), outside the "
-                             f"{frame.view.width}x{frame.view.height} image")
+            raise ViewError(f"wrong geometry: the CT centre projects to ({u:.0f}, {v:.0f}), outside the "
+                            f"{frame.view.width}x{frame.view.height} image")
 
     def _failed(self, frame: Frame, reason: str, t0: float, received_ns: int) -> PoseResult:
         self.stats.failed += 1

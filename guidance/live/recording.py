@@ -31,6 +31,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import BinaryIO
 
+from guidance.core.errors import GuidanceError
+from guidance.core.jsonfile import read_json
+
 __all__ = [
     "RECORDING_SCHEMA",
     "RecordingError",
@@ -58,7 +61,7 @@ Record = tuple[str, int, list[bytes]]
 """(direction, recv_ns, parts)."""
 
 
-class RecordingError(ValueError):
+class RecordingError(GuidanceError):
     """A recording that cannot be read (not a recording, unsupported version, corrupt)."""
 
 
@@ -130,12 +133,7 @@ class Recorder:
 def read_manifest(directory: str | Path) -> dict:
     """The manifest of a recording; RecordingError if missing or of another schema."""
     path = Path(directory) / MANIFEST_FILE
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise RecordingError(f"no {MANIFEST_FILE} in {directory}") from None
-    except json.JSONDecodeError as exc:
-        raise RecordingError(f"{path} is not valid JSON: {exc}") from None
+    manifest = read_json(path, what=f"recording ({MANIFEST_FILE})", error=RecordingError)
     if not isinstance(manifest, dict) or manifest.get("schema") != RECORDING_SCHEMA:
         raise RecordingError(f"{path} is not a {RECORDING_SCHEMA} manifest")
     return manifest

@@ -35,6 +35,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from guidance.core.errors import GuidanceError
 from guidance.core.geometry import GeometryError, check_rigid
 from guidance.core.views import View, ViewError, view_from_dict, view_to_dict
 
@@ -66,7 +67,7 @@ _DESCRIPTOR_KEYS = {"dtype", "shape", "nbytes", "crc32"}
 _UNIT_TOL = 1e-6
 
 
-class WireError(ValueError):
+class WireError(GuidanceError):
     """A message that violates the guidance.msg contract (on encode, decode or construction)."""
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from guidance.core.geometry import project
 from guidance.core.plan import plan_trajectories, trajectory_endpoints
-from guidance.core.views import INTENSITY_KINDS, View
+from guidance.core.views import View, check_intensity
 from guidance.core.volume import Volume
 
 __all__ = [
@@ -71,9 +71,7 @@ def to_display_bgr(image: np.ndarray, *, intensity: str,
     as on a C-arm monitor; "raw" detector counts are already dark where attenuated;
     "display" pictures keep their polarity.
     """
-    if intensity not in INTENSITY_KINDS:
-        raise ValueError(f"intensity must be one of {', '.join(INTENSITY_KINDS)}; "
-                         f"got {intensity!r}")
+    check_intensity(intensity)
     img = np.asarray(image)
     if img.ndim != 2 or img.dtype.name not in ("uint8", "uint16", "float32"):
         raise ValueError(f"expected a 2-D uint8, uint16 or float32 image, got "
