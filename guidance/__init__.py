@@ -4,10 +4,10 @@ The public API, loaded on first use so that ``import guidance`` is cheap and cha
 nothing in the host process (thread setup is the explicit ``configure_threads``)::
 
     import guidance
-    ct = guidance.load_volume("ct.nii.gz")                  # HU, LPS mm
-    image, view = guidance.read_xray("shot.png"), guidance.read_view("shot.view.json")
-    result = guidance.Registrator(ct).register([image], [view])
-    print(result.status, result.T_world_corrected_from_world)
+    ct = guidance.load_volume("ct.nii.gz")                  # HU, world = LPS mm
+    result = guidance.register(ct, ["shot.png"], ["shot.view.json"])
+    print(result.status, result.reason)
+    print(result.T_world_corrected_from_world)              # rigid correction of the CT (mm)
 
 Layers (each imports only those before it): ``guidance.core`` -> ``guidance.registration``
 -> ``guidance.navigation`` -> ``guidance.live``; ``guidance.evaluation`` and
@@ -38,6 +38,7 @@ _API = {
     "RegistrationSettings": "guidance.registration.register",
     "RegistrationResult": "guidance.registration.register",
     "register_volumes": "guidance.registration.register3d",
+    "register": "guidance.registration.api",
 }
 
 __all__ = sorted(_API)

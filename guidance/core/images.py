@@ -9,7 +9,7 @@ It also finds the valid pixels (inside the collimator, finite, not saturated).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import cv2
@@ -19,7 +19,7 @@ import SimpleITK as sitk
 from guidance.core.errors import GuidanceError
 from guidance.core.views import View
 
-__all__ = ["ImageError", "PreparedImage", "read_xray", "write_xray", "preprocess", "valid_pixel_mask"]
+__all__ = ["ImageError", "PreparedImage", "read_xray", "write_xray", "stretch_raw", "preprocess", "valid_pixel_mask"]
 
 POLARITIES = ("bone_dark", "bone_bright")
 FLAT_RELATIVE_STD = 0.005
@@ -77,6 +77,21 @@ def write_xray(image: np.ndarray, path: str | Path) -> None:
             raise ImageError(f"cannot write {path}")
         return
     sitk.WriteImage(sitk.GetImageFromArray(image), str(path))
+
+
+def stretch_raw(image: np.ndarray, view: View) -> tuple[np.ndarray, View]:
+    """Raw counts made visible in any image viewer, losslessly: the uint16 pixels times the
+    largest integer factor that keeps them within 16 bits, and the view with I0 times the
+    same factor and the factor recorded as ``raw_scale`` (counts = pixels / raw_scale), so
+    -log(I / I0), what registration uses, is unchanged. Other images are returned as is."""
+    if view.intensity != "raw" or image.dtype != np.uint16:
+        return image, view
+    factor = 65535 // max(int(image.max()), 1)
+    if factor <= 1:
+        return image, view
+    scale = factor * float(view.extra.get("raw_scale", 1))
+    stretched = replace(view, I0=view.I0 * factor, extra={**view.extra, "raw_scale": scale})
+    return (image.astype(np.uint32) * factor).astype(np.uint16), stretched
 
 
 def valid_pixel_mask(image: np.ndarray, *, erode_px: int = 2) -> np.ndarray:

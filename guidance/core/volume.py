@@ -31,6 +31,7 @@ __all__ = [
     "resample",
     "affine_from_geometry",
     "transform_volume",
+    "label_centroid_world",
 ]
 
 
@@ -203,6 +204,17 @@ def load_volume(path: str | Path, *, series_uid: str | None = None, units: str =
         return volume_from_sitk(image, units=units)
     except VolumeError as exc:
         raise VolumeError(f"{path}: {exc}") from None
+
+
+def label_centroid_world(labels: Volume, label: int | None = None) -> np.ndarray:
+    """Centroid (world LPS mm) of the voxels of ``label`` in a label map, or of every
+    labelled voxel (> 0) when ``label`` is None; VolumeError when there are none."""
+    mask = labels.data > 0 if label is None else labels.data == label
+    kk, jj, ii = np.nonzero(mask)
+    if len(ii) == 0:
+        raise VolumeError("the label map has no labelled voxels" if label is None
+                          else f"the label map has no voxels of label {label}")
+    return labels.index_to_world(np.array([[ii.mean(), jj.mean(), kk.mean()]]))[0]
 
 
 def save_volume(volume: Volume, path: str | Path) -> None:

@@ -1,87 +1,160 @@
 """The end-to-end demo (``make demo``): simulator, pipeline and display as three processes
 on loopback, a monitor here that scores every pose against the simulator's ground truth.
 
-Each process is the real CLI (``python -m run_guidance sim|pipeline|display``), so the
-demo exercises exactly what an operator would start by hand.
+Each process runs the library's own entry point (``sim.stream.run_sim``,
+``guidance.live.pipeline.run_pipeline``, ``guidance.live.display_client.run_display``),
+the same calls the CLI's ``sim``, ``pipeline`` and ``display`` make. They are processes,
+not threads, because the numba kernels hold the GIL; they are spawned, so each starts
+a fresh interpreter and sets up its own threads.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import signal
-import subprocess
-import sys
+import multiprocessing
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from guidance.core.threads import configure_threads
+from guidance.evaluation.metrics import mean_projection_distance, mtre, target_points
 from guidance.live.display import NavigationState
-from guidance.evaluation.benchmark import mean_projection_distance, mtre, target_points
 from guidance.live.transport import Subscriber, free_tcp_endpoint
 from guidance.live.wire import Frame, Heartbeat, PoseResult
 
-__all__ = ["DemoReport", "run_demo"]
+__all__ = ["DemoReport", "clean_demo_outputs", "format_summary", "run_demo"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class DemoReport:
-    """Per-frame pose errors (mm) against ground truth, latencies (ms), counts."""
+    """Per-frame pose errors (mm) against ground truth, latencies (ms), counts.
+
+    ``stale_after_stop_s``: seconds from the pipeline's exit until the navigation state
+    shows STALE; None when it could not be measured (no fresh pose when it was stopped).
+    """
 
     rows: list[dict] = field(default_factory=list)
     frames_published: int = 0
     pipeline_stats: dict = field(default_factory=dict)
     elapsed_s: float = 0.0
-    stale_after_stop_s: float = float("nan")
+    stale_after_stop_s: float | None = None
 
     def summary(self) -> dict:
+        """Counts, and percentiles of errors (mm), latencies (ms) and rates (Hz); a measure
+        with no sample is None."""
         ok = [r for r in self.rows if r["status"] == "ok"]
-        lat = np.array([r["latency_ms"] for r in self.rows]) if self.rows else np.zeros(1)
-        err = np.array([r["mtre_mm"] for r in ok]) if ok else np.array([np.nan])
-        mpd = np.array([r["mpd_iso_mm"] for r in ok]) if ok else np.array([np.nan])
-        tracking = [r for r in ok if r["mode"] == "tracking"]
-        track_ms = np.array([r["registration_ms"] for r in tracking]) if tracking else np.array([np.nan])
+        tracking = [r["registration_ms"] for r in ok if r["mode"] == "tracking"]
+        latency = [r["latency_ms"] for r in self.rows]
+        errors = [r["mtre_mm"] for r in ok]
+        mpd = [r["mpd_iso_mm"] for r in ok]
         return {
             "frames_published": self.frames_published,
             "poses": len(self.rows),
             "ok": len(ok),
             "failed": len(self.rows) - len(ok),
             "tracking_updates": len(tracking),
-            "tracking_update_p50_ms": float(np.percentile(track_ms, 50)),
-            "tracking_update_p95_ms": float(np.percentile(track_ms, 95)),
-            "mtre_median_mm": float(np.median(err)),
-            "mtre_p95_mm": float(np.percentile(err, 95)),
-            "mpd_iso_median_mm": float(np.median(mpd)),
-            "latency_p50_ms": float(np.percentile(lat, 50)),
-            "latency_p95_ms": float(np.percentile(lat, 95)),
-            "pose_rate_hz": len(self.rows) / self.elapsed_s if self.elapsed_s > 0 else 0.0,
+            "tracking_update_p50_ms": _percentile(tracking, 50),
+            "tracking_update_p95_ms": _percentile(tracking, 95),
+            "mtre_median_mm": _percentile(errors, 50),
+            "mtre_p95_mm": _percentile(errors, 95),
+            "mpd_iso_median_mm": _percentile(mpd, 50),
+            "latency_p50_ms": _percentile(latency, 50),
+            "latency_p95_ms": _percentile(latency, 95),
+            "pose_rate_hz": len(self.rows) / self.elapsed_s if self.elapsed_s > 0 else None,
             "frames_skipped_by_pipeline": self.pipeline_stats.get("frames_skipped"),
             "frames_lost_in_transport": self.pipeline_stats.get("lost"),
             "stale_shown_after_stop_s": self.stale_after_stop_s,
         }
 
 
-def _cli(*args: str, threads: int | None = None) -> subprocess.Popen:
-    env = dict(os.environ)
-    if threads is not None:
-        env["NUMBA_NUM_THREADS"] = str(threads)
-    return subprocess.Popen([sys.executable, "-m", "run_guidance", *args], env=env)
+def _percentile(values: list[float], q: float) -> float | None:
+    finite = [v for v in values if v is not None and np.isfinite(v)]
+    return float(np.percentile(finite, q)) if finite else None
 
 
-def _stop(process: subprocess.Popen, timeout_s: float = 10.0) -> int:
-    """SIGTERM (clean shutdown), then kill if it does not exit in time."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    return process.returncode
+def format_summary(summary: dict) -> str:
+    """One line per measure, fixed-point (milliseconds as whole numbers), "n/a" when not measured."""
+    def value(key: str, v) -> str:
+        if v is None:
+            return "n/a"
+        if isinstance(v, float):
+            return f"{v:.0f}" if key.endswith("_ms") else f"{v:.2f}"
+        return str(v)
+    return "\n".join(f"{k:28s} {value(k, v)}" for k, v in summary.items())
+
+
+# ------------------------------------------------------------------ the three processes
+
+
+def _sim_process(frame_endpoint: str, duration_s: float, fps: float, seed: int, prerender: bool, stop) -> None:
+    """Spawned: the simulator's scenario on the phantom of ``seed``, published until it ends."""
+    configure_threads(1)
+    from sim.phantom import make_phantom
+    from sim.scenario import Scenario
+    from sim.stream import run_sim
+
+    run_sim(Scenario(duration_s=duration_s, fps=fps, seed=0), make_phantom(seed=seed), frame_endpoint=frame_endpoint,
+            stop=stop, startup_s=0.5, prerender=prerender)
+
+
+def _pipeline_process(frame_endpoint: str, result_endpoint: str, seed: int, record_dir: str | None, stop) -> None:
+    """Spawned: the live pipeline on the phantom of ``seed``, until ``stop``."""
+    configure_threads(2)
+    from guidance.live.pipeline import Pipeline, run_pipeline
+    from guidance.registration.register import Registrator
+    from sim.subject import load_subject
+
+    subject = load_subject(phantom_seed=seed)
+    pipeline = Pipeline(Registrator(subject.ct, labels=subject.labels), plan=subject.plan, labels=subject.labels)
+    run_pipeline(pipeline, frame_endpoints=[frame_endpoint], result_endpoint=result_endpoint, stop=stop,
+                 record_dir=record_dir)
+
+
+def _display_process(frame_endpoint: str, result_endpoint: str, seed: int, out_dir: str, stop) -> None:
+    """Spawned: the headless navigation display writing screens into ``out_dir``, until ``stop``."""
+    configure_threads(1)
+    from guidance.live.display import HeadlessWriter
+    from guidance.live.display_client import run_display
+    from sim.subject import load_subject
+
+    subject = load_subject(phantom_seed=seed)
+    run_display(frame_endpoint=frame_endpoint, result_endpoint=result_endpoint, ct=subject.ct, plan=subject.plan,
+                labels=subject.labels, sink=HeadlessWriter(out_dir), stop=stop, refresh_hz=4.0)
+
+
+class _Process:
+    """A spawned process running ``target(*args, stop)``, stopped through its own event."""
+
+    def __init__(self, context, target, *args) -> None:
+        self.stop_event = context.Event()
+        self.process = context.Process(target=target, args=(*args, self.stop_event), name=target.__name__)
+        self.process.start()
+
+    def exited(self) -> bool:
+        return self.process.exitcode is not None
+
+    def stop(self, timeout_s: float = 10.0) -> int | None:
+        """Set its stop event (clean shutdown), then terminate it if it does not exit in time."""
+        self.stop_event.set()
+        self.process.join(timeout_s)
+        if self.process.exitcode is None:
+            self.process.terminate()
+            self.process.join()
+        return self.process.exitcode
+
+
+def clean_demo_outputs(out_dir: Path) -> None:
+    """Remove what an earlier demo wrote into ``out_dir`` (screens, recordings), nothing else."""
+    for path in out_dir.glob("screen_*.png"):
+        path.unlink()
+    for path in out_dir.glob("recording-*"):
+        if path.is_dir():
+            shutil.rmtree(path)
 
 
 def run_demo(out_dir: str | Path, *, duration_s: float = 20.0, fps: float = 15.0, seed: int = 0,
@@ -89,40 +162,36 @@ def run_demo(out_dir: str | Path, *, duration_s: float = 20.0, fps: float = 15.0
              record: bool = True, prerender: bool = False) -> DemoReport:
     """Run sim + pipeline (+ display) on loopback for ``duration_s`` of scenario time.
 
-    Screens go to ``out_dir`` (PNG), the pipeline's recording to a new
-    ``out_dir/recording-<date>-<time>`` (recordings are never overwritten).
+    ``out_dir`` is cleaned of an earlier demo's screens and recordings first; screens go
+    there (PNG), the pipeline's recording to ``out_dir/recording-<date>-<time>``.
     ``prerender``: the simulator renders its images before streaming (benchmarks).
     At the end the pipeline is stopped first and the time until a navigation state fed
     by the monitor turns STALE is measured (``report.stale_after_stop_s``).
     """
-    from sim.phantom import make_phantom
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    clean_demo_outputs(out)
     frames_ep, results_ep = free_tcp_endpoint(), free_tcp_endpoint()
+    from sim.phantom import make_phantom
+
     phantom = make_phantom(seed=seed)
     targets = target_points(phantom.ct, labels=phantom.labels, max_points=300, seed=seed)
     monitor = Subscriber([frames_ep, results_ep], topics=("frame", "pose_result", "heartbeat"), rcvhwm=1000)
-    recording = out / time.strftime("recording-%Y%m%d-%H%M%S")
-    record_args = ("--record", str(recording)) if record else ()
-    pipeline = _cli("pipeline", "--frames", frames_ep, "--results", results_ep, "--phantom-seed", str(seed),
-                    *record_args, threads=2)
-    display = None
-    if with_display:
-        display = _cli("display", "--headless", "--out", str(out), "--frames", frames_ep, "--results", results_ep,
-                       "--phantom-seed", str(seed), "--fps", "4", threads=1)
+    recording = str(out / time.strftime("recording-%Y%m%d-%H%M%S")) if record else None
+    spawn = multiprocessing.get_context("spawn")
+    pipeline = _Process(spawn, _pipeline_process, frames_ep, results_ep, seed, recording)
+    display = _Process(spawn, _display_process, frames_ep, results_ep, seed, str(out)) if with_display else None
     sim = None
     report = DemoReport()
     try:
         _wait_for_heartbeat(monitor, "pipeline", startup_timeout_s, pipeline)
-        sim = _cli("sim", "--frames", frames_ep, "--duration", str(duration_s), "--fps", str(fps),
-                   "--phantom-seed", str(seed), *(("--prerender",) if prerender else ()), threads=1)
+        sim = _Process(spawn, _sim_process, frames_ep, duration_s, fps, seed, prerender)
         frames: dict[int, Frame] = {}
         state = NavigationState()
         t0 = None
         # Score until shortly before the scenario ends (scenario time counts from the first
         # frame), then stop the pipeline while frames still flow, to time the STALE warning.
-        while (t0 is None or time.monotonic() - t0 < duration_s - 1.0) and sim.poll() is None:
+        while (t0 is None or time.monotonic() - t0 < duration_s - 1.0) and not sim.exited():
             msg = monitor.recv(0.2)
             if isinstance(msg, Frame):
                 t0 = time.monotonic() if t0 is None else t0
@@ -142,22 +211,29 @@ def run_demo(out_dir: str | Path, *, duration_s: float = 20.0, fps: float = 15.0
         monitor.close()
         for process in (sim, pipeline, display):
             if process is not None:
-                _stop(process)
+                process.stop()
     return report
 
 
-def _time_to_stale(pipeline: subprocess.Popen, monitor: Subscriber, state: NavigationState) -> float:
-    """Stop the pipeline while poses are fresh; seconds until ``state`` says STALE."""
-    deadline = time.monotonic() + 2.0
-    while state.status(time.time()) != "ok" and time.monotonic() < deadline:
+def _time_to_stale(pipeline: _Process, monitor: Subscriber, state: NavigationState,
+                   wait_s: float = 5.0) -> float | None:
+    """Stop the pipeline right after a pose arrives; seconds until ``state`` says STALE.
+
+    None when no pose arrives within ``wait_s`` (the scenario ended, or the pipeline is
+    too slow): there is then nothing fresh on the screen to go stale."""
+    deadline = time.monotonic() + wait_s
+    fresh = False
+    while not fresh and time.monotonic() < deadline:
         msg = monitor.recv(0.05)
         if isinstance(msg, PoseResult):
             state.on_pose(msg, time.time())
-    if state.status(time.time()) != "ok":
-        return float("nan")  # no fresh pose to go stale from (the sim has ended)
-    _stop(pipeline)
+            fresh = True
+    if not fresh:
+        log.warning("no pose within %.0f s before stopping the pipeline: time to STALE not measured", wait_s)
+        return None
+    pipeline.stop()
     stopped = time.time()  # the pipeline has exited; a pose it finished on the way out may still arrive
-    while state.status(time.time()) == "ok":
+    while state.status(time.time()) != "stale":
         msg = monitor.recv(0.01)
         if isinstance(msg, PoseResult):
             state.on_pose(msg, time.time())
@@ -165,11 +241,11 @@ def _time_to_stale(pipeline: subprocess.Popen, monitor: Subscriber, state: Navig
     return time.time() - stopped
 
 
-def _wait_for_heartbeat(sub: Subscriber, role: str, timeout_s: float, process: subprocess.Popen) -> None:
+def _wait_for_heartbeat(sub: Subscriber, role: str, timeout_s: float, process: _Process) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the {role} process exited with code {process.returncode} during start-up")
+        if process.exited():
+            raise RuntimeError(f"the {role} process exited with code {process.process.exitcode} during start-up")
         msg = sub.recv(0.5)
         if isinstance(msg, Heartbeat) and msg.role == role:
             return
