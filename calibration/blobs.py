@@ -4,7 +4,7 @@ Images are converted to an attenuation-like image (bright = attenuating), the sm
 background is removed with a morphological top-hat, blobs are segmented by a noise-scaled
 threshold and ``cv2.connectedComponentsWithStats``, and each centroid is refined as the
 background-subtracted, intensity-weighted mean over a circular window. Pixel coordinates
-follow CONVENTIONS.md: (u, v) = (column, row), the centre of the top-left pixel is (0, 0).
+follow docs/conventions.md: (u, v) = (column, row), the centre of the top-left pixel is (0, 0).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """C-arm geometry calibration with a BB phantom, and the per-orientation angle table.
 
 One exposure of the phantom (calibration.phantom_bb) gives the projection matrix
-``P = K @ T_cam_from_phantom[:3]`` of the C-arm (CONVENTIONS.md: K in pixels, pose in mm,
+``P = K @ T_cam_from_phantom[:3]`` of the C-arm (docs/conventions.md: K in pixels, pose in mm,
 OpenCV camera axes). The pipeline:
 
 1. detect BBs (calibration.blobs) and sort them into the phantom's size classes by the

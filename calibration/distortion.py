@@ -1,7 +1,7 @@
 """Image-intensifier distortion: dot-grid plate simulation, grid detection and indexing,
 a polynomial distortion model, and undistortion of points and images.
 
-Pixels follow CONVENTIONS.md ((u, v), top-left pixel centre (0, 0)). The model maps
+Pixels follow docs/conventions.md ((u, v), top-left pixel centre (0, 0)). The model maps
 *distorted* pixel positions (as the image intensifier delivers them) to *undistorted*
 ones (a perspective projection of the detector plane) with a global 2D polynomial; the
 inverse map (undistorted -> distorted), fitted from the same points, gives the

@@ -48,7 +48,7 @@ from calibration.distortion import (
 )
 from calibration.errors import CalibrationError, matrix_field
 from calibration.pivot import PivotResult
-from guidance.core.jsonfile import read_json
+from guidance.core.jsonfile import read_json_as
 from guidance.core.views import View
 
 __all__ = [
@@ -199,11 +199,7 @@ def write_calibration(cal: Calibration, path: str | Path) -> Path:
 
 def read_calibration(path: str | Path) -> Calibration:
     """Read and validate a calibration file (CalibrationError naming the file and field)."""
-    d = read_json(path, what="calibration", error=CalibrationError)
-    try:
-        return calibration_from_dict(d)
-    except CalibrationError as exc:
-        raise CalibrationError(f"{path}: {exc}") from None
+    return read_json_as(path, calibration_from_dict, what="calibration", error=CalibrationError)
 
 
 def _size_text(size) -> str:

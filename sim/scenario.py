@@ -1,6 +1,6 @@
 """Scripted intra-operative scenarios: a C-arm, a moving patient and a tracked instrument.
 
-Frames (CONVENTIONS.md): world = LPS mm of the pre-operative CT (the phantom); camera =
+Frames (docs/conventions.md): world = LPS mm of the pre-operative CT (the phantom); camera =
 the C-arm source frame (OpenCV pinhole); tool / reference / tracker = the frames of the
 instrument's marker array, the patient reference array and the optical tracker.
 

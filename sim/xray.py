@@ -2,7 +2,7 @@
 
 The input is a float (H, W) array of attenuation line integrals L = int mu dl
 (dimensionless); pixels are (u, v) = (column, row) with the centre of the top-left pixel
-at (0, 0) (CONVENTIONS.md). The chain, in the order the physics applies it:
+at (0, 0) (docs/conventions.md). The chain, in the order the physics applies it:
 
 1. Beer-Lambert with scatter: I = I0 ((1 - f) exp(-L) + f G(exp(-L))), where G is a
    broad Gaussian (sigma = 10% of the larger image side) and f the scatter fraction of

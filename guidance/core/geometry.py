@@ -1,6 +1,6 @@
 """Rigid transforms, pinhole intrinsics, projection and back-projection.
 
-Conventions (../shared/CONVENTIONS.md): lengths in mm, angles in degrees at
+Conventions (docs/conventions.md): lengths in mm, angles in degrees at
 interfaces, poses are 4x4 homogeneous matrices named ``T_to_from_from`` acting on
 column points, ``x_to = T_to_from_from @ [x, y, z, 1]``. The camera frame is
 OpenCV's: origin at the X-ray focal spot, +z along the principal ray towards the

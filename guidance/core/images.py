@@ -1,4 +1,4 @@
-"""X-ray image IO and preprocessing by intensity kind (CONVENTIONS.md).
+"""X-ray image IO and preprocessing by intensity kind (docs/conventions.md).
 
 Registration compares a line-integral-like picture (bone bright, roughly linear in
 attenuation) with DRRs. ``preprocess`` turns each intensity kind into that:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from guidance.core.errors import GuidanceError
-from guidance.core.jsonfile import read_json
+from guidance.core.jsonfile import read_json_as
 from guidance.core.levels import LEVEL_LABELS
 
 __all__ = [
@@ -95,11 +95,7 @@ def plan_to_dict(trajectories: list[dict]) -> dict:
 
 def read_plan(path: str | Path) -> list[dict]:
     """Read and validate a plan JSON file; errors name the file and the faulty entry."""
-    d = read_json(path, what="plan", error=PlanError)
-    try:
-        return plan_from_dict(d)
-    except PlanError as exc:
-        raise PlanError(f"{path}: {exc}") from None
+    return read_json_as(path, plan_from_dict, what="plan", error=PlanError)
 
 
 def write_plan(trajectories: list[dict], path: str | Path) -> Path:

@@ -1,6 +1,6 @@
 """The calibrated X-ray view: ``View`` dataclass, view files and the C-arm helper.
 
-A view is a pinhole camera (CONVENTIONS.md): intrinsics K (pixels), the pose
+A view is a pinhole camera (docs/conventions.md): intrinsics K (pixels), the pose
 ``T_cam_from_world`` (world = LPS mm of the pre-op CT), the image size (W, H) and the
 intensity kind of the pixels that come with it.
 """
@@ -24,7 +24,7 @@ from guidance.core.geometry import (
     make_rigid,
     projection_matrix,
 )
-from guidance.core.jsonfile import read_json
+from guidance.core.jsonfile import read_json_as
 
 __all__ = [
     "INTENSITY_KINDS",
@@ -256,11 +256,7 @@ def view_from_dict(d: dict) -> View:
 
 def read_view(path: str | Path) -> View:
     """Read and validate a ``*.view.json`` file."""
-    d = read_json(path, what="view", error=ViewError)
-    try:
-        return view_from_dict(d)
-    except ViewError as exc:
-        raise ViewError(f"{path}: {exc}") from None
+    return read_json_as(path, view_from_dict, what="view", error=ViewError)
 
 
 def write_view(view: View, path: str | Path) -> None:

@@ -140,7 +140,7 @@ def perturbation(
     of the error comes from the rotation (angle at most ``max_rotation_deg``), the
     rest from the translation. A start is ``T_cam_init = T_cam_gt @ P`` for every view
     of a case, so the correction registration should find is ``P`` itself
-    (CONVENTIONS.md) and the initial mTRE is ``mtre_mm`` in every view.
+    (docs/conventions.md) and the initial mTRE is ``mtre_mm`` in every view.
     """
     X = target_array(targets_world)
     c = np.asarray(centre_world, dtype=float).reshape(3)

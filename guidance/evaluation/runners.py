@@ -243,6 +243,9 @@ def run_benchmark(
         records = _run_dask(cases, ct, labels, settings, key, jobs, dask_address, report)
     if progress:
         sys.stderr.write("\n")
+    elapsed_s = time.perf_counter() - t0
+    log.info("%d cases in %.1f s on the %s scheduler: %.1f runs/minute", len(cases), elapsed_s, scheduler,
+             60.0 * len(cases) / max(elapsed_s, 1e-9))
     return records
 
 

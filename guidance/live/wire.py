@@ -15,7 +15,7 @@ that ``guidance.live.transport`` puts in front):
   the same order by ``buffers``; ``crc32`` is ``zlib.crc32`` of the part and is verified on
   decode.
 
-Poses travel as 4x4 row-major nested lists (CONVENTIONS.md), times as integer
+Poses travel as 4x4 row-major nested lists (docs/conventions.md), times as integer
 nanoseconds (``_ns``, ``time.time_ns()`` epoch), lengths in mm, angles in degrees. Every
 JSON number must be finite. The header is written with sorted keys and no whitespace, so
 ``encode(decode(parts)) == parts`` for anything ``encode`` produced.
@@ -272,7 +272,7 @@ class PoseResult(Message):
     """A registration result for one frame.
 
     ``status`` "ok" requires ``T_world_corrected_from_world`` (the rigid CT correction,
-    CONVENTIONS.md); "failed" requires it to be None and a non-empty ``reason``.
+    docs/conventions.md); "failed" requires it to be None and a non-empty ``reason``.
     ``views``: per view, a dict with at least ``T_cam_from_world``; ``level_poses``:
     vertebral level (e.g. "L4") -> 4x4 pose; ``similarity``: final similarity value;
     ``confidence`` in [0, 1]; ``mode``: "global" or "tracking"; ``latency_ms``: stage ->

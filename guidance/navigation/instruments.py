@@ -1,6 +1,6 @@
 """Tracked instruments in the CT: tracker -> CT mapping and deviation from the plan.
 
-Frames (CONVENTIONS.md): world = LPS mm of the pre-operative CT; a tracked tool has its
+Frames (docs/conventions.md): world = LPS mm of the pre-operative CT; a tracked tool has its
 own frame ("tool", the frame the tracker reports for its marker array); the patient
 reference array has the frame "reference". Poses are 4x4 ``T_to_from_from``.
 

@@ -2,7 +2,7 @@
 
 Pure functions: each takes a picture and returns a new BGR uint8 picture, never drawing
 into its input. Geometry is given in world coordinates (LPS mm, the CT frame) and mapped
-to pixels by a camera: a ``View`` (its P, CONVENTIONS.md) or any 3x4 projection matrix,
+to pixels by a camera: a ``View`` (its P, docs/conventions.md) or any 3x4 projection matrix,
 including an affine one (last row [0, 0, 0, 1]) for orthographic CT reslices. Pixels are
 (u, v) = (column, row), the centre of the top-left pixel at (0, 0).
 

@@ -1,6 +1,6 @@
 """Pose parameterisations of the rigid CT correction searched by registration.
 
-Registration estimates ``T_world_corrected_from_world`` (CONVENTIONS.md), shared by
+Registration estimates ``T_world_corrected_from_world`` (docs/conventions.md), shared by
 all views: ``T_cam_i_from_world_est = T_cam_i_from_world_init @ inv(T_corr)``.
 The optimiser sees six numbers x = (rx, ry, rz in degrees as a rotation vector,
 tx, ty, tz in mm) describing a motion ``D`` of the anatomy about a centre point

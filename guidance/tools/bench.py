@@ -82,7 +82,7 @@ def _ncc(a: np.ndarray, b: np.ndarray) -> float:
 def diffdrr_geometry(view: View, T_dd_from_world: np.ndarray, reorient: np.ndarray) -> tuple[dict, np.ndarray]:
     """DiffDRR (0.6.1) detector arguments and pose that cast the same rays as ``view``.
 
-    Our side (CONVENTIONS.md): world = LPS mm of the CT; camera = OpenCV pinhole at the
+    Our side (docs/conventions.md): world = LPS mm of the CT; camera = OpenCV pinhole at the
     focal spot, +z along the principal ray, +x along image columns u, +y along rows v
     (down); pixel (u, v) sees the ray K^-1 [u, v, 1].
 

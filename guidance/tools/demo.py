@@ -91,9 +91,16 @@ def format_summary(summary: dict) -> str:
 # ------------------------------------------------------------------ the three processes
 
 
-def _sim_process(frame_endpoint: str, duration_s: float, fps: float, seed: int, prerender: bool, stop) -> None:
+def _start_child(numba_threads: int, log_level: int) -> None:
+    """First thing in a spawned process: its threads, and logging like the parent's."""
+    configure_threads(numba_threads)
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
+
+
+def _sim_process(frame_endpoint: str, duration_s: float, fps: float, seed: int, prerender: bool, log_level: int,
+                 stop) -> None:
     """Spawned: the simulator's scenario on the phantom of ``seed``, published until it ends."""
-    configure_threads(1)
+    _start_child(1, log_level)
     from sim.phantom import make_phantom
     from sim.scenario import Scenario
     from sim.stream import run_sim
@@ -102,9 +109,10 @@ def _sim_process(frame_endpoint: str, duration_s: float, fps: float, seed: int, 
             stop=stop, startup_s=0.5, prerender=prerender)
 
 
-def _pipeline_process(frame_endpoint: str, result_endpoint: str, seed: int, record_dir: str | None, stop) -> None:
+def _pipeline_process(frame_endpoint: str, result_endpoint: str, seed: int, record_dir: str | None, log_level: int,
+                      stop) -> None:
     """Spawned: the live pipeline on the phantom of ``seed``, until ``stop``."""
-    configure_threads(2)
+    _start_child(2, log_level)
     from guidance.live.pipeline import Pipeline, run_pipeline
     from guidance.registration.register import Registrator
     from sim.subject import load_subject
@@ -115,9 +123,10 @@ def _pipeline_process(frame_endpoint: str, result_endpoint: str, seed: int, reco
                  record_dir=record_dir)
 
 
-def _display_process(frame_endpoint: str, result_endpoint: str, seed: int, out_dir: str, stop) -> None:
+def _display_process(frame_endpoint: str, result_endpoint: str, seed: int, out_dir: str, log_level: int,
+                     stop) -> None:
     """Spawned: the headless navigation display writing screens into ``out_dir``, until ``stop``."""
-    configure_threads(1)
+    _start_child(1, log_level)
     from guidance.live.display import HeadlessWriter
     from guidance.live.display_client import run_display
     from sim.subject import load_subject
@@ -179,13 +188,14 @@ def run_demo(out_dir: str | Path, *, duration_s: float = 20.0, fps: float = 15.0
     monitor = Subscriber([frames_ep, results_ep], topics=("frame", "pose_result", "heartbeat"), rcvhwm=1000)
     recording = str(out / time.strftime("recording-%Y%m%d-%H%M%S")) if record else None
     spawn = multiprocessing.get_context("spawn")
-    pipeline = _Process(spawn, _pipeline_process, frames_ep, results_ep, seed, recording)
-    display = _Process(spawn, _display_process, frames_ep, results_ep, seed, str(out)) if with_display else None
+    level = logging.getLogger().getEffectiveLevel()
+    pipeline = _Process(spawn, _pipeline_process, frames_ep, results_ep, seed, recording, level)
+    display = _Process(spawn, _display_process, frames_ep, results_ep, seed, str(out), level) if with_display else None
     sim = None
     report = DemoReport()
     try:
         _wait_for_heartbeat(monitor, "pipeline", startup_timeout_s, pipeline)
-        sim = _Process(spawn, _sim_process, frames_ep, duration_s, fps, seed, prerender)
+        sim = _Process(spawn, _sim_process, frames_ep, duration_s, fps, seed, prerender, level)
         frames: dict[int, Frame] = {}
         state = NavigationState()
         t0 = None
