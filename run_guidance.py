@@ -230,9 +230,12 @@ def cmd_evaluate(args) -> int:
     from guidance.evaluation.benchmark import evaluate, evaluate_external
     from sim.phantom import make_phantom
 
-    if args.dask_address and args.scheduler != "dask":
+    scheduler = args.scheduler or ("processes" if args.jobs else "local")
+    if args.dask_address and scheduler != "dask":
         raise UsageError("--dask-address needs --scheduler dask")
-    run = dict(scheduler=args.scheduler, jobs=args.jobs, dask_address=args.dask_address)
+    if args.jobs and scheduler == "local":
+        raise UsageError("--jobs needs --scheduler processes or dask")
+    run = dict(scheduler=scheduler, jobs=args.jobs, dask_address=args.dask_address)
     if args.external:
         if not args.ct:
             raise UsageError("--external needs --ct")
@@ -351,6 +354,12 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _old_spelling(p: argparse.ArgumentParser, option: str, dest: str, **kwargs) -> None:
+    """The name an option had before (hidden from the help): scripts that start the live
+    processes keep working while they move to the new name."""
+    p.add_argument(option, dest=dest, help=argparse.SUPPRESS, default=argparse.SUPPRESS, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="run_guidance.py", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and the traceback of an error")
@@ -428,8 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bins", type=bins, default=",".join(f"{lo:g}-{hi:g}" for lo, hi in DEFAULT_BINS),
                    help="initial-mTRE bins lo-hi (mm), comma-separated")
     p.add_argument("--detector-px", type=int, default=256, help="detector pixels per side (307 mm wide)")
-    p.add_argument("--scheduler", choices=("local", "processes", "dask"), default="local",
-                   help="who registers the cases: this process, a local process pool, or a Dask cluster")
+    p.add_argument("--scheduler", choices=("local", "processes", "dask"),
+                   help="who registers the cases: this process, a local process pool, or a Dask cluster; "
+                   "default: processes with --jobs, else local")
     p.add_argument("--jobs", type=int, help="processes (pool) or Dask workers of a new LocalCluster; "
                    "default: one per core")
     p.add_argument("--dask-address", help="scheduler address of an existing Dask cluster (tcp://HOST:PORT); "
@@ -453,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("sim", "simulator: stream a scenario, replay a recording, or a video source")
     p.add_argument("--phantom-seed", type=int, default=0, help="seed of the embedded phantom")
     p.add_argument("--frame-endpoint", default="tcp://127.0.0.1:5555", help="endpoint to publish frames on (bound)")
+    _old_spelling(p, "--frames", "frame_endpoint")
     p.add_argument("--duration", type=float, default=20.0, help="scenario length (s)")
     p.add_argument("--fps", type=float, help="frame rate (Hz); default 15, video: the file's own")
     p.add_argument("--mode", choices=("fluoro", "shots"), default="fluoro",
@@ -486,6 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frame-endpoints", nargs="+", default=["tcp://127.0.0.1:5555"],
                    help="endpoints to subscribe to for frames and tracker samples")
     p.add_argument("--result-endpoint", default="tcp://127.0.0.1:5556", help="endpoint to publish results on (bound)")
+    _old_spelling(p, "--frames", "frame_endpoints", nargs="+")
+    _old_spelling(p, "--results", "result_endpoint")
     p.add_argument("--overlay", action="store_true", help="also publish an overlay picture per frame")
     p.add_argument("--record", help="record every input and output message into this folder")
     p.add_argument("--calibration", help="image-intensifier distortion calibration (guidance.calibration/1) "
@@ -496,6 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ct_arguments(p, plan=True)
     p.add_argument("--frame-endpoint", default="tcp://127.0.0.1:5555", help="endpoint to subscribe to for frames")
     p.add_argument("--result-endpoint", default="tcp://127.0.0.1:5556", help="endpoint to subscribe to for poses")
+    _old_spelling(p, "--frames", "frame_endpoint")
+    _old_spelling(p, "--results", "result_endpoint")
     p.add_argument("--headless", action="store_true", help="write PNG screens instead of a window")
     p.add_argument("--every", type=int, default=1, help="headless: write every n-th screen")
     p.add_argument("--fps", type=float, default=10.0, help="screen refresh rate (Hz)")

@@ -248,6 +248,16 @@ def test_malformed_input_is_rejected_and_the_next_good_frame_served(registrator,
     assert pipeline.stats.frames_rejected >= 1
 
 
+def test_a_setup_error_is_not_reported_as_a_bad_frame(phantom, frames):
+    """A pipeline asked for one vertebra without a label map is misconfigured: the error
+    propagates instead of rejecting every frame as "bad frame"."""
+    from guidance.registration.register import RegistrationError
+
+    pipeline = Pipeline(Registrator(phantom.ct), plan=phantom.plan, settings=PipelineSettings(level=29))
+    with pytest.raises(RegistrationError, match="label map"):
+        pipeline.on_frame(frames[0])
+
+
 def test_pipeline_and_sim_restarts_are_survived(registrator, frames, phantom):
     loop = Loop(registrator, phantom.plan)
     loop.start()

@@ -210,7 +210,9 @@ def render_drr(
     step_mm: float | None = None,
     out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Line-integral image (H, W) float32 of ``volume`` seen in ``view``.
+    """Line-integral image (H, W) float32 of ``volume`` seen in ``view``: per pixel the
+    integral of mu (1/mm) along the ray in mm (dimensionless); ``view.T_cam_from_world``
+    maps the volume's world (LPS mm) to the X-ray source frame.
 
     ``view`` may be a sub-window (``View.cropped``) or a binned detector
     (``View.downsampled``) for coarse-to-fine work. A plain ``Volume`` in mu_per_mm is
