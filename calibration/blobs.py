@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from calibration.errors import CalibrationError
 from guidance.core.views import check_intensity
 
 __all__ = ["Blobs", "attenuation_image", "detect_blobs"]
@@ -50,12 +51,12 @@ def attenuation_image(image: np.ndarray, *, intensity: str = "raw",
     check_intensity(intensity)
     img = np.asarray(image, dtype=np.float64)
     if img.ndim != 2:
-        raise ValueError(f"expected a single-channel 2-D image, got shape {img.shape}")
+        raise CalibrationError(f"expected a single-channel 2-D image, got shape {img.shape}")
     if intensity == "line_integral":
         return img
     level = float(np.percentile(img, 99.9)) if I0 is None else float(I0)
     if not level > 0:
-        raise ValueError("the unattenuated level I0 must be positive")
+        raise CalibrationError("the unattenuated level I0 must be positive")
     return -np.log(np.clip(img, 0.5, None) / level)
 
 

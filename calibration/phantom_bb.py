@@ -316,7 +316,7 @@ def simulate_bb_image(phantom: BBPhantom, view: View,
     """
     backgrounds = ("none", "plates", "anatomy")
     if background not in backgrounds:
-        raise ValueError(f"background must be one of {', '.join(backgrounds)}; got {background!r}")
+        raise CalibrationError(f"background must be one of {', '.join(backgrounds)}; got {background!r}")
     rng = np.random.default_rng(seed)
     K, image_size = view.K, view.image_size
     T = view.T_cam_from_world if T_cam_from_phantom is None else np.asarray(T_cam_from_phantom,

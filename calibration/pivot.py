@@ -117,7 +117,7 @@ def pivot_sphere(T_tracker_from_tool: np.ndarray) -> PivotResult:
 def pivot_calibration(T_tracker_from_tool: np.ndarray, *, method: str = "linear") -> PivotResult:
     """Pivot calibration by ``method`` ("linear" or "sphere")."""
     if method not in PIVOT_METHODS:
-        raise ValueError(f"method must be one of {', '.join(PIVOT_METHODS)}; got {method!r}")
+        raise CalibrationError(f"method must be one of {', '.join(PIVOT_METHODS)}; got {method!r}")
     return pivot_linear(T_tracker_from_tool) if method == "linear" else \
         pivot_sphere(T_tracker_from_tool)
 

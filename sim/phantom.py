@@ -18,12 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
+from guidance.core.errors import GuidanceError
 from guidance.core.geometry import make_rigid, rotation_from_rotvec, transform_points
 from guidance.core.levels import LEVEL_LABELS, LUMBAR
 from guidance.core.plan import SIDES, write_plan
 from guidance.core.volume import Volume, save_volume
 
 __all__ = [
+    "PhantomError",
     "Phantom",
     "make_phantom",
     "write_phantom",
@@ -38,6 +40,10 @@ _HU_MUSCLE = 40.0
 _HU_CANAL = 10.0
 _HU_DISC = 90.0
 _FAR = 1.0e3  # "far outside" signed distance (mm) where a shape is not evaluated
+
+
+class PhantomError(GuidanceError):
+    """Phantom options out of their range (levels, spacing, angles, variation)."""
 
 
 @dataclass(frozen=True)
@@ -408,10 +414,10 @@ def _check_levels(levels) -> tuple[str, ...]:
     """Validated level names, superior to inferior; they must be contiguous lumbar levels."""
     names = tuple(levels)
     if not names or any(n not in LUMBAR for n in names) or len(set(names)) != len(names):
-        raise ValueError(f"levels must be distinct names among {', '.join(LUMBAR)}; got {levels!r}")
+        raise PhantomError(f"levels must be distinct names among {', '.join(LUMBAR)}; got {levels!r}")
     idx = sorted(LUMBAR.index(n) for n in names)
     if idx != list(range(idx[0], idx[-1] + 1)):
-        raise ValueError(f"levels must be contiguous (e.g. L2, L3, L4); got {levels!r}")
+        raise PhantomError(f"levels must be contiguous (e.g. L2, L3, L4); got {levels!r}")
     return tuple(LUMBAR[i] for i in idx)
 
 
@@ -613,13 +619,13 @@ def make_phantom(
     """
     names = _check_levels(levels)
     if not 0.2 <= spacing_mm <= 5.0:
-        raise ValueError(f"spacing_mm must be in [0.2, 5] mm; got {spacing_mm}")
+        raise PhantomError(f"spacing_mm must be in [0.2, 5] mm; got {spacing_mm}")
     if not 0.0 <= variation <= 3.0:
-        raise ValueError(f"variation must be in [0, 3]; got {variation}")
+        raise PhantomError(f"variation must be in [0, 3]; got {variation}")
     if not -30.0 <= lordosis_deg <= 80.0 or abs(scoliosis_deg) > 60.0:
-        raise ValueError("lordosis_deg must be in [-30, 80] and scoliosis_deg in [-60, 60]")
+        raise PhantomError("lordosis_deg must be in [-30, 80] and scoliosis_deg in [-60, 60]")
     if include_sacrum and names[-1] != "L5":
-        raise ValueError("include_sacrum needs L5 as the lowest level")
+        raise PhantomError("include_sacrum needs L5 as the lowest level")
     rng = np.random.default_rng(seed)
     specs = _perturbed_specs(names, rng, variation)
     Ts = _vertebra_transforms(specs, rng, variation, lordosis_deg, scoliosis_deg, include_sacrum)

@@ -137,7 +137,7 @@ def preprocess(image: np.ndarray, view: View, *, polarity: str = "bone_dark") ->
             f"{view.width}x{view.height}"
         )
     if polarity not in POLARITIES:
-        raise ValueError(f"polarity must be one of {', '.join(POLARITIES)}; got {polarity!r}")
+        raise ImageError(f"polarity must be one of {', '.join(POLARITIES)}; got {polarity!r}")
     pixels = image.astype(np.float32)
     mask = valid_pixel_mask(pixels) if view.intensity != "line_integral" else np.isfinite(pixels)
     if not mask.any():

@@ -236,7 +236,7 @@ _HU_CORTICAL_BONE = 1900.0
 def attenuation_coefficients(energy_kev: float) -> tuple[float, float]:
     """(mu_water, mu_cortical_bone) in 1/mm at an effective energy (keV), interpolated."""
     if not _ENERGIES_KEV[0] <= energy_kev <= _ENERGIES_KEV[-1]:
-        raise ValueError(f"effective energy must be in [{_ENERGIES_KEV[0]}, {_ENERGIES_KEV[-1]}] keV")
+        raise VolumeError(f"effective energy must be in [{_ENERGIES_KEV[0]}, {_ENERGIES_KEV[-1]}] keV")
     return (
         float(np.interp(energy_kev, _ENERGIES_KEV, _MU_WATER)),
         float(np.interp(energy_kev, _ENERGIES_KEV, _MU_BONE)),
@@ -305,7 +305,7 @@ def resample(
     """
     interpolators = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor, "bspline": sitk.sitkBSpline}
     if interpolation not in interpolators:
-        raise ValueError(f"interpolation must be one of {', '.join(interpolators)}; got {interpolation!r}")
+        raise VolumeError(f"interpolation must be one of {', '.join(interpolators)}; got {interpolation!r}")
     new_dir = volume.direction if direction is None else np.asarray(direction, dtype=float).reshape(3, 3)
     new_spacing = volume.spacing if spacing is None else np.asarray(spacing, dtype=float)
     if size is None or origin is None:
@@ -345,7 +345,7 @@ def transform_volume(volume: Volume, T_new_from_old: np.ndarray, *, default_valu
     the value at world point y is the old value at ``inv(T_new_from_old) @ y``."""
     interpolators = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor}
     if interpolation not in interpolators:
-        raise ValueError(f"interpolation must be one of {', '.join(interpolators)}; got {interpolation!r}")
+        raise VolumeError(f"interpolation must be one of {', '.join(interpolators)}; got {interpolation!r}")
     T_old_from_new = np.linalg.inv(np.asarray(T_new_from_old, dtype=float))
     tx = sitk.AffineTransform(3)
     tx.SetMatrix(T_old_from_new[:3, :3].ravel().tolist())
