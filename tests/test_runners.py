@@ -31,13 +31,24 @@ def test_failed_tasks_are_retried_then_reported_not_lost(phantom, level_cases, c
     assert summary["errors"] == [c.case_id for c in level_cases] and summary["n_cases"] == 0
 
 
-def test_dask_reports_failures_alike(phantom, level_cases):
+def test_dask_prepares_the_ct_once_per_worker_and_reports_failures_alike(phantom, level_cases, monkeypatch):
+    """An in-process worker runs 4 tasks (2 cases, each tried twice) on one prepared CT."""
     from dask.distributed import LocalCluster
 
+    built = []
+
+    class CountedRegistrator(runners.Registrator):
+        def __init__(self, *args, **kwargs):
+            built.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(runners, "Registrator", CountedRegistrator)
+    monkeypatch.setattr(runners, "_registrators", {})  # no CT prepared by an earlier test
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
         records = runners.run_benchmark(level_cases, phantom.ct, labels=None, scheduler="dask",
                                         dask_address=cluster.scheduler_address, progress=False)
     assert [r["status"] for r in records] == ["error"] * len(level_cases)
+    assert len(built) == 1
 
 
 def test_the_ct_key_follows_the_content(phantom):
