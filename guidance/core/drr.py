@@ -236,6 +236,21 @@ def _slab(lo, hi, src, d, t0, t1):
 
 
 @numba.njit(cache=True, fastmath=True)
+def _dda_start(src, d, t0, step, m, brick_shift):
+    """Brick walk along one axis from sample m (t = t0 + (m + 0.5) step): brick index,
+    its step (+-1, 0), the sample coordinate of the next brick face and its increment."""
+    p = src + (t0 + (m + 0.5) * step) * d
+    sm = step * d
+    brick = 1 << brick_shift
+    b = int(p) >> brick_shift
+    if sm > 0.0:
+        return b, 1, m + ((b + 1) * brick - p) / sm, brick / sm
+    if sm < 0.0:
+        return b, -1, m + (b * brick - p) / sm, -brick / sm
+    return b, 0, 1e30, 0.0
+
+
+@numba.njit(cache=True, fastmath=True)
 def _cast_row(v, codes, occupancy, brick_shift, box, size_ijk, Kinv, R, src, step_mm, mu_scale, skip_empty, out):
     """Line integrals of detector row ``v`` into ``out[v]``.
 
@@ -254,7 +269,7 @@ def _cast_row(v, codes, occupancy, brick_shift, box, size_ijk, Kinv, R, src, ste
     a = np.empty(3, np.float32)
     s = np.empty(3, np.float32)
     d = np.empty(3)
-    brick = 1 << brick_shift
+    last_k, last_j, last_i = occupancy.shape[0] - 1, occupancy.shape[1] - 1, occupancy.shape[2] - 1
     for u in range(W):
         dx = Kinv[0, 0] * u + Kinv[0, 1] * v + Kinv[0, 2]
         dy = Kinv[1, 1] * v + Kinv[1, 2]
@@ -285,39 +300,37 @@ def _cast_row(v, codes, occupancy, brick_shift, box, size_ijk, Kinv, R, src, ste
         # Samples m whose t = t0 + (m + 0.5) step lies in [ta, tb], one more each side.
         m = max(0, int(math.floor((ta - t0) / step - 0.5)))
         m_end = min(n, int(math.ceil((tb - t0) / step - 0.5)) + 1)
+        # Walk the bricks along the ray (3D DDA in units of samples): brick index b*,
+        # sample coordinate of the next face crossing f*, its increment g* per brick.
+        bi, di, fi, gi = _dda_start(src[0], d[0], t0, step, m, brick_shift)
+        bj, dj, fj, gj = _dda_start(src[1], d[1], t0, step, m, brick_shift)
+        bk, dk, fk, gk = _dda_start(src[2], d[2], t0, step, m, brick_shift)
         acc = np.float32(0.0)
         run = -1
-        while m < m_end:
-            pi = a[0] + m * s[0]
-            pj = a[1] + m * s[1]
-            pk = a[2] + m * s[2]
-            bi = int(pi) >> brick_shift
-            bj = int(pj) >> brick_shift
-            bk = int(pk) >> brick_shift
-            # Samples to the brick's far face (each axis), at least one.
-            dm = 1e30
-            if s[0] > 0:
-                dm = min(dm, (((bi + 1) * brick) - pi) / s[0])
-            elif s[0] < 0:
-                dm = min(dm, ((bi * brick) - pi) / s[0])
-            if s[1] > 0:
-                dm = min(dm, (((bj + 1) * brick) - pj) / s[1])
-            elif s[1] < 0:
-                dm = min(dm, ((bj * brick) - pj) / s[1])
-            if s[2] > 0:
-                dm = min(dm, (((bk + 1) * brick) - pk) / s[2])
-            elif s[2] < 0:
-                dm = min(dm, ((bk * brick) - pk) / s[2])
-            m_next = m + 1 + int(max(dm, 0.0))
-            if m_next > m_end:
-                m_next = m_end
-            if occupancy[bk, bj, bi]:
-                if run < 0:
-                    run = m
-            elif run >= 0:
-                acc = _integrate(flat, s_j, s_k, a, s, run, m, acc)
-                run = -1
-            m = m_next
+        while True:
+            f = min(fi, fj, fk)
+            # Samples m .. m_next - 1 lie in this brick (up to rounding, which the
+            # widened occupancy covers).
+            m_next = min(m_end, int(max(f, 0.0)) + 1)
+            if m_next > m:
+                if occupancy[min(max(bk, 0), last_k), min(max(bj, 0), last_j), min(max(bi, 0), last_i)]:
+                    if run < 0:
+                        run = m
+                elif run >= 0:
+                    acc = _integrate(flat, s_j, s_k, a, s, run, m, acc)
+                    run = -1
+                m = m_next
+                if m >= m_end:
+                    break
+            if f == fi:
+                bi += di
+                fi += gi
+            elif f == fj:
+                bj += dj
+                fj += gj
+            else:
+                bk += dk
+                fk += gk
         if run >= 0:
             acc = _integrate(flat, s_j, s_k, a, s, run, m_end, acc)
         out[v, u] = acc * step * mu_scale
