@@ -1,8 +1,13 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
-from numpy.testing import assert_allclose
+from numpy.testing import assert_allclose, assert_array_equal
 
-from guidance.core.drr import prepare_volume, render_drr, render_drr_reference
+from guidance.core.drr import DrrVolume, prepare_volume, render_drr, render_drr_reference
 from guidance.core.geometry import backproject, rotation_about_axis
 from guidance.core.views import carm_view
 from guidance.core.volume import Volume, VolumeError, affine_from_geometry, resample
@@ -162,3 +167,150 @@ def test_rejects_hu_volume_and_bad_out(spheres):
     view = carm_view(detector_size_px=(8, 8))
     with pytest.raises(ValueError, match="float32"):
         render_drr(mu, view, out=np.zeros((8, 8)))
+
+
+def oblique_grid(n, spacing, axis, angle_deg):
+    """World points (k, j, i, 3) and affine of a grid with rotated direction cosines, centred at 0."""
+    direction = rotation_about_axis(axis, angle_deg)
+    origin = -direction @ ((np.array(n) - 1) / 2.0 * np.array(spacing))
+    T = affine_from_geometry(origin, spacing, direction)
+    k, j, i = np.meshgrid(*(np.arange(m) for m in n[::-1]), indexing="ij")
+    pts = np.stack([i, j, k], -1).reshape(-1, 3) @ T[:3, :3].T + T[:3, 3]
+    return pts.reshape(k.shape + (3,)), T
+
+
+@pytest.fixture(scope="module")
+def bone_and_body():
+    """A bone-only volume (a column of small 'vertebrae', a thin rod, scattered single
+    voxels, including some on brick faces) and the same with a soft-tissue body around
+    it, on an oblique anisotropic grid."""
+    n, sp = (72, 60, 40), (0.8, 0.9, 2.0)
+    pts, T = oblique_grid(n, sp, [0.3, 1.0, 0.2], 25.0)
+    bone = np.zeros(pts.shape[:3], np.float32)
+    for z in (-24.0, -8.0, 8.0, 24.0):
+        bone += 0.05 * ball(pts, (4.0, 6.0, z), 5.0, 1.0)
+    rod = np.linalg.norm(pts[..., :2] - np.array([-12.0, -6.0]), axis=-1)
+    bone += 0.04 * np.clip((1.5 - rod) / 0.9 + 0.5, 0.0, 1.0)
+    rng = np.random.default_rng(3)
+    specks = rng.integers(0, np.array(bone.shape), size=(40, 3))
+    specks[:8, 2] = [7, 8, 15, 16, 23, 24, 31, 32]  # on both sides of the 8-voxel brick faces
+    bone[tuple(specks.T)] = 0.06
+    body = np.maximum(0.018 * ball(pts, (0.0, 0.0, 0.0), 26.0, 1.0), bone)
+    return Volume(bone, T, "mu_per_mm"), Volume(body, T, "mu_per_mm")
+
+
+OBLIQUE_VIEWS = [(0, 0), (90, 0), (35, -20), (-60, 40)]
+
+
+@pytest.mark.parametrize("which", ["bone", "body"])
+def test_empty_space_skipping_keeps_the_line_integrals(bone_and_body, which):
+    vol = bone_and_body[0 if which == "bone" else 1]
+    dv = prepare_volume(vol, crop=False)
+    if which == "bone":
+        assert dv.occupancy.mean() < 0.6  # there is empty space to skip
+    for lao, cran in OBLIQUE_VIEWS:
+        view = carm_view(lao_deg=lao, cranial_deg=cran, detector_size_px=(72, 64), pixel_spacing_mm=(1.3, 1.3),
+                         isocenter_world=(1.0, -2.0, 3.0))
+        skipped = render_drr(dv, view)
+        plain = render_drr(dv, view, skip_empty=False)
+        # The same samples of the dequantised volume, summed in float64 by scipy.
+        reference = render_drr_reference(dv.volume, view, step_mm=dv.step_mm, kernel_samples=True)
+        scale = reference.max()
+        assert scale > 0 and (reference > 0.01 * scale).mean() > 0.1
+        for image in (skipped, plain):
+            assert np.abs(image - reference).max() < 1e-4 * scale
+            signal = reference > 0.01 * scale
+            assert (np.abs(image - reference)[signal] / reference[signal]).max() < 1e-4
+        assert np.abs(skipped - plain).max() < 1e-6 * scale
+
+
+def test_skipping_matches_the_dense_reference(bone_and_body):
+    bone, _ = bone_and_body
+    view = carm_view(lao_deg=35, cranial_deg=-20, detector_size_px=(40, 36), pixel_spacing_mm=(2.0, 2.0))
+    fast = render_drr(bone, view)
+    slow = render_drr_reference(bone, view, step_mm=0.05)
+    assert ncc(fast, slow) > 0.999
+    assert np.abs(fast - slow).sum() / np.abs(slow).sum() < 0.01
+
+
+def test_occupancy_is_the_widened_brick_footprint():
+    rng = np.random.default_rng(0)
+    nonzero = rng.random((21, 18, 27)) < 0.004
+    mu = np.where(nonzero, 0.02, 0.0).astype(np.float32)
+    T = affine_from_geometry((0, 0, 0), (1.0, 1.0, 1.0), np.eye(3))
+    dv = prepare_volume(Volume(mu, T, "mu_per_mm"), crop=False)
+    brick = dv.brick_voxels
+    expected = np.zeros(dv.occupancy.shape, np.uint8)
+    for k, j, i in np.ndindex(expected.shape):
+        block = nonzero[max(k * brick - 1, 0): (k + 1) * brick + 2, max(j * brick - 1, 0): (j + 1) * brick + 2,
+                        max(i * brick - 1, 0): (i + 1) * brick + 2]
+        expected[k, j, i] = block.any()
+    assert_array_equal(dv.occupancy, expected)
+    assert 0 < expected.sum() < expected.size
+    kk, jj, ii = np.nonzero(nonzero)
+    assert_allclose(dv.nonzero_box_ijk, [[ii.min() - 1, jj.min() - 1, kk.min() - 1],
+                                         [ii.max() + 1, jj.max() + 1, kk.max() + 1]])
+
+
+def test_empty_volume_renders_zeros():
+    T = affine_from_geometry((0, 0, 0), (1.0, 1.0, 1.0), np.eye(3))
+    dv = prepare_volume(Volume(np.zeros((10, 12, 14), np.float32), T, "mu_per_mm"))
+    assert dv.occupancy.sum() == 0
+    view = carm_view(detector_size_px=(16, 16), pixel_spacing_mm=(2.0, 2.0), isocenter_world=(7, 6, 5))
+    assert render_drr(dv, view).max() == 0.0
+
+
+def test_prepared_volume_round_trips_through_savez(spheres, tmp_path):
+    mu, _ = spheres
+    dv = prepare_volume(mu)
+    path = tmp_path / "prepared.npz"
+    np.savez(path, **{name: getattr(dv, name) for name in DrrVolume.__dataclass_fields__})
+    with np.load(path) as stored:
+        loaded = DrrVolume(**{name: stored[name] for name in stored.files})
+    assert loaded.size_ijk == dv.size_ijk and loaded.step_mm == dv.step_mm
+    view = carm_view(lao_deg=30, detector_size_px=(48, 48), pixel_spacing_mm=(2.0, 2.0))
+    assert_array_equal(render_drr(loaded, view), render_drr(dv, view))
+    # Without occupancy (a DrrVolume built by hand) it is derived from the codes.
+    derived = DrrVolume(dv.codes, dv.mu_scale, dv.size_ijk, dv.T_world_from_index, dv.T_index_from_world, dv.step_mm)
+    assert_array_equal(derived.occupancy, dv.occupancy)
+    with pytest.raises(VolumeError, match="occupancy"):
+        DrrVolume(dv.codes, dv.mu_scale, dv.size_ijk, dv.T_world_from_index, dv.T_index_from_world, dv.step_mm,
+                  occupancy=dv.occupancy[:-1], nonzero_box_ijk=dv.nonzero_box_ijk)
+
+
+RENDER_SNIPPET = """
+import sys
+import numpy as np
+from guidance.core.drr import PARALLEL_MIN_PIXELS, render_drr
+from guidance.core.views import carm_view
+from guidance.core.volume import Volume, affine_from_geometry
+
+mu = np.zeros((20, 20, 20), np.float32)
+mu[5:15, 5:15, 5:15] = 0.02
+volume = Volume(mu, affine_from_geometry((-9.5, -9.5, -9.5), (1.0, 1.0, 1.0), np.eye(3)), "mu_per_mm")
+px = int(sys.argv[1])
+assert (px * px >= PARALLEL_MIN_PIXELS) == (sys.argv[2] == "parallel")
+image = render_drr(volume, carm_view(detector_size_px=(px, px), pixel_spacing_mm=(40.0 / px, 40.0 / px)))
+assert image.max() > 0
+import numba
+print(numba.threading_layer())
+"""
+
+
+def test_parallel_kernel_is_not_loaded_from_the_serial_cache(tmp_path):
+    """numba caches compiled kernels by function name and line: the serial kernel
+    compiled (and cached) first must not be what a later process runs as the parallel
+    one. numba's threading layer exists only after a parallel region has run."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba_cache"), NUMBA_NUM_THREADS="2",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+
+    def run(px, kind):
+        return subprocess.run([sys.executable, "-c", RENDER_SNIPPET, str(px), kind], env=env, capture_output=True,
+                              text=True, timeout=300)
+
+    serial = run(64, "serial")
+    assert serial.returncode != 0 and "ValueError" in serial.stderr  # no parallel region ran
+    assert any((tmp_path / "numba_cache").rglob("*.nbi"))  # the serial kernel is cached
+    parallel = run(256, "parallel")
+    assert parallel.returncode == 0, parallel.stderr
+    assert parallel.stdout.strip() in ("tbb", "omp", "workqueue")

@@ -26,6 +26,10 @@ from guidance.core.volume import Volume, VolumeError, crop_to_mask
 __all__ = ["DrrVolume", "prepare_volume", "render_drr", "render_drr_reference"]
 
 
+BRICK_VOXELS = 8
+"""Edge (voxels) of the bricks of the occupancy grid that lets rays jump over empty space."""
+
+
 @dataclass(frozen=True)
 class DrrVolume:
     """A volume ready for rendering.
@@ -35,6 +39,15 @@ class DrrVolume:
     bounds clamps; halving the bytes per voxel relative to float32 makes rendering
     about 1.4x faster at a quantisation of 1.5e-5 of the volume's maximum.
     ``size_ijk`` is the unpadded grid; ``step_mm`` the default sampling step.
+
+    Empty-space skipping: ``occupancy`` [k, j, i] (uint8) is 1 for each brick of
+    ``brick_voxels``^3 voxels that a sample inside it may read a non-zero voxel from (any
+    non-zero voxel in the brick widened by one voxel below and two above, the trilinear
+    footprint plus rounding); ``nonzero_box_ijk`` (2 x 3: low and high corner, continuous
+    i, j, k index) is the box of non-zero voxels widened by one voxel, outside which
+    every sample is zero. Both are derived from ``codes`` when not given. Every field is
+    a numpy array or a scalar, so a prepared volume can be stored with ``np.savez`` and
+    rebuilt with ``DrrVolume(**fields)``.
     """
 
     codes: np.ndarray
@@ -43,6 +56,32 @@ class DrrVolume:
     T_world_from_index: np.ndarray
     T_index_from_world: np.ndarray
     step_mm: float
+    occupancy: np.ndarray | None = None
+    nonzero_box_ijk: np.ndarray | None = None
+    brick_voxels: int = BRICK_VOXELS
+
+    def __post_init__(self) -> None:
+        size = tuple(int(n) for n in np.asarray(self.size_ijk).ravel())
+        brick = int(self.brick_voxels)
+        object.__setattr__(self, "size_ijk", size)
+        object.__setattr__(self, "mu_scale", float(self.mu_scale))
+        object.__setattr__(self, "step_mm", float(self.step_mm))
+        object.__setattr__(self, "brick_voxels", brick)
+        if len(size) != 3 or self.codes.dtype != np.uint16 or self.codes.shape != tuple(n + 1 for n in size[::-1]):
+            raise VolumeError(f"codes must be uint16 of shape (k, j, i) = size_ijk reversed + 1, got "
+                              f"{self.codes.dtype} {self.codes.shape} for size_ijk {size}")
+        if brick < 2 or brick & (brick - 1):
+            raise VolumeError(f"brick_voxels must be a power of two >= 2, got {brick}")
+        if self.occupancy is None or self.nonzero_box_ijk is None:
+            occupancy, box = _occupancy(self.codes[: size[2], : size[1], : size[0]] > 0, brick)
+            object.__setattr__(self, "occupancy", occupancy)
+            object.__setattr__(self, "nonzero_box_ijk", box)
+        bricks = tuple(-(-n // brick) for n in size[::-1])
+        if self.occupancy.shape != bricks or self.nonzero_box_ijk.shape != (2, 3):
+            raise VolumeError(f"occupancy {self.occupancy.shape} / nonzero_box_ijk {self.nonzero_box_ijk.shape} do not "
+                              f"fit a {size} grid in bricks of {brick} (expected {bricks} / (2, 3))")
+        object.__setattr__(self, "occupancy", np.ascontiguousarray(self.occupancy, dtype=np.uint8))
+        object.__setattr__(self, "nonzero_box_ijk", np.ascontiguousarray(self.nonzero_box_ijk, dtype=np.float64))
 
     @property
     def mu(self) -> np.ndarray:
@@ -53,6 +92,34 @@ class DrrVolume:
     @property
     def volume(self) -> Volume:
         return Volume(data=self.mu, T_world_from_index=self.T_world_from_index, units="mu_per_mm")
+
+
+def _brick_any(mask: np.ndarray, axis: int, brick: int) -> np.ndarray:
+    """For each brick b along ``axis``: whether ``mask`` is set anywhere in voxels
+    b * brick - 1 .. (b + 1) * brick + 1 (the brick widened by 1 below and 2 above)."""
+    m = np.moveaxis(mask, axis, -1)
+    n = m.shape[-1]
+    nb = -(-n // brick)
+    padded = np.zeros(m.shape[:-1] + (nb * brick + 3,), dtype=bool)
+    padded[..., 1: n + 1] = m  # padded[x + 1] is voxel x
+    out = padded[..., 1: nb * brick + 1].reshape(m.shape[:-1] + (nb, brick)).any(axis=-1)
+    out |= padded[..., 0: nb * brick: brick]
+    out |= padded[..., brick + 1:: brick][..., :nb]
+    out |= padded[..., brick + 2:: brick][..., :nb]
+    return np.moveaxis(out, -1, axis)
+
+
+def _occupancy(nonzero: np.ndarray, brick: int) -> tuple[np.ndarray, np.ndarray]:
+    """Occupancy bricks [k, j, i] (uint8) and the widened box of non-zero voxels (2 x 3,
+    i, j, k) of a boolean [k, j, i] grid; an empty grid gets no occupied brick."""
+    occupancy = nonzero
+    for axis in (2, 1, 0):  # the contiguous axis first: the later passes see 1/brick of the data
+        occupancy = _brick_any(occupancy, axis, brick)
+    lo_hi = []
+    for axis in (2, 1, 0):  # i, j, k
+        along = np.flatnonzero(nonzero.any(axis=tuple(a for a in range(3) if a != axis)))
+        lo_hi.append((along[0] - 1.0, along[-1] + 1.0) if len(along) else (-1.0, nonzero.shape[axis]))
+    return occupancy.astype(np.uint8), np.array(lo_hi, dtype=np.float64).T
 
 
 def prepare_volume(
@@ -111,86 +178,181 @@ def prepare_volume(
     )
 
 
-def _cast_kernel(codes, size_ijk, Kinv, R_index_from_cam, src_index, step_mm, mu_scale, out):
-    """Trilinear ray casting over the padded uint16 grid; one prange row per thread."""
-    H, W = out.shape
+@numba.njit(cache=True, fastmath=True)
+def _integrate(flat, s_j, s_k, a, s, m_begin, m_end, acc):
+    """Add the trilinear samples ``a + m s`` (continuous index), m in [m_begin, m_end), to
+    ``acc``. Points lie in [0, size - 1]: truncation is floor and the zero pad keeps +1
+    valid, so indices are non-negative (unsigned, which skips numba's wraparound test)."""
+    one = numba.uint64(1)
+    for m in range(m_begin, m_end):
+        fm = np.float32(m)
+        pi = a[0] + fm * s[0]
+        pj = a[1] + fm * s[1]
+        pk = a[2] + fm * s[2]
+        i0 = int(pi)
+        j0 = int(pj)
+        k0 = int(pk)
+        fi = pi - np.float32(i0)
+        fj = pj - np.float32(j0)
+        fk = pk - np.float32(k0)
+        b = numba.uint64(k0 * s_k + j0 * s_j + i0)
+        bj = b + numba.uint64(s_j)
+        bk = b + numba.uint64(s_k)
+        bkj = bk + numba.uint64(s_j)
+        a000 = np.float32(flat[b])
+        a001 = np.float32(flat[b + one])
+        a010 = np.float32(flat[bj])
+        a011 = np.float32(flat[bj + one])
+        a100 = np.float32(flat[bk])
+        a101 = np.float32(flat[bk + one])
+        a110 = np.float32(flat[bkj])
+        a111 = np.float32(flat[bkj + one])
+        c00 = a000 + fi * (a001 - a000)
+        c01 = a010 + fi * (a011 - a010)
+        c10 = a100 + fi * (a101 - a100)
+        c11 = a110 + fi * (a111 - a110)
+        c0 = c00 + fj * (c01 - c00)
+        c1 = c10 + fj * (c11 - c10)
+        acc += c0 + fk * (c1 - c0)
+    return acc
+
+
+@numba.njit(cache=True, fastmath=True)
+def _slab(lo, hi, src, d, t0, t1):
+    """The part [t0, t1] of the ray src + t d that lies in the box lo..hi (per axis);
+    empty when t1 <= t0."""
+    for ax in range(3):
+        if abs(d[ax]) < 1e-12:
+            if src[ax] < lo[ax] or src[ax] > hi[ax]:
+                t1 = -1.0
+        else:
+            ta = (lo[ax] - src[ax]) / d[ax]
+            tb = (hi[ax] - src[ax]) / d[ax]
+            if ta > tb:
+                ta, tb = tb, ta
+            t0 = max(t0, ta)
+            t1 = min(t1, tb)
+    return t0, t1
+
+
+@numba.njit(cache=True, fastmath=True)
+def _dda_start(src, d, t0, step, m, brick_shift):
+    """Brick walk along one axis from sample m (t = t0 + (m + 0.5) step): brick index,
+    its step (+-1, 0), the sample coordinate of the next brick face and its increment."""
+    p = src + (t0 + (m + 0.5) * step) * d
+    sm = step * d
+    brick = 1 << brick_shift
+    b = int(p) >> brick_shift
+    if sm > 0.0:
+        return b, 1, m + ((b + 1) * brick - p) / sm, brick / sm
+    if sm < 0.0:
+        return b, -1, m + (b * brick - p) / sm, -brick / sm
+    return b, 0, 1e30, 0.0
+
+
+@numba.njit(cache=True, fastmath=True)
+def _cast_row(v, codes, occupancy, brick_shift, box, size_ijk, Kinv, R, src, step_mm, mu_scale, skip_empty, out):
+    """Line integrals of detector row ``v`` into ``out[v]``.
+
+    Each ray is clipped to the box of voxel centres and sampled at the midpoints of
+    n = ceil(length / step_mm) equal steps (this rule fixes every sample position). With
+    ``skip_empty`` only the samples inside ``box`` (the non-zero voxels' box, widened so
+    that samples outside read only zeros) are visited, and runs of samples in bricks
+    whose ``occupancy`` is 0 are jumped over: those samples read only zero voxels, so
+    the sum is the same."""
+    W = out.shape[1]
     s_j = codes.shape[2]
     s_k = codes.shape[1] * codes.shape[2]
     flat = codes.ravel()
-    R = R_index_from_cam
-    for v in numba.prange(H):
-        for u in range(W):
-            dx = Kinv[0, 0] * u + Kinv[0, 1] * v + Kinv[0, 2]
-            dy = Kinv[1, 1] * v + Kinv[1, 2]
-            norm = math.sqrt(dx * dx + dy * dy + 1.0)
-            dx /= norm
-            dy /= norm
-            dz = 1.0 / norm
-            # Ray direction in index units per mm travelled.
-            d = (
-                R[0, 0] * dx + R[0, 1] * dy + R[0, 2] * dz,
-                R[1, 0] * dx + R[1, 1] * dy + R[1, 2] * dz,
-                R[2, 0] * dx + R[2, 1] * dy + R[2, 2] * dz,
-            )
-            t0 = 0.0
-            t1 = 1e30
-            for ax in range(3):
-                hi = size_ijk[ax] - 1.0
-                if abs(d[ax]) < 1e-12:
-                    if src_index[ax] < 0.0 or src_index[ax] > hi:
-                        t1 = -1.0
-                else:
-                    ta = -src_index[ax] / d[ax]
-                    tb = (hi - src_index[ax]) / d[ax]
-                    if ta > tb:
-                        ta, tb = tb, ta
-                    t0 = max(t0, ta)
-                    t1 = min(t1, tb)
-            if t1 <= t0:
-                out[v, u] = 0.0
-                continue
-            n = int(math.ceil((t1 - t0) / step_mm))
-            step = (t1 - t0) / n
-            tm = t0 + 0.5 * step
-            pi = np.float32(src_index[0] + tm * d[0])
-            pj = np.float32(src_index[1] + tm * d[1])
-            pk = np.float32(src_index[2] + tm * d[2])
-            si = np.float32(step * d[0])
-            sj = np.float32(step * d[1])
-            sk = np.float32(step * d[2])
-            acc = np.float32(0.0)
-            for _ in range(n):
-                # Points lie in [0, size - 1]; truncation is floor and the pad keeps +1 valid.
-                i0 = int(pi)
-                j0 = int(pj)
-                k0 = int(pk)
-                fi = pi - i0
-                fj = pj - j0
-                fk = pk - k0
-                b = k0 * s_k + j0 * s_j + i0
-                a000 = np.float32(flat[b])
-                a001 = np.float32(flat[b + 1])
-                a010 = np.float32(flat[b + s_j])
-                a011 = np.float32(flat[b + s_j + 1])
-                a100 = np.float32(flat[b + s_k])
-                a101 = np.float32(flat[b + s_k + 1])
-                a110 = np.float32(flat[b + s_k + s_j])
-                a111 = np.float32(flat[b + s_k + s_j + 1])
-                c00 = a000 + fi * (a001 - a000)
-                c01 = a010 + fi * (a011 - a010)
-                c10 = a100 + fi * (a101 - a100)
-                c11 = a110 + fi * (a111 - a110)
-                c0 = c00 + fj * (c01 - c00)
-                c1 = c10 + fj * (c11 - c10)
-                acc += c0 + fk * (c1 - c0)
-                pi += si
-                pj += sj
-                pk += sk
+    zero = np.zeros(3)
+    hi = size_ijk - 1.0
+    a = np.empty(3, np.float32)
+    s = np.empty(3, np.float32)
+    d = np.empty(3)
+    last_k, last_j, last_i = occupancy.shape[0] - 1, occupancy.shape[1] - 1, occupancy.shape[2] - 1
+    for u in range(W):
+        dx = Kinv[0, 0] * u + Kinv[0, 1] * v + Kinv[0, 2]
+        dy = Kinv[1, 1] * v + Kinv[1, 2]
+        norm = math.sqrt(dx * dx + dy * dy + 1.0)
+        dx /= norm
+        dy /= norm
+        dz = 1.0 / norm
+        # Ray direction in index units per mm travelled.
+        for ax in range(3):
+            d[ax] = R[ax, 0] * dx + R[ax, 1] * dy + R[ax, 2] * dz
+        t0, t1 = _slab(zero, hi, src, d, 0.0, 1e30)
+        if t1 <= t0:
+            out[v, u] = 0.0
+            continue
+        n = int(math.ceil((t1 - t0) / step_mm))
+        step = (t1 - t0) / n
+        for ax in range(3):
+            a[ax] = src[ax] + (t0 + 0.5 * step) * d[ax]
+            s[ax] = step * d[ax]
+        if not skip_empty:
+            acc = _integrate(flat, s_j, s_k, a, s, 0, n, np.float32(0.0))
             out[v, u] = acc * step * mu_scale
+            continue
+        ta, tb = _slab(box[0], box[1], src, d, t0, t1)
+        if tb <= ta:
+            out[v, u] = 0.0
+            continue
+        # Samples m whose t = t0 + (m + 0.5) step lies in [ta, tb], one more each side.
+        m = max(0, int(math.floor((ta - t0) / step - 0.5)))
+        m_end = min(n, int(math.ceil((tb - t0) / step - 0.5)) + 1)
+        # Walk the bricks along the ray (3D DDA in units of samples): brick index b*,
+        # sample coordinate of the next face crossing f*, its increment g* per brick.
+        bi, di, fi, gi = _dda_start(src[0], d[0], t0, step, m, brick_shift)
+        bj, dj, fj, gj = _dda_start(src[1], d[1], t0, step, m, brick_shift)
+        bk, dk, fk, gk = _dda_start(src[2], d[2], t0, step, m, brick_shift)
+        acc = np.float32(0.0)
+        run = -1
+        while True:
+            f = min(fi, fj, fk)
+            # Samples m .. m_next - 1 lie in this brick (up to rounding, which the
+            # widened occupancy covers).
+            m_next = min(m_end, int(max(f, 0.0)) + 1)
+            if m_next > m:
+                if occupancy[min(max(bk, 0), last_k), min(max(bj, 0), last_j), min(max(bi, 0), last_i)]:
+                    if run < 0:
+                        run = m
+                elif run >= 0:
+                    acc = _integrate(flat, s_j, s_k, a, s, run, m, acc)
+                    run = -1
+                m = m_next
+                if m >= m_end:
+                    break
+            if f == fi:
+                bi += di
+                fi += gi
+            elif f == fj:
+                bj += dj
+                fj += gj
+            else:
+                bk += dk
+                fk += gk
+        if run >= 0:
+            acc = _integrate(flat, s_j, s_k, a, s, run, m_end, acc)
+        out[v, u] = acc * step * mu_scale
 
 
-_cast_parallel = numba.njit(cache=True, parallel=True, fastmath=True)(_cast_kernel)
-_cast_serial = numba.njit(cache=True, fastmath=True)(_cast_kernel)
+# Two distinct functions (not two dispatchers of one): numba keys its on-disk cache by
+# the function's name and line, so one function compiled twice would share one cache
+# entry and load whichever variant was compiled first for both.
+@numba.njit(cache=True, parallel=True, fastmath=True)
+def _cast_parallel(codes, occupancy, brick_shift, box, size_ijk, Kinv, R, src, step_mm, mu_scale, skip_empty, out):
+    """All detector rows, spread over numba's threads."""
+    for v in numba.prange(out.shape[0]):
+        _cast_row(v, codes, occupancy, brick_shift, box, size_ijk, Kinv, R, src, step_mm, mu_scale, skip_empty, out)
+
+
+@numba.njit(cache=True, fastmath=True)
+def _cast_serial(codes, occupancy, brick_shift, box, size_ijk, Kinv, R, src, step_mm, mu_scale, skip_empty, out):
+    """All detector rows on the calling thread."""
+    for v in range(out.shape[0]):
+        _cast_row(v, codes, occupancy, brick_shift, box, size_ijk, Kinv, R, src, step_mm, mu_scale, skip_empty, out)
+
+
 PARALLEL_MIN_PIXELS = 192 * 192
 """Smaller images render on one thread: their work per parallel region is so short that
 thread start-up and waiting for a descheduled peer (a busy 2-core machine) cost more
@@ -209,6 +371,7 @@ def render_drr(
     *,
     step_mm: float | None = None,
     out: np.ndarray | None = None,
+    skip_empty: bool = True,
 ) -> np.ndarray:
     """Line-integral image (H, W) float32 of ``volume`` seen in ``view``: per pixel the
     integral of mu (1/mm) along the ray in mm (dimensionless); ``view.T_cam_from_world``
@@ -217,6 +380,8 @@ def render_drr(
     ``view`` may be a sub-window (``View.cropped``) or a binned detector
     (``View.downsampled``) for coarse-to-fine work. A plain ``Volume`` in mu_per_mm is
     prepared on the fly; prepare once with ``prepare_volume`` when rendering often.
+    ``skip_empty`` jumps over empty space (same samples, same sums); False walks every
+    sample of every ray, for comparison.
     """
     if isinstance(volume, Volume):
         volume = prepare_volume(volume)
@@ -230,14 +395,22 @@ def render_drr(
     Kinv, R, src = _ray_geometry(volume, view)
     size = np.array(volume.size_ijk, dtype=np.float64)
     cast = _cast_parallel if out.size >= PARALLEL_MIN_PIXELS else _cast_serial
-    cast(volume.codes, size, Kinv, R, src, step, volume.mu_scale, out)
+    brick_shift = volume.brick_voxels.bit_length() - 1
+    cast(volume.codes, volume.occupancy, brick_shift, volume.nonzero_box_ijk, size, Kinv, R, src, step,
+         volume.mu_scale, bool(skip_empty), out)
     return out
 
 
-def render_drr_reference(volume: Volume, view: View, *, step_mm: float = 0.1) -> np.ndarray:
-    """Slow, independent reference: dense samples along each ray from the source to far
-    beyond the volume, interpolated by ``scipy.ndimage.map_coordinates`` (order 1,
-    zero outside the voxel-centre box). For tests only."""
+def render_drr_reference(
+    volume: Volume, view: View, *, step_mm: float = 0.1, kernel_samples: bool = False
+) -> np.ndarray:
+    """Slow, independent reference, interpolating with ``scipy.ndimage.map_coordinates``
+    (order 1, zero outside the voxel-centre box) in float64. For tests only.
+
+    By default dense samples every ``step_mm`` along each ray from the source to far
+    beyond the volume. With ``kernel_samples`` the samples sit where ``render_drr`` puts
+    them on this grid (each ray clipped to the voxel-centre box, ceil(length / step_mm)
+    equal steps, their midpoints), so the two agree to float32 rounding."""
     from scipy.ndimage import map_coordinates
 
     from guidance.core.geometry import backproject
@@ -247,17 +420,32 @@ def render_drr_reference(volume: Volume, view: View, *, step_mm: float = 0.1) ->
     source, dirs = backproject(view.K, view.T_cam_from_world, np.column_stack([uu.ravel(), vv.ravel()]))
     corners = volume.corners_world()
     dist = np.linalg.norm(corners - source, axis=1)
-    t = np.arange(dist.min() - step_mm, dist.max() + step_mm, step_mm) + 0.5 * step_mm
-    out = np.empty(H * W)
+    t_dense = np.arange(dist.min() - step_mm, dist.max() + step_mm, step_mm) + 0.5 * step_mm
+    out = np.zeros(H * W)
     M = volume.T_index_from_world
     src_idx = M[:3, :3] @ source + M[:3, 3]
+    size = np.array(volume.size_ijk) - 1.0
+    data = volume.data.astype(np.float64)
     for start in range(0, H * W, 256):
         d_idx = dirs[start: start + 256] @ M[:3, :3].T
-        pts = src_idx[None, None, :] + t[None, :, None] * d_idx[:, None, :]
+        if kernel_samples:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ta, tb = (0.0 - src_idx) / d_idx, (size - src_idx) / d_idx
+            t0 = np.nan_to_num(np.minimum(ta, tb), nan=-np.inf).max(axis=1).clip(0.0, None)
+            t1 = np.nan_to_num(np.maximum(ta, tb), nan=np.inf).min(axis=1)
+            hit = t1 > t0
+            n = np.where(hit, np.ceil((t1 - t0) / step_mm), 0).astype(int)
+            ray_step = np.where(hit, (t1 - t0) / np.maximum(n, 1), 0.0)
+            m = np.arange(max(int(n.max()), 1))
+            t = t0[:, None] + (m[None, :] + 0.5) * ray_step[:, None]
+            weight = (m[None, :] < n[:, None]) * ray_step[:, None]
+        else:
+            t = np.broadcast_to(t_dense, (len(d_idx), len(t_dense)))
+            weight = np.full(t.shape, step_mm)
+        pts = src_idx[None, None, :] + t[..., None] * d_idx[:, None, :]
         coords = np.stack([pts[..., 2], pts[..., 1], pts[..., 0]])
-        vals = map_coordinates(volume.data.astype(np.float64), coords.reshape(3, -1), order=1, cval=0.0)
-        size = np.array(volume.size_ijk) - 1
-        inside = np.all((pts >= 0) & (pts <= size), axis=-1).reshape(-1)
-        vals = np.where(inside, vals, 0.0)
-        out[start: start + 256] = vals.reshape(len(d_idx), -1).sum(axis=1) * step_mm
+        vals = map_coordinates(data, coords.reshape(3, -1), order=1, cval=0.0).reshape(t.shape)
+        if not kernel_samples:
+            vals = np.where(np.all((pts >= 0) & (pts <= size), axis=-1), vals, 0.0)
+        out[start: start + 256] = (vals * weight).sum(axis=1)
     return out.reshape(H, W).astype(np.float32)

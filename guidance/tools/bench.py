@@ -7,9 +7,10 @@ that produced them.
 from __future__ import annotations
 
 import logging
+import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,8 @@ from guidance.core.geometry import invert_rigid
 from guidance.core.views import View, carm_view
 from guidance.core.volume import Volume, hu_to_attenuation, load_volume, resample, transform_volume
 
-__all__ = ["DrrBenchRow", "bench_drr", "format_table", "clinical_grid", "diffdrr_geometry", "diffdrr_renderer"]
+__all__ = ["DrrBenchRow", "bench_drr", "format_table", "clinical_grid", "cpu_model", "diffdrr_geometry",
+           "diffdrr_renderer"]
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,8 @@ DIFFDRR_PATCH_PX = 128  # DiffDRR renders 128x128-ray patches in series, boundin
 
 @dataclass(frozen=True)
 class DrrBenchRow:
-    """Median and p90 time (ms) of one DRR of ``volume`` at ``detector_px``^2."""
+    """Median and p90 time (ms) of one DRR of ``volume`` at ``detector_px``^2, on
+    ``cpu_model`` with ``threads`` numba threads."""
 
     volume: str
     grid: str
@@ -43,6 +46,21 @@ class DrrBenchRow:
     p90_ms: float
     repeats: int
     ncc: float | None = None  # agreement with our DRR of the same view (DiffDRR rows)
+    speedup: float | None = None  # empty-space skipping: time of every sample / time of this row
+    cpu_model: str = ""
+    threads: int = 0
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo, else what the platform says)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def clinical_grid(volume: Volume) -> Volume:
@@ -202,55 +220,79 @@ def bench_drr(*, shared_data: Path | None = None, repeats: int = 20, sizes=DETEC
     """Time DRRs of the embedded phantom (1 mm), the phantom on a 512x512x133 clinical
     grid, and the real CTs of ``shared_data`` when present (native and clinical grid).
 
-    ``with_diffdrr`` adds DiffDRR's trilinear and siddon renderers (``DIFFDRR_REPEATS``
-    repeats, same volume and view) when torch and diffdrr are installed, with the NCC of
-    their images to ours."""
+    On the clinical grids also the bone only (voxels at or above registration's bone
+    threshold, as registration renders them), once walking every sample and once with
+    empty-space skipping, with the speed-up. ``with_diffdrr`` adds DiffDRR's trilinear
+    and siddon renderers (``DIFFDRR_REPEATS`` repeats, same volume and view) when torch
+    and diffdrr are installed, with the NCC of their images to ours."""
+    import numba
+
+    from guidance.registration.register import RegistrationSettings
     from sim.phantom import make_phantom
 
-    volumes: list[tuple[str, Volume]] = []
+    bone_hu = RegistrationSettings().bone_threshold_hu
+    volumes: list[tuple[str, Volume, bool]] = []  # name, CT in HU, on the clinical grid
     phantom = make_phantom(seed=0).ct
-    volumes.append(("phantom", phantom))
-    volumes.append(("phantom", clinical_grid(phantom)))
+    volumes.append(("phantom", phantom, False))
+    volumes.append(("phantom", clinical_grid(phantom), True))
     if shared_data is not None and shared_data.is_dir():
         abdomen = shared_data / "ct_abdomen_3mm.nii.gz"
         if abdomen.exists():
             ct = load_volume(abdomen)
-            volumes.append(("ct_abdomen_3mm", ct))
-            volumes.append(("ct_abdomen_3mm", clinical_grid(ct)))
+            volumes.append(("ct_abdomen_3mm", ct, False))
+            volumes.append(("ct_abdomen_3mm", clinical_grid(ct), True))
         series = shared_data / "ct_dicom_series"
         if series.is_dir():
-            volumes.append(("ct_dicom_series", load_volume(series)))
+            volumes.append(("ct_dicom_series", load_volume(series), False))
     else:
         log.warning("real CT folder %s absent: benchmarking the phantom only", shared_data)
+    machine = dict(cpu_model=cpu_model(), threads=numba.get_num_threads())
     rows = []
-    for name, hu in volumes:
+    for name, hu, clinical in volumes:
         grid = "x".join(str(n) for n in hu.size_ijk) + " @ " + "x".join(f"{s:.2g}" for s in hu.spacing) + " mm"
-        dv = prepare_volume(hu_to_attenuation(hu))
+        mu = hu_to_attenuation(hu)
+        dv = prepare_volume(mu)
+        bone = prepare_volume(mu.with_data(np.where(hu.data >= bone_hu, mu.data, 0.0).astype(np.float32)))
         s_per_ray: dict[str, float] = {}
         for n in sizes:
             view = _ap_view(hu, n)
             out = np.empty(view.shape, np.float32)
             med, p90 = _time(lambda: render_drr(dv, view, out=out), repeats)
-            rows.append(DrrBenchRow(name, grid, "guidance (numba)", n, med, p90, repeats))
+            rows.append(DrrBenchRow(name, grid, "guidance (numba)", n, med, p90, repeats, **machine))
+            if clinical:
+                every = _time(lambda: render_drr(bone, view, out=out, skip_empty=False), repeats)
+                skip = _time(lambda: render_drr(bone, view, out=out), repeats)
+                bone_name = f"{name} bone >= {bone_hu:g} HU"
+                rows.append(DrrBenchRow(bone_name, grid, "guidance (numba), every sample", n, *every, repeats,
+                                        **machine))
+                rows.append(DrrBenchRow(bone_name, grid, "guidance (numba), empty-space skipping", n, *skip, repeats,
+                                        speedup=every[0] / skip[0], **machine))
             if with_diffdrr:
+                render_drr(dv, view, out=out)
                 diffdrr_rows = _bench_diffdrr(name, grid, hu, view, out, s_per_ray)
                 if diffdrr_rows is None:
                     log.warning("torch/diffdrr not importable (extra 'diffdrr'): benchmarking ours only")
                     with_diffdrr = False
                 else:
-                    rows.extend(diffdrr_rows)
+                    rows.extend(replace(r, **machine) for r in diffdrr_rows)
     return rows
 
 
 def format_table(rows: list[DrrBenchRow]) -> str:
-    """Markdown table of DRR benchmark rows; an NCC column when some row compares with ours."""
+    """Markdown table of DRR benchmark rows under a line naming the CPU and the thread
+    count; an NCC column when some row compares with ours, a speed-up column when some
+    row skips empty space."""
     with_ncc = any(r.ncc is not None for r in rows)
+    with_speedup = any(r.speedup is not None for r in rows)
     head = "| volume | grid | renderer | detector | median ms | p90 ms |" + (" NCC vs ours |" if with_ncc else "")
-    lines = [head, "|---" * head.count(" |") + "|"]
+    head += " speed-up |" if with_speedup else ""
+    machines = sorted({f"{r.cpu_model}, {r.threads} numba threads" for r in rows if r.cpu_model})
+    lines = [f"CPU: {m}" for m in machines] + [head, "|---" * head.count(" |") + "|"]
     for r in rows:
         times = "| — | — |" if np.isnan(r.median_ms) else f"| {r.median_ms:.1f} | {r.p90_ms:.1f} |"
         ncc = ("" if r.ncc is None else f" {r.ncc:.4f}") + " |" if with_ncc else ""
-        lines.append(f"| {r.volume} | {r.grid} | {r.renderer} | {r.detector_px}² {times}{ncc}")
+        speedup = ("" if r.speedup is None else f" {r.speedup:.1f}x") + " |" if with_speedup else ""
+        lines.append(f"| {r.volume} | {r.grid} | {r.renderer} | {r.detector_px}² {times}{ncc}{speedup}")
     return "\n".join(lines)
 
 
