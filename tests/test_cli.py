@@ -52,8 +52,9 @@ def stop_when_serving(delay_s: float) -> threading.Thread:
         deadline = time.monotonic() + 120.0
         while signal.getsignal(signal.SIGTERM) is original and time.monotonic() < deadline:
             time.sleep(0.05)
-        time.sleep(delay_s)
-        os.kill(os.getpid(), signal.SIGTERM)
+        if signal.getsignal(signal.SIGTERM) is not original:  # never SIGTERM pytest itself
+            time.sleep(delay_s)
+            os.kill(os.getpid(), signal.SIGTERM)
 
     thread = threading.Thread(target=later, daemon=True)
     thread.start()
