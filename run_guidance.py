@@ -297,8 +297,19 @@ def cmd_pipeline(args) -> int:
     pipeline = Pipeline(Registrator(subject.ct, labels=subject.labels), plan=subject.plan, labels=subject.labels,
                         settings=PipelineSettings(level=args.level, overlay=args.overlay, distortion=distortion))
     print(f"pipeline: frames from {', '.join(args.frame_endpoints)}, results on {args.result_endpoint}", flush=True)
-    stats = run_pipeline(pipeline, frame_endpoints=args.frame_endpoints, result_endpoint=args.result_endpoint,
-                         stop=stop, record_dir=args.record)
+    bridge = None
+    if args.igtl_port is not None:
+        from guidance.live.igtl import IgtlBridge
+
+        bridge = IgtlBridge(args.igtl_port, ct=subject.ct, plan=pipeline.plan, host=args.igtl_host,
+                            image_hz=args.igtl_image_hz)
+        print(f"pipeline: OpenIGTLink on {args.igtl_host}:{bridge.port}", flush=True)
+    try:
+        stats = run_pipeline(pipeline, frame_endpoints=args.frame_endpoints, result_endpoint=args.result_endpoint,
+                             stop=stop, record_dir=args.record, sink=bridge)
+    finally:
+        if bridge is not None:
+            bridge.close()
     print(json.dumps(stats.as_dict(), indent=2))
     return 0
 
@@ -348,7 +359,7 @@ def cmd_sim(args) -> int:
 def cmd_demo(args) -> int:
     from guidance.tools.demo import format_summary, run_demo
 
-    report = run_demo(args.out, duration_s=args.duration, fps=args.fps)
+    report = run_demo(args.out, duration_s=args.duration, fps=args.fps, igtl_port=args.igtl_port)
     print("\n" + format_summary(report.summary()))
     print(f"navigation screens: {args.out}/screen_*.png; recording: {args.out}/recording-*")
     return 0
@@ -489,6 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out/demo", help="screens and recording (an earlier demo's are removed)")
     p.add_argument("--duration", type=float, default=20.0, help="scenario length (s)")
     p.add_argument("--fps", type=float, default=15.0, help="fluoroscopy frame rate (Hz)")
+    p.add_argument("--igtl-port", type=int, help="the pipeline also serves OpenIGTLink (3D Slicer) on this port")
     p.set_defaults(func=cmd_demo)
 
     p = command("pipeline", "live registration/tracking: SUB frames + tracker, PUB poses")
@@ -503,6 +515,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--record", help="record every input and output message into this folder")
     p.add_argument("--calibration", help="image-intensifier distortion calibration (guidance.calibration/1) "
                    "applied to every frame; frames of another size or device (source id) are refused")
+    p.add_argument("--igtl-port", type=int, help="also serve OpenIGTLink (3D Slicer) on this port "
+                   "(Slicer's default is 18944); default: off")
+    p.add_argument("--igtl-host", default="127.0.0.1", help="OpenIGTLink address to bind (default loopback only)")
+    p.add_argument("--igtl-image-hz", type=float, default=2.0, help="cap on fluoro IMAGE messages per second")
     p.set_defaults(func=cmd_pipeline)
 
     p = command("display", "the navigation screen: fluoro + overlay, CT reslices at the tool tip")
