@@ -191,3 +191,35 @@ def test_register_cli_takes_a_dicom_shot_without_a_view_file(tmp_path, phantom):
     assert error_mm < 2.0
     assert np.linalg.norm(transform_points(nominal.T_cam_from_world, centre)
                           - transform_points(actual.T_cam_from_world, centre)) > 3.0
+
+
+def test_sim_replays_a_dicom_cine_as_live_frames(tmp_path, phantom):
+    import signal
+
+    from guidance.live.transport import Subscriber, free_tcp_endpoint
+    from guidance.live.wire import Frame
+
+    laos = [10.0, 12.0, 14.0]
+    truths = [sim_view(phantom, a, 0.0, size=(32, 24)) for a in laos]
+    frames = np.stack([simulate_xray(phantom.ct, t, XrayParams(seed=i), variant="display")[0]
+                       for i, t in enumerate(truths)])
+    path = write_xray_dicom(tmp_path / "cine.dcm", frames, modality="RF", spacing_rc=(0.7, 0.9),
+                            primary=[dicom_primary_angle(a, "prone") for a in laos], secondary=[0.0] * 3)
+    endpoint = free_tcp_endpoint()
+    sub = Subscriber([endpoint], topics=("frame",))
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        rc = run_guidance.main(["sim", "--dicom", str(path), "--frames", endpoint, "--fps", "30", "--startup", "0.5",
+                                "--isocenter", *(str(x) for x in phantom.ct.center_world())])
+        received = []
+        while (msg := sub.recv(1.0)) is not None:
+            received.append(msg)
+    finally:
+        sub.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    assert rc == 0
+    assert [m.frame_id for m in received] == [0, 1, 2] and all(isinstance(m, Frame) for m in received)
+    for msg, truth, pixels in zip(received, truths, frames):
+        assert_same_view(msg.view, truth)
+        assert_allclose(msg.pixels, pixels)

@@ -87,11 +87,11 @@ def is_dicom(path: str | Path) -> bool:
 
 def instance_of(ds: pydicom.Dataset) -> DicomInstance:
     """The identifiers of a received dataset; raises DicomError naming a missing UID."""
-    for keyword in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
+    for keyword in ("SOPInstanceUID", "SeriesInstanceUID"):
         if not str(ds.get(keyword, "")).strip():
             raise DicomError(f"DICOM instance without {keyword}")
     number = ds.get("SeriesNumber")
-    return DicomInstance(modality=str(ds.get("Modality", "OT")) or "OT", study_uid=str(ds.StudyInstanceUID),
+    return DicomInstance(modality=str(ds.get("Modality", "OT")) or "OT", study_uid=str(ds.get("StudyInstanceUID", "")),
                          series_uid=str(ds.SeriesInstanceUID), sop_uid=str(ds.SOPInstanceUID),
                          series_number=None if number in (None, "") else int(number))
 

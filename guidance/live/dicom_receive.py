@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
 from guidance.core.dicom import DicomError, instance_of
@@ -79,7 +79,8 @@ class DicomReceiver:
         self._lock = threading.Lock()
         self._pending: dict[int, dict[Path, ReceivedSeries]] = {}
         ae = AE(ae_title=ae_title)
-        ae.supported_contexts = AllStoragePresentationContexts
+        for context in AllStoragePresentationContexts:  # stored as sent: compressed syntaxes too
+            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_CONN_CLOSE, self._on_close)]
         self._server = ae.start_server((host, port), block=False, evt_handlers=handlers)
