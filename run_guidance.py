@@ -157,6 +157,14 @@ def cmd_bench(args) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=2))
         return 0
+    if args.what == "igtl":
+        from guidance.tools.bench_igtl import bench_igtl, format_igtl_table
+
+        rows = bench_igtl(duration_s=args.duration)
+        print(format_igtl_table(rows))
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2))
+        return 0
     if args.what == "latency":
         from guidance.tools.demo import format_summary, run_demo
 
@@ -442,8 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_render)
 
     p = command("bench", "benchmarks that print a table")
-    p.add_argument("what", choices=("drr", "latency", "register3d", "calibration"), help="what to measure")
-    p.add_argument("--duration", type=float, default=120.0, help="latency: scenario length (s)")
+    p.add_argument("what", choices=("drr", "latency", "register3d", "calibration", "igtl"), help="what to measure")
+    p.add_argument("--duration", type=float, default=120.0, help="latency, igtl: scenario length (s)")
     p.add_argument("--out", default="out/bench_latency", help="latency: recording folder")
     p.add_argument("--json", help="also write the rows as JSON to this file")
     p.add_argument("--repeats", type=int, default=20, help="drr: renders per case")
