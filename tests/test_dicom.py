@@ -91,7 +91,7 @@ def assert_same_view(view, truth):
 
 def test_single_frame_xa_gives_the_simulators_view_and_pixels(tmp_path, phantom):
     truth = sim_view(phantom, 25.0, -12.0)
-    image, _ = simulate_xray(phantom.ct, truth, XrayParams(seed=1), variant="display")
+    image, _ = simulate_xray(phantom.ct, truth, XrayParams(seed=1), intensity="display")
     path = write_xray_dicom(tmp_path / "shot.dcm", image[None], primary=dicom_primary_angle(25.0, "prone"),
                             secondary=-12.0, spacing_rc=(0.7, 0.9))
     shot = read_xray_dicom(path, isocenter_world=phantom.ct.center_world())
@@ -105,7 +105,7 @@ def test_single_frame_xa_gives_the_simulators_view_and_pixels(tmp_path, phantom)
 def test_multi_frame_rf_cine_has_per_frame_angles(tmp_path, phantom, increments):
     laos, cranials = [-30.0, -25.0, -20.0], [5.0, 7.5, 10.0]
     truths = [sim_view(phantom, a, b, size=(32, 24)) for a, b in zip(laos, cranials)]
-    frames = np.stack([simulate_xray(phantom.ct, t, XrayParams(seed=i), variant="display")[0]
+    frames = np.stack([simulate_xray(phantom.ct, t, XrayParams(seed=i), intensity="display")[0]
                        for i, t in enumerate(truths)])
     path = write_xray_dicom(tmp_path / "cine.dcm", frames, modality="RF", increments=increments,
                             primary=[dicom_primary_angle(a, "prone") for a in laos], secondary=cranials,
@@ -178,7 +178,7 @@ def test_register_cli_takes_a_dicom_shot_without_a_view_file(tmp_path, phantom):
     R = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
     M = make_rigid(R, centre + np.array([3.0, -2.0, 2.0]) - R @ centre)  # anatomy misplaced by ~4 mm
     actual = nominal.with_pose(nominal.T_cam_from_world @ M)
-    image, _ = simulate_xray(phantom.ct, actual, XrayParams(seed=3), variant="display")
+    image, _ = simulate_xray(phantom.ct, actual, XrayParams(seed=3), intensity="display")
     shot = write_xray_dicom(tmp_path / "shot.dcm", image[None], primary=180.0, secondary=0.0,
                             spacing_rc=(2.4, 2.4))
     out = tmp_path / "result.json"
@@ -201,7 +201,7 @@ def test_sim_replays_a_dicom_cine_as_live_frames(tmp_path, phantom):
 
     laos = [10.0, 12.0, 14.0]
     truths = [sim_view(phantom, a, 0.0, size=(32, 24)) for a in laos]
-    frames = np.stack([simulate_xray(phantom.ct, t, XrayParams(seed=i), variant="display")[0]
+    frames = np.stack([simulate_xray(phantom.ct, t, XrayParams(seed=i), intensity="display")[0]
                        for i, t in enumerate(truths)])
     path = write_xray_dicom(tmp_path / "cine.dcm", frames, modality="RF", spacing_rc=(0.7, 0.9),
                             primary=[dicom_primary_angle(a, "prone") for a in laos], secondary=[0.0] * 3)

@@ -330,11 +330,11 @@ def test_run_pipeline_publishes_its_poses_to_a_pyigtl_client():
     from sim.phantom import make_phantom
     from sim.xray import XrayParams, simulate_xray
 
-    phantom = make_phantom(seed=0, spacing_mm=3.0)
+    phantom = make_phantom(seed=0, spacing_mm=2.0)
     registrator = Registrator(phantom.ct, labels=phantom.labels)
     view = carm_view(isocenter_world=registrator.centre(None), patient_position="prone",
-                     detector_size_px=(96, 96), pixel_spacing_mm=(3.2, 3.2))
-    image, view = simulate_xray(phantom.ct, view, XrayParams(seed=0), variant="raw")
+                     detector_size_px=(128, 128), pixel_spacing_mm=(2.4, 2.4))
+    image, view = simulate_xray(phantom.ct, view, XrayParams(seed=0), intensity="raw")
     frames_ep, results_ep = free_tcp_endpoint(), free_tcp_endpoint()
     stop = threading.Event()
     with igtl.IgtlBridge(0, ct=phantom.ct, plan=phantom.plan) as bridge:
@@ -353,7 +353,7 @@ def test_run_pipeline_publishes_its_poses_to_a_pyigtl_client():
             assert pose is not None and pose.status == "ok", pose
             carm = client.wait("TRANSFORM", "CArmToCT")
             assert_allclose(carm.matrix, flip_xy_rows(invert_rigid(pose.views[0]["T_cam_from_world"])), atol=1e-3)
-            assert client.wait("IMAGE", "Fluoro").image.shape == (1, 96, 96)
+            assert client.wait("IMAGE", "Fluoro").image.shape == (1, 128, 128)
             assert client.wait("IMAGE", "CT").image.shape == phantom.ct.data.shape
         finally:
             stop.set()
