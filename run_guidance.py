@@ -157,6 +157,14 @@ def cmd_bench(args) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=2))
         return 0
+    if args.what == "igtl":
+        from guidance.tools.bench_igtl import bench_igtl, format_igtl_table
+
+        rows = bench_igtl(duration_s=args.duration)
+        print(format_igtl_table(rows))
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2))
+        return 0
     if args.what == "latency":
         from guidance.tools.demo import format_summary, run_demo
 
@@ -180,11 +188,18 @@ def cmd_register(args) -> int:
     from guidance.core.views import read_view
     from guidance.registration.register import Registrator, register_levels
 
-    if len(args.image) != len(args.view):
-        raise UsageError("give one --view per --image")
-    views = [read_view(v) for v in args.view]
-    images = [preprocess(read_xray(i), v) for i, v in zip(args.image, views)]
+    if args.view and len(args.image) != len(args.view):
+        raise UsageError("give one --view per --image (or none: DICOM images carry their geometry)")
     subject = _subject(args)
+    if args.view:
+        views = [read_view(v) for v in args.view]
+        pixels = [read_xray(i) for i in args.image]
+    else:
+        from guidance.core.dicom import read_xray_dicom
+
+        shots = [read_xray_dicom(i, isocenter_world=subject.ct.center_world()) for i in args.image]
+        views, pixels = [s.views[0] for s in shots], [s.frames[0] for s in shots]
+    images = [preprocess(p, v) for p, v in zip(pixels, views)]
     if args.all_levels and subject.labels is None:
         raise UsageError("--all-levels needs --labels with --ct (the vertebrae are taken from the labels)")
     registrator = Registrator(subject.ct, labels=subject.labels)
@@ -297,8 +312,19 @@ def cmd_pipeline(args) -> int:
     pipeline = Pipeline(Registrator(subject.ct, labels=subject.labels), plan=subject.plan, labels=subject.labels,
                         settings=PipelineSettings(level=args.level, overlay=args.overlay, distortion=distortion))
     print(f"pipeline: frames from {', '.join(args.frame_endpoints)}, results on {args.result_endpoint}", flush=True)
-    stats = run_pipeline(pipeline, frame_endpoints=args.frame_endpoints, result_endpoint=args.result_endpoint,
-                         stop=stop, record_dir=args.record)
+    bridge = None
+    if args.igtl_port is not None:
+        from guidance.live.igtl import IgtlBridge
+
+        bridge = IgtlBridge(args.igtl_port, ct=subject.ct, plan=pipeline.plan, host=args.igtl_host,
+                            image_hz=args.igtl_image_hz)
+        print(f"pipeline: OpenIGTLink on {args.igtl_host}:{bridge.port}", flush=True)
+    try:
+        stats = run_pipeline(pipeline, frame_endpoints=args.frame_endpoints, result_endpoint=args.result_endpoint,
+                             stop=stop, record_dir=args.record, sink=bridge)
+    finally:
+        if bridge is not None:
+            bridge.close()
     print(json.dumps(stats.as_dict(), indent=2))
     return 0
 
@@ -323,6 +349,11 @@ def cmd_sim(args) -> int:
     if args.replay:
         stats = replay_recording(args.replay, frame_endpoint=args.frame_endpoint,
                                  speed=None if args.fast else args.speed, stop=stop)
+    elif args.dicom:
+        from sim.stream import run_dicom_cine
+
+        stats = run_dicom_cine(args.dicom, frame_endpoint=args.frame_endpoint, stop=stop, fps=args.fps,
+                               loop=args.loop, isocenter_world=args.isocenter, startup_s=args.startup)
     elif args.video is not None:
         if not args.view:
             raise UsageError("--video needs --view (the static geometry of the video frames)")
@@ -348,9 +379,27 @@ def cmd_sim(args) -> int:
 def cmd_demo(args) -> int:
     from guidance.tools.demo import format_summary, run_demo
 
-    report = run_demo(args.out, duration_s=args.duration, fps=args.fps)
+    report = run_demo(args.out, duration_s=args.duration, fps=args.fps, igtl_port=args.igtl_port)
     print("\n" + format_summary(report.summary()))
     print(f"navigation screens: {args.out}/screen_*.png; recording: {args.out}/recording-*")
+    return 0
+
+
+def cmd_dicom_receive(args) -> int:
+    from guidance.live.dicom_receive import DicomReceiver
+
+    stop = _stop_on_signals()
+
+    def on_series(series) -> None:
+        print(f"{series.modality} series {series.series_uid}: {len(series.files)} files -> {series.folder}",
+              flush=True)
+
+    with DicomReceiver(args.out, port=args.port, ae_title=args.ae_title, host=args.host,
+                       on_series=on_series) as receiver:
+        print(f"dicom-receive: AE {args.ae_title} on {args.host}:{receiver.port}, storing into {args.out}",
+              flush=True)
+        stop.wait()
+    print(json.dumps({"stored": receiver.stored, "refused": receiver.refused}))
     return 0
 
 
@@ -401,8 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_render)
 
     p = command("bench", "benchmarks that print a table")
-    p.add_argument("what", choices=("drr", "latency", "register3d", "calibration"), help="what to measure")
-    p.add_argument("--duration", type=float, default=120.0, help="latency: scenario length (s)")
+    p.add_argument("what", choices=("drr", "latency", "register3d", "calibration", "igtl"), help="what to measure")
+    p.add_argument("--duration", type=float, default=120.0, help="latency, igtl: scenario length (s)")
     p.add_argument("--out", default="out/bench_latency", help="latency: recording folder")
     p.add_argument("--json", help="also write the rows as JSON to this file")
     p.add_argument("--repeats", type=int, default=20, help="drr: renders per case")
@@ -412,7 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("register", "2D/3D registration of X-ray images to a CT")
     _add_ct_arguments(p)
     p.add_argument("--image", action="append", required=True, help="X-ray image (repeat for more views)")
-    p.add_argument("--view", action="append", required=True, help="its view file with the initial guess")
+    p.add_argument("--view", action="append", help="its view file with the initial guess; without --view the "
+                   "images must be XA/RF DICOM (geometry from their tags, isocentre at the CT centre)")
     p.add_argument("--level", type=level, help="register this vertebra alone (name like L3 or label id)")
     p.add_argument("--all-levels", action="store_true", help="also register every labelled vertebra (needs labels)")
     p.add_argument("--out", required=True, help="result JSON")
@@ -482,14 +532,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replay", help="re-publish a recording folder instead of simulating")
     p.add_argument("--video", help="video file or capture device number to publish instead")
     p.add_argument("--view", help="view file of the video frames")
-    p.add_argument("--loop", action="store_true", help="video: start over at the end")
+    p.add_argument("--loop", action="store_true", help="video, DICOM cine: start over at the end")
+    p.add_argument("--dicom", help="XA/RF DICOM file (multi-frame cine) to replay as live frames, each with the "
+                   "view from its tags (fps: --fps, else the file's FrameTime)")
+    p.add_argument("--isocenter", type=float, nargs=3, default=(0.0, 0.0, 0.0), metavar=("X", "Y", "Z"),
+                   help="--dicom: the C-arm isocentre in CT coordinates (LPS mm), the registration's first guess")
     p.set_defaults(func=cmd_sim)
 
     p = command("demo", "sim + pipeline + display on loopback; prints pose error, latency, fps")
     p.add_argument("--out", default="out/demo", help="screens and recording (an earlier demo's are removed)")
     p.add_argument("--duration", type=float, default=20.0, help="scenario length (s)")
     p.add_argument("--fps", type=float, default=15.0, help="fluoroscopy frame rate (Hz)")
+    p.add_argument("--igtl-port", type=int, help="the pipeline also serves OpenIGTLink (3D Slicer) on this port")
     p.set_defaults(func=cmd_demo)
+
+    p = command("dicom-receive", "DICOM C-STORE receiver: stores incoming CT and X-ray series, "
+                "one folder per series, never overwriting")
+    p.add_argument("--port", type=int, required=True, help="TCP port to listen on (104 is DICOM's, needs root)")
+    p.add_argument("--ae-title", default="GUIDANCE", help="our application entity title")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--out", required=True, help="folder for the received series")
+    p.set_defaults(func=cmd_dicom_receive)
 
     p = command("pipeline", "live registration/tracking: SUB frames + tracker, PUB poses")
     _add_ct_arguments(p, plan=True)
@@ -503,6 +566,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--record", help="record every input and output message into this folder")
     p.add_argument("--calibration", help="image-intensifier distortion calibration (guidance.calibration/1) "
                    "applied to every frame; frames of another size or device (source id) are refused")
+    p.add_argument("--igtl-port", type=int, help="also serve OpenIGTLink (3D Slicer) on this port "
+                   "(Slicer's default is 18944); default: off")
+    p.add_argument("--igtl-host", default="127.0.0.1", help="OpenIGTLink address to bind (default loopback only)")
+    p.add_argument("--igtl-image-hz", type=float, default=2.0, help="cap on fluoro IMAGE messages per second")
     p.set_defaults(func=cmd_pipeline)
 
     p = command("display", "the navigation screen: fluoro + overlay, CT reslices at the tool tip")

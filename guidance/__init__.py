@@ -30,6 +30,7 @@ _API = {
     "carm_view": "guidance.core.views",
     "read_xray": "guidance.core.images",
     "write_xray": "guidance.core.images",
+    "read_xray_dicom": "guidance.core.dicom",
     "render_drr": "guidance.core.drr",
     "prepare_volume": "guidance.core.drr",
     "read_plan": "guidance.core.plan",

@@ -30,11 +30,12 @@ import zmq
 from guidance.live import wire
 from guidance.live.recording import Record, read_recording, replay
 from guidance.live.transport import Publisher
+from guidance.core.dicom import read_xray_dicom
 from guidance.core.views import View, read_view
 from sim.phantom import Phantom
 from sim.scenario import Scenario, ScenarioPlayer, SimFrame, SimState
 
-__all__ = ["REPLAYED_KINDS", "LINGER_S", "run_sim", "replay_recording", "run_video"]
+__all__ = ["REPLAYED_KINDS", "LINGER_S", "run_sim", "replay_recording", "run_video", "run_dicom_cine"]
 
 logger = logging.getLogger(__name__)
 
@@ -432,4 +433,46 @@ def run_video(
     finally:
         capture.release()
     logger.info("video %s: %d frames published in %.1f s", source, stats["frames"], stats["elapsed_s"])
+    return stats
+
+
+# ------------------------------------------------------------------------ DICOM cine
+
+
+def run_dicom_cine(
+    path: str | Path,
+    *,
+    frame_endpoint: str,
+    stop: threading.Event,
+    fps: float | None = None,
+    loop: bool = False,
+    isocenter_world=(0.0, 0.0, 0.0),
+    heartbeat_s: float = 0.5,
+    startup_s: float = 0.0,
+) -> dict:
+    """Publish the frames of a (multi-frame) XA/RF DICOM file as live ``Frame``s, each with
+    the view its tags give (``guidance.core.dicom.read_xray_dicom``, C-arm isocentre at
+    ``isocenter_world``, LPS mm), numbered from 0, paced at ``fps`` (None: the file's
+    FrameTime, else 15 fps); at the end the stream stops, or starts over when ``loop``.
+
+    Returns counts: frames, heartbeats, elapsed_s.
+    """
+    cine = read_xray_dicom(path, isocenter_world=isocenter_world)
+    if fps is not None and not (isinstance(fps, (int, float)) and 0 < fps < math.inf):
+        raise ValueError(f"fps must be a positive number or None; got {fps!r}")
+    period_s = 1.0 / fps if fps is not None else (cine.frame_time_s or 1.0 / 15.0)
+    frames = [f if f.dtype in (np.uint8, np.uint16) else f.astype(np.float32) for f in cine.frames]
+    stats = {"frames": 0}
+    with Publisher(frame_endpoint) as pub:
+        session = _Session(pub, "dicom", stop, heartbeat_s, stats)
+        if session.start(startup_s):
+            while session.wait_for(stats["frames"], period_s):
+                i = stats["frames"] % len(frames)
+                if stats["frames"] >= len(frames) and not loop:
+                    break
+                pub.send(wire.Frame(source="dicom", frame_id=stats["frames"], acquired_ns=time.time_ns(),
+                                    view=cine.views[i], pixels=frames[i]))
+                stats["frames"] += 1
+        session.finish()
+    logger.info("DICOM cine %s: %d frames published in %.1f s", path, stats["frames"], stats["elapsed_s"])
     return stats

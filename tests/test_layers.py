@@ -31,8 +31,8 @@ ALLOWED: dict[str, set[str]] = {
 }
 FIRST_PARTY = ("guidance", "sim", "calibration", "run_guidance")
 # Third-party packages a layer must not touch (sockets stay out of the maths).
-FORBIDDEN_THIRD_PARTY = {"guidance.core": {"zmq"}, "guidance.registration": {"zmq"},
-                         "guidance.navigation": {"zmq"}}
+FORBIDDEN_THIRD_PARTY = {"guidance.core": {"zmq", "pynetdicom"}, "guidance.registration": {"zmq", "pynetdicom"},
+                         "guidance.navigation": {"zmq", "pynetdicom"}}
 
 
 def _layer(module: str, table) -> str | None:

@@ -262,8 +262,13 @@ def run_pipeline(
     stop: threading.Event,
     record_dir: str | Path | None = None,
     heartbeat_s: float = 0.5,
+    sink=None,
 ) -> PipelineStats:
-    """Serve until ``stop`` is set: SUB frames/tracker samples, PUB results (bound)."""
+    """Serve until ``stop`` is set: SUB frames/tracker samples, PUB results (bound).
+
+    ``sink``: also hands every result to ``sink.publish(message, frame)`` (e.g. the
+    OpenIGTLink bridge, ``guidance.live.igtl.IgtlBridge``); ``frame`` is the frame a
+    PoseResult came from, else None."""
     recorder = Recorder(record_dir, source="pipeline") if record_dir is not None else None
 
     def record_in(parts: list[bytes]) -> None:
@@ -273,8 +278,10 @@ def run_pipeline(
                      tap=record_in if recorder is not None else None)
     pub = Publisher(result_endpoint, bind=True)
 
-    def send(msg: Message) -> None:
+    def send(msg: Message, frame: Frame | None = None) -> None:
         sent = pub.send(msg)
+        if sink is not None:
+            sink.publish(sent, frame)
         if recorder is not None:
             recorder.write("out", encode(sent), time.time_ns())
 
@@ -291,7 +298,7 @@ def run_pipeline(
                         send(out)
             if frames:
                 for out in pipeline.on_frame(frames[-1]):
-                    send(out)
+                    send(out, frames[-1])
             now = time.monotonic()
             if now >= next_heartbeat:
                 stats = pipeline.stats.as_dict() | {"lost": sub.lost, "malformed": sub.malformed}

@@ -110,17 +110,24 @@ def _sim_process(frame_endpoint: str, duration_s: float, fps: float, seed: int, 
 
 
 def _pipeline_process(frame_endpoint: str, result_endpoint: str, seed: int, record_dir: str | None, log_level: int,
-                      stop) -> None:
-    """Spawned: the live pipeline on the phantom of ``seed``, until ``stop``."""
+                      igtl_port: int | None, stop) -> None:
+    """Spawned: the live pipeline on the phantom of ``seed``, until ``stop``; with
+    ``igtl_port`` it also serves OpenIGTLink there."""
     _start_child(2, log_level)
+    from guidance.live.igtl import IgtlBridge
     from guidance.live.pipeline import Pipeline, run_pipeline
     from guidance.registration.register import Registrator
     from sim.subject import load_subject
 
     subject = load_subject(phantom_seed=seed)
     pipeline = Pipeline(Registrator(subject.ct, labels=subject.labels), plan=subject.plan, labels=subject.labels)
-    run_pipeline(pipeline, frame_endpoints=[frame_endpoint], result_endpoint=result_endpoint, stop=stop,
-                 record_dir=record_dir)
+    bridge = IgtlBridge(igtl_port, ct=subject.ct, plan=pipeline.plan) if igtl_port is not None else None
+    try:
+        run_pipeline(pipeline, frame_endpoints=[frame_endpoint], result_endpoint=result_endpoint, stop=stop,
+                     record_dir=record_dir, sink=bridge)
+    finally:
+        if bridge is not None:
+            bridge.close()
 
 
 def _display_process(frame_endpoint: str, result_endpoint: str, seed: int, out_dir: str, log_level: int,
@@ -168,12 +175,13 @@ def clean_demo_outputs(out_dir: Path) -> None:
 
 def run_demo(out_dir: str | Path, *, duration_s: float = 20.0, fps: float = 15.0, seed: int = 0,
              startup_timeout_s: float = 120.0, print_rows: bool = True, with_display: bool = True,
-             record: bool = True, prerender: bool = False) -> DemoReport:
+             record: bool = True, prerender: bool = False, igtl_port: int | None = None) -> DemoReport:
     """Run sim + pipeline (+ display) on loopback for ``duration_s`` of scenario time.
 
     ``out_dir`` is cleaned of an earlier demo's screens and recordings first; screens go
     there (PNG), the pipeline's recording to ``out_dir/recording-<date>-<time>``.
     ``prerender``: the simulator renders its images before streaming (benchmarks).
+    ``igtl_port``: the pipeline also serves OpenIGTLink there (watch it in 3D Slicer).
     At the end the pipeline is stopped first and the time until a navigation state fed
     by the monitor turns STALE is measured (``report.stale_after_stop_s``).
     """
@@ -189,7 +197,7 @@ def run_demo(out_dir: str | Path, *, duration_s: float = 20.0, fps: float = 15.0
     recording = str(out / time.strftime("recording-%Y%m%d-%H%M%S")) if record else None
     spawn = multiprocessing.get_context("spawn")
     level = logging.getLogger().getEffectiveLevel()
-    pipeline = _Process(spawn, _pipeline_process, frames_ep, results_ep, seed, recording, level)
+    pipeline = _Process(spawn, _pipeline_process, frames_ep, results_ep, seed, recording, level, igtl_port)
     display = _Process(spawn, _display_process, frames_ep, results_ep, seed, str(out), level) if with_display else None
     sim = None
     report = DemoReport()
