@@ -35,7 +35,7 @@ identical frames whatever the order in which times are asked for.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
@@ -124,7 +124,9 @@ def _angle_pair(value: object, name: str) -> tuple[float, float]:
 class Scenario:
     """A scripted session. Lengths in mm, angles in degrees, times in seconds.
 
-    ``mode``: "fluoro" (continuous fluoroscopy at ``fps`` from ``fluoro_angles``) or
+    ``mode``: "fluoro" (continuous fluoroscopy at ``fps`` from ``fluoro_angles``, after
+    one shot per ``lead_shots`` pair held ``shot_interval_s`` each, e.g. an AP and a
+    lateral shot for multi-shot registration) or
     "shots" (one image every ``shot_interval_s``, cycling through ``shots``); angles are
     (LAO, cranial) pairs as the C-arm displays them. The detector is ``detector_px``
     square pixels of ``pixel_spacing_mm``; ``sdd_mm`` / ``sid_mm``: source to detector /
@@ -142,6 +144,7 @@ class Scenario:
     shots: tuple[tuple[float, float], ...] = ((0.0, 0.0), (90.0, 0.0), (20.0, 0.0), (-20.0, 0.0))
     shot_interval_s: float = 2.0
     fluoro_angles: tuple[float, float] = (0.0, 0.0)
+    lead_shots: tuple[tuple[float, float], ...] = ()
     detector_px: int = 256
     pixel_spacing_mm: float = 1.2
     sdd_mm: float = 1000.0
@@ -184,17 +187,26 @@ class Scenario:
             raise ScenarioError("shots must hold at least one (lao_deg, cranial_deg) pair")
         object.__setattr__(self, "shots", shots)
         object.__setattr__(self, "fluoro_angles", _angle_pair(self.fluoro_angles, "fluoro_angles"))
+        object.__setattr__(self, "lead_shots",
+                           tuple(_angle_pair(s, f"lead_shots[{i}]") for i, s in enumerate(self.lead_shots)))
 
     def acquisition_index(self, t_s: float) -> int:
         """Index of the image acquired at scenario time ``t_s``: the fluoroscopy frame
-        (round(t * fps)) or the shot number (floor(t / shot_interval_s))."""
-        if self.mode == "fluoro":
-            return int(round(t_s * self.fps))
-        return int(math.floor(t_s / self.shot_interval_s + 1e-9))
+        (round(t * fps), numbered after the lead shots) or the shot number
+        (floor(t / shot_interval_s))."""
+        shot = int(math.floor(t_s / self.shot_interval_s + 1e-9))
+        if self.mode == "shots":
+            return shot
+        n_lead = len(self.lead_shots)
+        if shot < n_lead:
+            return shot
+        return n_lead + int(round((t_s - n_lead * self.shot_interval_s) * self.fps))
 
     def angles(self, index: int) -> tuple[float, float]:
         """(LAO, cranial) degrees of acquisition ``index``."""
-        return self.fluoro_angles if self.mode == "fluoro" else self.shots[index % len(self.shots)]
+        if self.mode == "shots":
+            return self.shots[index % len(self.shots)]
+        return self.lead_shots[index] if index < len(self.lead_shots) else self.fluoro_angles
 
 
 @dataclass(frozen=True)
@@ -410,6 +422,8 @@ class ScenarioPlayer:
                 pixel_spacing_mm=(s.pixel_spacing_mm, s.pixel_spacing_mm),
                 isocenter_world=self.isocenter_world, patient_position=s.patient_position)
             self._views[key] = labelled_view(self._views[key], s.intensity)
+            # The C-arm reports its angles with each image (an angle-table calibration uses them).
+            self._views[key] = replace(self._views[key], extra={"lao_deg": lao_deg, "cranial_deg": cranial_deg})
         return self._views[key]
 
     def state_at(self, t_s: float) -> SimState:

@@ -24,14 +24,15 @@ from calibration.distortion import undistort_image, undistort_maps
 from calibration.errors import CalibrationError
 from calibration.files import Calibration, check_matches, distortion_model
 from guidance.core.geometry import invert_rigid, project
-from guidance.core.images import ImageError, preprocess
+from guidance.core.images import ImageError, PreparedImage, preprocess
 from guidance.core.instrument_models import INSTRUMENTS
 from guidance.core.plan import plan_trajectories
 from guidance.navigation.instruments import nearest_trajectory, tip_and_axis, tool_in_world
 from guidance.navigation.overlay import draw_instrument, draw_outline, draw_trajectories, to_display_bgr
 from guidance.live.recording import Recorder
 from guidance.registration.register import RegistrationResult, Registrator
-from guidance.registration.tracking import TrackingSettings, track
+from guidance.registration.tracking import TrackingSettings
+from guidance.live.shots import Shot, ShotRegistrar, ShotSettings
 from guidance.live.transport import Publisher, Subscriber
 from guidance.core.volume import Volume
 from guidance.core.views import ViewError
@@ -48,12 +49,14 @@ class PipelineSettings:
     ``overlay``: also publish an encoded overlay picture per frame; tool ids of the
     C-arm's tracker calibration and of the patient reference array; ``distortion``: an
     image-intensifier calibration applied to every frame before registration (frames
-    whose size or device, their ``source`` id, do not match it are refused)."""
+    whose size or device, their ``source`` id, do not match it are refused); ``shots``:
+    which shots multi-shot registration keeps (``guidance.live.shots``)."""
 
     level: int | None = None
     distortion: Calibration | None = None
     overlay: bool = False
     tracking: TrackingSettings = field(default_factory=TrackingSettings)
+    shots: ShotSettings = field(default_factory=ShotSettings)
     carm_tool: str = "carm"
     reference_tool: str = "reference"
     source: str = "pipeline"
@@ -102,6 +105,8 @@ class Pipeline:
         self.T_reference_from_world: np.ndarray | None = None
         self.poses: dict[str, TrackerSample] = {}
         self.frame_id = 0
+        self.shots = ShotRegistrar(registrator, level=self.settings.level, tracking=self.settings.tracking,
+                                   settings=self.settings.shots)
         self._undistort = None
         if self.settings.distortion is not None:
             model = distortion_model(self.settings.distortion)
@@ -116,32 +121,20 @@ class Pipeline:
         self.stats.frames_processed += 1
         self.frame_id = frame.frame_id
         try:
-            pixels = frame.pixels
-            if self._undistort is not None:
-                check_matches(self.settings.distortion, image_size=frame.view.image_size, device_id=frame.source)
-                model, maps = self._undistort
-                pixels = undistort_image(pixels, model, maps=maps)
-            image = preprocess(pixels, frame.view)
-            self._check_geometry(frame)
+            image = self._prepare(frame)
         except (ImageError, ViewError, CalibrationError) as exc:
             self.stats.frames_rejected += 1
             log.warning("frame %d rejected: %s", frame.frame_id, exc)
             return [self._failed(frame, f"bad frame: {exc}", t0, received_ns)]
         t1 = time.perf_counter()
         level = self.settings.level
-        mode = "global"
-        if self.last_good is not None:
-            result = track(self.registrator, [image], [frame.view], self.last_good.T_world_corrected_from_world,
-                           level=level, settings=self.settings.tracking)
-            mode = "tracking"
-            self.stats.tracking_updates += 1
-            if not result.ok:
-                log.info("frame %d: tracking failed (%s); global registration", frame.frame_id, result.reason)
-                self.stats.tracking_fallbacks += 1
-                mode = "global"
-        if mode == "global":
-            self.stats.global_registrations += 1
-            result = self.registrator.register([image], [frame.view], level=level)
+        outcome = self.shots.register(self._shot(frame, image), self.last_good, self.T_reference_from_world)
+        result, mode = outcome.result, outcome.mode
+        self.stats.tracking_updates += outcome.tracking_runs
+        self.stats.tracking_fallbacks += outcome.fallbacks
+        self.stats.global_registrations += outcome.global_runs
+        if outcome.fallbacks:
+            log.info("frame %d: tracking failed; global registration", frame.frame_id)
         t2 = time.perf_counter()
         self.last_ok = result.ok
         if result.ok:
@@ -170,11 +163,42 @@ class Pipeline:
             latency_ms=latency,
             frame_acquired_ns=frame.acquired_ns,
             source=self.settings.source,
+            shots=outcome.shot_frame_ids if result.ok else [],
         )
         out: list[Message] = [pose]
         if self.settings.overlay:
             out.append(self._overlay(frame, result))
         return out
+
+    def _prepare(self, frame: Frame) -> PreparedImage:
+        """The frame's image undistorted and preprocessed, its geometry checked (raises
+        ImageError, ViewError or CalibrationError naming what is wrong)."""
+        pixels = frame.pixels
+        if self._undistort is not None:
+            check_matches(self.settings.distortion, image_size=frame.view.image_size, device_id=frame.source)
+            model, maps = self._undistort
+            pixels = undistort_image(pixels, model, maps=maps)
+        image = preprocess(pixels, frame.view)
+        self._check_geometry(frame)
+        return image
+
+    def _shot(self, frame: Frame, image: PreparedImage) -> Shot:
+        """The frame as a shot, with the C-arm and reference array poses the tracker gave last."""
+        carm = self.poses.get(self.settings.carm_tool)
+        reference = self.poses.get(self.settings.reference_tool)
+        return Shot(frame_id=frame.frame_id, acquired_ns=frame.acquired_ns, image=image, view=frame.view,
+                    T_tracker_from_cam=None if carm is None else carm.T_tracker_from_tool,
+                    T_tracker_from_reference=None if reference is None else reference.T_tracker_from_tool)
+
+    def on_skipped_frame(self, frame: Frame) -> None:
+        """A frame not registered because a newer one waited: kept as a shot when it brings
+        an orientation the shot book lacks (e.g. a lateral shot taken during a registration)."""
+        if not self.shots.book.is_new_orientation(frame.view):
+            return
+        try:
+            self.shots.note(self._shot(frame, self._prepare(frame)))
+        except (ImageError, ViewError, CalibrationError) as exc:
+            log.warning("skipped frame %d not kept as a shot: %s", frame.frame_id, exc)
 
     def _check_geometry(self, frame: Frame) -> None:
         """Reject a frame whose view cannot see the CT (wrong or corrupted geometry)."""
@@ -296,6 +320,8 @@ def run_pipeline(
                 if isinstance(msg, TrackerSample):
                     for out in pipeline.on_tracker(msg):
                         send(out)
+            for frame in frames[:-1]:
+                pipeline.on_skipped_frame(frame)
             if frames:
                 for out in pipeline.on_frame(frames[-1]):
                     send(out, frames[-1])

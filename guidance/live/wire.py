@@ -276,7 +276,9 @@ class PoseResult(Message):
     ``views``: per view, a dict with at least ``T_cam_from_world``; ``level_poses``:
     vertebral level (e.g. "L4") -> 4x4 pose; ``similarity``: final similarity value;
     ``confidence`` in [0, 1]; ``mode``: "global" or "tracking"; ``latency_ms``: stage ->
-    duration in ms (>= 0); ``frame_acquired_ns``: acquisition time of the frame.
+    duration in ms (>= 0); ``frame_acquired_ns``: acquisition time of the frame;
+    ``shots``: ids of the frames whose (joint) registration fixes this pose's depth
+    (multi-shot fluoro navigation, ``guidance.live.shots``).
     """
 
     kind: ClassVar[str] = "pose_result"
@@ -292,6 +294,7 @@ class PoseResult(Message):
     mode: str
     latency_ms: dict[str, float] = field(default_factory=dict)
     frame_acquired_ns: int
+    shots: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -317,6 +320,9 @@ class PoseResult(Message):
                                   for k, v in self.latency_ms.items()})
         _set(self, "frame_acquired_ns",
              _int(self.frame_acquired_ns, "frame_acquired_ns", minimum=0))
+        if not isinstance(self.shots, (list, tuple)):
+            raise WireError("'shots' must be a list of frame ids")
+        _set(self, "shots", [_int(i, f"shots[{n}]", minimum=0) for n, i in enumerate(self.shots)])
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
