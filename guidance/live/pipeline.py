@@ -33,10 +33,12 @@ from guidance.live.recording import Recorder
 from guidance.registration.register import RegistrationResult, Registrator
 from guidance.registration.tracking import TrackingSettings
 from guidance.live.shots import Shot, ShotRegistrar, ShotSettings
+from guidance.live.intraop import IntraopError, IntraopSettings, register_intraop, volume_from_message
 from guidance.live.transport import Publisher, Subscriber
 from guidance.core.volume import Volume
 from guidance.core.views import ViewError
-from guidance.live.wire import Frame, Heartbeat, InstrumentState, Message, Overlay, PoseResult, TrackerSample, encode
+from guidance.live.wire import (Frame, Heartbeat, InstrumentState, Message, Overlay, PoseResult, TrackerSample,
+                                VolumeFrame, encode)
 
 __all__ = ["PipelineSettings", "PipelineStats", "Pipeline", "run_pipeline"]
 
@@ -50,13 +52,15 @@ class PipelineSettings:
     C-arm's tracker calibration and of the patient reference array; ``distortion``: an
     image-intensifier calibration applied to every frame before registration (frames
     whose size or device, their ``source`` id, do not match it are refused); ``shots``:
-    which shots multi-shot registration keeps (``guidance.live.shots``)."""
+    which shots multi-shot registration keeps (``guidance.live.shots``); ``intraop``: the
+    registration of intra-op CT / CBCT volumes (``guidance.live.intraop``)."""
 
     level: int | None = None
     distortion: Calibration | None = None
     overlay: bool = False
     tracking: TrackingSettings = field(default_factory=TrackingSettings)
     shots: ShotSettings = field(default_factory=ShotSettings)
+    intraop: IntraopSettings = field(default_factory=IntraopSettings)
     carm_tool: str = "carm"
     reference_tool: str = "reference"
     source: str = "pipeline"
@@ -80,6 +84,8 @@ class PipelineStats:
     tracking_updates: int = 0
     tracking_fallbacks: int = 0
     failed: int = 0
+    volumes_received: int = 0
+    volumes_rejected: int = 0
     latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
 
     def as_dict(self) -> dict:
@@ -94,8 +100,9 @@ class Pipeline:
     """Registration, tracking and instrument mapping for a stream of frames (no sockets)."""
 
     def __init__(self, registrator: Registrator, *, plan: list | dict | None = None, labels: Volume | None = None,
-                 settings: PipelineSettings | None = None) -> None:
+                 settings: PipelineSettings | None = None, ct: Volume | None = None) -> None:
         self.registrator = registrator
+        self.ct = ct
         self.plan = plan_trajectories(plan)
         self.labels = labels
         self.settings = settings or PipelineSettings()
@@ -236,6 +243,51 @@ class Pipeline:
             raise RuntimeError(f"PNG encoding of the overlay of frame {frame.frame_id} failed")
         return Overlay(frame_id=frame.frame_id, encoding="png", data=data.tobytes(), source=self.settings.source)
 
+    # -- intra-op volumes -----------------------------------------------------------------
+
+    def on_volume(self, volume: Volume, *, acquired_ns: int, volume_id: int = 0,
+                  T_tracker_from_scanner: np.ndarray | None = None, received_ns: int | None = None) -> list[Message]:
+        """Register an intra-op CT / CBCT (HU, scanner LPS frame) to the pre-op CT; returns its
+        PoseResult (mode "volume", ``frame_id`` = ``volume_id``). With the scanner's pose in the
+        tracker frame and a reference array sample, instruments are mapped through it from now on.
+        The entry point for any volume receiver (wire, DICOM)."""
+        received_ns = time.time_ns() if received_ns is None else received_ns
+        t0 = time.perf_counter()
+        self.stats.volumes_received += 1
+        try:
+            if self.ct is None:
+                raise IntraopError("this pipeline was built without the pre-op CT: it cannot register volumes")
+            result = register_intraop(self.ct, volume, labels=self.labels, level=self.settings.level,
+                                      settings=self.settings.intraop)
+        except IntraopError as exc:
+            self.stats.volumes_rejected += 1
+            log.warning("volume %d rejected: %s", volume_id, exc)
+            return [PoseResult(frame_id=volume_id, status="failed", reason=f"bad volume: {exc}", confidence=0.0,
+                               mode="volume", frame_acquired_ns=acquired_ns, source=self.settings.source,
+                               latency_ms={"queue": max(0.0, (received_ns - acquired_ns) / 1e6)})]
+        self.last_ok = result.ok
+        reference = self.poses.get(self.settings.reference_tool)
+        if result.ok and T_tracker_from_scanner is not None and reference is not None:
+            self.T_reference_from_world = (invert_rigid(reference.T_tracker_from_tool) @ T_tracker_from_scanner
+                                           @ result.T_scanner_from_world)
+        elif result.ok:
+            log.info("volume %d registered; instruments not mapped through it (scanner pose in the tracker "
+                     "or reference array unknown)", volume_id)
+        T = result.T_world_corrected_from_world if result.ok else None
+        level = self.settings.level
+        return [PoseResult(frame_id=volume_id, status=result.status, reason=result.reason,
+                           T_world_corrected_from_world=T, mode="volume", similarity=result.ncc,
+                           confidence=result.confidence, level_poses={str(level): T} if T is not None and level
+                           is not None else {}, frame_acquired_ns=acquired_ns, source=self.settings.source,
+                           latency_ms={"queue": max(0.0, (received_ns - acquired_ns) / 1e6),
+                                       "registration": (time.perf_counter() - t0) * 1e3,
+                                       "total": max(0.0, (time.time_ns() - acquired_ns) / 1e6)})]
+
+    def on_volume_frame(self, msg: VolumeFrame) -> list[Message]:
+        """``on_volume`` for a volume received on the bus."""
+        return self.on_volume(volume_from_message(msg), acquired_ns=msg.acquired_ns, volume_id=msg.volume_id,
+                              T_tracker_from_scanner=msg.T_tracker_from_scanner)
+
     # -- tracker -------------------------------------------------------------------------
 
     def _register_reference(self, result: RegistrationResult) -> None:
@@ -298,7 +350,7 @@ def run_pipeline(
     def record_in(parts: list[bytes]) -> None:
         recorder.write("in", parts, time.time_ns())
 
-    sub = Subscriber(frame_endpoints, topics=("frame", "tracker_sample", "heartbeat"), rcvhwm=256,
+    sub = Subscriber(frame_endpoints, topics=("frame", "tracker_sample", "heartbeat", "volume"), rcvhwm=256,
                      tap=record_in if recorder is not None else None)
     pub = Publisher(result_endpoint, bind=True)
 
@@ -319,6 +371,9 @@ def run_pipeline(
             for msg in messages:
                 if isinstance(msg, TrackerSample):
                     for out in pipeline.on_tracker(msg):
+                        send(out)
+                elif isinstance(msg, VolumeFrame):
+                    for out in pipeline.on_volume_frame(msg):
                         send(out)
             for frame in frames[:-1]:
                 pipeline.on_skipped_frame(frame)

@@ -51,6 +51,7 @@ __all__ = [
     "InstrumentState",
     "Overlay",
     "Heartbeat",
+    "VolumeFrame",
     "KINDS",
     "encode",
     "decode",
@@ -60,7 +61,7 @@ SCHEMA = "guidance.msg"
 VERSION = 1
 DTYPES = ("uint8", "uint16", "float32")
 POSE_STATUSES = ("ok", "failed")
-POSE_MODES = ("global", "tracking")
+POSE_MODES = ("global", "tracking", "volume")
 OVERLAY_SIGNATURES = {"png": b"\x89PNG\r\n\x1a\n", "jpeg": b"\xff\xd8\xff"}
 _ENVELOPE = ("schema", "version", "kind", "buffers")
 _DESCRIPTOR_KEYS = {"dtype", "shape", "nbytes", "crc32"}
@@ -424,6 +425,69 @@ class Heartbeat(Message):
                                  for k, v in self.stats.items()})
 
 
+@dataclass(frozen=True, kw_only=True, eq=False)
+class VolumeFrame(Message):
+    """An intra-operative CT / CBCT volume with its grid, as ITK describes it.
+
+    ``voxels``: (K, J, I) float32 CT numbers (HU), indexed [k, j, i], finite, at least 2
+    voxels along each axis; ``spacing_mm``: (i, j, k) voxel size (> 0); ``origin_mm``:
+    world position of voxel (0, 0, 0) in the scanner's LPS frame; ``direction``: 3x3
+    orthonormal direction cosines (columns = index axes); ``T_tracker_from_scanner``:
+    the scanner's LPS frame in the tracker frame when the scanner is tracked or
+    calibrated to the tracker (lets instruments be mapped through the volume);
+    ``acquired_ns``: acquisition time; ``volume_id``: the scanner's running number;
+    ``modality``: e.g. "CT", "CBCT"; ``ground_truth``: optional name -> 4x4 pose for
+    bench testing (e.g. ``T_world_corrected_from_world``).
+    """
+
+    kind: ClassVar[str] = "volume"
+    buffer_fields: ClassVar[tuple[str, ...]] = ("voxels",)
+
+    volume_id: int
+    acquired_ns: int
+    voxels: np.ndarray
+    spacing_mm: np.ndarray
+    origin_mm: np.ndarray
+    direction: np.ndarray
+    modality: str = "CBCT"
+    T_tracker_from_scanner: np.ndarray | None = None
+    ground_truth: dict[str, np.ndarray] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _set(self, "volume_id", _int(self.volume_id, "volume_id", minimum=0))
+        _set(self, "acquired_ns", _int(self.acquired_ns, "acquired_ns", minimum=0))
+        voxels = self.voxels
+        if not isinstance(voxels, np.ndarray):
+            raise WireError(f"'voxels' must be a numpy array, got {type(voxels).__name__}")
+        if voxels.ndim != 3 or min(voxels.shape) < 2:
+            raise WireError(f"'voxels' must be a 3-D array with at least 2 voxels per axis, got shape "
+                            f"{voxels.shape}")
+        if voxels.dtype.name != "float32":
+            raise WireError(f"'voxels' must be float32 (HU), got {voxels.dtype.name}")
+        if not np.all(np.isfinite(voxels)):
+            raise WireError("'voxels' contains NaN or infinite values")
+        spacing = _vec3(self.spacing_mm, "spacing_mm")
+        if np.any(spacing <= 0):
+            raise WireError(f"'spacing_mm' must be positive, got {spacing.tolist()}")
+        _set(self, "spacing_mm", spacing)
+        _set(self, "origin_mm", _vec3(self.origin_mm, "origin_mm"))
+        try:
+            direction = np.asarray(self.direction, dtype=float)
+        except (TypeError, ValueError):
+            raise WireError("'direction' must be a 3x3 numeric matrix") from None
+        if direction.shape != (3, 3) or not np.all(np.isfinite(direction)):
+            raise WireError(f"'direction' must be a finite 3x3 matrix, got shape {direction.shape}")
+        if np.abs(direction.T @ direction - np.eye(3)).max() > _UNIT_TOL * 100:
+            raise WireError("'direction' must be orthonormal (direction cosines), got "
+                            f"{np.round(direction, 6).tolist()}")
+        _set(self, "direction", direction)
+        _set(self, "modality", _str(self.modality, "modality", nonempty=True))
+        _set(self, "T_tracker_from_scanner", _opt_pose(self.T_tracker_from_scanner, "T_tracker_from_scanner"))
+        if self.ground_truth is not None:
+            _set(self, "ground_truth", _pose_map(self.ground_truth, "ground_truth"))
+
+
 def _stat(value: Any, name: str) -> Any:
     if value is None or isinstance(value, (str, bool)):
         return value
@@ -437,7 +501,7 @@ def _stat(value: Any, name: str) -> Any:
 
 KINDS: dict[str, type[Message]] = {
     cls.kind: cls for cls in (Frame, TrackerSample, PoseResult, InstrumentState, Overlay,
-                              Heartbeat)
+                              Heartbeat, VolumeFrame)
 }
 
 
