@@ -14,7 +14,7 @@ import logging
 import threading
 from collections import deque
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import cv2
@@ -25,7 +25,6 @@ from calibration.errors import CalibrationError
 from calibration.files import Calibration, check_matches, distortion_model
 from guidance.core.geometry import invert_rigid, project
 from guidance.core.images import ImageError, PreparedImage, preprocess
-from guidance.core.instrument_models import INSTRUMENTS
 from guidance.core.plan import plan_trajectories
 from guidance.navigation.instruments import nearest_trajectory, tip_and_axis, tool_in_world
 from guidance.navigation.overlay import draw_instrument, draw_outline, draw_trajectories, to_display_bgr
@@ -33,6 +32,7 @@ from guidance.live.recording import Recorder
 from guidance.registration.register import RegistrationResult, Registrator
 from guidance.registration.tracking import TrackingSettings
 from guidance.live.shots import Shot, ShotRegistrar, ShotSettings
+from guidance.live.calibrations import calibrated_instruments, calibrated_view
 from guidance.live.intraop import IntraopError, IntraopSettings, register_intraop, volume_from_message
 from guidance.live.transport import Publisher, Subscriber
 from guidance.core.volume import Volume
@@ -51,12 +51,17 @@ class PipelineSettings:
     ``overlay``: also publish an encoded overlay picture per frame; tool ids of the
     C-arm's tracker calibration and of the patient reference array; ``distortion``: an
     image-intensifier calibration applied to every frame before registration (frames
-    whose size or device, their ``source`` id, do not match it are refused); ``shots``:
+    whose size or device, their ``source`` id, do not match it are refused); ``carm``: a
+    C-arm calibration whose K (per orientation from its angle table) replaces each
+    frame's; ``pivots``: pivot calibrations by tool id, whose tips replace the instrument
+    models' (``guidance.live.calibrations``); ``shots``:
     which shots multi-shot registration keeps (``guidance.live.shots``); ``intraop``: the
     registration of intra-op CT / CBCT volumes (``guidance.live.intraop``)."""
 
     level: int | None = None
     distortion: Calibration | None = None
+    carm: Calibration | None = None
+    pivots: dict[str, Calibration] = field(default_factory=dict)
     overlay: bool = False
     tracking: TrackingSettings = field(default_factory=TrackingSettings)
     shots: ShotSettings = field(default_factory=ShotSettings)
@@ -86,6 +91,7 @@ class PipelineStats:
     failed: int = 0
     volumes_received: int = 0
     volumes_rejected: int = 0
+    instruments_refused: int = 0
     latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
 
     def as_dict(self) -> dict:
@@ -114,6 +120,7 @@ class Pipeline:
         self.frame_id = 0
         self.shots = ShotRegistrar(registrator, level=self.settings.level, tracking=self.settings.tracking,
                                    settings=self.settings.shots)
+        self.instruments, self.instrument_refusals = calibrated_instruments(self.settings.pivots)
         self._undistort = None
         if self.settings.distortion is not None:
             model = distortion_model(self.settings.distortion)
@@ -128,7 +135,7 @@ class Pipeline:
         self.stats.frames_processed += 1
         self.frame_id = frame.frame_id
         try:
-            image = self._prepare(frame)
+            frame, image = self._prepare(frame)
         except (ImageError, ViewError, CalibrationError) as exc:
             self.stats.frames_rejected += 1
             log.warning("frame %d rejected: %s", frame.frame_id, exc)
@@ -177,9 +184,11 @@ class Pipeline:
             out.append(self._overlay(frame, result))
         return out
 
-    def _prepare(self, frame: Frame) -> PreparedImage:
-        """The frame's image undistorted and preprocessed, its geometry checked (raises
-        ImageError, ViewError or CalibrationError naming what is wrong)."""
+    def _prepare(self, frame: Frame) -> tuple[Frame, PreparedImage]:
+        """The frame with its calibrated view and its image undistorted and preprocessed, its
+        geometry checked (raises ImageError, ViewError or CalibrationError naming what is wrong)."""
+        if self.settings.carm is not None:
+            frame = replace(frame, view=calibrated_view(self.settings.carm, frame.view, frame.source))
         pixels = frame.pixels
         if self._undistort is not None:
             check_matches(self.settings.distortion, image_size=frame.view.image_size, device_id=frame.source)
@@ -187,7 +196,7 @@ class Pipeline:
             pixels = undistort_image(pixels, model, maps=maps)
         image = preprocess(pixels, frame.view)
         self._check_geometry(frame)
-        return image
+        return frame, image
 
     def _shot(self, frame: Frame, image: PreparedImage) -> Shot:
         """The frame as a shot, with the C-arm and reference array poses the tracker gave last."""
@@ -203,7 +212,7 @@ class Pipeline:
         if not self.shots.book.is_new_orientation(frame.view):
             return
         try:
-            self.shots.note(self._shot(frame, self._prepare(frame)))
+            self.shots.note(self._shot(*self._prepare(frame)))
         except (ImageError, ViewError, CalibrationError) as exc:
             log.warning("skipped frame %d not kept as a shot: %s", frame.frame_id, exc)
 
@@ -235,9 +244,9 @@ class Pipeline:
             if self.labels is not None and self.settings.level is not None:
                 bgr = draw_outline(bgr, view, self.labels, self.settings.level)
             for tool_id, sample in self.poses.items():
-                if tool_id in INSTRUMENTS and self.T_reference_from_world is not None:
+                if tool_id in self.instruments and self.T_reference_from_world is not None:
                     tip, axis = self._tip_and_axis(sample)
-                    bgr = draw_instrument(bgr, view, tip, axis, INSTRUMENTS[tool_id].length_mm)
+                    bgr = draw_instrument(bgr, view, tip, axis, self.instruments[tool_id].length_mm)
         ok, data = cv2.imencode(".png", bgr)
         if not ok:
             raise RuntimeError(f"PNG encoding of the overlay of frame {frame.frame_id} failed")
@@ -304,12 +313,17 @@ class Pipeline:
         reference = self.poses[self.settings.reference_tool]
         T_world_from_tool = tool_in_world(sample.T_tracker_from_tool, reference.T_tracker_from_tool,
                                           self.T_reference_from_world)
-        return tip_and_axis(T_world_from_tool, INSTRUMENTS[sample.tool_id])
+        return tip_and_axis(T_world_from_tool, self.instruments[sample.tool_id])
 
     def on_tracker(self, sample: TrackerSample) -> list[Message]:
         """Store a tracker pose; for a known instrument, return its state in the CT."""
         self.poses[sample.tool_id] = sample
-        if sample.tool_id not in INSTRUMENTS:
+        if sample.tool_id in self.instrument_refusals:
+            self.stats.instruments_refused += 1
+            if self.stats.instruments_refused == 1:
+                log.warning("instrument %s refused: %s", sample.tool_id, self.instrument_refusals[sample.tool_id])
+            return []
+        if sample.tool_id not in self.instruments:
             return []
         if self.T_reference_from_world is None or self.settings.reference_tool not in self.poses:
             return []
