@@ -24,7 +24,7 @@ from guidance.registration.register import Registrator
 from sim.cbct import intraop_scan
 from sim.phantom import make_phantom
 from sim.scenario import Scenario, ScenarioPlayer
-from sim.stream import _tracker_samples
+from sim.stream import _tracker_samples, run_sim
 
 S = 1_000_000_000
 
@@ -170,3 +170,33 @@ def test_cbct_registered_and_instruments_mapped_within_1mm(phantom):
         (state,) = [s for s in states if isinstance(s, InstrumentState)]
         assert state.status == "ok"
         assert np.linalg.norm(state.tip_world - true_tip) < 1.0
+
+
+def test_the_simulator_sends_an_intraop_scan(phantom):
+    """run_sim with ``intraop_at_s``: one VolumeFrame, its scanner pose in the tracker and the
+    true correction of that moment as ground truth, then the fluoro frames go on."""
+    scenario = Scenario(duration_s=0.6, fps=5.0, detector_px=64, pixel_spacing_mm=4.8, seed=1)
+    player = ScenarioPlayer(scenario, phantom)
+    endpoint = free_tcp_endpoint()
+    stop = threading.Event()
+    received = []
+    with Subscriber(endpoint, topics=("volume", "frame"), rcvhwm=1000) as sub:
+        thread = threading.Thread(target=run_sim, args=(scenario, phantom), daemon=True, kwargs=dict(
+            frame_endpoint=endpoint, speed=None, stop=stop, startup_s=0.5, intraop_at_s=0.2))
+        thread.start()
+        deadline = time.monotonic() + 60
+        while thread.is_alive() and time.monotonic() < deadline:
+            msg = sub.recv(0.05)
+            if msg is not None:
+                received.append(msg)
+        while (msg := sub.recv(0.3)) is not None:
+            received.append(msg)
+        thread.join(timeout=5)
+    volumes = [m for m in received if isinstance(m, VolumeFrame)]
+    assert len(volumes) == 1 and len([m for m in received if m.kind == "frame"]) == 3
+    (volume,) = volumes
+    scan = intraop_scan(player, phantom.ct, 0.2)
+    np.testing.assert_array_equal(volume.voxels, scan.volume.data)
+    np.testing.assert_allclose(volume.T_tracker_from_scanner, player.T_tracker_from_room)
+    np.testing.assert_allclose(volume.ground_truth["T_world_corrected_from_world"],
+                               invert_rigid(player.patient_motion(0.2)), atol=1e-12)
