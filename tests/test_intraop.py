@@ -14,7 +14,7 @@ import zmq
 from guidance.core.geometry import invert_rigid, make_rigid, rotation_about_axis
 from guidance.core.instrument_models import INSTRUMENTS
 from guidance.core.volume import Volume, affine_from_geometry
-from guidance.evaluation.benchmark import mtre, target_points
+from guidance.evaluation.metrics import mtre, target_points
 from guidance.live.intraop import IntraopError, check_volume, volume_from_message, volume_message
 from guidance.live.pipeline import Pipeline, run_pipeline
 from guidance.live.transport import Subscriber, free_tcp_endpoint
@@ -182,7 +182,7 @@ def test_the_simulator_sends_an_intraop_scan(phantom):
     received = []
     with Subscriber(endpoint, topics=("volume", "frame"), rcvhwm=1000) as sub:
         thread = threading.Thread(target=run_sim, args=(scenario, phantom), daemon=True, kwargs=dict(
-            frame_endpoint=endpoint, speed=None, stop=stop, startup_s=0.5, intraop_at_s=0.2))
+            frame_endpoint=endpoint, speed=None, stop=stop, startup_s=2.0, intraop_at_s=0.2))
         thread.start()
         deadline = time.monotonic() + 60
         while thread.is_alive() and time.monotonic() < deadline:

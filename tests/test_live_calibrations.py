@@ -81,7 +81,7 @@ def test_carm_calibration_moves_the_registered_pose_onto_the_truth(registrator, 
     M = make_rigid(R, centre + np.array([3.0, -2.0, 4.0]) - R @ centre)
     actual = view.with_pose(view.T_cam_from_world @ M)
     actual = type(actual)(K=true_K(0.0), T_cam_from_world=actual.T_cam_from_world, image_size=actual.image_size)
-    image, _ = simulate_xray(phantom.ct, actual, XrayParams(seed=1), variant="raw")
+    image, _ = simulate_xray(phantom.ct, actual, XrayParams(seed=1), intensity="raw")
     frame = Frame(frame_id=1, acquired_ns=time.time_ns(), view=view, pixels=image, source="carm-1")
     errors = {}
     for name, carm in (("calibrated", carm_cal(centre)), ("nominal", None)):
