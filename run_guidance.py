@@ -168,7 +168,10 @@ def cmd_bench(args) -> int:
     if args.what == "latency":
         from guidance.tools.demo import format_summary, run_demo
 
-        report = run_demo(args.out, duration_s=args.duration, with_display=False, print_rows=False, prerender=True)
+        from guidance.tools.demo import DEMO_SHOTS
+
+        report = run_demo(args.out, duration_s=args.duration, with_display=False, print_rows=False, prerender=True,
+                          lead_shots=() if args.single_view else DEMO_SHOTS, speed=args.speed)
         summary = report.summary()
         print(format_summary(summary))
         if args.json:
@@ -303,14 +306,15 @@ def cmd_pipeline(args) -> int:
     from guidance.registration.register import Registrator
 
     subject = _subject(args)
-    distortion = None
-    if args.calibration:
-        from calibration.files import read_calibration
+    from calibration.files import read_calibration
+    from guidance.live.calibrations import sort_calibrations
 
-        distortion = read_calibration(args.calibration)
+    calibrations = sort_calibrations([read_calibration(path) for path in args.calibration or []])
     stop = _stop_on_signals()
+    settings = PipelineSettings(level=args.level, overlay=args.overlay, distortion=calibrations.distortion,
+                                carm=calibrations.carm, pivots=calibrations.pivots)
     pipeline = Pipeline(Registrator(subject.ct, labels=subject.labels), plan=subject.plan, labels=subject.labels,
-                        settings=PipelineSettings(level=args.level, overlay=args.overlay, distortion=distortion))
+                        ct=subject.ct, settings=settings)
     print(f"pipeline: frames from {', '.join(args.frame_endpoints)}, results on {args.result_endpoint}", flush=True)
     bridge = None
     if args.igtl_port is not None:
@@ -342,6 +346,11 @@ def cmd_display(args) -> int:
     return 0
 
 
+def _angle_pairs(texts: list[str] | None) -> list[tuple[float, float]]:
+    """C-arm orientations given as 'lao,cranial' (deg)."""
+    return [tuple(float(x) for x in text.split(",")) for text in texts or []]
+
+
 def cmd_sim(args) -> int:
     from sim.stream import replay_recording, run_sim, run_video
 
@@ -366,12 +375,13 @@ def cmd_sim(args) -> int:
 
         scenario = Scenario(duration_s=args.duration, fps=args.fps or 15.0, mode=args.mode, intensity=args.intensity,
                             instrument=None if args.instrument == "none" else args.instrument,
-                            target_level=level_name(args.level), target_side=args.side, seed=args.seed)
+                            target_level=level_name(args.level), target_side=args.side, seed=args.seed,
+                            lead_shots=tuple(_angle_pairs(args.lead_shots)), shot_interval_s=args.shot_interval)
         phantom = make_phantom(seed=args.phantom_seed)
         print(f"sim: {scenario.mode} {scenario.duration_s:.0f} s at {scenario.fps:g} fps on {args.frame_endpoint}",
               flush=True)
         stats = run_sim(scenario, phantom, frame_endpoint=args.frame_endpoint, speed=None if args.fast else args.speed,
-                        stop=stop, startup_s=args.startup, prerender=args.prerender)
+                        stop=stop, startup_s=args.startup, prerender=args.prerender, intraop_at_s=args.intraop_at)
     print(json.dumps(stats, indent=2))
     return 0
 
@@ -379,7 +389,8 @@ def cmd_sim(args) -> int:
 def cmd_demo(args) -> int:
     from guidance.tools.demo import format_summary, run_demo
 
-    report = run_demo(args.out, duration_s=args.duration, fps=args.fps, igtl_port=args.igtl_port)
+    report = run_demo(args.out, duration_s=args.duration, fps=args.fps, igtl_port=args.igtl_port,
+                      intraop_at_s=0.5 if args.intraop else None)
     print("\n" + format_summary(report.summary()))
     print(f"navigation screens: {args.out}/screen_*.png; recording: {args.out}/recording-*")
     return 0
@@ -453,6 +464,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=("drr", "latency", "register3d", "calibration", "igtl"), help="what to measure")
     p.add_argument("--duration", type=float, default=120.0, help="latency, igtl: scenario length (s)")
     p.add_argument("--out", default="out/bench_latency", help="latency: recording folder")
+    p.add_argument("--speed", type=float, default=1.0,
+                   help="latency: simulator pace (1.0 real time; lower on a machine too loaded to keep up)")
+    p.add_argument("--single-view", action="store_true",
+                   help="latency: AP fluoroscopy alone, without the AP and lateral shots first (for comparison)")
     p.add_argument("--json", help="also write the rows as JSON to this file")
     p.add_argument("--repeats", type=int, default=20, help="drr: renders per case")
     p.add_argument("--shared-data", default=str(SHARED_DATA), help="folder of the real CT data")
@@ -529,6 +544,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--startup", type=float, default=0.5, help="time to let subscribers connect first (s)")
     p.add_argument("--prerender", action="store_true",
                    help="render all images before streaming (benchmarks: the simulated C-arm costs no CPU then)")
+    p.add_argument("--lead-shots", nargs="+", metavar="LAO,CRANIAL",
+                   help="fluoro: single shots at these C-arm angles first (e.g. 0,0 90,0: AP, lateral)")
+    p.add_argument("--shot-interval", type=float, default=2.0, help="seconds between shots")
+    p.add_argument("--intraop-at", type=float, metavar="S",
+                   help="also send an intra-op CBCT-like scan of the patient at this scenario time (s)")
     p.add_argument("--replay", help="re-publish a recording folder instead of simulating")
     p.add_argument("--video", help="video file or capture device number to publish instead")
     p.add_argument("--view", help="view file of the video frames")
@@ -544,6 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=20.0, help="scenario length (s)")
     p.add_argument("--fps", type=float, default=15.0, help="fluoroscopy frame rate (Hz)")
     p.add_argument("--igtl-port", type=int, help="the pipeline also serves OpenIGTLink (3D Slicer) on this port")
+    p.add_argument("--intraop", action="store_true",
+                   help="the simulator also sends an intra-op CBCT-like scan, registered and used for instruments")
     p.set_defaults(func=cmd_demo)
 
     p = command("dicom-receive", "DICOM C-STORE receiver: stores incoming CT and X-ray series, "
@@ -564,8 +586,10 @@ def build_parser() -> argparse.ArgumentParser:
     _old_spelling(p, "--results", "result_endpoint")
     p.add_argument("--overlay", action="store_true", help="also publish an overlay picture per frame")
     p.add_argument("--record", help="record every input and output message into this folder")
-    p.add_argument("--calibration", help="image-intensifier distortion calibration (guidance.calibration/1) "
-                   "applied to every frame; frames of another size or device (source id) are refused")
+    p.add_argument("--calibration", nargs="+", metavar="FILE",
+                   help="calibration files (guidance.calibration/1): C-arm (K per orientation from its angle "
+                   "table), image-intensifier distortion, instrument pivots; frames of another size or device "
+                   "(source id) and instruments that do not match are refused")
     p.add_argument("--igtl-port", type=int, help="also serve OpenIGTLink (3D Slicer) on this port "
                    "(Slicer's default is 18944); default: off")
     p.add_argument("--igtl-host", default="127.0.0.1", help="OpenIGTLink address to bind (default loopback only)")
