@@ -66,6 +66,18 @@ EXAMPLES = {
                                 stats={"fps": 29.5, "frames": 1200, "gpu": "none", "ok": True,
                                        "last_error": None}),
     "heartbeat_no_stats": wire.Heartbeat(role="sim", state="starting"),
+    "volume": wire.VolumeFrame(
+        source="scanner", volume_id=3, acquired_ns=7, voxels=np.linspace(-1000, 1500, 24, dtype=np.float32)
+        .reshape(2, 3, 4), spacing_mm=[0.5, 0.6, 1.25], origin_mm=[-10.0, 2.5, 30.0],
+        direction=_pose(30.0, (0.0, 0.0, 0.0))[:3, :3], T_tracker_from_scanner=_pose(12.0, (5.0, -900.0, 40.0)),
+        ground_truth={"T_world_corrected_from_world": _pose(2.0, (1.0, 2.0, 3.0))}),
+    "volume_untracked": wire.VolumeFrame(
+        volume_id=0, acquired_ns=0, voxels=np.zeros((2, 2, 2), np.float32), spacing_mm=[1, 1, 1],
+        origin_mm=[0, 0, 0], direction=np.eye(3), modality="CT"),
+    "pose_result_shots": wire.PoseResult(
+        frame_id=44, status="ok", reason="converged", T_world_corrected_from_world=np.eye(4),
+        views=[{"T_cam_from_world": _pose(0.0, (0.0, 0.0, 600.0))}], confidence=0.9, mode="tracking",
+        frame_acquired_ns=101, shots=[12, 9]),
 }
 
 
