@@ -312,7 +312,7 @@ def _cast_row(v, codes, occupancy, brick_shift, box, grid_box, Kinv, R, src, ste
         bk, dk, fk, gk = _dda_start(src[2], d[2], t0, step, m, brick_shift)
         acc = np.float32(0.0)
         run = -1
-        while True:
+        while m < m_end:
             f = min(fi, fj, fk)
             # Samples m .. m_next - 1 lie in this brick (up to rounding, which the
             # widened occupancy covers).
@@ -325,8 +325,6 @@ def _cast_row(v, codes, occupancy, brick_shift, box, grid_box, Kinv, R, src, ste
                     acc = _integrate(flat, s_j, s_k, a, s, run, m, acc)
                     run = -1
                 m = m_next
-                if m >= m_end:
-                    break
             if f == fi:
                 bi += di
                 fi += gi
