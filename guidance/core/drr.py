@@ -188,32 +188,33 @@ def prepare_volume(
 @numba.njit(cache=True, fastmath=True)
 def _integrate(flat, s_j, s_k, a, s, m_begin, m_end, acc):
     """Add the trilinear samples ``a + m s`` (continuous index), m in [m_begin, m_end), to
-    ``acc``. Points lie in [0, size - 1]: truncation is floor and the zero pad keeps +1
-    valid, so indices are non-negative (unsigned, which skips numba's wraparound test)."""
-    one = numba.uint64(1)
-    for m in range(m_begin, m_end):
-        fm = np.float32(m)
-        pi = a[0] + fm * s[0]
-        pj = a[1] + fm * s[1]
-        pk = a[2] + fm * s[2]
+    ``acc``, stepping from one to the next. Points lie in [0, size - 1]: truncation
+    is floor and the zero pad keeps +1 valid. (A loop over independent positions a + m s
+    was vectorised by LLVM, but then the code compiled in a process and the code numba
+    loads from its cache summed in different orders: renders differed between runs.)"""
+    fm = np.float32(m_begin)
+    pi = a[0] + fm * s[0]
+    pj = a[1] + fm * s[1]
+    pk = a[2] + fm * s[2]
+    si = s[0]
+    sj = s[1]
+    sk = s[2]
+    for _ in range(m_begin, m_end):
         i0 = int(pi)
         j0 = int(pj)
         k0 = int(pk)
-        fi = pi - np.float32(i0)
-        fj = pj - np.float32(j0)
-        fk = pk - np.float32(k0)
-        b = numba.uint64(k0 * s_k + j0 * s_j + i0)
-        bj = b + numba.uint64(s_j)
-        bk = b + numba.uint64(s_k)
-        bkj = bk + numba.uint64(s_j)
+        fi = pi - i0
+        fj = pj - j0
+        fk = pk - k0
+        b = k0 * s_k + j0 * s_j + i0
         a000 = np.float32(flat[b])
-        a001 = np.float32(flat[b + one])
-        a010 = np.float32(flat[bj])
-        a011 = np.float32(flat[bj + one])
-        a100 = np.float32(flat[bk])
-        a101 = np.float32(flat[bk + one])
-        a110 = np.float32(flat[bkj])
-        a111 = np.float32(flat[bkj + one])
+        a001 = np.float32(flat[b + 1])
+        a010 = np.float32(flat[b + s_j])
+        a011 = np.float32(flat[b + s_j + 1])
+        a100 = np.float32(flat[b + s_k])
+        a101 = np.float32(flat[b + s_k + 1])
+        a110 = np.float32(flat[b + s_k + s_j])
+        a111 = np.float32(flat[b + s_k + s_j + 1])
         c00 = a000 + fi * (a001 - a000)
         c01 = a010 + fi * (a011 - a010)
         c10 = a100 + fi * (a101 - a100)
@@ -221,6 +222,9 @@ def _integrate(flat, s_j, s_k, a, s, m_begin, m_end, acc):
         c0 = c00 + fj * (c01 - c00)
         c1 = c10 + fj * (c11 - c10)
         acc += c0 + fk * (c1 - c0)
+        pi += si
+        pj += sj
+        pk += sk
     return acc
 
 
