@@ -165,6 +165,14 @@ def cmd_bench(args) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=2))
         return 0
+    if args.what == "breach":
+        from guidance.tools.bench_breach import bench_breach, format_breach_table
+
+        result = bench_breach(seed=args.seed)
+        print(format_breach_table(result))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+        return 0
     if args.what == "latency":
         from guidance.tools.demo import format_summary, run_demo
 
@@ -461,7 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_render)
 
     p = command("bench", "benchmarks that print a table")
-    p.add_argument("what", choices=("drr", "latency", "register3d", "calibration", "igtl"), help="what to measure")
+    p.add_argument("what", choices=("drr", "latency", "register3d", "calibration", "igtl", "breach"),
+                   help="what to measure")
     p.add_argument("--duration", type=float, default=120.0, help="latency, igtl: scenario length (s)")
     p.add_argument("--out", default="out/bench_latency", help="latency: recording folder")
     p.add_argument("--speed", type=float, default=1.0,
@@ -471,6 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the rows as JSON to this file")
     p.add_argument("--repeats", type=int, default=20, help="drr: renders per case")
     p.add_argument("--shared-data", default=str(SHARED_DATA), help="folder of the real CT data")
+    p.add_argument("--seed", type=int, default=0, help="breach: seed of the phantom and the simulated paths")
     p.set_defaults(func=cmd_bench)
 
     p = command("register", "2D/3D registration of X-ray images to a CT")

@@ -58,6 +58,16 @@ EXAMPLES = {
         axis_world=[0.0, 0.6, 0.8], status="ok", plan_level="L4", plan_side="left",
         distance_to_trajectory_mm=1.2, angle_to_trajectory_deg=3.5,
         depth_along_trajectory_mm=-4.0, tip_to_target_mm=25.0),
+    "instrument_state_breach": wire.InstrumentState(
+        frame_id=7, tool_id="kwire", tip_world=[1.0, 2.0, 3.0], axis_world=[0.0, -1.0, 0.0], status="ok",
+        plan_level="L3", plan_side="left", to_target_along_plan_mm=31.5, breach_mm=2.25, breach_grade="C",
+        breach_side="medial", breach_warning=True, clearance_mm=-2.25, travel_to_breach_mm=6.5),
+    "target_pose": wire.TargetPose(
+        source="pipeline", level="L3", side="left", approach="posterior",
+        T_tracker_from_target=_pose(12.0, (5.0, -3.0, 800.0)), length_mm=48.5),
+    "target_pose_guide": wire.TargetPose(
+        level="L4", side="left", approach="lateral", T_tracker_from_target=np.eye(4), length_mm=22.0,
+        guide_tool_id="aiming_guide", guide_entry_error_mm=0.75, guide_angle_error_deg=0.5, guide_aligned=True),
     "instrument_state_no_plan": wire.InstrumentState(
         frame_id=1, tool_id="awl", tip_world=np.zeros(3), axis_world=np.array([0.0, 0.0, 1.0]),
         status="stale"),

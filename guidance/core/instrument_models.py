@@ -28,7 +28,9 @@ def _vector3(value: object, name: str) -> np.ndarray:
     return v
 
 
-INSTRUMENT_KINDS = ("kwire", "jamshidi", "screw")
+INSTRUMENT_KINDS = ("kwire", "jamshidi", "screw", "guide")
+""""guide": a tracked aiming guide (a tube a robot arm or the surgeon holds on a planned
+trajectory); its "tip" is the guide's distal end and its axis the tube's."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,7 @@ INSTRUMENTS: dict[str, InstrumentModel] = {
         _nominal("jamshidi", "jamshidi", 120.0, 3.0, 120.0),
         # 6.5 x 45 mm pedicle screw on a 200 mm driver: the array sits on the driver.
         _nominal("pedicle_screw_6.5x45", "screw", 45.0, 6.5, 245.0),
+        _nominal("aiming_guide", "guide", 80.0, 8.0, 80.0),
     )
 }
 

@@ -25,8 +25,10 @@ from calibration.errors import CalibrationError
 from calibration.files import Calibration, check_matches, distortion_model
 from guidance.core.geometry import invert_rigid, project
 from guidance.core.images import ImageError, PreparedImage, preprocess
-from guidance.core.plan import plan_trajectories
+from guidance.core.plan import plan_trajectories, trajectory_approach
+from guidance.navigation.breach import BreachError, CorridorModel, build_corridor, guidance_metrics
 from guidance.navigation.instruments import nearest_trajectory, tip_and_axis, tool_in_world
+from guidance.navigation.targets import guide_alignment, target_pose_tracker, target_pose_world
 from guidance.navigation.overlay import draw_instrument, draw_outline, draw_trajectories, to_display_bgr
 from guidance.live.recording import Recorder
 from guidance.registration.register import RegistrationResult, Registrator
@@ -37,8 +39,8 @@ from guidance.live.intraop import IntraopError, IntraopSettings, register_intrao
 from guidance.live.transport import Publisher, Subscriber
 from guidance.core.volume import Volume
 from guidance.core.views import ViewError
-from guidance.live.wire import (Frame, Heartbeat, InstrumentState, Message, Overlay, PoseResult, TrackerSample,
-                                VolumeFrame, encode)
+from guidance.live.wire import (Frame, Heartbeat, InstrumentState, Message, Overlay, PoseResult, TargetPose,
+                                TrackerSample, VolumeFrame, encode)
 
 __all__ = ["PipelineSettings", "PipelineStats", "Pipeline", "run_pipeline"]
 
@@ -69,6 +71,8 @@ class PipelineSettings:
     carm_tool: str = "carm"
     reference_tool: str = "reference"
     source: str = "pipeline"
+    target_period_s: float = 1.0
+    """Planned trajectories are published as target poses at most this often (s)."""
 
 
 LATENCY_WINDOW = 1800
@@ -107,10 +111,14 @@ class Pipeline:
 
     def __init__(self, registrator: Registrator, *, plan: list | dict | None = None, labels: Volume | None = None,
                  settings: PipelineSettings | None = None, ct: Volume | None = None) -> None:
+        """``ct``: the pre-operative CT (HU); with ``labels`` it also gives the instruments'
+        breach prediction (corridor models built on first use, one per planned trajectory)."""
         self.registrator = registrator
         self.ct = ct
         self.plan = plan_trajectories(plan)
         self.labels = labels
+        self._corridors: dict[int, CorridorModel | None] = {}
+        self._targets_sent_ns: int | None = None
         self.settings = settings or PipelineSettings()
         self.stats = PipelineStats()
         self.last_good: RegistrationResult | None = None
@@ -315,14 +323,63 @@ class Pipeline:
                                           self.T_reference_from_world)
         return tip_and_axis(T_world_from_tool, self.instruments[sample.tool_id])
 
+    def _corridor(self, trajectory: dict) -> CorridorModel | None:
+        """The corridor model of a planned trajectory (built once), None without CT and labels
+        or when it cannot be modelled (logged once)."""
+        key = self.plan.index(trajectory)
+        if key not in self._corridors:
+            model = None
+            if self.ct is not None and self.labels is not None:
+                try:
+                    model = build_corridor(self.ct, self.labels, trajectory)
+                except BreachError as exc:
+                    log.warning("no breach prediction for %s %s: %s", trajectory.get("level"),
+                                trajectory.get("side"), exc)
+            self._corridors[key] = model
+        return self._corridors[key]
+
+    def _targets(self, sample: TrackerSample) -> list[Message]:
+        """Every planned trajectory as a target pose in the tracker frame (throttled)."""
+        due = self._targets_sent_ns is None or (
+            sample.acquired_ns - self._targets_sent_ns >= self.settings.target_period_s * 1e9)
+        if not self.plan or self.T_reference_from_world is None or not due:
+            return []
+        self._targets_sent_ns = sample.acquired_ns
+        return [TargetPose(level=t["level"], side=t["side"], approach=trajectory_approach(t),
+                           T_tracker_from_target=target_pose_tracker(t, sample.T_tracker_from_tool,
+                                                                     self.T_reference_from_world),
+                           length_mm=float(np.linalg.norm(np.subtract(t["target_world"], t["entry_world"]))),
+                           source=self.settings.source)
+                for t in self.plan]
+
+    def _guide(self, sample: TrackerSample, tip: np.ndarray, axis: np.ndarray) -> list[Message]:
+        """The alignment of a tracked aiming guide to its nearest planned trajectory."""
+        if not self.plan:
+            return []
+        trajectory, _ = nearest_trajectory(tip, axis, self.plan)
+        T_world_from_target = target_pose_world(trajectory)
+        entry_error, angle, aligned = guide_alignment(tip, axis, T_world_from_target)
+        reference = self.poses[self.settings.reference_tool]
+        return [TargetPose(level=trajectory["level"], side=trajectory["side"], approach=trajectory_approach(trajectory),
+                           T_tracker_from_target=target_pose_tracker(trajectory, reference.T_tracker_from_tool,
+                                                                     self.T_reference_from_world),
+                           length_mm=float(np.linalg.norm(np.subtract(trajectory["target_world"],
+                                                                      trajectory["entry_world"]))),
+                           guide_tool_id=sample.tool_id, guide_entry_error_mm=entry_error,
+                           guide_angle_error_deg=angle, guide_aligned=aligned, source=self.settings.source)]
+
     def on_tracker(self, sample: TrackerSample) -> list[Message]:
-        """Store a tracker pose; for a known instrument, return its state in the CT."""
+        """Store a tracker pose; for a known instrument, return its state in the CT (with the
+        breach prediction when the pipeline has the CT and labels), for an aiming guide also
+        its alignment, and for the reference array the planned target poses (throttled)."""
         self.poses[sample.tool_id] = sample
         if sample.tool_id in self.instrument_refusals:
             self.stats.instruments_refused += 1
             if self.stats.instruments_refused == 1:
                 log.warning("instrument %s refused: %s", sample.tool_id, self.instrument_refusals[sample.tool_id])
             return []
+        if sample.tool_id == self.settings.reference_tool:
+            return self._targets(sample)
         if sample.tool_id not in self.instruments:
             return []
         if self.T_reference_from_world is None or self.settings.reference_tool not in self.poses:
@@ -339,9 +396,17 @@ class Pipeline:
                 "depth_along_trajectory_mm": deviation["depth_along_trajectory_mm"],
                 "tip_to_target_mm": deviation["tip_to_target_mm"],
             }
-        return [InstrumentState(frame_id=self.frame_id, tool_id=sample.tool_id, tip_world=tip, axis_world=axis,
-                                status="ok" if self.last_ok else "registration_failed",
-                                source=self.settings.source, **fields)]
+            metrics = guidance_metrics(tip, axis, trajectory, self._corridor(trajectory))
+            fields["to_target_along_plan_mm"] = metrics["to_target_along_plan_mm"]
+            for key in ("breach_mm", "breach_grade", "breach_side", "breach_warning", "clearance_mm",
+                        "travel_to_breach_mm"):
+                fields[key] = metrics.get(key)
+        out: list[Message] = [InstrumentState(frame_id=self.frame_id, tool_id=sample.tool_id, tip_world=tip,
+                                              axis_world=axis, status="ok" if self.last_ok else "registration_failed",
+                                              source=self.settings.source, **fields)]
+        if self.instruments[sample.tool_id].kind == "guide":
+            out += self._guide(sample, tip, axis)
+        return out
 
 
 def run_pipeline(

@@ -37,7 +37,9 @@ import numpy as np
 
 from guidance.core.errors import GuidanceError
 from guidance.core.geometry import GeometryError, check_rigid
+from guidance.core.plan import APPROACHES
 from guidance.core.views import View, ViewError, view_from_dict, view_to_dict
+from guidance.navigation.breach import BREACH_SIDES, GRADES
 
 __all__ = [
     "SCHEMA",
@@ -49,6 +51,7 @@ __all__ = [
     "TrackerSample",
     "PoseResult",
     "InstrumentState",
+    "TargetPose",
     "Overlay",
     "Heartbeat",
     "VolumeFrame",
@@ -111,8 +114,14 @@ def _str(value: Any, name: str, *, choices: tuple[str, ...] | None = None,
     return value
 
 
-def _opt_str(value: Any, name: str) -> str | None:
-    return None if value is None else _str(value, name)
+def _opt_str(value: Any, name: str, *, choices: tuple[str, ...] | None = None) -> str | None:
+    return None if value is None else _str(value, name, choices=choices)
+
+
+def _opt_bool(value: Any, name: str) -> bool | None:
+    if value is not None and not isinstance(value, (bool, np.bool_)):
+        raise WireError(f"'{name}' must be true, false or null, got {type(value).__name__}")
+    return None if value is None else bool(value)
 
 
 def _pose(value: Any, name: str) -> np.ndarray:
@@ -335,7 +344,12 @@ class InstrumentState(Message):
     planned trajectory of ``plan_level`` / ``plan_side`` (all optional):
     ``distance_to_trajectory_mm`` and ``tip_to_target_mm`` (>= 0),
     ``angle_to_trajectory_deg`` in [0, 180], ``depth_along_trajectory_mm`` (signed, from
-    the entry point along the planned direction).
+    the entry point along the planned direction), ``to_target_along_plan_mm`` (planned
+    depth left). Predicted breach of the planned implant along the instrument's line
+    (``guidance.navigation.breach``, all optional): ``breach_mm`` (>= 0), ``breach_grade``
+    (Gertzbein-Robbins A-E), ``breach_side``, ``breach_warning``, ``clearance_mm`` (implant
+    surface to the corridor wall ahead, negative when protruding) and
+    ``travel_to_breach_mm`` (>= 0).
     """
 
     kind: ClassVar[str] = "instrument_state"
@@ -351,11 +365,25 @@ class InstrumentState(Message):
     angle_to_trajectory_deg: float | None = None
     depth_along_trajectory_mm: float | None = None
     tip_to_target_mm: float | None = None
+    to_target_along_plan_mm: float | None = None
+    breach_mm: float | None = None
+    breach_grade: str | None = None
+    breach_side: str | None = None
+    breach_warning: bool | None = None
+    clearance_mm: float | None = None
+    travel_to_breach_mm: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _set(self, "frame_id", _int(self.frame_id, "frame_id", minimum=0))
         _set(self, "tool_id", _str(self.tool_id, "tool_id", nonempty=True))
+        _set(self, "to_target_along_plan_mm", _opt_float(self.to_target_along_plan_mm, "to_target_along_plan_mm"))
+        _set(self, "breach_mm", _opt_float(self.breach_mm, "breach_mm", lo=0.0))
+        _set(self, "breach_grade", _opt_str(self.breach_grade, "breach_grade", choices=GRADES))
+        _set(self, "breach_side", _opt_str(self.breach_side, "breach_side", choices=BREACH_SIDES))
+        _set(self, "breach_warning", _opt_bool(self.breach_warning, "breach_warning"))
+        _set(self, "clearance_mm", _opt_float(self.clearance_mm, "clearance_mm"))
+        _set(self, "travel_to_breach_mm", _opt_float(self.travel_to_breach_mm, "travel_to_breach_mm", lo=0.0))
         _set(self, "tip_world", _vec3(self.tip_world, "tip_world"))
         _set(self, "axis_world", _vec3(self.axis_world, "axis_world", unit=True))
         _set(self, "status", _str(self.status, "status", nonempty=True))
@@ -370,6 +398,49 @@ class InstrumentState(Message):
              _opt_float(self.depth_along_trajectory_mm, "depth_along_trajectory_mm"))
         _set(self, "tip_to_target_mm",
              _opt_float(self.tip_to_target_mm, "tip_to_target_mm", lo=0.0))
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class TargetPose(Message):
+    """A planned trajectory as a target pose for a robot arm or a tracked aiming guide.
+
+    ``T_tracker_from_target``: the target frame in the tracker's frame (mm): origin at the
+    planned entry point, +z along the planned axis (entry -> target), x and y any
+    perpendicular pair (``guidance.navigation.targets``); ``length_mm``: entry to target.
+    With a tracked guide (``guide_tool_id``): its alignment error, ``guide_entry_error_mm``
+    (entry point to the guide's axis line) and ``guide_angle_error_deg``, and
+    ``guide_aligned`` (within the tolerances).
+    """
+
+    kind: ClassVar[str] = "target_pose"
+
+    level: str
+    side: str
+    approach: str
+    T_tracker_from_target: np.ndarray
+    length_mm: float
+    guide_tool_id: str | None = None
+    guide_entry_error_mm: float | None = None
+    guide_angle_error_deg: float | None = None
+    guide_aligned: bool | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _set(self, "level", _str(self.level, "level", nonempty=True))
+        _set(self, "side", _str(self.side, "side", nonempty=True))
+        _set(self, "approach", _str(self.approach, "approach", choices=APPROACHES))
+        _set(self, "T_tracker_from_target", _pose(self.T_tracker_from_target, "T_tracker_from_target"))
+        _set(self, "length_mm", _float(self.length_mm, "length_mm", lo=0.0))
+        _set(self, "guide_tool_id", _opt_str(self.guide_tool_id, "guide_tool_id"))
+        _set(self, "guide_entry_error_mm", _opt_float(self.guide_entry_error_mm, "guide_entry_error_mm", lo=0.0))
+        _set(self, "guide_angle_error_deg",
+             _opt_float(self.guide_angle_error_deg, "guide_angle_error_deg", lo=0.0, hi=180.0))
+        _set(self, "guide_aligned", _opt_bool(self.guide_aligned, "guide_aligned"))
+        given = [v is not None for v in (self.guide_tool_id, self.guide_entry_error_mm,
+                                         self.guide_angle_error_deg, self.guide_aligned)]
+        if any(given) and not all(given):
+            raise WireError("guide_tool_id, guide_entry_error_mm, guide_angle_error_deg and guide_aligned "
+                            "go together")
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -500,8 +571,8 @@ def _stat(value: Any, name: str) -> Any:
 
 
 KINDS: dict[str, type[Message]] = {
-    cls.kind: cls for cls in (Frame, TrackerSample, PoseResult, InstrumentState, Overlay,
-                              Heartbeat, VolumeFrame)
+    cls.kind: cls for cls in (Frame, TrackerSample, PoseResult, InstrumentState, TargetPose,
+                              Overlay, Heartbeat, VolumeFrame)
 }
 
 

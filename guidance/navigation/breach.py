@@ -207,8 +207,8 @@ def build_corridor(ct: Volume, labels: Volume, trajectory: dict, *,
         kind = "disc"
         below = level_label(trajectory["level_below"])
         upper, lower = _bone(lab, hu, label, bone_threshold_hu), _bone(lab, hu, below, bone_threshold_hu)
-        gap = distance_transform_edt(~upper, sampling=spacing_zyx) + distance_transform_edt(~lower,
-                                                                                             sampling=spacing_zyx)
+        gap = (distance_transform_edt(~upper, sampling=spacing_zyx)
+               + distance_transform_edt(~lower, sampling=spacing_zyx))
         ijk = transform_points(np.linalg.inv(T_crop), target[None])
         height = float(map_coordinates(gap, ijk[:, ::-1].T, order=1, mode="nearest")[0])
         corridor = ~(upper | lower) & (gap <= height + _DISC_SLACK_MM)
