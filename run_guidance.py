@@ -348,8 +348,15 @@ def cmd_display(args) -> int:
     subject = _subject(args)
     sink = HeadlessWriter(args.out, every_n=args.every) if args.headless else WindowSink(fallback_dir=args.out)
     stop = _stop_on_signals()
+    try:
+        size = tuple(int(v) for v in args.size.lower().split("x"))
+        if len(size) != 2:
+            raise ValueError
+    except ValueError:
+        raise UsageError(f"--size must be WIDTHxHEIGHT in pixels, e.g. 1600x900; got {args.size!r}") from None
     stats = run_display(frame_endpoint=args.frame_endpoint, result_endpoint=args.result_endpoint, ct=subject.ct,
-                        plan=subject.plan, labels=subject.labels, sink=sink, stop=stop, refresh_hz=args.fps)
+                        plan=subject.plan, labels=subject.labels, sink=sink, stop=stop, refresh_hz=args.fps,
+                        size=size)
     print(json.dumps(stats, indent=2))
     return 0
 
@@ -384,7 +391,8 @@ def cmd_sim(args) -> int:
         scenario = Scenario(duration_s=args.duration, fps=args.fps or 15.0, mode=args.mode, intensity=args.intensity,
                             instrument=None if args.instrument == "none" else args.instrument,
                             target_level=level_name(args.level), target_side=args.side, seed=args.seed,
-                            lead_shots=tuple(_angle_pairs(args.lead_shots)), shot_interval_s=args.shot_interval)
+                            lead_shots=tuple(_angle_pairs(args.lead_shots)), shot_interval_s=args.shot_interval,
+                            instrument_medial_deg=args.medial_deg)
         phantom = make_phantom(seed=args.phantom_seed)
         print(f"sim: {scenario.mode} {scenario.duration_s:.0f} s at {scenario.fps:g} fps on {args.frame_endpoint}",
               flush=True)
@@ -394,11 +402,19 @@ def cmd_sim(args) -> int:
     return 0
 
 
+def cmd_screens(args) -> int:
+    from guidance.tools.screens import reference_screens
+
+    for path in reference_screens(args.out, seed=args.seed, medial_deg=args.medial_deg):
+        print(path)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from guidance.tools.demo import format_summary, run_demo
 
     report = run_demo(args.out, duration_s=args.duration, fps=args.fps, igtl_port=args.igtl_port,
-                      intraop_at_s=0.5 if args.intraop else None)
+                      intraop_at_s=0.5 if args.intraop else None, medial_deg=args.medial_deg)
     print("\n" + format_summary(report.summary()))
     print(f"navigation screens: {args.out}/screen_*.png; recording: {args.out}/recording-*")
     return 0
@@ -548,6 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--level", type=level, default="L3",
                    help="lumbar vertebra whose planned trajectory the instrument follows (name or label id)")
     p.add_argument("--side", choices=("left", "right"), default="left", help="side of that trajectory")
+    p.add_argument("--medial-deg", type=float, default=0.0,
+                   help="turn the instrument's path medially by this angle about the entry (deg; negative: laterally)")
     p.add_argument("--seed", type=int, default=0, help="seed of patient motion, tracker and image noise")
     p.add_argument("--speed", type=float, default=1.0, help="1.0 real time, 2.0 twice as fast")
     p.add_argument("--fast", action="store_true", help="as fast as possible")
@@ -569,6 +587,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--dicom: the C-arm isocentre in CT coordinates (LPS mm), the registration's first guess")
     p.set_defaults(func=cmd_sim)
 
+    p = command("screens", "reference navigation screens from the simulator (no sockets), as PNG")
+    p.add_argument("--out", required=True, help="folder for the PNG files")
+    p.add_argument("--seed", type=int, default=0, help="seed of the phantom")
+    p.add_argument("--medial-deg", type=float, default=8.0, help="medial drift of the K-wire's path (deg)")
+    p.set_defaults(func=cmd_screens)
+
     p = command("demo", "sim + pipeline + display on loopback; prints pose error, latency, fps")
     p.add_argument("--out", default="out/demo", help="screens and recording (an earlier demo's are removed)")
     p.add_argument("--duration", type=float, default=20.0, help="scenario length (s)")
@@ -576,6 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--igtl-port", type=int, help="the pipeline also serves OpenIGTLink (3D Slicer) on this port")
     p.add_argument("--intraop", action="store_true",
                    help="the simulator also sends an intra-op CBCT-like scan, registered and used for instruments")
+    p.add_argument("--medial-deg", type=float, default=8.0,
+                   help="the K-wire drifts medially by this angle (deg), so the breach warning shows (0: on plan)")
     p.set_defaults(func=cmd_demo)
 
     p = command("dicom-receive", "DICOM C-STORE receiver: stores incoming CT and X-ray series, "
@@ -615,6 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--headless", action="store_true", help="write PNG screens instead of a window")
     p.add_argument("--every", type=int, default=1, help="headless: write every n-th screen")
     p.add_argument("--fps", type=float, default=10.0, help="screen refresh rate (Hz)")
+    p.add_argument("--size", default="1600x900", help="screen size WIDTHxHEIGHT in pixels")
     p.add_argument("--out", default="out/screens", help="PNG folder (headless, or without a display)")
     p.set_defaults(func=cmd_display)
     return parser

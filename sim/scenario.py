@@ -134,7 +134,9 @@ class Scenario:
     ``XrayParams().I0``, "display" uint8, "line_integral" float32); ``dose`` scales the
     photon count.
     ``instrument``: a name from ``guidance.core.instrument_models.INSTRUMENTS`` or None (no
-    instrument in the images or the tracker). Tracker noise: RMS 3-D position error
+    instrument in the images or the tracker); it advances along the planned trajectory,
+    turned medially about the entry point by ``instrument_medial_deg`` (negative: laterally),
+    so that a breach warning can be watched building up. Tracker noise: RMS 3-D position error
     ``tracker_noise_mm`` and RMS rotation ``tracker_noise_deg`` of each noisy sample.
     """
 
@@ -160,6 +162,7 @@ class Scenario:
     target_level: str = "L3"
     target_side: str = "left"
     advance_mm_per_s: float = 3.0
+    instrument_medial_deg: float = 0.0
     tracker_noise_mm: float = 0.25
     tracker_noise_deg: float = 0.2
     seed: int = 0
@@ -176,6 +179,8 @@ class Scenario:
         _non_negative(self, "initial_misalignment_mm", "initial_misalignment_deg",
                       "breathing_amplitude_mm", "advance_mm_per_s", "tracker_noise_mm",
                       "tracker_noise_deg")
+        if not (isinstance(self.instrument_medial_deg, (int, float)) and abs(self.instrument_medial_deg) <= 30.0):
+            raise ValueError(f"instrument_medial_deg must be a number in [-30, 30]; got {self.instrument_medial_deg!r}")
         if isinstance(self.detector_px, bool) or not isinstance(self.detector_px, int) or self.detector_px < 8:
             raise ScenarioError(f"detector_px must be an integer >= 8; got {self.detector_px!r}")
         if not self.sid_mm < self.sdd_mm:
@@ -377,6 +382,9 @@ class ScenarioPlayer:
                                 f"trajectory; planned: {planned}")
         self.trajectory = matches[0]
         self.entry_world, self.target_world = trajectory_endpoints(self.trajectory)
+        if scenario.instrument_medial_deg:
+            self.target_world = self._turned_medially(phantom.T_world_from_vertebra[scenario.target_level],
+                                                      scenario.instrument_medial_deg)
         self.model = None if scenario.instrument is None else get_instrument(scenario.instrument)
         T_world_from_vertebra = phantom.T_world_from_vertebra[scenario.target_level]
         self.isocenter_world = T_world_from_vertebra[:3, 3].copy()
@@ -386,6 +394,14 @@ class ScenarioPlayer:
         self.M0 = self._initial_misplacement()
         self._anatomy = prepare_anatomy(phantom.ct)
         self._views: dict[tuple[float, float], View] = {}
+
+    def _turned_medially(self, T_world_from_vertebra: np.ndarray, angle_deg: float) -> np.ndarray:
+        """The planned target turned about the entry point towards the vertebra's midline."""
+        x = T_world_from_vertebra[:3, 0]
+        medial = -x if (self.entry_world - T_world_from_vertebra[:3, 3]) @ x > 0 else x
+        offset = self.target_world - self.entry_world
+        axis = np.cross(offset, medial)
+        return self.entry_world + rotation_about_axis(axis / np.linalg.norm(axis), angle_deg) @ offset
 
     def _initial_misplacement(self) -> np.ndarray:
         """M0: world-frame rigid motion of the anatomy, seeded: a rotation of exactly

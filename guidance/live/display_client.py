@@ -14,7 +14,7 @@ import time
 from guidance.live.display import NavigationState, compose_screen
 from guidance.live.transport import HeartbeatMonitor, Subscriber
 from guidance.core.volume import Volume
-from guidance.live.wire import Frame, Heartbeat, InstrumentState, PoseResult
+from guidance.live.wire import Frame, Heartbeat, InstrumentState, PoseResult, TargetPose
 
 __all__ = ["run_display"]
 
@@ -39,7 +39,7 @@ def run_display(
     state = NavigationState(stale_after_s=stale_after_s)
     heartbeats = HeartbeatMonitor(timeout_s=2.0)
     sub = Subscriber([frame_endpoint, result_endpoint],
-                     topics=("frame", "pose_result", "instrument_state", "heartbeat"))
+                     topics=("frame", "pose_result", "instrument_state", "target_pose", "heartbeat"))
     shown: dict[str, int] = {}
     period_s = 1.0 / refresh_hz
     next_screen = time.monotonic()
@@ -53,6 +53,8 @@ def run_display(
                 state.on_pose(msg, now_s)
             elif isinstance(msg, InstrumentState):
                 state.on_instrument(msg, now_s)
+            elif isinstance(msg, TargetPose):
+                state.on_target(msg, now_s)
             elif isinstance(msg, Heartbeat):
                 heartbeats.update(msg)
             if time.monotonic() >= next_screen:

@@ -220,14 +220,15 @@ def _text_size(text: str, scale: float, thickness: int = 1) -> tuple[int, int]:
 
 
 def _label_behind(img: np.ndarray, text: str, entry_uv: np.ndarray, target_uv: np.ndarray | None,
-                  colour: tuple[int, int, int], scale: float) -> None:
+                  colour: tuple[int, int, int], scale: float, nudge_px: float = 0.0) -> None:
     """Write ``text`` just beyond the entry point, on the side away from the target, so
-    that labels of neighbouring trajectories do not sit on each other's lines."""
+    that labels of neighbouring trajectories do not sit on each other's lines; ``nudge_px``
+    moves it down (up when negative)."""
     away = np.array([0.0, -1.0]) if target_uv is None else entry_uv - target_uv
     norm = float(np.linalg.norm(away))
     away = away / norm if norm > 1e-6 else np.array([0.0, -1.0])
     w, h = _text_size(text, scale)
-    anchor = entry_uv + 10.0 * away
+    anchor = entry_uv + 10.0 * away + np.array([0.0, nudge_px])
     x = anchor[0] - (w if away[0] < -0.3 else (w / 2 if abs(away[0]) <= 0.3 else 0))
     y = anchor[1] + (h if away[1] > 0.3 else (h / 2 if abs(away[1]) <= 0.3 else 0))
     H, W = img.shape[:2]
@@ -277,8 +278,10 @@ def draw_trajectories(bgr: np.ndarray, view: View | np.ndarray, plan: dict | lis
         if uv_entry is not None:
             _circle(out, uv_entry, 5.0 if bold else 3.0, colour, 2 if bold else 1)
             if labels:
+                # Left and right labels apart where both sides project together (lateral views).
+                nudge = {"left": -7.0, "right": 7.0}.get(trajectory.get("side"), 0.0)
                 _label_behind(out, trajectory_label(trajectory), uv_entry, uv_target, colour,
-                              0.5 if bold else 0.4)
+                              0.5 if bold else 0.4, nudge)
         if uv_target is not None:
             _circle(out, uv_target, 3.0 if bold else 2.0, colour, -1)
     return out

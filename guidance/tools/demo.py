@@ -104,17 +104,19 @@ def _start_child(numba_threads: int, log_level: int) -> None:
 
 
 def _sim_process(frame_endpoint: str, duration_s: float, fps: float, seed: int, prerender: bool,
-                 lead_shots: tuple, intraop_at_s: float | None, speed: float, log_level: int, stop) -> None:
+                 lead_shots: tuple, intraop_at_s: float | None, speed: float, medial_deg: float, log_level: int,
+                 stop) -> None:
     """Spawned: the simulator's scenario on the phantom of ``seed`` (``lead_shots`` before the
-    fluoroscopy, an intra-op scan at ``intraop_at_s``), published at ``speed`` until it ends."""
+    fluoroscopy, an intra-op scan at ``intraop_at_s``, the K-wire turned ``medial_deg``
+    medially off the plan), published at ``speed`` until it ends."""
     _start_child(1, log_level)
     from sim.phantom import make_phantom
     from sim.scenario import Scenario
     from sim.stream import run_sim
 
-    run_sim(Scenario(duration_s=duration_s, fps=fps, seed=0, lead_shots=lead_shots), make_phantom(seed=seed),
-            frame_endpoint=frame_endpoint, stop=stop, startup_s=0.5, prerender=prerender, speed=speed,
-            intraop_at_s=intraop_at_s)
+    run_sim(Scenario(duration_s=duration_s, fps=fps, seed=0, lead_shots=lead_shots, instrument_medial_deg=medial_deg),
+            make_phantom(seed=seed), frame_endpoint=frame_endpoint, stop=stop, startup_s=0.5, prerender=prerender,
+            speed=speed, intraop_at_s=intraop_at_s)
 
 
 def _pipeline_process(frame_endpoint: str, result_endpoint: str, seed: int, record_dir: str | None, log_level: int,
@@ -186,7 +188,7 @@ def run_demo(out_dir: str | Path, *, duration_s: float = 20.0, fps: float = 15.0
              startup_timeout_s: float = 120.0, print_rows: bool = True, with_display: bool = True,
              record: bool = True, prerender: bool = False, igtl_port: int | None = None,
              lead_shots: tuple[tuple[float, float], ...] = DEMO_SHOTS, intraop_at_s: float | None = None,
-             speed: float = 1.0) -> DemoReport:
+             speed: float = 1.0, medial_deg: float = 0.0) -> DemoReport:
     """Run sim + pipeline (+ display) on loopback for ``duration_s`` of scenario time.
 
     ``out_dir`` is cleaned of an earlier demo's screens and recordings first; screens go
@@ -198,6 +200,8 @@ def run_demo(out_dir: str | Path, *, duration_s: float = 20.0, fps: float = 15.0
     ``intraop_at_s``: the simulator also sends an intra-op CBCT-like scan at this scenario
     time; the pipeline registers it and maps instruments through it. ``speed``: the
     simulator's pace (1.0 real time; below 1 on a machine too loaded to keep up).
+    ``medial_deg``: the K-wire's path is turned medially by this angle about the entry
+    point, so the display's breach warning builds up as it advances.
     At the end the pipeline is stopped first and the time until a navigation state fed
     by the monitor turns STALE is measured (``report.stale_after_stop_s``).
     """
@@ -221,7 +225,7 @@ def run_demo(out_dir: str | Path, *, duration_s: float = 20.0, fps: float = 15.0
     try:
         _wait_for_heartbeat(monitor, "pipeline", startup_timeout_s, pipeline)
         sim = _Process(spawn, _sim_process, frames_ep, duration_s, fps, seed, prerender, tuple(lead_shots),
-                       intraop_at_s, speed, level)
+                       intraop_at_s, speed, medial_deg, level)
         frames: dict[int, Frame] = {}
         volumes: dict[int, VolumeFrame] = {}
         state = NavigationState()
