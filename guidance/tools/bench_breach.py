@@ -1,9 +1,11 @@
 """`bench breach`: the breach warning against the phantom's exact geometry.
 
-Many straight instrument paths per planned pedicle screw of the phantom (in the corridor,
-drifting medially or laterally by 0-6 mm, parallel or pivoting about the entry, wrong
-angles up to 15 degrees). Each tip advances from 10 mm before the entry to the planned
-depth in 1 mm steps with tracker noise; at each step the corridor model
+Many instrument paths per planned pedicle screw of the phantom: straight ones (in the
+corridor, drifting medially or laterally by 0-6 mm, parallel or pivoting about the
+entry, wrong angles up to 15 degrees) and redirected ones (on the plan to a depth of
+0-8 mm, then turned 5-15 degrees medially or laterally, so the warning can only come
+after the turn). Each tip advances from 10 mm before the entry to the planned depth in
+1 mm steps with tracker noise; at each step the corridor model
 (``guidance.navigation.breach``, built from the voxelised CT and labels) predicts the
 breach of the planned screw along the instrument's line. The ground truth of each path is
 the largest protrusion of the screw (a ball of the screw's radius swept along the line,
@@ -120,6 +122,11 @@ def _paths(trajectory: dict, T_world_from_vertebra: np.ndarray, rng: np.random.G
             rotation_about_axis(np.cross(direction, around), rng.uniform(3.0, 15.0)) @ direction)
     for o in (-4.0, -2.0, 2.0, 4.0):
         add("parallel cranial/caudal", o * _unit_perpendicular(z_v, direction), direction)
+    for _ in range(10):
+        sign = rng.choice([-1.0, 1.0])  # +1: lateral
+        turn = rotation_about_axis(np.cross(direction, sign * lateral), rng.uniform(5.0, 15.0)) @ direction
+        paths.append({"family": "redirected medial/lateral", "start": entry, "axis": direction,
+                      "bend_depth_mm": float(rng.uniform(0.0, 8.0)), "turned_axis": turn})
     return paths
 
 
@@ -151,11 +158,26 @@ def bench_breach(*, seed: int = 0, noise_mm: float = 0.25, noise_deg: float = 0.
             axis = path["axis"]
             cos = float(axis @ direction)
             origin = path["start"] - _START_BEFORE_ENTRY_MM / cos * axis
-            truth = path_truth(phantom, trajectory, origin, axis, radius, start_truth)
-            end = (length - float((origin - entry) @ direction)) / cos
+            if "bend_depth_mm" in path:  # on the plan to the bend, then along the turned axis
+                bend_travel = _START_BEFORE_ENTRY_MM + path["bend_depth_mm"]
+                bend = origin + bend_travel * axis
+                axis2 = path["turned_axis"]
+                truth = path_truth(phantom, trajectory, bend, axis2, radius,
+                                   max(start_truth, path["bend_depth_mm"]))
+                if truth["breach_at_mm"] is not None:
+                    truth["breach_at_mm"] += bend_travel
+                end = bend_travel + (length - path["bend_depth_mm"]) / float(axis2 @ direction)
+            else:
+                bend_travel, bend, axis2 = np.inf, None, axis
+                truth = path_truth(phantom, trajectory, origin, axis, radius, start_truth)
+                end = (length - float((origin - entry) @ direction)) / cos
             first_warning, last = None, None
             for travel in np.arange(0.0, end + 1e-9, 1.0):
-                tip, noisy_axis = _noisy(origin + travel * axis, axis, rng, noise_mm, noise_deg)
+                if travel <= bend_travel:
+                    true_tip, true_axis = origin + travel * axis, axis
+                else:
+                    true_tip, true_axis = bend + (travel - bend_travel) * axis2, axis2
+                tip, noisy_axis = _noisy(true_tip, true_axis, rng, noise_mm, noise_deg)
                 t0 = time.perf_counter()
                 last = predict_breach(corridor, tip, noisy_axis, warning_mm=warning_mm)
                 predict_s.append(time.perf_counter() - t0)
@@ -168,6 +190,7 @@ def bench_breach(*, seed: int = 0, noise_mm: float = 0.25, noise_deg: float = 0.
                 "level": trajectory["level"], "side": trajectory["side"], "family": path["family"],
                 "true_breach_mm": truth["breach_mm"], "true_grade": truth["grade"], "true_side": truth["side"],
                 "true_breach_at_mm": truth["breach_at_mm"], "warned": first_warning is not None,
+                "turned_at_mm": None if bend is None else bend_travel,
                 "warned_at_mm": first_warning, "lead_mm": lead,
                 "predicted_breach_mm": None if last is None else last.breach_mm,
                 "predicted_grade": None if last is None else last.grade,
@@ -186,6 +209,11 @@ def _summary(rows: list[dict], predict_s: list[float], noise_mm: float, noise_de
     negatives = [r for r in rows if r["true_breach_mm"] <= 0.0]
     grade_b = [r for r in rows if 0.0 < r["true_breach_mm"] <= 2.0]
     leads = np.array([r["lead_mm"] for r in positives if r["lead_mm"] is not None])
+    redirected = [r for r in positives if r["family"].startswith("redirected")]
+    redirected_leads = [r["lead_mm"] for r in redirected if r["lead_mm"] is not None]
+    # A warning 5 mm ahead is possible only when the turn comes at least 5 mm (plus the 1 mm
+    # sampling step) before the breach starts.
+    possible = [r for r in redirected if r["true_breach_at_mm"] - r["turned_at_mm"] >= _LEAD_TARGET_MM + 1.0]
     with_side = [r for r in positives if r["predicted_side"] is not None]
     grades = "ABCDE"
     graded = [r for r in rows if r["predicted_grade"] is not None]
@@ -202,6 +230,14 @@ def _summary(rows: list[dict], predict_s: list[float], noise_mm: float, noise_de
         "warned_grade_b": _rate([r["warned"] for r in grade_b]),
         "lead_min_mm": float(leads.min()) if len(leads) else float("nan"),
         "lead_median_mm": float(np.median(leads)) if len(leads) else float("nan"),
+        "redirected_over_2mm": len(redirected),
+        "redirected_lead_5mm": _rate([r["lead_mm"] is not None and r["lead_mm"] >= _LEAD_TARGET_MM
+                                      for r in redirected]),
+        "redirected_turned_6mm_before_breach": len(possible),
+        "redirected_lead_5mm_of_those": _rate([r["lead_mm"] is not None and r["lead_mm"] >= _LEAD_TARGET_MM
+                                               for r in possible]),
+        "redirected_lead_min_mm": float(min(redirected_leads)) if redirected_leads else float("nan"),
+        "redirected_lead_median_mm": float(np.median(redirected_leads)) if redirected_leads else float("nan"),
         "side_agreement_over_2mm": _rate([r["predicted_side"] == r["true_side"] for r in with_side]),
         "grade_exact": _rate([r["predicted_grade"] == r["true_grade"] for r in graded]),
         "grade_within_one": _rate([abs(grades.index(r["predicted_grade"]) - grades.index(r["true_grade"])) <= 1
