@@ -64,7 +64,7 @@ def test_phantom_plans_every_approach_inside_its_disc(sacrum):
     """Lateral trajectories run from the left disc wall to the disc centre, anterior ones
     from the anterior wall; their targets lie between the two vertebrae's bones and the
     cage fits between the endplates (analytic distances)."""
-    phantom = make_phantom(seed=1, include_sacrum=sacrum)
+    phantom = make_phantom(seed=1, include_sacrum=sacrum, spacing_mm=2.0)
     plan = plan_to_dict(phantom.interbody_plan)["trajectories"]
     approaches = [t["approach"] for t in plan]
     assert approaches.count("lateral") == 4

@@ -26,7 +26,7 @@ handle towards the tip (as in ``guidance.navigation.instruments``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy.ndimage import binary_dilation, distance_transform_edt, map_coordinates
@@ -222,7 +222,7 @@ def build_corridor(ct: Volume, labels: Volume, trajectory: dict, *,
     protrusion = model.sample(entry + depths[:, None] * (target - entry) / length) + model.implant_radius_mm
     inside = np.flatnonzero(protrusion <= 0.0)
     start = depths[inside[0]] if len(inside) else depths[int(np.argmin(protrusion))]
-    return CorridorModel(**{**model.__dict__, "corridor_start_mm": float(start)})
+    return replace(model, corridor_start_mm=float(start))
 
 
 @dataclass(frozen=True)
