@@ -180,7 +180,8 @@ class Scenario:
                       "breathing_amplitude_mm", "advance_mm_per_s", "tracker_noise_mm",
                       "tracker_noise_deg")
         if not (isinstance(self.instrument_medial_deg, (int, float)) and abs(self.instrument_medial_deg) <= 30.0):
-            raise ValueError(f"instrument_medial_deg must be a number in [-30, 30]; got {self.instrument_medial_deg!r}")
+            raise ScenarioError(f"instrument_medial_deg must be a number in [-30, 30]; "
+                                f"got {self.instrument_medial_deg!r}")
         if isinstance(self.detector_px, bool) or not isinstance(self.detector_px, int) or self.detector_px < 8:
             raise ScenarioError(f"detector_px must be an integer >= 8; got {self.detector_px!r}")
         if not self.sid_mm < self.sdd_mm:
