@@ -87,6 +87,8 @@ RESLICE_FOV_MM = 80.0
 """Default field of view of the axial and sagittal reslices across the shorter pane side."""
 TRAJECTORY_FOV_MM = 60.0
 """Field of view along the instrument in the zoomed trajectory view (pane width)."""
+PROBE_EYE_FOV_MM = 24.0
+"""Field of view of the probe's-eye inset, across the instrument."""
 _CAPTION_H = 28
 _STATE_WORDS = {"ok": "registration OK", "stale": "no recent registration", "invalid": "registration failed",
                 "waiting": "waiting for the first registration"}
@@ -439,13 +441,47 @@ def _breach_colour(metrics: dict) -> tuple[int, int, int]:
     return COLOURS["ok"]
 
 
+def _probe_eye(ct: Volume, point: np.ndarray, axis: np.ndarray, across: np.ndarray, size_px: int, *,
+               ct_window: tuple[float, float], active: dict | None, radius_mm: float | None,
+               colour: tuple[int, int, int], what: str, fov_mm: float = PROBE_EYE_FOV_MM) -> np.ndarray:
+    """The probe's eye: the CT across the instrument at ``point`` (looking along the axis),
+    the implant's cross-section (a circle of ``radius_mm``) around it and a cross where the
+    planned line crosses the plane."""
+    mm_per_px = fov_mm / size_px
+    # A camera looking along the instrument (x right, y down, z = axis): for a posterior
+    # screw, the patient's left on the left and the head up, as seen from behind the handle.
+    right = -across
+    hu, P = _plane_reslice(ct, point, right, np.cross(axis, right), (size_px, size_px), mm_per_px)
+    inset = _window_hu(hu, *ct_window)
+    c = (size_px - 1) / 2.0
+    if radius_mm is not None:
+        cv2.circle(inset, (int(round(c * 16)), int(round(c * 16))), int(round(radius_mm / mm_per_px * 16)), colour, 2,
+                   cv2.LINE_AA, 4)
+    if active is not None:
+        entry, target = trajectory_endpoints(active)
+        d = target - entry
+        denom = float(d @ axis)
+        if abs(denom) > 1e-9:
+            crossing = entry + d * float((point - entry) @ axis) / denom
+            u, v = P[:2, :3] @ crossing + P[:2, 3]
+            if 0 <= u < size_px and 0 <= v < size_px:
+                cv2.drawMarker(inset, (int(round(u)), int(round(v))), COLOURS.get(active.get("side"), COLOURS["text"]),
+                               cv2.MARKER_CROSS, 12, 2, cv2.LINE_AA)
+    inset = draw_orientation_markers(inset, P, point, top_margin_px=16)
+    inset[:18] = inset[:18] // 3
+    put_text(inset, f"probe's eye at the {what}", (4, 13), COLOURS["text"], scale=0.4)
+    cv2.rectangle(inset, (0, 0), (size_px - 1, size_px - 1), COLOURS["text"], 1)
+    return inset
+
+
 def _trajectory_pane(ct: Volume, w: int, h: int, *, ct_window: tuple[float, float], active: dict | None,
                      instrument: InstrumentRecord | None, extension_mm: float,
                      fov_mm: float = TRAJECTORY_FOV_MM) -> np.ndarray:
     """The zoomed view along the instrument (or the active plan): the CT on the plane that
     holds the instrument's axis and the patient's left-right direction, the tip a fifth of
     the way in from the left, the planned screw's outline along the path ahead coloured by
-    the breach prediction."""
+    the breach prediction, and an inset looking along the instrument (``_probe_eye``) at
+    the tip, or where the predicted breach starts."""
     if instrument is None and active is None:
         pane = np.full((h, w, 3), 24, np.uint8)
         _caption(pane, "Along the instrument: no instrument or plan")
@@ -484,6 +520,16 @@ def _trajectory_pane(ct: Volume, w: int, h: int, *, ct_window: tuple[float, floa
         pane = draw_instrument(pane, P, tip, axis, instrument.length_mm, extension_mm=extension_mm)
     pane = draw_orientation_markers(pane, P, centre, top_margin_px=_CAPTION_H)
     pane = draw_scale_bar(pane, mm_per_px)
+    if instrument is not None:
+        metrics = instrument.metrics
+        travel = metrics.get("travel_to_breach_mm") if metrics.get("breach_warning") else None
+        size = int(min(w, h) * 0.42)
+        radius = float(active["screw_diameter_mm"]) / 2 if active is not None and "screw_diameter_mm" in active \
+            else None
+        inset = _probe_eye(ct, tip + axis * (travel or 0.0), axis, across, size, ct_window=ct_window, active=active,
+                           radius_mm=radius, colour=_breach_colour(metrics),
+                           what="tip" if travel is None else "breach start")
+        pane[h - size - 6: h - 6, 6: 6 + size] = inset
     _caption(pane, "Along the instrument (zoomed): screw outline ahead"
              if instrument is not None else "Along the plan (zoomed)")
     return pane
