@@ -268,6 +268,10 @@ def test_screen_shows_breach_warning_guide_and_fluoro_legend():
     assert count_colour(numbers, COLOURS["ok"]) > 30  # "ALIGNED"
     trajectory = pane(screen, layout, "trajectory")
     assert count_colour(trajectory, COLOURS["invalid"]) > 30  # the screw outline ahead, in red
+    th, tw = trajectory.shape[:2]
+    size = int(min(tw, th) * 0.42)
+    probe_eye = trajectory[th - size - 6: th - 6, 6: 6 + size]
+    assert count_colour(probe_eye, COLOURS["invalid"]) > 20  # the screw's cross-section, in red
     fluoro = pane(screen, layout, "fluoro")
     h = fluoro.shape[0]
     corner = fluoro[h - 120:, :260]  # the legend
