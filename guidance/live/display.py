@@ -528,7 +528,7 @@ def _trajectory_pane(ct: Volume, w: int, h: int, *, ct_window: tuple[float, floa
             else None
         inset = _probe_eye(ct, tip + axis * (travel or 0.0), axis, across, size, ct_window=ct_window, active=active,
                            radius_mm=radius, colour=_breach_colour(metrics),
-                           what="tip" if travel is None else "breach start")
+                           what="breach start" if travel else "tip")
         pane[h - size - 6: h - 6, 6: 6 + size] = inset
     _caption(pane, "Along the instrument (zoomed): screw outline ahead"
              if instrument is not None else "Along the plan (zoomed)")
