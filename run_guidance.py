@@ -140,6 +140,14 @@ def _print_table(rows: list[dict], columns: dict[str, str]) -> None:
 
 
 def cmd_bench(args) -> int:
+    if args.what == "instruments":
+        from guidance.tools.bench_instruments import bench_instruments, format_instrument_table
+
+        report = bench_instruments(cases=args.cases, free_frames=args.free_frames, detector_px=args.detector_px)
+        print(format_instrument_table(report["summary"]))
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2))
+        return 0
     if args.what == "drr":
         from guidance.tools.bench import bench_drr, format_table
 
@@ -461,7 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_render)
 
     p = command("bench", "benchmarks that print a table")
-    p.add_argument("what", choices=("drr", "latency", "register3d", "calibration", "igtl"), help="what to measure")
+    p.add_argument("what", choices=("drr", "latency", "register3d", "calibration", "igtl", "instruments"),
+                   help="what to measure")
     p.add_argument("--duration", type=float, default=120.0, help="latency, igtl: scenario length (s)")
     p.add_argument("--out", default="out/bench_latency", help="latency: recording folder")
     p.add_argument("--speed", type=float, default=1.0,
@@ -471,6 +480,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the rows as JSON to this file")
     p.add_argument("--repeats", type=int, default=20, help="drr: renders per case")
     p.add_argument("--shared-data", default=str(SHARED_DATA), help="folder of the real CT data")
+    p.add_argument("--cases", type=int, default=40, help="instruments: biplane cases")
+    p.add_argument("--free-frames", type=int, default=100, help="instruments: instrument-free frames")
+    p.add_argument("--detector-px", type=int, default=512,
+                   help="instruments: detector side (pixels; 307.2 mm wide)")
     p.set_defaults(func=cmd_bench)
 
     p = command("register", "2D/3D registration of X-ray images to a CT")

@@ -58,6 +58,9 @@ EXAMPLES = {
         axis_world=[0.0, 0.6, 0.8], status="ok", plan_level="L4", plan_side="left",
         distance_to_trajectory_mm=1.2, angle_to_trajectory_deg=3.5,
         depth_along_trajectory_mm=-4.0, tip_to_target_mm=25.0),
+    "instrument_state_image_derived": wire.InstrumentState(
+        frame_id=7, tool_id="kwire", tip_world=[1.0, 2.0, 3.0], axis_world=[0.0, 0.0, -1.0], status="ok",
+        image_derived=True),
     "instrument_state_no_plan": wire.InstrumentState(
         frame_id=1, tool_id="awl", tip_world=np.zeros(3), axis_world=np.array([0.0, 0.0, 1.0]),
         status="stale"),

@@ -335,7 +335,8 @@ class InstrumentState(Message):
     planned trajectory of ``plan_level`` / ``plan_side`` (all optional):
     ``distance_to_trajectory_mm`` and ``tip_to_target_mm`` (>= 0),
     ``angle_to_trajectory_deg`` in [0, 180], ``depth_along_trajectory_mm`` (signed, from
-    the entry point along the planned direction).
+    the entry point along the planned direction). ``image_derived``: True when the pose
+    was found in the X-ray image itself (no tracker sample), False when tracked.
     """
 
     kind: ClassVar[str] = "instrument_state"
@@ -351,6 +352,7 @@ class InstrumentState(Message):
     angle_to_trajectory_deg: float | None = None
     depth_along_trajectory_mm: float | None = None
     tip_to_target_mm: float | None = None
+    image_derived: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -370,6 +372,9 @@ class InstrumentState(Message):
              _opt_float(self.depth_along_trajectory_mm, "depth_along_trajectory_mm"))
         _set(self, "tip_to_target_mm",
              _opt_float(self.tip_to_target_mm, "tip_to_target_mm", lo=0.0))
+        if not isinstance(self.image_derived, (bool, np.bool_)):
+            raise WireError(f"'image_derived' must be true or false, got {type(self.image_derived).__name__}")
+        _set(self, "image_derived", bool(self.image_derived))
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
