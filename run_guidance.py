@@ -320,7 +320,8 @@ def cmd_pipeline(args) -> int:
     calibrations = sort_calibrations([read_calibration(path) for path in args.calibration or []])
     stop = _stop_on_signals()
     settings = PipelineSettings(level=args.level, overlay=args.overlay, distortion=calibrations.distortion,
-                                carm=calibrations.carm, pivots=calibrations.pivots)
+                                carm=calibrations.carm, pivots=calibrations.pivots,
+                                detect_instruments=tuple(args.detect_instruments))
     pipeline = Pipeline(Registrator(subject.ct, labels=subject.labels), plan=subject.plan, labels=subject.labels,
                         ct=subject.ct, settings=settings)
     print(f"pipeline: frames from {', '.join(args.frame_endpoints)}, results on {args.result_endpoint}", flush=True)
@@ -607,6 +608,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(Slicer's default is 18944); default: off")
     p.add_argument("--igtl-host", default="127.0.0.1", help="OpenIGTLink address to bind (default loopback only)")
     p.add_argument("--igtl-image-hz", type=float, default=2.0, help="cap on fluoro IMAGE messages per second")
+    p.add_argument("--detect-instruments", nargs="*", default=[], metavar="MODEL",
+                   help="instrument models (e.g. kwire) to find in the images while no tracker reports one; "
+                   "published as image-derived instrument states")
     p.set_defaults(func=cmd_pipeline)
 
     p = command("display", "the navigation screen: fluoro + overlay, CT reslices at the tool tip")

@@ -26,6 +26,7 @@ from calibration.files import Calibration, check_matches, distortion_model
 from guidance.core.geometry import invert_rigid, project
 from guidance.core.images import ImageError, PreparedImage, preprocess
 from guidance.core.errors import GuidanceError
+from guidance.core.instrument_models import InstrumentError
 from guidance.core.plan import plan_trajectories
 from guidance.navigation.detection import detect_instruments
 from guidance.navigation.instruments import nearest_trajectory, tip_and_axis, tool_in_world
@@ -127,6 +128,10 @@ class Pipeline:
         self.shots = ShotRegistrar(registrator, level=self.settings.level, tracking=self.settings.tracking,
                                    settings=self.settings.shots)
         self.instruments, self.instrument_refusals = calibrated_instruments(self.settings.pivots)
+        for name in self.settings.detect_instruments:
+            if name not in self.instruments:
+                raise InstrumentError(f"unknown instrument {name!r} to detect; known instruments: "
+                                      f"{', '.join(self.instruments)}")
         self._undistort = None
         if self.settings.distortion is not None:
             model = distortion_model(self.settings.distortion)

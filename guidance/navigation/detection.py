@@ -227,7 +227,8 @@ def instrument_projection(view: View, tip_cam: np.ndarray, axis_cam: np.ndarray,
     ``tip_cam`` (mm) and ``axis_cam`` (unit, tip -> handle) in the camera frame; the
     working part is a cylinder of ``model.diameter_mm`` and ``model.length_mm`` with
     attenuation ``model.mu_per_mm`` (saturating at ``METAL_MAX_LINE_INTEGRAL``); each pixel
-    integrates its box and a Gaussian PSF of ``blur_sigma_px`` (as intensities). The detector's own model: independent of the simulator's.
+    integrates its box and a Gaussian PSF of ``blur_sigma_px`` (as intensities). The
+    detector's own model, independent of the simulator's.
     """
     uv = np.asarray(pixels_uv, dtype=float).reshape(-1, 2)
     rays, weights = _psf_rays(view.K, uv, blur_sigma_px)
