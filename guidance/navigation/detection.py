@@ -535,12 +535,8 @@ def _refine_single(view: View, start: _Start, far_visible: bool, settings: Detec
     gc, gain = _verify(view, band, tip_cam, axis_cam, model, settings)
     if gc < settings.min_gradient_correlation or not settings.gain_range[0] <= gain <= settings.gain_range[1]:
         return None
-    dof = max(len(fit.fun) - n, 1)
-    try:
-        cov = np.linalg.inv(fit.jac.T @ fit.jac) * (2.0 * fit.cost / dof)
-        tip_sigma = math.sqrt(max(float(np.trace(cov[:2, :2])) / 2.0, 0.0))
-    except np.linalg.LinAlgError:
-        tip_sigma = math.inf
+    cov = _covariance(residuals, fit.x, np.array([0.05, 0.05, 1e-3, 1e-3])[:n])
+    tip_sigma = math.sqrt(max(float(np.trace(cov[:2, :2])) / 2.0, 0.0))
     K = view.K
     tip_fit = (K @ tip_cam)[:2] / tip_cam[2]
     end_cam = tip_cam + model.length_mm * axis_cam
@@ -548,6 +544,18 @@ def _refine_single(view: View, start: _Start, far_visible: bool, settings: Detec
     return ViewDetection(model=model, tip_uv=tip_fit, direction_uv=_unit(tip_fit - far_uv), tip_cam=tip_cam,
                          axis_cam=axis_cam, gradient_correlation=gc, gain=gain, tip_sigma_px=tip_sigma,
                          far_uv=far_uv if far_visible else None)
+
+
+def _covariance(residuals, x: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """Parameter covariance of a least-squares solution ``x``: (J^T J)^-1 s^2, with J by
+    central differences of ``steps`` and s^2 the residual variance; inf when singular."""
+    r0 = residuals(x)
+    J = np.column_stack([(residuals(x + np.eye(len(x))[k] * h) - residuals(x - np.eye(len(x))[k] * h)) / (2 * h)
+                         for k, h in enumerate(steps)])
+    try:
+        return np.linalg.inv(J.T @ J) * float(r0 @ r0) / max(len(r0) - len(x), 1)
+    except np.linalg.LinAlgError:
+        return np.full((len(x), len(x)), np.inf)
 
 
 def _near_border(uv: np.ndarray, view: View, margin_px: float) -> bool:
@@ -722,11 +730,7 @@ def _refine_multi(views: list[View], bands: list[_Band], tip0: np.ndarray, axis0
 
     fit = least_squares(residuals, np.zeros(5), x_scale=np.array([0.5, 0.5, 0.5, 0.01, 0.01]),
                         diff_step=1e-3, max_nfev=80)
-    dof = max(len(fit.fun) - 5, 1)
-    try:
-        cov = np.linalg.inv(fit.jac.T @ fit.jac) * (2.0 * fit.cost / dof)
-    except np.linalg.LinAlgError:
-        cov = np.full((5, 5), np.inf)
+    cov = _covariance(residuals, fit.x, np.array([0.05, 0.05, 0.05, 1e-4, 1e-4]))
     tip, axis = pose(fit.x)
     return tip, axis, cov
 
