@@ -8,12 +8,14 @@ instrument's tip and axis in CT coordinates (world, LPS mm):
 1. **Anatomy removal**: a white top-hat of the image (image minus its morphological
    opening with a disc wider than the instrument's projected shaft) keeps thin bright
    structures and drops the smooth anatomy.
-2. **Candidates**: a probabilistic Hough transform on the thresholded top-hat proposes
-   straight segments; collinear pieces are merged.
+2. **Candidates**: a probabilistic Hough transform on the ridge centres of the smoothed,
+   thresholded top-hat proposes straight segments; collinear pieces are merged, refitted
+   to their ridge pixels and split where the ridge breaks.
 3. **Refinement**: the instrument's analytic line integral (a cylinder of the model's
    diameter and length, seen through the view's pinhole, blurred by the detector PSF) is
-   fitted to the top-hat by least squares (a free contrast gain per view), in 3D over
-   the tip and the axis direction.
+   fitted to the top-hat: a scan of the tip along the shaft, then least squares (a free
+   contrast gain and offset per view) over the tip and the axis direction, per view and
+   then jointly in 3D over the views.
 4. **Verification**: the gradient correlation between the fitted model and the image
    (mean normalised cross-correlation of the u and v gradients over the instrument's
    band) and the fitted contrast (close to the model's attenuation) decide; the
@@ -73,15 +75,15 @@ class DetectionSettings:
     """Detector settings.
 
     ``blur_sigma_px``: detector PSF (Gaussian sigma, pixels) of the projection model;
-    ``min_length_px``: shortest visible shaft proposed; ``max_candidates``: Hough segments
-    refined per view and model; ``min_gradient_correlation`` and ``gain_range``: a
-    fitted instrument is accepted when its gradient correlation reaches the threshold
-    and its fitted contrast, relative to the model's attenuation, lies in the range;
-    ``max_pixels``: band pixels used per view in the fit (subsampled away from the tip);
-    ``max_iterations``: function evaluations of a least-squares refinement;
-    ``match_distance_mm``: largest distance between two views' tip rays for them to be
-    the same instrument; ``depth_sigma_mm``: single-view depth uncertainty when no bone
-    volume is given (the depth is then the focus point's).
+    ``min_length_px``: shortest visible shaft proposed; ``max_candidates``: segments tried
+    per view (each with every model; the best-correlated model is refined);
+    ``min_gradient_correlation`` and ``gain_range``: a fitted instrument is accepted when
+    its gradient correlation reaches the threshold and its fitted contrast, relative to
+    the model's attenuation, lies in the range; ``max_pixels``: band pixels used per view
+    in the fit (subsampled away from the tip); ``max_iterations``: function evaluations
+    of a least-squares refinement; ``match_distance_mm``: largest distance between two
+    views' tip rays for them to be the same instrument; ``depth_sigma_mm``: single-view
+    depth uncertainty when no bone volume is given (the depth is then the focus point's).
     """
 
     blur_sigma_px: float = 0.7
@@ -260,11 +262,15 @@ def _noise_sigma(residual: np.ndarray) -> float:
 
 def propose_segments(residual: np.ndarray, width_px: float, expected_peak: float, *,
                      min_length_px: float = 10.0, max_candidates: int = 6) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Straight bright segments of a top-hat image, strongest first: (end0, end1) pixels.
+    """Straight bright segments of a top-hat image, strongest (mean ridge value) first:
+    (end0, end1) pixels.
 
-    The top-hat, smoothed at a quarter of the shaft width, is thresholded at the larger of
-    4 noise sigmas and a fifth of ``expected_peak`` (the model's central line integral);
-    a probabilistic Hough transform finds segments, and segments on one line are merged.
+    The top-hat, smoothed at a quarter of the shaft width (at least 1 px), is thresholded
+    at the larger of 5 noise sigmas and a quarter of ``expected_peak`` (the model's
+    central line integral) and thinned to ridge centres; a probabilistic Hough transform
+    finds segments; segments on one line are merged, the line refitted to the ridge
+    pixels along it (weighted principal axis) and split where the ridge breaks for more
+    than 3 px.
     """
     sigma = max(1.0, width_px / 4.0)
     smooth = cv2.GaussianBlur(residual, (0, 0), sigma)
