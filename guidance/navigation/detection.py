@@ -61,6 +61,9 @@ __all__ = [
 
 TIP_MARGIN_PX = 3.0
 """A segment end this close to the image border is the shaft leaving the image, not a tip."""
+TIP_SEARCH_PX = 20.0
+"""The tip is searched this far beyond a segment's end (the ridge often breaks where the
+shaft enters bone)."""
 FAR_END_MARGIN_PX = 20.0
 """A far end closer than this to the border may be the shaft fading out at the image edge:
 its foreshortening is not trusted."""
@@ -380,7 +383,7 @@ def _band(view: View, residual: np.ndarray, grads: tuple[np.ndarray, np.ndarray]
     if length < 1e-6:
         return None
     axis /= length
-    start = tip_uv - (half_width_px + 6.0) * axis
+    start = tip_uv - (half_width_px + TIP_SEARCH_PX + 2.0) * axis
     lo = np.maximum(np.floor(np.minimum(start, end_uv) - half_width_px), 0).astype(int)
     hi = np.minimum(np.ceil(np.maximum(start, end_uv) + half_width_px), [W - 1, H - 1]).astype(int)
     if np.any(hi <= lo):
@@ -390,9 +393,9 @@ def _band(view: View, residual: np.ndarray, grads: tuple[np.ndarray, np.ndarray]
     rel = uv - start
     s = rel @ axis
     d = np.abs(rel @ np.array([-axis[1], axis[0]]))
-    keep = (d <= half_width_px) & (s >= 0) & (s <= length + 2.0 * (half_width_px + 6.0))
+    keep = (d <= half_width_px) & (s >= 0) & (s <= length + 2.0 * half_width_px + TIP_SEARCH_PX + 8.0)
     uv, s = uv[keep], s[keep]
-    near = s <= 30.0 + half_width_px
+    near = s <= 30.0 + half_width_px + TIP_SEARCH_PX
     far_idx = np.flatnonzero(~near)
     budget = max(settings.max_pixels - int(near.sum()), 0)
     if len(far_idx) > budget:
@@ -510,7 +513,7 @@ def _start(view: View, residual: np.ndarray, grads, noise: float, model: Instrum
     # The tip often lies in bone whose own ridges continue the shaft: scan along it first.
     along = np.array([math.cos(theta), math.sin(theta)])
     reach = min(26.0, 0.5 * float(np.linalg.norm(far_uv - tip_uv)))
-    shifts = np.arange(-6.0, reach + 1.0, 2.0)
+    shifts = np.arange(-20.0, reach + 1.0, 2.0)
     costs = [float(np.sum(_band_residual(band, *_single_view_pose(Kinv, tip_uv + k * along, theta, phi, depth_mm),
                                          model) ** 2)) for k in shifts]
     tip_uv = tip_uv + shifts[int(np.argmin(costs))] * along
