@@ -140,6 +140,14 @@ def _print_table(rows: list[dict], columns: dict[str, str]) -> None:
 
 
 def cmd_bench(args) -> int:
+    if args.what == "instruments":
+        from guidance.tools.bench_instruments import bench_instruments, format_instrument_table
+
+        report = bench_instruments(cases=args.cases, free_frames=args.free_frames, detector_px=args.detector_px)
+        print(format_instrument_table(report["summary"]))
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2))
+        return 0
     if args.what == "drr":
         from guidance.tools.bench import bench_drr, format_table
 
@@ -320,7 +328,8 @@ def cmd_pipeline(args) -> int:
     calibrations = sort_calibrations([read_calibration(path) for path in args.calibration or []])
     stop = _stop_on_signals()
     settings = PipelineSettings(level=args.level, overlay=args.overlay, distortion=calibrations.distortion,
-                                carm=calibrations.carm, pivots=calibrations.pivots)
+                                carm=calibrations.carm, pivots=calibrations.pivots,
+                                detect_instruments=tuple(args.detect_instruments))
     pipeline = Pipeline(Registrator(subject.ct, labels=subject.labels), plan=subject.plan, labels=subject.labels,
                         ct=subject.ct, settings=settings)
     print(f"pipeline: frames from {', '.join(args.frame_endpoints)}, results on {args.result_endpoint}", flush=True)
@@ -485,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_render)
 
     p = command("bench", "benchmarks that print a table")
-    p.add_argument("what", choices=("drr", "latency", "register3d", "calibration", "igtl", "breach"),
+    p.add_argument("what", choices=("drr", "latency", "register3d", "calibration", "igtl", "breach", "instruments"),
                    help="what to measure")
     p.add_argument("--duration", type=float, default=120.0, help="latency, igtl: scenario length (s)")
     p.add_argument("--out", default="out/bench_latency", help="latency: recording folder")
@@ -497,6 +506,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=20, help="drr: renders per case")
     p.add_argument("--shared-data", default=str(SHARED_DATA), help="folder of the real CT data")
     p.add_argument("--seed", type=int, default=0, help="breach: seed of the phantom and the simulated paths")
+    p.add_argument("--cases", type=int, default=40, help="instruments: biplane cases")
+    p.add_argument("--free-frames", type=int, default=100, help="instruments: instrument-free frames")
+    p.add_argument("--detector-px", type=int, default=512,
+                   help="instruments: detector side (pixels; 307.2 mm wide)")
     p.set_defaults(func=cmd_bench)
 
     p = command("register", "2D/3D registration of X-ray images to a CT")
@@ -630,6 +643,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(Slicer's default is 18944); default: off")
     p.add_argument("--igtl-host", default="127.0.0.1", help="OpenIGTLink address to bind (default loopback only)")
     p.add_argument("--igtl-image-hz", type=float, default=2.0, help="cap on fluoro IMAGE messages per second")
+    p.add_argument("--detect-instruments", nargs="*", default=[], metavar="MODEL",
+                   help="instrument models (e.g. kwire) to find in the images while no tracker reports one; "
+                   "published as image-derived instrument states")
     p.set_defaults(func=cmd_pipeline)
 
     p = command("display", "the navigation screen: fluoro + overlay, CT reslices at the tool tip")

@@ -46,7 +46,13 @@ from guidance.core.geometry import (
     rotation_from_rotvec,
     transform_points,
 )
-from guidance.core.instrument_models import INSTRUMENTS, InstrumentModel, get_instrument
+from guidance.core.instrument_models import (
+    INSTRUMENTS,
+    METAL_MAX_LINE_INTEGRAL,
+    STEEL_MU_PER_MM,
+    InstrumentModel,
+    get_instrument,
+)
 from guidance.core.plan import SIDES, trajectory_endpoints
 from guidance.core.levels import LUMBAR
 from guidance.core.errors import GuidanceError
@@ -73,11 +79,6 @@ MODES = ("fluoro", "shots")
 PATIENT_POSITIONS = ("prone", "supine")
 START_OUTSIDE_MM = 20.0
 """The instrument tip starts this far before the entry point, along the trajectory."""
-STEEL_MU_PER_MM = 0.5
-"""Effective linear attenuation of the instrument's steel (1/mm): lower than steel's true
-~2/mm at 60 keV, which would paint a black bar."""
-METAL_MAX_LINE_INTEGRAL = 3.0
-"""The instrument's line integral saturates here (a thick screw stays just visible)."""
 _SUPERSAMPLE = 2
 """Instrument rays per pixel side (anti-aliasing of the thin shaft)."""
 _TRACKER_OFFSET_WORLD = np.array([-600.0, 1200.0, -900.0])
@@ -308,14 +309,15 @@ def _cylinder_chords(d: np.ndarray, tip: np.ndarray, w: np.ndarray, length: floa
 
 
 def instrument_line_integral(view: View, T_cam_from_tool: np.ndarray, model: InstrumentModel, *,
-                             mu_per_mm: float = STEEL_MU_PER_MM,
+                             mu_per_mm: float | None = None,
                              max_line_integral: float = METAL_MAX_LINE_INTEGRAL,
                              supersample: int = _SUPERSAMPLE) -> np.ndarray:
     """Line integral image (H, W) float32 of the instrument's working part, a cylinder of
     ``model.diameter_mm`` from the tip ``model.length_mm`` back towards the handle, at
     ``T_cam_from_tool`` in ``view`` (only K and the image size are used).
 
-    Per pixel: ``min(mu_per_mm * chord, max_line_integral)`` averaged over
+    Per pixel: ``min(mu_per_mm * chord, max_line_integral)`` (``mu_per_mm`` defaults to
+    ``model.mu_per_mm``) averaged over
     ``supersample``^2 rays, with the chord computed analytically; only pixels within the
     projected radius (+2 px) of the projected axis are evaluated. Zero everywhere when the
     instrument is not entirely in front of the source.
@@ -344,7 +346,8 @@ def instrument_line_integral(view: View, T_cam_from_tool: np.ndarray, model: Ins
     d = rays @ np.linalg.inv(view.K).T
     d /= np.linalg.norm(d, axis=-1, keepdims=True)
     chords = _cylinder_chords(d, tip, w, model.length_mm, radius)
-    values = np.minimum(mu_per_mm * chords, max_line_integral).mean(axis=1)
+    mu = model.mu_per_mm if mu_per_mm is None else mu_per_mm
+    values = np.minimum(mu * chords, max_line_integral).mean(axis=1)
     out[uv[:, 1].astype(int), uv[:, 0].astype(int)] = values
     return out
 
@@ -468,15 +471,20 @@ class ScenarioPlayer:
                         T_world_corrected_from_world=invert_rigid(M), T_world_from_tool=T_world_from_tool,
                         T_tracker_from_cam=T_tracker_from_cam, tracker=tracker)
 
-    def render(self, state: SimState) -> SimFrame:
+    def render(self, state: SimState, *,
+               extra_instruments: tuple[tuple[InstrumentModel, np.ndarray], ...] = ()) -> SimFrame:
         """The X-ray image of ``state`` (anatomy and instrument seen from the actual pose,
-        Poisson noise seeded by the scenario seed and the acquisition time)."""
+        Poisson noise seeded by the scenario seed and the acquisition time).
+        ``extra_instruments``: further (model, ``T_world_from_tool``) pairs drawn into the
+        image only (untracked instruments left in the patient)."""
         s = self.scenario
         actual = state.view.with_pose(state.T_cam_from_world)
         line_integral = self._anatomy.line_integral(actual)
         if self.model is not None:
             line_integral += instrument_line_integral(actual, state.T_cam_from_world @ state.T_world_from_tool,
                                                       self.model)
+        for model, T_world_from_tool in extra_instruments:
+            line_integral += instrument_line_integral(actual, state.T_cam_from_world @ T_world_from_tool, model)
         seed = int(np.random.SeedSequence([s.seed, 2, int(round(state.t_s * 1e6))]).generate_state(1)[0])
         pixels, _ = acquire(line_integral, actual, XrayParams(dose=s.dose, seed=seed), intensity=s.intensity)
         return SimFrame(**{f.name: getattr(state, f.name) for f in fields(SimState)}, pixels=pixels)

@@ -377,3 +377,34 @@ def test_overlay_is_published_as_png_of_the_frame(registrator, frames, phantom):
     assert picture.shape == (192, 192, 3)
     # The planned trajectories are drawn in colour on the grey frame.
     assert (np.ptp(picture.astype(int), axis=2) > 40).sum() > 50
+
+
+def test_instruments_found_in_the_image_without_a_tracker(phantom, registrator):
+    """With detection on and no instrument tracked, the K-wire found in the registered frame
+    is published as an image-derived instrument state near its true tip (in-plane: the
+    depth of one view comes from the anatomy); once the tracker reports it, it is not."""
+    from guidance.core.geometry import backproject, project
+    from guidance.core.instrument_models import get_instrument
+    from guidance.live.wire import InstrumentState
+    from guidance.navigation.instruments import tip_and_axis
+    from sim.scenario import Scenario, ScenarioPlayer
+
+    scenario = Scenario(detector_px=256, pixel_spacing_mm=1.2, initial_misalignment_mm=3.0,
+                        initial_misalignment_deg=1.0, breathing_amplitude_mm=0.0, target_level="L3", seed=2)
+    player = ScenarioPlayer(scenario, phantom)
+    sim_frame = player.frame_at(10.0)
+    pipeline = Pipeline(registrator, plan=phantom.plan, labels=phantom.labels,
+                        settings=PipelineSettings(detect_instruments=("kwire",)))
+    frame = Frame(frame_id=1, acquired_ns=time.time_ns(), view=sim_frame.view, pixels=sim_frame.pixels)
+    out = pipeline.on_frame(frame)
+    assert out[0].status == "ok"
+    states = [m for m in out if isinstance(m, InstrumentState)]
+    assert len(states) == 1 and states[0].image_derived and states[0].tool_id == "kwire"
+    tip, _ = tip_and_axis(sim_frame.T_world_from_tool, get_instrument("kwire"))
+    view = sim_frame.view.with_pose(out[0].views[0]["T_cam_from_world"])
+    source, rays = backproject(view.K, view.T_cam_from_world, project(view.P, states[0].tip_world[None]))
+    assert np.linalg.norm(np.cross(tip - source, rays[0])) < 2.0
+    assert states[0].plan_level == "L3"
+    pipeline.on_tracker(TrackerSample(tool_id="kwire", T_tracker_from_tool=np.eye(4), quality=0.1,
+                                      acquired_ns=time.time_ns()))
+    assert not any(isinstance(m, InstrumentState) for m in pipeline.on_frame(frame))

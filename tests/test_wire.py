@@ -68,6 +68,9 @@ EXAMPLES = {
     "target_pose_guide": wire.TargetPose(
         level="L4", side="left", approach="lateral", T_tracker_from_target=np.eye(4), length_mm=22.0,
         guide_tool_id="aiming_guide", guide_entry_error_mm=0.75, guide_angle_error_deg=0.5, guide_aligned=True),
+    "instrument_state_image_derived": wire.InstrumentState(
+        frame_id=7, tool_id="kwire", tip_world=[1.0, 2.0, 3.0], axis_world=[0.0, 0.0, -1.0], status="ok",
+        image_derived=True),
     "instrument_state_no_plan": wire.InstrumentState(
         frame_id=1, tool_id="awl", tip_world=np.zeros(3), axis_world=np.array([0.0, 0.0, 1.0]),
         status="stale"),

@@ -25,8 +25,11 @@ from calibration.errors import CalibrationError
 from calibration.files import Calibration, check_matches, distortion_model
 from guidance.core.geometry import invert_rigid, project
 from guidance.core.images import ImageError, PreparedImage, preprocess
+from guidance.core.errors import GuidanceError
+from guidance.core.instrument_models import InstrumentError
 from guidance.core.plan import plan_trajectories, trajectory_approach
 from guidance.navigation.breach import BreachError, CorridorModel, build_corridor, guidance_metrics
+from guidance.navigation.detection import detect_instruments
 from guidance.navigation.instruments import nearest_trajectory, tip_and_axis, tool_in_world
 from guidance.navigation.targets import guide_alignment, target_pose_tracker, target_pose_world
 from guidance.navigation.overlay import draw_instrument, draw_outline, draw_trajectories, to_display_bgr
@@ -38,7 +41,7 @@ from guidance.live.calibrations import calibrated_instruments, calibrated_view
 from guidance.live.intraop import IntraopError, IntraopSettings, register_intraop, volume_from_message
 from guidance.live.transport import Publisher, Subscriber
 from guidance.core.volume import Volume
-from guidance.core.views import ViewError
+from guidance.core.views import View, ViewError
 from guidance.live.wire import (Frame, Heartbeat, InstrumentState, Message, Overlay, PoseResult, TargetPose,
                                 TrackerSample, VolumeFrame, encode)
 
@@ -58,7 +61,10 @@ class PipelineSettings:
     frame's; ``pivots``: pivot calibrations by tool id, whose tips replace the instrument
     models' (``guidance.live.calibrations``); ``shots``:
     which shots multi-shot registration keeps (``guidance.live.shots``); ``intraop``: the
-    registration of intra-op CT / CBCT volumes (``guidance.live.intraop``)."""
+    registration of intra-op CT / CBCT volumes (``guidance.live.intraop``);
+    ``detect_instruments``: instrument models (names) looked for in each registered frame
+    while no tracker sample of an instrument has arrived, published as image-derived
+    instrument states (empty: off)."""
 
     level: int | None = None
     distortion: Calibration | None = None
@@ -73,6 +79,7 @@ class PipelineSettings:
     source: str = "pipeline"
     target_period_s: float = 1.0
     """Planned trajectories are published as target poses at most this often (s)."""
+    detect_instruments: tuple[str, ...] = ()
 
 
 LATENCY_WINDOW = 1800
@@ -129,6 +136,10 @@ class Pipeline:
         self.shots = ShotRegistrar(registrator, level=self.settings.level, tracking=self.settings.tracking,
                                    settings=self.settings.shots)
         self.instruments, self.instrument_refusals = calibrated_instruments(self.settings.pivots)
+        for name in self.settings.detect_instruments:
+            if name not in self.instruments:
+                raise InstrumentError(f"unknown instrument {name!r} to detect; known instruments: "
+                                      f"{', '.join(self.instruments)}")
         self._undistort = None
         if self.settings.distortion is not None:
             model = distortion_model(self.settings.distortion)
@@ -188,6 +199,8 @@ class Pipeline:
             shots=outcome.shot_frame_ids if result.ok else [],
         )
         out: list[Message] = [pose]
+        if result.ok and self.settings.detect_instruments and not any(t in self.instruments for t in self.poses):
+            out += self._detected_instruments(image.image, result.views[0])  # views[0]: this frame
         if self.settings.overlay:
             out.append(self._overlay(frame, result))
         return out
@@ -223,6 +236,31 @@ class Pipeline:
             self.shots.note(self._shot(*self._prepare(frame)))
         except (ImageError, ViewError, CalibrationError) as exc:
             log.warning("skipped frame %d not kept as a shot: %s", frame.frame_id, exc)
+
+    def _detected_instruments(self, image: np.ndarray, view: View) -> list[InstrumentState]:
+        """Instruments found in the registered frame itself (no tracker; ``view``: its
+        registered geometry), as image-derived states; the depth along the viewing ray
+        comes from the bone (labels or the CT)."""
+        models = [self.instruments[name] for name in self.settings.detect_instruments]
+        bone = self.labels if self.labels is not None else self.registrator.mu
+        try:
+            estimates = detect_instruments([image], [view], models,
+                                           focus_world=self.registrator.centre(self.settings.level), bone=bone)
+        except GuidanceError as exc:
+            log.warning("frame %d: instrument detection failed: %s", self.frame_id, exc)
+            return []
+        states = []
+        for estimate in estimates:
+            fields = {}
+            if self.plan:
+                trajectory, deviation = nearest_trajectory(estimate.tip_world, estimate.axis_world, self.plan)
+                fields = {"plan_level": trajectory.get("level"), "plan_side": trajectory.get("side"),
+                          **{k: deviation[k] for k in ("distance_to_trajectory_mm", "angle_to_trajectory_deg",
+                                                       "depth_along_trajectory_mm", "tip_to_target_mm")}}
+            states.append(InstrumentState(frame_id=self.frame_id, tool_id=estimate.model.name,
+                                          tip_world=estimate.tip_world, axis_world=estimate.axis_world, status="ok",
+                                          image_derived=True, source=self.settings.source, **fields))
+        return states
 
     def _check_geometry(self, frame: Frame) -> None:
         """Reject a frame whose view cannot see the CT (wrong or corrupted geometry)."""

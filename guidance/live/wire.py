@@ -350,6 +350,8 @@ class InstrumentState(Message):
     (Gertzbein-Robbins A-E), ``breach_side``, ``breach_warning``, ``clearance_mm`` (implant
     surface to the corridor wall ahead, negative when protruding) and
     ``travel_to_breach_mm`` (>= 0).
+    ``image_derived``: True when the pose was found in the X-ray image itself (no tracker
+    sample), False when tracked.
     """
 
     kind: ClassVar[str] = "instrument_state"
@@ -372,6 +374,7 @@ class InstrumentState(Message):
     breach_warning: bool | None = None
     clearance_mm: float | None = None
     travel_to_breach_mm: float | None = None
+    image_derived: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -398,6 +401,9 @@ class InstrumentState(Message):
              _opt_float(self.depth_along_trajectory_mm, "depth_along_trajectory_mm"))
         _set(self, "tip_to_target_mm",
              _opt_float(self.tip_to_target_mm, "tip_to_target_mm", lo=0.0))
+        if not isinstance(self.image_derived, (bool, np.bool_)):
+            raise WireError(f"'image_derived' must be true or false, got {type(self.image_derived).__name__}")
+        _set(self, "image_derived", bool(self.image_derived))
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
