@@ -242,3 +242,17 @@ def test_window_sink_falls_back_to_png_without_display(tmp_path, monkeypatch, ca
     sink.close()
     assert (tmp_path / "screen_000000.png").is_file()
     assert not sink.quit_requested
+
+
+def test_status_line_shows_the_pose_uncertainty():
+    from dataclasses import replace
+
+    from guidance.live.display import _status_lines
+
+    state = NavigationState()
+    state.on_pose(replace(pose(), uncertainty_in_plane_mm=0.31, uncertainty_depth_mm=2.4), T0)
+    assert state.pose.uncertainty_mm == (0.31, 2.4)
+    line = _status_lines(state, "ok", T0 + 0.1, None, None, "")[0]
+    assert "+-0.3 mm in-plane, +-2.4 mm depth" in line
+    state.on_pose(pose(), T0 + 0.2)
+    assert "in-plane" not in _status_lines(state, "ok", T0 + 0.3, None, None, "")[0]

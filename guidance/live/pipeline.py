@@ -170,6 +170,8 @@ class Pipeline:
             latency_ms=latency,
             frame_acquired_ns=frame.acquired_ns,
             source=self.settings.source,
+            uncertainty_in_plane_mm=_finite_or_none(result.uncertainty_in_plane_mm),
+            uncertainty_depth_mm=_finite_or_none(result.uncertainty_depth_mm),
         )
         out: list[Message] = [pose]
         if self.settings.overlay:
@@ -322,3 +324,8 @@ def _drain(sub: Subscriber, *, timeout_s: float) -> list[Message]:
     while (msg := sub.recv(0.0)) is not None:
         messages.append(msg)
     return messages
+
+
+def _finite_or_none(value: float) -> float | None:
+    """A finite number for the wire, None for an unknown (infinite or NaN) one."""
+    return float(value) if np.isfinite(value) else None

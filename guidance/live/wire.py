@@ -276,7 +276,9 @@ class PoseResult(Message):
     ``views``: per view, a dict with at least ``T_cam_from_world``; ``level_poses``:
     vertebral level (e.g. "L4") -> 4x4 pose; ``similarity``: final similarity value;
     ``confidence`` in [0, 1]; ``mode``: "global" or "tracking"; ``latency_ms``: stage ->
-    duration in ms (>= 0); ``frame_acquired_ns``: acquisition time of the frame.
+    duration in ms (>= 0); ``frame_acquired_ns``: acquisition time of the frame;
+    ``uncertainty_in_plane_mm`` / ``uncertainty_depth_mm``: 1-sigma pose uncertainty at
+    the target centre in the first view's image plane and along its ray (>= 0, or None).
     """
 
     kind: ClassVar[str] = "pose_result"
@@ -292,6 +294,8 @@ class PoseResult(Message):
     mode: str
     latency_ms: dict[str, float] = field(default_factory=dict)
     frame_acquired_ns: int
+    uncertainty_in_plane_mm: float | None = None
+    uncertainty_depth_mm: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -317,6 +321,8 @@ class PoseResult(Message):
                                   for k, v in self.latency_ms.items()})
         _set(self, "frame_acquired_ns",
              _int(self.frame_acquired_ns, "frame_acquired_ns", minimum=0))
+        for name in ("uncertainty_in_plane_mm", "uncertainty_depth_mm"):
+            _set(self, name, _opt_float(getattr(self, name), name, lo=0.0))
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
