@@ -272,6 +272,8 @@ class Registrator:
 
     def centre(self, level: int | None) -> np.ndarray:
         """Rotation centre (world mm): centroid of the rendered bone of that level."""
+        if level is not None and self.prepared.labels[0] is None:
+            raise RegistrationError("per-vertebra registration needs a label map")
         return self.prepared.centre(level)
 
     # -- pyramid -------------------------------------------------------------------------
