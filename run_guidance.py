@@ -70,6 +70,11 @@ def _add_ct_arguments(p: argparse.ArgumentParser, *, labels: bool = True, plan: 
     p.add_argument("--phantom-seed", type=int, default=0, help="seed of the embedded phantom (without --ct)")
 
 
+def _add_cache_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-dir", help="folder of prepared CTs (default: $GUIDANCE_CACHE_DIR, else the user's "
+                                       "cache folder)")
+
+
 def cmd_phantom(args) -> int:
     from sim.phantom import make_phantom, write_phantom
 
@@ -221,7 +226,7 @@ def cmd_register(args) -> int:
     images = [preprocess(p, v) for p, v in zip(pixels, views)]
     if args.all_levels and subject.labels is None:
         raise UsageError("--all-levels needs --labels with --ct (the vertebrae are taken from the labels)")
-    registrator = Registrator(subject.ct, labels=subject.labels)
+    registrator = Registrator(subject.ct, labels=subject.labels, cache_dir=args.cache_dir)
     if args.all_levels:
         import numpy as np
 
@@ -231,7 +236,9 @@ def cmd_register(args) -> int:
         result = registrator.register(images, views, level=args.level)
     Path(args.out).write_text(json.dumps(result.to_dict(), indent=2))
     print(f"{result.status}: {result.reason}; similarity {result.similarity:.3f}, confidence "
-          f"{result.confidence:.2f}, {result.time_s:.2f} s -> {args.out}")
+          f"{result.confidence:.2f}, +-{result.uncertainty_in_plane_mm:.2f} mm in-plane / "
+          f"+-{result.uncertainty_depth_mm:.1f} mm depth, {result.time_s:.2f} s "
+          f"(CT preparation {result.prepare_s:.2f} s) -> {args.out}")
     if not result.ok and len(views) > 1:
         print("hint: the views of one registration share one correction (T_world_corrected_from_world): "
               "their initial poses must be off by the same patient motion; a view file perturbed on its "
@@ -276,11 +283,12 @@ def cmd_evaluate(args) -> int:
         summaries = {"external": evaluate_external(args.external, args.ct, labels_path=args.labels,
                                                    out_dir=args.out, **run)}
     else:
-        source = args.ct if args.ct else make_phantom(seed=args.phantom_seed)
+        source = args.ct if args.ct else make_phantom(seed=args.phantom_seed,
+                                                      spacing_mm=0.7 if args.clinical_grid else 1.0)
         summaries = evaluate(source, out_dir=args.out, labels_path=args.labels, level=args.level,
                              intensities=args.intensity, biplane=args.biplane, n_views=args.views,
                              n_starts_per_bin=args.starts, bins=args.bins, detector_px=args.detector_px,
-                             seed=args.seed, **run)
+                             seed=args.seed, clinical=args.clinical_grid, **run)
     for name, summary in summaries.items():
         print(f"\n## {name}")
         print(json.dumps({k: summary[k] for k in summary if k != "bins"}, indent=2))
@@ -330,8 +338,8 @@ def cmd_pipeline(args) -> int:
     settings = PipelineSettings(level=args.level, overlay=args.overlay, distortion=calibrations.distortion,
                                 carm=calibrations.carm, pivots=calibrations.pivots,
                                 detect_instruments=tuple(args.detect_instruments))
-    pipeline = Pipeline(Registrator(subject.ct, labels=subject.labels), plan=subject.plan, labels=subject.labels,
-                        ct=subject.ct, settings=settings)
+    registrator = Registrator(subject.ct, labels=subject.labels, cache_dir=args.cache_dir)
+    pipeline = Pipeline(registrator, plan=subject.plan, labels=subject.labels, ct=subject.ct, settings=settings)
     print(f"pipeline: frames from {', '.join(args.frame_endpoints)}, results on {args.result_endpoint}", flush=True)
     bridge = None
     if args.igtl_port is not None:
@@ -519,6 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "images must be XA/RF DICOM (geometry from their tags, isocentre at the CT centre)")
     p.add_argument("--level", type=level, help="register this vertebra alone (name like L3 or label id)")
     p.add_argument("--all-levels", action="store_true", help="also register every labelled vertebra (needs labels)")
+    _add_cache_argument(p)
     p.add_argument("--out", required=True, help="result JSON")
     p.set_defaults(func=cmd_register)
 
@@ -550,6 +559,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "default: a new LocalCluster on this machine")
     p.add_argument("--seed", type=int, default=0, help="seed of views, starts and noise")
     p.add_argument("--external", help="score an external set folder (cases.json, images, views, targets)")
+    p.add_argument("--clinical-grid", action="store_true",
+                   help="resample the CT onto 512 x 512 x 133 voxels of 0.7 x 0.7 x 2.5 mm (phantom built at 0.7 mm)")
     p.add_argument("--out", required=True, help="report folder (JSON, markdown, PNG plots)")
     p.set_defaults(func=cmd_evaluate)
 
@@ -635,6 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
     _old_spelling(p, "--results", "result_endpoint")
     p.add_argument("--overlay", action="store_true", help="also publish an overlay picture per frame")
     p.add_argument("--record", help="record every input and output message into this folder")
+    _add_cache_argument(p)
     p.add_argument("--calibration", nargs="+", metavar="FILE",
                    help="calibration files (guidance.calibration/1): C-arm (K per orientation from its angle "
                    "table), image-intensifier distortion, instrument pivots; frames of another size or device "

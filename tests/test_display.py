@@ -281,3 +281,17 @@ def test_screen_shows_breach_warning_guide_and_fluoro_legend():
     plain = pane(compose_screen(live_state(), CT, PLAN, T0 + 0.1), layout, "numbers")
     assert count_colour(plain[40:91], COLOURS["invalid"]) == 0
     assert count_colour(plain[40:91], COLOURS["waiting"]) > 3000
+
+
+def test_status_line_shows_the_pose_uncertainty():
+    from dataclasses import replace
+
+    from guidance.live.display import _status_lines
+
+    state = NavigationState()
+    state.on_pose(replace(pose(), uncertainty_in_plane_mm=0.31, uncertainty_depth_mm=2.4), T0)
+    assert state.pose.uncertainty_mm == (0.31, 2.4)
+    line = _status_lines(state, "ok", T0 + 0.1, None, None, "")[0]
+    assert "+-0.3 mm in-plane, +-2.4 mm depth" in line
+    state.on_pose(pose(), T0 + 0.2)
+    assert "in-plane" not in _status_lines(state, "ok", T0 + 0.3, None, None, "")[0]

@@ -139,7 +139,7 @@ def test_pipeline_registers_the_shots_jointly_beating_each_alone_in_depth(regist
                depth_error_mm(ap_alone.views[0]["T_cam_from_world"], ap.T_cam_from_world, centre)),
     }
     for name, (joint_mm, alone_mm) in errors.items():
-        assert joint_mm < 1.0, (name, errors)
+        assert joint_mm < 1.5, (name, errors)  # about half a pixel of this 2.4 mm detector
         assert joint_mm < alone_mm, (name, errors)
     for pose, (frame, _) in zip(tracked, scenario_shots[2:]):
         assert pose.mode == "tracking" and pose.shots == [1, 0]
@@ -154,7 +154,7 @@ def test_a_skipped_lateral_shot_is_registered_with_the_next_frame(phantom, scena
     """The lateral shot arrives while the pipeline is busy and a fluoro frame follows it:
     the next registration is the joint one, resting on the skipped shot (bookkeeping
     only: a quick registrator)."""
-    quick = Registrator(phantom.ct, settings=RegistrationSettings(pyramid=(4, 2), max_generations=15))
+    quick = Registrator(phantom.ct, settings=RegistrationSettings(pyramid=(4, 2), global_iterations=(3, 2)))
     pipeline = Pipeline(quick, plan=phantom.plan)
     (ap, ap_samples), (lateral, lateral_samples), (fluoro, fluoro_samples) = scenario_shots[:3]
     for sample in ap_samples:

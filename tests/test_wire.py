@@ -49,7 +49,8 @@ EXAMPLES = {
                {"T_cam_from_world": _pose(0.0, (0.0, 0.0, 650.0))}],
         level_poses={"L3": _pose(0.5, (0.1, 0.0, 0.0)), "L4": _pose(-0.5, (0.0, 0.2, 0.0))},
         similarity=-0.8734, confidence=0.93, mode="tracking",
-        latency_ms={"preprocess": 1.25, "register": 48.0}, frame_acquired_ns=99),
+        latency_ms={"preprocess": 1.25, "register": 48.0}, frame_acquired_ns=99,
+        uncertainty_in_plane_mm=0.12, uncertainty_depth_mm=1.5),
     "pose_result_failed": wire.PoseResult(
         frame_id=43, status="failed", reason="image quality gate: frame too dark",
         confidence=0.0, mode="global", frame_acquired_ns=100),
@@ -133,6 +134,8 @@ def test_pose_result_and_overlay_content_survive():
     out = decode(encode(EXAMPLES["pose_result_ok"]))
     np.testing.assert_array_equal(out.level_poses["L4"], _pose(-0.5, (0.0, 0.2, 0.0)))
     assert out.latency_ms == {"preprocess": 1.25, "register": 48.0}
+    assert (out.uncertainty_in_plane_mm, out.uncertainty_depth_mm) == (0.12, 1.5)
+    assert decode(encode(EXAMPLES["pose_result_failed"])).uncertainty_depth_mm is None
     assert decode(encode(EXAMPLES["overlay"])).data == PNG
 
 
@@ -304,6 +307,7 @@ def test_non_rigid_and_nan_poses():
     ({"latency_ms": {"register": -1.0}}, "'latency_ms.register' must lie in"),
     ({"level_poses": [1, 2]}, "'level_poses' must be an object"),
     ({"similarity": "high"}, "'similarity' must be a number"),
+    ({"uncertainty_depth_mm": -1.0}, r"'uncertainty_depth_mm' must lie in \[0.0, "),
     ({"extra_field": 1}, "unexpected field"),
 ])
 def test_ill_typed_fields(change, match):

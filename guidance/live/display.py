@@ -124,6 +124,7 @@ class PoseRecord:
     latency_ms: float | None
     end_to_end_ms: float | None
     received_s: float
+    uncertainty_mm: tuple[float, float] | None = None  # 1 sigma at the target: (in-plane, depth)
 
 
 @dataclass(frozen=True)
@@ -196,7 +197,9 @@ class NavigationState:
             frame_id=int(pose.frame_id), status=pose.status, reason=pose.reason,
             confidence=float(pose.confidence), levels=tuple(sorted(pose.level_poses)),
             T_world_corrected_from_world=pose.T_world_corrected_from_world,
-            latency_ms=latency, end_to_end_ms=e2e, received_s=float(now_s))
+            latency_ms=latency, end_to_end_ms=e2e, received_s=float(now_s),
+            uncertainty_mm=None if pose.uncertainty_in_plane_mm is None or pose.uncertainty_depth_mm is None
+            else (pose.uncertainty_in_plane_mm, pose.uncertainty_depth_mm))
 
     def on_instrument(self, instrument: InstrumentState, now_s: float) -> None:
         """Take an instrument state (``guidance.live.wire.InstrumentState``)."""
@@ -628,6 +631,8 @@ def _status_lines(state: NavigationState, status: str, now_s: float,
         }[status]
         conf = "last confidence" if status == "stale" else "confidence"
         first = f"{head}, {conf} {pose.confidence:.2f}, vertebra {','.join(pose.levels) or 'all'}"
+        if pose.uncertainty_mm is not None:
+            first += f", +-{pose.uncertainty_mm[0]:.1f} mm in-plane, +-{pose.uncertainty_mm[1]:.1f} mm depth"
         if pose.latency_ms is not None:
             first += f", registration {pose.latency_ms:.0f} ms"
         if pose.end_to_end_ms is not None:

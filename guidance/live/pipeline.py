@@ -197,6 +197,8 @@ class Pipeline:
             frame_acquired_ns=frame.acquired_ns,
             source=self.settings.source,
             shots=outcome.shot_frame_ids if result.ok else [],
+            uncertainty_in_plane_mm=_finite_or_none(result.uncertainty_in_plane_mm),
+            uncertainty_depth_mm=_finite_or_none(result.uncertainty_depth_mm),
         )
         out: list[Message] = [pose]
         if result.ok and self.settings.detect_instruments and not any(t in self.instruments for t in self.poses):
@@ -520,3 +522,8 @@ def _drain(sub: Subscriber, *, timeout_s: float) -> list[Message]:
     while (msg := sub.recv(0.0)) is not None:
         messages.append(msg)
     return messages
+
+
+def _finite_or_none(value: float) -> float | None:
+    """A finite number for the wire, None for an unknown (infinite or NaN) one."""
+    return float(value) if np.isfinite(value) else None

@@ -289,6 +289,8 @@ class PoseResult(Message):
     duration in ms (>= 0); ``frame_acquired_ns``: acquisition time of the frame;
     ``shots``: ids of the frames whose (joint) registration fixes this pose's depth
     (multi-shot fluoro navigation, ``guidance.live.shots``).
+    ``uncertainty_in_plane_mm`` / ``uncertainty_depth_mm``: 1-sigma pose uncertainty at
+    the target centre in the first view's image plane and along its ray (>= 0, or None).
     """
 
     kind: ClassVar[str] = "pose_result"
@@ -305,6 +307,8 @@ class PoseResult(Message):
     latency_ms: dict[str, float] = field(default_factory=dict)
     frame_acquired_ns: int
     shots: list[int] = field(default_factory=list)
+    uncertainty_in_plane_mm: float | None = None
+    uncertainty_depth_mm: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -333,6 +337,8 @@ class PoseResult(Message):
         if not isinstance(self.shots, (list, tuple)):
             raise WireError("'shots' must be a list of frame ids")
         _set(self, "shots", [_int(i, f"shots[{n}]", minimum=0) for n, i in enumerate(self.shots)])
+        for name in ("uncertainty_in_plane_mm", "uncertainty_depth_mm"):
+            _set(self, name, _opt_float(getattr(self, name), name, lo=0.0))
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)

@@ -18,7 +18,7 @@ import numpy as np
 from guidance.core.drr import prepare_volume, render_drr
 from guidance.core.geometry import invert_rigid
 from guidance.core.views import View, carm_view
-from guidance.core.volume import Volume, hu_to_attenuation, load_volume, resample
+from guidance.core.volume import Volume, clinical_grid, hu_to_attenuation, load_volume
 
 __all__ = ["DrrBenchRow", "bench_drr", "format_table", "clinical_grid", "cpu_model", "diffdrr_geometry",
            "diffdrr_renderer"]
@@ -61,16 +61,6 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown"
-
-
-def clinical_grid(volume: Volume) -> Volume:
-    """The volume resampled onto a typical clinical CT grid: 512 x 512 x 133 voxels of
-    0.7 x 0.7 x 2.5 mm, centred on the volume (air where the volume has no data)."""
-    spacing = np.array([0.7, 0.7, 2.5])
-    size = np.array([512, 512, 133])
-    origin = volume.center_world() - volume.direction @ ((size - 1) / 2.0 * spacing)
-    return resample(volume, spacing=tuple(spacing), size=tuple(int(s) for s in size), origin=origin,
-                    direction=volume.direction)
 
 
 def _ap_view(volume: Volume, detector_px: int) -> View:
