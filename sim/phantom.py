@@ -657,7 +657,7 @@ class Phantom:
         voxelised CT and labels only approximate (the union is exact outside the bone and
         a lower bound of the depth inside)."""
         if level not in self.bones:
-            raise ValueError(f"no bone for level {level!r}; levels: {', '.join(self.bones)}")
+            raise PhantomError(f"no bone for level {level!r}; levels: {', '.join(self.bones)}")
         p = np.asarray(points_world, dtype=np.float32).reshape(-1, 3)
         return np.asarray(self.bones[level].sdf(p[:, 0], p[:, 1], p[:, 2]), dtype=float)
 

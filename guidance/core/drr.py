@@ -25,11 +25,16 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
+from guidance.core.errors import GuidanceError
 from guidance.core.geometry import invert_rigid
 from guidance.core.views import View
 from guidance.core.volume import Volume, VolumeError, crop_to_mask
 
-__all__ = ["DrrVolume", "prepare_volume", "render_drr", "render_drr_reference"]
+__all__ = ["DrrError", "DrrVolume", "prepare_volume", "render_drr", "render_drr_reference"]
+
+
+class DrrError(GuidanceError):
+    """A render request that cannot be served (bad step, output buffer or label selection)."""
 
 
 BRICK_VOXELS = 8
@@ -153,7 +158,7 @@ def prepare_volume(
     data = mu_volume.data
     if labels is not None or label_ids is not None:
         if labels is None or label_ids is None:
-            raise ValueError("label selection needs both labels and label_ids")
+            raise DrrError("label selection needs both labels and label_ids")
         if labels.data.shape != data.shape:
             raise VolumeError(f"labels grid {labels.data.shape} differs from the CT grid {data.shape}")
         keep = np.isin(labels.data, np.asarray(list(label_ids)))
@@ -394,11 +399,11 @@ def render_drr(
         volume = prepare_volume(volume)
     step = volume.step_mm if step_mm is None else float(step_mm)
     if step <= 0:
-        raise ValueError("step_mm must be positive")
+        raise DrrError("step_mm must be positive")
     if out is None:
         out = np.empty(view.shape, dtype=np.float32)
     elif out.shape != view.shape or out.dtype != np.float32:
-        raise ValueError(f"out must be float32 of shape {view.shape}")
+        raise DrrError(f"out must be float32 of shape {view.shape}")
     Kinv, R, src = _ray_geometry(volume, view)
     grid_box = np.array([[0.0, 0.0, 0.0], np.array(volume.size_ijk) - 1.0])
     cast = _cast_parallel if out.size >= PARALLEL_MIN_PIXELS else _cast_serial

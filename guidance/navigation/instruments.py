@@ -20,7 +20,7 @@ import numpy as np
 
 from guidance.core.geometry import check_rigid, invert_rigid, transform_points
 from guidance.core.instrument_models import InstrumentModel, _vector3
-from guidance.core.plan import plan_trajectories, trajectory_endpoints
+from guidance.core.plan import PlanError, plan_trajectories, trajectory_endpoints
 
 __all__ = [
     "tool_in_world",
@@ -112,7 +112,7 @@ def nearest_trajectory(tip_world: np.ndarray, axis_world: np.ndarray,
     """
     trajectories = plan_trajectories(plan)
     if not trajectories:
-        raise ValueError("the plan has no trajectories")
+        raise PlanError("the plan has no trajectories")
     tip = _vector3(tip_world, "tip_world")
     best = min(trajectories, key=lambda t: _distance_to_segment(tip, t))
     return best, deviation_from_plan(tip, axis_world, best)

@@ -19,12 +19,14 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from guidance.core.errors import GuidanceError
 from guidance.core.geometry import project
 from guidance.core.plan import plan_trajectories, trajectory_endpoints
 from guidance.core.views import View, check_intensity
 from guidance.core.volume import Volume
 
 __all__ = [
+    "OverlayError",
     "STATES",
     "COLOURS",
     "to_display_bgr",
@@ -69,6 +71,10 @@ _PERCENTILE_SAMPLES = 250_000
 _CLAHE = cv2.createCLAHE(clipLimit=1.5, tileGridSize=(8, 8))
 
 
+class OverlayError(GuidanceError):
+    """A picture, view or label that cannot be drawn on."""
+
+
 def to_display_bgr(image: np.ndarray, *, intensity: str,
                    percentiles: tuple[float, float] = (0.5, 99.5), monitor: bool = False) -> np.ndarray:
     """A grey X-ray image (uint8, uint16 or float32, (H, W)) windowed to BGR uint8.
@@ -88,8 +94,8 @@ def to_display_bgr(image: np.ndarray, *, intensity: str,
     check_intensity(intensity)
     img = np.asarray(image)
     if img.ndim != 2 or img.dtype.name not in ("uint8", "uint16", "float32"):
-        raise ValueError(f"expected a 2-D uint8, uint16 or float32 image, got "
-                         f"{img.dtype.name} shape {img.shape}")
+        raise OverlayError(f"expected a 2-D uint8, uint16 or float32 image, got "
+                           f"{img.dtype.name} shape {img.shape}")
     values = img.astype(np.float32)
     invert = intensity == "line_integral"
     if monitor and intensity == "raw":
@@ -118,14 +124,14 @@ def camera_matrix(view: View | np.ndarray) -> np.ndarray:
     """The 3x4 projection matrix of a View, or a given 3x4 matrix, as float."""
     P = view.P if isinstance(view, View) else np.asarray(view, dtype=float)
     if P.shape != (3, 4) or not np.all(np.isfinite(P)):
-        raise ValueError(f"expected a View or a finite 3x4 projection matrix, got {P.shape}")
+        raise OverlayError(f"expected a View or a finite 3x4 projection matrix, got {P.shape}")
     return P
 
 
 def _canvas(bgr: np.ndarray) -> np.ndarray:
     if bgr.ndim != 3 or bgr.shape[2] != 3 or bgr.dtype != np.uint8:
-        raise ValueError(f"expected a BGR uint8 picture (H, W, 3), got {bgr.dtype.name} "
-                         f"shape {bgr.shape}; convert grey frames with to_display_bgr")
+        raise OverlayError(f"expected a BGR uint8 picture (H, W, 3), got {bgr.dtype.name} "
+                           f"shape {bgr.shape}; convert grey frames with to_display_bgr")
     return bgr.copy()
 
 
@@ -290,7 +296,7 @@ def draw_trajectories(bgr: np.ndarray, view: View | np.ndarray, plan: dict | lis
 def _label_points_world(labels: Volume, level_label: int) -> np.ndarray:
     kji = np.argwhere(np.asarray(labels.data) == level_label)
     if len(kji) == 0:
-        raise ValueError(f"label {level_label} is not present in the label volume")
+        raise OverlayError(f"label {level_label} is not present in the label volume")
     return labels.index_to_world(kji[:, ::-1])
 
 
@@ -380,7 +386,7 @@ def draw_status(bgr: np.ndarray, lines: Sequence[str], *, state: str, border: bo
     word, then the text lines. Unless the state is "ok" (and ``border``), the picture
     below the bar gets a thin frame of that colour; nothing is written over the picture."""
     if state not in STATES:
-        raise ValueError(f"state must be one of {', '.join(STATES)}; got {state!r}")
+        raise OverlayError(f"state must be one of {', '.join(STATES)}; got {state!r}")
     out = _canvas(bgr)
     H, W = out.shape[:2]
     colour = COLOURS[state]

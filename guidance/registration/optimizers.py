@@ -28,6 +28,8 @@ import cma
 import numpy as np
 import scipy.optimize
 
+from guidance.registration.errors import RegistrationError
+
 __all__ = ["OPTIMIZERS", "Objective", "OptimizeOutcome", "minimize"]
 
 
@@ -206,5 +208,5 @@ def minimize(
     try:
         run = OPTIMIZERS[name]
     except KeyError:
-        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}") from None
+        raise RegistrationError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}") from None
     return run(objective, np.asarray(x0, dtype=float), np.asarray(scale, dtype=float), **options)

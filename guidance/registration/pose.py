@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from guidance.core.geometry import invert_rigid, make_rigid, rotation_from_rotvec, rotvec_from_rotation
+from guidance.registration.errors import RegistrationError
 
 __all__ = ["PARAMETERIZATIONS", "PoseParameterization", "point_displacement_mm"]
 
@@ -60,7 +61,7 @@ class PoseParameterization:
 
     def __post_init__(self) -> None:
         if self.kind not in PARAMETERIZATIONS:
-            raise ValueError(
+            raise RegistrationError(
                 f"unknown pose parameterisation {self.kind!r}; choose one of {', '.join(PARAMETERIZATIONS)}"
             )
 

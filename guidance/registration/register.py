@@ -34,7 +34,6 @@ import cv2
 import numpy as np
 
 from guidance.core.drr import DrrVolume, render_drr
-from guidance.core.errors import GuidanceError
 from guidance.core.geometry import invert_rigid, project
 from guidance.core.images import PreparedImage
 from guidance.core.views import View
@@ -43,13 +42,10 @@ from guidance.registration.optimizers import OptimizeOutcome, minimize
 from guidance.registration.pose import PoseParameterization, point_displacement_mm
 from guidance.registration.prepared import PreparedCT, PrepareSettings, load_or_prepare
 from guidance.registration.quality import QualityLimits, assess
+from guidance.registration.errors import RegistrationError
 from guidance.registration.similarity import get_similarity
 
 __all__ = ["RegistrationSettings", "RegistrationResult", "Registrator", "RegistrationError", "register_levels"]
-
-
-class RegistrationError(GuidanceError):
-    """Inputs that cannot be registered (mismatched images and views, unknown level)."""
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from guidance.core.volume import Volume, volume_to_sitk
+from guidance.registration.errors import RegistrationError
 
 __all__ = ["Register3dSettings", "Register3dResult", "register_volumes"]
 
@@ -94,9 +95,9 @@ def register_volumes(
     e.g. to one vertebra's label dilated by ``mask_margin_mm``."""
     s = settings or Register3dSettings()
     if s.initialisation not in INITIALISATIONS:
-        raise ValueError(f"initialisation must be one of {', '.join(INITIALISATIONS)}; got {s.initialisation!r}")
+        raise RegistrationError(f"initialisation must be one of {', '.join(INITIALISATIONS)}; got {s.initialisation!r}")
     if s.seed < 1:
-        raise ValueError("seed must be >= 1 (SimpleITK reads 0 as the wall clock)")
+        raise RegistrationError("seed must be >= 1 (SimpleITK reads 0 as the wall clock)")
     t0 = time.perf_counter()
     fixed_image = sitk.Cast(volume_to_sitk(fixed), sitk.sitkFloat32)
     moving_image = sitk.Cast(volume_to_sitk(moving), sitk.sitkFloat32)
@@ -114,7 +115,8 @@ def register_volumes(
     method.SetMetricSamplingPercentage(s.sampling_fraction, s.seed)
     if fixed_mask is not None:
         if fixed_mask.shape != fixed.data.shape:
-            raise ValueError(f"fixed_mask shape {fixed_mask.shape} differs from the fixed grid {fixed.data.shape}")
+            raise RegistrationError(f"fixed_mask shape {fixed_mask.shape} differs from the fixed grid "
+                                    f"{fixed.data.shape}")
         mask = sitk.GetImageFromArray(fixed_mask.astype(np.uint8))
         mask.CopyInformation(fixed_image)
         if s.mask_margin_mm > 0:

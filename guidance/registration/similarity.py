@@ -13,6 +13,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from guidance.registration.errors import RegistrationError
+
 __all__ = ["SIMILARITIES", "Similarity", "NCC", "GradientNCC", "PatchNCC", "get_similarity"]
 
 
@@ -107,4 +109,4 @@ def get_similarity(name: str) -> type[Similarity]:
     try:
         return SIMILARITIES[name]
     except KeyError:
-        raise ValueError(f"unknown similarity {name!r}; choose one of {', '.join(SIMILARITIES)}") from None
+        raise RegistrationError(f"unknown similarity {name!r}; choose one of {', '.join(SIMILARITIES)}") from None

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from guidance.core.drr import prepare_volume, render_drr
+from guidance.core.errors import GuidanceError
 from guidance.core.geometry import invert_rigid
 from guidance.core.views import View, carm_view
 from guidance.core.volume import Volume, clinical_grid, hu_to_attenuation, load_volume
@@ -114,7 +115,7 @@ def diffdrr_geometry(view: View, T_dd_from_world: np.ndarray, reorient: np.ndarr
     """
     K = view.K
     if abs(K[0, 1]) > 1e-9:
-        raise ValueError("DiffDRR cannot model a skewed detector (K[0][1] != 0)")
+        raise GuidanceError("DiffDRR cannot model a skewed detector (K[0][1] != 0)")
     sdd = float(K[0, 0]) if view.source_to_detector_mm is None else float(view.source_to_detector_mm)
     delx, dely = sdd / float(K[0, 0]), sdd / float(K[1, 1])  # Python floats: DiffDRR's calibration is float32
     W, H = view.image_size
