@@ -74,6 +74,8 @@ _UNIT_TOL = 1e-6
 INT64_MAX = 2**63 - 1
 MAX_STRING = 4096
 """Characters in any header string (ids, reasons, stats)."""
+MAX_HEADER_BYTES = 1 << 20
+"""Bytes of the JSON header (part 0); checked before parsing."""
 MAX_NDIM = 4
 MAX_DIM = 1 << 20
 """Elements along one buffer dimension; the total size is capped by the transport."""
@@ -83,13 +85,15 @@ UNKNOWN_SENDER = "?"
 class WireError(GuidanceError):
     """A message that violates the guidance.msg contract (on encode, decode or construction).
 
-    ``kind`` and ``sender`` name the message kind and its claimed ``source`` when known
-    (decode fills them in)."""
+    ``kind`` and ``sender`` name the message kind and its claimed ``source`` ("message"
+    and "?" when unknown; decode always fills them in), ``detail`` the problem alone."""
 
-    def __init__(self, message: str, *, kind: str | None = None, sender: str | None = None) -> None:
+    def __init__(self, message: str, *, kind: str | None = None, sender: str | None = None,
+                 detail: str | None = None) -> None:
         super().__init__(message)
         self.kind = kind
         self.sender = sender
+        self.detail = message if detail is None else detail
 
 
 # ---------------------------------------------------------------------------------------
@@ -535,6 +539,8 @@ def _reject_constant(text: str) -> None:
 def _parse_header(part: bytes) -> dict:
     if not isinstance(part, (bytes, bytearray, memoryview)):
         raise WireError(f"part 0 must be bytes, got {type(part).__name__}")
+    if len(part) > MAX_HEADER_BYTES:
+        raise WireError(f"header (part 0) has {len(part)} bytes, more than {MAX_HEADER_BYTES}")
     try:
         text = bytes(part).decode("utf-8")
     except UnicodeDecodeError:
@@ -590,8 +596,12 @@ def decode(parts: list[bytes]) -> Message:
     else, whatever the bytes. Buffer arrays are read-only views of ``parts``.
     """
     if not isinstance(parts, (list, tuple)) or not parts:
-        raise WireError("too few parts: a message needs at least the header part")
-    header = _parse_header(parts[0])
+        raise _named(WireError("too few parts: a message needs at least the header part"), "message",
+                     UNKNOWN_SENDER)
+    try:
+        header = _parse_header(parts[0])
+    except WireError as exc:
+        raise _named(exc, "message", UNKNOWN_SENDER) from None
     sender = _sender(header)
     kind = header.get("kind")
     label = kind if isinstance(kind, str) and kind in KINDS else "message"
@@ -599,11 +609,16 @@ def decode(parts: list[bytes]) -> Message:
         with np.errstate(all="ignore"):  # huge numbers overflow in the checks, which then refuse them
             return _decode(header, parts, kind)
     except WireError as exc:
-        raise WireError(f"{label} from {sender!r}: {exc}", kind=label, sender=sender) from None
+        raise _named(exc, label, sender) from None
     except (TypeError, ValueError, ArithmeticError, LookupError, RecursionError) as exc:
         # A check this module is missing: still a rejected message, never a crash.
-        raise WireError(f"{label} from {sender!r}: invalid content ({type(exc).__name__}: "
-                        f"{_clip(str(exc), 200)})", kind=label, sender=sender) from None
+        raise _named(WireError(f"invalid content ({type(exc).__name__}: {_clip(str(exc), 200)})"),
+                     label, sender) from None
+
+
+def _named(exc: WireError, kind: str, sender: str) -> WireError:
+    """``exc`` with the kind and sender in front of its text and as attributes."""
+    return WireError(f"{kind} from {sender!r}: {exc}", kind=kind, sender=sender, detail=str(exc))
 
 
 def _decode(header: dict, parts: list[bytes], kind: Any) -> Message:
