@@ -12,7 +12,7 @@ import zmq
 from guidance.live.display import HeadlessWriter
 from guidance.live.display_client import run_display
 from guidance.core.geometry import invert_rigid, make_rigid, rotation_about_axis, transform_points
-from guidance.live.pipeline import Pipeline, PipelineSettings, run_pipeline
+from guidance.live.pipeline import Pipeline, PipelineSettings, TrackerHistory, run_pipeline
 from guidance.live.recording import read_recording
 from guidance.registration.register import Registrator
 from guidance.live.transport import Publisher, Subscriber, free_tcp_endpoint
@@ -107,12 +107,12 @@ def test_instrument_mapped_into_ct(registrator, frames, phantom):
     tip_world = entry + 10.0 * direction
     T_world_from_tool = make_rigid(R_world_from_tool, tip_world - R_world_from_tool @ model.tip_offset_tool)
 
-    def sample(tool, T_world_from_x):
+    def sample(tool, T_world_from_x, acquired_ns=frame.acquired_ns):
         return TrackerSample(tool_id=tool, T_tracker_from_tool=T_tracker_from_cam @ actual @ T_world_from_x,
-                             quality=0.1, acquired_ns=time.time_ns())
+                             quality=0.1, acquired_ns=acquired_ns)
 
     pipeline.on_tracker(TrackerSample(tool_id="carm", T_tracker_from_tool=T_tracker_from_cam, quality=0.0,
-                                      acquired_ns=time.time_ns()))
+                                      acquired_ns=frame.acquired_ns))
     pipeline.on_tracker(sample("reference", T_world_from_reference))
     assert pipeline.on_tracker(sample("kwire", T_world_from_tool)) == []  # not registered yet
     (pose,) = pipeline.on_frame(frame)
@@ -124,6 +124,48 @@ def test_instrument_mapped_into_ct(registrator, frames, phantom):
     assert np.linalg.norm(state.tip_world - tip_world) < 4.0
     assert state.angle_to_trajectory_deg < 2.0
     assert state.depth_along_trajectory_mm == pytest.approx(10.0, abs=4.0)
+    assert state.acquired_ns == frame.acquired_ns
+    # Pairing by acquisition time: a reading 15 ms after the last reference sample pairs with
+    # it; one 30 ms after it (beyond the 20 ms tolerance) is not tracked rather than paired
+    # with that old reference, until a reference sample acquired with it arrives.
+    later = frame.acquired_ns + 15_000_000
+    (state,) = pipeline.on_tracker(sample("kwire", T_world_from_tool, later))
+    assert state.status == "ok" and state.acquired_ns == later
+    too_late = frame.acquired_ns + 30_000_000
+    (state,) = pipeline.on_tracker(sample("kwire", T_world_from_tool, too_late))
+    assert state.status == "not_tracked" and state.tip_world is None
+    assert pipeline.stats.instruments_not_tracked == 1
+    moved = make_rigid(np.eye(3), [0.0, 0.0, 5.0])  # the patient (and reference) moved 5 mm
+    (state,) = pipeline.on_tracker_samples([sample("reference", moved @ T_world_from_reference, too_late),
+                                            sample("kwire", moved @ T_world_from_tool, too_late)])
+    assert state.status == "ok" and np.linalg.norm(state.tip_world - tip_world) < 4.0
+    # The instrument's own reference pose (acquired with it) wins over any separate sample.
+    own = TrackerSample(tool_id="kwire", T_tracker_from_tool=T_tracker_from_cam @ actual @ T_world_from_tool,
+                        T_tracker_from_reference=T_tracker_from_cam @ actual @ T_world_from_reference,
+                        quality=0.1, acquired_ns=frame.acquired_ns + 10**9)
+    (state,) = pipeline.on_tracker(own)
+    assert state.status == "ok" and np.linalg.norm(state.tip_world - tip_world) < 4.0
+
+
+def test_tracker_history_pairs_nearest_in_time_and_stays_bounded():
+    history = TrackerHistory(keep_s=1.0, max_per_tool=100)
+
+    def s(tool, t_ms):
+        return TrackerSample(tool_id=tool, T_tracker_from_tool=np.eye(4), quality=0.0, acquired_ns=int(t_ms * 1e6))
+
+    for t in (0, 10, 20, 30):
+        history.add(s("reference", t))
+    assert history.nearest("reference", 14_000_000, 5_000_000).acquired_ns == 10_000_000
+    assert history.nearest("reference", 16_000_000, 5_000_000).acquired_ns == 20_000_000
+    assert history.nearest("reference", 40_000_000, 5_000_000) is None  # newest is 10 ms away
+    assert history.nearest("carm", 0, 10**9) is None
+    for t in range(1000):
+        history.add(s("reference", 100 + t * 5))
+    assert history.nearest("reference", 0, 10**10).acquired_ns >= 100_000_000 + 799 * 5_000_000  # 1 s kept
+    assert len(history._samples["reference"]) <= 100
+    for i in range(100):
+        history.add(s(f"tool{i}", 0))
+    assert len(history.latest_per_tool()) == 64
 
 
 def _align(axis_tool):

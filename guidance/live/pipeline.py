@@ -3,17 +3,32 @@
 ``Pipeline`` holds the logic and no sockets: the first frame (or any frame after
 tracking failed) gets a global registration, the following ones a fast tracking
 update; instruments are mapped into the CT through the patient reference array.
-``run_pipeline`` is the thin socket loop around it: latest-frame policy (every queued
-frame is read and recorded, only the newest is processed, the rest counted as
-skipped), heartbeats, and an append-only recording of everything in and out.
+
+Time consistency: tracker samples are kept per tool for ``TRACKER_HISTORY_S`` and
+paired by acquisition time. A frame is registered against the C-arm and reference
+samples acquired nearest to it, an instrument reading against the reference acquired
+with it (its own ``T_tracker_from_reference``) or nearest to it, each within
+``pair_tolerance_ms``; otherwise the instrument is "not_tracked" (never paired with an
+old reference) and the reference array is not re-registered from that frame.
+
+``run_pipeline`` is the thin socket loop around it. Its work per loop is bounded: at
+most ``MAX_LOOP_MESSAGES`` messages are read, tracker samples are coalesced to the
+latest per tool before instruments are computed, and only the newest frame is handed
+to a worker thread that registers it (older ones counted as skipped), so heartbeats
+(from the first second, with the true state: "no_frames", "registering", "tracking",
+"failed") and instruments keep flowing during a long registration. Every accepted
+input and every output is recorded; refused inputs go to the recording's quarantine.
+Hook points: ``sinks`` (called with each published message, e.g. an OpenIGTLink
+bridge) and the kind dispatch in ``_serve``.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections import deque
 import time
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,17 +44,28 @@ from guidance.core.instrument_models import INSTRUMENTS
 from guidance.core.plan import plan_trajectories
 from guidance.navigation.instruments import nearest_trajectory, tip_and_axis, tool_in_world
 from guidance.navigation.overlay import draw_instrument, draw_outline, draw_trajectories, to_display_bgr
+from guidance.live.keys import CurveKeys
 from guidance.live.recording import Recorder
+from guidance.live.throttle import ThrottledLog
 from guidance.registration.register import RegistrationResult, Registrator
 from guidance.registration.tracking import TrackingSettings, track
-from guidance.live.transport import Publisher, Subscriber
+from guidance.live.transport import DEFAULT_MAX_FRAME_PX, Publisher, Subscriber, max_message_bytes
 from guidance.core.volume import Volume
 from guidance.core.views import ViewError
 from guidance.live.wire import Frame, Heartbeat, InstrumentState, Message, Overlay, PoseResult, TrackerSample, encode
 
-__all__ = ["PipelineSettings", "PipelineStats", "Pipeline", "run_pipeline"]
+__all__ = ["PipelineSettings", "PipelineStats", "TrackerHistory", "Pipeline", "run_pipeline"]
 
 log = logging.getLogger(__name__)
+
+MAX_LOOP_MESSAGES = 512
+"""Messages read per loop of ``run_pipeline`` before it publishes and beats again."""
+TRACKER_HISTORY_S = 2.0
+"""Seconds of tracker samples kept per tool for pairing by acquisition time."""
+TRACKER_HISTORY_MAX = 512
+"""Samples kept per tool at most (memory bound for fast trackers and floods)."""
+MAX_TOOLS = 64
+"""Tools tracked at most; samples of further tool ids are dropped (memory bound)."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +83,13 @@ class PipelineSettings:
     carm_tool: str = "carm"
     reference_tool: str = "reference"
     source: str = "pipeline"
+    pair_tolerance_ms: float = 20.0
+    """Largest acquisition-time difference of tracker samples paired with a frame or an
+    instrument reading."""
+    max_frame_px: int = DEFAULT_MAX_FRAME_PX
+    """Largest frame side accepted (pixels): sets the subscriber's ZMQ_MAXMSGSIZE."""
+    no_frames_after_s: float = 1.0
+    """Heartbeat state "no_frames" when the last frame arrived longer ago than this."""
 
 
 LATENCY_WINDOW = 1800
@@ -77,6 +110,9 @@ class PipelineStats:
     tracking_updates: int = 0
     tracking_fallbacks: int = 0
     failed: int = 0
+    instruments_not_tracked: int = 0
+    tracker_samples: int = 0
+    tracker_coalesced: int = 0
     latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
 
     def as_dict(self) -> dict:
@@ -87,8 +123,48 @@ class PipelineStats:
         }
 
 
+class TrackerHistory:
+    """Recent tracker samples per tool, for pairing by acquisition time (bounded)."""
+
+    def __init__(self, keep_s: float = TRACKER_HISTORY_S, max_per_tool: int = TRACKER_HISTORY_MAX) -> None:
+        self.keep_ns = int(keep_s * 1e9)
+        self._max = max_per_tool
+        self._samples: dict[str, deque[TrackerSample]] = {}
+
+    def add(self, sample: TrackerSample) -> bool:
+        """Keep ``sample``; False (dropped) for a new tool beyond ``MAX_TOOLS``."""
+        history = self._samples.get(sample.tool_id)
+        if history is None:
+            if len(self._samples) >= MAX_TOOLS:
+                return False
+            history = self._samples[sample.tool_id] = deque(maxlen=self._max)
+        history.append(sample)
+        while history[0].acquired_ns < sample.acquired_ns - self.keep_ns:
+            history.popleft()
+        return True
+
+    def latest(self, tool_id: str) -> TrackerSample | None:
+        history = self._samples.get(tool_id)
+        return history[-1] if history else None
+
+    def latest_per_tool(self) -> dict[str, TrackerSample]:
+        return {tool: h[-1] for tool, h in self._samples.items() if h}
+
+    def nearest(self, tool_id: str, acquired_ns: int, tolerance_ns: int) -> TrackerSample | None:
+        """The sample of ``tool_id`` acquired nearest to ``acquired_ns``, if within
+        ``tolerance_ns``; else None."""
+        history = self._samples.get(tool_id)
+        if not history:
+            return None
+        best = min(history, key=lambda s: abs(s.acquired_ns - acquired_ns))
+        return best if abs(best.acquired_ns - acquired_ns) <= tolerance_ns else None
+
+
 class Pipeline:
-    """Registration, tracking and instrument mapping for a stream of frames (no sockets)."""
+    """Registration, tracking and instrument mapping for a stream of frames (no sockets).
+
+    ``on_frame`` may run in another thread than ``on_tracker``/``on_tracker_samples``:
+    the shared state (tracker history, reference registration) is guarded by a lock."""
 
     def __init__(self, registrator: Registrator, *, plan: list | dict | None = None, labels: Volume | None = None,
                  settings: PipelineSettings | None = None) -> None:
@@ -100,8 +176,14 @@ class Pipeline:
         self.last_good: RegistrationResult | None = None
         self.last_ok = False
         self.T_reference_from_world: np.ndarray | None = None
-        self.poses: dict[str, TrackerSample] = {}
+        self.tracker = TrackerHistory()
         self.frame_id = 0
+        self.registering = False
+        """True while a global registration runs (heartbeat state "registering")."""
+        self.last_frame_ns: int | None = None
+        """Local time (``time.time_ns()``) the last frame was handed to ``on_frame``."""
+        self._lock = threading.Lock()
+        self._log = ThrottledLog(log)
         self._undistort = None
         if self.settings.distortion is not None:
             model = distortion_model(self.settings.distortion)
@@ -115,6 +197,7 @@ class Pipeline:
         t0 = time.perf_counter()
         self.stats.frames_processed += 1
         self.frame_id = frame.frame_id
+        self.last_frame_ns = received_ns
         try:
             pixels = frame.pixels
             if self._undistort is not None:
@@ -125,7 +208,7 @@ class Pipeline:
             self._check_geometry(frame)
         except (ImageError, ViewError, CalibrationError) as exc:
             self.stats.frames_rejected += 1
-            log.warning("frame %d rejected: %s", frame.frame_id, exc)
+            self._log.warning(f"rejected frames from {frame.source!r}", f"frame {frame.frame_id}: {exc}")
             return [self._failed(frame, f"bad frame: {exc}", t0, received_ns)]
         t1 = time.perf_counter()
         level = self.settings.level
@@ -141,12 +224,16 @@ class Pipeline:
                 mode = "global"
         if mode == "global":
             self.stats.global_registrations += 1
-            result = self.registrator.register([image], [frame.view], level=level)
+            self.registering = True
+            try:
+                result = self.registrator.register([image], [frame.view], level=level)
+            finally:
+                self.registering = False
         t2 = time.perf_counter()
         self.last_ok = result.ok
         if result.ok:
             self.last_good = result
-            self._register_reference(result)
+            self._register_reference(result, frame)
         else:
             self.stats.failed += 1
         latency = {
@@ -187,6 +274,10 @@ class Pipeline:
             raise ViewError(f"wrong geometry: the CT centre projects to ({u:.0f}, {v:.0f}), outside the "
                             f"{frame.view.width}x{frame.view.height} image")
 
+    def failed_pose(self, frame: Frame, reason: str) -> PoseResult:
+        """A "failed" PoseResult for ``frame`` (e.g. after an unexpected error)."""
+        return self._failed(frame, reason, time.perf_counter(), time.time_ns())
+
     def _failed(self, frame: Frame, reason: str, t0: float, received_ns: int) -> PoseResult:
         self.stats.failed += 1
         self.last_ok = False
@@ -203,10 +294,13 @@ class Pipeline:
             bgr = draw_trajectories(bgr, view, self.plan)
             if self.labels is not None and self.settings.level is not None:
                 bgr = draw_outline(bgr, view, self.labels, self.settings.level)
-            for tool_id, sample in self.poses.items():
-                if tool_id in INSTRUMENTS and self.T_reference_from_world is not None:
-                    tip, axis = self._tip_and_axis(sample)
-                    bgr = draw_instrument(bgr, view, tip, axis, INSTRUMENTS[tool_id].length_mm)
+            with self._lock:
+                samples = self.tracker.latest_per_tool()
+            for tool_id, sample in samples.items():
+                if tool_id in INSTRUMENTS:
+                    tip_axis = self._tip_and_axis(sample)
+                    if tip_axis is not None:
+                        bgr = draw_instrument(bgr, view, *tip_axis, INSTRUMENTS[tool_id].length_mm)
         ok, data = cv2.imencode(".png", bgr)
         if not ok:
             raise RuntimeError(f"PNG encoding of the overlay of frame {frame.frame_id} failed")
@@ -214,30 +308,69 @@ class Pipeline:
 
     # -- tracker -------------------------------------------------------------------------
 
-    def _register_reference(self, result: RegistrationResult) -> None:
-        """Pose of the CT in the patient reference array from this registration:
-        ``T_reference_from_world = inv(T_tracker_from_reference) @ T_tracker_from_cam @ T_cam_from_world``."""
-        carm = self.poses.get(self.settings.carm_tool)
-        reference = self.poses.get(self.settings.reference_tool)
-        if carm is None or reference is None:
-            return
-        T_tracker_from_world = carm.T_tracker_from_tool @ result.views[0].T_cam_from_world
-        self.T_reference_from_world = invert_rigid(reference.T_tracker_from_tool) @ T_tracker_from_world
+    @property
+    def tolerance_ns(self) -> int:
+        return int(self.settings.pair_tolerance_ms * 1e6)
 
-    def _tip_and_axis(self, sample: TrackerSample) -> tuple[np.ndarray, np.ndarray]:
-        reference = self.poses[self.settings.reference_tool]
-        T_world_from_tool = tool_in_world(sample.T_tracker_from_tool, reference.T_tracker_from_tool,
+    def _register_reference(self, result: RegistrationResult, frame: Frame) -> None:
+        """Pose of the CT in the patient reference array from this registration and the
+        C-arm and reference samples acquired nearest to the frame:
+        ``T_reference_from_world = inv(T_tracker_from_reference) @ T_tracker_from_cam @ T_cam_from_world``."""
+        with self._lock:
+            carm = self.tracker.nearest(self.settings.carm_tool, frame.acquired_ns, self.tolerance_ns)
+            reference = self.tracker.nearest(self.settings.reference_tool, frame.acquired_ns, self.tolerance_ns)
+            if carm is None or reference is None:
+                if self.tracker.latest(self.settings.reference_tool) is not None:
+                    self._log.warning("reference array not registered",
+                                      f"no C-arm and reference samples within {self.settings.pair_tolerance_ms:g} ms "
+                                      f"of frame {frame.frame_id}")
+                return
+            T_tracker_from_world = carm.T_tracker_from_tool @ result.views[0].T_cam_from_world
+            self.T_reference_from_world = invert_rigid(reference.T_tracker_from_tool) @ T_tracker_from_world
+
+    def _tip_and_axis(self, sample: TrackerSample) -> tuple[np.ndarray, np.ndarray] | None:
+        """Tip and axis in the CT of an instrument reading, through the reference acquired
+        with it (or nearest to it within the tolerance); None when there is none."""
+        T_tracker_from_reference = sample.T_tracker_from_reference
+        if T_tracker_from_reference is None:
+            with self._lock:
+                reference = self.tracker.nearest(self.settings.reference_tool, sample.acquired_ns,
+                                                 self.tolerance_ns)
+            if reference is None:
+                return None
+            T_tracker_from_reference = reference.T_tracker_from_tool
+        T_world_from_tool = tool_in_world(sample.T_tracker_from_tool, T_tracker_from_reference,
                                           self.T_reference_from_world)
         return tip_and_axis(T_world_from_tool, INSTRUMENTS[sample.tool_id])
 
     def on_tracker(self, sample: TrackerSample) -> list[Message]:
-        """Store a tracker pose; for a known instrument, return its state in the CT."""
-        self.poses[sample.tool_id] = sample
-        if sample.tool_id not in INSTRUMENTS:
-            return []
-        if self.T_reference_from_world is None or self.settings.reference_tool not in self.poses:
-            return []
-        tip, axis = self._tip_and_axis(sample)
+        """Store a tracker sample; for a known instrument, return its state in the CT."""
+        return self.on_tracker_samples([sample])
+
+    def on_tracker_samples(self, samples: Sequence[TrackerSample]) -> list[Message]:
+        """Store tracker samples (any number); return the state in the CT of the latest
+        reading of each known instrument among them (older readings are coalesced)."""
+        latest: dict[str, TrackerSample] = {}
+        with self._lock:
+            for sample in samples:
+                if self.tracker.add(sample):
+                    latest[sample.tool_id] = sample
+        self.stats.tracker_samples += len(samples)
+        self.stats.tracker_coalesced += len(samples) - len(latest)
+        out: list[Message] = []
+        for sample in latest.values():
+            if sample.tool_id in INSTRUMENTS and self.T_reference_from_world is not None:
+                out.append(self._instrument_state(sample))
+        return out
+
+    def _instrument_state(self, sample: TrackerSample) -> InstrumentState:
+        common = {"frame_id": self.frame_id, "tool_id": sample.tool_id, "acquired_ns": sample.acquired_ns,
+                  "source": self.settings.source}
+        tip_axis = self._tip_and_axis(sample)
+        if tip_axis is None:
+            self.stats.instruments_not_tracked += 1
+            return InstrumentState(tip_world=None, axis_world=None, status="not_tracked", **common)
+        tip, axis = tip_axis
         fields = {}
         if self.plan:
             trajectory, deviation = nearest_trajectory(tip, axis, self.plan)
@@ -249,9 +382,65 @@ class Pipeline:
                 "depth_along_trajectory_mm": deviation["depth_along_trajectory_mm"],
                 "tip_to_target_mm": deviation["tip_to_target_mm"],
             }
-        return [InstrumentState(frame_id=self.frame_id, tool_id=sample.tool_id, tip_world=tip, axis_world=axis,
-                                status="ok" if self.last_ok else "registration_failed",
-                                source=self.settings.source, **fields)]
+        return InstrumentState(tip_world=tip, axis_world=axis, status="ok" if self.last_ok else "registration_failed",
+                               **common, **fields)
+
+    def heartbeat_state(self, now_ns: int | None = None) -> str:
+        """What the pipeline is doing: "no_frames" (none within ``no_frames_after_s``),
+        "registering" (a global registration runs), "tracking" (last pose ok) or "failed"."""
+        now_ns = time.time_ns() if now_ns is None else now_ns
+        if self.registering:
+            return "registering"
+        if self.last_frame_ns is None or now_ns - self.last_frame_ns > self.settings.no_frames_after_s * 1e9:
+            return "no_frames"
+        return "tracking" if self.last_ok else "failed"
+
+
+class _FrameWorker:
+    """Registers the newest submitted frame in a thread of its own and publishes the
+    results with ``send``; a frame submitted while another waits replaces it (skipped)."""
+
+    def __init__(self, pipeline: Pipeline, send: Callable[[Message], None]) -> None:
+        self._pipeline = pipeline
+        self._send = send
+        self._wake = threading.Condition()
+        self._pending: tuple[Frame, int] | None = None
+        self._closing = False
+        self._log = ThrottledLog(log)
+        self._thread = threading.Thread(target=self._run, name="pipeline-frames", daemon=True)
+        self._thread.start()
+
+    def submit(self, frame: Frame, received_ns: int) -> bool:
+        """Queue ``frame``; True when it replaced a frame not yet started (skipped)."""
+        with self._wake:
+            replaced = self._pending is not None
+            self._pending = (frame, received_ns)
+            self._wake.notify()
+        return replaced
+
+    def close(self) -> None:
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while self._pending is None and not self._closing:
+                    self._wake.wait()
+                if self._closing:
+                    return
+                frame, received_ns = self._pending
+                self._pending = None
+            try:
+                outputs = self._pipeline.on_frame(frame, received_ns)
+            except Exception as exc:  # noqa: BLE001 - one frame must never stop the pipeline
+                self._log.warning("frame processing error", f"frame {frame.frame_id}: {type(exc).__name__}: {exc}")
+                log.debug("frame %d failed", frame.frame_id, exc_info=True)
+                outputs = [self._pipeline.failed_pose(frame, f"internal error: {type(exc).__name__}: {exc}")]
+            for out in outputs:
+                self._send(out)
 
 
 def run_pipeline(
@@ -262,63 +451,99 @@ def run_pipeline(
     stop: threading.Event,
     record_dir: str | Path | None = None,
     heartbeat_s: float = 0.5,
-    sink=None,
+    keys: CurveKeys | None = None,
+    frame_source_role: str = "sim",
+    sinks: Sequence[Callable[[Message], None]] = (),
 ) -> PipelineStats:
-    """Serve until ``stop`` is set: SUB frames/tracker samples, PUB results (bound).
+    """Serve until ``stop`` is set: SUB frames/tracker samples (connecting to
+    ``frame_endpoints``), PUB results (bound on ``result_endpoint``).
 
-    ``sink``: also hands every result to ``sink.publish(message, frame)`` (e.g. the
-    OpenIGTLink bridge, ``guidance.live.igtl.IgtlBridge``); ``frame`` is the frame a
-    PoseResult came from, else None."""
+    ``keys``: CURVE identity of the pipeline (None: plain sockets); the frame endpoints
+    must then be bound by the holder of ``frame_source_role``'s key. ``record_dir``: record
+    into this folder (a restart appends a segment). ``sinks``: called with every message
+    published (after it is sent), e.g. a bridge to another protocol; a sink that raises is
+    logged and skipped.
+    """
     recorder = Recorder(record_dir, source="pipeline") if record_dir is not None else None
-
-    def record_in(parts: list[bytes]) -> None:
-        recorder.write("in", parts, time.time_ns())
-
-    sub = Subscriber(frame_endpoints, topics=("frame", "tracker_sample", "heartbeat"), rcvhwm=256,
-                     tap=record_in if recorder is not None else None)
-    pub = Publisher(result_endpoint, bind=True)
-
-    def send(msg: Message, frame: Frame | None = None) -> None:
-        sent = pub.send(msg)
-        if sink is not None:
-            sink.publish(sent, frame)
-        if recorder is not None:
-            recorder.write("out", encode(sent), time.time_ns())
-
-    next_heartbeat = 0.0
+    sub = pub = worker = None
     try:
-        while not stop.is_set():
-            messages = _drain(sub, timeout_s=0.05)
-            frames = [m for m in messages if isinstance(m, Frame)]
-            pipeline.stats.frames_received += len(frames)
-            pipeline.stats.frames_skipped += max(0, len(frames) - 1)
-            for msg in messages:
-                if isinstance(msg, TrackerSample):
-                    for out in pipeline.on_tracker(msg):
-                        send(out)
-            if frames:
-                for out in pipeline.on_frame(frames[-1]):
-                    send(out, frames[-1])
-            now = time.monotonic()
-            if now >= next_heartbeat:
-                stats = pipeline.stats.as_dict() | {"lost": sub.lost, "malformed": sub.malformed}
-                send(Heartbeat(role="pipeline", state="tracking" if pipeline.last_ok else "searching",
-                               stats=stats, source=pipeline.settings.source))
-                next_heartbeat = now + heartbeat_s
+        sub = Subscriber(frame_endpoints, topics=("frame", "tracker_sample", "heartbeat"), rcvhwm=64,
+                         tap=(lambda parts: recorder.write("in", parts, time.time_ns())) if recorder else None,
+                         reject_tap=(lambda parts, why: recorder.quarantine(parts, why, time.time_ns()))
+                         if recorder else None,
+                         keys=keys, server_role=frame_source_role,
+                         max_message_bytes=max_message_bytes(pipeline.settings.max_frame_px))
+        pub = Publisher(result_endpoint, bind=True, keys=keys)
+        send = _sender(pub, recorder, sinks)
+        worker = _FrameWorker(pipeline, send)
+        _serve(pipeline, sub, worker, send, stop, heartbeat_s)
     finally:
-        sub.close()
-        pub.close()
-        if recorder is not None:
-            recorder.close()
+        if worker is not None:
+            worker.close()
+        for closable in (sub, pub, recorder):
+            if closable is not None:
+                closable.close()
     return pipeline.stats
 
 
-def _drain(sub: Subscriber, *, timeout_s: float) -> list[Message]:
-    """Every message queued now (waiting up to ``timeout_s`` for the first), in order."""
+def _sender(pub: Publisher, recorder: Recorder | None,
+            sinks: Sequence[Callable[[Message], None]]) -> Callable[[Message], None]:
+    """A thread-safe send: publish, record, then hand to the sinks."""
+    lock = threading.Lock()
+    throttled = ThrottledLog(log)
+
+    def send(msg: Message) -> None:
+        with lock:  # the socket is used by the loop and the frame worker
+            sent = pub.send(msg)
+        if recorder is not None:
+            recorder.write("out", encode(sent), time.time_ns())
+        for sink in sinks:
+            try:
+                sink(sent)
+            except Exception as exc:  # noqa: BLE001 - a broken sink must not stop guidance
+                throttled.warning(f"sink {getattr(sink, '__name__', sink)!r} failed", f"{type(exc).__name__}: {exc}")
+
+    return send
+
+
+def _serve(pipeline: Pipeline, sub: Subscriber, worker: _FrameWorker, send: Callable[[Message], None],
+           stop: threading.Event, heartbeat_s: float) -> None:
+    """The socket loop: bounded drain, kind dispatch, coalesced tracker samples, the
+    newest frame to the worker, heartbeats on time."""
+    next_heartbeat = 0.0
+    while not stop.is_set():
+        messages = _drain(sub, timeout_s=0.02, limit=MAX_LOOP_MESSAGES)
+        received_ns = time.time_ns()
+        frames: list[Frame] = []
+        samples: list[TrackerSample] = []
+        for msg in messages:  # new input kinds get their branch here
+            if isinstance(msg, Frame):
+                frames.append(msg)
+            elif isinstance(msg, TrackerSample):
+                samples.append(msg)
+        if samples:
+            for out in pipeline.on_tracker_samples(samples):
+                send(out)
+        if frames:
+            pipeline.last_frame_ns = received_ns
+            pipeline.stats.frames_received += len(frames)
+            pipeline.stats.frames_skipped += len(frames) - 1 + worker.submit(frames[-1], received_ns)
+        now = time.monotonic()
+        if now >= next_heartbeat:
+            stats = pipeline.stats.as_dict() | {"lost": sub.lost, "malformed": sub.malformed,
+                                                "replayed": sub.replayed}
+            send(Heartbeat(role="pipeline", state=pipeline.heartbeat_state(), stats=stats,
+                           source=pipeline.settings.source))
+            next_heartbeat = now + heartbeat_s
+
+
+def _drain(sub: Subscriber, *, timeout_s: float, limit: int) -> list[Message]:
+    """The messages queued now, in order (waiting up to ``timeout_s`` for the first), at
+    most ``limit``."""
     first = sub.recv(timeout_s)
     if first is None:
         return []
     messages = [first]
-    while (msg := sub.recv(0.0)) is not None:
+    while len(messages) < limit and (msg := sub.recv(0.0)) is not None:
         messages.append(msg)
     return messages

@@ -365,7 +365,8 @@ class InstrumentState(Message):
     """An instrument in world (CT, LPS mm) coordinates and its deviation from the plan.
 
     ``tip_world``: tip position (mm); ``axis_world``: unit direction of the instrument axis
-    (towards the tip); ``status``: e.g. "ok", "stale", "not_visible". Deviation from the
+    (towards the tip); both required when ``status`` is "ok", null allowed otherwise;
+    ``status``: e.g. "ok", "registration_failed", "not_tracked". Deviation from the
     planned trajectory of ``plan_level`` / ``plan_side`` (all optional):
     ``distance_to_trajectory_mm`` and ``tip_to_target_mm`` (>= 0),
     ``angle_to_trajectory_deg`` in [0, 180], ``depth_along_trajectory_mm`` (signed, from
@@ -376,8 +377,8 @@ class InstrumentState(Message):
 
     frame_id: int
     tool_id: str
-    tip_world: np.ndarray
-    axis_world: np.ndarray
+    tip_world: np.ndarray | None
+    axis_world: np.ndarray | None
     status: str
     plan_level: str | None = None
     plan_side: str | None = None
@@ -392,9 +393,12 @@ class InstrumentState(Message):
         _set(self, "frame_id", _int(self.frame_id, "frame_id", minimum=0))
         _set(self, "tool_id", _str(self.tool_id, "tool_id", nonempty=True))
         _set(self, "acquired_ns", _int(self.acquired_ns, "acquired_ns", minimum=0))
-        _set(self, "tip_world", _vec3(self.tip_world, "tip_world"))
-        _set(self, "axis_world", _vec3(self.axis_world, "axis_world", unit=True))
         _set(self, "status", _str(self.status, "status", nonempty=True))
+        for name, unit in (("tip_world", False), ("axis_world", True)):
+            value = getattr(self, name)
+            if value is None and self.status == "ok":
+                raise WireError(f"'{name}' must be given when status is 'ok'")
+            _set(self, name, None if value is None else _vec3(value, name, unit=unit))
         _set(self, "plan_level", _opt_str(self.plan_level, "plan_level"))
         _set(self, "plan_side", _opt_str(self.plan_side, "plan_side"))
         _set(self, "distance_to_trajectory_mm",
