@@ -4,6 +4,7 @@ the next good frame is served, restarts survived, display states, record and rep
 import json
 import threading
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -331,20 +332,20 @@ def test_display_shows_stale_and_invalid(tmp_path, phantom, frames):
     thread.start()
     ok = PoseResult(frame_id=1, status="ok", reason="converged", T_world_corrected_from_world=np.eye(4),
                     views=[{"T_cam_from_world": frames[0].view.T_cam_from_world}], confidence=0.9,
-                    mode="tracking", frame_acquired_ns=time.time_ns())
+                    mode="tracking", frame_acquired_ns=time.time_ns(), source="pipeline")
     failed = PoseResult(frame_id=2, status="failed", reason="similarity below threshold", confidence=0.0,
-                        mode="global", frame_acquired_ns=time.time_ns())
+                        mode="global", frame_acquired_ns=time.time_ns(), source="pipeline")
     try:
         t_end = time.monotonic() + 1.5
         while time.monotonic() < t_end:  # fresh poses: ok
             frame_pub.send(frames[0])
-            result_pub.send(ok)
+            result_pub.send(replace(ok, frame_acquired_ns=time.time_ns()))
             time.sleep(0.05)
         stop_ok = time.monotonic()
         time.sleep(1.2)  # the pipeline went quiet: stale
         t_end = time.monotonic() + 1.0
         while time.monotonic() < t_end:  # failures: invalid
-            result_pub.send(failed)
+            result_pub.send(replace(failed, frame_acquired_ns=time.time_ns()))
             time.sleep(0.05)
         assert time.monotonic() - stop_ok > 1.0
     finally:
