@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from guidance.live.display import NavigationState, compose_screen
 from guidance.live.keys import CurveKeys
@@ -45,10 +46,12 @@ def run_display(
     keys: CurveKeys | None = None,
     expected_source: str = "pipeline",
     max_frame_px: int = DEFAULT_MAX_FRAME_PX,
+    on_screen: Callable[[str, float], None] | None = None,
 ) -> dict:
     """Show screens on ``sink`` (``HeadlessWriter`` or ``WindowSink``) until ``stop`` is set
     or the sink asks to quit; returns counts of screens and of each status shown, and of
-    the messages dropped (malformed, replayed) or ignored (another publisher)."""
+    the messages dropped (malformed, replayed) or ignored (another publisher).
+    ``on_screen(status, now_s)`` observes each screen shown (benchmarks)."""
     state = NavigationState(stale_after_s=stale_after_s, expected_source=expected_source)
     frames = results = None
     shown: dict[str, int] = {}
@@ -72,6 +75,8 @@ def run_display(
                 status = state.status(now_s)
                 shown[status] = shown.get(status, 0) + 1
                 sink.show(compose_screen(state, ct, plan, now_s, size=size, labels=labels))
+                if on_screen is not None:
+                    on_screen(status, now_s)
                 next_screen += period_s
                 if next_screen < time.monotonic():
                     next_screen = time.monotonic() + period_s

@@ -121,8 +121,8 @@ def _check_endpoint(endpoint: str) -> str:
     return endpoint
 
 
-def _socket(context: zmq.Context | None, socket_type: int, keys: CurveKeys | None, *, server: bool,
-            server_role: str | None) -> zmq.Socket:
+def _socket(context: zmq.Context | None, socket_type: int, keys: CurveKeys | None, *,
+            server: bool) -> zmq.Socket:
     context = context or zmq.Context.instance()
     sock = context.socket(socket_type)
     sock.setsockopt(zmq.LINGER, 0)
@@ -134,13 +134,17 @@ def _socket(context: zmq.Context | None, socket_type: int, keys: CurveKeys | Non
         if server:
             _authenticate(context, keys)
             sock.curve_server = True
-        else:
-            if server_role is None:
-                sock.close(linger=0)
-                raise TransportError("a CURVE client socket needs the role of the process that binds "
-                                     "(server_role)")
-            sock.curve_serverkey = keys.peer(server_role)
     return sock
+
+
+def _server_roles(endpoints: Sequence[str], server_role: str | Sequence[str] | None) -> list[str | None]:
+    """The role expected to bind each endpoint (one for all, or one per endpoint)."""
+    if server_role is None or isinstance(server_role, str):
+        return [server_role] * len(endpoints)
+    roles = list(server_role)
+    if len(roles) != len(endpoints):
+        raise TransportError(f"{len(roles)} server roles for {len(endpoints)} endpoints")
+    return roles
 
 
 class _AllowedKeys:
@@ -212,10 +216,17 @@ def _bind(sock: zmq.Socket, endpoint: str) -> None:
             pause.wait(0.05)
 
 
-def _connect(sock: zmq.Socket, endpoint: str) -> None:
+def _connect(sock: zmq.Socket, endpoint: str, keys: CurveKeys | None, server_role: str | None) -> None:
+    """Connect; with ``keys``, as a CURVE client of the holder of ``server_role``'s key
+    (the option applies to this connection only, so each endpoint may have its own)."""
     try:
+        if keys is not None:
+            if server_role is None:
+                raise TransportError(f"a CURVE connection to {endpoint} needs the role of the process that "
+                                     f"binds there (server_role)")
+            sock.curve_serverkey = keys.peer(server_role)
         sock.connect(_check_endpoint(endpoint))
-    except zmq.ZMQError as exc:
+    except (zmq.ZMQError, GuidanceError) as exc:
         sock.close(linger=0)
         raise TransportError(f"cannot connect to {endpoint}: {exc}") from None
 
@@ -239,12 +250,12 @@ class Publisher:
     def __init__(self, endpoint: str, bind: bool = True, *, sndhwm: int = DEFAULT_SNDHWM,
                  context: zmq.Context | None = None, keys: CurveKeys | None = None,
                  server_role: str | None = None) -> None:
-        self._socket = _socket(context, zmq.PUB, keys, server=bind, server_role=server_role)
+        self._socket = _socket(context, zmq.PUB, keys, server=bind)
         self._socket.setsockopt(zmq.SNDHWM, sndhwm)
         if bind:
             _bind(self._socket, endpoint)
         else:
-            _connect(self._socket, endpoint)
+            _connect(self._socket, endpoint, keys, server_role)
         self._next_seq: dict[str, int] = {}
         self.sent = 0
         """Messages handed to ZeroMQ."""
@@ -266,6 +277,13 @@ class Publisher:
         self.sent += 1
         return stamped
 
+    def send_raw(self, parts: Sequence[bytes]) -> None:
+        """Send an already-built multipart message (topic frame first) unchanged and
+        without blocking: re-publishing recorded bytes, or probing receivers with bytes
+        ``send`` would refuse to build."""
+        self._socket.send_multipart(list(parts), flags=zmq.NOBLOCK, copy=False)
+        self.sent += 1
+
     def close(self) -> None:
         self._socket.close(linger=0)
 
@@ -285,7 +303,8 @@ class Subscriber:
     ``tap`` is called with the wire parts (topic frame removed) of every message accepted
     (validated, not a replay), before it is returned: the recorder's hook;
     ``reject_tap`` with the parts and the reason of every message dropped (quarantine).
-    ``keys``/``server_role``: CURVE, as for ``Publisher``. ``max_message_bytes``:
+    ``keys``/``server_role``: CURVE, as for ``Publisher`` (``server_role`` may list one
+    role per endpoint). ``max_message_bytes``:
     ``ZMQ_MAXMSGSIZE``; a peer sending a bigger part is disconnected (it reconnects).
 
     Counters: ``received`` (valid messages decoded), ``malformed`` (dropped, reason of the
@@ -299,7 +318,7 @@ class Subscriber:
                  context: zmq.Context | None = None,
                  tap: Callable[[list[bytes]], None] | None = None,
                  reject_tap: Callable[[list[bytes], str], None] | None = None,
-                 keys: CurveKeys | None = None, server_role: str | None = None,
+                 keys: CurveKeys | None = None, server_role: str | Sequence[str] | None = None,
                  max_message_bytes: int = max_message_bytes()) -> None:
         if isinstance(endpoints, str):
             endpoints = [endpoints]
@@ -312,18 +331,20 @@ class Subscriber:
                 if topic not in KINDS:
                     raise ValueError(f"unknown topic {topic!r}; topics are message kinds: "
                                      f"{', '.join(KINDS)}")
-        self._socket = _socket(context, zmq.SUB, keys, server=bind, server_role=server_role)
+        self._socket = _socket(context, zmq.SUB, keys, server=bind)
         self._socket.setsockopt(zmq.RCVHWM, rcvhwm)
         self._socket.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         for topic in topics:
             self._socket.setsockopt(zmq.SUBSCRIBE, topic.encode("ascii"))
         self._monitor = None if bind else self._socket.get_monitor_socket(zmq.EVENT_DISCONNECTED | _RETRY_EVENTS)
         self._dropped_since: dict[str, float] = {}
-        for endpoint in endpoints:
+        self._keys = keys
+        self._roles = dict(zip(endpoints, _server_roles(endpoints, server_role)))
+        for endpoint, role in self._roles.items():
             if bind:
                 _bind(self._socket, endpoint)
             else:
-                _connect(self._socket, endpoint)
+                _connect(self._socket, endpoint, keys, role)
         self._poller = zmq.Poller()
         self._poller.register(self._socket, zmq.POLLIN)
         self._tap = tap
@@ -389,6 +410,8 @@ class Subscriber:
                     self._socket.disconnect(endpoint)
                 except zmq.ZMQError:
                     pass  # the dropped session has already forgotten the endpoint
+                if self._keys is not None:
+                    self._socket.curve_serverkey = self._keys.peer(self._roles[endpoint])
                 self._socket.connect(endpoint)
 
     def _drain(self) -> Iterator[Message]:
