@@ -14,7 +14,7 @@ from guidance.live.display import HeadlessWriter
 from guidance.live.display_client import run_display
 from guidance.core.geometry import invert_rigid, make_rigid, rotation_about_axis, transform_points
 from guidance.live.pipeline import Pipeline, PipelineSettings, TrackerHistory, run_pipeline
-from guidance.live.recording import read_recording
+from guidance.live.recording import QUARANTINE_FILE, read_recording, read_segment
 from guidance.registration.register import Registrator
 from guidance.live.transport import Publisher, Subscriber, free_tcp_endpoint
 from guidance.core.views import carm_view, view_to_dict
@@ -231,8 +231,8 @@ def is_pose_for(frame_id):
     return lambda m: isinstance(m, PoseResult) and m.frame_id == frame_id
 
 
-def test_malformed_input_is_rejected_and_the_next_good_frame_served(registrator, frames, phantom):
-    loop = Loop(registrator, phantom.plan)
+def test_malformed_input_is_rejected_and_the_next_good_frame_served(tmp_path, registrator, frames, phantom):
+    loop = Loop(registrator, phantom.plan, record_dir=tmp_path / "rec")
     pipeline = loop.start()
     ctx = zmq.Context.instance()
     raw = ctx.socket(zmq.PUB)
@@ -264,7 +264,7 @@ def test_malformed_input_is_rejected_and_the_next_good_frame_served(registrator,
         while time.monotonic() < deadline and seen_geometry is None:
             for parts in malformed:
                 raw.send_multipart(parts)
-            raw.send_multipart([b"frame", *encode(wrong_geometry)])
+            raw.send_multipart([b"frame", *encode(replace(wrong_geometry, stamp_ns=time.time_ns()))])
             end = time.monotonic() + 0.5
             while time.monotonic() < end and seen_geometry is None:
                 msg = results.recv(0.1)
@@ -275,7 +275,7 @@ def test_malformed_input_is_rejected_and_the_next_good_frame_served(registrator,
         deadline = time.monotonic() + 20
         pose = None
         while pose is None and time.monotonic() < deadline:
-            raw.send_multipart([b"frame", *good])
+            raw.send_multipart([b"frame", *encode(replace(frames[0], stamp_ns=time.time_ns()))])
             end = time.monotonic() + 0.5
             while time.monotonic() < end and pose is None:
                 msg = results.recv(0.1)
@@ -289,6 +289,11 @@ def test_malformed_input_is_rejected_and_the_next_good_frame_served(registrator,
         results.close()
         loop.halt()
     assert pipeline.stats.frames_rejected >= 1
+    # Only valid messages are recorded; the refused ones, with their reasons, are quarantined.
+    for direction, _, parts in read_recording(tmp_path / "rec"):
+        decode(parts)
+    reasons = [parts[0].decode() for _, _, parts in read_segment(tmp_path / "rec" / QUARANTINE_FILE)]
+    assert len(reasons) >= 6 and any("unsupported version 99" in r for r in reasons)
 
 
 def test_a_setup_error_is_not_reported_as_a_bad_frame(phantom, frames):
@@ -307,7 +312,15 @@ def test_pipeline_and_sim_restarts_are_survived(registrator, frames, phantom):
     results = Subscriber(loop.result_endpoint)
     pub = Publisher(loop.frame_endpoint)
     try:
-        send_until(pub, frames[0], results, is_pose_for(1))
+        # Heartbeats from the start, telling the truth: no frames yet, then registering
+        # while the first (global) registration runs, then tracking.
+        wait_for(results, lambda m: m.kind == "heartbeat" and m.state == "no_frames")
+        seen = []
+        send_until(pub, replace(frames[0], acquired_ns=time.time_ns()), results,
+                   lambda m: seen.append(m) or is_pose_for(1)(m))
+        states = [m.state for m in seen if m.kind == "heartbeat"]
+        assert "registering" in states
+        wait_for(results, lambda m: m.kind == "heartbeat" and m.state == "tracking")
         loop.halt()  # the pipeline goes away ...
         loop.start()  # ... and comes back on the same endpoints
         send_until(pub, frames[1], results, is_pose_for(2))
