@@ -31,8 +31,10 @@ import queue
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import zlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -47,7 +49,7 @@ from guidance.live.recording import read_manifest, read_recording
 from guidance.live.transport import Publisher, Subscriber, free_tcp_endpoint
 from guidance.live.wire import Frame, Message, PoseResult, TrackerSample, decode, encode
 
-__all__ = ["run_reliability", "format_rows"]
+__all__ = ["run_reliability", "curve_cost", "format_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -138,13 +140,16 @@ def _header_with(parts: list[bytes], path: tuple, value) -> list[bytes]:
 def _probes(source: _Source) -> list[tuple[str, list]]:
     """(probe class, messages to inject) for each class of bad or excessive input."""
     good = encode(source.good_frame())
-    nan_frame = encode(Frame(source="sim", frame_id=1, acquired_ns=time.time_ns(), view=source.frames[0].view,
-                             pixels=np.full(source.frames[0].pixels.shape, np.nan, np.float32)))
+    zeros = encode(Frame(source="sim", frame_id=1, acquired_ns=time.time_ns(), view=source.frames[0].view,
+                         pixels=np.zeros(source.frames[0].pixels.shape, np.float32)))
+    nan_pixels = np.full(source.frames[0].pixels.shape, np.nan, np.float32).tobytes()
+    nan_frame = [_header_with(zeros, ("buffers", 0, "crc32"), zlib.crc32(nan_pixels))[0], nan_pixels]
     sample = encode(TrackerSample(source="sim", tool_id="reference", T_tracker_from_tool=np.eye(4), quality=0.0,
                                   acquired_ns=time.time_ns()))
     scaled = _header_with(sample, ("T_tracker_from_tool",), (np.eye(4) * 2).tolist())
     view = view_to_dict(source.frames[0].view)
     raw = [
+        ("none (baseline: the next good pose without a probe)", []),
         ("garbage bytes", [[b"frame", b"\x00\xffgarbage", b"\x01"]]),
         ("truncated frame", [[b"frame", good[0], good[1][:-100]]]),
         ("wrong dtype", [[b"frame", *_header_with(good, ("buffers", 0, "dtype"), "float64")]]),
@@ -157,7 +162,7 @@ def _probes(source: _Source) -> list[tuple[str, list]]:
         ("70-dimension shape", [[b"frame", *_header_with(good, ("buffers", 0, "shape"), [1] * 70)]]),
         ("shape [2**63, 0]", [[b"frame", *_header_with(good, ("buffers", 0, "shape"), [2**63, 0])]]),
         ("topic-only message", [[b"frame"]]),
-        ("1100-part message", [[b"frame", *([b"x"] * 1100)]]),
+        ("1100-part message", [[b"frame", good[0], *([b"x"] * 1099)]]),
         ("10,000 malformed messages", [[b"frame", b"garbage %d" % i] for i in range(10_000)]),
     ]
     burst_samples = [TrackerSample(source="burst", tool_id="probe-burst", T_tracker_from_tool=np.eye(4), quality=0.0,
@@ -294,6 +299,7 @@ def run_reliability(out_dir: str | Path, *, duration_s: float = 600.0, fps: floa
         rows.append({"measure": measure, "value": value, "target": target, "met": met})
         log.info("%s: %s", measure, value)
 
+    rows += curve_cost()
     display = None
     try:
         source.start()
@@ -313,6 +319,49 @@ def run_reliability(out_dir: str | Path, *, duration_s: float = 600.0, fps: floa
         if display is not None:
             display.close()
         source.stop()
+    return rows
+
+
+def curve_cost(*, frame_px: int = 256, fps: float = 15.0, seconds: float = 10.0, burst: int = 300) -> list[dict]:
+    """CURVE against plain sockets on loopback, in this process: a ``frame_px``^2 uint16
+    frame stream at ``fps`` for ``seconds`` (transport latency = receipt minus send stamp,
+    p50/p95 ms; CPU ms per frame of sender + receiver), then ``burst`` frames unpaced
+    (frames per second through)."""
+    from guidance.core.views import carm_view
+
+    with tempfile.TemporaryDirectory() as keys_dir:
+        make_keys(keys_dir, roles=("sim", "pipeline"))
+        keys = {role: load_keys(keys_dir, role) for role in ("sim", "pipeline")}
+    view = carm_view(detector_size_px=(frame_px, frame_px)).with_intensity("raw", 4095.0)
+    pixels = np.random.default_rng(0).integers(0, 4096, (frame_px, frame_px)).astype(np.uint16)
+    rows = []
+    for mode in ("plain", "curve"):
+        endpoint = free_tcp_endpoint()
+        pub_keys, sub_keys = (None, None) if mode == "plain" else (keys["sim"], keys["pipeline"])
+        with Publisher(endpoint, keys=pub_keys, sndhwm=burst + 10) as pub, \
+                Subscriber(endpoint, keys=sub_keys, server_role="sim", rcvhwm=burst + 10) as sub:
+            while sub.recv(0.05) is None:  # connected (and, with CURVE, handshaken)
+                pub.send(Frame(source="sim", frame_id=0, acquired_ns=time.time_ns(), view=view, pixels=pixels))
+            latencies, cpu0 = [], time.process_time()
+            n = int(seconds * fps)
+            for i in range(n):
+                pub.send(Frame(source="sim", frame_id=i + 1, acquired_ns=time.time_ns(), view=view, pixels=pixels))
+                deadline = time.monotonic() + 1.0 / fps
+                while (msg := sub.recv(max(0.0, deadline - time.monotonic()))) is not None:
+                    latencies.append((time.time_ns() - msg.stamp_ns) / 1e6)
+            cpu_ms = (time.process_time() - cpu0) * 1e3 / n
+            start = time.perf_counter()
+            for i in range(burst):
+                pub.send(Frame(source="sim", frame_id=n + i + 1, acquired_ns=time.time_ns(), view=view, pixels=pixels))
+            got = 0
+            while got < burst and sub.recv(2.0) is not None:
+                got += 1
+            through = got / (time.perf_counter() - start)
+        lat = np.asarray(latencies)
+        rows.append({"measure": f"{mode}: {frame_px}^2 uint16 at {fps:g} fps, latency p50 / p95 (ms), "
+                                f"CPU per frame (ms), unpaced frames/s",
+                     "value": f"{np.percentile(lat, 50):.2f} / {np.percentile(lat, 95):.2f}, {cpu_ms:.2f}, "
+                              f"{through:.0f}", "target": "", "met": None})
     return rows
 
 
