@@ -198,6 +198,7 @@ class Pipeline:
         self.stats.frames_processed += 1
         self.frame_id = frame.frame_id
         self.last_frame_ns = received_ns
+        paired = self._paired_with(frame)  # now: a long registration must not outlive the samples' history
         try:
             pixels = frame.pixels
             if self._undistort is not None:
@@ -233,7 +234,7 @@ class Pipeline:
         self.last_ok = result.ok
         if result.ok:
             self.last_good = result
-            self._register_reference(result, frame)
+            self._register_reference(result, frame, paired)
         else:
             self.stats.failed += 1
         latency = {
@@ -312,10 +313,9 @@ class Pipeline:
     def tolerance_ns(self) -> int:
         return int(self.settings.pair_tolerance_ms * 1e6)
 
-    def _register_reference(self, result: RegistrationResult, frame: Frame) -> None:
-        """Pose of the CT in the patient reference array from this registration and the
-        C-arm and reference samples acquired nearest to the frame:
-        ``T_reference_from_world = inv(T_tracker_from_reference) @ T_tracker_from_cam @ T_cam_from_world``."""
+    def _paired_with(self, frame: Frame) -> tuple[TrackerSample, TrackerSample] | None:
+        """The C-arm and reference samples acquired nearest to ``frame`` (within the
+        tolerance), or None when either is missing."""
         with self._lock:
             carm = self.tracker.nearest(self.settings.carm_tool, frame.acquired_ns, self.tolerance_ns)
             reference = self.tracker.nearest(self.settings.reference_tool, frame.acquired_ns, self.tolerance_ns)
@@ -324,9 +324,19 @@ class Pipeline:
                     self._log.warning("reference array not registered",
                                       f"no C-arm and reference samples within {self.settings.pair_tolerance_ms:g} ms "
                                       f"of frame {frame.frame_id}")
-                return
-            T_tracker_from_world = carm.T_tracker_from_tool @ result.views[0].T_cam_from_world
-            self.T_reference_from_world = invert_rigid(reference.T_tracker_from_tool) @ T_tracker_from_world
+                return None
+        return carm, reference
+
+    def _register_reference(self, result: RegistrationResult, frame: Frame,
+                            paired: tuple[TrackerSample, TrackerSample] | None) -> None:
+        """Pose of the CT in the patient reference array from this registration and the
+        C-arm and reference samples acquired with the frame (``paired``):
+        ``T_reference_from_world = inv(T_tracker_from_reference) @ T_tracker_from_cam @ T_cam_from_world``."""
+        if paired is None:
+            return
+        carm, reference = paired
+        T_tracker_from_world = carm.T_tracker_from_tool @ result.views[0].T_cam_from_world
+        self.T_reference_from_world = invert_rigid(reference.T_tracker_from_tool) @ T_tracker_from_world
 
     def _tip_and_axis(self, sample: TrackerSample) -> tuple[np.ndarray, np.ndarray] | None:
         """Tip and axis in the CT of an instrument reading, through the reference acquired

@@ -165,15 +165,22 @@ def _probes(source: _Source) -> list[tuple[str, list]]:
         ("1100-part message", [[b"frame", good[0], *([b"x"] * 1099)]]),
         ("10,000 malformed messages", [[b"frame", b"garbage %d" % i] for i in range(10_000)]),
     ]
-    burst_samples = [TrackerSample(source="burst", tool_id="probe-burst", T_tracker_from_tool=np.eye(4), quality=0.0,
-                                   acquired_ns=time.time_ns()) for _ in range(10_000)]
-    base = source.good_frame()
-    burst_frames = [replace(base, frame_id=10**9 + i, source="burst") for i in range(2_000)]
+    sample = TrackerSample(source="burst", tool_id="probe-burst", T_tracker_from_tool=np.eye(4), quality=0.0,
+                           acquired_ns=time.time_ns())
+    base = replace(source.good_frame(), source="burst")
     big_view = source.frames[0].view.downsampled(source.frames[0].view.width / 8192)
     oversized = Frame(source="burst", frame_id=1, acquired_ns=time.time_ns(), view=big_view,
                       pixels=np.zeros((8192, 8192), np.uint16))
-    return raw + [("10,000 valid tracker samples", burst_samples), ("2,000 valid frames", burst_frames),
-                  ("8192x8192 frame", [oversized])]
+    return raw + [("10,000 valid tracker samples", _stamped([sample] * 10_000)),
+                  ("2,000 valid frames", _stamped([replace(base, frame_id=10**9 + i) for i in range(2_000)])),
+                  ("8192x8192 frame", _stamped([oversized]))]
+
+
+def _stamped(messages: list[Message]) -> list[list[bytes]]:
+    """Messages encoded now, as a publisher would stamp them (seq and stamp_ns rising), so
+    that a burst leaves the socket at full speed."""
+    return [[m.kind.encode("ascii"), *encode(replace(m, seq=i, stamp_ns=time.time_ns()))]
+            for i, m in enumerate(messages)]
 
 
 # ----------------------------------------------------------------------- watchers
@@ -372,8 +379,8 @@ def _round(value: float | None, digits: int = 2):
 def _probe_rows(source, pipeline, display, monitor, row) -> None:
     for name, items in _probes(source):
         lines_before = pipeline.log_lines()
-        sent_ns = time.time_ns()
         source.inject(items)
+        sent_ns = time.time_ns()  # the end of the burst
         resumed = _first_ok_pose(monitor, sent_ns, RESUME_TIMEOUT_S)
         alive = pipeline.running() and display.alive()
         logged = pipeline.log_lines() - lines_before
