@@ -23,3 +23,15 @@ def test_keys_are_never_overwritten_and_missing_keys_are_named(tmp_path):
         make_keys(tmp_path)
     with pytest.raises(KeysError, match="no secret key .*display.key_secret for the display.*keys --out"):
         load_keys(tmp_path, "display")
+
+
+def test_cli_makes_keys_and_refuses_to_run_without_them(tmp_path, capsys):
+    import run_guidance
+
+    assert run_guidance.main(["keys", "--out", str(tmp_path / "keys")]) == 0
+    assert (tmp_path / "keys" / "pipeline.key_secret").is_file()
+    assert run_guidance.main(["keys", "--out", str(tmp_path / "keys")]) == 2
+    assert "already holds keys" in capsys.readouterr().err
+    assert run_guidance.main(["pipeline", "--keys", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert "no secret key" in err and "--plain" in err
