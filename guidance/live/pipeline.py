@@ -474,16 +474,16 @@ def run_pipeline(
     published (after it is sent), e.g. a bridge to another protocol; a sink that raises is
     logged and skipped.
     """
-    recorder = Recorder(record_dir, source="pipeline") if record_dir is not None else None
-    sub = pub = worker = None
+    sub = pub = worker = recorder = None
     try:
+        pub = Publisher(result_endpoint, bind=True, keys=keys)  # first: a taken port fails before anything is made
+        recorder = Recorder(record_dir, source="pipeline") if record_dir is not None else None
         sub = Subscriber(frame_endpoints, topics=("frame", "tracker_sample", "heartbeat"), rcvhwm=64,
                          tap=(lambda parts: recorder.write("in", parts, time.time_ns())) if recorder else None,
                          reject_tap=(lambda parts, why: recorder.quarantine(parts, why, time.time_ns()))
                          if recorder else None,
                          keys=keys, server_role=frame_source_role,
                          max_message_bytes=max_message_bytes(pipeline.settings.max_frame_px))
-        pub = Publisher(result_endpoint, bind=True, keys=keys)
         send = _sender(pub, recorder, sinks)
         worker = _FrameWorker(pipeline, send)
         _serve(pipeline, sub, worker, send, stop, heartbeat_s)

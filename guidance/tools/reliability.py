@@ -221,6 +221,13 @@ class _Display:
         self._thread.join()
 
 
+def _first_heartbeat(result_ep: str, keys: CurveKeys, timeout_s: float) -> tuple[float, str] | None:
+    """(arrival time, state) of the pipeline's first heartbeat seen."""
+    with Subscriber(result_ep, topics=("heartbeat",), keys=keys, server_role="pipeline") as sub:
+        msg = sub.recv(timeout_s)
+        return None if msg is None else (time.time(), msg.state)
+
+
 def _first_ok_pose(monitor: Subscriber, after_ns: int, timeout_s: float,
                    poses: list[PoseResult] | None = None) -> float | None:
     """Seconds from ``after_ns`` until an ok pose of a frame acquired after it arrives."""
@@ -312,8 +319,11 @@ def run_reliability(out_dir: str | Path, *, duration_s: float = 600.0, fps: floa
         source.start()
         started = pipeline.start()
         display = _Display(frame_ep, result_ep, phantom.ct, phantom.plan, keys["display"], out / "screens")
+        beat = _first_heartbeat(result_ep, keys["monitor"], START_TIMEOUT_S)
+        row("start-up: pipeline process start -> first heartbeat (s; state)",
+            f"{_round(beat[0] - started if beat else None)}; {beat[1] if beat else None}")
         first = _first_ok_pose(monitor, int(started * 1e9), START_TIMEOUT_S)
-        row("start-up: pipeline start -> first ok pose (s)", _round(first))
+        row("start-up: pipeline process start -> first ok pose (s)", _round(first))
         _probe_rows(source, pipeline, display, monitor, row)
         _memory_rows(pipeline, duration_s, row)
         _fake_and_replay_rows(source, display, monitor, frame_ep, keys, phantom, out, row)
