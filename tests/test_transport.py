@@ -10,7 +10,6 @@ from guidance.live import wire
 from guidance.live import transport
 from guidance.live.keys import CurveKeys, load_keys, make_keys
 from guidance.live.transport import (
-    HeartbeatMonitor,
     Publisher,
     Subscriber,
     TransportError,
@@ -186,22 +185,6 @@ def test_publisher_never_blocks(endpoint):
                 pub.send(frame)
             assert time.monotonic() - start < 1.0
         assert pub.sent >= 300
-
-
-def test_heartbeat_monitor():
-    monitor = HeartbeatMonitor(timeout_s=2.0)
-    assert not monitor.alive("sim", now_s=0.0)
-    assert monitor.age_s("sim", now_s=0.0) is None and monitor.state("sim") is None
-    monitor.update(wire.Heartbeat(role="sim", state="running"), now_s=10.0)
-    assert monitor.alive("sim", now_s=11.5)
-    assert monitor.age_s("sim", now_s=11.5) == pytest.approx(1.5)
-    assert not monitor.alive("sim", now_s=12.5)
-    assert not monitor.alive("display", now_s=11.0)
-    assert monitor.state("sim") == "running"
-    monitor.update(wire.Heartbeat(role="sim", state="running"))
-    assert monitor.alive("sim")
-    with pytest.raises(ValueError, match="timeout_s must be positive"):
-        HeartbeatMonitor(0)
 
 
 def test_malformed_burst_is_logged_with_counts_not_line_by_line(endpoint, caplog):

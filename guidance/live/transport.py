@@ -57,7 +57,7 @@ from zmq.utils.monitor import recv_monitor_message
 from guidance.core.errors import GuidanceError
 from guidance.live.keys import CurveKeys
 from guidance.live.throttle import ThrottledLog
-from guidance.live.wire import KINDS, Heartbeat, Message, WireError, decode, encode
+from guidance.live.wire import KINDS, Message, WireError, decode, encode
 
 __all__ = [
     "DEFAULT_FRAME_ENDPOINT",
@@ -66,7 +66,6 @@ __all__ = [
     "DEFAULT_RCVHWM",
     "Publisher",
     "Subscriber",
-    "HeartbeatMonitor",
     "TransportError",
     "free_tcp_endpoint",
     "max_message_bytes",
@@ -481,37 +480,3 @@ def _remember(table: dict, key: tuple[str, str], value: int) -> None:
     table[key] = value
     if len(table) > MAX_SENDERS:
         table.pop(next(iter(table)))
-
-
-class HeartbeatMonitor:
-    """Last-seen time and state per role, from received Heartbeat messages.
-
-    A role is alive while its last heartbeat is at most ``timeout_s`` seconds old. Times
-    are local receive times (``time.monotonic()`` seconds), never the sender's clock.
-    """
-
-    def __init__(self, timeout_s: float) -> None:
-        if not timeout_s > 0:
-            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
-        self.timeout_s = float(timeout_s)
-        self._seen_s: dict[str, float] = {}
-        self._state: dict[str, str] = {}
-
-    def update(self, heartbeat: Heartbeat, now_s: float | None = None) -> None:
-        """Record a heartbeat received at ``now_s`` (default: now)."""
-        self._seen_s[heartbeat.role] = time.monotonic() if now_s is None else now_s
-        self._state[heartbeat.role] = heartbeat.state
-
-    def age_s(self, role: str, now_s: float | None = None) -> float | None:
-        """Seconds since the last heartbeat of ``role``; None if never seen."""
-        if role not in self._seen_s:
-            return None
-        return (time.monotonic() if now_s is None else now_s) - self._seen_s[role]
-
-    def alive(self, role: str, now_s: float | None = None) -> bool:
-        age = self.age_s(role, now_s)
-        return age is not None and age <= self.timeout_s
-
-    def state(self, role: str) -> str | None:
-        """The state reported by the last heartbeat of ``role``; None if never seen."""
-        return self._state.get(role)
