@@ -433,3 +433,32 @@ def test_overlay_is_published_as_png_of_the_frame(registrator, frames, phantom):
     assert picture.shape == (192, 192, 3)
     # The planned trajectories are drawn in colour on the grey frame.
     assert (np.ptp(picture.astype(int), axis=2) > 40).sum() > 50
+
+
+def test_a_slow_start_beats_starting_then_no_frames(registrator, phantom):
+    """Built by a factory (loading a CT takes a while), the pipeline beats from its first
+    loop: "starting" until it is built, then "no_frames" while no frame comes."""
+    frame_endpoint, result_endpoint = free_tcp_endpoint(), free_tcp_endpoint()
+    release, stop = threading.Event(), threading.Event()
+
+    def build():
+        release.wait(20)
+        return Pipeline(registrator, plan=phantom.plan)
+
+    results = Subscriber(result_endpoint)
+    thread = threading.Thread(target=run_pipeline, args=(build,), kwargs=dict(
+        settings=PipelineSettings(), frame_endpoints=[frame_endpoint], result_endpoint=result_endpoint, stop=stop,
+        heartbeat_s=0.1), daemon=True)
+    thread.start()
+    try:
+        wait_for(results, lambda m: m.kind == "heartbeat" and m.state == "starting")
+        release.set()
+        wait_for(results, lambda m: m.kind == "heartbeat" and m.state == "no_frames")
+    finally:
+        release.set()
+        stop.set()
+        thread.join(timeout=10)
+        results.close()
+    assert not thread.is_alive()
+    with pytest.raises(ValueError, match="needs its settings"):
+        run_pipeline(build, frame_endpoints=[frame_endpoint], result_endpoint=result_endpoint, stop=stop)

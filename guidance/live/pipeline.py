@@ -15,8 +15,8 @@ old reference) and the reference array is not re-registered from that frame.
 most ``MAX_LOOP_MESSAGES`` messages are read, tracker samples are coalesced to the
 latest per tool before instruments are computed, and only the newest frame is handed
 to a worker thread that registers it (older ones counted as skipped), so heartbeats
-(from the first second, with the true state: "no_frames", "registering", "tracking",
-"failed") and instruments keep flowing during a long registration. Every accepted
+(from the first second, with the true state: "starting", "no_frames", "registering",
+"tracking", "failed") and instruments keep flowing during a long registration. Every accepted
 input and every output is recorded; refused inputs go to the recording's quarantine.
 Hook points: ``sinks`` (called with each published message, e.g. an OpenIGTLink
 bridge) and the kind dispatch in ``_serve``.
@@ -180,6 +180,8 @@ class Pipeline:
         self.frame_id = 0
         self.registering = False
         """True while a global registration runs (heartbeat state "registering")."""
+        self.results = 0
+        """Poses produced so far."""
         self.last_frame_ns: int | None = None
         """Local time (``time.time_ns()``) the last frame was handed to ``on_frame``."""
         self._lock = threading.Lock()
@@ -259,6 +261,7 @@ class Pipeline:
             frame_acquired_ns=frame.acquired_ns,
             source=self.settings.source,
         )
+        self.results += 1
         out: list[Message] = [pose]
         if self.settings.overlay:
             out.append(self._overlay(frame, result))
@@ -282,6 +285,7 @@ class Pipeline:
     def _failed(self, frame: Frame, reason: str, t0: float, received_ns: int) -> PoseResult:
         self.stats.failed += 1
         self.last_ok = False
+        self.results += 1
         return PoseResult(frame_id=frame.frame_id, status="failed", reason=reason, confidence=0.0, mode="global",
                           latency_ms={"queue": max(0.0, (received_ns - frame.acquired_ns) / 1e6),
                                       "preprocess": (time.perf_counter() - t0) * 1e3},
@@ -396,22 +400,28 @@ class Pipeline:
                                **common, **fields)
 
     def heartbeat_state(self, now_ns: int | None = None) -> str:
-        """What the pipeline is doing: "no_frames" (none within ``no_frames_after_s``),
-        "registering" (a global registration runs), "tracking" (last pose ok) or "failed"."""
+        """What the pipeline is doing: "registering" (a global registration runs, or frames
+        came and no pose yet), "no_frames" (none within ``no_frames_after_s``), "tracking"
+        (last pose ok) or "failed" (last pose failed)."""
         now_ns = time.time_ns() if now_ns is None else now_ns
-        if self.registering:
+        no_frames = self.last_frame_ns is None or now_ns - self.last_frame_ns > self.settings.no_frames_after_s * 1e9
+        if self.registering or (self.results == 0 and not no_frames):
             return "registering"
-        if self.last_frame_ns is None or now_ns - self.last_frame_ns > self.settings.no_frames_after_s * 1e9:
+        if no_frames:
             return "no_frames"
         return "tracking" if self.last_ok else "failed"
 
 
 class _FrameWorker:
     """Registers the newest submitted frame in a thread of its own and publishes the
-    results with ``send``; a frame submitted while another waits replaces it (skipped)."""
+    results with ``send``; a frame submitted while another waits replaces it (skipped).
+    Given a factory, it first builds the pipeline there (``pipeline`` is None until then)."""
 
-    def __init__(self, pipeline: Pipeline, send: Callable[[Message], None]) -> None:
-        self._pipeline = pipeline
+    def __init__(self, pipeline: Pipeline | Callable[[], Pipeline], send: Callable[[Message], None]) -> None:
+        self.pipeline: Pipeline | None = pipeline if isinstance(pipeline, Pipeline) else None
+        self._factory = None if isinstance(pipeline, Pipeline) else pipeline
+        self.error: BaseException | None = None
+        """Why the factory failed (the loop then stops)."""
         self._send = send
         self._wake = threading.Condition()
         self._pending: tuple[Frame, int] | None = None
@@ -435,6 +445,12 @@ class _FrameWorker:
         self._thread.join()
 
     def _run(self) -> None:
+        if self._factory is not None:
+            try:
+                self.pipeline = self._factory()
+            except BaseException as exc:  # noqa: BLE001 - reported by run_pipeline, which re-raises it
+                self.error = exc
+                return
         while True:
             with self._wake:
                 while self._pending is None and not self._closing:
@@ -444,17 +460,17 @@ class _FrameWorker:
                 frame, received_ns = self._pending
                 self._pending = None
             try:
-                outputs = self._pipeline.on_frame(frame, received_ns)
+                outputs = self.pipeline.on_frame(frame, received_ns)
             except Exception as exc:  # noqa: BLE001 - one frame must never stop the pipeline
                 self._log.warning("frame processing error", f"frame {frame.frame_id}: {type(exc).__name__}: {exc}")
                 log.debug("frame %d failed", frame.frame_id, exc_info=True)
-                outputs = [self._pipeline.failed_pose(frame, f"internal error: {type(exc).__name__}: {exc}")]
+                outputs = [self.pipeline.failed_pose(frame, f"internal error: {type(exc).__name__}: {exc}")]
             for out in outputs:
                 self._send(out)
 
 
 def run_pipeline(
-    pipeline: Pipeline,
+    pipeline: Pipeline | Callable[[], Pipeline],
     *,
     frame_endpoints: list[str],
     result_endpoint: str,
@@ -464,16 +480,24 @@ def run_pipeline(
     keys: CurveKeys | None = None,
     frame_source_role: str = "sim",
     sinks: Sequence[Callable[[Message], None]] = (),
+    settings: PipelineSettings | None = None,
 ) -> PipelineStats:
     """Serve until ``stop`` is set: SUB frames/tracker samples (connecting to
     ``frame_endpoints``), PUB results (bound on ``result_endpoint``).
 
-    ``keys``: CURVE identity of the pipeline (None: plain sockets); the frame endpoints
-    must then be bound by the holder of ``frame_source_role``'s key. ``record_dir``: record
-    into this folder (a restart appends a segment). ``sinks``: called with every message
-    published (after it is sent), e.g. a bridge to another protocol; a sink that raises is
-    logged and skipped.
+    ``pipeline``: the pipeline, or a function that builds it (loading a CT and preparing
+    the registration take a while): it is then built in the worker thread while the loop
+    already beats (state "starting"); ``settings`` must then be given and equal the
+    built pipeline's. ``keys``: CURVE identity of the pipeline (None: plain sockets); the
+    frame endpoints must then be bound by the holder of ``frame_source_role``'s key.
+    ``record_dir``: record into this folder (a restart appends a segment). ``sinks``:
+    called with every message published (after it is sent), e.g. a bridge to another
+    protocol; a sink that raises is logged and skipped.
     """
+    if isinstance(pipeline, Pipeline):
+        settings = pipeline.settings
+    elif settings is None:
+        raise ValueError("run_pipeline with a pipeline factory needs its settings")
     sub = pub = worker = recorder = None
     try:
         pub = Publisher(result_endpoint, bind=True, keys=keys)  # first: a taken port fails before anything is made
@@ -483,17 +507,19 @@ def run_pipeline(
                          reject_tap=(lambda parts, why: recorder.quarantine(parts, why, time.time_ns()))
                          if recorder else None,
                          keys=keys, server_role=frame_source_role,
-                         max_message_bytes=max_message_bytes(pipeline.settings.max_frame_px))
+                         max_message_bytes=max_message_bytes(settings.max_frame_px))
         send = _sender(pub, recorder, sinks)
         worker = _FrameWorker(pipeline, send)
-        _serve(pipeline, sub, worker, send, stop, heartbeat_s)
+        _serve(worker, settings, sub, send, stop, heartbeat_s)
     finally:
         if worker is not None:
             worker.close()
         for closable in (sub, pub, recorder):
             if closable is not None:
                 closable.close()
-    return pipeline.stats
+    if worker.error is not None:
+        raise worker.error
+    return worker.pipeline.stats
 
 
 def _sender(pub: Publisher, recorder: Recorder | None,
@@ -516,14 +542,16 @@ def _sender(pub: Publisher, recorder: Recorder | None,
     return send
 
 
-def _serve(pipeline: Pipeline, sub: Subscriber, worker: _FrameWorker, send: Callable[[Message], None],
+def _serve(worker: _FrameWorker, settings: PipelineSettings, sub: Subscriber, send: Callable[[Message], None],
            stop: threading.Event, heartbeat_s: float) -> None:
     """The socket loop: bounded drain, kind dispatch, coalesced tracker samples, the
-    newest frame to the worker, heartbeats on time."""
+    newest frame to the worker, heartbeats on time (state "starting" until the worker
+    has built the pipeline; input read meanwhile is recorded, not processed)."""
     next_heartbeat = 0.0
-    while not stop.is_set():
+    while not stop.is_set() and worker.error is None:
         messages = _drain(sub, timeout_s=0.02, limit=MAX_LOOP_MESSAGES)
         received_ns = time.time_ns()
+        pipeline = worker.pipeline
         frames: list[Frame] = []
         samples: list[TrackerSample] = []
         for msg in messages:  # new input kinds get their branch here
@@ -531,19 +559,21 @@ def _serve(pipeline: Pipeline, sub: Subscriber, worker: _FrameWorker, send: Call
                 frames.append(msg)
             elif isinstance(msg, TrackerSample):
                 samples.append(msg)
-        if samples:
+        if pipeline is not None and samples:
             for out in pipeline.on_tracker_samples(samples):
                 send(out)
-        if frames:
+        if pipeline is not None and frames:
             pipeline.last_frame_ns = received_ns
             pipeline.stats.frames_received += len(frames)
             pipeline.stats.frames_skipped += len(frames) - 1 + worker.submit(frames[-1], received_ns)
         now = time.monotonic()
         if now >= next_heartbeat:
-            stats = pipeline.stats.as_dict() | {"lost": sub.lost, "malformed": sub.malformed,
-                                                "replayed": sub.replayed}
-            send(Heartbeat(role="pipeline", state=pipeline.heartbeat_state(), stats=stats,
-                           source=pipeline.settings.source))
+            stats = {"lost": sub.lost, "malformed": sub.malformed, "replayed": sub.replayed}
+            state = "starting"
+            if pipeline is not None:
+                stats |= pipeline.stats.as_dict()
+                state = pipeline.heartbeat_state()
+            send(Heartbeat(role="pipeline", state=state, stats=stats, source=settings.source))
             next_heartbeat = now + heartbeat_s
 
 
