@@ -168,7 +168,7 @@ def _probes(source: _Source) -> list[tuple[str, list]]:
     sample = TrackerSample(source="burst", tool_id="probe-burst", T_tracker_from_tool=np.eye(4), quality=0.0,
                            acquired_ns=time.time_ns())
     base = replace(source.good_frame(), source="burst")
-    big_view = source.frames[0].view.downsampled(source.frames[0].view.width / 8192)
+    big_view = replace(source.frames[0].view.downsampled(source.frames[0].view.width / 8192), image_size=(8192, 8192))
     oversized = Frame(source="burst", frame_id=1, acquired_ns=time.time_ns(), view=big_view,
                       pixels=np.zeros((8192, 8192), np.uint16))
     return raw + [("10,000 valid tracker samples", _stamped([sample] * 10_000)),
