@@ -246,7 +246,8 @@ class _Pipeline:
     """The pipeline as a real process (the CLI), its output in a log file."""
 
     def __init__(self, out: Path, frame_ep: str, result_ep: str, keys_dir: Path, record: Path) -> None:
-        self.args = [sys.executable, "-m", "run_guidance", "pipeline", "--frames", frame_ep, "--results", result_ep,
+        self.args = [sys.executable, "-m", "run_guidance", "pipeline", "--frame-endpoints", frame_ep,
+                     "--result-endpoint", result_ep,
                      "--keys", str(keys_dir), "--record", str(record)]
         self.log_path = out / "pipeline.log"
         self.record = record
