@@ -456,6 +456,7 @@ def run_dicom_cine(
     isocenter_world=(0.0, 0.0, 0.0),
     heartbeat_s: float = 0.5,
     startup_s: float = 0.0,
+    keys: CurveKeys | None = None,
 ) -> dict:
     """Publish the frames of a (multi-frame) XA/RF DICOM file as live ``Frame``s, each with
     the view its tags give (``guidance.core.dicom.read_xray_dicom``, C-arm isocentre at
@@ -470,7 +471,7 @@ def run_dicom_cine(
     period_s = 1.0 / fps if fps is not None else (cine.frame_time_s or 1.0 / 15.0)
     frames = [f if f.dtype in (np.uint8, np.uint16) else f.astype(np.float32) for f in cine.frames]
     stats = {"frames": 0}
-    with Publisher(frame_endpoint) as pub:
+    with Publisher(frame_endpoint, keys=keys) as pub:
         session = _Session(pub, "dicom", stop, heartbeat_s, stats)
         if session.start(startup_s):
             while session.wait_for(stats["frames"], period_s):

@@ -18,8 +18,8 @@ to a worker thread that registers it (older ones counted as skipped), so heartbe
 (from the first second, with the true state: "starting", "no_frames", "registering",
 "tracking", "failed") and instruments keep flowing during a long registration. Every accepted
 input and every output is recorded; refused inputs go to the recording's quarantine.
-Hook points: ``sinks`` (called with each published message, e.g. an OpenIGTLink
-bridge) and the kind dispatch in ``_serve``.
+Hook points: ``sink`` (handed each published message, e.g. the OpenIGTLink bridge)
+and the kind dispatch in ``_serve``.
 """
 
 from __future__ import annotations
@@ -417,7 +417,7 @@ class _FrameWorker:
     results with ``send``; a frame submitted while another waits replaces it (skipped).
     Given a factory, it first builds the pipeline there (``pipeline`` is None until then)."""
 
-    def __init__(self, pipeline: Pipeline | Callable[[], Pipeline], send: Callable[[Message], None]) -> None:
+    def __init__(self, pipeline: Pipeline | Callable[[], Pipeline], send: Callable[..., None]) -> None:
         self.pipeline: Pipeline | None = pipeline if isinstance(pipeline, Pipeline) else None
         self._factory = None if isinstance(pipeline, Pipeline) else pipeline
         self.error: BaseException | None = None
@@ -466,7 +466,7 @@ class _FrameWorker:
                 log.debug("frame %d failed", frame.frame_id, exc_info=True)
                 outputs = [self.pipeline.failed_pose(frame, f"internal error: {type(exc).__name__}: {exc}")]
             for out in outputs:
-                self._send(out)
+                self._send(out, frame)
 
 
 def run_pipeline(
@@ -479,7 +479,7 @@ def run_pipeline(
     heartbeat_s: float = 0.5,
     keys: CurveKeys | None = None,
     frame_source_role: str = "sim",
-    sinks: Sequence[Callable[[Message], None]] = (),
+    sink=None,
     settings: PipelineSettings | None = None,
 ) -> PipelineStats:
     """Serve until ``stop`` is set: SUB frames/tracker samples (connecting to
@@ -490,9 +490,10 @@ def run_pipeline(
     already beats (state "starting"); ``settings`` must then be given and equal the
     built pipeline's. ``keys``: CURVE identity of the pipeline (None: plain sockets); the
     frame endpoints must then be bound by the holder of ``frame_source_role``'s key.
-    ``record_dir``: record into this folder (a restart appends a segment). ``sinks``:
-    called with every message published (after it is sent), e.g. a bridge to another
-    protocol; a sink that raises is logged and skipped.
+    ``record_dir``: record into this folder (a restart appends a segment). ``sink``: also
+    hands every message published to ``sink.publish(message, frame)`` (e.g. the OpenIGTLink
+    bridge, ``guidance.live.igtl.IgtlBridge``); ``frame`` is the frame a PoseResult came
+    from, else None; a sink that raises is logged and skipped.
     """
     if isinstance(pipeline, Pipeline):
         settings = pipeline.settings
@@ -508,7 +509,7 @@ def run_pipeline(
                          if recorder else None,
                          keys=keys, server_role=frame_source_role,
                          max_message_bytes=max_message_bytes(settings.max_frame_px))
-        send = _sender(pub, recorder, sinks)
+        send = _sender(pub, recorder, sink)
         worker = _FrameWorker(pipeline, send)
         _serve(worker, settings, sub, send, stop, heartbeat_s)
     finally:
@@ -522,22 +523,21 @@ def run_pipeline(
     return worker.pipeline.stats
 
 
-def _sender(pub: Publisher, recorder: Recorder | None,
-            sinks: Sequence[Callable[[Message], None]]) -> Callable[[Message], None]:
-    """A thread-safe send: publish, record, then hand to the sinks."""
+def _sender(pub: Publisher, recorder: Recorder | None, sink) -> Callable[..., None]:
+    """A thread-safe ``send(message, frame=None)``: publish, record, then hand to the sink."""
     lock = threading.Lock()
     throttled = ThrottledLog(log)
 
-    def send(msg: Message) -> None:
+    def send(msg: Message, frame: Frame | None = None) -> None:
         with lock:  # the socket is used by the loop and the frame worker
             sent = pub.send(msg)
         if recorder is not None:
             recorder.write("out", encode(sent), time.time_ns())
-        for sink in sinks:
+        if sink is not None:
             try:
-                sink(sent)
+                sink.publish(sent, frame)
             except Exception as exc:  # noqa: BLE001 - a broken sink must not stop guidance
-                throttled.warning(f"sink {getattr(sink, '__name__', sink)!r} failed", f"{type(exc).__name__}: {exc}")
+                throttled.warning(f"sink {type(sink).__name__} failed", f"{type(exc).__name__}: {exc}")
 
     return send
 
