@@ -70,6 +70,11 @@ def _add_ct_arguments(p: argparse.ArgumentParser, *, labels: bool = True, plan: 
     p.add_argument("--phantom-seed", type=int, default=0, help="seed of the embedded phantom (without --ct)")
 
 
+def _add_cache_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-dir", help="folder of prepared CTs (default: $GUIDANCE_CACHE_DIR, else the user's "
+                                       "cache folder)")
+
+
 def cmd_phantom(args) -> int:
     from sim.phantom import make_phantom, write_phantom
 
@@ -140,6 +145,14 @@ def _print_table(rows: list[dict], columns: dict[str, str]) -> None:
 
 
 def cmd_bench(args) -> int:
+    if args.what == "instruments":
+        from guidance.tools.bench_instruments import bench_instruments, format_instrument_table
+
+        report = bench_instruments(cases=args.cases, free_frames=args.free_frames, detector_px=args.detector_px)
+        print(format_instrument_table(report["summary"]))
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2))
+        return 0
     if args.what == "drr":
         from guidance.tools.bench import bench_drr, format_table
 
@@ -165,11 +178,21 @@ def cmd_bench(args) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=2))
         return 0
+    if args.what == "breach":
+        from guidance.tools.bench_breach import bench_breach, format_breach_table
+
+        result = bench_breach(seed=args.seed)
+        print(format_breach_table(result))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+        return 0
     if args.what == "latency":
         from guidance.tools.demo import format_summary, run_demo
 
+        from guidance.tools.demo import DEMO_SHOTS
+
         report = run_demo(args.out, duration_s=args.duration or 120.0, with_display=False, print_rows=False,
-                          prerender=True)
+                          prerender=True, lead_shots=() if args.single_view else DEMO_SHOTS, speed=args.speed)
         summary = report.summary()
         print(format_summary(summary))
         if args.json:
@@ -203,7 +226,7 @@ def cmd_register(args) -> int:
     images = [preprocess(p, v) for p, v in zip(pixels, views)]
     if args.all_levels and subject.labels is None:
         raise UsageError("--all-levels needs --labels with --ct (the vertebrae are taken from the labels)")
-    registrator = Registrator(subject.ct, labels=subject.labels)
+    registrator = Registrator(subject.ct, labels=subject.labels, cache_dir=args.cache_dir)
     if args.all_levels:
         import numpy as np
 
@@ -213,7 +236,9 @@ def cmd_register(args) -> int:
         result = registrator.register(images, views, level=args.level)
     Path(args.out).write_text(json.dumps(result.to_dict(), indent=2))
     print(f"{result.status}: {result.reason}; similarity {result.similarity:.3f}, confidence "
-          f"{result.confidence:.2f}, {result.time_s:.2f} s -> {args.out}")
+          f"{result.confidence:.2f}, +-{result.uncertainty_in_plane_mm:.2f} mm in-plane / "
+          f"+-{result.uncertainty_depth_mm:.1f} mm depth, {result.time_s:.2f} s "
+          f"(CT preparation {result.prepare_s:.2f} s) -> {args.out}")
     if not result.ok and len(views) > 1:
         print("hint: the views of one registration share one correction (T_world_corrected_from_world): "
               "their initial poses must be off by the same patient motion; a view file perturbed on its "
@@ -258,11 +283,12 @@ def cmd_evaluate(args) -> int:
         summaries = {"external": evaluate_external(args.external, args.ct, labels_path=args.labels,
                                                    out_dir=args.out, **run)}
     else:
-        source = args.ct if args.ct else make_phantom(seed=args.phantom_seed)
+        source = args.ct if args.ct else make_phantom(seed=args.phantom_seed,
+                                                      spacing_mm=0.7 if args.clinical_grid else 1.0)
         summaries = evaluate(source, out_dir=args.out, labels_path=args.labels, level=args.level,
                              intensities=args.intensity, biplane=args.biplane, n_views=args.views,
                              n_starts_per_bin=args.starts, bins=args.bins, detector_px=args.detector_px,
-                             seed=args.seed, **run)
+                             seed=args.seed, clinical=args.clinical_grid, **run)
     for name, summary in summaries.items():
         print(f"\n## {name}")
         print(json.dumps({k: summary[k] for k in summary if k != "bins"}, indent=2))
@@ -331,18 +357,18 @@ def cmd_pipeline(args) -> int:
     from guidance.registration.register import Registrator
 
     keys = _curve_keys(args, "pipeline")
-    distortion = None
-    if args.calibration:
-        from calibration.files import read_calibration
+    from calibration.files import read_calibration
+    from guidance.live.calibrations import sort_calibrations
 
-        distortion = read_calibration(args.calibration)
-    settings = PipelineSettings(level=args.level, overlay=args.overlay, distortion=distortion,
-                                max_frame_px=args.max_frame_px)
+    calibrations = sort_calibrations([read_calibration(path) for path in args.calibration or []])
+    settings = PipelineSettings(level=args.level, overlay=args.overlay, distortion=calibrations.distortion,
+                                carm=calibrations.carm, pivots=calibrations.pivots,
+                                detect_instruments=tuple(args.detect_instruments), max_frame_px=args.max_frame_px)
 
     def build(subject=None) -> Pipeline:  # runs while the pipeline already beats ("starting")
         subject = subject or _subject(args)
-        return Pipeline(Registrator(subject.ct, labels=subject.labels), plan=subject.plan, labels=subject.labels,
-                        settings=settings)
+        registrator = Registrator(subject.ct, labels=subject.labels, cache_dir=args.cache_dir)
+        return Pipeline(registrator, plan=subject.plan, labels=subject.labels, ct=subject.ct, settings=settings)
 
     stop = _stop_on_signals()
     print(f"pipeline: frames from {', '.join(args.frame_endpoints)}, results on {args.result_endpoint}", flush=True)
@@ -375,11 +401,22 @@ def cmd_display(args) -> int:
     subject = _subject(args)
     sink = HeadlessWriter(args.out, every_n=args.every) if args.headless else WindowSink(fallback_dir=args.out)
     stop = _stop_on_signals()
+    try:
+        size = tuple(int(v) for v in args.size.lower().split("x"))
+        if len(size) != 2:
+            raise ValueError
+    except ValueError:
+        raise UsageError(f"--size must be WIDTHxHEIGHT in pixels, e.g. 1600x900; got {args.size!r}") from None
     stats = run_display(frame_endpoint=args.frame_endpoint, result_endpoint=args.result_endpoint, ct=subject.ct,
                         plan=subject.plan, labels=subject.labels, sink=sink, stop=stop, refresh_hz=args.fps,
-                        keys=keys, max_frame_px=args.max_frame_px)
+                        size=size, keys=keys, max_frame_px=args.max_frame_px)
     print(json.dumps(stats, indent=2))
     return 0
+
+
+def _angle_pairs(texts: list[str] | None) -> list[tuple[float, float]]:
+    """C-arm orientations given as 'lao,cranial' (deg)."""
+    return [tuple(float(x) for x in text.split(",")) for text in texts or []]
 
 
 def cmd_sim(args) -> int:
@@ -407,20 +444,32 @@ def cmd_sim(args) -> int:
 
         scenario = Scenario(duration_s=args.duration, fps=args.fps or 15.0, mode=args.mode, intensity=args.intensity,
                             instrument=None if args.instrument == "none" else args.instrument,
-                            target_level=level_name(args.level), target_side=args.side, seed=args.seed)
+                            target_level=level_name(args.level), target_side=args.side, seed=args.seed,
+                            lead_shots=tuple(_angle_pairs(args.lead_shots)), shot_interval_s=args.shot_interval,
+                            instrument_medial_deg=args.medial_deg)
         phantom = make_phantom(seed=args.phantom_seed)
         print(f"sim: {scenario.mode} {scenario.duration_s:.0f} s at {scenario.fps:g} fps on {args.frame_endpoint}",
               flush=True)
         stats = run_sim(scenario, phantom, frame_endpoint=args.frame_endpoint, speed=None if args.fast else args.speed,
-                        stop=stop, startup_s=args.startup, prerender=args.prerender, keys=keys)
+                        stop=stop, startup_s=args.startup, prerender=args.prerender, intraop_at_s=args.intraop_at,
+                        keys=keys)
     print(json.dumps(stats, indent=2))
+    return 0
+
+
+def cmd_screens(args) -> int:
+    from guidance.tools.screens import reference_screens
+
+    for path in reference_screens(args.out, seed=args.seed, medial_deg=args.medial_deg):
+        print(path)
     return 0
 
 
 def cmd_demo(args) -> int:
     from guidance.tools.demo import format_summary, run_demo
 
-    report = run_demo(args.out, duration_s=args.duration, fps=args.fps, igtl_port=args.igtl_port)
+    report = run_demo(args.out, duration_s=args.duration, fps=args.fps, igtl_port=args.igtl_port,
+                      intraop_at_s=0.5 if args.intraop else None, medial_deg=args.medial_deg)
     print("\n" + format_summary(report.summary()))
     print(f"navigation screens: {args.out}/screen_*.png; recording: {args.out}/recording-*")
     return 0
@@ -491,14 +540,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_render)
 
     p = command("bench", "benchmarks that print a table")
-    p.add_argument("what", choices=("drr", "latency", "register3d", "calibration", "igtl", "reliability"),
+    p.add_argument("what", choices=("drr", "latency", "register3d", "calibration", "igtl", "reliability", "breach",
+                                    "instruments"),
                    help="what to measure")
     p.add_argument("--duration", type=float,
                    help="latency, igtl: scenario length (s, default 120); reliability: memory phase (s, default 600)")
     p.add_argument("--out", default="out/bench_latency", help="latency, reliability: output folder")
+    p.add_argument("--speed", type=float, default=1.0,
+                   help="latency: simulator pace (1.0 real time; lower on a machine too loaded to keep up)")
+    p.add_argument("--single-view", action="store_true",
+                   help="latency: AP fluoroscopy alone, without the AP and lateral shots first (for comparison)")
     p.add_argument("--json", help="also write the rows as JSON to this file")
     p.add_argument("--repeats", type=int, default=20, help="drr: renders per case")
     p.add_argument("--shared-data", default=str(SHARED_DATA), help="folder of the real CT data")
+    p.add_argument("--seed", type=int, default=0, help="breach: seed of the phantom and the simulated paths")
+    p.add_argument("--cases", type=int, default=40, help="instruments: biplane cases")
+    p.add_argument("--free-frames", type=int, default=100, help="instruments: instrument-free frames")
+    p.add_argument("--detector-px", type=int, default=512,
+                   help="instruments: detector side (pixels; 307.2 mm wide)")
     p.set_defaults(func=cmd_bench)
 
     p = command("register", "2D/3D registration of X-ray images to a CT")
@@ -508,6 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "images must be XA/RF DICOM (geometry from their tags, isocentre at the CT centre)")
     p.add_argument("--level", type=level, help="register this vertebra alone (name like L3 or label id)")
     p.add_argument("--all-levels", action="store_true", help="also register every labelled vertebra (needs labels)")
+    _add_cache_argument(p)
     p.add_argument("--out", required=True, help="result JSON")
     p.set_defaults(func=cmd_register)
 
@@ -539,6 +599,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "default: a new LocalCluster on this machine")
     p.add_argument("--seed", type=int, default=0, help="seed of views, starts and noise")
     p.add_argument("--external", help="score an external set folder (cases.json, images, views, targets)")
+    p.add_argument("--clinical-grid", action="store_true",
+                   help="resample the CT onto 512 x 512 x 133 voxels of 0.7 x 0.7 x 2.5 mm (phantom built at 0.7 mm)")
     p.add_argument("--out", required=True, help="report folder (JSON, markdown, PNG plots)")
     p.set_defaults(func=cmd_evaluate)
 
@@ -566,12 +628,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--level", type=level, default="L3",
                    help="lumbar vertebra whose planned trajectory the instrument follows (name or label id)")
     p.add_argument("--side", choices=("left", "right"), default="left", help="side of that trajectory")
+    p.add_argument("--medial-deg", type=float, default=0.0,
+                   help="turn the instrument's path medially by this angle about the entry (deg; negative: laterally)")
     p.add_argument("--seed", type=int, default=0, help="seed of patient motion, tracker and image noise")
     p.add_argument("--speed", type=float, default=1.0, help="1.0 real time, 2.0 twice as fast")
     p.add_argument("--fast", action="store_true", help="as fast as possible")
     p.add_argument("--startup", type=float, default=0.5, help="time to let subscribers connect first (s)")
     p.add_argument("--prerender", action="store_true",
                    help="render all images before streaming (benchmarks: the simulated C-arm costs no CPU then)")
+    p.add_argument("--lead-shots", nargs="+", metavar="LAO,CRANIAL",
+                   help="fluoro: single shots at these C-arm angles first (e.g. 0,0 90,0: AP, lateral)")
+    p.add_argument("--shot-interval", type=float, default=2.0, help="seconds between shots")
+    p.add_argument("--intraop-at", type=float, metavar="S",
+                   help="also send an intra-op CBCT-like scan of the patient at this scenario time (s)")
     p.add_argument("--replay", help="re-publish a recording folder instead of simulating")
     p.add_argument("--video", help="video file or capture device number to publish instead")
     p.add_argument("--view", help="view file of the video frames")
@@ -583,11 +652,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_security_arguments(p)
     p.set_defaults(func=cmd_sim)
 
+    p = command("screens", "reference navigation screens from the simulator (no sockets), as PNG")
+    p.add_argument("--out", required=True, help="folder for the PNG files")
+    p.add_argument("--seed", type=int, default=0, help="seed of the phantom")
+    p.add_argument("--medial-deg", type=float, default=8.0, help="medial drift of the K-wire's path (deg)")
+    p.set_defaults(func=cmd_screens)
+
     p = command("demo", "sim + pipeline + display on loopback; prints pose error, latency, fps")
     p.add_argument("--out", default="out/demo", help="screens and recording (an earlier demo's are removed)")
     p.add_argument("--duration", type=float, default=20.0, help="scenario length (s)")
     p.add_argument("--fps", type=float, default=15.0, help="fluoroscopy frame rate (Hz)")
     p.add_argument("--igtl-port", type=int, help="the pipeline also serves OpenIGTLink (3D Slicer) on this port")
+    p.add_argument("--intraop", action="store_true",
+                   help="the simulator also sends an intra-op CBCT-like scan, registered and used for instruments")
+    p.add_argument("--medial-deg", type=float, default=8.0,
+                   help="the K-wire drifts medially by this angle (deg), so the breach warning shows (0: on plan)")
     p.set_defaults(func=cmd_demo)
 
     p = command("dicom-receive", "DICOM C-STORE receiver: stores incoming CT and X-ray series, "
@@ -608,14 +687,20 @@ def build_parser() -> argparse.ArgumentParser:
     _old_spelling(p, "--results", "result_endpoint")
     p.add_argument("--overlay", action="store_true", help="also publish an overlay picture per frame")
     p.add_argument("--record", help="record every input and output message into this folder")
-    p.add_argument("--calibration", help="image-intensifier distortion calibration (guidance.calibration/1) "
-                   "applied to every frame; frames of another size or device (source id) are refused")
+    _add_cache_argument(p)
+    p.add_argument("--calibration", nargs="+", metavar="FILE",
+                   help="calibration files (guidance.calibration/1): C-arm (K per orientation from its angle "
+                   "table), image-intensifier distortion, instrument pivots; frames of another size or device "
+                   "(source id) and instruments that do not match are refused")
     p.add_argument("--igtl-port", type=int, help="also serve OpenIGTLink (3D Slicer) on this port "
                    "(Slicer's default is 18944); default: off")
     p.add_argument("--igtl-host", default="127.0.0.1", help="OpenIGTLink address to bind (default loopback only)")
     p.add_argument("--igtl-image-hz", type=float, default=2.0, help="cap on fluoro IMAGE messages per second")
     p.add_argument("--max-frame-px", type=int, default=2048,
                    help="largest frame side accepted (pixels); bigger messages are refused by the socket")
+    p.add_argument("--detect-instruments", nargs="*", default=[], metavar="MODEL",
+                   help="instrument models (e.g. kwire) to find in the images while no tracker reports one; "
+                   "published as image-derived instrument states")
     _add_security_arguments(p)
     p.set_defaults(func=cmd_pipeline)
 
@@ -628,6 +713,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--headless", action="store_true", help="write PNG screens instead of a window")
     p.add_argument("--every", type=int, default=1, help="headless: write every n-th screen")
     p.add_argument("--fps", type=float, default=10.0, help="screen refresh rate (Hz)")
+    p.add_argument("--size", default="1600x900", help="screen size WIDTHxHEIGHT in pixels")
     p.add_argument("--out", default="out/screens", help="PNG folder (headless, or without a display)")
     p.add_argument("--max-frame-px", type=int, default=2048,
                    help="largest frame side accepted (pixels); bigger messages are refused by the socket")

@@ -1,8 +1,10 @@
-"""Synthetic lumbar spine CT phantom from analytic shapes, with a pedicle screw plan.
+"""Synthetic lumbar spine CT phantom from analytic shapes, with screw and interbody plans.
 
 The phantom is a CT in Hounsfield units on an axis-aligned grid in world LPS mm (x to
 the patient's left, y posterior, z superior), a TotalSegmentator-style label map on the
-same grid and a pedicle screw plan (two trajectories per level). Every vertebra is built
+same grid, a pedicle screw plan (two trajectories per level) and an interbody plan (a
+lateral LLIF trajectory per lumbar disc, an anterior ALIF one for L4-L5 and, with the
+sacrum, L5-S1). Every vertebra is built
 in its own frame (origin at the body centre, x left, y posterior, z along its own
 superior axis) from rounded boxes and elliptic cylinders combined as signed distances;
 the vertebral frames follow a lordotic (and optionally scoliotic) curve. Surfaces get a
@@ -584,20 +586,80 @@ def _plan(names, specs, Ts, bones) -> list[dict]:
     return plan
 
 
+def _disc_frame(upper: tuple[_LevelSpec, np.ndarray], lower: tuple[_LevelSpec, np.ndarray]):
+    """(centre, x left, y posterior, height, width, depth) of the disc between two levels
+    (world mm): centre midway between the facing endplate centres, axes of the upper
+    vertebra, height the distance between the endplate centres, width and depth the mean
+    of the two bodies'."""
+    (su, Tu), (sl, Tl) = upper, lower
+    top = Tu[:3, 3] - Tu[:3, 2] * su.height / 2
+    bottom = Tl[:3, 3] + Tl[:3, 2] * sl.height / 2
+    return ((top + bottom) / 2, Tu[:3, 0], Tu[:3, 1], float(np.linalg.norm(top - bottom)),
+            (su.width + sl.width) / 2, (su.depth + sl.depth) / 2)
+
+
+def _interbody_plan(names, specs, Ts, lower_s1: tuple[_LevelSpec, np.ndarray] | None) -> list[dict]:
+    """Interbody access trajectories, each ending at its cage's centre (world mm).
+
+    Lateral (LLIF, from the patient's left) for every lumbar disc: entry at the disc's left
+    wall, target at the disc centre, a cage spanning the disc (length 6 mm less than the
+    disc width, in 5 mm steps), 18 mm wide, 2 mm lower than the disc. Anterior (ALIF) for
+    L4-L5 and L5-S1: entry at the anterior wall, target 3 mm anterior to the disc centre, a
+    cage of 70% of the disc's width and depth, 2 mm lower than the disc.
+    """
+    pairs = list(zip(names, specs, Ts))
+    discs = [(u[0], low[0], _disc_frame(u[1:], low[1:])) for u, low in zip(pairs[:-1], pairs[1:])]
+    if lower_s1 is not None:
+        discs.append((names[-1], "sacrum", _disc_frame((specs[-1], Ts[len(names) - 1]), lower_s1)))
+
+    def point(p: np.ndarray) -> list[float]:
+        return [round(float(v), 4) for v in p]
+
+    plan = []
+    for upper, lower, (centre, ex, ey, height, width, depth) in discs:
+        cage_h = float(math.floor(height - 2.0))
+        base = {"level": upper, "label": LEVEL_LABELS[upper], "level_below": lower}
+        if lower != "sacrum":
+            plan.append({**base, "approach": "lateral", "side": "left",
+                         "entry_world": point(centre + ex * width / 2), "target_world": point(centre),
+                         "cage": {"length_mm": float(5 * math.floor((width - 6.0) / 5)),
+                                  "width_mm": 18.0, "height_mm": cage_h}})
+        if upper == "L5" or lower == "L5":
+            plan.append({**base, "approach": "anterior", "side": "midline",
+                         "entry_world": point(centre - ey * depth / 2), "target_world": point(centre - 3.0 * ey),
+                         "cage": {"length_mm": float(round(0.7 * depth)), "width_mm": float(round(0.7 * width)),
+                                  "height_mm": cage_h}})
+    return plan
+
+
 # ---------------------------------------------------------------------------- phantom
 
 
 @dataclass(frozen=True)
 class Phantom:
-    """CT (HU), label map (uint8, same grid), screw plan, level name -> label id, and the
+    """CT (HU), label map (uint8, same grid), screw plan, interbody plan (lateral and
+    anterior approaches, ``_interbody_plan``), level name -> label id, and the
     ``T_world_from_vertebra`` 4x4 frame of each level (origin at the body centre, x left,
-    y posterior, z along the vertebra's superior axis)."""
+    y posterior, z along the vertebra's superior axis) and the analytic ``bones`` (level
+    name -> the shapes the CT was painted from; see ``bone_signed_distance``)."""
 
     ct: Volume
     labels: Volume
     plan: list[dict]
     levels: dict[str, int]
     T_world_from_vertebra: dict[str, np.ndarray] = field(default_factory=dict)
+    interbody_plan: list[dict] = field(default_factory=list)
+    bones: dict[str, _Bone] = field(default_factory=dict)
+
+    def bone_signed_distance(self, level: str, points_world: np.ndarray) -> np.ndarray:
+        """Signed distance (mm, negative inside) from world points (N, 3) (LPS mm) to the
+        surface of one level's bone, from its analytic shapes: the ground truth that the
+        voxelised CT and labels only approximate (the union is exact outside the bone and
+        a lower bound of the depth inside)."""
+        if level not in self.bones:
+            raise ValueError(f"no bone for level {level!r}; levels: {', '.join(self.bones)}")
+        p = np.asarray(points_world, dtype=np.float32).reshape(-1, 3)
+        return np.asarray(self.bones[level].sdf(p[:, 0], p[:, 1], p[:, 2]), dtype=float)
 
 
 def make_phantom(
@@ -649,24 +711,31 @@ def make_phantom(
         _paint_bone(ct, labels, depth, grid, bone)
     level_ids = {n: LEVEL_LABELS[n] for n in names}
     frames = dict(zip(names, Ts))
+    bone_of = dict(zip(names, bones))
     if include_sacrum:
         level_ids["sacrum"] = LEVEL_LABELS["sacrum"]
         frames["sacrum"] = Ts[-1]
+        bone_of["sacrum"] = bones[-1]
     return Phantom(
         ct=Volume(ct, grid.T_world_from_index, "HU"),
         labels=Volume(labels, grid.T_world_from_index, "label"),
         plan=_plan(names, specs, Ts, bones),
         levels=level_ids,
         T_world_from_vertebra=frames,
+        interbody_plan=_interbody_plan(names, specs, Ts, (_S1, Ts[-1]) if include_sacrum else None),
+        bones=bone_of,
     )
 
 
 def write_phantom(phantom: Phantom, out_dir: str | Path) -> dict[str, Path]:
-    """Write ``ct.nii.gz``, ``labels.nii.gz`` and ``plan.json`` into ``out_dir``."""
+    """Write ``ct.nii.gz``, ``labels.nii.gz``, ``plan.json`` (screws) and
+    ``interbody_plan.json`` (lateral and anterior approaches) into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"ct": out / "ct.nii.gz", "labels": out / "labels.nii.gz", "plan": out / "plan.json"}
+    paths = {"ct": out / "ct.nii.gz", "labels": out / "labels.nii.gz", "plan": out / "plan.json",
+             "interbody_plan": out / "interbody_plan.json"}
     save_volume(phantom.ct, paths["ct"])
     save_volume(phantom.labels, paths["labels"])
     write_plan(phantom.plan, paths["plan"])
+    write_plan(phantom.interbody_plan, paths["interbody_plan"])
     return paths

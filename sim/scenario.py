@@ -35,7 +35,7 @@ identical frames whatever the order in which times are asked for.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
@@ -46,7 +46,13 @@ from guidance.core.geometry import (
     rotation_from_rotvec,
     transform_points,
 )
-from guidance.core.instrument_models import INSTRUMENTS, InstrumentModel, get_instrument
+from guidance.core.instrument_models import (
+    INSTRUMENTS,
+    METAL_MAX_LINE_INTEGRAL,
+    STEEL_MU_PER_MM,
+    InstrumentModel,
+    get_instrument,
+)
 from guidance.core.plan import SIDES, trajectory_endpoints
 from guidance.core.levels import LUMBAR
 from guidance.core.errors import GuidanceError
@@ -73,11 +79,6 @@ MODES = ("fluoro", "shots")
 PATIENT_POSITIONS = ("prone", "supine")
 START_OUTSIDE_MM = 20.0
 """The instrument tip starts this far before the entry point, along the trajectory."""
-STEEL_MU_PER_MM = 0.5
-"""Effective linear attenuation of the instrument's steel (1/mm): lower than steel's true
-~2/mm at 60 keV, which would paint a black bar."""
-METAL_MAX_LINE_INTEGRAL = 3.0
-"""The instrument's line integral saturates here (a thick screw stays just visible)."""
 _SUPERSAMPLE = 2
 """Instrument rays per pixel side (anti-aliasing of the thin shaft)."""
 _TRACKER_OFFSET_WORLD = np.array([-600.0, 1200.0, -900.0])
@@ -124,7 +125,9 @@ def _angle_pair(value: object, name: str) -> tuple[float, float]:
 class Scenario:
     """A scripted session. Lengths in mm, angles in degrees, times in seconds.
 
-    ``mode``: "fluoro" (continuous fluoroscopy at ``fps`` from ``fluoro_angles``) or
+    ``mode``: "fluoro" (continuous fluoroscopy at ``fps`` from ``fluoro_angles``, after
+    one shot per ``lead_shots`` pair held ``shot_interval_s`` each, e.g. an AP and a
+    lateral shot for multi-shot registration) or
     "shots" (one image every ``shot_interval_s``, cycling through ``shots``); angles are
     (LAO, cranial) pairs as the C-arm displays them. The detector is ``detector_px``
     square pixels of ``pixel_spacing_mm``; ``sdd_mm`` / ``sid_mm``: source to detector /
@@ -132,7 +135,9 @@ class Scenario:
     ``XrayParams().I0``, "display" uint8, "line_integral" float32); ``dose`` scales the
     photon count.
     ``instrument``: a name from ``guidance.core.instrument_models.INSTRUMENTS`` or None (no
-    instrument in the images or the tracker). Tracker noise: RMS 3-D position error
+    instrument in the images or the tracker); it advances along the planned trajectory,
+    turned medially about the entry point by ``instrument_medial_deg`` (negative: laterally),
+    so that a breach warning can be watched building up. Tracker noise: RMS 3-D position error
     ``tracker_noise_mm`` and RMS rotation ``tracker_noise_deg`` of each noisy sample.
     """
 
@@ -142,6 +147,7 @@ class Scenario:
     shots: tuple[tuple[float, float], ...] = ((0.0, 0.0), (90.0, 0.0), (20.0, 0.0), (-20.0, 0.0))
     shot_interval_s: float = 2.0
     fluoro_angles: tuple[float, float] = (0.0, 0.0)
+    lead_shots: tuple[tuple[float, float], ...] = ()
     detector_px: int = 256
     pixel_spacing_mm: float = 1.2
     sdd_mm: float = 1000.0
@@ -157,6 +163,7 @@ class Scenario:
     target_level: str = "L3"
     target_side: str = "left"
     advance_mm_per_s: float = 3.0
+    instrument_medial_deg: float = 0.0
     tracker_noise_mm: float = 0.25
     tracker_noise_deg: float = 0.2
     seed: int = 0
@@ -173,6 +180,9 @@ class Scenario:
         _non_negative(self, "initial_misalignment_mm", "initial_misalignment_deg",
                       "breathing_amplitude_mm", "advance_mm_per_s", "tracker_noise_mm",
                       "tracker_noise_deg")
+        if not (isinstance(self.instrument_medial_deg, (int, float)) and abs(self.instrument_medial_deg) <= 30.0):
+            raise ScenarioError(f"instrument_medial_deg must be a number in [-30, 30]; "
+                                f"got {self.instrument_medial_deg!r}")
         if isinstance(self.detector_px, bool) or not isinstance(self.detector_px, int) or self.detector_px < 8:
             raise ScenarioError(f"detector_px must be an integer >= 8; got {self.detector_px!r}")
         if not self.sid_mm < self.sdd_mm:
@@ -184,17 +194,26 @@ class Scenario:
             raise ScenarioError("shots must hold at least one (lao_deg, cranial_deg) pair")
         object.__setattr__(self, "shots", shots)
         object.__setattr__(self, "fluoro_angles", _angle_pair(self.fluoro_angles, "fluoro_angles"))
+        object.__setattr__(self, "lead_shots",
+                           tuple(_angle_pair(s, f"lead_shots[{i}]") for i, s in enumerate(self.lead_shots)))
 
     def acquisition_index(self, t_s: float) -> int:
         """Index of the image acquired at scenario time ``t_s``: the fluoroscopy frame
-        (round(t * fps)) or the shot number (floor(t / shot_interval_s))."""
-        if self.mode == "fluoro":
-            return int(round(t_s * self.fps))
-        return int(math.floor(t_s / self.shot_interval_s + 1e-9))
+        (round(t * fps), numbered after the lead shots) or the shot number
+        (floor(t / shot_interval_s))."""
+        shot = int(math.floor(t_s / self.shot_interval_s + 1e-9))
+        if self.mode == "shots":
+            return shot
+        n_lead = len(self.lead_shots)
+        if shot < n_lead:
+            return shot
+        return n_lead + int(round((t_s - n_lead * self.shot_interval_s) * self.fps))
 
     def angles(self, index: int) -> tuple[float, float]:
         """(LAO, cranial) degrees of acquisition ``index``."""
-        return self.fluoro_angles if self.mode == "fluoro" else self.shots[index % len(self.shots)]
+        if self.mode == "shots":
+            return self.shots[index % len(self.shots)]
+        return self.lead_shots[index] if index < len(self.lead_shots) else self.fluoro_angles
 
 
 @dataclass(frozen=True)
@@ -290,14 +309,15 @@ def _cylinder_chords(d: np.ndarray, tip: np.ndarray, w: np.ndarray, length: floa
 
 
 def instrument_line_integral(view: View, T_cam_from_tool: np.ndarray, model: InstrumentModel, *,
-                             mu_per_mm: float = STEEL_MU_PER_MM,
+                             mu_per_mm: float | None = None,
                              max_line_integral: float = METAL_MAX_LINE_INTEGRAL,
                              supersample: int = _SUPERSAMPLE) -> np.ndarray:
     """Line integral image (H, W) float32 of the instrument's working part, a cylinder of
     ``model.diameter_mm`` from the tip ``model.length_mm`` back towards the handle, at
     ``T_cam_from_tool`` in ``view`` (only K and the image size are used).
 
-    Per pixel: ``min(mu_per_mm * chord, max_line_integral)`` averaged over
+    Per pixel: ``min(mu_per_mm * chord, max_line_integral)`` (``mu_per_mm`` defaults to
+    ``model.mu_per_mm``) averaged over
     ``supersample``^2 rays, with the chord computed analytically; only pixels within the
     projected radius (+2 px) of the projected axis are evaluated. Zero everywhere when the
     instrument is not entirely in front of the source.
@@ -326,7 +346,8 @@ def instrument_line_integral(view: View, T_cam_from_tool: np.ndarray, model: Ins
     d = rays @ np.linalg.inv(view.K).T
     d /= np.linalg.norm(d, axis=-1, keepdims=True)
     chords = _cylinder_chords(d, tip, w, model.length_mm, radius)
-    values = np.minimum(mu_per_mm * chords, max_line_integral).mean(axis=1)
+    mu = model.mu_per_mm if mu_per_mm is None else mu_per_mm
+    values = np.minimum(mu * chords, max_line_integral).mean(axis=1)
     out[uv[:, 1].astype(int), uv[:, 0].astype(int)] = values
     return out
 
@@ -365,6 +386,9 @@ class ScenarioPlayer:
                                 f"trajectory; planned: {planned}")
         self.trajectory = matches[0]
         self.entry_world, self.target_world = trajectory_endpoints(self.trajectory)
+        if scenario.instrument_medial_deg:
+            self.target_world = self._turned_medially(phantom.T_world_from_vertebra[scenario.target_level],
+                                                      scenario.instrument_medial_deg)
         self.model = None if scenario.instrument is None else get_instrument(scenario.instrument)
         T_world_from_vertebra = phantom.T_world_from_vertebra[scenario.target_level]
         self.isocenter_world = T_world_from_vertebra[:3, 3].copy()
@@ -374,6 +398,14 @@ class ScenarioPlayer:
         self.M0 = self._initial_misplacement()
         self._anatomy = prepare_anatomy(phantom.ct)
         self._views: dict[tuple[float, float], View] = {}
+
+    def _turned_medially(self, T_world_from_vertebra: np.ndarray, angle_deg: float) -> np.ndarray:
+        """The planned target turned about the entry point towards the vertebra's midline."""
+        x = T_world_from_vertebra[:3, 0]
+        medial = -x if (self.entry_world - T_world_from_vertebra[:3, 3]) @ x > 0 else x
+        offset = self.target_world - self.entry_world
+        axis = np.cross(offset, medial)
+        return self.entry_world + rotation_about_axis(axis / np.linalg.norm(axis), angle_deg) @ offset
 
     def _initial_misplacement(self) -> np.ndarray:
         """M0: world-frame rigid motion of the anatomy, seeded: a rotation of exactly
@@ -410,6 +442,8 @@ class ScenarioPlayer:
                 pixel_spacing_mm=(s.pixel_spacing_mm, s.pixel_spacing_mm),
                 isocenter_world=self.isocenter_world, patient_position=s.patient_position)
             self._views[key] = labelled_view(self._views[key], s.intensity)
+            # The C-arm reports its angles with each image (an angle-table calibration uses them).
+            self._views[key] = replace(self._views[key], extra={"lao_deg": lao_deg, "cranial_deg": cranial_deg})
         return self._views[key]
 
     def state_at(self, t_s: float) -> SimState:
@@ -437,15 +471,20 @@ class ScenarioPlayer:
                         T_world_corrected_from_world=invert_rigid(M), T_world_from_tool=T_world_from_tool,
                         T_tracker_from_cam=T_tracker_from_cam, tracker=tracker)
 
-    def render(self, state: SimState) -> SimFrame:
+    def render(self, state: SimState, *,
+               extra_instruments: tuple[tuple[InstrumentModel, np.ndarray], ...] = ()) -> SimFrame:
         """The X-ray image of ``state`` (anatomy and instrument seen from the actual pose,
-        Poisson noise seeded by the scenario seed and the acquisition time)."""
+        Poisson noise seeded by the scenario seed and the acquisition time).
+        ``extra_instruments``: further (model, ``T_world_from_tool``) pairs drawn into the
+        image only (untracked instruments left in the patient)."""
         s = self.scenario
         actual = state.view.with_pose(state.T_cam_from_world)
         line_integral = self._anatomy.line_integral(actual)
         if self.model is not None:
             line_integral += instrument_line_integral(actual, state.T_cam_from_world @ state.T_world_from_tool,
                                                       self.model)
+        for model, T_world_from_tool in extra_instruments:
+            line_integral += instrument_line_integral(actual, state.T_cam_from_world @ T_world_from_tool, model)
         seed = int(np.random.SeedSequence([s.seed, 2, int(round(state.t_s * 1e6))]).generate_state(1)[0])
         pixels, _ = acquire(line_integral, actual, XrayParams(dose=s.dose, seed=seed), intensity=s.intensity)
         return SimFrame(**{f.name: getattr(state, f.name) for f in fields(SimState)}, pixels=pixels)

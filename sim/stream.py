@@ -36,6 +36,8 @@ from guidance.live.recording import Record, read_recording, replay
 from guidance.live.transport import Publisher
 from guidance.core.dicom import read_xray_dicom
 from guidance.core.views import View, read_view
+from guidance.core.geometry import invert_rigid
+from sim.cbct import IntraopScan, intraop_scan
 from sim.phantom import Phantom
 from sim.scenario import Scenario, ScenarioPlayer, SimFrame, SimState
 
@@ -162,8 +164,13 @@ def run_sim(
     startup_s: float = 0.0,
     prerender: bool = False,
     keys: CurveKeys | None = None,
+    intraop_at_s: float | None = None,
 ) -> dict:
     """Play ``scenario`` on ``phantom`` and publish it until its ``duration_s`` or ``stop``.
+
+    ``intraop_at_s``: at this scenario time (s) also publish an intra-op CBCT-like scan
+    of the patient (``sim.cbct.intraop_scan``, prepared before streaming starts) as a
+    ``VolumeFrame`` with the scanner's tracker pose and the true correction as ground truth.
 
     ``prerender`` renders every image before streaming starts, so the simulated C-arm
     costs no CPU while it streams: for benchmarks of the pipeline on the same machine,
@@ -189,7 +196,9 @@ def run_sim(
     _check_speed(speed)
     player = ScenarioPlayer(scenario, phantom)
     rendered = _prerender(player) if prerender else {}
-    stats = {"frames": 0, "tracker_samples": 0, "skipped_ticks": 0, "render_ms_mean": 0.0, "render_ms_max": 0.0}
+    scan = None if intraop_at_s is None else intraop_scan(player, phantom.ct, intraop_at_s)
+    stats = {"frames": 0, "tracker_samples": 0, "skipped_ticks": 0, "render_ms_mean": 0.0, "render_ms_max": 0.0,
+             "volumes": 0}
     with ExitStack() as stack:
         frame_pub = stack.enter_context(Publisher(frame_endpoint, keys=keys))
         tracker_pub = frame_pub
@@ -197,7 +206,7 @@ def run_sim(
             tracker_pub = stack.enter_context(Publisher(tracker_endpoint, keys=keys))
         session = _Session(frame_pub, "sim", stop, heartbeat_s, stats)
         if session.start(startup_s):
-            _play(session, _SimPublisher(player, frame_pub, tracker_pub, on_frame, stats, rendered), speed)
+            _play(session, _SimPublisher(player, frame_pub, tracker_pub, on_frame, stats, rendered, scan), speed)
         session.finish()
     logger.info("sim: %d frames (%.1f ms mean render), %d tracker samples, %d ticks skipped in %.1f s",
                 stats["frames"], stats["render_ms_mean"], stats["tracker_samples"], stats["skipped_ticks"],
@@ -210,8 +219,9 @@ class _SimPublisher:
 
     def __init__(self, player: ScenarioPlayer, frame_pub: Publisher, tracker_pub: Publisher,
                  on_frame: Callable[[SimFrame, wire.Frame], None] | None, stats: dict,
-                 rendered: dict[int, SimFrame]) -> None:
+                 rendered: dict[int, SimFrame], scan: IntraopScan | None = None) -> None:
         self.player = player
+        self._scan = scan
         self._rendered = rendered
         self._frame_pub = frame_pub
         self._tracker_pub = tracker_pub
@@ -228,6 +238,10 @@ class _SimPublisher:
         for sample in _tracker_samples(state, scenario.instrument, scenario.tracker_noise_mm, acquired_ns):
             self._tracker_pub.send(sample)
             self._stats["tracker_samples"] += 1
+        if self._scan is not None and t_s >= self._scan.t_s:
+            self._frame_pub.send(_volume_message(self._scan, acquired_ns))
+            self._stats["volumes"] += 1
+            self._scan = None
         if state.frame_id == self._last_frame_id:
             return
         started = time.perf_counter()
@@ -239,6 +253,15 @@ class _SimPublisher:
                            render_ms_max=float(np.max(self._render_ms)))
         if self._on_frame is not None:
             self._on_frame(frame, sent)
+
+
+def _volume_message(scan: IntraopScan, acquired_ns: int) -> wire.VolumeFrame:
+    """The wire VolumeFrame of a simulated intra-op scan, the true correction as ground truth."""
+    volume = scan.volume
+    return wire.VolumeFrame(source="sim", volume_id=0, acquired_ns=acquired_ns, voxels=volume.data,
+                            spacing_mm=volume.spacing, origin_mm=volume.origin, direction=volume.direction,
+                            T_tracker_from_scanner=scan.T_tracker_from_scanner,
+                            ground_truth={"T_world_corrected_from_world": invert_rigid(scan.T_scanner_from_world)})
 
 
 def _prerender(player: ScenarioPlayer) -> dict[int, SimFrame]:

@@ -1,4 +1,5 @@
-"""Shared fixtures: the real CT data folder (skipped with a reason when absent)."""
+"""Shared fixtures: the real CT data folder (skipped with a reason when absent) and a
+session-wide temporary cache folder for prepared CTs."""
 
 from pathlib import Path
 
@@ -13,3 +14,14 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real CT data folder {SHARED_DATA} is absent (only a full checkout has it)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prepared_ct_cache(tmp_path_factory):
+    """Prepared CTs of the test session go to a temporary folder, not the user's cache."""
+    from guidance.registration.prepared import CACHE_ENV
+
+    folder = tmp_path_factory.mktemp("prepared_ct_cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(CACHE_ENV, str(folder))
+        yield folder

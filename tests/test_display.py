@@ -6,6 +6,7 @@ import pytest
 from numpy.testing import assert_allclose
 
 from guidance.live.display import (
+    RESLICE_FOV_MM,
     HeadlessWriter,
     NavigationState,
     WindowSink,
@@ -17,7 +18,7 @@ from guidance.core.geometry import make_rigid, project, rotation_about_axis, tra
 from guidance.navigation.overlay import COLOURS
 from guidance.core.views import carm_view
 from guidance.core.volume import Volume
-from guidance.live.wire import Frame, Heartbeat, InstrumentState, PoseResult
+from guidance.live.wire import Frame, Heartbeat, InstrumentState, PoseResult, TargetPose
 
 T0 = 1_700_000_000.0
 VIEW = carm_view(detector_size_px=(128, 128), pixel_spacing_mm=(2.0, 2.0))
@@ -218,10 +219,10 @@ def test_compose_screen_size_and_reslices_centred_on_tip(size):
     screen = compose_screen(live_state(), CT, PLAN, T0 + 0.1, size=size)
     assert screen.shape == (size[1], size[0], 3) and screen.dtype == np.uint8
     layout = screen_layout(size)
-    for name in ("axial", "sagittal", "coronal"):
+    for name in ("axial", "sagittal"):
         p = pane(screen, layout, name)
         h, w = p.shape[:2]
-        mm_per_px = 100.0 / min(w, h)
+        mm_per_px = RESLICE_FOV_MM / min(w, h)
         cu, cv = (w - 1) / 2, (h - 1) / 2
         near = int(round(2.5 / mm_per_px))  # inside the 10 mm marker block
         far = int(round(9.0 / mm_per_px))   # outside it
@@ -261,7 +262,12 @@ def test_stale_screen_hides_instrument_and_pose_overlays():
     stale = compose_screen(state, CT, PLAN, T0 + 0.7)
     assert count_colour(stale, COLOURS["shaft"]) == 0
     assert count_colour(pane(stale, layout, "fluoro"), COLOURS["left"]) == 0
-    assert count_colour(stale, COLOURS["stale"]) > 1000  # the warning, large
+    assert count_colour(stale, COLOURS["stale"]) > 1000  # status box and frame
+    # The state is said in the status bar and a frame, not written over the CT panes.
+    for name in ("axial", "sagittal"):
+        inner = pane(stale, layout, name)[40:-40, 40:-40]
+        assert count_colour(inner, COLOURS["stale"]) == 0
+    assert pane(stale, layout, "fluoro").mean() < pane(ok, layout, "fluoro").mean()  # dimmed
     invalid = compose_screen(live_state("failed"), CT, PLAN, T0 + 0.1)
     assert count_colour(invalid, COLOURS["shaft"]) == 0
     assert count_colour(invalid, COLOURS["invalid"]) > 1000
@@ -303,3 +309,50 @@ def test_window_sink_falls_back_to_png_without_display(tmp_path, monkeypatch, ca
     sink.close()
     assert (tmp_path / "screen_000000.png").is_file()
     assert not sink.quit_requested
+
+
+def test_screen_shows_breach_warning_guide_and_fluoro_legend():
+    state = live_state()
+    state.on_instrument(InstrumentState(
+        frame_id=1, tool_id="kwire", tip_world=TIP, axis_world=AXIS, status="ok", plan_level="L3",
+        plan_side="left", to_target_along_plan_mm=20.0, breach_mm=2.5, breach_grade="C", breach_side="medial",
+        breach_warning=True, clearance_mm=-2.5, travel_to_breach_mm=6.0), T0 + 0.05)
+    state.on_target(TargetPose(level="L3", side="left", approach="posterior", T_tracker_from_target=np.eye(4),
+                               length_mm=50.0, guide_tool_id="aiming_guide", guide_entry_error_mm=0.4,
+                               guide_angle_error_deg=0.3, guide_aligned=True), T0 + 0.05)
+    assert state.instrument.metrics["breach_side"] == "medial" and state.guide.aligned
+    screen = compose_screen(state, CT, PLAN, T0 + 0.1)
+    layout = screen_layout((1280, 720))
+    assert set(layout) == {"status", "fluoro", "axial", "sagittal", "trajectory", "numbers"}
+    numbers = pane(screen, layout, "numbers")
+    assert count_colour(numbers, COLOURS["invalid"]) > 3000  # the red breach banner
+    assert count_colour(numbers, COLOURS["ok"]) > 30  # "ALIGNED"
+    trajectory = pane(screen, layout, "trajectory")
+    assert count_colour(trajectory, COLOURS["invalid"]) > 30  # the screw outline ahead, in red
+    th, tw = trajectory.shape[:2]
+    size = int(min(tw, th) * 0.42)
+    probe_eye = trajectory[th - size - 6: th - 6, 6: 6 + size]
+    assert count_colour(probe_eye, COLOURS["invalid"]) > 20  # the screw's cross-section, in red
+    fluoro = pane(screen, layout, "fluoro")
+    h = fluoro.shape[0]
+    corner = fluoro[h - 120:, :260]  # the legend
+    for colour in (COLOURS["left"], COLOURS["shaft"], COLOURS["extension"]):
+        assert count_colour(corner, colour) > 20
+    # Without breach fields the banner is grey (no prediction), not red.
+    plain = pane(compose_screen(live_state(), CT, PLAN, T0 + 0.1), layout, "numbers")
+    assert count_colour(plain[40:91], COLOURS["invalid"]) == 0
+    assert count_colour(plain[40:91], COLOURS["waiting"]) > 3000
+
+
+def test_status_line_shows_the_pose_uncertainty():
+    from dataclasses import replace
+
+    from guidance.live.display import _status_lines
+
+    state = NavigationState()
+    state.on_pose(replace(pose(), uncertainty_in_plane_mm=0.31, uncertainty_depth_mm=2.4), T0)
+    assert state.pose.uncertainty_mm == (0.31, 2.4)
+    line = _status_lines(state, "ok", T0 + 0.1, None, None, "")[0]
+    assert "+-0.3 mm in-plane, +-2.4 mm depth" in line
+    state.on_pose(pose(), T0 + 0.2)
+    assert "in-plane" not in _status_lines(state, "ok", T0 + 0.3, None, None, "")[0]

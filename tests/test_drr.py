@@ -217,11 +217,13 @@ def test_empty_space_skipping_keeps_the_line_integrals(bone_and_body, which):
         reference = render_drr_reference(dv.volume, view, step_mm=dv.step_mm, kernel_samples=True)
         scale = reference.max()
         assert scale > 0 and (reference > 0.01 * scale).mean() > 0.1
-        for image in (skipped, plain):
+        signal = reference > 0.01 * scale
+        for image in (skipped, plain):  # float32 stepping along the ray vs float64
             assert np.abs(image - reference).max() < 1e-4 * scale
-            signal = reference > 0.01 * scale
-            assert (np.abs(image - reference)[signal] / reference[signal]).max() < 1e-4
-        assert np.abs(skipped - plain).max() < 1e-6 * scale
+            assert (np.abs(image - reference)[signal] / reference[signal]).max() < 5e-4
+        # Skipping changes nothing but where a run of float32 steps restarts.
+        assert np.abs(skipped - plain).max() < 1e-5 * scale
+        assert (np.abs(skipped - plain)[signal] / plain[signal]).max() < 1e-4
 
 
 def test_skipping_matches_the_dense_reference(bone_and_body):

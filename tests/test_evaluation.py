@@ -100,8 +100,9 @@ def test_summarize_counts_the_quality_gate():
     s = ev.summarize(records)
     assert s["n_cases"] == 4 and s["success_rate"] == 0.5
     assert [b["rate"] for b in s["bins"]] == [0.5, 0.5] and s["capture_range_mm"] == 0.0
-    assert s["quality_gate"] == {"failed_rate": 0.5, "true_positive": 1, "false_positive": 1,
-                                 "false_negative": 1, "true_negative": 1}
+    assert s["quality_gate"] == {"failed_rate": 0.5, "ok_correct": 1, "ok_wrong": 1, "failed_correct": 1,
+                                 "failed_wrong": 1, "wrong_among_ok": 0.5, "ok_among_correct": 0.5}
+    assert s["prepare_s"] == {"median": None, "max": None}  # records without a preparation time
     assert s["final_mtre_mm"]["median"] == pytest.approx(4.5)
 
 
@@ -216,7 +217,7 @@ def test_run_benchmark_registers_biplane_cases_and_reports(phantom, tmp_path):
 
 
 def test_evaluate_writes_a_report_per_variant(phantom, tmp_path):
-    settings = RegistrationSettings(popsize=8, max_generations=10)
+    settings = RegistrationSettings(pyramid=(2, 1), n_candidates=2)
     summaries = ev.evaluate(phantom, out_dir=tmp_path, level="L3", intensities=("display",), n_views=1,
                             n_starts_per_bin=1, bins=((0.0, 5.0),), detector_px=64, settings=settings,
                             progress=False)

@@ -17,7 +17,7 @@ PLAN_DIR = np.array([0.0, -1.0, 0.0])
 
 def test_registry_names_and_unknown_name_lists_them():
     kinds = {m.kind for m in INSTRUMENTS.values()}
-    assert kinds == {"kwire", "jamshidi", "screw"}
+    assert kinds == {"kwire", "jamshidi", "screw", "guide"}
     assert get_instrument("kwire").diameter_mm == pytest.approx(1.6)
     with pytest.raises(ValueError, match="kwire.*jamshidi"):
         get_instrument("scalpel")

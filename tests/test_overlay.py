@@ -6,11 +6,15 @@ from guidance.core.geometry import project
 from guidance.navigation.overlay import (
     COLOURS,
     draw_instrument,
+    draw_legend,
     draw_outline,
+    draw_screw_path,
     draw_status,
     draw_trajectories,
+    orientation_letters,
     status_bar_height,
     to_display_bgr,
+    trajectory_label,
 )
 from guidance.core.views import carm_view
 from guidance.core.volume import Volume
@@ -143,15 +147,94 @@ def test_instrument_with_affine_camera():
 
 def test_status_bar_and_warning():
     img = np.full((300, 400, 3), 128, np.uint8)
-    ok = draw_status(img, ["REG OK conf 0.95", "dist 1.0 mm"], state="ok")
+    ok = draw_status(img, ["Registration OK", "1.0 mm off plan"], state="ok")
     bar = status_bar_height(2)
-    assert (ok[: 300 - bar] == 128).all()  # nothing above the bar
-    assert (ok[300 - bar:] != 128).any()
+    assert (ok[bar:] == 128).all()  # nothing below the bar
+    assert (ok[:bar] != 128).any()
     stale = draw_status(img, ["no pose for 0.8 s"], state="stale")
+    bar = status_bar_height(1)
     warning = np.all(np.abs(stale.astype(int) - COLOURS["stale"]) < 30, axis=2)
-    assert warning[60:200, 100:300].any()  # large word across the picture
-    assert warning[:3].all()  # border
+    assert warning[:bar, :60].mean() > 0.3  # the state box
+    assert warning[bar + 2, 10:-10].all() and warning[bar + 10:-10, -2].all()  # a frame around the picture
+    assert not warning[bar + 10: -10, 10: -10].any()  # nothing written over the picture
     with pytest.raises(ValueError, match="ok, stale, invalid, waiting"):
         draw_status(img, [], state="bad")
     with pytest.raises(ValueError, match="BGR uint8"):
         draw_status(np.zeros((10, 10), np.uint8), [], state="ok")
+
+
+def test_every_trajectory_is_labelled_beyond_its_entry():
+    upper = dict(LEFT, level="L2", label=30, entry_world=[25.0, 40.0, 40.0], target_world=[8.0, -15.0, 35.0])
+    lateral = {"approach": "lateral", "level": "L3", "label": 29, "level_below": "L4", "side": "left",
+               "entry_world": [22.0, 0.0, -20.0], "target_world": [0.0, 0.0, -20.0],
+               "cage": {"length_mm": 40.0, "width_mm": 18.0, "height_mm": 9.0}}
+    plan = [LEFT, RIGHT, upper, lateral]
+    labelled = draw_trajectories(black(), VIEW, plan, highlight_level="L3")
+    bare = draw_trajectories(black(), VIEW, plan, highlight_level="L3", labels=False)
+    text = np.any(labelled != bare, axis=2)
+    for t in plan:
+        entry, target = project(VIEW.P, np.array([t["entry_world"], t["target_world"]]))
+        away = (entry - target) / np.linalg.norm(entry - target)
+        centre = entry + 30.0 * away  # the label lies beyond the entry, away from the target
+        u, v = np.round(centre).astype(int)
+        assert text[v - 25: v + 26, u - 35: u + 36].sum() > 20, trajectory_label(t)
+    assert [trajectory_label(t) for t in plan] == ["L3 left", "L3 right", "L2 left", "L3-L4 lateral"]
+    # The cage (drawn alone): its outline spans its 9 mm height around the target.
+    cage = draw_trajectories(black(), VIEW, [lateral], labels=False)
+    top, bottom = project(VIEW.P, np.array(lateral["target_world"]) + np.array([[0, 0, 4.5], [0, 0, -4.5]]))
+    u = int(round(top[0]))
+    rows = np.flatnonzero(cage[:, u].any(axis=1))
+    assert_allclose([rows.min(), rows.max()], sorted([top[1], bottom[1]]), atol=2.0)
+
+
+@pytest.mark.parametrize("P, letters", [
+    # Coronal-like orthographic camera: u along +x (patient left), v along -z (down = inferior).
+    (np.array([[1.0, 0, 0, 50], [0, 0, -1.0, 50], [0, 0, 0, 1.0]]),
+     {"right": "L", "left": "R", "top": "S", "bottom": "I"}),
+    # Axial seen from the feet: u along +x, v along +y (posterior down).
+    (np.array([[1.0, 0, 0, 50], [0, 1.0, 0, 50], [0, 0, 0, 1.0]]),
+     {"right": "L", "left": "R", "top": "A", "bottom": "P"}),
+    # Oblique 45 degrees between L and P on the horizontal: both score 0.71, the larger-or-equal wins.
+    (np.array([[0.8, 0.6, 0, 50], [0, 0, -1.0, 50], [0, 0, 0, 1.0]]),
+     {"right": "L", "left": "R", "top": "S", "bottom": "I"}),
+])
+def test_orientation_letters(P, letters):
+    assert orientation_letters(P, np.zeros(3)) == letters
+
+
+def test_orientation_letters_of_the_ap_view():
+    """The AP C-arm view: patient's left on the side where +x projects, head where +z."""
+    c = np.zeros(3)
+    du = project(VIEW.P, np.array([[10.0, 0, 0]]))[0] - project(VIEW.P, c[None])[0]
+    dz = project(VIEW.P, np.array([[0.0, 0, 10.0]]))[0] - project(VIEW.P, c[None])[0]
+    got = orientation_letters(VIEW, c)
+    assert got["right" if du[0] > 0 else "left"] == "L"
+    assert got["bottom" if dz[1] > 0 else "top"] == "S"
+    assert "A" not in got.values() and "P" not in got.values()  # seen end-on in an AP view
+
+
+def test_legend_shows_each_colour():
+    entries = [("plan: left pedicle screw", COLOURS["left"]), ("instrument", COLOURS["shaft"])]
+    out = draw_legend(np.full((200, 300, 3), 128, np.uint8), entries)
+    for _, colour in entries:
+        assert np.count_nonzero(np.all(out == np.array(colour, np.uint8), axis=2)) > 20
+    assert (out[:100] == 128).all()  # only the bottom corner
+
+
+def test_screw_path_outline_at_its_radius():
+    P = np.array([[2.0, 0, 0, 50], [0, 2.0, 0, 50], [0, 0, 0, 1.0]])  # 0.5 mm per pixel, axial
+    out = draw_screw_path(np.zeros((100, 100, 3), np.uint8), P, [0.0, 10.0, 0.0], [0.0, -10.0, 0.0], 6.0,
+                          COLOURS["invalid"])
+    cols = np.flatnonzero(out[50].any(axis=1))
+    assert_allclose([cols.min(), cols.max()], [44, 56], atol=1)  # x = -3 and +3 mm
+
+
+def test_monitor_window_uses_the_anatomy_not_the_collimator_edge():
+    """Raw counts: a bright unattenuated border must not squeeze the anatomy's contrast."""
+    raw = np.full((100, 100), 800.0, np.float32)
+    raw[40:60, 40:60] = 500.0  # bone (fewer counts)
+    raw[:10] = raw[-10:] = 4095.0  # unattenuated rows at the field edge
+    plain = to_display_bgr(raw, intensity="raw")[..., 0].astype(int)
+    monitor = to_display_bgr(raw, intensity="raw", monitor=True)[..., 0].astype(int)
+    assert monitor[50, 50] < monitor[25, 25]  # bone darker than soft tissue
+    assert monitor[25, 25] - monitor[50, 50] > 2 * (plain[25, 25] - plain[50, 50])

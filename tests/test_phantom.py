@@ -235,7 +235,8 @@ def test_write_read_round_trip(tmp_path):
     p = make_phantom(seed=2, spacing_mm=2.5, levels=("L4", "L5"))
     paths = write_phantom(p, tmp_path / "case")
     assert {k: v.name for k, v in paths.items()} == {
-        "ct": "ct.nii.gz", "labels": "labels.nii.gz", "plan": "plan.json"}
+        "ct": "ct.nii.gz", "labels": "labels.nii.gz", "plan": "plan.json",
+        "interbody_plan": "interbody_plan.json"}
     ct = load_volume(paths["ct"])
     labels = load_volume(paths["labels"], units="label")
     np.testing.assert_array_equal(ct.data, p.ct.data)
@@ -243,6 +244,7 @@ def test_write_read_round_trip(tmp_path):
     assert labels.data.dtype == np.uint8
     np.testing.assert_allclose(ct.T_world_from_index, p.ct.T_world_from_index, atol=1e-6)
     assert read_plan(paths["plan"]) == p.plan
+    assert read_plan(paths["interbody_plan"]) == p.interbody_plan
     assert json.loads(paths["plan"].read_text())["schema"] == PLAN_SCHEMA
 
 

@@ -137,8 +137,9 @@ def test_instrument_mapped_into_ct(registrator, frames, phantom):
     assert state.status == "not_tracked" and state.tip_world is None
     assert pipeline.stats.instruments_not_tracked == 1
     moved = make_rigid(np.eye(3), [0.0, 0.0, 5.0])  # the patient (and reference) moved 5 mm
-    (state,) = pipeline.on_tracker_samples([sample("reference", moved @ T_world_from_reference, too_late),
-                                            sample("kwire", moved @ T_world_from_tool, too_late)])
+    out = pipeline.on_tracker_samples([sample("reference", moved @ T_world_from_reference, too_late),
+                                       sample("kwire", moved @ T_world_from_tool, too_late)])
+    (state,) = [m for m in out if m.kind == "instrument_state"]  # the reference also brings the target poses
     assert state.status == "ok" and np.linalg.norm(state.tip_world - tip_world) < 4.0
     # The instrument's own reference pose (acquired with it) wins over any separate sample.
     own = TrackerSample(tool_id="kwire", T_tracker_from_tool=T_tracker_from_cam @ actual @ T_world_from_tool,
@@ -467,3 +468,60 @@ def test_a_slow_start_beats_starting_then_no_frames(registrator, phantom):
     assert not thread.is_alive()
     with pytest.raises(ValueError, match="needs its settings"):
         run_pipeline(build, frame_endpoints=[frame_endpoint], result_endpoint=result_endpoint, stop=stop)
+
+
+def test_instruments_found_in_the_image_without_a_tracker(phantom, registrator):
+    """With detection on and no instrument tracked, the K-wire found in the registered frame
+    is published as an image-derived instrument state near its true tip (in-plane: the
+    depth of one view comes from the anatomy); once the tracker reports it, it is not."""
+    from guidance.core.geometry import backproject, project
+    from guidance.core.instrument_models import get_instrument
+    from guidance.live.wire import InstrumentState
+    from guidance.navigation.instruments import tip_and_axis
+    from sim.scenario import Scenario, ScenarioPlayer
+
+    scenario = Scenario(detector_px=256, pixel_spacing_mm=1.2, initial_misalignment_mm=3.0,
+                        initial_misalignment_deg=1.0, breathing_amplitude_mm=0.0, target_level="L3", seed=2)
+    player = ScenarioPlayer(scenario, phantom)
+    sim_frame = player.frame_at(10.0)
+    pipeline = Pipeline(registrator, plan=phantom.plan, labels=phantom.labels,
+                        settings=PipelineSettings(detect_instruments=("kwire",)))
+    frame = Frame(frame_id=1, acquired_ns=time.time_ns(), view=sim_frame.view, pixels=sim_frame.pixels)
+    out = pipeline.on_frame(frame)
+    assert out[0].status == "ok"
+    states = [m for m in out if isinstance(m, InstrumentState)]
+    assert len(states) == 1 and states[0].image_derived and states[0].tool_id == "kwire"
+    tip, _ = tip_and_axis(sim_frame.T_world_from_tool, get_instrument("kwire"))
+    view = sim_frame.view.with_pose(out[0].views[0]["T_cam_from_world"])
+    source, rays = backproject(view.K, view.T_cam_from_world, project(view.P, states[0].tip_world[None]))
+    assert np.linalg.norm(np.cross(tip - source, rays[0])) < 2.0
+    assert states[0].plan_level == "L3"
+    pipeline.on_tracker(TrackerSample(tool_id="kwire", T_tracker_from_tool=np.eye(4), quality=0.1,
+                                      acquired_ns=time.time_ns()))
+    assert not any(isinstance(m, InstrumentState) for m in pipeline.on_frame(frame))
+
+
+def test_a_skipped_frame_is_kept_as_a_shot_with_the_samples_of_its_acquisition(frames, registrator, phantom):
+    """A frame skipped for a newer one (a new orientation) becomes a shot tracked by the
+    C-arm and reference samples acquired nearest to it, not by the latest ones; without
+    samples within the tolerance it is kept untracked."""
+    pipeline = Pipeline(registrator, plan=phantom.plan)
+    frame = replace(frames[0], acquired_ns=10**12)
+    at_frame = {"carm": make_rigid(np.eye(3), [1.0, 2.0, 3.0]), "reference": make_rigid(np.eye(3), [0.0, 5.0, 0.0])}
+    later = {tool: make_rigid(np.eye(3), [9.0, 0.0, 0.0]) @ T for tool, T in at_frame.items()}
+    pipeline.on_tracker_samples([TrackerSample(tool_id=tool, T_tracker_from_tool=poses[tool], quality=0.1,
+                                               acquired_ns=ns)
+                                 for ns, poses in ((frame.acquired_ns - 5_000_000, at_frame),
+                                                   (frame.acquired_ns + 60_000_000, later)) for tool in poses])
+    pipeline.on_skipped_frame(frame)
+    (shot,) = pipeline.shots.book.shots
+    assert shot.frame_id == frame.frame_id and shot.tracked
+    np.testing.assert_array_equal(shot.T_tracker_from_cam, at_frame["carm"])
+    np.testing.assert_array_equal(shot.T_tracker_from_reference, at_frame["reference"])
+    untracked = Pipeline(registrator, plan=phantom.plan)
+    untracked.on_tracker_samples([TrackerSample(tool_id=tool, T_tracker_from_tool=T, quality=0.1,
+                                                acquired_ns=frame.acquired_ns + 60_000_000)
+                                  for tool, T in later.items()])
+    untracked.on_skipped_frame(frame)
+    (shot,) = untracked.shots.book.shots
+    assert not shot.tracked

@@ -1,10 +1,15 @@
-"""Registration engine: phantom starts converge, biplane beats one view in depth, wrong
-images fail, per-vertebra mode follows a vertebra moved on its own, tracking, 3D/3D."""
+"""Registration engine: phantom starts converge, biplane beats one view in depth (and says
+so in its uncertainty), wrong images fail, a start one vertebral level off is corrected or
+failed, display images of unknown polarity register, per-vertebra mode follows a vertebra
+moved on its own, tracking, 3D/3D."""
+
+from dataclasses import FrozenInstanceError
 
 import numpy as np
 import pytest
 
 from guidance.core.drr import prepare_volume, render_drr
+from guidance.core.errors import GuidanceError
 from guidance.core.geometry import invert_rigid, make_rigid, rotation_about_axis, transform_points
 from guidance.core.images import preprocess
 from guidance.registration.pose import PoseParameterization
@@ -143,6 +148,43 @@ def test_biplane_beats_single_view_in_depth(phantom, registrator, truth_volume):
     assert mtre(both.views[0].T_cam_from_world, ap.T_cam_from_world, pts) < 0.5
     assert depth_error(both) < 0.5
     assert depth_error(both) < depth_error(single)
+    # The uncertainty knows: one view hardly sees depth, the second view pins it down.
+    assert single.uncertainty_depth_mm > 3.0 * single.uncertainty_in_plane_mm
+    assert both.uncertainty_depth_mm < 0.5 * single.uncertainty_depth_mm
+    assert np.isfinite(both.uncertainty_in_plane_mm) and both.to_dict()["uncertainty_depth_mm"] > 0
+
+
+def test_start_one_vertebral_level_off_is_corrected_or_failed(phantom, registrator, truth_volume):
+    """Starts shifted by one vertebral height along the spine (up and down, in two views):
+    each result is right or reported failed, never ok at the wrong level."""
+    centre = registrator.centre(None)
+    prepared = registrator.prepared
+    pts = targets(phantom)
+    for lao, sign in ((0, 1.0), (90, -1.0)):
+        gt = carm_view(lao_deg=lao, isocenter_world=centre, patient_position="prone", detector_size_px=(256, 256),
+                       pixel_spacing_mm=(1.2, 1.2), intensity="raw", I0=4095.0)
+        image = shot(truth_volume, gt, seed=20 + lao)
+        shift = sign * prepared.vertebra_height_mm * prepared.spine_axis_world
+        start = gt.with_pose(gt.T_cam_from_world @ motion(centre, (0, 0, 1), 2.0, shift))
+        assert mtre(start.T_cam_from_world, gt.T_cam_from_world, pts) > 25.0
+        result = registrator.register([preprocess(image, start)], [start])
+        error = mtre(result.views[0].T_cam_from_world, gt.T_cam_from_world, pts)
+        assert error < 2.0 or not result.ok, (lao, error, result.reason)
+
+
+def test_display_image_of_unknown_polarity_registers_from_10mm(phantom, registrator, truth_volume):
+    """A display (8-bit, windowed, bone dark) image read with the wrong polarity."""
+    centre = registrator.centre(None)
+    gt = carm_view(lao_deg=20, isocenter_world=centre, patient_position="prone", detector_size_px=(256, 256),
+                   pixel_spacing_mm=(1.2, 1.2), intensity="display")
+    image = shot(truth_volume, gt, seed=3, variant="display")
+    start = gt.with_pose(gt.T_cam_from_world @ motion(centre, (1, 0, 1), 3.0, (-6.0, 5.0, 4.0)))
+    pts = targets(phantom)
+    assert 8.0 < mtre(start.T_cam_from_world, gt.T_cam_from_world, pts) < 13.0
+    result = registrator.register([preprocess(image, start, polarity="bone_bright")], [start])
+    assert result.ok, result.reason
+    assert mtre(result.views[0].T_cam_from_world, gt.T_cam_from_world, pts) < 2.0
+    assert any("polarity inverted" in stop for stop in result.stop_reasons)
 
 
 @pytest.mark.parametrize("wrong", ["noise", "other_ct"])
@@ -234,6 +276,17 @@ def test_register_rejects_mismatched_inputs(registrator):
     view = carm_view(detector_size_px=(64, 64))
     with pytest.raises(RegistrationError, match="one image per view"):
         registrator.register([], [view])
+    assert issubclass(RegistrationError, GuidanceError)
+
+
+def test_result_is_immutable_and_reports_its_preparation(registrator, truth_volume):
+    centre = registrator.centre(None)
+    view = carm_view(isocenter_world=centre, patient_position="prone", detector_size_px=(128, 128),
+                     pixel_spacing_mm=(2.4, 2.4), intensity="raw", I0=4095.0)
+    result = registrator.register([preprocess(shot(truth_volume, view, 30), view)], [view])
+    with pytest.raises(FrozenInstanceError):
+        result.status = "ok"
+    assert result.prepare_s == registrator.prepare_s > 0 and result.to_dict()["prepare_s"] == result.prepare_s
 
 
 def test_3d3d_recovers_a_known_transform():

@@ -177,3 +177,22 @@ def test_shots_mode_cycles_views_with_a_room_fixed_tracker(phantom):
     true_reference = [s.T_tracker_from_cam @ s.T_cam_from_world @ player.T_world_from_reference
                       for s in (ap, lateral)]
     np.testing.assert_allclose(true_reference[0], true_reference[1], atol=1e-9)
+
+
+def test_instrument_turned_medially_about_the_entry(phantom):
+    """``instrument_medial_deg``: the path keeps the entry, turns towards the midline by the
+    angle and keeps its length."""
+    turned = ScenarioPlayer(Scenario(instrument_medial_deg=8.0, **SMALL), phantom)
+    plain = ScenarioPlayer(Scenario(**SMALL), phantom)
+    np.testing.assert_allclose(turned.entry_world, plain.entry_world)
+    a, b = (p.target_world - p.entry_world for p in (plain, turned))
+    assert np.linalg.norm(b) == pytest.approx(np.linalg.norm(a))
+    assert np.degrees(np.arccos(a @ b / np.linalg.norm(a) / np.linalg.norm(b))) == pytest.approx(8.0)
+    frame = phantom.T_world_from_vertebra["L3"]  # the scenario's default target level
+
+    def from_midline(p):
+        return abs((p - frame[:3, 3]) @ frame[:3, 0])
+
+    assert from_midline(turned.target_world) < from_midline(plain.target_world) - 5.0  # 8 deg over ~48 mm
+    with pytest.raises(ValueError, match="instrument_medial_deg"):
+        Scenario(instrument_medial_deg=45.0)

@@ -49,7 +49,8 @@ EXAMPLES = {
                {"T_cam_from_world": _pose(0.0, (0.0, 0.0, 650.0))}],
         level_poses={"L3": _pose(0.5, (0.1, 0.0, 0.0)), "L4": _pose(-0.5, (0.0, 0.2, 0.0))},
         similarity=-0.8734, confidence=0.93, mode="tracking",
-        latency_ms={"preprocess": 1.25, "register": 48.0}, frame_acquired_ns=99),
+        latency_ms={"preprocess": 1.25, "register": 48.0}, frame_acquired_ns=99,
+        uncertainty_in_plane_mm=0.12, uncertainty_depth_mm=1.5),
     "pose_result_failed": wire.PoseResult(
         frame_id=43, status="failed", reason="image quality gate: frame too dark",
         confidence=0.0, mode="global", frame_acquired_ns=100),
@@ -58,6 +59,19 @@ EXAMPLES = {
         axis_world=[0.0, 0.6, 0.8], status="ok", plan_level="L4", plan_side="left",
         distance_to_trajectory_mm=1.2, angle_to_trajectory_deg=3.5,
         depth_along_trajectory_mm=-4.0, tip_to_target_mm=25.0),
+    "instrument_state_breach": wire.InstrumentState(
+        frame_id=7, tool_id="kwire", tip_world=[1.0, 2.0, 3.0], axis_world=[0.0, -1.0, 0.0], status="ok",
+        plan_level="L3", plan_side="left", to_target_along_plan_mm=31.5, breach_mm=2.25, breach_grade="C",
+        breach_side="medial", breach_warning=True, clearance_mm=-2.25, travel_to_breach_mm=6.5),
+    "target_pose": wire.TargetPose(
+        source="pipeline", level="L3", side="left", approach="posterior",
+        T_tracker_from_target=_pose(12.0, (5.0, -3.0, 800.0)), length_mm=48.5),
+    "target_pose_guide": wire.TargetPose(
+        level="L4", side="left", approach="lateral", T_tracker_from_target=np.eye(4), length_mm=22.0,
+        guide_tool_id="aiming_guide", guide_entry_error_mm=0.75, guide_angle_error_deg=0.5, guide_aligned=True),
+    "instrument_state_image_derived": wire.InstrumentState(
+        frame_id=7, tool_id="kwire", tip_world=[1.0, 2.0, 3.0], axis_world=[0.0, 0.0, -1.0], status="ok",
+        image_derived=True),
     "instrument_state_no_plan": wire.InstrumentState(
         frame_id=1, tool_id="awl", tip_world=np.zeros(3), axis_world=np.array([0.0, 0.0, 1.0]),
         status="stale"),
@@ -66,6 +80,18 @@ EXAMPLES = {
                                 stats={"fps": 29.5, "frames": 1200, "gpu": "none", "ok": True,
                                        "last_error": None}),
     "heartbeat_no_stats": wire.Heartbeat(role="sim", state="starting"),
+    "volume": wire.VolumeFrame(
+        source="scanner", volume_id=3, acquired_ns=7, voxels=np.linspace(-1000, 1500, 24, dtype=np.float32)
+        .reshape(2, 3, 4), spacing_mm=[0.5, 0.6, 1.25], origin_mm=[-10.0, 2.5, 30.0],
+        direction=_pose(30.0, (0.0, 0.0, 0.0))[:3, :3], T_tracker_from_scanner=_pose(12.0, (5.0, -900.0, 40.0)),
+        ground_truth={"T_world_corrected_from_world": _pose(2.0, (1.0, 2.0, 3.0))}),
+    "volume_untracked": wire.VolumeFrame(
+        volume_id=0, acquired_ns=0, voxels=np.zeros((2, 2, 2), np.float32), spacing_mm=[1, 1, 1],
+        origin_mm=[0, 0, 0], direction=np.eye(3), modality="CT"),
+    "pose_result_shots": wire.PoseResult(
+        frame_id=44, status="ok", reason="converged", T_world_corrected_from_world=np.eye(4),
+        views=[{"T_cam_from_world": _pose(0.0, (0.0, 0.0, 600.0))}], confidence=0.9, mode="tracking",
+        frame_acquired_ns=101, shots=[12, 9]),
 }
 
 
@@ -108,6 +134,8 @@ def test_pose_result_and_overlay_content_survive():
     out = decode(encode(EXAMPLES["pose_result_ok"]))
     np.testing.assert_array_equal(out.level_poses["L4"], _pose(-0.5, (0.0, 0.2, 0.0)))
     assert out.latency_ms == {"preprocess": 1.25, "register": 48.0}
+    assert (out.uncertainty_in_plane_mm, out.uncertainty_depth_mm) == (0.12, 1.5)
+    assert decode(encode(EXAMPLES["pose_result_failed"])).uncertainty_depth_mm is None
     assert decode(encode(EXAMPLES["overlay"])).data == PNG
 
 
@@ -279,6 +307,7 @@ def test_non_rigid_and_nan_poses():
     ({"latency_ms": {"register": -1.0}}, "'latency_ms.register' must lie in"),
     ({"level_poses": [1, 2]}, "'level_poses' must be an object"),
     ({"similarity": "high"}, "'similarity' must be a number"),
+    ({"uncertainty_depth_mm": -1.0}, r"'uncertainty_depth_mm' must lie in \[0.0, "),
     ({"extra_field": 1}, "unexpected field"),
 ])
 def test_ill_typed_fields(change, match):

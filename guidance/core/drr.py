@@ -7,8 +7,14 @@ clipped to the box of voxel centres of the volume, sampled at a fixed step with
 trilinear interpolation (midpoint rule), in any view geometry and for any volume
 direction cosines (the ray is walked in continuous-index space).
 
+Empty space is skipped without moving any sample: each ray visits only the samples
+inside the box of non-zero voxels and jumps over bricks of voxels that are all zero
+(an occupancy grid made once by ``prepare_volume``), which pays off for bone-only
+volumes, where most of each ray crosses zeros.
+
 Typical use prepares the volume once (``prepare_volume``: attenuation values,
-optional label selection, cropping to the non-zero box) and renders many views.
+optional label selection, cropping to the non-zero box, occupancy grid) and renders
+many views.
 """
 
 from __future__ import annotations
@@ -135,8 +141,9 @@ def prepare_volume(
 
     With ``labels`` (same grid) and ``label_ids`` only those structures are kept, e.g.
     one vertebra. With ``crop`` the grid is cut to the box of non-zero voxels (plus a
-    margin), which skips empty space without changing any line integral. The default
-    step is one voxel of the finest axis.
+    margin), which moves the samples along each ray by a fraction of a step at most. The
+    default step is one voxel of the finest axis. The occupancy grid for empty-space
+    skipping is computed here (see ``DrrVolume``).
     """
     if mu_volume.units != "mu_per_mm":
         raise VolumeError(
@@ -181,32 +188,33 @@ def prepare_volume(
 @numba.njit(cache=True, fastmath=True)
 def _integrate(flat, s_j, s_k, a, s, m_begin, m_end, acc):
     """Add the trilinear samples ``a + m s`` (continuous index), m in [m_begin, m_end), to
-    ``acc``. Points lie in [0, size - 1]: truncation is floor and the zero pad keeps +1
-    valid, so indices are non-negative (unsigned, which skips numba's wraparound test)."""
-    one = numba.uint64(1)
-    for m in range(m_begin, m_end):
-        fm = np.float32(m)
-        pi = a[0] + fm * s[0]
-        pj = a[1] + fm * s[1]
-        pk = a[2] + fm * s[2]
+    ``acc``, stepping from one to the next. Points lie in [0, size - 1]: truncation
+    is floor and the zero pad keeps +1 valid. (A loop over independent positions a + m s
+    was vectorised by LLVM, but then the code compiled in a process and the code numba
+    loads from its cache summed in different orders: renders differed between runs.)"""
+    fm = np.float32(m_begin)
+    pi = a[0] + fm * s[0]
+    pj = a[1] + fm * s[1]
+    pk = a[2] + fm * s[2]
+    si = s[0]
+    sj = s[1]
+    sk = s[2]
+    for _ in range(m_begin, m_end):
         i0 = int(pi)
         j0 = int(pj)
         k0 = int(pk)
-        fi = pi - np.float32(i0)
-        fj = pj - np.float32(j0)
-        fk = pk - np.float32(k0)
-        b = numba.uint64(k0 * s_k + j0 * s_j + i0)
-        bj = b + numba.uint64(s_j)
-        bk = b + numba.uint64(s_k)
-        bkj = bk + numba.uint64(s_j)
+        fi = pi - i0
+        fj = pj - j0
+        fk = pk - k0
+        b = k0 * s_k + j0 * s_j + i0
         a000 = np.float32(flat[b])
-        a001 = np.float32(flat[b + one])
-        a010 = np.float32(flat[bj])
-        a011 = np.float32(flat[bj + one])
-        a100 = np.float32(flat[bk])
-        a101 = np.float32(flat[bk + one])
-        a110 = np.float32(flat[bkj])
-        a111 = np.float32(flat[bkj + one])
+        a001 = np.float32(flat[b + 1])
+        a010 = np.float32(flat[b + s_j])
+        a011 = np.float32(flat[b + s_j + 1])
+        a100 = np.float32(flat[b + s_k])
+        a101 = np.float32(flat[b + s_k + 1])
+        a110 = np.float32(flat[b + s_k + s_j])
+        a111 = np.float32(flat[b + s_k + s_j + 1])
         c00 = a000 + fi * (a001 - a000)
         c01 = a010 + fi * (a011 - a010)
         c10 = a100 + fi * (a101 - a100)
@@ -214,6 +222,9 @@ def _integrate(flat, s_j, s_k, a, s, m_begin, m_end, acc):
         c0 = c00 + fj * (c01 - c00)
         c1 = c10 + fj * (c11 - c10)
         acc += c0 + fk * (c1 - c0)
+        pi += si
+        pj += sj
+        pk += sk
     return acc
 
 
@@ -251,24 +262,19 @@ def _dda_start(src, d, t0, step, m, brick_shift):
 
 
 @numba.njit(cache=True, fastmath=True)
-def _cast_row(v, codes, occupancy, brick_shift, box, size_ijk, Kinv, R, src, step_mm, mu_scale, skip_empty, out):
+def _cast_row(v, codes, occupancy, brick_shift, box, grid_box, Kinv, R, src, step_mm, mu_scale, skip_empty, out):
     """Line integrals of detector row ``v`` into ``out[v]``.
 
-    Each ray is clipped to the box of voxel centres and sampled at the midpoints of
-    n = ceil(length / step_mm) equal steps (this rule fixes every sample position). With
-    ``skip_empty`` only the samples inside ``box`` (the non-zero voxels' box, widened so
-    that samples outside read only zeros) are visited, and runs of samples in bricks
-    whose ``occupancy`` is 0 are jumped over: those samples read only zero voxels, so
-    the sum is the same."""
+    Each ray is clipped to ``grid_box`` (the box of voxel centres) and sampled at the
+    midpoints of n = ceil(length / step_mm) equal steps (this rule fixes every sample
+    position). With ``skip_empty`` only the samples inside ``box`` (the non-zero voxels'
+    box, widened so that samples outside read only zeros) are visited, and runs of
+    samples in bricks whose ``occupancy`` is 0 are jumped over: those samples read only
+    zero voxels, so the sum is the same."""
     W = out.shape[1]
     s_j = codes.shape[2]
     s_k = codes.shape[1] * codes.shape[2]
     flat = codes.ravel()
-    zero = np.zeros(3)
-    hi = size_ijk - 1.0
-    a = np.empty(3, np.float32)
-    s = np.empty(3, np.float32)
-    d = np.empty(3)
     last_k, last_j, last_i = occupancy.shape[0] - 1, occupancy.shape[1] - 1, occupancy.shape[2] - 1
     for u in range(W):
         dx = Kinv[0, 0] * u + Kinv[0, 1] * v + Kinv[0, 2]
@@ -278,17 +284,20 @@ def _cast_row(v, codes, occupancy, brick_shift, box, size_ijk, Kinv, R, src, ste
         dy /= norm
         dz = 1.0 / norm
         # Ray direction in index units per mm travelled.
-        for ax in range(3):
-            d[ax] = R[ax, 0] * dx + R[ax, 1] * dy + R[ax, 2] * dz
-        t0, t1 = _slab(zero, hi, src, d, 0.0, 1e30)
+        d = (
+            R[0, 0] * dx + R[0, 1] * dy + R[0, 2] * dz,
+            R[1, 0] * dx + R[1, 1] * dy + R[1, 2] * dz,
+            R[2, 0] * dx + R[2, 1] * dy + R[2, 2] * dz,
+        )
+        t0, t1 = _slab(grid_box[0], grid_box[1], src, d, 0.0, 1e30)
         if t1 <= t0:
             out[v, u] = 0.0
             continue
         n = int(math.ceil((t1 - t0) / step_mm))
         step = (t1 - t0) / n
-        for ax in range(3):
-            a[ax] = src[ax] + (t0 + 0.5 * step) * d[ax]
-            s[ax] = step * d[ax]
+        tm = t0 + 0.5 * step
+        a = (np.float32(src[0] + tm * d[0]), np.float32(src[1] + tm * d[1]), np.float32(src[2] + tm * d[2]))
+        s = (np.float32(step * d[0]), np.float32(step * d[1]), np.float32(step * d[2]))
         if not skip_empty:
             acc = _integrate(flat, s_j, s_k, a, s, 0, n, np.float32(0.0))
             out[v, u] = acc * step * mu_scale
@@ -307,11 +316,11 @@ def _cast_row(v, codes, occupancy, brick_shift, box, size_ijk, Kinv, R, src, ste
         bk, dk, fk, gk = _dda_start(src[2], d[2], t0, step, m, brick_shift)
         acc = np.float32(0.0)
         run = -1
-        while True:
+        while m < m_end:
             f = min(fi, fj, fk)
             # Samples m .. m_next - 1 lie in this brick (up to rounding, which the
             # widened occupancy covers).
-            m_next = min(m_end, int(max(f, 0.0)) + 1)
+            m_next = m_end if f >= m_end else int(max(f, 0.0)) + 1
             if m_next > m:
                 if occupancy[min(max(bk, 0), last_k), min(max(bj, 0), last_j), min(max(bi, 0), last_i)]:
                     if run < 0:
@@ -320,8 +329,6 @@ def _cast_row(v, codes, occupancy, brick_shift, box, size_ijk, Kinv, R, src, ste
                     acc = _integrate(flat, s_j, s_k, a, s, run, m, acc)
                     run = -1
                 m = m_next
-                if m >= m_end:
-                    break
             if f == fi:
                 bi += di
                 fi += gi
@@ -340,17 +347,17 @@ def _cast_row(v, codes, occupancy, brick_shift, box, size_ijk, Kinv, R, src, ste
 # the function's name and line, so one function compiled twice would share one cache
 # entry and load whichever variant was compiled first for both.
 @numba.njit(cache=True, parallel=True, fastmath=True)
-def _cast_parallel(codes, occupancy, brick_shift, box, size_ijk, Kinv, R, src, step_mm, mu_scale, skip_empty, out):
+def _cast_parallel(codes, occupancy, brick_shift, box, grid_box, Kinv, R, src, step_mm, mu_scale, skip_empty, out):
     """All detector rows, spread over numba's threads."""
     for v in numba.prange(out.shape[0]):
-        _cast_row(v, codes, occupancy, brick_shift, box, size_ijk, Kinv, R, src, step_mm, mu_scale, skip_empty, out)
+        _cast_row(v, codes, occupancy, brick_shift, box, grid_box, Kinv, R, src, step_mm, mu_scale, skip_empty, out)
 
 
 @numba.njit(cache=True, fastmath=True)
-def _cast_serial(codes, occupancy, brick_shift, box, size_ijk, Kinv, R, src, step_mm, mu_scale, skip_empty, out):
+def _cast_serial(codes, occupancy, brick_shift, box, grid_box, Kinv, R, src, step_mm, mu_scale, skip_empty, out):
     """All detector rows on the calling thread."""
     for v in range(out.shape[0]):
-        _cast_row(v, codes, occupancy, brick_shift, box, size_ijk, Kinv, R, src, step_mm, mu_scale, skip_empty, out)
+        _cast_row(v, codes, occupancy, brick_shift, box, grid_box, Kinv, R, src, step_mm, mu_scale, skip_empty, out)
 
 
 PARALLEL_MIN_PIXELS = 192 * 192
@@ -393,10 +400,10 @@ def render_drr(
     elif out.shape != view.shape or out.dtype != np.float32:
         raise ValueError(f"out must be float32 of shape {view.shape}")
     Kinv, R, src = _ray_geometry(volume, view)
-    size = np.array(volume.size_ijk, dtype=np.float64)
+    grid_box = np.array([[0.0, 0.0, 0.0], np.array(volume.size_ijk) - 1.0])
     cast = _cast_parallel if out.size >= PARALLEL_MIN_PIXELS else _cast_serial
     brick_shift = volume.brick_voxels.bit_length() - 1
-    cast(volume.codes, volume.occupancy, brick_shift, volume.nonzero_box_ijk, size, Kinv, R, src, step,
+    cast(volume.codes, volume.occupancy, brick_shift, volume.nonzero_box_ijk, grid_box, Kinv, R, src, step,
          volume.mu_scale, bool(skip_empty), out)
     return out
 

@@ -14,7 +14,8 @@ import numpy as np
 
 from guidance.core.errors import GuidanceError
 
-__all__ = ["INSTRUMENT_KINDS", "InstrumentModel", "InstrumentError", "INSTRUMENTS", "get_instrument"]
+__all__ = ["INSTRUMENT_KINDS", "STEEL_MU_PER_MM", "METAL_MAX_LINE_INTEGRAL", "InstrumentModel", "InstrumentError",
+           "INSTRUMENTS", "get_instrument"]
 
 
 class InstrumentError(GuidanceError):
@@ -28,7 +29,15 @@ def _vector3(value: object, name: str) -> np.ndarray:
     return v
 
 
-INSTRUMENT_KINDS = ("kwire", "jamshidi", "screw")
+INSTRUMENT_KINDS = ("kwire", "jamshidi", "screw", "guide")
+""""guide": a tracked aiming guide (a tube a robot arm or the surgeon holds on a planned
+trajectory); its "tip" is the guide's distal end and its axis the tube's."""
+STEEL_MU_PER_MM = 0.5
+"""Effective linear attenuation of the instruments' steel (1/mm): lower than steel's true
+~2/mm at 60 keV, which would paint a black bar (beam hardening, scatter)."""
+METAL_MAX_LINE_INTEGRAL = 3.0
+"""An instrument's line integral saturates here (a thick screw, or a wire seen end-on,
+stays just visible): rendered so by the simulator, expected so by the image detector."""
 
 
 @dataclass(frozen=True)
@@ -38,7 +47,9 @@ class InstrumentModel:
     ``length_mm``: length of the working part drawn back from the tip (wire, needle
     cannula, screw); ``diameter_mm``: its diameter; ``tip_offset_tool``: tip position
     in the tool frame (mm, from pivot calibration); ``axis_tool``: unit vector in the
-    tool frame from the tip towards the handle (normalised on construction).
+    tool frame from the tip towards the handle (normalised on construction);
+    ``mu_per_mm``: effective linear attenuation of the working part (1/mm), what the
+    simulator renders and the image detector expects.
     """
 
     name: str
@@ -47,12 +58,13 @@ class InstrumentModel:
     diameter_mm: float
     tip_offset_tool: np.ndarray
     axis_tool: np.ndarray
+    mu_per_mm: float = STEEL_MU_PER_MM
 
     def __post_init__(self) -> None:
         if self.kind not in INSTRUMENT_KINDS:
             raise InstrumentError(f"kind must be one of {', '.join(INSTRUMENT_KINDS)}; got {self.kind!r}")
-        if not (self.length_mm > 0 and self.diameter_mm > 0):
-            raise InstrumentError("length_mm and diameter_mm must be positive")
+        if not (self.length_mm > 0 and self.diameter_mm > 0 and self.mu_per_mm > 0):
+            raise InstrumentError("length_mm, diameter_mm and mu_per_mm must be positive")
         axis = _vector3(self.axis_tool, "axis_tool")
         norm = float(np.linalg.norm(axis))
         if norm < 1e-9:
@@ -78,6 +90,7 @@ INSTRUMENTS: dict[str, InstrumentModel] = {
         _nominal("jamshidi", "jamshidi", 120.0, 3.0, 120.0),
         # 6.5 x 45 mm pedicle screw on a 200 mm driver: the array sits on the driver.
         _nominal("pedicle_screw_6.5x45", "screw", 45.0, 6.5, 245.0),
+        _nominal("aiming_guide", "guide", 80.0, 8.0, 80.0),
     )
 }
 

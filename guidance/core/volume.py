@@ -32,6 +32,7 @@ __all__ = [
     "affine_from_geometry",
     "transform_volume",
     "label_centroid_world",
+    "clinical_grid",
 ]
 
 
@@ -355,3 +356,18 @@ def transform_volume(volume: Volume, T_new_from_old: np.ndarray, *, default_valu
     image = volume_to_sitk(volume)
     moved = sitk.GetArrayFromImage(sitk.Resample(image, image, tx, interpolators[interpolation], default_value))
     return volume.with_data(moved.astype(volume.data.dtype, copy=False))
+
+
+CLINICAL_SPACING_MM = (0.7, 0.7, 2.5)
+CLINICAL_SIZE = (512, 512, 133)
+
+
+def clinical_grid(volume: Volume, *, interpolation: str = "linear") -> Volume:
+    """The volume resampled onto a typical clinical CT grid: 512 x 512 x 133 voxels of
+    0.7 x 0.7 x 2.5 mm, centred on the volume (air, or label 0, where it has no data);
+    ``interpolation`` "nearest" for label maps."""
+    spacing = np.array(CLINICAL_SPACING_MM)
+    size = np.array(CLINICAL_SIZE)
+    origin = volume.center_world() - volume.direction @ ((size - 1) / 2.0 * spacing)
+    return resample(volume, spacing=tuple(spacing), size=tuple(int(s) for s in size), origin=origin,
+                    direction=volume.direction, interpolation=interpolation)

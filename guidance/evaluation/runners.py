@@ -46,7 +46,8 @@ RETRIES = 1
 def score_case(registrator: Registrator, case: BenchmarkCase) -> dict:
     """Register one case and measure it: a JSON-ready record with the initial and final
     mTRE (mm), the final mPD (mm, detector and isocentre; means over the views), the
-    registration status, reason, similarity, time (s) and success (mTRE < 2 mm)."""
+    registration status, reason, similarity, pose uncertainty (mm, 1 sigma), time (s),
+    CT preparation time (s) and success (mTRE < 2 mm)."""
     images = [preprocess(img, v, polarity=case.polarity) for img, v in zip(case.images, case.views_init)]
     result = registrator.register(images, list(case.views_init), level=case.level)
     final = [mtre(ve.T_cam_from_world, vg.T_cam_from_world, case.targets_world)
@@ -67,7 +68,10 @@ def score_case(registrator: Registrator, case: BenchmarkCase) -> dict:
         "status": result.status,
         "reason": result.reason,
         "similarity": float(result.similarity),
+        "uncertainty_in_plane_mm": result.to_dict()["uncertainty_in_plane_mm"],
+        "uncertainty_depth_mm": result.to_dict()["uncertainty_depth_mm"],
         "time_s": float(result.time_s),
+        "prepare_s": float(result.prepare_s),
         "success": bool(final_mtre < SUCCESS_MM),
     }
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,23 +40,33 @@ from guidance.core.plan import plan_trajectories, trajectory_endpoints
 from guidance.navigation.instruments import deviation_from_plan, nearest_trajectory
 from guidance.navigation.overlay import (
     COLOURS,
+    camera_matrix,
     draw_instrument,
+    draw_legend,
+    draw_orientation_markers,
     draw_outline,
+    draw_scale_bar,
+    draw_screw_path,
     draw_status,
     draw_trajectories,
     put_text,
     status_bar_height,
     to_display_bgr,
+    trajectory_label,
 )
 from guidance.core.views import View
 from guidance.core.volume import Volume
 
 if TYPE_CHECKING:
-    from guidance.live.wire import Frame, Heartbeat, InstrumentState, PoseResult
+    from guidance.live.wire import Frame, Heartbeat, InstrumentState, PoseResult, TargetPose
 
 __all__ = [
     "STALE_AFTER_S",
     "RESLICE_AXES",
+    "RESLICE_FOV_MM",
+    "TRAJECTORY_FOV_MM",
+    "INSTRUMENT_METRICS",
+    "GuideRecord",
     "FrameRecord",
     "PoseRecord",
     "InstrumentRecord",
@@ -83,8 +93,16 @@ RESLICE_AXES = {
     "sagittal": (np.array([0.0, 1.0, 0.0]), np.array([0.0, 0.0, -1.0])),
     "coronal": (np.array([1.0, 0.0, 0.0]), np.array([0.0, 0.0, -1.0])),
 }
-# Patient direction at the left, right, top and bottom edge of each reslice.
-_EDGE_LETTERS = {"axial": "RLAP", "sagittal": "APSI", "coronal": "RLSI"}
+RESLICE_FOV_MM = 80.0
+"""Default field of view of the axial and sagittal reslices across the shorter pane side."""
+TRAJECTORY_FOV_MM = 60.0
+"""Field of view along the instrument in the zoomed trajectory view (pane width)."""
+PROBE_EYE_FOV_MM = 24.0
+"""Field of view of the probe's-eye inset, across the instrument."""
+_CAPTION_H = 28
+_STATE_WORDS = {"ok": "registration OK", "stale": "no recent registration", "invalid": "registration failed",
+                "waiting": "waiting for the first registration"}
+FONT = cv2.FONT_HERSHEY_SIMPLEX
 # (good, acceptable) limits of the distance (mm) and angle (deg) to the plan.
 _DISTANCE_LIMITS_MM = (2.0, 4.0)
 _ANGLE_LIMITS_DEG = (5.0, 10.0)
@@ -121,6 +139,7 @@ class PoseRecord:
     acquired_s: float = 0.0
     """Acquisition time of the frame behind the pose (s, epoch; 0: unknown)."""
     source: str = ""
+    uncertainty_mm: tuple[float, float] | None = None  # 1 sigma at the target: (in-plane, depth)
 
 
 @dataclass(frozen=True)
@@ -135,12 +154,33 @@ class InstrumentRecord:
     plan_side: str | None
     received_s: float
     acquired_s: float = 0.0
+    metrics: dict = field(default_factory=dict)
+    """The deviation and breach fields the message carried (``INSTRUMENT_METRICS``; absent
+    when not given)."""
 
     @property
     def length_mm(self) -> float:
         """Shaft length to draw: the registered model's, else a nominal 100 mm."""
         model = INSTRUMENTS.get(self.tool_id)
         return model.length_mm if model is not None else DEFAULT_SHAFT_MM
+
+
+INSTRUMENT_METRICS = ("distance_to_trajectory_mm", "angle_to_trajectory_deg", "depth_along_trajectory_mm",
+                      "tip_to_target_mm", "to_target_along_plan_mm", "breach_mm", "breach_grade", "breach_side",
+                      "breach_warning", "clearance_mm", "travel_to_breach_mm")
+
+
+@dataclass(frozen=True)
+class GuideRecord:
+    """The latest alignment of a tracked aiming guide to a planned trajectory (mm, deg)."""
+
+    tool_id: str
+    level: str
+    side: str
+    entry_error_mm: float
+    angle_error_deg: float
+    aligned: bool
+    received_s: float
 
 
 class NavigationState:
@@ -169,6 +209,7 @@ class NavigationState:
         self.pipeline_seen_s: float | None = None
         self.ignored = 0
         """Poses, instruments and heartbeats ignored: not from ``expected_source``."""
+        self.guide: GuideRecord | None = None
         self._frames: deque[FrameRecord] = deque(maxlen=max(1, frames_kept))
         self._frame_times: deque[float] = deque(maxlen=1024)
         self._first_frame_s: float | None = None
@@ -203,6 +244,8 @@ class NavigationState:
             confidence=float(pose.confidence), levels=tuple(sorted(pose.level_poses)),
             T_world_corrected_from_world=pose.T_world_corrected_from_world,
             latency_ms=latency, end_to_end_ms=e2e, received_s=float(now_s),
+            uncertainty_mm=None if pose.uncertainty_in_plane_mm is None or pose.uncertainty_depth_mm is None
+            else (pose.uncertainty_in_plane_mm, pose.uncertainty_depth_mm),
             acquired_s=pose.frame_acquired_ns * 1e-9, source=pose.source)
         return True
 
@@ -217,6 +260,8 @@ class NavigationState:
             axis_world=None if instrument.axis_world is None else np.asarray(instrument.axis_world, dtype=float),
             status=instrument.status, plan_level=instrument.plan_level,
             plan_side=instrument.plan_side, received_s=float(now_s),
+            metrics={k: getattr(instrument, k) for k in INSTRUMENT_METRICS
+                     if getattr(instrument, k, None) is not None},
             acquired_s=getattr(instrument, "acquired_ns", 0) * 1e-9)
         return True
 
@@ -238,6 +283,13 @@ class NavigationState:
 
     def _fresh(self, record: PoseRecord | InstrumentRecord, now_s: float) -> bool:
         return -FUTURE_TOLERANCE_S <= self._age_s(record, now_s) <= self.stale_after_s
+
+    def on_target(self, target: TargetPose, now_s: float) -> None:
+        """Take a target pose (``guidance.live.wire.TargetPose``); one carrying a guide's
+        alignment becomes the shown guide state (only from ``expected_source``)."""
+        if target.guide_tool_id is not None and self._expected(target.source):
+            self.guide = GuideRecord(target.guide_tool_id, target.level, target.side, target.guide_entry_error_mm,
+                                     target.guide_angle_error_deg, bool(target.guide_aligned), float(now_s))
 
     def status(self, now_s: float) -> str:
         """The screen state: "waiting" before any pose; "stale" when the data behind the
@@ -330,23 +382,24 @@ def reslice(ct: Volume, centre_world: np.ndarray, orientation: str, size_wh: tup
 
 
 def screen_layout(size: tuple[int, int]) -> dict[str, tuple[int, int, int, int]]:
-    """Pane rectangles (x, y, w, h) in pixels of a (W, H) screen: a large square-ish
-    fluoroscopy pane on the left, a 2x2 grid of axial, sagittal, coronal and numbers panes
-    on the right, and the status bar along the bottom."""
+    """Pane rectangles (x, y, w, h) in pixels of a (W, H) screen: the status bar along the
+    top, a large fluoroscopy pane on the left, and on the right the axial and sagittal CT
+    reslices (left column), the zoomed view along the instrument and the numbers (right
+    column)."""
     W, H = (int(x) for x in size)
     if W < 480 or H < 320:
         raise ValueError(f"screen size must be at least (480, 320), got {size!r}")
     bar = status_bar_height(_STATUS_LINES)
     main_h = H - bar
-    big_w = min(main_h, W * 11 // 20)
+    big_w = min(main_h, W * 2 // 5)
     cell_w, cell_h = (W - big_w) // 2, main_h // 2
     return {
-        "fluoro": (0, 0, big_w, main_h),
-        "axial": (big_w, 0, cell_w, cell_h),
-        "sagittal": (big_w + cell_w, 0, W - big_w - cell_w, cell_h),
-        "coronal": (big_w, cell_h, cell_w, main_h - cell_h),
-        "numbers": (big_w + cell_w, cell_h, W - big_w - cell_w, main_h - cell_h),
-        "status": (0, main_h, W, bar),
+        "status": (0, 0, W, bar),
+        "fluoro": (0, bar, big_w, main_h),
+        "axial": (big_w, bar, cell_w, cell_h),
+        "sagittal": (big_w, bar + cell_h, cell_w, main_h - cell_h),
+        "trajectory": (big_w + cell_w, bar, W - big_w - cell_w, cell_h),
+        "numbers": (big_w + cell_w, bar + cell_h, W - big_w - cell_w, main_h - cell_h),
     }
 
 
@@ -375,6 +428,31 @@ def _letterbox(img: np.ndarray, w: int, h: int) -> np.ndarray:
     return pane
 
 
+def _caption(pane: np.ndarray, text: str, colour: tuple[int, int, int] = COLOURS["text"]) -> None:
+    """A caption on a dark strip along the top of a pane (``_CAPTION_H`` high)."""
+    pane[:_CAPTION_H] = pane[:_CAPTION_H] // 3
+    put_text(pane, text, (8, 19), colour, scale=0.55)
+
+
+def _legend_entries(trajectories: list[dict], active: dict | None, labels_drawn: bool,
+                    instrument: InstrumentRecord | None) -> list[tuple[str, tuple[int, int, int]]]:
+    """What the fluoroscopy overlay's colours mean, for what is drawn."""
+    entries = []
+    kinds = {(t.get("approach", "posterior"), t.get("side")) for t in trajectories}
+    names = {("posterior", "left"): "plan: left pedicle screw", ("posterior", "right"): "plan: right pedicle screw",
+             ("lateral", "left"): "plan: lateral access (left)", ("lateral", "right"): "plan: lateral access (right)",
+             ("anterior", "midline"): "plan: anterior access"}
+    for key, text in names.items():
+        if key in kinds:
+            entries.append((text, COLOURS.get(key[1], COLOURS["other_side"])))
+    if labels_drawn and active is not None:
+        entries.append((f"outline of vertebra {active.get('level', '')}", COLOURS["outline"]))
+    if instrument is not None:
+        entries.append(("instrument", COLOURS["shaft"]))
+        entries.append(("path ahead, dashes 2.5 mm", COLOURS["extension"]))
+    return entries
+
+
 def _fluoro_pane(state: NavigationState, status: str, trajectories: list[dict],
                  labels: Volume | None, active: dict | None,
                  instrument: InstrumentRecord | None, w: int, h: int,
@@ -382,30 +460,46 @@ def _fluoro_pane(state: NavigationState, status: str, trajectories: list[dict],
     latest = state.frame
     if latest is None:
         pane = np.zeros((h, w, 3), np.uint8)
-        put_text(pane, "NO IMAGE", (w / 2 - 60, h / 2), COLOURS["waiting"], scale=0.9, thickness=2)
+        put_text(pane, "no X-ray image yet", (w / 2 - 90, h / 2), COLOURS["waiting"], scale=0.8, thickness=2)
         return pane
     registered = state.registered_view() if status == "ok" else None
     frame = state.pose_frame() if registered is not None else latest  # a pose only over its own frame
     factor = max(frame.view.width / w, frame.view.height / h)
     view = (registered or frame.view).downsampled(factor)
-    bgr = to_display_bgr(frame.pixels, intensity=frame.view.intensity)
+    bgr = to_display_bgr(frame.pixels, intensity=frame.view.intensity, monitor=True)
     img = cv2.resize(bgr, view.image_size,
                      interpolation=cv2.INTER_AREA if factor > 1 else cv2.INTER_LINEAR)
+    outlined = False
     if registered is not None:
         if labels is not None and active is not None and "label" in active:
             img = draw_outline(img, view, labels, int(active["label"]))
+            outlined = True
         img = draw_trajectories(img, view, trajectories,
                                 highlight_level=active.get("level") if active else None)
         if instrument is not None:
             img = draw_instrument(img, view, instrument.tip_world, instrument.axis_world,
                                   instrument.length_mm, extension_mm=extension_mm)
+    else:
+        img = (img * 0.45).astype(np.uint8)  # dimmed: nothing on it may be trusted for navigation
     pane = _letterbox(img, w, h)
-    caption = f"FLUORO #{frame.frame_id}" + ("" if registered is not None else "  (no overlay)")
+    centre = trajectory_endpoints(active)[1] if active is not None else None
+    if centre is not None:
+        ox, oy = (w - view.width) // 2, (h - view.height) // 2
+        shifted = camera_matrix(view).copy()
+        shifted[:2] += np.outer([ox, oy], shifted[2])  # the letterboxed pane's pixels
+        pane = draw_orientation_markers(pane, shifted, centre, top_margin_px=_CAPTION_H)
+    if registered is not None:
+        entries = _legend_entries(trajectories, active, outlined, instrument)
+        if entries:
+            pane = draw_legend(pane, entries)
+    caption = f"Fluoroscopy, frame {frame.frame_id}"
+    if registered is None:
+        caption += f": overlay hidden ({_STATE_WORDS[status]})"
     if frame is not latest:
-        caption += f"  frame of the pose; newest #{latest.frame_id}"
+        caption += f", the pose's frame; newest {latest.frame_id}"
     elif registered is None and status == "ok":
-        caption += f": the pose's frame #{state.pose.frame_id} is not here"
-    put_text(pane, caption, (8, 20), COLOURS["text"])
+        caption += f"; the pose's frame {state.pose.frame_id} is not here"
+    _caption(pane, caption, COLOURS["text"] if registered is not None else COLOURS[status])
     return pane
 
 
@@ -418,20 +512,137 @@ def _reslice_pane(ct: Volume, orientation: str, centre: np.ndarray, centre_name:
                   w: int, h: int, *, fov_mm: float, ct_window: tuple[float, float],
                   active: dict | None, instrument: InstrumentRecord | None,
                   extension_mm: float) -> np.ndarray:
-    hu, P = reslice(ct, centre, orientation, (w, h), fov_mm / min(w, h))
+    mm_per_px = fov_mm / min(w, h)
+    hu, P = reslice(ct, centre, orientation, (w, h), mm_per_px)
     pane = _window_hu(hu, *ct_window)
     if active is not None:
-        pane = draw_trajectories(pane, P, [active])
+        pane = draw_trajectories(pane, P, [active], labels=False)
     if instrument is not None:
         pane = draw_instrument(pane, P, instrument.tip_world, instrument.axis_world,
                                instrument.length_mm, extension_mm=extension_mm)
-    left, right, top, bottom = _EDGE_LETTERS[orientation]
-    grey = COLOURS["waiting"]
-    put_text(pane, left, (4, h / 2 + 6), grey)
-    put_text(pane, right, (w - 16, h / 2 + 6), grey)
-    put_text(pane, top, (w / 2 - 6, 40), grey)
-    put_text(pane, bottom, (w / 2 - 6, h - 8), grey)
-    put_text(pane, f"{orientation.upper()}  {centre_name}", (8, 20), COLOURS["text"])
+    pane = draw_orientation_markers(pane, P, centre, top_margin_px=_CAPTION_H)
+    pane = draw_scale_bar(pane, mm_per_px)
+    _caption(pane, f"{orientation.capitalize()} CT through the {centre_name}")
+    return pane
+
+
+def _plane_reslice(ct: Volume, centre: np.ndarray, ex: np.ndarray, ey: np.ndarray, size_wh: tuple[int, int],
+                   pixel_mm: float, *, fill: float = -1000.0) -> tuple[np.ndarray, np.ndarray]:
+    """A CT reslice on the plane through ``centre`` spanned by the unit vectors ``ex``
+    (screen right) and ``ey`` (screen down), and its affine 3x4 camera (as ``reslice``)."""
+    w, h = size_wh
+    cu, cv = (w - 1) / 2.0, (h - 1) / 2.0
+    uu, vv = np.meshgrid((np.arange(w) - cu) * pixel_mm, (np.arange(h) - cv) * pixel_mm)
+    points = centre + uu.reshape(-1, 1) * ex + vv.reshape(-1, 1) * ey
+    ijk = ct.world_to_index(points)
+    image = map_coordinates(ct.data, ijk[:, ::-1].T, order=1, mode="constant", cval=fill)
+    P = np.zeros((3, 4))
+    P[0, :3], P[0, 3] = ex / pixel_mm, cu - ex @ centre / pixel_mm
+    P[1, :3], P[1, 3] = ey / pixel_mm, cv - ey @ centre / pixel_mm
+    P[2, 3] = 1.0
+    return image.reshape(h, w).astype(np.float32), P
+
+
+def _breach_colour(metrics: dict) -> tuple[int, int, int]:
+    """Red for a breach warning, amber for a screw touching the cortex, else green."""
+    if metrics.get("breach_warning"):
+        return COLOURS["invalid"]
+    if metrics.get("breach_mm", 0.0) > 0.0:
+        return COLOURS["stale"]
+    return COLOURS["ok"]
+
+
+def _probe_eye(ct: Volume, point: np.ndarray, axis: np.ndarray, across: np.ndarray, size_px: int, *,
+               ct_window: tuple[float, float], active: dict | None, radius_mm: float | None,
+               colour: tuple[int, int, int], what: str, fov_mm: float = PROBE_EYE_FOV_MM) -> np.ndarray:
+    """The probe's eye: the CT across the instrument at ``point`` (looking along the axis),
+    the implant's cross-section (a circle of ``radius_mm``) around it and a cross where the
+    planned line crosses the plane."""
+    mm_per_px = fov_mm / size_px
+    # A camera looking along the instrument (x right, y down, z = axis): for a posterior
+    # screw, the patient's left on the left and the head up, as seen from behind the handle.
+    right = -across
+    hu, P = _plane_reslice(ct, point, right, np.cross(axis, right), (size_px, size_px), mm_per_px)
+    inset = _window_hu(hu, *ct_window)
+    c = (size_px - 1) / 2.0
+    if radius_mm is not None:
+        cv2.circle(inset, (int(round(c * 16)), int(round(c * 16))), int(round(radius_mm / mm_per_px * 16)), colour, 2,
+                   cv2.LINE_AA, 4)
+    if active is not None:
+        entry, target = trajectory_endpoints(active)
+        d = target - entry
+        denom = float(d @ axis)
+        if abs(denom) > 1e-9:
+            crossing = entry + d * float((point - entry) @ axis) / denom
+            u, v = P[:2, :3] @ crossing + P[:2, 3]
+            if 0 <= u < size_px and 0 <= v < size_px:
+                cv2.drawMarker(inset, (int(round(u)), int(round(v))), COLOURS.get(active.get("side"), COLOURS["text"]),
+                               cv2.MARKER_CROSS, 12, 2, cv2.LINE_AA)
+    inset = draw_orientation_markers(inset, P, point, top_margin_px=16)
+    inset[:18] = inset[:18] // 3
+    put_text(inset, f"probe's eye at the {what}", (4, 13), COLOURS["text"], scale=0.4)
+    cv2.rectangle(inset, (0, 0), (size_px - 1, size_px - 1), COLOURS["text"], 1)
+    return inset
+
+
+def _trajectory_pane(ct: Volume, w: int, h: int, *, ct_window: tuple[float, float], active: dict | None,
+                     instrument: InstrumentRecord | None, extension_mm: float,
+                     fov_mm: float = TRAJECTORY_FOV_MM) -> np.ndarray:
+    """The zoomed view along the instrument (or the active plan): the CT on the plane that
+    holds the instrument's axis and the patient's left-right direction, the tip a fifth of
+    the way in from the left, the planned screw's outline along the path ahead coloured by
+    the breach prediction, and an inset looking along the instrument (``_probe_eye``) at
+    the tip, or where the predicted breach starts."""
+    if instrument is None and active is None:
+        pane = np.full((h, w, 3), 24, np.uint8)
+        _caption(pane, "Along the instrument: no instrument or plan")
+        return pane
+    if instrument is not None:
+        tip, axis = instrument.tip_world, instrument.axis_world / np.linalg.norm(instrument.axis_world)
+    else:
+        tip, target = trajectory_endpoints(active)
+        axis = (target - tip) / np.linalg.norm(target - tip)
+    across = np.array([1.0, 0.0, 0.0]) if abs(axis[0]) < 0.9 else np.array([0.0, 0.0, 1.0])
+    across = across - (across @ axis) * axis
+    across /= np.linalg.norm(across)
+    mm_per_px = fov_mm / w
+    centre = tip + axis * (0.3 * fov_mm)
+    hu, P = _plane_reslice(ct, centre, axis, across, (w, h), mm_per_px)
+    pane = _window_hu(hu, *ct_window)
+    if active is not None:
+        pane = draw_trajectories(pane, P, [active], labels=False)
+    if instrument is not None:
+        metrics = instrument.metrics
+        if active is not None and "to_target_along_plan_mm" in metrics and "screw_diameter_mm" in active:
+            entry, target = trajectory_endpoints(active)
+            direction = (target - entry) / np.linalg.norm(target - entry)
+            cos = float(axis @ direction)
+            if cos > 0.5:
+                end = tip + axis * max(0.0, metrics["to_target_along_plan_mm"]) / cos
+                pane = draw_screw_path(pane, P, tip, end, float(active["screw_diameter_mm"]),
+                                       _breach_colour(metrics))
+                travel = metrics.get("travel_to_breach_mm")
+                if metrics.get("breach_warning") and travel is not None:
+                    u, v = P[:2, :3] @ (tip + axis * travel) + P[:2, 3]
+                    cv2.drawMarker(pane, (int(round(u)), int(round(v))), COLOURS["invalid"], cv2.MARKER_TILTED_CROSS,
+                                   18, 2, cv2.LINE_AA)
+                    put_text(pane, f"breach starts, {metrics.get('breach_side', '')}", (u + 8, v - 26),
+                             COLOURS["invalid"], scale=0.5)
+        pane = draw_instrument(pane, P, tip, axis, instrument.length_mm, extension_mm=extension_mm)
+    pane = draw_orientation_markers(pane, P, centre, top_margin_px=_CAPTION_H)
+    pane = draw_scale_bar(pane, mm_per_px)
+    if instrument is not None:
+        metrics = instrument.metrics
+        travel = metrics.get("travel_to_breach_mm") if metrics.get("breach_warning") else None
+        size = int(min(w, h) * 0.42)
+        radius = float(active["screw_diameter_mm"]) / 2 if active is not None and "screw_diameter_mm" in active \
+            else None
+        inset = _probe_eye(ct, tip + axis * (travel or 0.0), axis, across, size, ct_window=ct_window, active=active,
+                           radius_mm=radius, colour=_breach_colour(metrics),
+                           what="breach start" if travel else "tip")
+        pane[h - size - 6: h - 6, 6: 6 + size] = inset
+    _caption(pane, "Along the instrument (zoomed): screw outline ahead"
+             if instrument is not None else "Along the plan (zoomed)")
     return pane
 
 
@@ -445,36 +656,71 @@ def _instrument_note(state: NavigationState, status: str, now_s: float) -> str:
     """Why no instrument is drawn."""
     inst = state.instrument
     if status != "ok":
-        return f"pose {status}: instrument hidden"
+        return f"instrument hidden: {_STATE_WORDS[status]}"
     if inst is None:
-        return "no instrument"
+        return "no instrument tracked"
     if inst.status != "ok":
-        return f"instrument {inst.status}"
-    return f"instrument stale ({NavigationState._age_s(inst, now_s):.1f} s)"
+        return f"instrument not usable ({inst.status})"
+    return f"instrument data {NavigationState._age_s(inst, now_s):.1f} s old"
 
 
-def _numbers_pane(w: int, h: int, active: dict | None, deviation: dict | None,
-                  note: str) -> np.ndarray:
+def _banner(metrics: dict) -> tuple[str, str, tuple[int, int, int]]:
+    """(headline, detail, colour) of the breach prediction."""
+    if "breach_grade" not in metrics:
+        return "No breach prediction", "needs the CT and vertebra labels in the pipeline", COLOURS["waiting"]
+    grade, mm = metrics["breach_grade"], metrics.get("breach_mm", 0.0)
+    side = metrics.get("breach_side") or ""
+    travel = metrics.get("travel_to_breach_mm")
+    when = "already breached" if travel == 0.0 else (f"in {travel:.1f} mm of travel" if travel is not None else "")
+    if metrics.get("breach_warning"):
+        return f"BREACH WARNING: {side}", f"{mm:.1f} mm, grade {grade}, {when}", COLOURS["invalid"]
+    if mm > 0.0:
+        return f"Touching the cortex: {side}", f"{mm:.1f} mm, grade {grade}, {when}", COLOURS["stale"]
+    return "In the corridor", "no breach predicted (grade A)", COLOURS["ok"]
+
+
+def _numbers_pane(w: int, h: int, active: dict | None, instrument: InstrumentRecord | None,
+                  deviation: dict | None, guide: GuideRecord | None, note: str) -> np.ndarray:
     pane = np.full((h, w, 3), 24, np.uint8)
-    title = "PLAN  " + (f"{active.get('level', '?')} {active.get('side', '')}" if active
-                        else "none")
-    put_text(pane, title, (12, 34), COLOURS["text"], scale=0.8, thickness=2)
+    title = "Plan " + (trajectory_label(active) if active else "none")
+    put_text(pane, title, (10, 26), COLOURS["text"], scale=0.7, thickness=2)
+    y = 40
     if deviation is None:
-        put_text(pane, note, (12, 74), COLOURS["waiting"], scale=0.6)
-        return pane
-    rows = [
-        ("dist", deviation["distance_to_trajectory_mm"], "mm", _DISTANCE_LIMITS_MM),
-        ("angle", deviation["angle_to_trajectory_deg"], "deg", _ANGLE_LIMITS_DEG),
-        ("depth", deviation["depth_along_trajectory_mm"], "mm", None),
-        ("to target", deviation["tip_to_target_mm"], "mm", None),
-        ("at entry", deviation["lateral_offset_at_entry_mm"], "mm", _DISTANCE_LIMITS_MM),
-    ]
-    step = min(44, (h - 50) // len(rows))
-    for n, (name, value, unit, limits) in enumerate(rows):
-        colour = COLOURS["text"] if limits is None else _graded(value, limits)
-        y = 50 + step * (n + 1) - 10
-        put_text(pane, name, (12, y), COLOURS["waiting"], scale=0.7)
-        put_text(pane, f"{value:7.1f} {unit}", (w * 0.42, y), colour, scale=0.9, thickness=2)
+        put_text(pane, note, (10, y + 24), COLOURS["waiting"], scale=0.55)
+        y += 40
+    else:
+        metrics = instrument.metrics
+        headline, detail, colour = _banner(metrics)
+        cv2.rectangle(pane, (6, y), (w - 7, y + 50), colour, -1)
+        cv2.putText(pane, headline, (14, y + 21), FONT, 0.62, (0, 0, 0), 2, cv2.LINE_AA)
+        cv2.putText(pane, detail, (14, y + 43), FONT, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+        y += 58
+        clearance = metrics.get("clearance_mm")
+        rows = [
+            ("off plan at the tip", f"{deviation['distance_to_trajectory_mm']:.1f} mm",
+             _graded(deviation["distance_to_trajectory_mm"], _DISTANCE_LIMITS_MM)),
+            ("angle to the plan", f"{deviation['angle_to_trajectory_deg']:.1f} deg",
+             _graded(deviation["angle_to_trajectory_deg"], _ANGLE_LIMITS_DEG)),
+            ("tip depth past the entry", f"{deviation['depth_along_trajectory_mm']:.1f} mm", COLOURS["text"]),
+            ("left to the target (along plan)",
+             f"{metrics.get('to_target_along_plan_mm', deviation['tip_to_target_mm']):.1f} mm", COLOURS["text"]),
+        ]
+        if clearance is not None:
+            rows.append(("screw to cortex, path ahead", f"{clearance:.1f} mm",
+                         COLOURS["invalid"] if clearance < 0 else _graded(-clearance, (-0.5, 0.0))))
+        step = max(20, min(30, (h - y - 60) // max(1, len(rows))))
+        for name, value, colour in rows:
+            y += step
+            put_text(pane, name, (10, y), COLOURS["waiting"], scale=0.5)
+            put_text(pane, value, (w * 0.62, y), colour, scale=0.65, thickness=2)
+    if guide is not None:
+        y += 30
+        verdict = "ALIGNED (within 1 mm and 1 deg)" if guide.aligned else "not aligned (needs 1 mm, 1 deg)"
+        put_text(pane, f"aiming guide to {guide.level} {guide.side}: {guide.entry_error_mm:.1f} mm at entry, "
+                 f"{guide.angle_error_deg:.1f} deg", (10, y), COLOURS["text"], scale=0.45)
+        put_text(pane, verdict, (10, y + 20), COLOURS["ok"] if guide.aligned else COLOURS["stale"], scale=0.5)
+    put_text(pane, "Breach grade (Gertzbein-Robbins): A none, B <2 mm,", (10, h - 26), COLOURS["waiting"], scale=0.4)
+    put_text(pane, "C 2-4 mm, D 4-6 mm, E >6 mm beyond the cortex", (10, h - 10), COLOURS["waiting"], scale=0.4)
     return pane
 
 
@@ -482,42 +728,42 @@ def _status_lines(state: NavigationState, status: str, now_s: float,
                   active: dict | None, deviation: dict | None, note: str) -> list[str]:
     pose = state.pose
     fps = state.fps(now_s)
-    fps_text = f"{fps:.1f} fps" if fps is not None else "-- fps"
+    fps_text = f"{fps:.1f} frames/s" if fps is not None else "no frame rate yet"
     if state.no_frames(now_s) and state.frame is not None:
-        fps_text += f"  NO FRAMES {now_s - state.frame.received_s:.1f} s"
-    fps_text += f"  {state.pipeline_text(now_s)}"
+        fps_text += f", NO FRAMES for {now_s - state.frame.received_s:.1f} s"
+    fps_text += f", {state.pipeline_text(now_s)}"
     if pose is None:
-        first = "REGISTRATION waiting for the first pose"
+        first = "Registration: waiting for the first pose"
     else:
         head = {
-            "ok": "REGISTRATION OK",
-            "invalid": f"REGISTRATION FAILED: {pose.reason}",
-            "stale": f"REGISTRATION STALE: data {state.data_age_s(now_s):.2f} s old",
+            "ok": "Registration OK",
+            "invalid": f"Registration FAILED ({pose.reason})",
+            "stale": f"Registration STALE: data {state.data_age_s(now_s):.2f} s old",
         }[status]
-        conf = "last conf" if status == "stale" else "conf"
-        first = f"{head}  {conf} {pose.confidence:.2f}  level {','.join(pose.levels) or '-'}"
+        conf = "last confidence" if status == "stale" else "confidence"
+        first = f"{head}, {conf} {pose.confidence:.2f}, vertebra {','.join(pose.levels) or 'all'}"
+        if pose.uncertainty_mm is not None:
+            first += f", +-{pose.uncertainty_mm[0]:.1f} mm in-plane, +-{pose.uncertainty_mm[1]:.1f} mm depth"
         if pose.latency_ms is not None:
-            first += f"  reg {pose.latency_ms:.0f} ms"
+            first += f", registration {pose.latency_ms:.0f} ms"
         if pose.end_to_end_ms is not None:
-            first += f"  e2e {pose.end_to_end_ms:.0f} ms"
-    first += f"  {fps_text}"
+            first += f", image to screen {pose.end_to_end_ms:.0f} ms"
+    first += f", {fps_text}"
+    if status != "ok":
+        return [first, f"Overlays and instrument hidden: {_STATE_WORDS[status]}"]
     if deviation is None:
         return [first, note]
     d = deviation
-    second = (f"{active.get('level', '?')} {active.get('side', '')}: "
-              f"dist {d['distance_to_trajectory_mm']:.1f} mm  "
-              f"angle {d['angle_to_trajectory_deg']:.1f} deg  "
-              f"depth {d['depth_along_trajectory_mm']:.1f} mm  "
-              f"to target {d['tip_to_target_mm']:.1f} mm")
-    return [first, second]
+    return [first, f"Instrument on {trajectory_label(active)}: {d['distance_to_trajectory_mm']:.1f} mm off plan, "
+                   f"{d['angle_to_trajectory_deg']:.1f} deg, {d['depth_along_trajectory_mm']:.1f} mm past the entry"]
 
 
 def _reslice_centre(ct: Volume, active: dict | None,
                     instrument: InstrumentRecord | None) -> tuple[np.ndarray, str]:
     if instrument is not None:
-        return instrument.tip_world, "tip"
+        return instrument.tip_world, "instrument tip"
     if active is not None:
-        return trajectory_endpoints(active)[1], "plan target"
+        return trajectory_endpoints(active)[1], "planned target"
     return ct.center_world(), "CT centre"
 
 
@@ -530,18 +776,23 @@ def compose_screen(
     size: tuple[int, int] = (1280, 720),
     labels: Volume | None = None,
     ct_window: tuple[float, float] = (300.0, 1800.0),
-    reslice_fov_mm: float = 100.0,
+    reslice_fov_mm: float = RESLICE_FOV_MM,
     extension_mm: float = 40.0,
 ) -> np.ndarray:
     """The navigation screen, (H, W, 3) BGR uint8 for ``size`` = (W, H).
 
-    Panes (``screen_layout``): the latest fluoroscopy frame with, while the status is ok,
-    the plan, the vertebra outline (when ``labels``, a label volume on any grid, is given)
-    and the instrument projected with the registered view; axial, sagittal and coronal CT
+    Panes (``screen_layout``): a status bar along the top (state box, registration, the
+    instrument's deviation; when the state is not ok a frame of the state's colour and the
+    fluoroscopy dimmed, nothing written over the anatomy); the latest fluoroscopy frame,
+    windowed as on a C-arm monitor, with orientation letters and, while the status is ok,
+    every planned trajectory labelled, the active vertebra's outline (``labels``, a label
+    volume on any grid), the instrument and a colour legend; axial and sagittal CT
     reslices (``ct`` in HU, window ``ct_window`` = (level, width) HU, ``reslice_fov_mm``
     across the shorter pane side) through the instrument tip, or the active trajectory's
-    target when no instrument may be drawn; the deviation from the plan in large numbers;
-    a status bar. ``now_s`` is the current time (``time.time()`` epoch).
+    target when no instrument may be drawn; a zoomed view along the instrument with the
+    planned screw's outline coloured by the breach prediction; the numbers (breach banner,
+    deviation, clearance, aiming-guide alignment). ``now_s`` is the current time
+    (``time.time()`` epoch).
     """
     if ct.units != "HU":
         raise ValueError(f"compose_screen needs the CT in HU, got units {ct.units!r}")
@@ -565,13 +816,17 @@ def compose_screen(
     paste("fluoro", _fluoro_pane(state, status, trajectories, labels, active, instrument,
                                  w, h, extension_mm))
     centre, centre_name = _reslice_centre(ct, active, instrument)
-    for name in RESLICE_AXES:
+    for name in ("axial", "sagittal"):
         _, _, w, h = layout[name]
         paste(name, _reslice_pane(ct, name, centre, centre_name, w, h, fov_mm=reslice_fov_mm,
                                   ct_window=ct_window, active=active, instrument=instrument,
                                   extension_mm=extension_mm))
+    _, _, w, h = layout["trajectory"]
+    paste("trajectory", _trajectory_pane(ct, w, h, ct_window=ct_window, active=active, instrument=instrument,
+                                         extension_mm=extension_mm))
     _, _, w, h = layout["numbers"]
-    paste("numbers", _numbers_pane(w, h, active, deviation, note))
+    guide = state.guide if state.guide is not None and now_s - state.guide.received_s <= state.stale_after_s else None
+    paste("numbers", _numbers_pane(w, h, active, instrument, deviation, guide if status == "ok" else None, note))
     lines = _status_lines(state, status, now_s, active, deviation, note)
     return draw_status(screen, lines, state=status)
 

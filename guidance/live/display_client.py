@@ -21,7 +21,7 @@ from guidance.live.display import NavigationState, compose_screen
 from guidance.live.keys import CurveKeys
 from guidance.live.transport import DEFAULT_MAX_FRAME_PX, Subscriber, max_message_bytes
 from guidance.core.volume import Volume
-from guidance.live.wire import Frame, Heartbeat, InstrumentState, PoseResult
+from guidance.live.wire import Frame, Heartbeat, InstrumentState, PoseResult, TargetPose
 
 __all__ = ["run_display"]
 
@@ -58,8 +58,8 @@ def run_display(
     try:
         frames = Subscriber(frame_endpoint, topics=("frame", "heartbeat"), keys=keys, server_role="sim",
                             max_message_bytes=max_message_bytes(max_frame_px))
-        results = Subscriber(result_endpoint, topics=("pose_result", "instrument_state", "heartbeat"), rcvhwm=64,
-                             keys=keys, server_role="pipeline")
+        results = Subscriber(result_endpoint, topics=("pose_result", "instrument_state", "target_pose", "heartbeat"),
+                             rcvhwm=64, keys=keys, server_role="pipeline")
         period_s = 1.0 / refresh_hz
         next_screen = time.monotonic()
         while not stop.is_set() and not getattr(sink, "quit_requested", False):
@@ -98,5 +98,7 @@ def _take(state: NavigationState, msg, now_s: float) -> None:
         state.on_pose(msg, now_s)
     elif isinstance(msg, InstrumentState):
         state.on_instrument(msg, now_s)
+    elif isinstance(msg, TargetPose):
+        state.on_target(msg, now_s)
     elif isinstance(msg, Heartbeat):
         state.on_heartbeat(msg, now_s)

@@ -5,8 +5,10 @@ tracking failed) gets a global registration, the following ones a fast tracking
 update; instruments are mapped into the CT through the patient reference array.
 
 Time consistency: tracker samples are kept per tool for ``TRACKER_HISTORY_S`` and
-paired by acquisition time. A frame is registered against the C-arm and reference
-samples acquired nearest to it, an instrument reading against the reference acquired
+paired by acquisition time. A frame (and the multi-shot registration's shot made of it)
+is registered against the C-arm and reference samples acquired nearest to it, an
+intra-op volume's scanner pose is mapped through the reference acquired nearest to the
+volume, an instrument reading (and an aiming guide's alignment) against the reference acquired
 with it (its own ``T_tracker_from_reference``) or nearest to it, each within
 ``pair_tolerance_ms``; otherwise the instrument is "not_tracked" (never paired with an
 old reference) and the reference array is not re-registered from that frame.
@@ -14,7 +16,9 @@ old reference) and the reference array is not re-registered from that frame.
 ``run_pipeline`` is the thin socket loop around it. Its work per loop is bounded: at
 most ``MAX_LOOP_MESSAGES`` messages are read, tracker samples are coalesced to the
 latest per tool before instruments are computed, and only the newest frame is handed
-to a worker thread that registers it (older ones counted as skipped), so heartbeats
+to a worker thread that registers it (older ones counted as skipped; one of an
+orientation the multi-shot book lacks is kept there as a shot, with the tracker samples
+paired when it arrived), intra-op volumes are registered in that worker too, so heartbeats
 (from the first second, with the true state: "starting", "no_frames", "registering",
 "tracking", "failed") and instruments keep flowing during a long registration. Every accepted
 input and every output is recorded; refused inputs go to the recording's quarantine.
@@ -29,7 +33,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import cv2
@@ -39,20 +43,28 @@ from calibration.distortion import undistort_image, undistort_maps
 from calibration.errors import CalibrationError
 from calibration.files import Calibration, check_matches, distortion_model
 from guidance.core.geometry import invert_rigid, project
-from guidance.core.images import ImageError, preprocess
-from guidance.core.instrument_models import INSTRUMENTS
-from guidance.core.plan import plan_trajectories
+from guidance.core.images import ImageError, PreparedImage, preprocess
+from guidance.core.errors import GuidanceError
+from guidance.core.instrument_models import InstrumentError
+from guidance.core.plan import plan_trajectories, trajectory_approach
+from guidance.navigation.breach import BreachError, CorridorModel, build_corridor, guidance_metrics
+from guidance.navigation.detection import detect_instruments
 from guidance.navigation.instruments import nearest_trajectory, tip_and_axis, tool_in_world
+from guidance.navigation.targets import guide_alignment, target_pose_tracker, target_pose_world
 from guidance.navigation.overlay import draw_instrument, draw_outline, draw_trajectories, to_display_bgr
 from guidance.live.keys import CurveKeys
 from guidance.live.recording import Recorder
 from guidance.live.throttle import ThrottledLog
 from guidance.registration.register import RegistrationResult, Registrator
-from guidance.registration.tracking import TrackingSettings, track
+from guidance.registration.tracking import TrackingSettings
+from guidance.live.shots import Shot, ShotRegistrar, ShotSettings
+from guidance.live.calibrations import calibrated_instruments, calibrated_view
+from guidance.live.intraop import IntraopError, IntraopSettings, register_intraop, volume_from_message
 from guidance.live.transport import DEFAULT_MAX_FRAME_PX, Publisher, Subscriber, max_message_bytes
 from guidance.core.volume import Volume
-from guidance.core.views import ViewError
-from guidance.live.wire import Frame, Heartbeat, InstrumentState, Message, Overlay, PoseResult, TrackerSample, encode
+from guidance.core.views import View, ViewError
+from guidance.live.wire import (Frame, Heartbeat, InstrumentState, Message, Overlay, PoseResult, TargetPose,
+                                TrackerSample, VolumeFrame, encode)
 
 __all__ = ["PipelineSettings", "PipelineStats", "TrackerHistory", "Pipeline", "run_pipeline"]
 
@@ -66,6 +78,8 @@ TRACKER_HISTORY_MAX = 512
 """Samples kept per tool at most (memory bound for fast trackers and floods)."""
 MAX_TOOLS = 64
 """Tools tracked at most; samples of further tool ids are dropped (memory bound)."""
+MAX_SKIPPED_SHOTS = 4
+"""Skipped frames of a new orientation waiting to be kept as shots, at most (memory bound)."""
 
 
 @dataclass(frozen=True)
@@ -74,12 +88,24 @@ class PipelineSettings:
     ``overlay``: also publish an encoded overlay picture per frame; tool ids of the
     C-arm's tracker calibration and of the patient reference array; ``distortion``: an
     image-intensifier calibration applied to every frame before registration (frames
-    whose size or device, their ``source`` id, do not match it are refused)."""
+    whose size or device, their ``source`` id, do not match it are refused); ``carm``: a
+    C-arm calibration whose K (per orientation from its angle table) replaces each
+    frame's; ``pivots``: pivot calibrations by tool id, whose tips replace the instrument
+    models' (``guidance.live.calibrations``); ``shots``:
+    which shots multi-shot registration keeps (``guidance.live.shots``); ``intraop``: the
+    registration of intra-op CT / CBCT volumes (``guidance.live.intraop``);
+    ``detect_instruments``: instrument models (names) looked for in each registered frame
+    while no tracker sample of an instrument has arrived, published as image-derived
+    instrument states (empty: off)."""
 
     level: int | None = None
     distortion: Calibration | None = None
+    carm: Calibration | None = None
+    pivots: dict[str, Calibration] = field(default_factory=dict)
     overlay: bool = False
     tracking: TrackingSettings = field(default_factory=TrackingSettings)
+    shots: ShotSettings = field(default_factory=ShotSettings)
+    intraop: IntraopSettings = field(default_factory=IntraopSettings)
     carm_tool: str = "carm"
     reference_tool: str = "reference"
     source: str = "pipeline"
@@ -90,6 +116,9 @@ class PipelineSettings:
     """Largest frame side accepted (pixels): sets the subscriber's ZMQ_MAXMSGSIZE."""
     no_frames_after_s: float = 1.0
     """Heartbeat state "no_frames" when the last frame arrived longer ago than this."""
+    target_period_s: float = 1.0
+    """Planned trajectories are published as target poses at most this often (s)."""
+    detect_instruments: tuple[str, ...] = ()
 
 
 LATENCY_WINDOW = 1800
@@ -113,6 +142,10 @@ class PipelineStats:
     instruments_not_tracked: int = 0
     tracker_samples: int = 0
     tracker_coalesced: int = 0
+    volumes_received: int = 0
+    volumes_rejected: int = 0
+    volumes_skipped: int = 0
+    instruments_refused: int = 0
     latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
 
     def as_dict(self) -> dict:
@@ -167,10 +200,15 @@ class Pipeline:
     the shared state (tracker history, reference registration) is guarded by a lock."""
 
     def __init__(self, registrator: Registrator, *, plan: list | dict | None = None, labels: Volume | None = None,
-                 settings: PipelineSettings | None = None) -> None:
+                 settings: PipelineSettings | None = None, ct: Volume | None = None) -> None:
+        """``ct``: the pre-operative CT (HU); with ``labels`` it also gives the instruments'
+        breach prediction (corridor models built on first use, one per planned trajectory)."""
         self.registrator = registrator
+        self.ct = ct
         self.plan = plan_trajectories(plan)
         self.labels = labels
+        self._corridors: dict[int, CorridorModel | None] = {}
+        self._targets_sent_ns: int | None = None
         self.settings = settings or PipelineSettings()
         self.stats = PipelineStats()
         self.last_good: RegistrationResult | None = None
@@ -186,6 +224,13 @@ class Pipeline:
         """Local time (``time.time_ns()``) the last frame was handed to ``on_frame``."""
         self._lock = threading.Lock()
         self._log = ThrottledLog(log)
+        self.shots = ShotRegistrar(registrator, level=self.settings.level, tracking=self.settings.tracking,
+                                   settings=self.settings.shots)
+        self.instruments, self.instrument_refusals = calibrated_instruments(self.settings.pivots)
+        for name in self.settings.detect_instruments:
+            if name not in self.instruments:
+                raise InstrumentError(f"unknown instrument {name!r} to detect; known instruments: "
+                                      f"{', '.join(self.instruments)}")
         self._undistort = None
         if self.settings.distortion is not None:
             model = distortion_model(self.settings.distortion)
@@ -200,38 +245,27 @@ class Pipeline:
         self.stats.frames_processed += 1
         self.frame_id = frame.frame_id
         self.last_frame_ns = received_ns
-        paired = self._paired_with(frame)  # now: a long registration must not outlive the samples' history
+        paired = self.paired_with(frame)  # now: a long registration must not outlive the samples' history
         try:
-            pixels = frame.pixels
-            if self._undistort is not None:
-                check_matches(self.settings.distortion, image_size=frame.view.image_size, device_id=frame.source)
-                model, maps = self._undistort
-                pixels = undistort_image(pixels, model, maps=maps)
-            image = preprocess(pixels, frame.view)
-            self._check_geometry(frame)
+            frame, image = self._prepare(frame)
         except (ImageError, ViewError, CalibrationError) as exc:
             self.stats.frames_rejected += 1
             self._log.warning(f"rejected frames from {frame.source!r}", f"frame {frame.frame_id}: {exc}")
             return [self._failed(frame, f"bad frame: {exc}", t0, received_ns)]
         t1 = time.perf_counter()
         level = self.settings.level
-        mode = "global"
-        if self.last_good is not None:
-            result = track(self.registrator, [image], [frame.view], self.last_good.T_world_corrected_from_world,
-                           level=level, settings=self.settings.tracking)
-            mode = "tracking"
-            self.stats.tracking_updates += 1
-            if not result.ok:
-                log.info("frame %d: tracking failed (%s); global registration", frame.frame_id, result.reason)
-                self.stats.tracking_fallbacks += 1
-                mode = "global"
-        if mode == "global":
-            self.stats.global_registrations += 1
-            self.registering = True
-            try:
-                result = self.registrator.register([image], [frame.view], level=level)
-            finally:
-                self.registering = False
+        self.registering = self.last_good is None  # a global registration (tracking otherwise)
+        try:
+            outcome = self.shots.register(self._shot(frame, image, paired), self.last_good,
+                                          self.T_reference_from_world)
+        finally:
+            self.registering = False
+        result, mode = outcome.result, outcome.mode
+        self.stats.tracking_updates += outcome.tracking_runs
+        self.stats.tracking_fallbacks += outcome.fallbacks
+        self.stats.global_registrations += outcome.global_runs
+        if outcome.fallbacks:
+            log.info("frame %d: tracking failed; global registration", frame.frame_id)
         t2 = time.perf_counter()
         self.last_ok = result.ok
         if result.ok:
@@ -260,12 +294,85 @@ class Pipeline:
             latency_ms=latency,
             frame_acquired_ns=frame.acquired_ns,
             source=self.settings.source,
+            shots=outcome.shot_frame_ids if result.ok else [],
+            uncertainty_in_plane_mm=_finite_or_none(result.uncertainty_in_plane_mm),
+            uncertainty_depth_mm=_finite_or_none(result.uncertainty_depth_mm),
         )
         self.results += 1
         out: list[Message] = [pose]
+        if result.ok and self.settings.detect_instruments and not self._instrument_tracked():
+            out += self._detected_instruments(image.image, result.views[0])  # views[0]: this frame
         if self.settings.overlay:
             out.append(self._overlay(frame, result))
         return out
+
+    def _prepare(self, frame: Frame) -> tuple[Frame, PreparedImage]:
+        """The frame with its calibrated view and its image undistorted and preprocessed, its
+        geometry checked (raises ImageError, ViewError or CalibrationError naming what is wrong)."""
+        if self.settings.carm is not None:
+            frame = replace(frame, view=calibrated_view(self.settings.carm, frame.view, frame.source))
+        pixels = frame.pixels
+        if self._undistort is not None:
+            check_matches(self.settings.distortion, image_size=frame.view.image_size, device_id=frame.source)
+            model, maps = self._undistort
+            pixels = undistort_image(pixels, model, maps=maps)
+        image = preprocess(pixels, frame.view)
+        self._check_geometry(frame)
+        return frame, image
+
+    def _instrument_tracked(self) -> bool:
+        """Whether a tracker sample of a known instrument has arrived."""
+        with self._lock:
+            return any(t in self.instruments for t in self.tracker.latest_per_tool())
+
+    def _shot(self, frame: Frame, image: PreparedImage, paired: tuple[TrackerSample, TrackerSample] | None) -> Shot:
+        """The frame as a shot, with the C-arm and reference array samples acquired with it
+        (``paired``, see ``paired_with``; None: untracked shot)."""
+        carm, reference = (None, None) if paired is None else paired
+        return Shot(frame_id=frame.frame_id, acquired_ns=frame.acquired_ns, image=image, view=frame.view,
+                    T_tracker_from_cam=None if carm is None else carm.T_tracker_from_tool,
+                    T_tracker_from_reference=None if reference is None else reference.T_tracker_from_tool)
+
+    def wants_shot(self, frame: Frame) -> bool:
+        """Whether ``frame`` brings an orientation the shot book lacks (worth keeping when skipped)."""
+        return self.shots.book.is_new_orientation(frame.view)
+
+    def on_skipped_frame(self, frame: Frame, paired: tuple[TrackerSample, TrackerSample] | None = None) -> None:
+        """A frame not registered because a newer one waited: kept as a shot when it brings
+        an orientation the shot book lacks (e.g. a lateral shot taken during a registration).
+        ``paired``: its C-arm and reference samples, paired when it arrived (default: now)."""
+        if not self.wants_shot(frame):
+            return
+        paired = self.paired_with(frame) if paired is None else paired
+        try:
+            self.shots.note(self._shot(*self._prepare(frame), paired))
+        except (ImageError, ViewError, CalibrationError) as exc:
+            log.warning("skipped frame %d not kept as a shot: %s", frame.frame_id, exc)
+
+    def _detected_instruments(self, image: np.ndarray, view: View) -> list[InstrumentState]:
+        """Instruments found in the registered frame itself (no tracker; ``view``: its
+        registered geometry), as image-derived states; the depth along the viewing ray
+        comes from the bone (labels or the CT)."""
+        models = [self.instruments[name] for name in self.settings.detect_instruments]
+        bone = self.labels if self.labels is not None else self.registrator.mu
+        try:
+            estimates = detect_instruments([image], [view], models,
+                                           focus_world=self.registrator.centre(self.settings.level), bone=bone)
+        except GuidanceError as exc:
+            log.warning("frame %d: instrument detection failed: %s", self.frame_id, exc)
+            return []
+        states = []
+        for estimate in estimates:
+            fields = {}
+            if self.plan:
+                trajectory, deviation = nearest_trajectory(estimate.tip_world, estimate.axis_world, self.plan)
+                fields = {"plan_level": trajectory.get("level"), "plan_side": trajectory.get("side"),
+                          **{k: deviation[k] for k in ("distance_to_trajectory_mm", "angle_to_trajectory_deg",
+                                                       "depth_along_trajectory_mm", "tip_to_target_mm")}}
+            states.append(InstrumentState(frame_id=self.frame_id, tool_id=estimate.model.name,
+                                          tip_world=estimate.tip_world, axis_world=estimate.axis_world, status="ok",
+                                          image_derived=True, source=self.settings.source, **fields))
+        return states
 
     def _check_geometry(self, frame: Frame) -> None:
         """Reject a frame whose view cannot see the CT (wrong or corrupted geometry)."""
@@ -302,14 +409,61 @@ class Pipeline:
             with self._lock:
                 samples = self.tracker.latest_per_tool()
             for tool_id, sample in samples.items():
-                if tool_id in INSTRUMENTS:
-                    tip_axis = self._tip_and_axis(sample)
-                    if tip_axis is not None:
-                        bgr = draw_instrument(bgr, view, *tip_axis, INSTRUMENTS[tool_id].length_mm)
+                if tool_id in self.instruments and self.T_reference_from_world is not None:
+                    T_tracker_from_reference = self._reference_for(sample)
+                    if T_tracker_from_reference is not None:
+                        tip, axis = self._tip_and_axis(sample, T_tracker_from_reference)
+                        bgr = draw_instrument(bgr, view, tip, axis, self.instruments[tool_id].length_mm)
         ok, data = cv2.imencode(".png", bgr)
         if not ok:
             raise RuntimeError(f"PNG encoding of the overlay of frame {frame.frame_id} failed")
         return Overlay(frame_id=frame.frame_id, encoding="png", data=data.tobytes(), source=self.settings.source)
+
+    # -- intra-op volumes -----------------------------------------------------------------
+
+    def on_volume(self, volume: Volume, *, acquired_ns: int, volume_id: int = 0,
+                  T_tracker_from_scanner: np.ndarray | None = None, received_ns: int | None = None) -> list[Message]:
+        """Register an intra-op CT / CBCT (HU, scanner LPS frame) to the pre-op CT; returns its
+        PoseResult (mode "volume", ``frame_id`` = ``volume_id``). With the scanner's pose in the
+        tracker frame and a reference array sample, instruments are mapped through it from now on.
+        The entry point for any volume receiver (wire, DICOM)."""
+        received_ns = time.time_ns() if received_ns is None else received_ns
+        t0 = time.perf_counter()
+        self.stats.volumes_received += 1
+        try:
+            if self.ct is None:
+                raise IntraopError("this pipeline was built without the pre-op CT: it cannot register volumes")
+            result = register_intraop(self.ct, volume, labels=self.labels, level=self.settings.level,
+                                      settings=self.settings.intraop)
+        except IntraopError as exc:
+            self.stats.volumes_rejected += 1
+            log.warning("volume %d rejected: %s", volume_id, exc)
+            return [PoseResult(frame_id=volume_id, status="failed", reason=f"bad volume: {exc}", confidence=0.0,
+                               mode="volume", frame_acquired_ns=acquired_ns, source=self.settings.source,
+                               latency_ms={"queue": max(0.0, (received_ns - acquired_ns) / 1e6)})]
+        self.last_ok = result.ok
+        with self._lock:
+            reference = self.tracker.nearest(self.settings.reference_tool, acquired_ns, self.tolerance_ns)
+        if result.ok and T_tracker_from_scanner is not None and reference is not None:
+            self.T_reference_from_world = (invert_rigid(reference.T_tracker_from_tool) @ T_tracker_from_scanner
+                                           @ result.T_scanner_from_world)
+        elif result.ok:
+            log.info("volume %d registered; instruments not mapped through it (scanner pose in the tracker "
+                     "or reference array sample within the pairing tolerance unknown)", volume_id)
+        T = result.T_world_corrected_from_world if result.ok else None
+        level = self.settings.level
+        return [PoseResult(frame_id=volume_id, status=result.status, reason=result.reason,
+                           T_world_corrected_from_world=T, mode="volume", similarity=result.ncc,
+                           confidence=result.confidence, level_poses={str(level): T} if T is not None and level
+                           is not None else {}, frame_acquired_ns=acquired_ns, source=self.settings.source,
+                           latency_ms={"queue": max(0.0, (received_ns - acquired_ns) / 1e6),
+                                       "registration": (time.perf_counter() - t0) * 1e3,
+                                       "total": max(0.0, (time.time_ns() - acquired_ns) / 1e6)})]
+
+    def on_volume_frame(self, msg: VolumeFrame) -> list[Message]:
+        """``on_volume`` for a volume received on the bus."""
+        return self.on_volume(volume_from_message(msg), acquired_ns=msg.acquired_ns, volume_id=msg.volume_id,
+                              T_tracker_from_scanner=msg.T_tracker_from_scanner)
 
     # -- tracker -------------------------------------------------------------------------
 
@@ -317,7 +471,7 @@ class Pipeline:
     def tolerance_ns(self) -> int:
         return int(self.settings.pair_tolerance_ms * 1e6)
 
-    def _paired_with(self, frame: Frame) -> tuple[TrackerSample, TrackerSample] | None:
+    def paired_with(self, frame: Frame) -> tuple[TrackerSample, TrackerSample] | None:
         """The C-arm and reference samples acquired nearest to ``frame`` (within the
         tolerance), or None when either is missing."""
         with self._lock:
@@ -342,28 +496,77 @@ class Pipeline:
         T_tracker_from_world = carm.T_tracker_from_tool @ result.views[0].T_cam_from_world
         self.T_reference_from_world = invert_rigid(reference.T_tracker_from_tool) @ T_tracker_from_world
 
-    def _tip_and_axis(self, sample: TrackerSample) -> tuple[np.ndarray, np.ndarray] | None:
-        """Tip and axis in the CT of an instrument reading, through the reference acquired
-        with it (or nearest to it within the tolerance); None when there is none."""
-        T_tracker_from_reference = sample.T_tracker_from_reference
-        if T_tracker_from_reference is None:
-            with self._lock:
-                reference = self.tracker.nearest(self.settings.reference_tool, sample.acquired_ns,
-                                                 self.tolerance_ns)
-            if reference is None:
-                return None
-            T_tracker_from_reference = reference.T_tracker_from_tool
+    def _reference_for(self, sample: TrackerSample) -> np.ndarray | None:
+        """``T_tracker_from_reference`` for an instrument reading: the reference acquired with
+        it (its own), or the reference sample nearest to it within the tolerance; None otherwise."""
+        if sample.T_tracker_from_reference is not None:
+            return sample.T_tracker_from_reference
+        with self._lock:
+            reference = self.tracker.nearest(self.settings.reference_tool, sample.acquired_ns, self.tolerance_ns)
+        return None if reference is None else reference.T_tracker_from_tool
+
+    def _tip_and_axis(self, sample: TrackerSample,
+                      T_tracker_from_reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Tip and axis in the CT of an instrument reading, through the reference paired with it."""
         T_world_from_tool = tool_in_world(sample.T_tracker_from_tool, T_tracker_from_reference,
                                           self.T_reference_from_world)
-        return tip_and_axis(T_world_from_tool, INSTRUMENTS[sample.tool_id])
+        return tip_and_axis(T_world_from_tool, self.instruments[sample.tool_id])
+
+    def _corridor(self, trajectory: dict) -> CorridorModel | None:
+        """The corridor model of a planned trajectory (built once), None without CT and labels
+        or when it cannot be modelled (logged once)."""
+        key = self.plan.index(trajectory)
+        if key not in self._corridors:
+            model = None
+            if self.ct is not None and self.labels is not None:
+                try:
+                    model = build_corridor(self.ct, self.labels, trajectory)
+                except BreachError as exc:
+                    log.warning("no breach prediction for %s %s: %s", trajectory.get("level"),
+                                trajectory.get("side"), exc)
+            self._corridors[key] = model
+        return self._corridors[key]
+
+    def _targets(self, sample: TrackerSample) -> list[Message]:
+        """Every planned trajectory as a target pose in the tracker frame (throttled)."""
+        due = self._targets_sent_ns is None or (
+            sample.acquired_ns - self._targets_sent_ns >= self.settings.target_period_s * 1e9)
+        if not self.plan or self.T_reference_from_world is None or not due:
+            return []
+        self._targets_sent_ns = sample.acquired_ns
+        return [TargetPose(level=t["level"], side=t["side"], approach=trajectory_approach(t),
+                           T_tracker_from_target=target_pose_tracker(t, sample.T_tracker_from_tool,
+                                                                     self.T_reference_from_world),
+                           length_mm=float(np.linalg.norm(np.subtract(t["target_world"], t["entry_world"]))),
+                           source=self.settings.source)
+                for t in self.plan]
+
+    def _guide(self, sample: TrackerSample, tip: np.ndarray, axis: np.ndarray,
+               T_tracker_from_reference: np.ndarray) -> list[Message]:
+        """The alignment of a tracked aiming guide to its nearest planned trajectory
+        (``T_tracker_from_reference``: the reference acquired with the guide's sample)."""
+        if not self.plan:
+            return []
+        trajectory, _ = nearest_trajectory(tip, axis, self.plan)
+        T_world_from_target = target_pose_world(trajectory)
+        entry_error, angle, aligned = guide_alignment(tip, axis, T_world_from_target)
+        return [TargetPose(level=trajectory["level"], side=trajectory["side"], approach=trajectory_approach(trajectory),
+                           T_tracker_from_target=target_pose_tracker(trajectory, T_tracker_from_reference,
+                                                                     self.T_reference_from_world),
+                           length_mm=float(np.linalg.norm(np.subtract(trajectory["target_world"],
+                                                                      trajectory["entry_world"]))),
+                           guide_tool_id=sample.tool_id, guide_entry_error_mm=entry_error,
+                           guide_angle_error_deg=angle, guide_aligned=aligned, source=self.settings.source)]
 
     def on_tracker(self, sample: TrackerSample) -> list[Message]:
-        """Store a tracker sample; for a known instrument, return its state in the CT."""
+        """Store a tracker sample; see ``on_tracker_samples``."""
         return self.on_tracker_samples([sample])
 
     def on_tracker_samples(self, samples: Sequence[TrackerSample]) -> list[Message]:
-        """Store tracker samples (any number); return the state in the CT of the latest
-        reading of each known instrument among them (older readings are coalesced)."""
+        """Store tracker samples (any number); for the latest reading of each tool among them
+        (older readings are coalesced): a known instrument's state in the CT (with the breach
+        prediction when the pipeline has the CT and labels; for an aiming guide also its
+        alignment), for the reference array the planned target poses (throttled)."""
         latest: dict[str, TrackerSample] = {}
         with self._lock:
             for sample in samples:
@@ -373,18 +576,26 @@ class Pipeline:
         self.stats.tracker_coalesced += len(samples) - len(latest)
         out: list[Message] = []
         for sample in latest.values():
-            if sample.tool_id in INSTRUMENTS and self.T_reference_from_world is not None:
-                out.append(self._instrument_state(sample))
+            if sample.tool_id in self.instrument_refusals:
+                self.stats.instruments_refused += 1
+                if self.stats.instruments_refused == 1:
+                    log.warning("instrument %s refused: %s", sample.tool_id, self.instrument_refusals[sample.tool_id])
+            elif sample.tool_id == self.settings.reference_tool:
+                out += self._targets(sample)
+            elif sample.tool_id in self.instruments and self.T_reference_from_world is not None:
+                out += self._instrument_state(sample)
         return out
 
-    def _instrument_state(self, sample: TrackerSample) -> InstrumentState:
+    def _instrument_state(self, sample: TrackerSample) -> list[Message]:
+        """The instrument's state in the CT (and a guide's alignment); "not_tracked" without a
+        reference sample acquired with it."""
         common = {"frame_id": self.frame_id, "tool_id": sample.tool_id, "acquired_ns": sample.acquired_ns,
                   "source": self.settings.source}
-        tip_axis = self._tip_and_axis(sample)
-        if tip_axis is None:
+        T_tracker_from_reference = self._reference_for(sample)
+        if T_tracker_from_reference is None:
             self.stats.instruments_not_tracked += 1
-            return InstrumentState(tip_world=None, axis_world=None, status="not_tracked", **common)
-        tip, axis = tip_axis
+            return [InstrumentState(tip_world=None, axis_world=None, status="not_tracked", **common)]
+        tip, axis = self._tip_and_axis(sample, T_tracker_from_reference)
         fields = {}
         if self.plan:
             trajectory, deviation = nearest_trajectory(tip, axis, self.plan)
@@ -396,8 +607,17 @@ class Pipeline:
                 "depth_along_trajectory_mm": deviation["depth_along_trajectory_mm"],
                 "tip_to_target_mm": deviation["tip_to_target_mm"],
             }
-        return InstrumentState(tip_world=tip, axis_world=axis, status="ok" if self.last_ok else "registration_failed",
-                               **common, **fields)
+            metrics = guidance_metrics(tip, axis, trajectory, self._corridor(trajectory))
+            fields["to_target_along_plan_mm"] = metrics["to_target_along_plan_mm"]
+            for key in ("breach_mm", "breach_grade", "breach_side", "breach_warning", "clearance_mm",
+                        "travel_to_breach_mm"):
+                fields[key] = metrics.get(key)
+        out: list[Message] = [InstrumentState(tip_world=tip, axis_world=axis,
+                                              status="ok" if self.last_ok else "registration_failed",
+                                              **common, **fields)]
+        if self.instruments[sample.tool_id].kind == "guide":
+            out += self._guide(sample, tip, axis, T_tracker_from_reference)
+        return out
 
     def heartbeat_state(self, now_ns: int | None = None) -> str:
         """What the pipeline is doing: "registering" (a global registration runs, or frames
@@ -414,7 +634,9 @@ class Pipeline:
 
 class _FrameWorker:
     """Registers the newest submitted frame in a thread of its own and publishes the
-    results with ``send``; a frame submitted while another waits replaces it (skipped).
+    results with ``send``; a frame submitted while another waits replaces it (skipped; kept
+    as a shot when it brings a new orientation, at most ``MAX_SKIPPED_SHOTS`` waiting).
+    Intra-op volumes are registered there too (the newest waiting one).
     Given a factory, it first builds the pipeline there (``pipeline`` is None until then)."""
 
     def __init__(self, pipeline: Pipeline | Callable[[], Pipeline], send: Callable[..., None]) -> None:
@@ -425,6 +647,9 @@ class _FrameWorker:
         self._send = send
         self._wake = threading.Condition()
         self._pending: tuple[Frame, int] | None = None
+        self._skipped: deque[tuple[Frame, tuple[TrackerSample, TrackerSample] | None]] = deque(
+            maxlen=MAX_SKIPPED_SHOTS)
+        self._volume: VolumeFrame | None = None
         self._closing = False
         self._log = ThrottledLog(log)
         self._thread = threading.Thread(target=self._run, name="pipeline-frames", daemon=True)
@@ -433,8 +658,26 @@ class _FrameWorker:
     def submit(self, frame: Frame, received_ns: int) -> bool:
         """Queue ``frame``; True when it replaced a frame not yet started (skipped)."""
         with self._wake:
-            replaced = self._pending is not None
+            replaced = self._pending
             self._pending = (frame, received_ns)
+            self._wake.notify()
+        if replaced is not None:
+            self.skip(replaced[0])
+        return replaced is not None
+
+    def skip(self, frame: Frame) -> None:
+        """A frame not to be registered: queued as a shot (with its tracker samples paired
+        now) when it brings an orientation the shot book lacks."""
+        if self.pipeline is not None and self.pipeline.wants_shot(frame):
+            paired = self.pipeline.paired_with(frame)
+            with self._wake:
+                self._skipped.append((frame, paired))
+
+    def submit_volume(self, volume: VolumeFrame) -> bool:
+        """Queue an intra-op volume; True when it replaced one not yet started."""
+        with self._wake:
+            replaced = self._volume is not None
+            self._volume = volume
             self._wake.notify()
         return replaced
 
@@ -453,12 +696,21 @@ class _FrameWorker:
                 return
         while True:
             with self._wake:
-                while self._pending is None and not self._closing:
+                while self._pending is None and self._volume is None and not self._closing:
                     self._wake.wait()
                 if self._closing:
                     return
-                frame, received_ns = self._pending
-                self._pending = None
+                volume, self._volume = self._volume, None
+                skipped = list(self._skipped)
+                self._skipped.clear()
+                pending, self._pending = self._pending, None
+            if volume is not None:
+                self._volume_outputs(volume)
+            for frame, paired in skipped:
+                self.pipeline.on_skipped_frame(frame, paired)
+            if pending is None:
+                continue
+            frame, received_ns = pending
             try:
                 outputs = self.pipeline.on_frame(frame, received_ns)
             except Exception as exc:  # noqa: BLE001 - one frame must never stop the pipeline
@@ -467,6 +719,15 @@ class _FrameWorker:
                 outputs = [self.pipeline.failed_pose(frame, f"internal error: {type(exc).__name__}: {exc}")]
             for out in outputs:
                 self._send(out, frame)
+
+    def _volume_outputs(self, volume: VolumeFrame) -> None:
+        try:
+            outputs = self.pipeline.on_volume_frame(volume)
+        except Exception as exc:  # noqa: BLE001 - one volume must never stop the pipeline
+            self._log.warning("volume processing error", f"volume {volume.volume_id}: {type(exc).__name__}: {exc}")
+            return
+        for out in outputs:
+            self._send(out)
 
 
 def run_pipeline(
@@ -482,7 +743,7 @@ def run_pipeline(
     sink=None,
     settings: PipelineSettings | None = None,
 ) -> PipelineStats:
-    """Serve until ``stop`` is set: SUB frames/tracker samples (connecting to
+    """Serve until ``stop`` is set: SUB frames/tracker samples/intra-op volumes (connecting to
     ``frame_endpoints``), PUB results (bound on ``result_endpoint``).
 
     ``pipeline``: the pipeline, or a function that builds it (loading a CT and preparing
@@ -503,7 +764,7 @@ def run_pipeline(
     try:
         pub = Publisher(result_endpoint, bind=True, keys=keys)  # first: a taken port fails before anything is made
         recorder = Recorder(record_dir, source="pipeline") if record_dir is not None else None
-        sub = Subscriber(frame_endpoints, topics=("frame", "tracker_sample", "heartbeat"), rcvhwm=64,
+        sub = Subscriber(frame_endpoints, topics=("frame", "tracker_sample", "heartbeat", "volume"), rcvhwm=64,
                          tap=(lambda parts: recorder.write("in", parts, time.time_ns())) if recorder else None,
                          reject_tap=(lambda parts, why: recorder.quarantine(parts, why, time.time_ns()))
                          if recorder else None,
@@ -554,18 +815,25 @@ def _serve(worker: _FrameWorker, settings: PipelineSettings, sub: Subscriber, se
         pipeline = worker.pipeline
         frames: list[Frame] = []
         samples: list[TrackerSample] = []
+        volumes: list[VolumeFrame] = []
         for msg in messages:  # new input kinds get their branch here
             if isinstance(msg, Frame):
                 frames.append(msg)
             elif isinstance(msg, TrackerSample):
                 samples.append(msg)
+            elif isinstance(msg, VolumeFrame):
+                volumes.append(msg)
         if pipeline is not None and samples:
             for out in pipeline.on_tracker_samples(samples):
                 send(out)
         if pipeline is not None and frames:
             pipeline.last_frame_ns = received_ns
             pipeline.stats.frames_received += len(frames)
+            for frame in frames[:-1]:
+                worker.skip(frame)
             pipeline.stats.frames_skipped += len(frames) - 1 + worker.submit(frames[-1], received_ns)
+        if pipeline is not None and volumes:
+            pipeline.stats.volumes_skipped += len(volumes) - 1 + worker.submit_volume(volumes[-1])
         now = time.monotonic()
         if now >= next_heartbeat:
             stats = {"lost": sub.lost, "malformed": sub.malformed, "replayed": sub.replayed}
@@ -587,3 +855,8 @@ def _drain(sub: Subscriber, *, timeout_s: float, limit: int) -> list[Message]:
     while len(messages) < limit and (msg := sub.recv(0.0)) is not None:
         messages.append(msg)
     return messages
+
+
+def _finite_or_none(value: float) -> float | None:
+    """A finite number for the wire, None for an unknown (infinite or NaN) one."""
+    return float(value) if np.isfinite(value) else None

@@ -43,7 +43,9 @@ import numpy as np
 
 from guidance.core.errors import GuidanceError
 from guidance.core.geometry import GeometryError, check_rigid
+from guidance.core.plan import APPROACHES
 from guidance.core.views import View, ViewError, view_from_dict, view_to_dict
+from guidance.navigation.breach import BREACH_SIDES, GRADES
 
 __all__ = [
     "SCHEMA",
@@ -55,8 +57,10 @@ __all__ = [
     "TrackerSample",
     "PoseResult",
     "InstrumentState",
+    "TargetPose",
     "Overlay",
     "Heartbeat",
+    "VolumeFrame",
     "KINDS",
     "encode",
     "decode",
@@ -66,7 +70,7 @@ SCHEMA = "guidance.msg"
 VERSION = 1
 DTYPES = ("uint8", "uint16", "float32")
 POSE_STATUSES = ("ok", "failed")
-POSE_MODES = ("global", "tracking")
+POSE_MODES = ("global", "tracking", "volume")
 OVERLAY_SIGNATURES = {"png": b"\x89PNG\r\n\x1a\n", "jpeg": b"\xff\xd8\xff"}
 _ENVELOPE = ("schema", "version", "kind", "buffers")
 _DESCRIPTOR_KEYS = {"dtype", "shape", "nbytes", "crc32"}
@@ -147,8 +151,14 @@ def _str(value: Any, name: str, *, choices: tuple[str, ...] | None = None,
     return value
 
 
-def _opt_str(value: Any, name: str) -> str | None:
-    return None if value is None else _str(value, name)
+def _opt_str(value: Any, name: str, *, choices: tuple[str, ...] | None = None) -> str | None:
+    return None if value is None else _str(value, name, choices=choices)
+
+
+def _opt_bool(value: Any, name: str) -> bool | None:
+    if value is not None and not isinstance(value, (bool, np.bool_)):
+        raise WireError(f"'{name}' must be true, false or null, got {type(value).__name__}")
+    return None if value is None else bool(value)
 
 
 def _numbers(value: Any, name: str, what: str) -> np.ndarray:
@@ -317,7 +327,11 @@ class PoseResult(Message):
     ``views``: per view, a dict with at least ``T_cam_from_world``; ``level_poses``:
     vertebral level (e.g. "L4") -> 4x4 pose; ``similarity``: final similarity value;
     ``confidence`` in [0, 1]; ``mode``: "global" or "tracking"; ``latency_ms``: stage ->
-    duration in ms (>= 0); ``frame_acquired_ns``: acquisition time of the frame.
+    duration in ms (>= 0); ``frame_acquired_ns``: acquisition time of the frame;
+    ``shots``: ids of the frames whose (joint) registration fixes this pose's depth
+    (multi-shot fluoro navigation, ``guidance.live.shots``).
+    ``uncertainty_in_plane_mm`` / ``uncertainty_depth_mm``: 1-sigma pose uncertainty at
+    the target centre in the first view's image plane and along its ray (>= 0, or None).
     """
 
     kind: ClassVar[str] = "pose_result"
@@ -333,6 +347,9 @@ class PoseResult(Message):
     mode: str
     latency_ms: dict[str, float] = field(default_factory=dict)
     frame_acquired_ns: int
+    shots: list[int] = field(default_factory=list)
+    uncertainty_in_plane_mm: float | None = None
+    uncertainty_depth_mm: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -358,6 +375,11 @@ class PoseResult(Message):
                                   for k, v in self.latency_ms.items()})
         _set(self, "frame_acquired_ns",
              _int(self.frame_acquired_ns, "frame_acquired_ns", minimum=0))
+        if not isinstance(self.shots, (list, tuple)):
+            raise WireError("'shots' must be a list of frame ids")
+        _set(self, "shots", [_int(i, f"shots[{n}]", minimum=0) for n, i in enumerate(self.shots)])
+        for name in ("uncertainty_in_plane_mm", "uncertainty_depth_mm"):
+            _set(self, name, _opt_float(getattr(self, name), name, lo=0.0))
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -370,7 +392,14 @@ class InstrumentState(Message):
     planned trajectory of ``plan_level`` / ``plan_side`` (all optional):
     ``distance_to_trajectory_mm`` and ``tip_to_target_mm`` (>= 0),
     ``angle_to_trajectory_deg`` in [0, 180], ``depth_along_trajectory_mm`` (signed, from
-    the entry point along the planned direction).
+    the entry point along the planned direction), ``to_target_along_plan_mm`` (planned
+    depth left). Predicted breach of the planned implant along the instrument's line
+    (``guidance.navigation.breach``, all optional): ``breach_mm`` (>= 0), ``breach_grade``
+    (Gertzbein-Robbins A-E), ``breach_side``, ``breach_warning``, ``clearance_mm`` (implant
+    surface to the corridor wall ahead, negative when protruding) and
+    ``travel_to_breach_mm`` (>= 0).
+    ``image_derived``: True when the pose was found in the X-ray image itself (no tracker
+    sample), False when tracked.
     """
 
     kind: ClassVar[str] = "instrument_state"
@@ -386,6 +415,14 @@ class InstrumentState(Message):
     angle_to_trajectory_deg: float | None = None
     depth_along_trajectory_mm: float | None = None
     tip_to_target_mm: float | None = None
+    to_target_along_plan_mm: float | None = None
+    breach_mm: float | None = None
+    breach_grade: str | None = None
+    breach_side: str | None = None
+    breach_warning: bool | None = None
+    clearance_mm: float | None = None
+    travel_to_breach_mm: float | None = None
+    image_derived: bool = False
     acquired_ns: int = 0
 
     def __post_init__(self) -> None:
@@ -393,6 +430,13 @@ class InstrumentState(Message):
         _set(self, "frame_id", _int(self.frame_id, "frame_id", minimum=0))
         _set(self, "tool_id", _str(self.tool_id, "tool_id", nonempty=True))
         _set(self, "acquired_ns", _int(self.acquired_ns, "acquired_ns", minimum=0))
+        _set(self, "to_target_along_plan_mm", _opt_float(self.to_target_along_plan_mm, "to_target_along_plan_mm"))
+        _set(self, "breach_mm", _opt_float(self.breach_mm, "breach_mm", lo=0.0))
+        _set(self, "breach_grade", _opt_str(self.breach_grade, "breach_grade", choices=GRADES))
+        _set(self, "breach_side", _opt_str(self.breach_side, "breach_side", choices=BREACH_SIDES))
+        _set(self, "breach_warning", _opt_bool(self.breach_warning, "breach_warning"))
+        _set(self, "clearance_mm", _opt_float(self.clearance_mm, "clearance_mm"))
+        _set(self, "travel_to_breach_mm", _opt_float(self.travel_to_breach_mm, "travel_to_breach_mm", lo=0.0))
         _set(self, "status", _str(self.status, "status", nonempty=True))
         for name, unit in (("tip_world", False), ("axis_world", True)):
             value = getattr(self, name)
@@ -410,6 +454,52 @@ class InstrumentState(Message):
              _opt_float(self.depth_along_trajectory_mm, "depth_along_trajectory_mm"))
         _set(self, "tip_to_target_mm",
              _opt_float(self.tip_to_target_mm, "tip_to_target_mm", lo=0.0))
+        if not isinstance(self.image_derived, (bool, np.bool_)):
+            raise WireError(f"'image_derived' must be true or false, got {type(self.image_derived).__name__}")
+        _set(self, "image_derived", bool(self.image_derived))
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class TargetPose(Message):
+    """A planned trajectory as a target pose for a robot arm or a tracked aiming guide.
+
+    ``T_tracker_from_target``: the target frame in the tracker's frame (mm): origin at the
+    planned entry point, +z along the planned axis (entry -> target), x and y any
+    perpendicular pair (``guidance.navigation.targets``); ``length_mm``: entry to target.
+    With a tracked guide (``guide_tool_id``): its alignment error, ``guide_entry_error_mm``
+    (entry point to the guide's axis line) and ``guide_angle_error_deg``, and
+    ``guide_aligned`` (within the tolerances).
+    """
+
+    kind: ClassVar[str] = "target_pose"
+
+    level: str
+    side: str
+    approach: str
+    T_tracker_from_target: np.ndarray
+    length_mm: float
+    guide_tool_id: str | None = None
+    guide_entry_error_mm: float | None = None
+    guide_angle_error_deg: float | None = None
+    guide_aligned: bool | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _set(self, "level", _str(self.level, "level", nonempty=True))
+        _set(self, "side", _str(self.side, "side", nonempty=True))
+        _set(self, "approach", _str(self.approach, "approach", choices=APPROACHES))
+        _set(self, "T_tracker_from_target", _pose(self.T_tracker_from_target, "T_tracker_from_target"))
+        _set(self, "length_mm", _float(self.length_mm, "length_mm", lo=0.0))
+        _set(self, "guide_tool_id", _opt_str(self.guide_tool_id, "guide_tool_id"))
+        _set(self, "guide_entry_error_mm", _opt_float(self.guide_entry_error_mm, "guide_entry_error_mm", lo=0.0))
+        _set(self, "guide_angle_error_deg",
+             _opt_float(self.guide_angle_error_deg, "guide_angle_error_deg", lo=0.0, hi=180.0))
+        _set(self, "guide_aligned", _opt_bool(self.guide_aligned, "guide_aligned"))
+        given = [v is not None for v in (self.guide_tool_id, self.guide_entry_error_mm,
+                                         self.guide_angle_error_deg, self.guide_aligned)]
+        if any(given) and not all(given):
+            raise WireError("guide_tool_id, guide_entry_error_mm, guide_angle_error_deg and guide_aligned "
+                            "go together")
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -465,6 +555,69 @@ class Heartbeat(Message):
                                  for k, v in self.stats.items()})
 
 
+@dataclass(frozen=True, kw_only=True, eq=False)
+class VolumeFrame(Message):
+    """An intra-operative CT / CBCT volume with its grid, as ITK describes it.
+
+    ``voxels``: (K, J, I) float32 CT numbers (HU), indexed [k, j, i], finite, at least 2
+    voxels along each axis; ``spacing_mm``: (i, j, k) voxel size (> 0); ``origin_mm``:
+    world position of voxel (0, 0, 0) in the scanner's LPS frame; ``direction``: 3x3
+    orthonormal direction cosines (columns = index axes); ``T_tracker_from_scanner``:
+    the scanner's LPS frame in the tracker frame when the scanner is tracked or
+    calibrated to the tracker (lets instruments be mapped through the volume);
+    ``acquired_ns``: acquisition time; ``volume_id``: the scanner's running number;
+    ``modality``: e.g. "CT", "CBCT"; ``ground_truth``: optional name -> 4x4 pose for
+    bench testing (e.g. ``T_world_corrected_from_world``).
+    """
+
+    kind: ClassVar[str] = "volume"
+    buffer_fields: ClassVar[tuple[str, ...]] = ("voxels",)
+
+    volume_id: int
+    acquired_ns: int
+    voxels: np.ndarray
+    spacing_mm: np.ndarray
+    origin_mm: np.ndarray
+    direction: np.ndarray
+    modality: str = "CBCT"
+    T_tracker_from_scanner: np.ndarray | None = None
+    ground_truth: dict[str, np.ndarray] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _set(self, "volume_id", _int(self.volume_id, "volume_id", minimum=0))
+        _set(self, "acquired_ns", _int(self.acquired_ns, "acquired_ns", minimum=0))
+        voxels = self.voxels
+        if not isinstance(voxels, np.ndarray):
+            raise WireError(f"'voxels' must be a numpy array, got {type(voxels).__name__}")
+        if voxels.ndim != 3 or min(voxels.shape) < 2:
+            raise WireError(f"'voxels' must be a 3-D array with at least 2 voxels per axis, got shape "
+                            f"{voxels.shape}")
+        if voxels.dtype.name != "float32":
+            raise WireError(f"'voxels' must be float32 (HU), got {voxels.dtype.name}")
+        if not np.all(np.isfinite(voxels)):
+            raise WireError("'voxels' contains NaN or infinite values")
+        spacing = _vec3(self.spacing_mm, "spacing_mm")
+        if np.any(spacing <= 0):
+            raise WireError(f"'spacing_mm' must be positive, got {spacing.tolist()}")
+        _set(self, "spacing_mm", spacing)
+        _set(self, "origin_mm", _vec3(self.origin_mm, "origin_mm"))
+        try:
+            direction = np.asarray(self.direction, dtype=float)
+        except (TypeError, ValueError):
+            raise WireError("'direction' must be a 3x3 numeric matrix") from None
+        if direction.shape != (3, 3) or not np.all(np.isfinite(direction)):
+            raise WireError(f"'direction' must be a finite 3x3 matrix, got shape {direction.shape}")
+        if np.abs(direction.T @ direction - np.eye(3)).max() > _UNIT_TOL * 100:
+            raise WireError("'direction' must be orthonormal (direction cosines), got "
+                            f"{np.round(direction, 6).tolist()}")
+        _set(self, "direction", direction)
+        _set(self, "modality", _str(self.modality, "modality", nonempty=True))
+        _set(self, "T_tracker_from_scanner", _opt_pose(self.T_tracker_from_scanner, "T_tracker_from_scanner"))
+        if self.ground_truth is not None:
+            _set(self, "ground_truth", _pose_map(self.ground_truth, "ground_truth"))
+
+
 def _stat(value: Any, name: str) -> Any:
     if value is None or isinstance(value, (str, bool)):
         return value
@@ -477,8 +630,8 @@ def _stat(value: Any, name: str) -> Any:
 
 
 KINDS: dict[str, type[Message]] = {
-    cls.kind: cls for cls in (Frame, TrackerSample, PoseResult, InstrumentState, Overlay,
-                              Heartbeat)
+    cls.kind: cls for cls in (Frame, TrackerSample, PoseResult, InstrumentState, TargetPose,
+                              Overlay, Heartbeat, VolumeFrame)
 }
 
 

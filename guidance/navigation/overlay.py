@@ -13,6 +13,7 @@ anti-aliased and clipped to the picture; segments are clipped in front of the so
 
 from __future__ import annotations
 
+import itertools
 from typing import Sequence
 
 import cv2
@@ -28,11 +29,17 @@ __all__ = [
     "COLOURS",
     "to_display_bgr",
     "camera_matrix",
+    "trajectory_label",
     "draw_trajectories",
     "draw_outline",
     "draw_instrument",
     "draw_status",
     "status_bar_height",
+    "orientation_letters",
+    "draw_orientation_markers",
+    "draw_legend",
+    "draw_scale_bar",
+    "draw_screw_path",
     "put_text",
 ]
 
@@ -59,10 +66,11 @@ _PAD = 6
 _NEAR = 1e-3
 _CLIP_MARGIN_PX = 16.0
 _PERCENTILE_SAMPLES = 250_000
+_CLAHE = cv2.createCLAHE(clipLimit=1.5, tileGridSize=(8, 8))
 
 
 def to_display_bgr(image: np.ndarray, *, intensity: str,
-                   percentiles: tuple[float, float] = (0.5, 99.5)) -> np.ndarray:
+                   percentiles: tuple[float, float] = (0.5, 99.5), monitor: bool = False) -> np.ndarray:
     """A grey X-ray image (uint8, uint16 or float32, (H, W)) windowed to BGR uint8.
 
     The window spans the given percentiles of the finite pixels (of an evenly strided
@@ -70,6 +78,12 @@ def to_display_bgr(image: np.ndarray, *, intensity: str,
     view's kind: "line_integral" (bone bright in the data) is inverted so bone shows dark
     as on a C-arm monitor; "raw" detector counts are already dark where attenuated;
     "display" pictures keep their polarity.
+
+    ``monitor``: window it as a C-arm monitor does: raw counts are taken to the log
+    (attenuation) domain, the window comes from the central 60% of the field (the
+    collimated anatomy, not the bright edges), quantum noise is smoothed over about a
+    pixel and local contrast is enhanced (CLAHE), so that the vertebrae stand out under
+    the overlay; "display" pictures are left as they are, only windowed.
     """
     check_intensity(intensity)
     img = np.asarray(image)
@@ -77,15 +91,26 @@ def to_display_bgr(image: np.ndarray, *, intensity: str,
         raise ValueError(f"expected a 2-D uint8, uint16 or float32 image, got "
                          f"{img.dtype.name} shape {img.shape}")
     values = img.astype(np.float32)
+    invert = intensity == "line_integral"
+    if monitor and intensity == "raw":
+        values = -np.log(np.maximum(values, 1.0))  # attenuation: bone bright, then inverted
+        invert = True
     finite = np.isfinite(values)
-    step = max(1, int(np.sqrt(values.size / _PERCENTILE_SAMPLES)))
-    sample = values[::step, ::step][finite[::step, ::step]]
+    window = values
+    if monitor and intensity != "display":
+        H, W = values.shape
+        window = values[H // 5: H - H // 5, W // 5: W - W // 5]
+    step = max(1, int(np.sqrt(window.size / _PERCENTILE_SAMPLES)))
+    sample = window[::step, ::step]
+    sample = sample[np.isfinite(sample)]
     lo, hi = np.percentile(sample, percentiles) if sample.size else (0.0, 0.0)
     scaled = (values - lo) / (hi - lo) if hi > lo else np.full_like(values, 0.5)
     scaled = np.clip(np.where(finite, scaled, 0.0), 0.0, 1.0)
-    if intensity == "line_integral":
+    if invert:
         scaled = 1.0 - scaled
     grey = np.round(scaled * 255.0).astype(np.uint8)
+    if monitor and intensity != "display":
+        grey = _CLAHE.apply(cv2.GaussianBlur(grey, (0, 0), 0.8))
     return cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)
 
 
@@ -180,12 +205,62 @@ def put_text(img: np.ndarray, text: str, origin_px: tuple[float, float],
     cv2.putText(img, text, org, _FONT, scale, colour, thickness, cv2.LINE_AA)
 
 
-def draw_trajectories(bgr: np.ndarray, view: View | np.ndarray, plan: dict | list | None, *,
-                      highlight_level: str | None = None) -> np.ndarray:
-    """The planned screw trajectories: an entry -> target line per screw, a ring at the
-    entry, a dot at the target, coloured by side, labelled with the level.
+def trajectory_label(trajectory: dict) -> str:
+    """How a planned trajectory is named on screen: "L3 left" (pedicle screw), "L3-L4
+    lateral" / "L4-L5 anterior" (interbody access)."""
+    level = str(trajectory.get("level", "?"))
+    if "level_below" in trajectory:
+        return f"{level}-{trajectory['level_below']} {trajectory.get('approach', '')}".strip()
+    return f"{level} {trajectory.get('side', '')}".strip()
 
-    With ``highlight_level``, that level's trajectories are drawn bold and the others thin.
+
+def _text_size(text: str, scale: float, thickness: int = 1) -> tuple[int, int]:
+    (w, h), _ = cv2.getTextSize(text, _FONT, scale, thickness)
+    return w, h
+
+
+def _label_behind(img: np.ndarray, text: str, entry_uv: np.ndarray, target_uv: np.ndarray | None,
+                  colour: tuple[int, int, int], scale: float, nudge_px: float = 0.0) -> None:
+    """Write ``text`` just beyond the entry point, on the side away from the target, so
+    that labels of neighbouring trajectories do not sit on each other's lines; ``nudge_px``
+    moves it down (up when negative)."""
+    away = np.array([0.0, -1.0]) if target_uv is None else entry_uv - target_uv
+    norm = float(np.linalg.norm(away))
+    away = away / norm if norm > 1e-6 else np.array([0.0, -1.0])
+    w, h = _text_size(text, scale)
+    anchor = entry_uv + 10.0 * away + np.array([0.0, nudge_px])
+    x = anchor[0] - (w if away[0] < -0.3 else (w / 2 if abs(away[0]) <= 0.3 else 0))
+    y = anchor[1] + (h if away[1] > 0.3 else (h / 2 if abs(away[1]) <= 0.3 else 0))
+    H, W = img.shape[:2]
+    put_text(img, text, (min(max(x, 2), W - w - 2), min(max(y, h + 2), H - 3)), colour, scale=scale)
+
+
+def _cage_edges(trajectory: dict) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The 12 edges (world mm) of an interbody cage centred on the trajectory's target:
+    length along the trajectory, height along the world's superior axis made
+    perpendicular to it, width across both."""
+    entry, target = trajectory_endpoints(trajectory)
+    cage = trajectory["cage"]
+    a = (target - entry) / np.linalg.norm(target - entry)
+    up = np.array([0.0, 0.0, 1.0]) if abs(a[2]) < 0.9 else np.array([0.0, 1.0, 0.0])
+    h = up - (up @ a) * a
+    h /= np.linalg.norm(h)
+    w = np.cross(a, h)
+    half = np.array([cage["length_mm"], cage["width_mm"], cage["height_mm"]]) / 2
+    axes = np.stack([a, w, h])
+    corners = {c: target + (np.array(c) * half) @ axes for c in itertools.product((-1, 1), repeat=3)}
+    return [(corners[c], corners[d]) for c in corners for d in corners
+            if c < d and sum(x != y for x, y in zip(c, d)) == 1]
+
+
+def draw_trajectories(bgr: np.ndarray, view: View | np.ndarray, plan: dict | list | None, *,
+                      highlight_level: str | None = None, labels: bool = True) -> np.ndarray:
+    """The planned trajectories: an entry -> target line each, a ring at the entry, a dot
+    at the target (and the cage outline of interbody trajectories), coloured by side, each
+    labelled ("L3 left", "L3-L4 lateral") beyond its entry point.
+
+    With ``highlight_level``, that level's trajectories are drawn bold and the others thin
+    with smaller labels.
     """
     out = _canvas(bgr)
     P = camera_matrix(view)
@@ -195,12 +270,18 @@ def draw_trajectories(bgr: np.ndarray, view: View | np.ndarray, plan: dict | lis
         level = str(trajectory.get("level", ""))
         bold = highlight_level is None or level == highlight_level
         _line(out, P, entry, target, colour, 2 if bold else 1)
+        if "cage" in trajectory:
+            for a, b in _cage_edges(trajectory):
+                _line(out, P, a, b, colour, 1)
         uv_entry = _visible_pixel(P, entry, out.shape)
+        uv_target = _visible_pixel(P, target, out.shape)
         if uv_entry is not None:
             _circle(out, uv_entry, 5.0 if bold else 3.0, colour, 2 if bold else 1)
-            if bold:
-                put_text(out, level, (uv_entry[0] + 7, uv_entry[1] - 7), colour)
-        uv_target = _visible_pixel(P, target, out.shape)
+            if labels:
+                # Left and right labels apart where both sides project together (lateral views).
+                nudge = {"left": -7.0, "right": 7.0}.get(trajectory.get("side"), 0.0)
+                _label_behind(out, trajectory_label(trajectory), uv_entry, uv_target, colour,
+                              0.5 if bold else 0.4, nudge)
         if uv_target is not None:
             _circle(out, uv_target, 3.0 if bold else 2.0, colour, -1)
     return out
@@ -227,7 +308,9 @@ def draw_outline(bgr: np.ndarray, view: View | np.ndarray, labels_volume: Volume
     The label's voxel centres are projected and splatted into a mask ``supersample`` times
     finer than the picture; a closing over two projected voxels fills the gaps between
     neighbouring voxels, a dilation by half a voxel moves the edge from the outer voxel
-    centres to the voxel boundary, and the mask's outer contours are drawn.
+    centres to the voxel boundary, a Gaussian blur over about a voxel thresholded at half
+    rounds off the voxel staircase (a straight edge stays where it is), and the mask's
+    outer contours are drawn.
     """
     out = _canvas(bgr)
     P = camera_matrix(view)
@@ -256,7 +339,9 @@ def draw_outline(bgr: np.ndarray, view: View | np.ndarray, labels_volume: Volume
     mask = np.zeros((hi[1] - lo[1], hi[0] - lo[0]), np.uint8)
     mask[grid[:, 1] - lo[1], grid[:, 0] - lo[0]] = 255
     mask = cv2.dilate(cv2.morphologyEx(mask, cv2.MORPH_CLOSE, close), grow)
-    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE,
+    sigma = max(1.0, footprint * s)
+    mask = np.where(cv2.GaussianBlur(mask, (0, 0), sigma) >= 128, 255, 0).astype(np.uint8)
+    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE,
                                    offset=(int(lo[0]), int(lo[1])))
     polygons = [np.round(((cnt.astype(float) + 0.5) / s - 0.5) * _ONE).astype(np.int32)
                 for cnt in contours]
@@ -290,31 +375,121 @@ def status_bar_height(n_lines: int) -> int:
     return 2 * _PAD + max(1, n_lines) * _LINE_H
 
 
-def draw_status(bgr: np.ndarray, lines: Sequence[str], *, state: str) -> np.ndarray:
-    """A status bar of text lines along the bottom, led by a state badge; unless the state
-    is "ok", the state word is also written large across the picture in its warning colour
-    and the picture gets a border of that colour."""
+def draw_status(bgr: np.ndarray, lines: Sequence[str], *, state: str, border: bool = True) -> np.ndarray:
+    """A status bar along the top: a box filled with the state's colour holding the state
+    word, then the text lines. Unless the state is "ok" (and ``border``), the picture
+    below the bar gets a thin frame of that colour; nothing is written over the picture."""
     if state not in STATES:
         raise ValueError(f"state must be one of {', '.join(STATES)}; got {state!r}")
     out = _canvas(bgr)
     H, W = out.shape[:2]
     colour = COLOURS[state]
-    bar_top = max(0, H - status_bar_height(len(lines)))
-    out[bar_top:] = out[bar_top:] // 4
+    bar = min(H, status_bar_height(len(lines)))
+    out[:bar] = 16
     word = state.upper()
-    (tw, _), _ = cv2.getTextSize(word, _FONT, 0.6, 2)
-    cv2.rectangle(out, (_PAD, bar_top + _PAD), (_PAD + tw + 12, H - _PAD), colour, -1)
-    cv2.putText(out, word, (_PAD + 6, bar_top + _PAD + 16), _FONT, 0.6, (0, 0, 0), 2,
-                cv2.LINE_AA)
+    scale = 0.8
+    tw, th = _text_size(word, scale, 2)
+    box_w = tw + 24
+    cv2.rectangle(out, (_PAD, _PAD), (_PAD + box_w, bar - _PAD), colour, -1)
+    cv2.putText(out, word, (_PAD + 12, (bar + th) // 2), _FONT, scale, (0, 0, 0), 2, cv2.LINE_AA)
     for n, text in enumerate(lines):
-        put_text(out, text, (_PAD + tw + 24, bar_top + _PAD + 16 + n * _LINE_H),
-                 COLOURS["text"])
-    if state != "ok":
-        cv2.rectangle(out, (0, 0), (W - 1, bar_top - 1), colour, 6)
-        (bw, bh), _ = cv2.getTextSize(word, _FONT, 1.0, 3)
-        scale = min(0.6 * W / bw, 0.3 * bar_top / bh)
-        thick = max(3, int(scale * 3))
-        (bw, bh), _ = cv2.getTextSize(word, _FONT, scale, thick)
-        put_text(out, word, ((W - bw) / 2, (bar_top + bh) / 2), colour, scale=scale,
-                 thickness=thick)
+        put_text(out, text, (2 * _PAD + box_w + 12, _PAD + 16 + n * _LINE_H), COLOURS["text"])
+    if state != "ok" and border:
+        cv2.rectangle(out, (1, bar + 1), (W - 2, H - 2), colour, 3)
+    return out
+
+
+def orientation_letters(view: View | np.ndarray, centre_world: np.ndarray) -> dict[str, str]:
+    """Patient direction letter (R/L, A/P, S/I) for each picture edge ("left", "right",
+    "top", "bottom") of a projection: the direction (world LPS) whose projection from
+    ``centre_world`` points most towards that edge; foreshortened directions count less,
+    those seen end-on not at all, and an edge no direction points to gets none."""
+    P = camera_matrix(view)
+    c = np.asarray(centre_world, dtype=float).reshape(3)
+    steps = project(P, c + 10.0 * np.eye(3)) - project(P, c[None])[0]  # pixels per 10 mm along L, P, S
+    longest = float(np.linalg.norm(steps, axis=1).max())
+    best: dict[str, tuple[str, float]] = {}
+    if longest < 1e-9:
+        return {}
+    edges = {"right": (1.0, 0.0), "left": (-1.0, 0.0), "bottom": (0.0, 1.0), "top": (0.0, -1.0)}
+    for axis, (plus, minus) in enumerate((("L", "R"), ("P", "A"), ("S", "I"))):
+        d = steps[axis] / longest
+        for letter, sign in ((plus, 1.0), (minus, -1.0)):
+            for edge, e in edges.items():
+                score = sign * float(d @ np.array(e))
+                if score > 0.6 and score > best.get(edge, ("", 0.0))[1]:
+                    best[edge] = (letter, score)
+    return {edge: letter for edge, (letter, _) in best.items()}
+
+
+def draw_orientation_markers(bgr: np.ndarray, view: View | np.ndarray, centre_world: np.ndarray, *,
+                             top_margin_px: int = 0) -> np.ndarray:
+    """The ``orientation_letters`` at the middle of each picture edge, in small dark boxes,
+    the top one ``top_margin_px`` below the top edge (room for a caption)."""
+    out = _canvas(bgr)
+    H, W = out.shape[:2]
+    scale = 0.6
+    for edge, letter in orientation_letters(view, centre_world).items():
+        w, h = _text_size(letter, scale, 2)
+        x, y = {"left": (6, H / 2 + h / 2), "right": (W - w - 6, H / 2 + h / 2),
+                "top": (W / 2 - w / 2, top_margin_px + h + 6), "bottom": (W / 2 - w / 2, H - 8)}[edge]
+        cv2.rectangle(out, (int(x) - 4, int(y) - h - 4), (int(x) + w + 4, int(y) + 4), (0, 0, 0), -1)
+        put_text(out, letter, (x, y), COLOURS["text"], scale=scale, thickness=2)
+    return out
+
+
+def draw_legend(bgr: np.ndarray, entries: Sequence[tuple[str, tuple[int, int, int]]], *,
+                corner: str = "bottom_left") -> np.ndarray:
+    """A colour legend box: a short line of each colour and its meaning, in a corner
+    ("bottom_left" or "bottom_right") of the picture."""
+    out = _canvas(bgr)
+    H, W = out.shape[:2]
+    scale, row = 0.45, 18
+    width = max(_text_size(text, scale)[0] for text, _ in entries) + 44
+    height = row * len(entries) + 10
+    x0 = 8 if corner == "bottom_left" else W - width - 8
+    y0 = H - height - 8
+    region = out[y0: y0 + height, x0: x0 + width]
+    region[:] = region // 3
+    for n, (text, colour) in enumerate(entries):
+        y = y0 + 14 + n * row
+        cv2.line(out, (x0 + 8, y - 4), (x0 + 30, y - 4), colour, 3, cv2.LINE_AA)
+        put_text(out, text, (x0 + 36, y), COLOURS["text"], scale=scale)
+    return out
+
+
+def draw_scale_bar(bgr: np.ndarray, mm_per_px: float, *, length_mm: float = 10.0) -> np.ndarray:
+    """A scale bar of ``length_mm`` at the bottom right, labelled in mm."""
+    out = _canvas(bgr)
+    H, W = out.shape[:2]
+    n = int(round(length_mm / mm_per_px))
+    x1, y = W - 12, H - 12
+    cv2.line(out, (x1 - n, y), (x1, y), COLOURS["text"], 2)
+    for x in (x1 - n, x1):
+        cv2.line(out, (x, y - 5), (x, y + 1), COLOURS["text"], 2)
+    put_text(out, f"{length_mm:g} mm", (x1 - n, y - 8), COLOURS["text"], scale=0.45)
+    return out
+
+
+def draw_screw_path(bgr: np.ndarray, view: View | np.ndarray, start_world: np.ndarray, end_world: np.ndarray,
+                    diameter_mm: float, colour: tuple[int, int, int]) -> np.ndarray:
+    """The outline of a screw (or cage seen edge-on) of ``diameter_mm`` along a straight
+    path, for an orthographic reslice containing the path: its two sides and end caps."""
+    out = _canvas(bgr)
+    P = camera_matrix(view)
+    a, b = (np.asarray(p, dtype=float).reshape(3) for p in (start_world, end_world))
+    axis = b - a
+    if np.linalg.norm(axis) < 1e-9:
+        return out
+    axis /= np.linalg.norm(axis)
+    # The in-plane direction across the path: the reslice plane's normal is P's null row.
+    normal = np.cross(P[0, :3], P[1, :3])
+    across = np.cross(normal, axis)
+    if np.linalg.norm(across) < 1e-9:
+        return out
+    across *= diameter_mm / 2 / np.linalg.norm(across)
+    for side in (across, -across):
+        _line(out, P, a + side, b + side, colour, 1)
+    for p in (a, b):
+        _line(out, P, p + across, p - across, colour, 1)
     return out

@@ -32,6 +32,8 @@ class QualityLimits:
     min_view_similarity: float = 0.08
     max_translation_mm: float = 80.0
     max_rotation_deg: float = 25.0
+    max_in_plane_sd_mm: float = 1.0
+    max_depth_sd_mm: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -48,9 +50,13 @@ def assess(
     T_world_corrected_from_world: np.ndarray,
     centre_world: np.ndarray,
     limits: QualityLimits,
+    *,
+    in_plane_sd_mm: float = 0.0,
+    depth_sd_mm: float = 0.0,
 ) -> Verdict:
     """Judge a registration result; ``centre_world`` is the anatomy centre (mm) used to
-    measure how far the correction moved it."""
+    measure how far the correction moved it; ``in_plane_sd_mm`` / ``depth_sd_mm`` its
+    1-sigma uncertainty in the image plane and along the ray (NaN counts as unknown)."""
     moved_mm = point_displacement_mm(T_world_corrected_from_world, np.eye(4), centre_world)
     turned_deg = rotation_angle_deg(T_world_corrected_from_world)
     span = max(limits.good_similarity - limits.min_similarity, 1e-6)
@@ -74,6 +80,13 @@ def assess(
             "failed",
             f"correction of {moved_mm:.1f} mm / {turned_deg:.1f} deg exceeds the plausible "
             f"{limits.max_translation_mm:.0f} mm / {limits.max_rotation_deg:.0f} deg",
+            confidence,
+        )
+    if not in_plane_sd_mm <= limits.max_in_plane_sd_mm or not depth_sd_mm <= limits.max_depth_sd_mm:
+        return Verdict(
+            "failed",
+            f"pose uncertain: {in_plane_sd_mm:.2f} mm in-plane / {depth_sd_mm:.1f} mm in depth (1 sigma) "
+            f"exceeds {limits.max_in_plane_sd_mm:g} / {limits.max_depth_sd_mm:g} mm",
             confidence,
         )
     if not converged:

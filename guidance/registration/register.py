@@ -1,10 +1,23 @@
 """2D/3D registration of X-ray views to a CT: single view, multi-view and per vertebra.
 
 Composed from swappable parts named in ``RegistrationSettings``: the DRR renderer
-(guidance.core.drr), a similarity (similarity.SIMILARITIES), a pose parameterisation
-(pose.PARAMETERIZATIONS), optimisers (optimizers.OPTIMIZERS) and a detector /
-volume pyramid. A registration runs a global search (CMA-ES) on the coarsest level,
-then local refinement on finer levels, and ends in the quality gate.
+(guidance.core.drr) on a CT prepared once (prepared.PreparedCT, cached on disk), a
+similarity (similarity.SIMILARITIES), a pose parameterisation
+(pose.PARAMETERIZATIONS), a local optimiser (optimizers.OPTIMIZERS) and a detector /
+volume pyramid.
+
+A global registration runs, on the coarsest pyramid level:
+1. an exhaustive in-plane search: the DRR at the start pose (turned by a few
+   rotations about each axis) is correlated with the image's gradients over every image shift of
+   +- ``search_range_mm`` (one FFT correlation per view), which also settles the
+   polarity of display images; the best peaks, the best one moved one vertebral
+   height up and down the spine, and the start itself are the candidates;
+2. a short local refinement of every candidate; the best few distinct ones are
+   refined on the finer levels, and when two end far apart with nearly equal cost the
+   result is failed as ambiguous (e.g. one vertebral level off);
+3. the quality gate, which uses the similarity and the pose uncertainty (Gauss-Newton
+   covariance of the last refinement, 1 sigma at the rotation centre, in-plane and in
+   depth of the first view).
 
 The estimate is the rigid correction ``T_world_corrected_from_world`` shared by all
 views (CONVENTIONS.md): ``T_cam_i_from_world = T_cam_i_from_world_init @ inv(T_corr)``.
@@ -12,27 +25,30 @@ views (CONVENTIONS.md): ``T_cam_i_from_world = T_cam_i_from_world_init @ inv(T_c
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import cv2
 import numpy as np
-import SimpleITK as sitk
 
-from guidance.core.drr import DrrVolume, prepare_volume, render_drr
+from guidance.core.drr import DrrVolume, render_drr
+from guidance.core.errors import GuidanceError
 from guidance.core.geometry import invert_rigid, project
 from guidance.core.images import PreparedImage
-from guidance.registration.optimizers import minimize
+from guidance.core.views import View
+from guidance.core.volume import Volume, VolumeError
+from guidance.registration.optimizers import OptimizeOutcome, minimize
 from guidance.registration.pose import PoseParameterization, point_displacement_mm
+from guidance.registration.prepared import PreparedCT, PrepareSettings, load_or_prepare
 from guidance.registration.quality import QualityLimits, assess
 from guidance.registration.similarity import get_similarity
-from guidance.core.views import View
-from guidance.core.volume import Volume, VolumeError, hu_to_attenuation, resample, volume_from_sitk, volume_to_sitk
 
 __all__ = ["RegistrationSettings", "RegistrationResult", "Registrator", "RegistrationError", "register_levels"]
 
 
-class RegistrationError(ValueError):
+class RegistrationError(GuidanceError):
     """Inputs that cannot be registered (mismatched images and views, unknown level)."""
 
 
@@ -40,42 +56,66 @@ class RegistrationError(ValueError):
 class RegistrationSettings:
     """Every choice of the registration, with units.
 
+    Pyramid: ``pyramid`` bins the detector (after binning it to at most
+    ``max_detector_px``), coarse first; each level renders the prepared volume whose
+    spacing is at most ``volume_per_footprint`` x the pixel footprint at the anatomy.
     ``search_scale`` is the typical step per parameter (rx, ry, rz deg; tx, ty, tz mm)
-    of the global search; depth (tz in the "camera" parameterisation) gets the largest
-    because one view observes it only through magnification. ``search_bound`` limits
-    the global search to +- bound x scale. ``prior_weight`` weighs a Gaussian prior on
-    the parameters (when a registration is given ``prior_sd``) against the image
-    residuals, whose squared norm is 2 (1 - similarity) per normalised block.
-    After the global stage both its optimum and the start are refined; when they end
-    more than ``ambiguity_distance_mm`` apart with costs (about -similarity) closer than
-    ``ambiguity_margin``, the result is failed as ambiguous.
+    of the local optimiser. Global search: in-plane shifts up to ``search_range_mm``
+    at each rotation of ``search_rotations_deg`` about each axis (all combinations);
+    ``n_candidates`` peaks (plus
+    the best one a vertebral height up and down the spine, and the start) are refined; the best
+    distinct ones go on to the finer levels (``n_refined[n]`` after level n, then
+    one), with ``global_iterations[n]`` iterations on level n (the last entry for
+    further levels); a registration without global search (tracking, per vertebra)
+    runs ``local_max_fev`` iterations per level. Two
+    refined candidates more than ``ambiguity_distance_mm`` apart at the rotation centre
+    whose costs differ by less than ``ambiguity_margin`` make the result ambiguous.
+    ``prior_weight`` weighs a Gaussian prior on the parameters (when a registration is
+    given ``prior_sd``) against the image residuals. ``residual_correlation_px2`` is the
+    area (pixels) over which residuals of neighbouring pixels are correlated (blur,
+    Sobel): the Gauss-Newton covariance is scaled by it. ``bone_threshold_hu``,
+    ``energy_kev``, ``pyramid_spacings_mm`` and ``vertebra_height_mm`` shape the
+    prepared CT (prepared.PrepareSettings).
     """
 
     similarity: str = "gradient_ncc"
     parameterization: str = "camera"
-    global_optimizer: str = "cmaes"
-    local_optimizer: str = "least_squares"
+    local_optimizer: str = "lm"
     pyramid: tuple[int, ...] = (4, 2, 1)
     max_detector_px: int = 256
+    volume_per_footprint: float = 1.0
     search_scale: tuple[float, ...] = (4.0, 4.0, 4.0, 6.0, 6.0, 20.0)
-    search_bound: float = 5.0
-    popsize: int = 14
-    max_generations: int = 45
-    local_max_fev: int = 10
+    search_range_mm: float = 45.0
+    search_rotations_deg: tuple[float, ...] = (-10.0, 0.0, 10.0)
+    n_candidates: int = 6
+    n_refined: tuple[int, ...] = (3,)
+    global_iterations: tuple[int, ...] = (5, 4, 3)
+    local_max_fev: int = 6
     bone_threshold_hu: float | None = 150.0
     energy_kev: float = 60.0
+    pyramid_spacings_mm: tuple[float, ...] = (1.0, 2.0, 4.0)
+    vertebra_height_mm: float = 30.0
     fixed_blur_px: float = 0.7
     roi_margin_mm: float = 10.0
     prior_weight: float = 0.05
-    ambiguity_margin: float = 0.02
+    ambiguity_margin: float = 0.03
     ambiguity_distance_mm: float = 5.0
-    seed: int = 0
+    residual_correlation_px2: float = 100.0
     quality: QualityLimits = field(default_factory=QualityLimits)
 
+    def prepare_settings(self) -> PrepareSettings:
+        """The part of the settings that shapes the prepared CT (its cache key)."""
+        return PrepareSettings(bone_threshold_hu=self.bone_threshold_hu, energy_kev=self.energy_kev,
+                               pyramid_spacings_mm=self.pyramid_spacings_mm,
+                               vertebra_height_mm=self.vertebra_height_mm)
 
-@dataclass
+
+@dataclass(frozen=True)
 class RegistrationResult:
-    """Outcome of one registration: poses, status and its reason, similarity, timings."""
+    """Outcome of one registration: poses, status and its reason, similarity, the pose
+    uncertainty (1 sigma, mm, at the rotation centre: in the image plane and along the
+    principal ray of the first view), timings (``time_s`` of this call, ``prepare_s``
+    of the CT preparation or cache load, done once per Registrator)."""
 
     status: str
     reason: str
@@ -89,6 +129,9 @@ class RegistrationResult:
     time_s: float
     stop_reasons: list[str]
     timings_s: dict[str, float]
+    uncertainty_in_plane_mm: float = float("inf")
+    uncertainty_depth_mm: float = float("inf")
+    prepare_s: float = 0.0
     level: str | None = None
     level_poses: dict[str, np.ndarray] = field(default_factory=dict)
     level_status: dict[str, str] = field(default_factory=dict)
@@ -98,7 +141,10 @@ class RegistrationResult:
         return self.status == "ok"
 
     def to_dict(self) -> dict:
-        """JSON-ready result (poses as row-major nested lists)."""
+        """JSON-ready result (poses as row-major nested lists; an unknown uncertainty is null)."""
+        def finite(value: float) -> float | None:
+            return float(value) if np.isfinite(value) else None
+
         return {
             "status": self.status,
             "reason": self.reason,
@@ -107,9 +153,12 @@ class RegistrationResult:
             "similarity": self.similarity,
             "per_view_similarity": self.per_view_similarity,
             "confidence": self.confidence,
+            "uncertainty_in_plane_mm": finite(self.uncertainty_in_plane_mm),
+            "uncertainty_depth_mm": finite(self.uncertainty_depth_mm),
             "iterations": self.iterations,
             "evaluations": self.evaluations,
             "time_s": self.time_s,
+            "prepare_s": self.prepare_s,
             "stop_reasons": self.stop_reasons,
             "timings_s": self.timings_s,
             "level": self.level,
@@ -119,12 +168,20 @@ class RegistrationResult:
 
 
 @dataclass(frozen=True)
-class _Level:
+class _PyramidLevel:
     """One pyramid level of one view: binned image, mask and view."""
 
     image: np.ndarray
     mask: np.ndarray
     view: View
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """A refined pose hypothesis: parameters, cost and its last optimiser outcome."""
+
+    x: np.ndarray
+    outcome: OptimizeOutcome
 
 
 def _bin_image(image: np.ndarray, mask: np.ndarray, factor: int) -> tuple[np.ndarray, np.ndarray]:
@@ -138,20 +195,42 @@ def _bin_image(image: np.ndarray, mask: np.ndarray, factor: int) -> tuple[np.nda
     return img.astype(np.float32), m
 
 
-def _smooth(volume: Volume, spacing_mm: float) -> Volume:
-    """Gaussian pre-filter and resample to an isotropic coarser grid (anti-aliased)."""
-    sigma = 0.5 * spacing_mm
-    image = sitk.SmoothingRecursiveGaussian(volume_to_sitk(volume), sigma)
-    smoothed = volume_from_sitk(image, units=volume.units)
-    coarse = resample(smoothed, spacing=(spacing_mm,) * 3, default_value=0.0)
-    return coarse.with_data(np.clip(coarse.data, 0.0, None))
+def _gradients(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    img = image.astype(np.float32, copy=False)
+    return cv2.Sobel(img, cv2.CV_32F, 1, 0, ksize=3), cv2.Sobel(img, cv2.CV_32F, 0, 1, ksize=3)
+
+
+def _corners_world(dv: DrrVolume) -> np.ndarray:
+    """The 8 corners (world mm) of a rendering volume's voxel-centre box."""
+    ni, nj, nk = dv.size_ijk
+    ijk = np.array([[i, j, k] for i in (0, ni - 1) for j in (0, nj - 1) for k in (0, nk - 1)], dtype=float)
+    return ijk @ dv.T_world_from_index[:3, :3].T + dv.T_world_from_index[:3, 3]
+
+
+def _pose_distance_mm(T_a: np.ndarray, T_b: np.ndarray, centre: np.ndarray, radius_mm: float = 30.0) -> float:
+    """Largest distance (mm) between where two rigid transforms put the centre and six
+    points ``radius_mm`` around it (so rotations about the centre count too)."""
+    points = centre + np.vstack([np.zeros(3), radius_mm * np.eye(3), -radius_mm * np.eye(3)])
+    return max(point_displacement_mm(T_a, T_b, p) for p in points)
+
+
+def _peaks(score: np.ndarray, radius_px: int, count: int) -> list[tuple[float, int, int]]:
+    """Up to ``count`` local maxima (value, row, col) of a map, strongest first, at
+    least ``radius_px`` apart."""
+    size = 2 * radius_px + 1
+    local = score >= cv2.dilate(score, np.ones((size, size), np.uint8))
+    rows, cols = np.nonzero(local & (score > 0))
+    order = np.argsort(-score[rows, cols])[:count]
+    return [(float(score[rows[i], cols[i]]), int(rows[i]), int(cols[i])) for i in order]
 
 
 class Registrator:
-    """A CT prepared for repeated 2D/3D registration (DRR volume pyramid cached).
+    """A CT prepared for repeated 2D/3D registration.
 
-    ``ct`` is in HU; ``labels`` (same grid, optional) enables per-vertebra
-    registration with ``level`` given as a label id.
+    ``ct`` is in HU; ``labels`` (same grid, optional) enables per-vertebra registration
+    with ``level`` given as a label id. The preparation (prepared.load_or_prepare) is
+    read from ``cache_dir`` (default: the user's cache folder, or $GUIDANCE_CACHE_DIR)
+    when it was made before; ``use_cache=False`` always rebuilds and writes nothing.
     """
 
     def __init__(
@@ -160,58 +239,52 @@ class Registrator:
         *,
         labels: Volume | None = None,
         settings: RegistrationSettings | None = None,
+        cache_dir: str | Path | None = None,
+        use_cache: bool = True,
     ) -> None:
         self.settings = settings or RegistrationSettings()
         get_similarity(self.settings.similarity)
         if labels is not None and labels.data.shape != ct.data.shape:
             raise VolumeError(f"labels grid {labels.data.shape} differs from the CT grid {ct.data.shape}")
-        mu = hu_to_attenuation(ct, energy_kev=self.settings.energy_kev)
-        if self.settings.bone_threshold_hu is not None:
-            mu = mu.with_data(np.where(ct.data >= self.settings.bone_threshold_hu, mu.data, 0.0).astype(np.float32))
-        self.mu = mu
-        self.labels = labels
-        self._cache: dict[tuple, DrrVolume] = {}
-        self._centres: dict[int | None, np.ndarray] = {}
+        self.prepared: PreparedCT = load_or_prepare(ct, labels, self.settings.prepare_settings(),
+                                                    cache_dir=cache_dir, use_cache=use_cache)
+        self._label_volumes: dict[tuple[int, int], DrrVolume] = {}
+
+    @property
+    def prepare_s(self) -> float:
+        """Seconds the CT preparation (or its cache load) took."""
+        return self.prepared.prepare_s
 
     # -- volumes -------------------------------------------------------------------------
 
     def drr_volume(self, level: int | None, spacing_mm: float) -> DrrVolume:
-        """The rendering volume of one vertebra (label id) or all (None) at a spacing."""
-        base = float(self.mu.spacing.min())
-        spacing_mm = max(base, round(spacing_mm / base) * base)
-        key = (level, round(spacing_mm, 3))
-        if key not in self._cache:
-            if level is None:
-                prepared = prepare_volume(self.mu)
-            else:
-                if self.labels is None:
-                    raise RegistrationError("per-vertebra registration needs a label map")
-                prepared = prepare_volume(self.mu, labels=self.labels, label_ids=[level], margin_mm=3.0)
-            if spacing_mm > base * 1.01:
-                prepared = prepare_volume(_smooth(prepared.volume, spacing_mm))
-            self._cache[key] = prepared
-        return self._cache[key]
+        """The rendering volume of one vertebra (label id) or all (None): the coarsest
+        prepared one whose spacing is at most ``spacing_mm``."""
+        index = self.prepared.pyramid_index(spacing_mm)
+        if level is None:
+            return self.prepared.volume(index)
+        key = (int(level), index)
+        if key not in self._label_volumes:
+            if self.prepared.labels[0] is None:
+                raise RegistrationError("per-vertebra registration needs a label map")
+            self._label_volumes[key] = self.prepared.volume(index, level)
+        return self._label_volumes[key]
 
     def centre(self, level: int | None) -> np.ndarray:
         """Rotation centre (world mm): centroid of the rendered bone of that level."""
-        if level not in self._centres:
-            dv = self.drr_volume(level, 0.0)
-            mu = dv.mu
-            kk, jj, ii = np.nonzero(mu > 0)
-            w = mu[kk, jj, ii]
-            ijk = np.array([np.average(ii, weights=w), np.average(jj, weights=w), np.average(kk, weights=w)])
-            self._centres[level] = dv.volume.index_to_world(ijk)[0]
-        return self._centres[level]
+        if level is not None and self.prepared.labels[0] is None:
+            raise RegistrationError("per-vertebra registration needs a label map")
+        return self.prepared.centre(level)
 
     # -- pyramid -------------------------------------------------------------------------
 
-    def _levels(
-        self, images: list[PreparedImage], views: list[View], pyramid: tuple[int, ...]
-    ) -> list[list[_Level]]:
+    def _pyramid(
+        self, images: list[PreparedImage], views: list[View], factors: tuple[int, ...]
+    ) -> list[list[_PyramidLevel]]:
         """Per pyramid level (coarse first), per view: binned image, mask and view."""
         s = self.settings
         out = []
-        for factor in pyramid:
+        for factor in factors:
             per_view = []
             for img, view in zip(images, views):
                 base = max(1, int(np.ceil(max(view.image_size) / s.max_detector_px)))
@@ -221,14 +294,14 @@ class Registrator:
                     image = cv2.GaussianBlur(image, (0, 0), s.fixed_blur_px)
                 v = view.downsampled(f) if f > 1 else view
                 v = replace(v, image_size=(image.shape[1], image.shape[0]))
-                per_view.append(_Level(image=image, mask=mask, view=v))
+                per_view.append(_PyramidLevel(image=image, mask=mask, view=v))
             out.append(per_view)
         return out
 
-    def _footprint_mm(self, level: _Level, centre: np.ndarray) -> float:
+    def _footprint_mm(self, stage: _PyramidLevel, centre: np.ndarray) -> float:
         """Detector pixel size back-projected to the anatomy centre (mm)."""
-        depth = float(level.view.T_cam_from_world[2, :3] @ centre + level.view.T_cam_from_world[2, 3])
-        return depth / float(level.view.K[0, 0])
+        depth = float(stage.view.T_cam_from_world[2, :3] @ centre + stage.view.T_cam_from_world[2, 3])
+        return depth / float(stage.view.K[0, 0])
 
     # -- cost ----------------------------------------------------------------------------
 
@@ -236,7 +309,7 @@ class Registrator:
         """Valid pixels, restricted for one vertebra to its projected box plus a margin."""
         if level is None:
             return mask
-        corners = dv.volume.corners_world()
+        corners = _corners_world(dv)
         centre = corners.mean(axis=0)
         grow = 1.0 + 2.0 * self.settings.roi_margin_mm / np.ptp(corners, axis=0).max()
         uv = project(view.P, centre + (corners - centre) * grow)
@@ -247,25 +320,130 @@ class Registrator:
         roi[v0:v1, u0:u1] = mask[v0:v1, u0:u1]
         return roi
 
-    def _ambiguity(self, best, second, param: PoseParameterization, centre: np.ndarray) -> str | None:
-        """A reason when two refined candidates match (almost) equally well although their
-        poses differ, e.g. a shift by one vertebral level along a repetitive spine."""
-        s = self.settings
-        gap = second.fun - best.fun
-        T_a, T_b = param.correction(best.x), param.correction(second.x)
-        apart_mm = point_displacement_mm(T_a, T_b, centre)
-        if apart_mm > s.ambiguity_distance_mm and gap < s.ambiguity_margin:
-            return (f"ambiguous: two poses {apart_mm:.0f} mm apart match almost equally "
-                    f"(cost gap {gap:.3f} < {s.ambiguity_margin})")
-        return None
-
     def _objective(
-        self, levels: list[_Level], dv: DrrVolume, param: PoseParameterization, level: int | None
+        self, stage: list[_PyramidLevel], dv: DrrVolume, param: PoseParameterization, level: int | None
     ) -> "_Objective":
         """The cost of one pyramid level; the ROI is fixed at the initial pose."""
         similarity = get_similarity(self.settings.similarity)
-        measures = [similarity(lv.image, self._roi(dv, lv.view, lv.mask, level)) for lv in levels]
-        return _Objective(levels, dv, param, measures)
+        measures = [similarity(pl.image, self._roi(dv, pl.view, pl.mask, level)) for pl in stage]
+        return _Objective(stage, dv, param, measures)
+
+    # -- global search -------------------------------------------------------------------
+
+    def _shift_jacobian(self, view: View, param: PoseParameterization, x: np.ndarray, centre: np.ndarray) -> np.ndarray:
+        """d(image position of the rotation centre, px) / d(tx, ty, tz) at x (2 x 3)."""
+        def where(xx: np.ndarray) -> np.ndarray:
+            moved = view.with_pose(view.T_cam_from_world @ invert_rigid(param.correction(xx)))
+            return project(moved.P, centre[None])[0]
+
+        p0 = where(x)
+        return np.column_stack([where(x + np.r_[0, 0, 0, np.eye(3)[a]]) - p0 for a in range(3)])
+
+    def _search(
+        self,
+        stage: list[_PyramidLevel],
+        dv: DrrVolume,
+        param: PoseParameterization,
+        x0: np.ndarray,
+        centre: np.ndarray,
+    ) -> tuple[list[np.ndarray], list[bool]]:
+        """Start candidates from an exhaustive in-plane search (module docstring), best
+        first, and per view whether its image has the opposite polarity (bone dark)."""
+        s = self.settings
+        footprint = self._footprint_mm(stage[0], centre)
+        pad = int(np.ceil(s.search_range_mm / footprint))
+        fixed = []
+        for pl in stage:
+            interior = cv2.erode(pl.mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+            fixed.append([np.where(interior, g, 0.0).astype(np.float32) for g in _gradients(pl.image)])
+        maps: dict[tuple[float, ...], list[np.ndarray]] = {}
+        for rotation in itertools.product(s.search_rotations_deg, repeat=3):
+            x = x0 + np.r_[rotation, 0.0, 0.0, 0.0]
+            T_corr_inv = invert_rigid(param.correction(x))
+            maps[rotation] = []
+            for pl, (fx, fy) in zip(stage, fixed):
+                big = pl.view.with_pose(pl.view.T_cam_from_world @ T_corr_inv).cropped(
+                    -pad, -pad, pl.view.width + 2 * pad, pl.view.height + 2 * pad)
+                dx, dy = _gradients(render_drr(dv, big))
+                score = 0.5 * (cv2.matchTemplate(dx, fx, cv2.TM_CCOEFF_NORMED)
+                               + cv2.matchTemplate(dy, fy, cv2.TM_CCOEFF_NORMED))
+                maps[rotation].append(score[::-1, ::-1])  # index [pad + sv, pad + su]: anatomy shifted by (su, sv)
+        inverted = [False] * len(stage)
+        for i, pl in enumerate(stage):
+            if pl.view.intensity == "display":
+                best_pos = max(float(m[i].max()) for m in maps.values())
+                best_neg = max(float(-m[i].min()) for m in maps.values())
+                inverted[i] = best_neg > best_pos
+                if inverted[i]:
+                    for m in maps.values():
+                        m[i] = -m[i]
+        scored = []
+        for rotation, per_view in maps.items():
+            x_rot = x0 + np.r_[rotation, 0.0, 0.0, 0.0]
+            J = [self._shift_jacobian(pl.view, param, x_rot, centre) for pl in stage]
+            for value, row, col in _peaks(per_view[0], max(2, int(round(8.0 / footprint))), s.n_candidates):
+                shift = np.array([col - pad, row - pad], dtype=float)
+                t = self._translation(shift, J, per_view, pad, footprint)
+                scored.append((value, x_rot + np.r_[0.0, 0.0, 0.0, t]))
+        scored.sort(key=lambda vx: -vx[0])
+        candidates: list[np.ndarray] = []
+        for _, x in scored:  # distinct shifts or rotations
+            if all(np.linalg.norm(x[3:] - c[3:]) > 6.0 or np.abs(x[:3] - c[:3]).max() > 6.0 for c in candidates):
+                candidates.append(x)
+            if len(candidates) == s.n_candidates:
+                break
+        candidates.append(x0)
+        axis_cam = param.T_cam_from_world_ref[:3, :3] @ self.prepared.spine_axis_world
+        for sign in (1.0, -1.0):
+            shifted = candidates[0] + np.r_[0.0, 0.0, 0.0, sign * self.prepared.vertebra_height_mm * axis_cam]
+            candidates.append(shifted)
+        return candidates, inverted
+
+    def _translation(self, shift_px: np.ndarray, J: list[np.ndarray], maps: list[np.ndarray], pad: int,
+                     footprint_mm: float) -> np.ndarray:
+        """Translation (tx, ty, tz, mm) moving the centre's image in view 0 by
+        ``shift_px``; with more views the depth is the one whose shifts score best
+        in the other views' maps (scanned over +- the search range)."""
+        A = J[0][:, :2]
+        if len(J) == 1:
+            return np.r_[np.linalg.solve(A, shift_px), 0.0]
+        best, best_t = -np.inf, None
+        for tz in np.arange(-pad, pad + 1) * footprint_mm:
+            txy = np.linalg.solve(A, shift_px - J[0][:, 2] * tz)
+            t = np.r_[txy, tz]
+            total = 0.0
+            for Ji, mi in zip(J[1:], maps[1:]):
+                su, sv = np.rint(Ji @ t).astype(int)
+                inside = abs(su) <= pad and abs(sv) <= pad
+                total += float(mi[pad + sv, pad + su]) if inside else -1.0
+            if total > best:
+                best, best_t = total, t
+        return best_t
+
+    def _ambiguity(self, ranked: list[_Candidate], param: PoseParameterization, centre: np.ndarray) -> str | None:
+        """A reason when a refined candidate far from the best matches (almost) as well,
+        e.g. the same spine one vertebral level up or down."""
+        s = self.settings
+        best = ranked[0]
+        for other in ranked[1:]:
+            apart_mm = point_displacement_mm(param.correction(best.x), param.correction(other.x), centre)
+            gap = other.outcome.fun - best.outcome.fun
+            if apart_mm > s.ambiguity_distance_mm and gap < s.ambiguity_margin:
+                return (f"ambiguous: two poses {apart_mm:.0f} mm apart match almost equally "
+                        f"(cost gap {gap:.3f} < {s.ambiguity_margin})")
+        return None
+
+    def _distinct(self, ranked: list[_Candidate], param: PoseParameterization, centre: np.ndarray,
+                  count: int) -> list[_Candidate]:
+        """The best ``count`` candidates at least 2 mm apart (``_pose_distance_mm``)."""
+        kept: list[_Candidate] = []
+        for c in ranked:
+            T = param.correction(c.x)
+            if all(_pose_distance_mm(T, param.correction(k.x), centre) > 2.0 for k in kept):
+                kept.append(c)
+            if len(kept) == count:
+                break
+        return kept
 
     # -- registration --------------------------------------------------------------------
 
@@ -284,10 +462,11 @@ class Registrator:
     ) -> RegistrationResult:
         """Register preprocessed images (one per view, views carry the initial poses).
 
-        With ``global_search`` the coarsest level runs CMA-ES; finer levels are refined
-        locally. ``level`` (a label id) registers that vertebra alone. ``prior_sd``
-        (deg, deg, deg, mm, mm, mm) keeps the solution near the initial correction, e.g.
-        in depth, which one view hardly observes.
+        With ``global_search`` the coarsest level searches for candidates (module
+        docstring); otherwise every level refines locally from the start. ``level`` (a
+        label id) registers that vertebra alone. ``prior_sd`` (deg, deg, deg, mm, mm,
+        mm) keeps the solution near the initial correction, e.g. in depth, which one
+        view hardly observes.
         """
         t_start = time.perf_counter()
         if len(images) != len(views) or not images:
@@ -298,53 +477,69 @@ class Registrator:
         s = self.settings
         centre = self.centre(level)
         param = PoseParameterization(s.parameterization, centre, views[0].T_cam_from_world)
-        x = np.zeros(6) if initial_T_world_corrected_from_world is None else param.params(
+        x_start = np.zeros(6) if initial_T_world_corrected_from_world is None else param.params(
             initial_T_world_corrected_from_world)
-        x_prior = x.copy()
         scale = np.asarray(s.search_scale, dtype=float)
-        pyramid_levels = self._levels(images, views, s.pyramid if pyramid is None else pyramid)
+        stages = self._pyramid(images, views, s.pyramid if pyramid is None else pyramid)
         timings: dict[str, float] = {}
         stops: list[str] = []
         evaluations = iterations = 0
-        outcome = None
         ambiguity = None
-        candidates = [x]
-        for n, levels in enumerate(pyramid_levels):
+        starts = [x_start]
+        candidates: list[_Candidate] = []
+        objective = None
+        for n in range(len(stages)):
             t0 = time.perf_counter()
-            spacing = 0.7 * self._footprint_mm(levels[0], centre)
-            dv = self.drr_volume(level, spacing)
-            objective = self._objective(levels, dv, param, level)
-            if prior_sd is not None:
-                objective.set_prior(x_prior, np.asarray(prior_sd, dtype=float), s.prior_weight)
+            stage = stages[n]
+            dv = self.drr_volume(level, s.volume_per_footprint * self._footprint_mm(stage[0], centre))
+            name = f"{stage[0].view.width}px"
             if n == 0 and global_search:
-                outcome = minimize(
-                    s.global_optimizer, objective, x, scale, sigma=1.0, popsize=s.popsize,
-                    max_iter=s.max_generations, bound=s.search_bound, seed=s.seed,
-                )
-                stage = f"global@{levels[0].view.width}px"
-                candidates = [outcome.x]
-                if np.linalg.norm((outcome.x - x_prior) / scale) > 0.5:
-                    candidates.append(x_prior)  # the start itself, in case the search left its basin
+                starts, inverted = self._search(stage, dv, param, x_start, centre)
+                if any(inverted):  # display images whose polarity was wrong: flip them, all levels
+                    images = [PreparedImage(image=-img.image if inv else img.image, mask=img.mask)
+                              for img, inv in zip(images, inverted)]
+                    stages = self._pyramid(images, views, s.pyramid if pyramid is None else pyramid)
+                    stage = stages[0]
+                    flipped = ", ".join(str(i) for i, inv in enumerate(inverted) if inv)
+                    stops.append(f"search: display polarity inverted in view(s) {flipped}")
+                name = f"search+local@{name} x{len(starts)}"
             else:
-                refined = [minimize(s.local_optimizer, objective, c, scale, ftol=local_ftol,
-                                    max_fev=s.local_max_fev if local_max_fev is None else local_max_fev)
-                           for c in candidates]
-                order = np.argsort([r.fun for r in refined])
-                outcome = refined[order[0]]
-                if len(refined) > 1:
-                    ambiguity = self._ambiguity(refined[order[0]], refined[order[1]], param, centre)
-                candidates = [outcome.x]
-                stage = f"local@{levels[0].view.width}px" + (f" x{len(refined)}" if len(refined) > 1 else "")
-            x = outcome.x
+                name = f"local@{name}" + (f" x{len(starts)}" if len(starts) > 1 else "")
+            x_final_start = starts[0]
+            if local_max_fev is not None:
+                fev = local_max_fev
+            elif global_search:
+                fev = s.global_iterations[min(n, len(s.global_iterations) - 1)]
+            else:
+                fev = s.local_max_fev
+            objective = self._objective(stage, dv, param, level)
+            if prior_sd is not None:
+                objective.set_prior(x_start, np.asarray(prior_sd, dtype=float), s.prior_weight)
+            outcomes = [minimize(s.local_optimizer, objective, x, scale, ftol=local_ftol, max_fev=fev)
+                        for x in starts]
+            ranked = sorted((_Candidate(o.x, o) for o in outcomes), key=lambda c: c.outcome.fun)
+            if len(ranked) > 1:
+                ambiguity = self._ambiguity(ranked, param, centre)
+            keep = s.n_refined[n] if global_search and n < len(s.n_refined) else 1
+            candidates = self._distinct(ranked, param, centre, keep)
+            starts = [c.x for c in candidates]
             evaluations += objective.evaluations
-            iterations += outcome.nit
-            stops.append(f"{stage}: {outcome.stop_reason}")
-            timings[stage] = time.perf_counter() - t0
+            iterations += sum(o.nit for o in outcomes)
+            stops.append(f"{name}: {ranked[0].outcome.stop_reason}, {dv.size_ijk} voxels")
+            timings[name] = time.perf_counter() - t0
+        best = candidates[0]
+        x = best.x
+        # A fixed budget often ends on the iteration limit: count it as converged when the
+        # finest level moved the centre's image less than a millimetre (depth may still move).
+        moved = (param.correction(x) - param.correction(x_final_start))[:3] @ np.r_[centre, 1.0]
+        settled = float(np.linalg.norm((views[0].T_cam_from_world[:3, :3] @ moved)[:2])) < 1.0
         per_view_sim = objective.per_view(x)
         similarity = float(np.mean(per_view_sim))
+        in_plane_sd, depth_sd = self._uncertainty(best.outcome, stages[-1])
         T_corr = param.correction(x)
-        verdict = assess(similarity, per_view_sim if len(views) > 1 else [], outcome.converged, T_corr, centre,
-                         s.quality)
+        converged = best.outcome.converged or settled
+        verdict = assess(similarity, per_view_sim if len(views) > 1 else [], converged, T_corr, centre,
+                         s.quality, in_plane_sd_mm=in_plane_sd, depth_sd_mm=depth_sd)
         if ambiguity is not None and verdict.status == "ok":
             verdict = replace(verdict, status="failed", reason=ambiguity)
         est_views = [v.with_pose(v.T_cam_from_world @ invert_rigid(T_corr)) for v in views]
@@ -361,8 +556,27 @@ class Registrator:
             time_s=time.perf_counter() - t_start,
             stop_reasons=stops,
             timings_s=timings,
+            uncertainty_in_plane_mm=in_plane_sd,
+            uncertainty_depth_mm=depth_sd,
+            prepare_s=self.prepare_s,
             level=None if level is None else str(level),
         )
+
+    def _uncertainty(self, outcome: OptimizeOutcome, stage: list[_PyramidLevel]) -> tuple[float, float]:
+        """1-sigma uncertainty (mm) of the rotation centre in the first view's image plane
+        (the larger principal axis) and along its principal ray, from the last
+        refinement's Gauss-Newton covariance (infinite when the optimiser gives none).
+
+        With the "camera" parameterisation, tx, ty, tz are the centre's motion in the
+        first view's camera axes; with "world" they are rotated into them."""
+        if outcome.covariance is None:
+            return float("inf"), float("inf")
+        C = outcome.covariance[3:, 3:] * self.settings.residual_correlation_px2
+        if self.settings.parameterization == "world":
+            R = stage[0].view.T_cam_from_world[:3, :3]
+            C = R @ C @ R.T
+        in_plane = float(np.sqrt(max(np.linalg.eigvalsh(C[:2, :2]).max(), 0.0)))
+        return in_plane, float(np.sqrt(max(C[2, 2], 0.0)))
 
 
 class _Objective:
@@ -370,18 +584,23 @@ class _Objective:
     corrected pose and compares it with that view's image.
 
     Least squares sees the residuals of all views (plus the prior's); the scalar cost
-    is the same squared norm, scaled to -1 for a perfect match without prior.
+    is the same squared norm, scaled to -1 for a perfect match without prior. The
+    residuals of the last few parameter vectors are kept, so the cost of the
+    optimiser's final point costs no new render.
     """
 
-    def __init__(self, levels, dv, param, measures):
-        self.levels = levels
+    memory = 8
+
+    def __init__(self, stage, dv, param, measures):
+        self.stage = stage
         self.dv = dv
         self.param = param
         self.measures = measures
-        self.buffers = [np.empty(lv.view.shape, np.float32) for lv in levels]
+        self.buffers = [np.empty(pl.view.shape, np.float32) for pl in stage]
         self.n_blocks = sum(m.n_blocks for m in measures)
         self.prior = None
         self.evaluations = 0
+        self._recent: dict[bytes, np.ndarray] = {}
 
     def set_prior(self, x0: np.ndarray, sd: np.ndarray, weight: float) -> None:
         self.prior = (x0, sd, np.sqrt(weight))
@@ -389,8 +608,8 @@ class _Objective:
     def _drrs(self, x: np.ndarray):
         self.evaluations += 1
         T_corr_inv = invert_rigid(self.param.correction(x))
-        for lv, buf in zip(self.levels, self.buffers):
-            yield render_drr(self.dv, lv.view.with_pose(lv.view.T_cam_from_world @ T_corr_inv), out=buf)
+        for pl, buf in zip(self.stage, self.buffers):
+            yield render_drr(self.dv, pl.view.with_pose(pl.view.T_cam_from_world @ T_corr_inv), out=buf)
 
     def per_view(self, x: np.ndarray) -> list[float]:
         return [float(m.score(drr)) for m, drr in zip(self.measures, self._drrs(x))]
@@ -400,11 +619,18 @@ class _Objective:
         return float(np.dot(r, r)) / (2.0 * self.n_blocks) - 1.0
 
     def residuals(self, x: np.ndarray) -> np.ndarray:
+        key = np.asarray(x, dtype=np.float64).tobytes()
+        if key in self._recent:
+            return self._recent[key]
         parts = [m.residuals(drr) for m, drr in zip(self.measures, self._drrs(x))]
         if self.prior is not None:
             x0, sd, w = self.prior
             parts.append(w * (np.asarray(x) - x0) / sd)
-        return np.concatenate(parts)
+        r = np.concatenate(parts)
+        if len(self._recent) >= self.memory:
+            self._recent.pop(next(iter(self._recent)))
+        self._recent[key] = r
+        return r
 
 
 def register_levels(
@@ -453,12 +679,10 @@ def register_levels(
         else:
             status[name] = "ok"
             poses[name] = T_level
-    spine.level_poses = poses
-    spine.level_status = status
+    verdict = {}
     if spine.ok and not poses:
-        spine.status, spine.reason = "failed", "no vertebra registered on its own"
-    spine.time_s = time.perf_counter() - t0
-    return spine
+        verdict = {"status": "failed", "reason": "no vertebra registered on its own"}
+    return replace(spine, level_poses=poses, level_status=status, time_s=time.perf_counter() - t0, **verdict)
 
 
 def _visible(point_world: np.ndarray, views: list[View]) -> bool:

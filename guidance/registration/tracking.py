@@ -9,7 +9,7 @@ can move between two frames.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -66,6 +66,6 @@ def track(
         step_mm = point_displacement_mm(T_new, T_old, centre)
         step_deg = rotation_angle_deg(T_new[:3, :3] @ T_old[:3, :3].T)
         if step_mm > s.max_step_mm or step_deg > s.max_step_deg:
-            result.status = "failed"
-            result.reason = f"tracking jumped {step_mm:.1f} mm / {step_deg:.1f} deg in one frame"
+            result = replace(result, status="failed",
+                             reason=f"tracking jumped {step_mm:.1f} mm / {step_deg:.1f} deg in one frame")
     return result

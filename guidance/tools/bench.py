@@ -18,7 +18,7 @@ import numpy as np
 from guidance.core.drr import prepare_volume, render_drr
 from guidance.core.geometry import invert_rigid
 from guidance.core.views import View, carm_view
-from guidance.core.volume import Volume, hu_to_attenuation, load_volume, resample, transform_volume
+from guidance.core.volume import Volume, clinical_grid, hu_to_attenuation, load_volume
 
 __all__ = ["DrrBenchRow", "bench_drr", "format_table", "clinical_grid", "cpu_model", "diffdrr_geometry",
            "diffdrr_renderer"]
@@ -61,16 +61,6 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown"
-
-
-def clinical_grid(volume: Volume) -> Volume:
-    """The volume resampled onto a typical clinical CT grid: 512 x 512 x 133 voxels of
-    0.7 x 0.7 x 2.5 mm, centred on the volume (air where the volume has no data)."""
-    spacing = np.array([0.7, 0.7, 2.5])
-    size = np.array([512, 512, 133])
-    origin = volume.center_world() - volume.direction @ ((size - 1) / 2.0 * spacing)
-    return resample(volume, spacing=tuple(spacing), size=tuple(int(s) for s in size), origin=origin,
-                    direction=volume.direction)
 
 
 def _ap_view(volume: Volume, detector_px: int) -> View:
@@ -296,20 +286,12 @@ def format_table(rows: list[DrrBenchRow]) -> str:
     return "\n".join(lines)
 
 
-def _cbct_like(ct: Volume, T_moving_from_fixed: np.ndarray, seed: int) -> Volume:
-    """The CT seen by an intra-operative scanner after a known rigid motion, with another
-    intensity calibration (0.9 HU + 30) and Gaussian noise (20 HU), as a CBCT differs
-    from the pre-operative CT."""
-    moved = transform_volume(ct, T_moving_from_fixed)
-    noise = np.random.default_rng(seed).normal(0.0, 20.0, moved.data.shape).astype(np.float32)
-    return moved.with_data(0.9 * moved.data + 30.0 + noise)
-
-
 def bench_register3d(*, shared_data: Path | None = None, seed: int = 0) -> list[dict]:
     """3D/3D registration of a CBCT-like copy moved by a known transform (5 deg, 8 mm):
     TRE (mm) over bone voxels and time (s), for the phantom and the real CT."""
     from guidance.core.geometry import make_rigid, rotation_about_axis, transform_points
     from guidance.registration.register3d import register_volumes
+    from sim.cbct import cbct_like
     from sim.phantom import make_phantom
 
     cases = [("phantom 1 mm", make_phantom(seed=seed).ct)]
@@ -320,7 +302,7 @@ def bench_register3d(*, shared_data: Path | None = None, seed: int = 0) -> list[
         c = ct.center_world()
         R = rotation_about_axis([0.4, 1.0, 0.3], 5.0)
         T_true = make_rigid(R, c + np.array([5.0, -4.0, 5.0]) - R @ c)
-        moving = _cbct_like(ct, T_true, seed)
+        moving = cbct_like(ct, T_true, seed)
         result = register_volumes(ct, moving)
         kk, jj, ii = np.nonzero(ct.data > 200)
         pts = ct.index_to_world(np.column_stack([ii, jj, kk])[:: max(1, len(ii) // 2000)])

@@ -24,22 +24,28 @@ from guidance.evaluation.metrics import mean_projection_distance, mtre, target_p
 from guidance.live.display import NavigationState
 from guidance.live.keys import load_keys, make_keys
 from guidance.live.transport import Subscriber, free_tcp_endpoint
-from guidance.live.wire import Frame, Heartbeat, PoseResult
+from guidance.core.geometry import invert_rigid
+from guidance.live.wire import Frame, Heartbeat, PoseResult, VolumeFrame
 
 __all__ = ["DemoReport", "clean_demo_outputs", "format_summary", "run_demo"]
 
 log = logging.getLogger(__name__)
 
+DEMO_SHOTS = ((0.0, 0.0), (90.0, 0.0))
+"""An AP and a lateral shot (LAO, cranial deg) before the fluoroscopy."""
+
 
 @dataclass
 class DemoReport:
-    """Per-frame pose errors (mm) against ground truth, latencies (ms), counts.
+    """Per-frame pose errors (mm) against ground truth, latencies (ms), counts; the same
+    for intra-op volumes in ``volume_rows``.
 
     ``stale_after_stop_s``: seconds from the pipeline's exit until the navigation state
     shows STALE; None when it could not be measured (no fresh pose when it was stopped).
     """
 
     rows: list[dict] = field(default_factory=list)
+    volume_rows: list[dict] = field(default_factory=list)
     frames_published: int = 0
     pipeline_stats: dict = field(default_factory=dict)
     elapsed_s: float = 0.0
@@ -70,7 +76,7 @@ class DemoReport:
             "frames_skipped_by_pipeline": self.pipeline_stats.get("frames_skipped"),
             "frames_lost_in_transport": self.pipeline_stats.get("lost"),
             "stale_shown_after_stop_s": self.stale_after_stop_s,
-        }
+        } | ({"volume_mtre_mm": self.volume_rows[-1]["mtre_mm"]} if self.volume_rows else {})
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -104,15 +110,19 @@ def _keys(keys_dir: str | None, role: str):
 
 
 def _sim_process(frame_endpoint: str, duration_s: float, fps: float, seed: int, prerender: bool,
+                 lead_shots: tuple, intraop_at_s: float | None, speed: float, medial_deg: float,
                  keys_dir: str | None, log_level: int, stop) -> None:
-    """Spawned: the simulator's scenario on the phantom of ``seed``, published until it ends."""
+    """Spawned: the simulator's scenario on the phantom of ``seed`` (``lead_shots`` before the
+    fluoroscopy, an intra-op scan at ``intraop_at_s``, the K-wire turned ``medial_deg``
+    medially off the plan), published at ``speed`` until it ends."""
     _start_child(1, log_level)
     from sim.phantom import make_phantom
     from sim.scenario import Scenario
     from sim.stream import run_sim
 
-    run_sim(Scenario(duration_s=duration_s, fps=fps, seed=0), make_phantom(seed=seed), frame_endpoint=frame_endpoint,
-            stop=stop, startup_s=0.5, prerender=prerender, keys=_keys(keys_dir, "sim"))
+    run_sim(Scenario(duration_s=duration_s, fps=fps, seed=0, lead_shots=lead_shots, instrument_medial_deg=medial_deg),
+            make_phantom(seed=seed), frame_endpoint=frame_endpoint, stop=stop, startup_s=0.5, prerender=prerender,
+            speed=speed, intraop_at_s=intraop_at_s, keys=_keys(keys_dir, "sim"))
 
 
 def _pipeline_process(frame_endpoint: str, result_endpoint: str, seed: int, record_dir: str | None,
@@ -126,7 +136,8 @@ def _pipeline_process(frame_endpoint: str, result_endpoint: str, seed: int, reco
     from sim.subject import load_subject
 
     subject = load_subject(phantom_seed=seed)
-    pipeline = Pipeline(Registrator(subject.ct, labels=subject.labels), plan=subject.plan, labels=subject.labels)
+    pipeline = Pipeline(Registrator(subject.ct, labels=subject.labels), plan=subject.plan, labels=subject.labels,
+                        ct=subject.ct)
     bridge = IgtlBridge(igtl_port, ct=subject.ct, plan=pipeline.plan) if igtl_port is not None else None
     try:
         run_pipeline(pipeline, frame_endpoints=[frame_endpoint], result_endpoint=result_endpoint, stop=stop,
@@ -183,13 +194,21 @@ def clean_demo_outputs(out_dir: Path) -> None:
 def run_demo(out_dir: str | Path, *, duration_s: float = 20.0, fps: float = 15.0, seed: int = 0,
              startup_timeout_s: float = 120.0, print_rows: bool = True, with_display: bool = True,
              record: bool = True, prerender: bool = False, igtl_port: int | None = None,
-             plain: bool = False) -> DemoReport:
+             plain: bool = False, lead_shots: tuple[tuple[float, float], ...] = DEMO_SHOTS,
+             intraop_at_s: float | None = None, speed: float = 1.0, medial_deg: float = 0.0) -> DemoReport:
     """Run sim + pipeline (+ display) on loopback for ``duration_s`` of scenario time.
 
     ``out_dir`` is cleaned of an earlier demo's screens and recordings first; screens go
     there (PNG), the pipeline's recording to ``out_dir/recording-<date>-<time>``.
     ``prerender``: the simulator renders its images before streaming (benchmarks).
     ``igtl_port``: the pipeline also serves OpenIGTLink there (watch it in 3D Slicer).
+    ``lead_shots``: (LAO, cranial) of the single shots taken before continuous AP
+    fluoroscopy, registered jointly by the pipeline (default: an AP and a lateral).
+    ``intraop_at_s``: the simulator also sends an intra-op CBCT-like scan at this scenario
+    time; the pipeline registers it and maps instruments through it. ``speed``: the
+    simulator's pace (1.0 real time; below 1 on a machine too loaded to keep up).
+    ``medial_deg``: the K-wire's path is turned medially by this angle about the entry
+    point, so the display's breach warning builds up as it advances.
     At the end the pipeline is stopped first and the time until a navigation state fed
     by the monitor turns STALE is measured (``report.stale_after_stop_s``).
     The sockets use CURVE with the keys in ``out_dir/keys`` (made on the first run) unless
@@ -206,8 +225,8 @@ def run_demo(out_dir: str | Path, *, duration_s: float = 20.0, fps: float = 15.0
     keys_dir = None if plain else str(out / "keys")
     if keys_dir is not None and not (out / "keys" / "monitor.key_secret").exists():
         make_keys(keys_dir)
-    monitor = Subscriber([frames_ep, results_ep], topics=("frame", "pose_result", "heartbeat"), rcvhwm=1000,
-                         keys=_keys(keys_dir, "monitor"), server_role=("sim", "pipeline"))
+    monitor = Subscriber([frames_ep, results_ep], topics=("frame", "pose_result", "heartbeat", "volume"),
+                         rcvhwm=1000, keys=_keys(keys_dir, "monitor"), server_role=("sim", "pipeline"))
     recording = str(out / time.strftime("recording-%Y%m%d-%H%M%S")) if record else None
     spawn = multiprocessing.get_context("spawn")
     level = logging.getLogger().getEffectiveLevel()
@@ -218,18 +237,28 @@ def run_demo(out_dir: str | Path, *, duration_s: float = 20.0, fps: float = 15.0
     report = DemoReport()
     try:
         _wait_for_heartbeat(monitor, "pipeline", startup_timeout_s, pipeline)
-        sim = _Process(spawn, _sim_process, frames_ep, duration_s, fps, seed, prerender, keys_dir, level)
+        sim = _Process(spawn, _sim_process, frames_ep, duration_s, fps, seed, prerender, tuple(lead_shots),
+                       intraop_at_s, speed, medial_deg, keys_dir, level)
         frames: dict[int, Frame] = {}
+        volumes: dict[int, VolumeFrame] = {}
         state = NavigationState(expected_source="pipeline")
         t0 = None
         # Score until shortly before the scenario ends (scenario time counts from the first
         # frame), then stop the pipeline while frames still flow, to time the STALE warning.
-        while (t0 is None or time.monotonic() - t0 < duration_s - 1.0) and not sim.exited():
+        while (t0 is None or time.monotonic() - t0 < (duration_s - 1.0) / speed) and not sim.exited():
             msg = monitor.recv(0.2)
             if isinstance(msg, Frame):
                 t0 = time.monotonic() if t0 is None else t0
                 frames[msg.frame_id] = msg
                 report.frames_published += 1
+            elif isinstance(msg, VolumeFrame):
+                volumes[msg.volume_id] = msg
+            elif isinstance(msg, PoseResult) and msg.mode == "volume":
+                if msg.frame_id in volumes:
+                    row = _score_volume(msg, volumes[msg.frame_id], targets)
+                    report.volume_rows.append(row)
+                    if print_rows:
+                        print(_format_row(row), flush=True)
             elif isinstance(msg, PoseResult) and msg.frame_id in frames:
                 state.on_pose(msg, time.time())
                 row = _score(msg, frames[msg.frame_id], targets)
@@ -287,7 +316,7 @@ def _wait_for_heartbeat(sub: Subscriber, role: str, timeout_s: float, process: _
 
 def _score(pose: PoseResult, frame: Frame, targets: np.ndarray) -> dict:
     row = {"frame_id": pose.frame_id, "status": pose.status, "mode": pose.mode, "reason": pose.reason,
-           "latency_ms": pose.latency_ms.get("total", float("nan")),
+           "shots": list(pose.shots), "latency_ms": pose.latency_ms.get("total", float("nan")),
            "registration_ms": pose.latency_ms.get("registration", float("nan")), "mtre_mm": float("nan"),
            "mpd_iso_mm": float("nan")}
     if pose.status == "ok" and frame.ground_truth:
@@ -299,8 +328,23 @@ def _score(pose: PoseResult, frame: Frame, targets: np.ndarray) -> dict:
     return row
 
 
+def _score_volume(pose: PoseResult, volume: VolumeFrame, targets: np.ndarray) -> dict:
+    """An intra-op volume's pose: mTRE of the scanner-frame positions of the targets."""
+    row = {"frame_id": pose.frame_id, "status": pose.status, "mode": pose.mode, "reason": pose.reason,
+           "shots": [], "latency_ms": pose.latency_ms.get("total", float("nan")),
+           "registration_ms": pose.latency_ms.get("registration", float("nan")), "mtre_mm": float("nan"),
+           "mpd_iso_mm": float("nan")}
+    truth = (volume.ground_truth or {}).get("T_world_corrected_from_world")
+    if pose.status == "ok" and truth is not None:
+        row["mtre_mm"] = mtre(invert_rigid(pose.T_world_corrected_from_world), invert_rigid(truth), targets)
+    return row
+
+
 def _format_row(row: dict) -> str:
     if row["status"] != "ok":
         return f"frame {row['frame_id']:4d}  FAILED ({row['reason']})  latency {row['latency_ms']:6.0f} ms"
+    if row["mode"] == "volume":
+        return (f"volume {row['frame_id']:3d}  intra-op CT registered: mTRE {row['mtre_mm']:5.2f} mm  "
+                f"({row['reason']})  {row['registration_ms']:6.0f} ms")
     return (f"frame {row['frame_id']:4d}  {row['mode']:8s}  mTRE {row['mtre_mm']:5.2f} mm  "
-            f"mPD {row['mpd_iso_mm']:5.2f} mm  latency {row['latency_ms']:6.0f} ms")
+            f"mPD {row['mpd_iso_mm']:5.2f} mm  latency {row['latency_ms']:6.0f} ms  shots {row['shots']}")

@@ -1,0 +1,853 @@
+"""Instruments found in the X-ray itself (known-component registration, no tracker).
+
+Given registered frames (each a line-integral-like image, bone bright, as
+``guidance.core.images.preprocess`` gives it, and its ``View`` with ``T_cam_from_world``
+known) and the models of the straight instruments that may be in them, estimate each
+instrument's tip and axis in CT coordinates (world, LPS mm):
+
+1. **Anatomy removal**: a white top-hat of the image (image minus its morphological
+   opening with a disc wider than the instrument's projected shaft) keeps thin bright
+   structures and drops the smooth anatomy.
+2. **Candidates**: a probabilistic Hough transform on the ridge centres of the smoothed,
+   thresholded top-hat proposes straight segments; collinear pieces are merged, refitted
+   to their ridge pixels and split where the ridge breaks.
+3. **Refinement**: the instrument's analytic line integral (a cylinder of the model's
+   diameter and length, seen through the view's pinhole, blurred by the detector PSF) is
+   fitted to the top-hat: a scan of the tip along the shaft, then least squares (a free
+   contrast gain and offset per view) over the tip and the axis direction, per view and
+   then jointly in 3D over the views.
+4. **Verification**: the gradient correlation between the fitted model and the image
+   (mean normalised cross-correlation of the u and v gradients over the instrument's
+   band) and the fitted contrast (close to the model's attenuation) decide; the
+   thresholds keep false detections on instrument-free frames under 1% on the bench.
+
+One view gives the tip's ray and the in-plane direction; its depth comes from the
+anatomy (assumed docked on the most posterior bone surface along that ray: a posterior
+approach) with an uncertainty. Two or more views give the full 3D pose (triangulated,
+then refined jointly). Direction convention as in ``guidance.navigation.instruments``:
+``axis_world`` points from the handle towards the tip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import cv2
+import numba
+import numpy as np
+from scipy.optimize import least_squares
+
+from guidance.core.errors import GuidanceError
+from guidance.core.geometry import backproject, invert_rigid, project, transform_points
+from guidance.core.instrument_models import METAL_MAX_LINE_INTEGRAL, InstrumentModel
+from guidance.core.views import View
+from guidance.core.volume import Volume
+
+__all__ = [
+    "DetectionError",
+    "DetectionSettings",
+    "ViewDetection",
+    "InstrumentEstimate",
+    "instrument_projection",
+    "anatomy_residual",
+    "propose_segments",
+    "detect_in_view",
+    "single_view_estimate",
+    "detect_instruments",
+]
+
+
+TIP_MARGIN_PX = 3.0
+"""A segment end this close to the image border is the shaft leaving the image, not a tip."""
+TIP_SEARCH_PX = 20.0
+"""The tip is searched this far beyond a segment's end (the ridge often breaks where the
+shaft enters bone)."""
+FAR_END_MARGIN_PX = 20.0
+"""A far end closer than this to the border may be the shaft fading out at the image edge:
+its foreshortening is not trusted."""
+
+
+class DetectionError(GuidanceError):
+    """Input to instrument detection that cannot be used (shapes, views, models)."""
+
+
+@dataclass(frozen=True)
+class DetectionSettings:
+    """Detector settings.
+
+    ``blur_sigma_px``: detector PSF (Gaussian sigma, pixels) of the projection model;
+    ``min_length_px``: shortest visible shaft proposed; ``max_candidates``: segments tried
+    per view (each with every model; the best-correlated model is refined);
+    ``min_gradient_correlation`` and ``gain_range``: a fitted instrument is accepted when
+    its gradient correlation reaches the threshold and its fitted contrast, relative to
+    the model's attenuation, lies in the range; ``max_pixels``: band pixels used per view
+    in the fit (subsampled away from the tip); ``max_iterations``: function evaluations
+    of a least-squares refinement; ``match_distance_mm``: largest distance between two
+    views' tip rays for them to be the same instrument; ``depth_sigma_mm``: single-view
+    depth uncertainty when no bone volume is given (the depth is then the focus point's).
+    """
+
+    blur_sigma_px: float = 0.7
+    min_length_px: float = 10.0
+    max_candidates: int = 3
+    min_gradient_correlation: float = 0.45
+    gain_range: tuple[float, float] = (0.65, 1.5)
+    max_pixels: int = 1200
+    max_iterations: int = 15
+    match_distance_mm: float = 10.0
+    depth_sigma_mm: float = 30.0
+
+
+@dataclass(frozen=True)
+class ViewDetection:
+    """One instrument found in one view.
+
+    ``tip_uv``: tip pixel (u, v); ``direction_uv``: unit image direction from the handle
+    towards the tip; ``tip_cam`` / ``axis_cam``: the fitted 3D model in the camera frame
+    (mm; the depth and out-of-plane angle are weakly determined in one view);
+    ``gradient_correlation`` in [-1, 1]; ``gain``: fitted contrast relative to the
+    model; ``tip_sigma_px``: 1-sigma in-plane tip uncertainty from the fit (pixels);
+    ``far_uv``: the projected far (handle-side) end of the working part when it lies in
+    the image (then tip and far end might be swapped), else None.
+    """
+
+    model: InstrumentModel
+    tip_uv: np.ndarray
+    direction_uv: np.ndarray
+    tip_cam: np.ndarray
+    axis_cam: np.ndarray
+    gradient_correlation: float
+    gain: float
+    tip_sigma_px: float
+    far_uv: np.ndarray | None = None
+
+    def swapped(self) -> "ViewDetection":
+        """The same shaft with tip and far end exchanged (needs ``far_uv``)."""
+        far_cam = self.tip_cam + self.model.length_mm * self.axis_cam
+        return dataclasses.replace(self, tip_uv=self.far_uv, far_uv=self.tip_uv, direction_uv=-self.direction_uv,
+                                   tip_cam=far_cam, axis_cam=-self.axis_cam)
+
+
+@dataclass(frozen=True)
+class InstrumentEstimate:
+    """An instrument's pose in CT coordinates estimated from the images alone.
+
+    ``tip_world`` (mm) and ``axis_world`` (unit, handle -> tip); ``n_views``: views it was
+    found in; ``score``: the lowest gradient correlation over those views;
+    ``tip_sigma_mm``: 1-sigma tip uncertainty across the viewing ray (in-plane, at the
+    tip); ``depth_sigma_mm``: along the viewing ray (single view: from the anatomy;
+    several views: from the fit); ``axis_sigma_deg``: 1-sigma axis uncertainty (single
+    view: the out-of-plane angle is unknown, 90).
+    """
+
+    model: InstrumentModel
+    tip_world: np.ndarray
+    axis_world: np.ndarray
+    n_views: int
+    score: float
+    tip_sigma_mm: float
+    depth_sigma_mm: float
+    axis_sigma_deg: float
+    detections: tuple[ViewDetection, ...]
+
+
+# ----------------------------------------------------------------------- projection model
+
+_GH_NODES = np.array([-1.0, 1.0])
+_GH_WEIGHTS = np.array([0.5, 0.5])
+"""Two-point Gauss-Hermite rule for a unit Gaussian: exact for polynomials to degree 3."""
+
+
+def _psf_rays(K: np.ndarray, uv: np.ndarray, blur_sigma_px: float) -> tuple[np.ndarray, np.ndarray]:
+    """Unit camera-frame rays (N, 4, 3) and weights (4,) sampling each pixel's footprint:
+    the detector PSF convolved with the pixel box, as a Gaussian quadrature."""
+    sigma = math.sqrt(blur_sigma_px ** 2 + 1.0 / 12.0)
+    du, dv = (g.ravel() * sigma for g in np.meshgrid(_GH_NODES, _GH_NODES))
+    weights = np.outer(_GH_WEIGHTS, _GH_WEIGHTS).ravel()
+    Kinv = np.linalg.inv(K)
+    u = uv[:, :1] + du
+    v = uv[:, 1:] + dv
+    d = np.stack([Kinv[0, 0] * u + Kinv[0, 1] * v + Kinv[0, 2], Kinv[1, 1] * v + Kinv[1, 2],
+                  np.ones_like(u)], axis=-1)
+    d /= np.linalg.norm(d, axis=-1, keepdims=True)
+    return d, weights
+
+
+@numba.njit(cache=True, fastmath=True)
+def _cylinder_kernel(rays, weights, tip, w, radius, length, mu, max_integral, out):  # pragma: no cover - compiled
+    """Per pixel, -log of the weighted mean over its rays of exp(-min(mu * chord,
+    max_integral)), the chord (mm) through the finite cylinder (axis from ``tip`` along
+    unit ``w`` for ``length``, ``radius``): the detector blurs intensities, not line
+    integrals, which matters where the steel is dense (a wire seen end-on)."""
+    pp = tip[0] * tip[0] + tip[1] * tip[1] + tip[2] * tip[2]
+    f = w[0] * tip[0] + w[1] * tip[1] + w[2] * tip[2]
+    r2 = radius * radius
+    for n in range(rays.shape[0]):
+        acc = 0.0
+        for m in range(rays.shape[1]):
+            value = 0.0
+            d0, d1, d2 = rays[n, m, 0], rays[n, m, 1], rays[n, m, 2]
+            b = d0 * w[0] + d1 * w[1] + d2 * w[2]
+            e = d0 * tip[0] + d1 * tip[1] + d2 * tip[2]
+            sin2 = max(1.0 - b * b, 1e-12)
+            s = (e - b * f) / sin2
+            t = (b * e - f) / sin2
+            gap2 = s * s + pp + t * t - 2.0 * s * e - 2.0 * s * t * b + 2.0 * t * f
+            if gap2 < r2:
+                chord = 2.0 * math.sqrt((r2 - gap2) / sin2)
+                half = 0.5 * chord * abs(b)
+                if half > 1e-9:
+                    lo = max(t - half, 0.0)
+                    hi = min(t + half, length)
+                    if hi > lo:
+                        value = min(mu * chord * (hi - lo) / (2.0 * half), max_integral)
+                elif 0.0 <= t <= length:
+                    value = min(mu * chord, max_integral)
+            acc += weights[m] * math.exp(-value)
+        out[n] = -math.log(acc)
+
+
+def _cylinder_integral(rays: np.ndarray, weights: np.ndarray, tip_cam: np.ndarray, axis_cam: np.ndarray,
+                       model: InstrumentModel) -> np.ndarray:
+    """Weighted line integral (N,) of the model's cylinder (tip at ``tip_cam``, running
+    ``model.length_mm`` along ``axis_cam`` towards the handle) along ``rays`` (N, M, 3)
+    from the source. A ray meets the infinite cylinder over a chord of length
+    2 sqrt(r^2 - e^2) / sin(angle) (e: distance between the ray and the axis line); the end
+    caps keep the part of that chord whose axial coordinate lies in [0, length]; the line
+    integral saturates at METAL_MAX_LINE_INTEGRAL as the simulator's does, and the rays of a
+    pixel are averaged as intensities."""
+    out = np.empty(rays.shape[0])
+    w = np.asarray(axis_cam, float) / np.linalg.norm(axis_cam)
+    _cylinder_kernel(rays, weights, np.asarray(tip_cam, float), w, model.diameter_mm / 2.0, model.length_mm,
+                     model.mu_per_mm, METAL_MAX_LINE_INTEGRAL, out)
+    return out
+
+
+def instrument_projection(view: View, tip_cam: np.ndarray, axis_cam: np.ndarray, model: InstrumentModel,
+                          pixels_uv: np.ndarray, *, blur_sigma_px: float = 0.7) -> np.ndarray:
+    """The instrument's expected line integral (N,) at pixels (N, 2) = (u, v) of ``view``.
+
+    ``tip_cam`` (mm) and ``axis_cam`` (unit, tip -> handle) in the camera frame; the
+    working part is a cylinder of ``model.diameter_mm`` and ``model.length_mm`` with
+    attenuation ``model.mu_per_mm`` (saturating at ``METAL_MAX_LINE_INTEGRAL``); each pixel
+    integrates its box and a Gaussian PSF of ``blur_sigma_px`` (as intensities). The
+    detector's own model, independent of the simulator's.
+    """
+    uv = np.asarray(pixels_uv, dtype=float).reshape(-1, 2)
+    rays, weights = _psf_rays(view.K, uv, blur_sigma_px)
+    return _cylinder_integral(rays, weights, np.asarray(tip_cam, float), np.asarray(axis_cam, float), model)
+
+
+# ------------------------------------------------------------------------------ candidates
+
+
+def _projected_width_px(view: View, model: InstrumentModel, depth_mm: float) -> float:
+    """The shaft's projected width (pixels) at camera depth ``depth_mm``."""
+    return model.diameter_mm * max(view.K[0, 0], view.K[1, 1]) / depth_mm
+
+
+def anatomy_residual(image: np.ndarray, width_px: float) -> np.ndarray:
+    """Thin bright structures of a line-integral image (bone bright): the white top-hat
+    with a disc of diameter about 1.5 ``width_px`` + 5 pixels, so a shaft ``width_px`` wide
+    survives whole while the anatomy's broader structures are removed. Non-negative."""
+    radius = int(math.ceil(0.75 * width_px + 2.0))
+    disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+    return cv2.morphologyEx(image.astype(np.float32), cv2.MORPH_TOPHAT, disc)
+
+
+def _noise_sigma(residual: np.ndarray) -> float:
+    """Robust noise level of a top-hat image (median absolute deviation of its high-pass)."""
+    high = residual - cv2.GaussianBlur(residual, (0, 0), 2.0)
+    return max(float(np.median(np.abs(high))) * 1.4826 * 1.2, 1e-6)
+
+
+def propose_segments(residual: np.ndarray, width_px: float, expected_peak: float, *,
+                     min_length_px: float = 10.0, max_candidates: int = 6) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Straight bright segments of a top-hat image, strongest (mean ridge value) first:
+    (end0, end1) pixels.
+
+    The top-hat, smoothed at a quarter of the shaft width (at least 1 px), is thresholded
+    at the larger of 5 noise sigmas and a quarter of ``expected_peak`` (the model's
+    central line integral) and thinned to ridge centres; a probabilistic Hough transform
+    finds segments; segments on one line are merged, the line refitted to the ridge
+    pixels along it (weighted principal axis) and split where the ridge breaks for more
+    than 3 px.
+    """
+    sigma = max(1.0, width_px / 4.0)
+    smooth = cv2.GaussianBlur(residual, (0, 0), sigma)
+    threshold = max(5.0 * _noise_sigma(smooth), 0.25 * expected_peak)
+    # Ridge centres only (a local maximum across u or v): thin lines, few Hough segments.
+    peak_u = np.zeros_like(smooth, dtype=bool)
+    peak_v = np.zeros_like(smooth, dtype=bool)
+    peak_u[:, 1:-1] = (smooth[:, 1:-1] >= smooth[:, :-2]) & (smooth[:, 1:-1] >= smooth[:, 2:])
+    peak_v[1:-1] = (smooth[1:-1] >= smooth[:-2]) & (smooth[1:-1] >= smooth[2:])
+    mask = ((smooth > threshold) & (peak_u | peak_v)).astype(np.uint8)
+    lines = cv2.HoughLinesP(mask, 1.0, math.pi / 360.0, int(min_length_px), minLineLength=min_length_px,
+                            maxLineGap=3)
+    if lines is None:
+        return []
+    segments = [(s[:2].astype(float), s[2:].astype(float)) for s in lines.reshape(-1, 4)]
+    segments.sort(key=lambda s: -np.linalg.norm(s[1] - s[0]))
+    tol = 2.0 + width_px / 2.0
+    clusters: list[list[np.ndarray]] = []
+    for a, b in segments:
+        for points in clusters:
+            p0, direction = points[0], points[1] - points[0]
+            direction = direction / np.linalg.norm(direction)
+            normal = np.array([-direction[1], direction[0]])
+            if all(abs((q - p0) @ normal) <= tol for q in (a, b)):
+                points.extend([a, b])
+                break
+        else:
+            clusters.append([a, b])
+    ridge_v, ridge_u = np.nonzero(mask)
+    ridge = np.column_stack([ridge_u, ridge_v]).astype(float)
+    ridge_weight = smooth[ridge_v, ridge_u].astype(float)
+    candidates = []
+    for points in clusters:
+        pts = np.array(points)
+        direction = _unit(pts[1] - pts[0])
+        normal = np.array([-direction[1], direction[0]])
+        s = (pts - pts[0]) @ direction
+        # The line through the ridge pixels along the cluster (weighted principal axis):
+        # finer than the Hough quantisation.
+        rel = ridge - pts[0]
+        near = (np.abs(rel @ normal) <= tol) & (rel @ direction >= s.min() - 2) & (rel @ direction <= s.max() + 2)
+        if near.sum() >= 3:
+            w = ridge_weight[near]
+            centre = (ridge[near] * w[:, None]).sum(axis=0) / w.sum()
+            d = ridge[near] - centre
+            cov = (d * w[:, None]).T @ d
+            direction = np.linalg.eigh(cov)[1][:, -1]
+            normal = np.array([-direction[1], direction[0]])
+            pts = np.vstack([centre, pts])
+        s = (pts - pts[0]) @ direction
+        base = pts[0] + float(np.median((pts - pts[0]) @ normal)) * normal
+        steps = np.arange(s.min(), s.max() + 1.0)
+        samples = base + steps[:, None] * direction
+        # Strength at each step: the best of three positions across the line.
+        values = np.max([_sample(smooth, samples + k * normal) for k in (-1.0, 0.0, 1.0)], axis=0)
+        above = values > threshold
+        for first, last in _runs(above, max_gap=3):
+            if steps[last] - steps[first] >= min_length_px:
+                candidates.append((float(values[first:last + 1].mean()), samples[first], samples[last]))
+    candidates.sort(key=lambda c: -c[0])
+    return [(a, b) for _, a, b in candidates[:max_candidates]]
+
+
+def _sample(image: np.ndarray, uv: np.ndarray) -> np.ndarray:
+    """Nearest-pixel values of ``image`` at points (N, 2), 0 outside."""
+    iu, iv = np.round(uv[:, 0]).astype(int), np.round(uv[:, 1]).astype(int)
+    ok = (iu >= 0) & (iv >= 0) & (iu < image.shape[1]) & (iv < image.shape[0])
+    out = np.zeros(len(uv), dtype=float)
+    out[ok] = image[iv[ok], iu[ok]]
+    return out
+
+
+def _runs(flags: np.ndarray, max_gap: int) -> list[tuple[int, int]]:
+    """(first, last) indices of the runs of True in ``flags``, bridging gaps up to ``max_gap``."""
+    idx = np.flatnonzero(flags)
+    if len(idx) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(idx) > max_gap + 1)
+    starts = np.concatenate([[idx[0]], idx[breaks + 1]])
+    ends = np.concatenate([idx[breaks], [idx[-1]]])
+    return list(zip(starts.tolist(), ends.tolist()))
+
+
+# ------------------------------------------------------------------------------ refinement
+
+
+@dataclass
+class _Band:
+    """Pixels around a projected instrument, their PSF rays and the image values there."""
+
+    uv: np.ndarray
+    rays: np.ndarray
+    weights: np.ndarray
+    values: np.ndarray
+    grad_u: np.ndarray
+    grad_v: np.ndarray
+    noise: float
+
+
+def _band(view: View, residual: np.ndarray, grads: tuple[np.ndarray, np.ndarray], noise: float, tip_uv: np.ndarray,
+          end_uv: np.ndarray, half_width_px: float, settings: DetectionSettings) -> _Band | None:
+    """The band of pixels within ``half_width_px`` of the segment tip -> end (extended past
+    the tip), all near the tip and an even subsample elsewhere (at most ``max_pixels``)."""
+    H, W = residual.shape
+    axis = end_uv - tip_uv
+    length = float(np.linalg.norm(axis))
+    if length < 1e-6:
+        return None
+    axis /= length
+    start = tip_uv - (half_width_px + TIP_SEARCH_PX + 2.0) * axis
+    lo = np.maximum(np.floor(np.minimum(start, end_uv) - half_width_px), 0).astype(int)
+    hi = np.minimum(np.ceil(np.maximum(start, end_uv) + half_width_px), [W - 1, H - 1]).astype(int)
+    if np.any(hi <= lo):
+        return None
+    vv, uu = np.mgrid[lo[1]:hi[1] + 1, lo[0]:hi[0] + 1]
+    uv = np.column_stack([uu.ravel(), vv.ravel()]).astype(float)
+    rel = uv - start
+    s = rel @ axis
+    d = np.abs(rel @ np.array([-axis[1], axis[0]]))
+    keep = (d <= half_width_px) & (s >= 0) & (s <= length + 2.0 * half_width_px + TIP_SEARCH_PX + 8.0)
+    uv, s = uv[keep], s[keep]
+    near = s <= 30.0 + half_width_px + TIP_SEARCH_PX
+    far_idx = np.flatnonzero(~near)
+    budget = max(settings.max_pixels - int(near.sum()), 0)
+    if len(far_idx) > budget:
+        far_idx = far_idx[np.linspace(0, len(far_idx) - 1, budget).astype(int)]
+    sel = np.concatenate([np.flatnonzero(near), far_idx])
+    uv = uv[sel]
+    if len(uv) < 20:
+        return None
+    iu, iv = uv[:, 0].astype(int), uv[:, 1].astype(int)
+    rays, weights = _psf_rays(view.K, uv, settings.blur_sigma_px)
+    return _Band(uv=uv, rays=rays, weights=weights, values=residual[iv, iu].astype(float),
+                 grad_u=grads[0][iv, iu].astype(float), grad_v=grads[1][iv, iu].astype(float),
+                 noise=noise)
+
+
+def _fit_linear(model_values: np.ndarray, values: np.ndarray) -> tuple[float, float]:
+    """Gain and offset (a, c) minimising |a m + c - values|^2 (closed form)."""
+    n = len(values)
+    sm, sv = float(model_values.sum()), float(values.sum())
+    smm, smv = float(model_values @ model_values), float(model_values @ values)
+    det = n * smm - sm * sm
+    if det <= 1e-12 * max(n * smm, 1e-300):
+        return 0.0, sv / max(n, 1)
+    a = (n * smv - sm * sv) / det
+    return a, (sv - a * sm) / n
+
+
+def _band_residual(band: _Band, tip_cam: np.ndarray, axis_cam: np.ndarray, model: InstrumentModel) -> np.ndarray:
+    m = _cylinder_integral(band.rays, band.weights, tip_cam, axis_cam, model)
+    a, c = _fit_linear(m, band.values)
+    return (a * m + c - band.values) / band.noise
+
+
+def _ncc(a: np.ndarray, b: np.ndarray) -> float:
+    a = a - a.mean()
+    b = b - b.mean()
+    den = math.sqrt(float(a @ a) * float(b @ b))
+    return float(a @ b) / den if den > 0 else 0.0
+
+
+def _verify(view: View, band: _Band, tip_cam: np.ndarray, axis_cam: np.ndarray, model: InstrumentModel,
+            settings: DetectionSettings) -> tuple[float, float]:
+    """(gradient correlation, gain) of the fitted model against the image over the band:
+    the model's u and v gradients (central differences of the analytic projection) are
+    correlated with the image's (Sobel / 8), and the contrast gain fitted."""
+    def values(offset: np.ndarray) -> np.ndarray:
+        return instrument_projection(view, tip_cam, axis_cam, model, band.uv + offset,
+                                     blur_sigma_px=settings.blur_sigma_px)
+    gu = 0.5 * (values(np.array([1.0, 0.0])) - values(np.array([-1.0, 0.0])))
+    gv = 0.5 * (values(np.array([0.0, 1.0])) - values(np.array([0.0, -1.0])))
+    gc = 0.5 * (_ncc(gu, band.grad_u) + _ncc(gv, band.grad_v))
+    gain, _ = _fit_linear(_cylinder_integral(band.rays, band.weights, tip_cam, axis_cam, model), band.values)
+    return gc, gain
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v)
+
+
+def _ray_cam(Kinv: np.ndarray, uv: np.ndarray) -> np.ndarray:
+    return _unit(Kinv @ np.array([uv[0], uv[1], 1.0]))
+
+
+def _single_view_pose(Kinv: np.ndarray, tip_uv: np.ndarray, theta: float, phi: float,
+                      depth_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """(tip_cam, axis_cam tip -> handle) of an instrument whose tip projects to ``tip_uv`` at
+    camera depth ``depth_mm``, whose shaft runs in the image at angle ``theta`` (rad, from
+    +u towards +v, tip -> handle) and leaves the plane perpendicular to the tip's ray by
+    ``phi`` (rad, positive away from the source)."""
+    r = _ray_cam(Kinv, tip_uv)
+    tip_cam = r * depth_mm / r[2]
+    r2 = _ray_cam(Kinv, tip_uv + np.array([math.cos(theta), math.sin(theta)]))
+    e = _unit(r2 - (r2 @ r) * r)
+    return tip_cam, math.cos(phi) * e + math.sin(phi) * r
+
+
+@dataclass
+class _Start:
+    """A candidate set up for refinement in one view with one model."""
+
+    model: InstrumentModel
+    Kinv: np.ndarray
+    band: _Band
+    tip_uv: np.ndarray
+    theta: float
+    phi: float
+    depth_mm: float
+    gradient_correlation: float
+
+
+def _start(view: View, residual: np.ndarray, grads, noise: float, model: InstrumentModel, tip_uv: np.ndarray,
+           far_uv: np.ndarray, far_visible: bool, depth_mm: float, settings: DetectionSettings) -> _Start | None:
+    """Initial pose of a candidate segment (tip and far-end pixels) for one model: the
+    out-of-plane angle from the far end's foreshortening (when visible), then the tip
+    position by a 1-pixel scan along the shaft; None when no band fits in the image."""
+    K = view.K
+    Kinv = np.linalg.inv(K)
+    theta = math.atan2(far_uv[1] - tip_uv[1], far_uv[0] - tip_uv[0])
+    phi = 0.0
+    if far_visible:
+        tip_cam, e = _single_view_pose(Kinv, tip_uv, theta, 0.0, depth_mm)
+        r = _unit(tip_cam)
+        phis = np.radians(np.linspace(-85.0, 85.0, 171))
+        ends = tip_cam + model.length_mm * (np.cos(phis)[:, None] * e + np.sin(phis)[:, None] * r)
+        ends_uv = (ends @ K.T)[:, :2] / np.maximum(ends[:, 2:3], 1e-9)
+        errors = np.where(ends[:, 2] > 1.0, np.linalg.norm(ends_uv - far_uv, axis=1), np.inf)
+        phi = float(phis[int(np.argmin(errors))])
+    half_width = _projected_width_px(view, model, depth_mm) / 2.0 + 3.0 * settings.blur_sigma_px + 4.0
+    tip_cam, axis_cam = _single_view_pose(Kinv, tip_uv, theta, phi, depth_mm)
+    end_cam = tip_cam + model.length_mm * axis_cam
+    end_uv = (K @ end_cam)[:2] / end_cam[2] if end_cam[2] > 1.0 else far_uv
+    band = _band(view, residual, grads, noise, tip_uv, end_uv, half_width, settings)
+    if band is None:
+        return None
+    # The tip often lies in bone whose own ridges continue the shaft: scan along it first.
+    along = np.array([math.cos(theta), math.sin(theta)])
+    reach = min(26.0, 0.5 * float(np.linalg.norm(far_uv - tip_uv)))
+    shifts = np.arange(-20.0, reach + 1.0, 2.0)
+    costs = [float(np.sum(_band_residual(band, *_single_view_pose(Kinv, tip_uv + k * along, theta, phi, depth_mm),
+                                         model) ** 2)) for k in shifts]
+    tip_uv = tip_uv + shifts[int(np.argmin(costs))] * along
+    gc, _ = _verify(view, band, *_single_view_pose(Kinv, tip_uv, theta, phi, depth_mm), model, settings)
+    return _Start(model, Kinv, band, tip_uv, theta, phi, depth_mm, gc)
+
+
+def _refine_single(view: View, start: _Start, far_visible: bool, settings: DetectionSettings) -> ViewDetection | None:
+    """Least-squares refinement of the tip pixel, the in-plane angle and, when the far end
+    is in the image, the out-of-plane angle (a weak prior keeps it near its start; without
+    the far end it stays fixed: the image cannot show it); None if the result fails
+    verification."""
+    model, band = start.model, start.band
+    prior_rad = math.radians(20.0)
+    n = 4 if far_visible else 3
+
+    def pose(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        phi = start.phi + (p[3] if far_visible else 0.0)
+        return _single_view_pose(start.Kinv, start.tip_uv + p[:2], start.theta + p[2], phi, start.depth_mm)
+
+    def residuals(p: np.ndarray) -> np.ndarray:
+        r = _band_residual(band, *pose(p), model)
+        return np.append(r, p[3] / prior_rad) if far_visible else r
+
+    fit = least_squares(residuals, np.zeros(n), x_scale=np.array([1.0, 1.0, 0.02, 0.1])[:n],
+                        diff_step=1e-3, max_nfev=settings.max_iterations, ftol=1e-5, xtol=1e-5)
+    tip_cam, axis_cam = pose(fit.x)
+    gc, gain = _verify(view, band, tip_cam, axis_cam, model, settings)
+    if gc < settings.min_gradient_correlation or not settings.gain_range[0] <= gain <= settings.gain_range[1]:
+        return None
+    cov = _covariance(residuals, fit.x, np.array([0.05, 0.05, 1e-3, 1e-3])[:n])
+    tip_sigma = math.sqrt(max(float(np.trace(cov[:2, :2])) / 2.0, 0.0))
+    K = view.K
+    tip_fit = (K @ tip_cam)[:2] / tip_cam[2]
+    end_cam = tip_cam + model.length_mm * axis_cam
+    far_uv = (K @ end_cam)[:2] / end_cam[2]
+    return ViewDetection(model=model, tip_uv=tip_fit, direction_uv=_unit(tip_fit - far_uv), tip_cam=tip_cam,
+                         axis_cam=axis_cam, gradient_correlation=gc, gain=gain, tip_sigma_px=tip_sigma,
+                         far_uv=far_uv if far_visible else None)
+
+
+def _covariance(residuals, x: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """Parameter covariance of a least-squares solution ``x``: (J^T J)^-1 s^2, with J by
+    central differences of ``steps`` and s^2 the residual variance; inf when singular."""
+    r0 = residuals(x)
+    J = np.column_stack([(residuals(x + np.eye(len(x))[k] * h) - residuals(x - np.eye(len(x))[k] * h)) / (2 * h)
+                         for k, h in enumerate(steps)])
+    try:
+        return np.linalg.inv(J.T @ J) * float(r0 @ r0) / max(len(r0) - len(x), 1)
+    except np.linalg.LinAlgError:
+        return np.full((len(x), len(x)), np.inf)
+
+
+def _near_border(uv: np.ndarray, view: View, margin_px: float) -> bool:
+    return bool(uv[0] < margin_px or uv[1] < margin_px or uv[0] > view.width - 1 - margin_px
+                or uv[1] > view.height - 1 - margin_px)
+
+
+def _check_inputs(image: np.ndarray, view: View, models) -> None:
+    if not isinstance(view, View):
+        raise DetectionError(f"view must be a View, got {type(view).__name__}")
+    if np.ndim(image) != 2 or image.shape != view.shape:
+        raise DetectionError(f"image of shape {np.shape(image)} does not match its view "
+                             f"({view.width}x{view.height})")
+    if not models or not all(isinstance(m, InstrumentModel) for m in models):
+        raise DetectionError("models must be a non-empty sequence of InstrumentModel")
+
+
+def detect_in_view(image: np.ndarray, view: View, models: list[InstrumentModel] | tuple[InstrumentModel, ...],
+                   focus_world: np.ndarray, *, settings: DetectionSettings | None = None) -> list[ViewDetection]:
+    """The instruments found in one registered view, best first.
+
+    ``image``: line-integral-like (bone bright, ``preprocess``); ``view``: its registered
+    geometry; ``models``: the instruments that may be present (each candidate gets the
+    best-fitting one); ``focus_world``: a point of the anatomy in CT coordinates (e.g. the
+    registered vertebra's centre): its depth seeds the fit, and of a segment's two ends,
+    the tip is one not at the image border and nearer the focus's projection.
+    """
+    settings = settings or DetectionSettings()
+    _check_inputs(image, view, models)
+    focus_cam = transform_points(view.T_cam_from_world, np.asarray(focus_world, float))
+    depth = float(focus_cam[2])
+    if depth <= 0:
+        raise DetectionError("the focus point lies behind the X-ray source")
+    focus_uv = (view.K @ focus_cam)[:2] / depth
+    image = np.nan_to_num(np.asarray(image, dtype=np.float32))
+    found: list[ViewDetection] = []
+    width = max(_projected_width_px(view, m, depth) for m in models)
+    residual = anatomy_residual(image, width)
+    grads = (cv2.Sobel(residual, cv2.CV_32F, 1, 0, ksize=3) / 8.0,
+             cv2.Sobel(residual, cv2.CV_32F, 0, 1, ksize=3) / 8.0)
+    noise = _noise_sigma(residual)
+    peak = min(m.mu_per_mm * m.diameter_mm for m in models)
+    candidates = propose_segments(residual, min(_projected_width_px(view, m, depth) for m in models), peak,
+                                  min_length_px=settings.min_length_px, max_candidates=settings.max_candidates)
+    margin = TIP_MARGIN_PX
+    for a, b in candidates:
+        ends = sorted((a, b), key=lambda e: (_near_border(e, view, margin), np.linalg.norm(e - focus_uv)))
+        tip_uv, far_uv = ends
+        if _near_border(tip_uv, view, margin):
+            continue
+        if any(np.linalg.norm(d.tip_uv - tip_uv) < 6.0 and abs(d.direction_uv @ _unit(tip_uv - far_uv)) > 0.99
+               for d in found):
+            continue
+        far_visible = not _near_border(far_uv, view, FAR_END_MARGIN_PX)
+        starts = [_start(view, residual, grads, noise, model, tip_uv, far_uv, far_visible, depth, settings)
+                  for model in models]
+        starts = [st for st in starts if st is not None]
+        if not starts:
+            continue
+        start = max(starts, key=lambda st: st.gradient_correlation)
+        if start.gradient_correlation < settings.min_gradient_correlation - 0.15:
+            continue
+        best = _refine_single(view, start, far_visible, settings)
+        if best is None:
+            continue
+        if any(np.linalg.norm(d.tip_uv - best.tip_uv) < 6.0 and d.direction_uv @ best.direction_uv > 0.99
+               for d in found):
+            continue
+        found.append(best)
+    found.sort(key=lambda d: -d.gradient_correlation)
+    return found
+
+
+# ------------------------------------------------------------------------------------ 3D
+
+
+def _bone_depth(bone: Volume, bone_level: float, source: np.ndarray, ray: np.ndarray, around_mm: float,
+                span_mm: float = 200.0, step_mm: float = 0.5, posterior_tolerance_mm: float = 10.0
+                ) -> tuple[float, float] | None:
+    """(distance from the source, 1-sigma) of the most posterior bone surface (largest
+    world y, LPS) along a world ray, searched within ``span_mm`` around ``around_mm``; None
+    when the ray meets no bone. The sigma combines the bone run's length (the tip may be
+    anywhere inside it, uniform) and the spread of the other runs whose posterior surface
+    lies within ``posterior_tolerance_mm`` of it (a ray nearly parallel to the coronal
+    plane, as in a lateral view, cannot tell them apart)."""
+    s = np.arange(max(around_mm - span_mm / 2, 0.0), around_mm + span_mm / 2, step_mm)
+    points = source + s[:, None] * ray
+    ijk = np.round(bone.world_to_index(points)).astype(int)
+    ok = np.all((ijk >= 0) & (ijk < np.array(bone.size_ijk)), axis=1)
+    inside = np.zeros(len(s), bool)
+    inside[ok] = bone.data[ijk[ok, 2], ijk[ok, 1], ijk[ok, 0]] > bone_level
+    if not inside.any():
+        return None
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], inside.astype(int), [0]])))
+    runs = []
+    for first, last in zip(edges[::2], edges[1::2] - 1):
+        i = first if points[first, 1] >= points[last, 1] else last
+        runs.append((points[i, 1], s[i], (last - first + 1) * step_mm))
+    y_best, distance, length = max(runs)
+    plausible = [r[1] for r in runs if r[0] >= y_best - posterior_tolerance_mm]
+    sigma = math.sqrt(length ** 2 / 12.0 + float(np.var(plausible)))
+    return float(distance), sigma
+
+
+def single_view_estimate(detection: ViewDetection, view: View, *, focus_world: np.ndarray,
+                         bone: Volume | None = None, bone_level: float = 0.0,
+                         settings: DetectionSettings | None = None) -> InstrumentEstimate:
+    """CT pose of an instrument seen in one view: the tip on its fitted ray, at the depth
+    of the most posterior bone surface along that ray in ``bone`` (voxels above
+    ``bone_level``, e.g. a label map or a bone attenuation volume; a posterior approach
+    docks there), or at the focus point's depth without ``bone``. ``depth_sigma_mm``: see
+    ``_bone_depth``, or ``settings.depth_sigma_mm`` without bone; the axis keeps the in-plane direction exactly, its
+    out-of-plane angle only as the foreshortening shows it."""
+    settings = settings or DetectionSettings()
+    source, rays = backproject(view.K, view.T_cam_from_world, detection.tip_uv[None])
+    ray = rays[0]
+    focus_distance = float(np.linalg.norm(np.asarray(focus_world, float) - source))
+    found = None if bone is None else _bone_depth(bone, bone_level, source, ray, focus_distance)
+    if found is None:
+        distance, depth_sigma = focus_distance, settings.depth_sigma_mm
+    else:
+        distance, depth_sigma = found[0], max(found[1], 1.0)
+    tip_world = source + distance * ray
+    R_world_from_cam = invert_rigid(view.T_cam_from_world)[:3, :3]
+    axis_world = -_unit(R_world_from_cam @ detection.axis_cam)
+    mm_per_px = distance / max(view.K[0, 0], view.K[1, 1])
+    return InstrumentEstimate(model=detection.model, tip_world=tip_world, axis_world=axis_world, n_views=1,
+                              score=detection.gradient_correlation,
+                              tip_sigma_mm=detection.tip_sigma_px * mm_per_px, depth_sigma_mm=depth_sigma,
+                              axis_sigma_deg=90.0, detections=(detection,))
+
+
+def _triangulate(detections: list[ViewDetection], views: list[View]) -> tuple[np.ndarray, np.ndarray]:
+    """(tip_world, axis_world tip -> handle) from one detection per view: the axis is the
+    direction closest to all back-projected planes (source, tip ray, shaft), the tip the
+    point closest to all tip rays; the axis's sign makes its projections run from the tip
+    towards the handle as the images show (a single view's out-of-plane sign is not known)."""
+    normals, A, rhs = [], np.zeros((3, 3)), np.zeros(3)
+    for det, view in zip(detections, views):
+        R = invert_rigid(view.T_cam_from_world)[:3, :3]
+        source, rays = backproject(view.K, view.T_cam_from_world, det.tip_uv[None])
+        normals.append(_unit(R @ np.cross(det.tip_cam, det.axis_cam)))
+        P = np.eye(3) - np.outer(rays[0], rays[0])
+        A += P
+        rhs += P @ source
+    axis = np.linalg.svd(np.array(normals))[2][-1]
+    tip = np.linalg.solve(A, rhs)
+    agreement = 0.0
+    for det, view in zip(detections, views):
+        shown = project(view.P, np.array([tip, tip + 10.0 * axis]))
+        agreement += float((shown[1] - shown[0]) @ -det.direction_uv)
+    return tip, (axis if agreement >= 0 else -axis)
+
+
+def _refine_multi(views: list[View], bands: list[_Band], tip0: np.ndarray, axis0: np.ndarray,
+                  model: InstrumentModel) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Joint least-squares fit over the views of (tip_world, axis_world tip -> handle);
+    returns them and the 5x5 covariance of (tip mm, axis tilts rad)."""
+    b1 = _unit(np.cross(axis0, np.eye(3)[int(np.argmin(np.abs(axis0)))]))
+    b2 = np.cross(axis0, b1)
+
+    def pose(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return tip0 + p[:3], _unit(axis0 + p[3] * b1 + p[4] * b2)
+
+    def residuals(p: np.ndarray) -> np.ndarray:
+        tip, axis = pose(p)
+        out = []
+        for view, band in zip(views, bands):
+            T = view.T_cam_from_world
+            out.append(_band_residual(band, T[:3, :3] @ tip + T[:3, 3], T[:3, :3] @ axis, model))
+        return np.concatenate(out)
+
+    fit = least_squares(residuals, np.zeros(5), x_scale=np.array([0.5, 0.5, 0.5, 0.01, 0.01]),
+                        diff_step=1e-3, max_nfev=80)
+    cov = _covariance(residuals, fit.x, np.array([0.05, 0.05, 0.05, 1e-4, 1e-4]))
+    tip, axis = pose(fit.x)
+    return tip, axis, cov
+
+
+def _multi_view_estimate(detections: list[ViewDetection], views: list[View], residuals: list[np.ndarray],
+                         focus_world: np.ndarray, settings: DetectionSettings) -> InstrumentEstimate:
+    model = detections[0].model
+    tip0, axis0 = _triangulate(detections, views)
+    far0 = tip0 + model.length_mm * axis0
+    if np.linalg.norm(far0 - focus_world) < np.linalg.norm(tip0 - focus_world):
+        # The tip is the end in the anatomy: an instrument's handle stays outside.
+        tip0, axis0 = far0, -axis0
+    bands = []
+    for det, view, residual in zip(detections, views, residuals):
+        T = view.T_cam_from_world
+        tip_cam = T[:3, :3] @ tip0 + T[:3, 3]
+        end_cam = tip_cam + model.length_mm * (T[:3, :3] @ axis0)
+        tip_uv = (view.K @ tip_cam)[:2] / tip_cam[2]
+        end_uv = (view.K @ end_cam)[:2] / end_cam[2] if end_cam[2] > 1.0 else tip_uv - 1e3 * det.direction_uv
+        half_width = _projected_width_px(view, model, tip_cam[2]) / 2.0 + 3.0 * settings.blur_sigma_px + 4.0
+        grads = (np.zeros_like(residual), np.zeros_like(residual))
+        band = _band(view, residual, grads, _noise_sigma(residual), tip_uv, end_uv, half_width, settings)
+        if band is None:
+            raise DetectionError("the triangulated instrument leaves a view")
+        bands.append(band)
+    tip, axis, cov = _refine_multi(views, bands, tip0, axis0, model)
+    tip_sigma = math.sqrt(max(float(np.trace(cov[:3, :3])) / 3.0, 0.0))
+    axis_sigma = math.degrees(math.sqrt(max(float(cov[3, 3] + cov[4, 4]) / 2.0, 0.0)))
+    return InstrumentEstimate(model=model, tip_world=tip, axis_world=-axis, n_views=len(views),
+                              score=min(d.gradient_correlation for d in detections), tip_sigma_mm=tip_sigma,
+                              depth_sigma_mm=tip_sigma, axis_sigma_deg=axis_sigma, detections=tuple(detections))
+
+
+def _end_hypotheses(a: ViewDetection, b: ViewDetection) -> list[tuple[ViewDetection, ViewDetection]]:
+    """The pairings of two views' detections worth trying: as found, and with the tip and
+    far end swapped in a view where both ends are visible (tried only when the pairing as
+    found does not match)."""
+    out = [(a, b)]
+    if a.far_uv is not None:
+        out.append((a.swapped(), b))
+    if b.far_uv is not None:
+        out.append((a, b.swapped()))
+    return out
+
+
+def _ray_distance(det_a: ViewDetection, view_a: View, det_b: ViewDetection, view_b: View) -> float:
+    """Closest distance (mm) between the two detections' tip rays."""
+    sa, ra = backproject(view_a.K, view_a.T_cam_from_world, det_a.tip_uv[None])
+    sb, rb = backproject(view_b.K, view_b.T_cam_from_world, det_b.tip_uv[None])
+    n = np.cross(ra[0], rb[0])
+    if np.linalg.norm(n) < 1e-9:
+        return float(np.linalg.norm(np.cross(sb - sa, ra[0])))
+    return float(abs((sb - sa) @ n) / np.linalg.norm(n))
+
+
+def detect_instruments(images: list[np.ndarray], views: list[View],
+                       models: list[InstrumentModel] | tuple[InstrumentModel, ...], *, focus_world: np.ndarray,
+                       bone: Volume | None = None, bone_level: float = 0.0,
+                       settings: DetectionSettings | None = None) -> list[InstrumentEstimate]:
+    """The instruments in one or more registered views of one moment, in CT coordinates.
+
+    ``images``: line-integral-like (``preprocess``), one per ``views`` entry (each with its
+    registered ``T_cam_from_world``). Detections are matched across views by their tip
+    rays (closest approach under ``settings.match_distance_mm``, same model); a match in
+    two or more views is triangulated and refined jointly, an instrument seen in one view
+    only gets the single-view estimate (depth from ``bone``, see
+    ``single_view_estimate``). Returns [] when no instrument is found.
+    """
+    settings = settings or DetectionSettings()
+    if len(images) != len(views) or not views:
+        raise DetectionError(f"need one image per view; got {len(images)} images and {len(views)} views")
+    per_view = [detect_in_view(im, v, models, focus_world, settings=settings) for im, v in zip(images, views)]
+    used = [set() for _ in views]
+    estimates = []
+    for i, dets in enumerate(per_view):
+        for a, det in enumerate(dets):
+            if a in used[i]:
+                continue
+            used[i].add(a)
+            group, group_views, group_index = [det], [views[i]], [i]
+            for j in range(i + 1, len(views)):
+                options = []
+                for b, other in enumerate(per_view[j]):
+                    if b in used[j] or other.model.name != det.model.name:
+                        continue
+                    for mine, theirs in _end_hypotheses(group[0], other):
+                        distance = _ray_distance(mine, views[i], theirs, views[j])
+                        options.append((distance, b, mine, theirs))
+                        if distance <= settings.match_distance_mm:
+                            break
+                options = [o for o in options if o[0] <= settings.match_distance_mm]
+                if options:
+                    _, b, mine, theirs = min(options, key=lambda o: o[0])
+                    used[j].add(b)
+                    group[0] = mine
+                    group.append(theirs)
+                    group_views.append(views[j])
+                    group_index.append(j)
+            det = group[0]
+            if len(group) == 1:
+                estimates.append(single_view_estimate(det, views[i], focus_world=focus_world, bone=bone,
+                                                      bone_level=bone_level, settings=settings))
+                continue
+            residuals = []
+            for j in group_index:
+                depth = float(transform_points(views[j].T_cam_from_world, np.asarray(focus_world, float))[2])
+                residuals.append(anatomy_residual(np.nan_to_num(np.asarray(images[j], np.float32)),
+                                                  _projected_width_px(views[j], det.model, depth)))
+            estimates.append(_multi_view_estimate(group, group_views, residuals, np.asarray(focus_world, float),
+                                                  settings))
+    return estimates

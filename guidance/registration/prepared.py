@@ -1,0 +1,302 @@
+"""A CT prepared once for many 2D/3D registrations, and its disk cache.
+
+Preparation maps HU to linear attenuation, keeps bone only, crops to the bone's
+bounding box and builds a volume pyramid (Gaussian pre-filter, isotropic coarser
+grids) with the label map on every pyramid level, the rotation centres (bone
+centroids of the whole CT and of every label) and the spine axis and vertebral
+height used to try starts one level up and down.
+
+A prepared CT is saved with ``np.savez`` (arrays and a JSON header, no pickled
+objects) under a name derived from a hash of the CT's voxels and geometry, the label
+map and the settings that shape the pyramid. A file whose stored hash or format
+version does not match, or that fails to load, is rebuilt, never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from guidance.core.drr import DrrVolume, prepare_volume
+from guidance.core.errors import GuidanceError
+from guidance.core.volume import Volume, VolumeError, hu_to_attenuation, resample, volume_from_sitk, volume_to_sitk
+
+__all__ = [
+    "CACHE_ENV",
+    "PREPARED_FORMAT",
+    "PrepareSettings",
+    "PreparedCT",
+    "default_cache_dir",
+    "prepare_ct",
+    "load_or_prepare",
+]
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "GUIDANCE_CACHE_DIR"
+PREPARED_FORMAT = "guidance.prepared_ct/1"
+LABEL_MARGIN_VOXELS = 1  # a vertebra's coarse volume keeps this many voxels around its label (smoothed edges)
+
+
+class PreparedCTError(GuidanceError):
+    """A CT that cannot be prepared (no bone above the threshold, label grid mismatch)."""
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    """The settings that shape a prepared CT (all part of its cache key).
+
+    ``bone_threshold_hu``: voxels below are dropped (None keeps all); ``energy_kev``:
+    effective energy of the HU -> attenuation map; ``pyramid_spacings_mm``: isotropic
+    spacings of the smoothed coarse volumes (the native bone volume is always level 0);
+    ``vertebra_height_mm``: the spine's repeat distance when no label map gives it.
+    """
+
+    bone_threshold_hu: float | None = 150.0
+    energy_kev: float = 60.0
+    pyramid_spacings_mm: tuple[float, ...] = (1.0, 2.0, 4.0)
+    vertebra_height_mm: float = 30.0
+
+
+@dataclass(frozen=True)
+class PreparedCT:
+    """Bone attenuation volumes, finest first, with labels, centres and the spine axis.
+
+    ``volumes[0]`` is the native grid cropped to the bone (plus margin), the others the
+    coarser ``spacings_mm``; ``labels[n]`` is the label map on ``volumes[n]``'s grid
+    (None without labels). ``centres`` maps a label id (-1 for the whole CT) to the
+    bone centroid (world mm). ``spine_axis_world`` is a unit vector (world) along the
+    spine, ``vertebra_height_mm`` its repeat distance. ``key`` identifies the inputs,
+    ``prepare_s`` is how long building or loading took, ``from_cache`` which one it was.
+    """
+
+    volumes: tuple[DrrVolume, ...]
+    spacings_mm: tuple[float, ...]
+    labels: tuple[np.ndarray | None, ...]
+    centres: dict[int, np.ndarray]
+    spine_axis_world: np.ndarray
+    vertebra_height_mm: float
+    key: str
+    prepare_s: float = 0.0
+    from_cache: bool = False
+
+    def centre(self, label: int | None) -> np.ndarray:
+        """Bone centroid (world mm) of a label, or of the whole CT for None."""
+        key = -1 if label is None else int(label)
+        if key not in self.centres:
+            raise VolumeError(f"label {label} is not present in the label map")
+        return self.centres[key]
+
+    def pyramid_index(self, spacing_mm: float) -> int:
+        """Index of the coarsest volume whose spacing is at most ``spacing_mm`` (0 if none)."""
+        fits = [n for n, s in enumerate(self.spacings_mm) if s <= spacing_mm * 1.0001]
+        return max(fits, key=lambda n: self.spacings_mm[n]) if fits else 0
+
+    def volume(self, index: int, label: int | None = None) -> DrrVolume:
+        """Rendering volume of pyramid level ``index``: all bone, or one label's bone
+        (plus ``LABEL_MARGIN_VOXELS``), cropped to it."""
+        dv = self.volumes[index]
+        if label is None:
+            return dv
+        labels = self.labels[index]
+        if labels is None:
+            raise PreparedCTError("per-vertebra registration needs a label map")
+        keep = labels == int(label)
+        if not keep.any():
+            raise VolumeError(f"label {label} is not present in the label map")
+        keep = ndimage.binary_dilation(keep, iterations=LABEL_MARGIN_VOXELS)
+        mu = dv.mu
+        only = Volume(np.where(keep, mu, 0.0).astype(np.float32), dv.T_world_from_index, "mu_per_mm")
+        return prepare_volume(only, margin_mm=float(self.spacings_mm[index]), step_mm=dv.step_mm)
+
+
+def default_cache_dir() -> Path:
+    """``$GUIDANCE_CACHE_DIR``, else ``$XDG_CACHE_HOME/guidance``, else ``~/.cache/guidance``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "guidance"
+
+
+def cache_key(ct: Volume, labels: Volume | None, settings: PrepareSettings) -> str:
+    """Hex digest of the CT voxels and geometry, the label map and the settings."""
+    h = hashlib.blake2b(digest_size=20)
+    h.update(PREPARED_FORMAT.encode())
+    for volume in (ct, labels):
+        if volume is None:
+            h.update(b"none")
+            continue
+        data = np.ascontiguousarray(volume.data)
+        h.update(f"{data.dtype.str}{data.shape}".encode())
+        h.update(np.asarray(volume.T_world_from_index, dtype=np.float64).tobytes())
+        h.update(memoryview(data).cast("B"))
+    h.update(repr(settings).encode())
+    return h.hexdigest()
+
+
+def _smoothed(volume: Volume, spacing_mm: float) -> Volume:
+    """Gaussian pre-filter (sigma half the new spacing) and resample to an isotropic grid."""
+    image = sitk.SmoothingRecursiveGaussian(volume_to_sitk(volume), 0.5 * spacing_mm)
+    coarse = resample(volume_from_sitk(image, units=volume.units), spacing=(spacing_mm,) * 3, default_value=0.0)
+    return coarse.with_data(np.clip(coarse.data, 0.0, None).astype(np.float32))
+
+
+def _labels_on(labels: Volume, dv: DrrVolume) -> np.ndarray:
+    """The label map resampled (nearest) onto a rendering volume's grid, uint16 [k, j, i]."""
+    ni, nj, nk = dv.size_ijk
+    grid = Volume(np.zeros((nk, nj, ni), np.float32), dv.T_world_from_index, "label")
+    on = resample(labels, spacing=tuple(grid.spacing), size=(ni, nj, nk), origin=grid.origin,
+                  direction=grid.direction, interpolation="nearest", default_value=0.0)
+    return np.rint(on.data).astype(np.uint16)
+
+
+def _centroid(dv: DrrVolume, weights: np.ndarray) -> np.ndarray:
+    kk, jj, ii = np.nonzero(weights > 0)
+    w = weights[kk, jj, ii].astype(np.float64)
+    ijk = np.array([np.average(ii, weights=w), np.average(jj, weights=w), np.average(kk, weights=w)])
+    return dv.T_world_from_index[:3, :3] @ ijk + dv.T_world_from_index[:3, 3]
+
+
+def _spine(ct: Volume, centres: dict[int, np.ndarray], default_height_mm: float) -> tuple[np.ndarray, float]:
+    """Spine axis (unit, world) and vertebral height (mm): from the centres of adjacent
+    labels when there are at least two, else the CT's slice axis and the default."""
+    ids = sorted(k for k in centres if k >= 0)
+    steps = [centres[b] - centres[a] for a, b in zip(ids, ids[1:]) if b == a + 1]
+    if not steps:
+        return ct.direction[:, 2] / np.linalg.norm(ct.direction[:, 2]), float(default_height_mm)
+    points = np.array([centres[i] for i in ids])
+    _, _, vt = np.linalg.svd(points - points.mean(axis=0))
+    return vt[0], float(np.median([np.linalg.norm(s) for s in steps]))
+
+
+def prepare_ct(
+    ct: Volume, labels: Volume | None = None, settings: PrepareSettings | None = None, *, key: str | None = None
+) -> PreparedCT:
+    """Build a prepared CT from a CT in HU and an optional label map on its grid
+    (``key``: its ``cache_key`` when already computed)."""
+    t0 = time.perf_counter()
+    s = settings or PrepareSettings()
+    if labels is not None and labels.data.shape != ct.data.shape:
+        raise VolumeError(f"labels grid {labels.data.shape} differs from the CT grid {ct.data.shape}")
+    mu = hu_to_attenuation(ct, energy_kev=s.energy_kev)
+    if s.bone_threshold_hu is not None:
+        mu = mu.with_data(np.where(ct.data >= s.bone_threshold_hu, mu.data, 0.0).astype(np.float32))
+    if not (mu.data > 0).any():
+        raise PreparedCTError(f"no voxel of the CT reaches the bone threshold of {s.bone_threshold_hu} HU")
+    base = prepare_volume(mu, margin_mm=3.0)
+    volumes, spacings = [base], [float(base.volume.spacing.min())]
+    base_mu = base.volume
+    for spacing in sorted(s.pyramid_spacings_mm):
+        if spacing > spacings[0] * 1.01:
+            volumes.append(prepare_volume(_smoothed(base_mu, spacing), crop=False))
+            spacings.append(float(spacing))
+    label_maps = tuple(None if labels is None else _labels_on(labels, dv) for dv in volumes)
+    centres = {-1: _centroid(base, base_mu.data)}
+    if labels is not None:
+        for label in np.unique(label_maps[0]):
+            if label > 0:
+                centres[int(label)] = _centroid(base, np.where(label_maps[0] == label, base_mu.data, 0.0))
+    axis, height = _spine(ct, centres, s.vertebra_height_mm)
+    return PreparedCT(volumes=tuple(volumes), spacings_mm=tuple(spacings), labels=label_maps, centres=centres,
+                      spine_axis_world=axis, vertebra_height_mm=height, key=key or cache_key(ct, labels, s),
+                      prepare_s=time.perf_counter() - t0)
+
+
+def save_prepared(prepared: PreparedCT, path: str | Path) -> None:
+    """Write a prepared CT as one ``.npz`` (written to a temporary name, then renamed)."""
+    path = Path(path)
+    header = {
+        "format": PREPARED_FORMAT,
+        "key": prepared.key,
+        "spacings_mm": list(prepared.spacings_mm),
+        "vertebra_height_mm": prepared.vertebra_height_mm,
+        "volumes": [{"mu_scale": dv.mu_scale, "size_ijk": list(dv.size_ijk), "step_mm": dv.step_mm,
+                     "brick_voxels": dv.brick_voxels} for dv in prepared.volumes],
+        "has_labels": prepared.labels[0] is not None,
+    }
+    arrays = {"header": np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
+              "centre_ids": np.array(sorted(prepared.centres), dtype=np.int64),
+              "centres": np.array([prepared.centres[k] for k in sorted(prepared.centres)]),
+              "spine_axis_world": prepared.spine_axis_world}
+    for n, dv in enumerate(prepared.volumes):
+        arrays[f"codes_{n}"] = dv.codes
+        arrays[f"T_world_from_index_{n}"] = dv.T_world_from_index
+        arrays[f"occupancy_{n}"] = dv.occupancy
+        arrays[f"nonzero_box_ijk_{n}"] = dv.nonzero_box_ijk
+        if prepared.labels[n] is not None:
+            arrays[f"labels_{n}"] = prepared.labels[n]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def load_prepared(path: str | Path, key: str) -> PreparedCT:
+    """Read a prepared CT written by ``save_prepared``; PreparedCTError when the file
+    does not hold the prepared CT of ``key`` in this format."""
+    with np.load(path, allow_pickle=False) as f:
+        header = json.loads(f["header"].tobytes().decode())
+        if header.get("format") != PREPARED_FORMAT or header.get("key") != key:
+            raise PreparedCTError(f"{path}: format {header.get('format')!r} or key does not match")
+        volumes, labels = [], []
+        for n, meta in enumerate(header["volumes"]):
+            T = np.array(f[f"T_world_from_index_{n}"], dtype=np.float64)
+            codes = np.array(f[f"codes_{n}"])
+            ni, nj, nk = meta["size_ijk"]
+            if codes.shape != (nk + 1, nj + 1, ni + 1) or codes.dtype != np.uint16:
+                raise PreparedCTError(f"{path}: volume {n} has shape {codes.shape}, not {(nk + 1, nj + 1, ni + 1)}")
+            volumes.append(DrrVolume(codes=codes, mu_scale=float(meta["mu_scale"]), size_ijk=(ni, nj, nk),
+                                     T_world_from_index=T, T_index_from_world=np.linalg.inv(T),
+                                     step_mm=float(meta["step_mm"]), occupancy=np.array(f[f"occupancy_{n}"]),
+                                     nonzero_box_ijk=np.array(f[f"nonzero_box_ijk_{n}"]),
+                                     brick_voxels=int(meta["brick_voxels"])))
+            labels.append(np.array(f[f"labels_{n}"]) if header["has_labels"] else None)
+        centres = {int(k): np.array(c, dtype=np.float64) for k, c in zip(f["centre_ids"], f["centres"])}
+        axis = np.array(f["spine_axis_world"], dtype=np.float64)
+    return PreparedCT(volumes=tuple(volumes), spacings_mm=tuple(float(s) for s in header["spacings_mm"]),
+                      labels=tuple(labels), centres=centres, spine_axis_world=axis,
+                      vertebra_height_mm=float(header["vertebra_height_mm"]), key=key, from_cache=True)
+
+
+def load_or_prepare(
+    ct: Volume,
+    labels: Volume | None = None,
+    settings: PrepareSettings | None = None,
+    *,
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
+) -> PreparedCT:
+    """The prepared CT from ``cache_dir`` (default ``default_cache_dir()``) when a valid
+    file is there, else built (and saved). An unreadable, stale or corrupt file is
+    logged and rebuilt; a cache that cannot be written is logged and skipped."""
+    t0 = time.perf_counter()
+    s = settings or PrepareSettings()
+    if not use_cache:
+        return prepare_ct(ct, labels, s)
+    key = cache_key(ct, labels, s)
+    path = Path(cache_dir if cache_dir is not None else default_cache_dir()) / f"prepared_ct_{key}.npz"
+    if path.exists():
+        try:
+            prepared = load_prepared(path, key)
+            return _with_time(prepared, time.perf_counter() - t0)
+        except Exception as exc:  # any failure to read the file means: rebuild it
+            log.warning("prepared CT cache %s unusable (%s): rebuilding it", path, exc)
+    prepared = prepare_ct(ct, labels, s, key=key)
+    try:
+        save_prepared(prepared, path)
+    except OSError as exc:
+        log.warning("cannot write the prepared CT cache %s: %s", path, exc)
+    return _with_time(prepared, time.perf_counter() - t0)
+
+
+def _with_time(prepared: PreparedCT, prepare_s: float) -> PreparedCT:
+    return replace(prepared, prepare_s=prepare_s)

@@ -1,0 +1,104 @@
+"""Prepared CT: the pyramid, centres and spine axis, and the disk cache (hit equals a fresh
+preparation; a stale or corrupt file is rebuilt, never used)."""
+
+import numpy as np
+import pytest
+
+from guidance.registration.prepared import (
+    CACHE_ENV, PrepareSettings, default_cache_dir, load_or_prepare, prepare_ct,
+)
+from sim.phantom import make_phantom
+
+SETTINGS = PrepareSettings(pyramid_spacings_mm=(4.0, 8.0))
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return make_phantom(seed=0, spacing_mm=2.0)
+
+
+def _same(a, b):
+    assert a.key == b.key and a.spacings_mm == b.spacings_mm
+    for va, vb in zip(a.volumes, b.volumes):
+        np.testing.assert_array_equal(va.codes, vb.codes)
+        np.testing.assert_array_equal(va.T_world_from_index, vb.T_world_from_index)
+        assert (va.mu_scale, va.size_ijk, va.step_mm) == (vb.mu_scale, vb.size_ijk, vb.step_mm)
+        np.testing.assert_array_equal(va.occupancy, vb.occupancy)
+        np.testing.assert_array_equal(va.nonzero_box_ijk, vb.nonzero_box_ijk)
+    for la, lb in zip(a.labels, b.labels):
+        np.testing.assert_array_equal(la, lb)
+    assert sorted(a.centres) == sorted(b.centres)
+    for k in a.centres:
+        np.testing.assert_array_equal(a.centres[k], b.centres[k])
+    np.testing.assert_array_equal(a.spine_axis_world, b.spine_axis_world)
+    assert a.vertebra_height_mm == b.vertebra_height_mm
+
+
+def test_pyramid_centres_and_spine(phantom):
+    prepared = prepare_ct(phantom.ct, phantom.labels, SETTINGS)
+    assert prepared.spacings_mm == (2.0, 4.0, 8.0)  # native bone volume, then the coarse ones
+    assert prepared.volumes[0].size_ijk[0] < phantom.ct.size_ijk[0]  # cropped to the bone
+    # Every level carries the labels; the whole-CT centre lies between the vertebrae's.
+    assert all(lab is not None and set(np.unique(lab)) - {0} for lab in prepared.labels)
+    ids = [phantom.levels[n] for n in ("L1", "L2", "L3", "L4", "L5")]
+    centres = np.array([prepared.centre(i) for i in ids])
+    assert np.linalg.norm(prepared.centre(None) - centres.mean(axis=0)) < 15.0
+    # Spine axis along the centres, vertebral height = distance between neighbours.
+    steps = np.linalg.norm(np.diff(centres, axis=0), axis=1)
+    assert prepared.vertebra_height_mm == pytest.approx(np.median(steps))
+    direction = (centres[-1] - centres[0]) / np.linalg.norm(centres[-1] - centres[0])
+    assert abs(direction @ prepared.spine_axis_world) > 0.95
+    assert prepared.pyramid_index(5.0) == 1 and prepared.pyramid_index(100.0) == 2 and prepared.pyramid_index(1.0) == 0
+    one = prepared.volume(1, ids[2])
+    assert one.size_ijk[2] < prepared.volumes[1].size_ijk[2]  # one vertebra, cropped
+
+
+def test_cache_hit_equals_fresh_preparation_and_corrupt_file_is_rebuilt(phantom, tmp_path, caplog):
+    fresh = prepare_ct(phantom.ct, phantom.labels, SETTINGS)
+    first = load_or_prepare(phantom.ct, phantom.labels, SETTINGS, cache_dir=tmp_path)
+    assert not first.from_cache
+    files = list(tmp_path.glob("*.npz"))
+    assert len(files) == 1 and fresh.key in files[0].name
+    hit = load_or_prepare(phantom.ct, phantom.labels, SETTINGS, cache_dir=tmp_path)
+    assert hit.from_cache
+    _same(hit, fresh)
+    # Corrupt the file: it is detected, rebuilt and rewritten.
+    files[0].write_bytes(files[0].read_bytes()[:1000])
+    rebuilt = load_or_prepare(phantom.ct, phantom.labels, SETTINGS, cache_dir=tmp_path)
+    assert not rebuilt.from_cache and "rebuilding" in caplog.text
+    _same(rebuilt, fresh)
+    assert load_or_prepare(phantom.ct, phantom.labels, SETTINGS, cache_dir=tmp_path).from_cache
+
+
+def test_stale_cache_file_is_not_used(phantom, tmp_path):
+    """A file under the right name whose stored key belongs to other inputs is rebuilt."""
+    other = make_phantom(seed=3, spacing_mm=2.0)
+    prepared = load_or_prepare(phantom.ct, phantom.labels, SETTINGS, cache_dir=tmp_path)
+    wrong = load_or_prepare(other.ct, other.labels, SETTINGS, cache_dir=tmp_path)
+    assert wrong.key != prepared.key
+    path = tmp_path / f"prepared_ct_{prepared.key}.npz"
+    path.write_bytes((tmp_path / f"prepared_ct_{wrong.key}.npz").read_bytes())
+    again = load_or_prepare(phantom.ct, phantom.labels, SETTINGS, cache_dir=tmp_path)
+    assert not again.from_cache
+    _same(again, prepare_ct(phantom.ct, phantom.labels, SETTINGS))
+
+
+def test_cache_key_follows_voxels_geometry_and_settings(phantom, tmp_path):
+    base = load_or_prepare(phantom.ct, None, SETTINGS, cache_dir=tmp_path)
+    changed = phantom.ct.with_data(phantom.ct.data + np.float32(1.0))
+    moved_T = phantom.ct.T_world_from_index.copy()
+    moved_T[0, 3] += 1.0
+    moved = type(phantom.ct)(phantom.ct.data, moved_T, "HU")
+    keys = {base.key,
+            load_or_prepare(changed, None, SETTINGS, cache_dir=tmp_path).key,
+            load_or_prepare(moved, None, SETTINGS, cache_dir=tmp_path).key,
+            load_or_prepare(phantom.ct, None, PrepareSettings(pyramid_spacings_mm=(4.0,)), cache_dir=tmp_path).key}
+    assert len(keys) == 4 and len(list(tmp_path.glob("*.npz"))) == 4
+
+
+def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "mine"))
+    assert default_cache_dir() == tmp_path / "mine"
+    monkeypatch.delenv(CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "guidance"
