@@ -173,7 +173,7 @@ def cmd_bench(args) -> int:
     if args.what == "igtl":
         from guidance.tools.bench_igtl import bench_igtl, format_igtl_table
 
-        rows = bench_igtl(duration_s=args.duration)
+        rows = bench_igtl(duration_s=args.duration or 120.0)
         print(format_igtl_table(rows))
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=2))
@@ -191,8 +191,8 @@ def cmd_bench(args) -> int:
 
         from guidance.tools.demo import DEMO_SHOTS
 
-        report = run_demo(args.out, duration_s=args.duration, with_display=False, print_rows=False, prerender=True,
-                          lead_shots=() if args.single_view else DEMO_SHOTS, speed=args.speed)
+        report = run_demo(args.out, duration_s=args.duration or 120.0, with_display=False, print_rows=False,
+                          prerender=True, lead_shots=() if args.single_view else DEMO_SHOTS, speed=args.speed)
         summary = report.summary()
         print(format_summary(summary))
         if args.json:
@@ -325,32 +325,67 @@ def _stop_on_signals():
     return stop
 
 
+def _add_security_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--keys", default="keys",
+                   help="CURVE key folder (from `run_guidance.py keys --out DIR`); default: ./keys")
+    p.add_argument("--plain", action="store_true",
+                   help="no authentication or encryption on the sockets (anyone on the host can listen or inject)")
+
+
+def _curve_keys(args, role: str):
+    """The role's CURVE keys from --keys, or None with --plain (said loudly)."""
+    if args.plain:
+        logging.getLogger("run_guidance").warning("%s: plain sockets (--plain): not authenticated, not encrypted",
+                                                  role)
+        return None
+    from guidance.live.keys import load_keys
+
+    return load_keys(args.keys, role)
+
+
+def cmd_keys(args) -> int:
+    from guidance.live.keys import make_keys
+
+    files = make_keys(args.out)
+    print(f"CURVE keys: {len(files) // 2} key pairs in {args.out} (give each process its .key_secret and "
+          f"the .key files)")
+    return 0
+
+
 def cmd_pipeline(args) -> int:
     from guidance.live.pipeline import Pipeline, PipelineSettings, run_pipeline
     from guidance.registration.register import Registrator
 
-    subject = _subject(args)
+    keys = _curve_keys(args, "pipeline")
     from calibration.files import read_calibration
     from guidance.live.calibrations import sort_calibrations
 
     calibrations = sort_calibrations([read_calibration(path) for path in args.calibration or []])
-    stop = _stop_on_signals()
     settings = PipelineSettings(level=args.level, overlay=args.overlay, distortion=calibrations.distortion,
                                 carm=calibrations.carm, pivots=calibrations.pivots,
-                                detect_instruments=tuple(args.detect_instruments))
-    registrator = Registrator(subject.ct, labels=subject.labels, cache_dir=args.cache_dir)
-    pipeline = Pipeline(registrator, plan=subject.plan, labels=subject.labels, ct=subject.ct, settings=settings)
+                                detect_instruments=tuple(args.detect_instruments), max_frame_px=args.max_frame_px)
+
+    def build(subject=None) -> Pipeline:  # runs while the pipeline already beats ("starting")
+        subject = subject or _subject(args)
+        registrator = Registrator(subject.ct, labels=subject.labels, cache_dir=args.cache_dir)
+        return Pipeline(registrator, plan=subject.plan, labels=subject.labels, ct=subject.ct, settings=settings)
+
+    stop = _stop_on_signals()
     print(f"pipeline: frames from {', '.join(args.frame_endpoints)}, results on {args.result_endpoint}", flush=True)
     bridge = None
-    if args.igtl_port is not None:
+    pipeline = build
+    if args.igtl_port is not None:  # the bridge needs the CT: built before serving
         from guidance.live.igtl import IgtlBridge
 
+        subject = _subject(args)
+        pipeline = build(subject)
         bridge = IgtlBridge(args.igtl_port, ct=subject.ct, plan=pipeline.plan, host=args.igtl_host,
                             image_hz=args.igtl_image_hz)
         print(f"pipeline: OpenIGTLink on {args.igtl_host}:{bridge.port}", flush=True)
     try:
-        stats = run_pipeline(pipeline, frame_endpoints=args.frame_endpoints, result_endpoint=args.result_endpoint,
-                             stop=stop, record_dir=args.record, sink=bridge)
+        stats = run_pipeline(pipeline, settings=settings, frame_endpoints=args.frame_endpoints,
+                             result_endpoint=args.result_endpoint, stop=stop, record_dir=args.record, sink=bridge,
+                             keys=keys)
     finally:
         if bridge is not None:
             bridge.close()
@@ -362,6 +397,7 @@ def cmd_display(args) -> int:
     from guidance.live.display import HeadlessWriter, WindowSink
     from guidance.live.display_client import run_display
 
+    keys = _curve_keys(args, "display")
     subject = _subject(args)
     sink = HeadlessWriter(args.out, every_n=args.every) if args.headless else WindowSink(fallback_dir=args.out)
     stop = _stop_on_signals()
@@ -373,7 +409,7 @@ def cmd_display(args) -> int:
         raise UsageError(f"--size must be WIDTHxHEIGHT in pixels, e.g. 1600x900; got {args.size!r}") from None
     stats = run_display(frame_endpoint=args.frame_endpoint, result_endpoint=args.result_endpoint, ct=subject.ct,
                         plan=subject.plan, labels=subject.labels, sink=sink, stop=stop, refresh_hz=args.fps,
-                        size=size)
+                        size=size, keys=keys, max_frame_px=args.max_frame_px)
     print(json.dumps(stats, indent=2))
     return 0
 
@@ -386,21 +422,22 @@ def _angle_pairs(texts: list[str] | None) -> list[tuple[float, float]]:
 def cmd_sim(args) -> int:
     from sim.stream import replay_recording, run_sim, run_video
 
+    keys = _curve_keys(args, "sim")
     stop = _stop_on_signals()
     if args.replay:
         stats = replay_recording(args.replay, frame_endpoint=args.frame_endpoint,
-                                 speed=None if args.fast else args.speed, stop=stop)
+                                 speed=None if args.fast else args.speed, stop=stop, keys=keys)
     elif args.dicom:
         from sim.stream import run_dicom_cine
 
         stats = run_dicom_cine(args.dicom, frame_endpoint=args.frame_endpoint, stop=stop, fps=args.fps,
-                               loop=args.loop, isocenter_world=args.isocenter, startup_s=args.startup)
+                               loop=args.loop, isocenter_world=args.isocenter, startup_s=args.startup, keys=keys)
     elif args.video is not None:
         if not args.view:
             raise UsageError("--video needs --view (the static geometry of the video frames)")
         source = int(args.video) if args.video.isdigit() else args.video
         stats = run_video(source, args.view, frame_endpoint=args.frame_endpoint, fps=args.fps, stop=stop,
-                          loop=args.loop)
+                          loop=args.loop, keys=keys)
     else:
         from sim.phantom import make_phantom
         from sim.scenario import Scenario
@@ -414,7 +451,8 @@ def cmd_sim(args) -> int:
         print(f"sim: {scenario.mode} {scenario.duration_s:.0f} s at {scenario.fps:g} fps on {args.frame_endpoint}",
               flush=True)
         stats = run_sim(scenario, phantom, frame_endpoint=args.frame_endpoint, speed=None if args.fast else args.speed,
-                        stop=stop, startup_s=args.startup, prerender=args.prerender, intraop_at_s=args.intraop_at)
+                        stop=stop, startup_s=args.startup, prerender=args.prerender, intraop_at_s=args.intraop_at,
+                        keys=keys)
     print(json.dumps(stats, indent=2))
     return 0
 
@@ -502,10 +540,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_render)
 
     p = command("bench", "benchmarks that print a table")
-    p.add_argument("what", choices=("drr", "latency", "register3d", "calibration", "igtl", "breach", "instruments"),
+    p.add_argument("what", choices=("drr", "latency", "register3d", "calibration", "igtl", "reliability", "breach",
+                                    "instruments"),
                    help="what to measure")
-    p.add_argument("--duration", type=float, default=120.0, help="latency, igtl: scenario length (s)")
-    p.add_argument("--out", default="out/bench_latency", help="latency: recording folder")
+    p.add_argument("--duration", type=float,
+                   help="latency, igtl: scenario length (s, default 120); reliability: memory phase (s, default 600)")
+    p.add_argument("--out", default="out/bench_latency", help="latency, reliability: output folder")
     p.add_argument("--speed", type=float, default=1.0,
                    help="latency: simulator pace (1.0 real time; lower on a machine too loaded to keep up)")
     p.add_argument("--single-view", action="store_true",
@@ -609,6 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "view from its tags (fps: --fps, else the file's FrameTime)")
     p.add_argument("--isocenter", type=float, nargs=3, default=(0.0, 0.0, 0.0), metavar=("X", "Y", "Z"),
                    help="--dicom: the C-arm isocentre in CT coordinates (LPS mm), the registration's first guess")
+    _add_security_arguments(p)
     p.set_defaults(func=cmd_sim)
 
     p = command("screens", "reference navigation screens from the simulator (no sockets), as PNG")
@@ -655,9 +696,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "(Slicer's default is 18944); default: off")
     p.add_argument("--igtl-host", default="127.0.0.1", help="OpenIGTLink address to bind (default loopback only)")
     p.add_argument("--igtl-image-hz", type=float, default=2.0, help="cap on fluoro IMAGE messages per second")
+    p.add_argument("--max-frame-px", type=int, default=2048,
+                   help="largest frame side accepted (pixels); bigger messages are refused by the socket")
     p.add_argument("--detect-instruments", nargs="*", default=[], metavar="MODEL",
                    help="instrument models (e.g. kwire) to find in the images while no tracker reports one; "
                    "published as image-derived instrument states")
+    _add_security_arguments(p)
     p.set_defaults(func=cmd_pipeline)
 
     p = command("display", "the navigation screen: fluoro + overlay, CT reslices at the tool tip")
@@ -671,7 +715,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=float, default=10.0, help="screen refresh rate (Hz)")
     p.add_argument("--size", default="1600x900", help="screen size WIDTHxHEIGHT in pixels")
     p.add_argument("--out", default="out/screens", help="PNG folder (headless, or without a display)")
+    p.add_argument("--max-frame-px", type=int, default=2048,
+                   help="largest frame side accepted (pixels); bigger messages are refused by the socket")
+    _add_security_arguments(p)
     p.set_defaults(func=cmd_display)
+
+    p = command("keys", "make CURVE key pairs for sim, pipeline, display and monitor")
+    p.add_argument("--out", required=True, help="new key folder (existing keys are never overwritten)")
+    p.set_defaults(func=cmd_keys)
     return parser
 
 

@@ -7,6 +7,9 @@ connects), publishes ``guidance.live.wire`` messages and, every ``heartbeat_s`` 
 waits on the caller's ``stop`` event (``stop.wait``), so setting it ends a source at
 once; nothing here installs signal handlers.
 
+With ``keys`` (the "sim" role's ``guidance.live.keys.CurveKeys``) the sockets use CURVE:
+only processes holding an accepted key receive anything.
+
 ZeroMQ PUB sockets drop what they send before a subscriber's subscription has arrived;
 ``startup_s`` delays the first message (sending heartbeats) so that subscribers that are
 already connecting receive everything. At the end a source waits ``LINGER_S`` (unless
@@ -28,6 +31,7 @@ import numpy as np
 import zmq
 
 from guidance.live import wire
+from guidance.live.keys import CurveKeys
 from guidance.live.recording import Record, read_recording, replay
 from guidance.live.transport import Publisher
 from guidance.core.dicom import read_xray_dicom
@@ -159,6 +163,7 @@ def run_sim(
     heartbeat_s: float = 0.5,
     startup_s: float = 0.0,
     prerender: bool = False,
+    keys: CurveKeys | None = None,
     intraop_at_s: float | None = None,
 ) -> dict:
     """Play ``scenario`` on ``phantom`` and publish it until its ``duration_s`` or ``stop``.
@@ -195,10 +200,10 @@ def run_sim(
     stats = {"frames": 0, "tracker_samples": 0, "skipped_ticks": 0, "render_ms_mean": 0.0, "render_ms_max": 0.0,
              "volumes": 0}
     with ExitStack() as stack:
-        frame_pub = stack.enter_context(Publisher(frame_endpoint))
+        frame_pub = stack.enter_context(Publisher(frame_endpoint, keys=keys))
         tracker_pub = frame_pub
         if tracker_endpoint not in (None, frame_endpoint):
-            tracker_pub = stack.enter_context(Publisher(tracker_endpoint))
+            tracker_pub = stack.enter_context(Publisher(tracker_endpoint, keys=keys))
         session = _Session(frame_pub, "sim", stop, heartbeat_s, stats)
         if session.start(startup_s):
             _play(session, _SimPublisher(player, frame_pub, tracker_pub, on_frame, stats, rendered, scan), speed)
@@ -326,6 +331,7 @@ def replay_recording(
     stop: threading.Event,
     heartbeat_s: float = 0.5,
     startup_s: float = 0.0,
+    keys: CurveKeys | None = None,
 ) -> dict:
     """Re-publish the "in" frames and tracker samples of a ``guidance.live.recording`` recording
     exactly as they were received (the recorded parts, byte for byte: same ``seq``,
@@ -339,7 +345,7 @@ def replay_recording(
     """
     _check_speed(speed)
     stats = {"published": 0, "skipped": 0, "malformed": 0}
-    with _VerbatimPublisher(frame_endpoint) as pub:
+    with _VerbatimPublisher(frame_endpoint, keys=keys) as pub:
         session = _Session(pub, "replay", stop, heartbeat_s, stats)
         if session.start(startup_s):
             for kind, _, parts in replay(_replayable(read_recording(directory), stats), speed, stop=stop):
@@ -426,6 +432,7 @@ def run_video(
     loop: bool = False,
     heartbeat_s: float = 0.5,
     startup_s: float = 0.0,
+    keys: CurveKeys | None = None,
 ) -> dict:
     """Publish the frames of a video file (path) or capture device (int) as "display"
     ``Frame``s (grey uint8) with the static geometry of the view file ``view_path``.
@@ -443,7 +450,7 @@ def run_video(
     try:
         grey = _first_frame(capture, source, view, view_path)
         period_s = _video_period_s(capture, source, fps)
-        with Publisher(frame_endpoint) as pub:
+        with Publisher(frame_endpoint, keys=keys) as pub:
             session = _Session(pub, "video", stop, heartbeat_s, stats)
             if session.start(startup_s):
                 while grey is not None and session.wait_for(stats["frames"], period_s):
@@ -472,6 +479,7 @@ def run_dicom_cine(
     isocenter_world=(0.0, 0.0, 0.0),
     heartbeat_s: float = 0.5,
     startup_s: float = 0.0,
+    keys: CurveKeys | None = None,
 ) -> dict:
     """Publish the frames of a (multi-frame) XA/RF DICOM file as live ``Frame``s, each with
     the view its tags give (``guidance.core.dicom.read_xray_dicom``, C-arm isocentre at
@@ -486,7 +494,7 @@ def run_dicom_cine(
     period_s = 1.0 / fps if fps is not None else (cine.frame_time_s or 1.0 / 15.0)
     frames = [f if f.dtype in (np.uint8, np.uint16) else f.astype(np.float32) for f in cine.frames]
     stats = {"frames": 0}
-    with Publisher(frame_endpoint) as pub:
+    with Publisher(frame_endpoint, keys=keys) as pub:
         session = _Session(pub, "dicom", stop, heartbeat_s, stats)
         if session.start(startup_s):
             while session.wait_for(stats["frames"], period_s):

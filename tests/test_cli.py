@@ -276,7 +276,7 @@ def test_bench_calibration(tmp_path, capsys):
 
 def test_sim_streams_a_short_scenario(capsys):
     code = run("sim", "--frame-endpoint", free_tcp_endpoint(), "--duration", "0.4", "--fps", "5", "--fast",
-               "--startup", "0", "--level", "28")
+               "--startup", "0", "--level", "28", "--plain")
     out = capsys.readouterr().out
     assert code == 0 and json.loads(out[out.index("{"):])["frames"] >= 2
 
@@ -284,12 +284,12 @@ def test_sim_streams_a_short_scenario(capsys):
 def test_pipeline_and_display_serve_until_stopped(tmp_path, capsys, restore_signals):
     frames, results = free_tcp_endpoint(), free_tcp_endpoint()
     stop_when_serving(0.5)
-    assert run("pipeline", "--frame-endpoints", frames, "--result-endpoint", results) == 0
+    assert run("pipeline", "--frame-endpoints", frames, "--result-endpoint", results, "--plain") == 0
     out = capsys.readouterr().out
     assert json.loads(out[out.index("{"):])["frames_processed"] == 0
     stop_when_serving(1.0)
     assert run("display", "--headless", "--frame-endpoint", frames, "--result-endpoint", results,
-               "--out", str(tmp_path / "screens")) == 0
+               "--out", str(tmp_path / "screens"), "--plain") == 0
     assert list((tmp_path / "screens").glob("screen_*.png"))
 
 

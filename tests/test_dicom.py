@@ -210,7 +210,7 @@ def test_sim_replays_a_dicom_cine_as_live_frames(tmp_path, phantom):
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         rc = run_guidance.main(["sim", "--dicom", str(path), "--frames", endpoint, "--fps", "30", "--startup", "0.5",
-                                "--isocenter", *(str(x) for x in phantom.ct.center_world())])
+                                "--isocenter", *(str(x) for x in phantom.ct.center_world()), "--plain"])
         received = []
         while (msg := sub.recv(1.0)) is not None:
             received.append(msg)

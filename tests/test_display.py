@@ -18,7 +18,7 @@ from guidance.core.geometry import make_rigid, project, rotation_about_axis, tra
 from guidance.navigation.overlay import COLOURS
 from guidance.core.views import carm_view
 from guidance.core.volume import Volume
-from guidance.live.wire import Frame, InstrumentState, PoseResult, TargetPose
+from guidance.live.wire import Frame, Heartbeat, InstrumentState, PoseResult, TargetPose
 
 T0 = 1_700_000_000.0
 VIEW = carm_view(detector_size_px=(128, 128), pixel_spacing_mm=(2.0, 2.0))
@@ -48,17 +48,19 @@ def frame(frame_id: int = 1) -> Frame:
     return Frame(frame_id=frame_id, acquired_ns=int(T0 * 1e9), view=VIEW, pixels=pixels)
 
 
-def pose(status: str = "ok", T=None) -> PoseResult:
+def pose(status: str = "ok", T=None, acquired_s: float = T0, frame_id: int = 1,
+         source: str = "pipeline") -> PoseResult:
     T = np.eye(4) if T is None and status == "ok" else T
-    return PoseResult(frame_id=1, status=status, reason="" if status == "ok" else "lost",
+    return PoseResult(frame_id=frame_id, status=status, reason="" if status == "ok" else "lost",
                       T_world_corrected_from_world=T, confidence=0.9, mode="tracking",
                       latency_ms={"total": 40.0}, level_poses={"L3": np.eye(4)},
-                      frame_acquired_ns=int(T0 * 1e9))
+                      frame_acquired_ns=int(acquired_s * 1e9), source=source)
 
 
-def instrument(status: str = "ok") -> InstrumentState:
+def instrument(status: str = "ok", acquired_s: float = 0.0) -> InstrumentState:
     return InstrumentState(frame_id=1, tool_id="kwire", tip_world=TIP, axis_world=AXIS,
-                           status=status, plan_level="L3", plan_side="left")
+                           status=status, plan_level="L3", plan_side="left", source="pipeline",
+                           acquired_ns=int(acquired_s * 1e9))
 
 
 def live_state(pose_status: str = "ok") -> NavigationState:
@@ -76,11 +78,67 @@ def test_status_waiting_ok_stale_invalid():
     assert state.status(T0 + 0.3) == "ok"
     assert state.status(T0 + 0.5) == "ok"
     assert state.status(T0 + 0.51) == "stale"
-    state.on_pose(pose("failed"), T0 + 1.0)
+    state.on_pose(pose("failed", acquired_s=T0 + 1.0), T0 + 1.0)
     assert state.status(T0 + 1.1) == "invalid"
     assert state.status(T0 + 2.0) == "stale"
-    state.on_pose(pose(), T0 + 2.0)
+    state.on_pose(pose(acquired_s=T0 + 2.0), T0 + 2.0)
     assert state.status(T0 + 2.1) == "ok"
+
+
+def test_stale_by_data_age_not_arrival():
+    """A pose that arrives now but was computed from a frame acquired 0.6 s ago (a slow
+    registration, or a replay) is stale on arrival; a fresh one is ok; a pose from the future
+    (clock error or forgery) is not current either."""
+    state = NavigationState()
+    state.on_pose(pose(acquired_s=T0 - 0.6), T0)
+    assert state.status(T0) == "stale" and state.data_age_s(T0) == pytest.approx(0.6)
+    state.on_pose(pose(acquired_s=T0 - 0.1), T0)
+    assert state.status(T0) == "ok"
+    assert state.status(T0 + 0.41) == "stale"  # the data behind it is now 0.51 s old
+    state.on_pose(pose(acquired_s=T0 + 5.0), T0)
+    assert state.status(T0) == "stale"
+
+
+def test_only_the_expected_publisher_is_believed():
+    state = NavigationState(expected_source="pipeline")
+    assert not state.on_pose(pose(source="intruder"), T0)
+    assert state.status(T0) == "waiting" and state.ignored == 1
+    assert state.on_pose(pose(), T0)
+    fake_instrument = InstrumentState(frame_id=1, tool_id="kwire", tip_world=TIP, axis_world=AXIS, status="ok",
+                                      source="intruder")
+    assert not state.on_instrument(fake_instrument, T0)
+    assert state.instrument is None and state.ignored == 2
+
+
+def test_heartbeat_watch_and_no_frames_and_fps_decay():
+    state = NavigationState()
+    assert state.pipeline_text(T0) == "pipeline: no heartbeat"
+    state.on_heartbeat(Heartbeat(role="pipeline", state="registering", source="pipeline"), T0)
+    assert state.pipeline_alive(T0 + 1.0) and state.pipeline_text(T0 + 1.0) == "pipeline: registering"
+    assert not state.pipeline_alive(T0 + 2.0) and state.pipeline_text(T0 + 2.0) == "PIPELINE LOST 2.0 s"
+    assert state.no_frames(T0)
+    for n in range(31):
+        state.on_frame(frame(n), T0 + n / 15)
+    now = T0 + 2.0
+    assert state.fps(now) == pytest.approx(15.0, abs=0.6) and not state.no_frames(now)
+    assert state.fps(now + 1.0) == pytest.approx(7.5, abs=0.6)  # frames stopped: the rate decays
+    assert state.fps(now + 2.1) == 0.0 and state.no_frames(now + 2.1)
+    screen = compose_screen(state, CT, PLAN, now + 2.1, size=(640, 360))
+    assert screen.shape == (360, 640, 3)
+
+
+def test_pose_drawn_only_over_its_own_frame():
+    state = NavigationState()
+    state.on_frame(frame(1), T0)
+    state.on_pose(pose(T=make_rigid(np.eye(3), [3.0, 0, 0])), T0 + 0.05)
+    state.on_frame(frame(2), T0 + 0.07)  # a newer frame arrives before its pose
+    assert state.pose_frame().frame_id == 1
+    assert state.registered_view() is not None
+    state.on_pose(pose(frame_id=99), T0 + 0.08)  # the pose's frame never arrived here
+    assert state.pose_frame() is None and state.registered_view() is None
+    layout = screen_layout((1280, 720))
+    screen = compose_screen(state, CT, PLAN, T0 + 0.1)
+    assert count_colour(pane(screen, layout, "fluoro"), COLOURS["left"]) == 0  # no overlay
 
 
 def test_stale_after_is_configurable():
@@ -95,12 +153,15 @@ def test_instrument_visible_only_with_current_ok_pose_and_fresh_state():
     state = live_state()
     assert state.visible_instrument(T0 + 0.1) is not None
     assert state.visible_instrument(T0 + 0.6) is None  # pose and instrument stale
-    state.on_pose(pose(), T0 + 0.6)
+    state.on_pose(pose(acquired_s=T0 + 0.6), T0 + 0.6)
     assert state.visible_instrument(T0 + 0.61) is None  # instrument stale alone
-    state.on_instrument(instrument("not_visible"), T0 + 0.6)
+    state.on_instrument(instrument("not_tracked"), T0 + 0.6)
     assert state.visible_instrument(T0 + 0.61) is None
-    state.on_instrument(instrument(), T0 + 0.6)
-    state.on_pose(pose("failed"), T0 + 0.62)
+    state.on_instrument(instrument(acquired_s=T0 - 0.5), T0 + 0.6)  # arrived now, acquired long ago
+    assert state.visible_instrument(T0 + 0.61) is None
+    state.on_instrument(instrument(acquired_s=T0 + 0.55), T0 + 0.6)
+    assert state.visible_instrument(T0 + 0.61) is not None
+    state.on_pose(pose("failed", acquired_s=T0 + 0.6), T0 + 0.62)
     assert state.visible_instrument(T0 + 0.63) is None
 
 

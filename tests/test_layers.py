@@ -27,7 +27,7 @@ ALLOWED: dict[str, set[str]] = {
     "sim": {"guidance.core", "sim"},
     # The simulator's streamer publishes live messages, so it may use the wire and transport.
     "sim.stream": {"guidance.core", "sim", "guidance.live.wire", "guidance.live.transport",
-                   "guidance.live.recording"},
+                   "guidance.live.recording", "guidance.live.keys"},
 }
 FIRST_PARTY = ("guidance", "sim", "calibration", "run_guidance")
 # Third-party packages a layer must not touch (sockets stay out of the maths).

@@ -4,6 +4,7 @@ the next good frame is served, restarts survived, display states, record and rep
 import json
 import threading
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,8 +13,8 @@ import zmq
 from guidance.live.display import HeadlessWriter
 from guidance.live.display_client import run_display
 from guidance.core.geometry import invert_rigid, make_rigid, rotation_about_axis, transform_points
-from guidance.live.pipeline import Pipeline, PipelineSettings, run_pipeline
-from guidance.live.recording import read_recording
+from guidance.live.pipeline import Pipeline, PipelineSettings, TrackerHistory, run_pipeline
+from guidance.live.recording import QUARANTINE_FILE, read_recording, read_segment
 from guidance.registration.register import Registrator
 from guidance.live.transport import Publisher, Subscriber, free_tcp_endpoint
 from guidance.core.views import carm_view, view_to_dict
@@ -107,12 +108,12 @@ def test_instrument_mapped_into_ct(registrator, frames, phantom):
     tip_world = entry + 10.0 * direction
     T_world_from_tool = make_rigid(R_world_from_tool, tip_world - R_world_from_tool @ model.tip_offset_tool)
 
-    def sample(tool, T_world_from_x):
+    def sample(tool, T_world_from_x, acquired_ns=frame.acquired_ns):
         return TrackerSample(tool_id=tool, T_tracker_from_tool=T_tracker_from_cam @ actual @ T_world_from_x,
-                             quality=0.1, acquired_ns=time.time_ns())
+                             quality=0.1, acquired_ns=acquired_ns)
 
     pipeline.on_tracker(TrackerSample(tool_id="carm", T_tracker_from_tool=T_tracker_from_cam, quality=0.0,
-                                      acquired_ns=time.time_ns()))
+                                      acquired_ns=frame.acquired_ns))
     pipeline.on_tracker(sample("reference", T_world_from_reference))
     assert pipeline.on_tracker(sample("kwire", T_world_from_tool)) == []  # not registered yet
     (pose,) = pipeline.on_frame(frame)
@@ -124,6 +125,49 @@ def test_instrument_mapped_into_ct(registrator, frames, phantom):
     assert np.linalg.norm(state.tip_world - tip_world) < 4.0
     assert state.angle_to_trajectory_deg < 2.0
     assert state.depth_along_trajectory_mm == pytest.approx(10.0, abs=4.0)
+    assert state.acquired_ns == frame.acquired_ns
+    # Pairing by acquisition time: a reading 15 ms after the last reference sample pairs with
+    # it; one 30 ms after it (beyond the 20 ms tolerance) is not tracked rather than paired
+    # with that old reference, until a reference sample acquired with it arrives.
+    later = frame.acquired_ns + 15_000_000
+    (state,) = pipeline.on_tracker(sample("kwire", T_world_from_tool, later))
+    assert state.status == "ok" and state.acquired_ns == later
+    too_late = frame.acquired_ns + 30_000_000
+    (state,) = pipeline.on_tracker(sample("kwire", T_world_from_tool, too_late))
+    assert state.status == "not_tracked" and state.tip_world is None
+    assert pipeline.stats.instruments_not_tracked == 1
+    moved = make_rigid(np.eye(3), [0.0, 0.0, 5.0])  # the patient (and reference) moved 5 mm
+    out = pipeline.on_tracker_samples([sample("reference", moved @ T_world_from_reference, too_late),
+                                       sample("kwire", moved @ T_world_from_tool, too_late)])
+    (state,) = [m for m in out if m.kind == "instrument_state"]  # the reference also brings the target poses
+    assert state.status == "ok" and np.linalg.norm(state.tip_world - tip_world) < 4.0
+    # The instrument's own reference pose (acquired with it) wins over any separate sample.
+    own = TrackerSample(tool_id="kwire", T_tracker_from_tool=T_tracker_from_cam @ actual @ T_world_from_tool,
+                        T_tracker_from_reference=T_tracker_from_cam @ actual @ T_world_from_reference,
+                        quality=0.1, acquired_ns=frame.acquired_ns + 10**9)
+    (state,) = pipeline.on_tracker(own)
+    assert state.status == "ok" and np.linalg.norm(state.tip_world - tip_world) < 4.0
+
+
+def test_tracker_history_pairs_nearest_in_time_and_stays_bounded():
+    history = TrackerHistory(keep_s=1.0, max_per_tool=100)
+
+    def s(tool, t_ms):
+        return TrackerSample(tool_id=tool, T_tracker_from_tool=np.eye(4), quality=0.0, acquired_ns=int(t_ms * 1e6))
+
+    for t in (0, 10, 20, 30):
+        history.add(s("reference", t))
+    assert history.nearest("reference", 14_000_000, 5_000_000).acquired_ns == 10_000_000
+    assert history.nearest("reference", 16_000_000, 5_000_000).acquired_ns == 20_000_000
+    assert history.nearest("reference", 40_000_000, 5_000_000) is None  # newest is 10 ms away
+    assert history.nearest("carm", 0, 10**9) is None
+    for t in range(1000):
+        history.add(s("reference", 100 + t * 5))
+    assert history.nearest("reference", 0, 10**10).acquired_ns >= 100_000_000 + 799 * 5_000_000  # 1 s kept
+    assert len(history._samples["reference"]) <= 100
+    for i in range(100):
+        history.add(s(f"tool{i}", 0))
+    assert len(history.latest_per_tool()) == 64
 
 
 def _align(axis_tool):
@@ -162,7 +206,12 @@ class Loop:
         assert not self.thread.is_alive()
 
 
-def wait_for(sub, predicate, timeout_s=20.0):
+WAIT_S = 180.0
+"""Longest wait for a result: a first global registration takes seconds on an idle machine,
+minutes on a loaded one; waits end as soon as the result arrives."""
+
+
+def wait_for(sub, predicate, timeout_s=WAIT_S):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         msg = sub.recv(0.2)
@@ -171,7 +220,7 @@ def wait_for(sub, predicate, timeout_s=20.0):
     raise AssertionError("message did not arrive in time")
 
 
-def send_until(pub, frame, sub, predicate, timeout_s=20.0):
+def send_until(pub, frame, sub, predicate, timeout_s=WAIT_S):
     """Publish ``frame`` (again every 0.5 s, slow joiners miss the first) until a match."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -188,8 +237,8 @@ def is_pose_for(frame_id):
     return lambda m: isinstance(m, PoseResult) and m.frame_id == frame_id
 
 
-def test_malformed_input_is_rejected_and_the_next_good_frame_served(registrator, frames, phantom):
-    loop = Loop(registrator, phantom.plan)
+def test_malformed_input_is_rejected_and_the_next_good_frame_served(tmp_path, registrator, frames, phantom):
+    loop = Loop(registrator, phantom.plan, record_dir=tmp_path / "rec")
     pipeline = loop.start()
     ctx = zmq.Context.instance()
     raw = ctx.socket(zmq.PUB)
@@ -216,12 +265,12 @@ def test_malformed_input_is_rejected_and_the_next_good_frame_served(registrator,
         # Wrong geometry: a view that looks away from the CT decodes fine but is rejected.
         away = frames[0].view.with_pose(frames[0].view.T_cam_from_world @ make_rigid(np.eye(3), [500.0, 0, 0]))
         wrong_geometry = Frame(frame_id=50, acquired_ns=time.time_ns(), view=away, pixels=frames[0].pixels)
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + WAIT_S
         seen_geometry = None
         while time.monotonic() < deadline and seen_geometry is None:
             for parts in malformed:
                 raw.send_multipart(parts)
-            raw.send_multipart([b"frame", *encode(wrong_geometry)])
+            raw.send_multipart([b"frame", *encode(replace(wrong_geometry, stamp_ns=time.time_ns()))])
             end = time.monotonic() + 0.5
             while time.monotonic() < end and seen_geometry is None:
                 msg = results.recv(0.1)
@@ -229,10 +278,10 @@ def test_malformed_input_is_rejected_and_the_next_good_frame_served(registrator,
                     seen_geometry = msg
         assert seen_geometry is not None and seen_geometry.status == "failed"
         assert "wrong geometry" in seen_geometry.reason
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + WAIT_S
         pose = None
         while pose is None and time.monotonic() < deadline:
-            raw.send_multipart([b"frame", *good])
+            raw.send_multipart([b"frame", *encode(replace(frames[0], stamp_ns=time.time_ns()))])
             end = time.monotonic() + 0.5
             while time.monotonic() < end and pose is None:
                 msg = results.recv(0.1)
@@ -246,6 +295,11 @@ def test_malformed_input_is_rejected_and_the_next_good_frame_served(registrator,
         results.close()
         loop.halt()
     assert pipeline.stats.frames_rejected >= 1
+    # Only valid messages are recorded; the refused ones, with their reasons, are quarantined.
+    for direction, _, parts in read_recording(tmp_path / "rec"):
+        decode(parts)
+    reasons = [parts[0].decode() for _, _, parts in read_segment(tmp_path / "rec" / QUARANTINE_FILE)]
+    assert len(reasons) >= 6 and any("unsupported version 99" in r for r in reasons)
 
 
 def test_a_setup_error_is_not_reported_as_a_bad_frame(phantom, frames):
@@ -264,7 +318,15 @@ def test_pipeline_and_sim_restarts_are_survived(registrator, frames, phantom):
     results = Subscriber(loop.result_endpoint)
     pub = Publisher(loop.frame_endpoint)
     try:
-        send_until(pub, frames[0], results, is_pose_for(1))
+        # Heartbeats from the start, telling the truth: no frames yet, then registering
+        # while the first (global) registration runs, then tracking.
+        wait_for(results, lambda m: m.kind == "heartbeat" and m.state == "no_frames")
+        seen = []
+        send_until(pub, replace(frames[0], acquired_ns=time.time_ns()), results,
+                   lambda m: seen.append(m) or is_pose_for(1)(m))
+        states = [m.state for m in seen if m.kind == "heartbeat"]
+        assert "registering" in states
+        wait_for(results, lambda m: m.kind == "heartbeat" and m.state == "tracking")
         loop.halt()  # the pipeline goes away ...
         loop.start()  # ... and comes back on the same endpoints
         send_until(pub, frames[1], results, is_pose_for(2))
@@ -289,20 +351,20 @@ def test_display_shows_stale_and_invalid(tmp_path, phantom, frames):
     thread.start()
     ok = PoseResult(frame_id=1, status="ok", reason="converged", T_world_corrected_from_world=np.eye(4),
                     views=[{"T_cam_from_world": frames[0].view.T_cam_from_world}], confidence=0.9,
-                    mode="tracking", frame_acquired_ns=time.time_ns())
+                    mode="tracking", frame_acquired_ns=time.time_ns(), source="pipeline")
     failed = PoseResult(frame_id=2, status="failed", reason="similarity below threshold", confidence=0.0,
-                        mode="global", frame_acquired_ns=time.time_ns())
+                        mode="global", frame_acquired_ns=time.time_ns(), source="pipeline")
     try:
         t_end = time.monotonic() + 1.5
         while time.monotonic() < t_end:  # fresh poses: ok
             frame_pub.send(frames[0])
-            result_pub.send(ok)
+            result_pub.send(replace(ok, frame_acquired_ns=time.time_ns()))
             time.sleep(0.05)
         stop_ok = time.monotonic()
         time.sleep(1.2)  # the pipeline went quiet: stale
         t_end = time.monotonic() + 1.0
         while time.monotonic() < t_end:  # failures: invalid
-            result_pub.send(failed)
+            result_pub.send(replace(failed, frame_acquired_ns=time.time_ns()))
             time.sleep(0.05)
         assert time.monotonic() - stop_ok > 1.0
     finally:
@@ -379,6 +441,35 @@ def test_overlay_is_published_as_png_of_the_frame(registrator, frames, phantom):
     assert (np.ptp(picture.astype(int), axis=2) > 40).sum() > 50
 
 
+def test_a_slow_start_beats_starting_then_no_frames(registrator, phantom):
+    """Built by a factory (loading a CT takes a while), the pipeline beats from its first
+    loop: "starting" until it is built, then "no_frames" while no frame comes."""
+    frame_endpoint, result_endpoint = free_tcp_endpoint(), free_tcp_endpoint()
+    release, stop = threading.Event(), threading.Event()
+
+    def build():
+        release.wait(20)
+        return Pipeline(registrator, plan=phantom.plan)
+
+    results = Subscriber(result_endpoint)
+    thread = threading.Thread(target=run_pipeline, args=(build,), kwargs=dict(
+        settings=PipelineSettings(), frame_endpoints=[frame_endpoint], result_endpoint=result_endpoint, stop=stop,
+        heartbeat_s=0.1), daemon=True)
+    thread.start()
+    try:
+        wait_for(results, lambda m: m.kind == "heartbeat" and m.state == "starting")
+        release.set()
+        wait_for(results, lambda m: m.kind == "heartbeat" and m.state == "no_frames")
+    finally:
+        release.set()
+        stop.set()
+        thread.join(timeout=10)
+        results.close()
+    assert not thread.is_alive()
+    with pytest.raises(ValueError, match="needs its settings"):
+        run_pipeline(build, frame_endpoints=[frame_endpoint], result_endpoint=result_endpoint, stop=stop)
+
+
 def test_instruments_found_in_the_image_without_a_tracker(phantom, registrator):
     """With detection on and no instrument tracked, the K-wire found in the registered frame
     is published as an image-derived instrument state near its true tip (in-plane: the
@@ -408,3 +499,29 @@ def test_instruments_found_in_the_image_without_a_tracker(phantom, registrator):
     pipeline.on_tracker(TrackerSample(tool_id="kwire", T_tracker_from_tool=np.eye(4), quality=0.1,
                                       acquired_ns=time.time_ns()))
     assert not any(isinstance(m, InstrumentState) for m in pipeline.on_frame(frame))
+
+
+def test_a_skipped_frame_is_kept_as_a_shot_with_the_samples_of_its_acquisition(frames, registrator, phantom):
+    """A frame skipped for a newer one (a new orientation) becomes a shot tracked by the
+    C-arm and reference samples acquired nearest to it, not by the latest ones; without
+    samples within the tolerance it is kept untracked."""
+    pipeline = Pipeline(registrator, plan=phantom.plan)
+    frame = replace(frames[0], acquired_ns=10**12)
+    at_frame = {"carm": make_rigid(np.eye(3), [1.0, 2.0, 3.0]), "reference": make_rigid(np.eye(3), [0.0, 5.0, 0.0])}
+    later = {tool: make_rigid(np.eye(3), [9.0, 0.0, 0.0]) @ T for tool, T in at_frame.items()}
+    pipeline.on_tracker_samples([TrackerSample(tool_id=tool, T_tracker_from_tool=poses[tool], quality=0.1,
+                                               acquired_ns=ns)
+                                 for ns, poses in ((frame.acquired_ns - 5_000_000, at_frame),
+                                                   (frame.acquired_ns + 60_000_000, later)) for tool in poses])
+    pipeline.on_skipped_frame(frame)
+    (shot,) = pipeline.shots.book.shots
+    assert shot.frame_id == frame.frame_id and shot.tracked
+    np.testing.assert_array_equal(shot.T_tracker_from_cam, at_frame["carm"])
+    np.testing.assert_array_equal(shot.T_tracker_from_reference, at_frame["reference"])
+    untracked = Pipeline(registrator, plan=phantom.plan)
+    untracked.on_tracker_samples([TrackerSample(tool_id=tool, T_tracker_from_tool=T, quality=0.1,
+                                                acquired_ns=frame.acquired_ns + 60_000_000)
+                                  for tool, T in later.items()])
+    untracked.on_skipped_frame(frame)
+    (shot,) = untracked.shots.book.shots
+    assert not shot.tracked

@@ -6,14 +6,16 @@ import time
 
 import pytest
 
-from guidance.live import wire
+from guidance.live import recording, wire
 from guidance.live.recording import (
     RECORDING_SCHEMA,
     Recorder,
     RecordingError,
     read_manifest,
     read_recording,
+    read_segment,
     replay,
+    segment_files,
 )
 
 RECORDS = [
@@ -41,10 +43,36 @@ def test_round_trip(tmp_path, fsync):
     assert isinstance(decoded, wire.Heartbeat)
 
 
-def test_existing_session_is_never_overwritten(tmp_path):
+def test_a_restart_appends_a_segment_and_never_overwrites(tmp_path):
     _record(tmp_path)
-    with pytest.raises(FileExistsError):
-        Recorder(tmp_path)
+    first = (tmp_path / "session.rec").read_bytes()
+    with Recorder(tmp_path, source="restarted") as rec:
+        assert rec.segment.name == "session.1.rec"
+        rec.write("in", [b"after restart"], 2_000_000_000)
+    assert (tmp_path / "session.rec").read_bytes() == first
+    assert [p.name for p in segment_files(tmp_path)] == ["session.rec", "session.1.rec"]
+    assert list(read_recording(tmp_path)) == RECORDS + [("in", 2_000_000_000, [b"after restart"])]
+    manifest = read_manifest(tmp_path)
+    assert [(s["file"], s["source"]) for s in manifest["segments"]] == [("session.rec", "test"),
+                                                                        ("session.1.rec", "restarted")]
+    with pytest.raises(RecordingError, match="no session.rec"):
+        list(read_recording(tmp_path / "nothing"))
+
+
+def test_quarantine_is_clipped_and_bounded(tmp_path, monkeypatch):
+    monkeypatch.setattr(recording, "QUARANTINE_MAX_BYTES", 20_000)
+    with Recorder(tmp_path) as rec:
+        assert rec.quarantine([b"frame"], "too few parts", 5)
+        assert rec.quarantine([b"x" * 100_000] * 1100, "1100 parts", 6)
+        while rec.quarantine([b"y" * 3000], "filler", 7):
+            pass
+        assert rec.quarantine_full == 1 and rec.records == 0
+    stored = list(read_segment(tmp_path / recording.QUARANTINE_FILE))
+    assert stored[0] == ("in", 5, [b"too few parts", b"frame"])
+    assert stored[1][2][0] == b"1100 parts" and len(stored[1][2]) == 1 + recording.QUARANTINE_PARTS
+    assert all(len(p) == recording.QUARANTINE_PART_BYTES for p in stored[1][2][1:])
+    assert (tmp_path / recording.QUARANTINE_FILE).stat().st_size <= 20_000
+    assert list(read_recording(tmp_path)) == []
 
 
 def test_write_checks_arguments(tmp_path):

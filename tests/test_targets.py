@@ -101,9 +101,9 @@ def test_pipeline_publishes_breach_targets_and_guide_alignment(phantom):
     pipeline.last_ok = True
     T_tracker_from_world = T_TRACKER_FROM_REFERENCE @ T_REFERENCE_FROM_WORLD
 
-    def sample(tool, T_world_from_tool, ns):
+    def sample(tool, T_world_from_tool, ns):  # with the reference acquired with it (paired by acquisition time)
         return TrackerSample(tool_id=tool, T_tracker_from_tool=T_tracker_from_world @ T_world_from_tool,
-                             quality=0.1, acquired_ns=ns)
+                             quality=0.1, acquired_ns=ns, T_tracker_from_reference=T_TRACKER_FROM_REFERENCE)
 
     targets = pipeline.on_tracker(TrackerSample(tool_id="reference", T_tracker_from_tool=T_TRACKER_FROM_REFERENCE,
                                                 quality=0.1, acquired_ns=10**9))

@@ -176,8 +176,8 @@ def _reject(parts, match):
 def test_short_and_long_multipart():
     parts = encode(EXAMPLES["frame_uint16"])
     _reject([], "too few parts")
-    _reject(parts[:1], "frame: too few parts")
-    _reject(parts + [b"extra"], "frame: too many parts")
+    _reject(parts[:1], "frame from .sim.: too few parts")
+    _reject(parts + [b"extra"], "frame from .sim.: too many parts")
     _reject("not a list", "too few parts")
 
 
@@ -218,7 +218,7 @@ def test_wrong_shape_and_nbytes():
     _reject([parts[0], parts[1][:-2]], "part has 766 bytes, its descriptor says 768")
     header = _header(parts)
     header["buffers"][0]["shape"] = [H * W]
-    _reject(_with_header(parts, header), "must be a 2-D image")
+    _reject(_with_header(parts, header), "must be a non-empty 2-D image")
     header = _header(parts)
     header["buffers"] = []
     _reject(_with_header(parts, header), "header lists 0 buffers")
@@ -278,7 +278,7 @@ def test_non_rigid_and_nan_poses():
     parts = encode(EXAMPLES["tracker_sample"])
     header = _header(parts)
     header["T_tracker_from_tool"][0][0] *= 1.1
-    _reject(_with_header(parts, header), "tracker_sample: 'T_tracker_from_tool' rotation")
+    _reject(_with_header(parts, header), "tracker_sample from .tracker.: .T_tracker_from_tool. rotation")
     header = _header(parts)
     header["T_tracker_from_tool"][3] = [0.0, 0.0, 1.0, 1.0]
     _reject(_with_header(parts, header), "last row")
@@ -312,7 +312,7 @@ def test_non_rigid_and_nan_poses():
 ])
 def test_ill_typed_fields(change, match):
     parts = encode(EXAMPLES["pose_result_ok"])
-    _reject(_with_header(parts, {**_header(parts), **change}), "pose_result: " + match)
+    _reject(_with_header(parts, {**_header(parts), **change}), "pose_result from .pipeline.: " + match)
 
 
 def test_missing_fields():
@@ -355,3 +355,111 @@ def test_heartbeat_stats_checks():
 def test_encode_rejects_unregistered_objects():
     with pytest.raises(WireError, match="not a registered message kind"):
         encode(wire.Message())
+
+
+# ---------------------------------------------------------------------------------------
+# Hostile input: the cases a reliability probe found, then a seeded fuzz
+
+
+def _set_path(header, path, value):
+    target = header
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    return header
+
+
+@pytest.mark.parametrize("path, value, match", [
+    (("view", "pixel_spacing_mm"), ["a", "b"], "frame from 'sim': bad view geometry: 'view'"),
+    (("view", "I0"), [1, 2], "frame from 'sim': bad view geometry"),
+    (("view", "source_to_detector_mm"), 10 ** 400, "frame from 'sim': bad view geometry"),
+    (("buffers", 0, "shape"), [1] * 70, "frame from 'sim': buffer 0: shape must be a list of at most 4"),
+    (("buffers", 0, "shape"), [2 ** 63, 0], "frame from 'sim': 'buffer 0 shape' must be <="),
+    (("acquired_ns",), 2 ** 64, "frame from 'sim': 'acquired_ns' must be <="),
+    (("ground_truth", "T_cam_from_world"), [[10 ** 400] * 4] * 4, "'ground_truth.T_cam_from_world' must be"),
+])
+def test_probe_cases_are_wire_errors_naming_kind_sender_and_field(path, value, match):
+    parts = encode(EXAMPLES["frame_uint16"])
+    header = _set_path(_header(parts), path, value)
+    with pytest.raises(WireError, match=match) as info:
+        decode([json.dumps(header).encode(), *parts[1:]])
+    assert (info.value.kind, info.value.sender) == ("frame", "sim")
+
+
+def test_empty_image_and_huge_strings_are_refused():
+    parts = encode(EXAMPLES["frame_uint8_no_gt"])
+    header = _header(parts)
+    header["buffers"][0].update(shape=[0, 24], nbytes=0, crc32=0)
+    _reject([json.dumps(header).encode(), b""], "non-empty 2-D image")
+    parts = encode(EXAMPLES["heartbeat"])
+    _reject(_with_header(parts, {**_header(parts), "state": "x" * 5000}), "'state' is longer than 4096")
+
+
+_JUNK = [None, True, -1, 0, 2 ** 63, 2 ** 64, -(2 ** 70), 1e308, 0.5, "", "a", "x" * 5000, [], [1, 2],
+         ["a", "b"], [[1] * 4] * 4, [[[0]]] * 3, {}, {"a": 1}, {"T_cam_from_world": 1}, [1] * 70]
+
+
+def _leaves(value, path=()):
+    """Every (path, value) of a JSON tree, containers included."""
+    yield path, value
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _leaves(v, path + (k,))
+    elif isinstance(value, list) and len(value) <= 8:
+        for i, v in enumerate(value):
+            yield from _leaves(v, path + (i,))
+
+
+def _mutate(rng, parts):
+    """One random corruption of an encoded message: header JSON edits, byte flips,
+    truncation, part count or type changes, or pure noise."""
+    parts = list(parts)
+    choice = rng.integers(8)
+    if choice <= 2:  # replace a value somewhere in the header by junk
+        header = _header(parts)
+        leaves = list(_leaves(header))[1:]
+        path, _ = leaves[rng.integers(len(leaves))]
+        _set_path(header, path, _JUNK[rng.integers(len(_JUNK))])
+        parts[0] = json.dumps(header).encode()
+    elif choice == 3:  # drop or add a header key
+        header = _header(parts)
+        keys = list(header)
+        if rng.random() < 0.5:
+            header.pop(keys[rng.integers(len(keys))])
+        else:
+            header[f"k{rng.integers(5)}"] = _JUNK[rng.integers(len(_JUNK))]
+        parts[0] = json.dumps(header).encode()
+    elif choice == 4:  # flip bytes in a part
+        i = int(rng.integers(len(parts)))
+        data = bytearray(parts[i])
+        for _ in range(int(rng.integers(1, 4))):
+            if data:
+                data[rng.integers(len(data))] = int(rng.integers(256))
+        parts[i] = bytes(data)
+    elif choice == 5:  # truncate a part
+        i = int(rng.integers(len(parts)))
+        parts[i] = parts[i][: int(rng.integers(len(parts[i]) + 1))]
+    elif choice == 6:  # too few / too many / non-bytes parts
+        parts = [parts[:-1], parts + [b"x"], parts + parts, [None, *parts[1:]], [3.5]][rng.integers(5)]
+    else:  # noise
+        parts = [rng.bytes(int(rng.integers(0, 64))) for _ in range(int(rng.integers(1, 4)))]
+    return parts
+
+
+def test_fuzz_decode_only_ever_raises_wire_error():
+    """Thousands of random and mutated messages (seeded): each decodes to a valid message
+    that re-encodes to itself, or raises WireError, never anything else."""
+    rng = np.random.default_rng(20240611)
+    encoded = [encode(m) for m in EXAMPLES.values()]
+    accepted = rejected = 0
+    for _ in range(4000):
+        parts = _mutate(rng, encoded[rng.integers(len(encoded))])
+        try:
+            msg = decode(parts)
+        except WireError as exc:
+            assert str(exc)
+            rejected += 1
+            continue
+        assert decode(encode(msg)).kind == msg.kind
+        accepted += 1
+    assert rejected > 3000 and accepted > 0  # the fuzz both breaks messages and leaves some valid

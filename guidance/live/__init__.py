@@ -1,1 +1,2 @@
-"""The live application: wire messages, ZeroMQ transport, recording, pipeline, display client."""
+"""The live application: wire messages, ZeroMQ transport (CURVE keys, throttled logging),
+recording, pipeline, display client."""

@@ -5,11 +5,16 @@ decoded messages (``guidance.live.wire`` Frame, PoseResult, InstrumentState) wit
 arrival times, ``compose_screen`` draws a BGR uint8 screen from it, and a sink shows it
 (``WindowSink``) or writes it as PNG files (``HeadlessWriter``).
 
-Safety rule: a pose is current only while poses keep arriving. Without a pose for
-``stale_after_s`` the screen says STALE, after a failed registration INVALID, and in
-either case (and before the first pose) nothing that depends on the pose is drawn: no
-overlay on the fluoroscopy and no instrument. The plan and the CT, both in CT
-coordinates, stay on screen.
+Safety rule: a pose is current only while the data behind it is fresh. When the frame
+the latest pose was computed from was acquired more than ``stale_after_s`` ago (data
+age, not arrival time: a late or replayed pose is old however recently it arrived) the
+screen says STALE, after a failed registration INVALID, and in either case (and before
+the first pose) nothing that depends on the pose is drawn: no overlay on the
+fluoroscopy and no instrument. Poses and instruments from any publisher other than
+``expected_source`` are ignored (counted). A pose is drawn over the frame it was
+computed from (the caption says so when a newer frame exists); the status bar shows the
+frame rate (decaying when frames stop), NO FRAMES, and the pipeline's heartbeat state
+or its loss. The plan and the CT, both in CT coordinates, stay on screen.
 
 CT reslices use radiological display orientation (world = LPS mm): axial seen from the
 feet (patient's left on screen right, anterior up), sagittal with anterior on the left
@@ -53,7 +58,7 @@ from guidance.core.views import View
 from guidance.core.volume import Volume
 
 if TYPE_CHECKING:
-    from guidance.live.wire import Frame, InstrumentState, PoseResult, TargetPose
+    from guidance.live.wire import Frame, Heartbeat, InstrumentState, PoseResult, TargetPose
 
 __all__ = [
     "STALE_AFTER_S",
@@ -76,6 +81,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 STALE_AFTER_S = 0.5
+HEARTBEAT_TIMEOUT_S = 1.5
+"""The pipeline counts as lost after this long without a heartbeat (it beats every 0.5 s)."""
+NO_FRAMES_AFTER_S = 1.0
+FUTURE_TOLERANCE_S = 1.0
+"""Data stamped further in the future than this (clock error or forgery) is not current."""
 DEFAULT_SHAFT_MM = 100.0
 # Screen direction of +u (right) and +v (down) of each reslice, in world LPS.
 RESLICE_AXES = {
@@ -102,12 +112,14 @@ _GRID = (70, 70, 70)
 
 @dataclass(frozen=True)
 class FrameRecord:
-    """The latest X-ray frame: pixels [v, u], its calibrated (unregistered) view."""
+    """An X-ray frame: pixels [v, u], its calibrated (unregistered) view, acquisition
+    and arrival times (s, epoch)."""
 
     frame_id: int
     pixels: np.ndarray
     view: View
     received_s: float
+    acquired_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -124,6 +136,9 @@ class PoseRecord:
     latency_ms: float | None
     end_to_end_ms: float | None
     received_s: float
+    acquired_s: float = 0.0
+    """Acquisition time of the frame behind the pose (s, epoch; 0: unknown)."""
+    source: str = ""
     uncertainty_mm: tuple[float, float] | None = None  # 1 sigma at the target: (in-plane, depth)
 
 
@@ -138,6 +153,7 @@ class InstrumentRecord:
     plan_level: str | None
     plan_side: str | None
     received_s: float
+    acquired_s: float = 0.0
     metrics: dict = field(default_factory=dict)
     """The deviation and breach fields the message carried (``INSTRUMENT_METRICS``; absent
     when not given)."""
@@ -168,26 +184,56 @@ class GuideRecord:
 
 
 class NavigationState:
-    """The latest frame, pose and instrument state, with their arrival times (seconds,
-    ``time.time()`` epoch, given by the caller so that tests need no sleeping)."""
+    """The latest frames, pose, instrument state and pipeline heartbeat, with their
+    arrival times (seconds, ``time.time()`` epoch, given by the caller so that tests need
+    no sleeping).
 
-    def __init__(self, *, stale_after_s: float = STALE_AFTER_S, fps_window: int = 30) -> None:
-        if stale_after_s <= 0:
-            raise ValueError("stale_after_s must be positive")
+    ``expected_source``: the publisher id whose poses and instruments are taken (None:
+    any); ``frames_kept``: recent frames kept so that a pose is drawn over its own frame.
+    """
+
+    def __init__(self, *, stale_after_s: float = STALE_AFTER_S, fps_window_s: float = 2.0,
+                 expected_source: str | None = None, heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S,
+                 no_frames_after_s: float = NO_FRAMES_AFTER_S, frames_kept: int = 8) -> None:
+        if stale_after_s <= 0 or fps_window_s <= 0 or heartbeat_timeout_s <= 0:
+            raise ValueError("stale_after_s, fps_window_s and heartbeat_timeout_s must be positive")
         self.stale_after_s = float(stale_after_s)
+        self.fps_window_s = float(fps_window_s)
+        self.expected_source = expected_source
+        self.heartbeat_timeout_s = float(heartbeat_timeout_s)
+        self.no_frames_after_s = float(no_frames_after_s)
         self.frame: FrameRecord | None = None
         self.pose: PoseRecord | None = None
         self.instrument: InstrumentRecord | None = None
+        self.pipeline_state: str | None = None
+        self.pipeline_seen_s: float | None = None
+        self.ignored = 0
+        """Poses, instruments and heartbeats ignored: not from ``expected_source``."""
         self.guide: GuideRecord | None = None
-        self._frame_times: deque[float] = deque(maxlen=max(2, fps_window))
+        self._frames: deque[FrameRecord] = deque(maxlen=max(1, frames_kept))
+        self._frame_times: deque[float] = deque(maxlen=1024)
+        self._first_frame_s: float | None = None
+
+    def _expected(self, source: str) -> bool:
+        if self.expected_source is None or source == self.expected_source:
+            return True
+        self.ignored += 1
+        return False
 
     def on_frame(self, frame: Frame, now_s: float) -> None:
         """Take a frame (``guidance.live.wire.Frame`` or anything with frame_id, pixels, view)."""
-        self.frame = FrameRecord(int(frame.frame_id), frame.pixels, frame.view, float(now_s))
+        acquired_ns = getattr(frame, "acquired_ns", 0)
+        self.frame = FrameRecord(int(frame.frame_id), frame.pixels, frame.view, float(now_s), acquired_ns * 1e-9)
+        self._frames.append(self.frame)
         self._frame_times.append(float(now_s))
+        if self._first_frame_s is None:
+            self._first_frame_s = float(now_s)
 
-    def on_pose(self, pose: PoseResult, now_s: float) -> None:
-        """Take a registration result (``guidance.live.wire.PoseResult``)."""
+    def on_pose(self, pose: PoseResult, now_s: float) -> bool:
+        """Take a registration result (``guidance.live.wire.PoseResult``); False when it
+        was ignored (another publisher)."""
+        if not self._expected(pose.source):
+            return False
         stages = dict(pose.latency_ms)
         latency = stages.get("total", sum(stages.values())) if stages else None
         e2e = None
@@ -199,57 +245,114 @@ class NavigationState:
             T_world_corrected_from_world=pose.T_world_corrected_from_world,
             latency_ms=latency, end_to_end_ms=e2e, received_s=float(now_s),
             uncertainty_mm=None if pose.uncertainty_in_plane_mm is None or pose.uncertainty_depth_mm is None
-            else (pose.uncertainty_in_plane_mm, pose.uncertainty_depth_mm))
+            else (pose.uncertainty_in_plane_mm, pose.uncertainty_depth_mm),
+            acquired_s=pose.frame_acquired_ns * 1e-9, source=pose.source)
+        return True
 
-    def on_instrument(self, instrument: InstrumentState, now_s: float) -> None:
-        """Take an instrument state (``guidance.live.wire.InstrumentState``)."""
+    def on_instrument(self, instrument: InstrumentState, now_s: float) -> bool:
+        """Take an instrument state (``guidance.live.wire.InstrumentState``); False when
+        it was ignored (another publisher)."""
+        if not self._expected(instrument.source):
+            return False
         self.instrument = InstrumentRecord(
             tool_id=instrument.tool_id,
-            tip_world=np.asarray(instrument.tip_world, dtype=float),
-            axis_world=np.asarray(instrument.axis_world, dtype=float),
+            tip_world=None if instrument.tip_world is None else np.asarray(instrument.tip_world, dtype=float),
+            axis_world=None if instrument.axis_world is None else np.asarray(instrument.axis_world, dtype=float),
             status=instrument.status, plan_level=instrument.plan_level,
             plan_side=instrument.plan_side, received_s=float(now_s),
             metrics={k: getattr(instrument, k) for k in INSTRUMENT_METRICS
-                     if getattr(instrument, k, None) is not None})
+                     if getattr(instrument, k, None) is not None},
+            acquired_s=getattr(instrument, "acquired_ns", 0) * 1e-9)
+        return True
+
+    def on_heartbeat(self, heartbeat: Heartbeat, now_s: float) -> None:
+        """Take a heartbeat; the pipeline's (role "pipeline", from ``expected_source``)
+        state and time are kept."""
+        if heartbeat.role == "pipeline" and self._expected(heartbeat.source):
+            self.pipeline_state = heartbeat.state
+            self.pipeline_seen_s = float(now_s)
+
+    @staticmethod
+    def _age_s(record: PoseRecord | InstrumentRecord, now_s: float) -> float:
+        """Data age: since acquisition when known, else since arrival."""
+        return now_s - (record.acquired_s if record.acquired_s > 0 else record.received_s)
+
+    def data_age_s(self, now_s: float) -> float | None:
+        """Seconds since the frame behind the latest pose was acquired; None without a pose."""
+        return None if self.pose is None else self._age_s(self.pose, now_s)
+
+    def _fresh(self, record: PoseRecord | InstrumentRecord, now_s: float) -> bool:
+        return -FUTURE_TOLERANCE_S <= self._age_s(record, now_s) <= self.stale_after_s
 
     def on_target(self, target: TargetPose, now_s: float) -> None:
         """Take a target pose (``guidance.live.wire.TargetPose``); one carrying a guide's
-        alignment becomes the shown guide state."""
-        if target.guide_tool_id is not None:
+        alignment becomes the shown guide state (only from ``expected_source``)."""
+        if target.guide_tool_id is not None and self._expected(target.source):
             self.guide = GuideRecord(target.guide_tool_id, target.level, target.side, target.guide_entry_error_mm,
                                      target.guide_angle_error_deg, bool(target.guide_aligned), float(now_s))
 
     def status(self, now_s: float) -> str:
-        """The screen state: "waiting" before any pose; "stale" when the latest pose is older than
-        ``stale_after_s``; "invalid" when it says the registration failed; else "ok"."""
+        """The screen state: "waiting" before any pose; "stale" when the data behind the
+        latest pose is older than ``stale_after_s``; "invalid" when it says the
+        registration failed; else "ok"."""
         if self.pose is None:
             return "waiting"
-        if now_s - self.pose.received_s > self.stale_after_s:
+        if not self._fresh(self.pose, now_s):
             return "stale"
         return "invalid" if self.pose.status != "ok" else "ok"
 
-    def fps(self) -> float | None:
-        """Frame rate (Hz) over the last frames' arrival times, None with fewer than two."""
+    def fps(self, now_s: float | None = None) -> float | None:
+        """Frame rate (Hz). With ``now_s``: frames arrived in the last ``fps_window_s``
+        per second (decays to 0 when frames stop); without: over the kept arrival times.
+        None before two frames."""
         times = self._frame_times
-        if len(times) < 2 or times[-1] <= times[0]:
+        if len(times) < 2:
             return None
-        return (len(times) - 1) / (times[-1] - times[0])
+        if now_s is None:
+            return (len(times) - 1) / (times[-1] - times[0]) if times[-1] > times[0] else None
+        window_s = min(self.fps_window_s, now_s - self._first_frame_s)
+        if window_s <= 0:
+            return None
+        return sum(1 for t in times if t > now_s - window_s) / window_s
+
+    def no_frames(self, now_s: float) -> bool:
+        """True when no frame arrived within ``no_frames_after_s`` (or none ever)."""
+        return self.frame is None or now_s - self.frame.received_s > self.no_frames_after_s
+
+    def pipeline_alive(self, now_s: float) -> bool:
+        return self.pipeline_seen_s is not None and now_s - self.pipeline_seen_s <= self.heartbeat_timeout_s
+
+    def pipeline_text(self, now_s: float) -> str:
+        """The pipeline indicator: its heartbeat state, or how long its heartbeat is lost."""
+        if self.pipeline_seen_s is None:
+            return "pipeline: no heartbeat"
+        if not self.pipeline_alive(now_s):
+            return f"PIPELINE LOST {now_s - self.pipeline_seen_s:.1f} s"
+        return f"pipeline: {self.pipeline_state}"
+
+    def pose_frame(self) -> FrameRecord | None:
+        """The kept frame the latest pose was computed from; None if not (or no longer) here."""
+        if self.pose is None:
+            return None
+        return next((f for f in reversed(self._frames) if f.frame_id == self.pose.frame_id), None)
 
     def registered_view(self) -> View | None:
-        """The latest frame's view corrected by the latest successful pose:
+        """The view of the pose's own frame corrected by the pose (None unless the pose is
+        ok and its frame is here):
         ``T_cam_from_world = T_cam_from_world_init @ inv(T_world_corrected_from_world)``."""
-        if self.frame is None or self.pose is None or self.pose.status != "ok":
+        frame = self.pose_frame()
+        if frame is None or self.pose.status != "ok":
             return None
-        T = self.frame.view.T_cam_from_world @ invert_rigid(self.pose.T_world_corrected_from_world)
-        return self.frame.view.with_pose(T)
+        T = frame.view.T_cam_from_world @ invert_rigid(self.pose.T_world_corrected_from_world)
+        return frame.view.with_pose(T)
 
     def visible_instrument(self, now_s: float) -> InstrumentRecord | None:
         """The instrument if it may be drawn as valid: the pose is ok, the instrument says
-        "ok" and arrived within ``stale_after_s``; else None."""
+        "ok" and its data (tracker acquisition) is at most ``stale_after_s`` old; else None."""
         inst = self.instrument
         if self.status(now_s) != "ok" or inst is None or inst.status != "ok":
             return None
-        return inst if now_s - inst.received_s <= self.stale_after_s else None
+        return inst if self._fresh(inst, now_s) else None
 
 
 def reslice(ct: Volume, centre_world: np.ndarray, orientation: str, size_wh: tuple[int, int],
@@ -354,13 +457,14 @@ def _fluoro_pane(state: NavigationState, status: str, trajectories: list[dict],
                  labels: Volume | None, active: dict | None,
                  instrument: InstrumentRecord | None, w: int, h: int,
                  extension_mm: float) -> np.ndarray:
-    frame = state.frame
-    if frame is None:
+    latest = state.frame
+    if latest is None:
         pane = np.zeros((h, w, 3), np.uint8)
         put_text(pane, "no X-ray image yet", (w / 2 - 90, h / 2), COLOURS["waiting"], scale=0.8, thickness=2)
         return pane
-    factor = max(frame.view.width / w, frame.view.height / h)
     registered = state.registered_view() if status == "ok" else None
+    frame = state.pose_frame() if registered is not None else latest  # a pose only over its own frame
+    factor = max(frame.view.width / w, frame.view.height / h)
     view = (registered or frame.view).downsampled(factor)
     bgr = to_display_bgr(frame.pixels, intensity=frame.view.intensity, monitor=True)
     img = cv2.resize(bgr, view.image_size,
@@ -391,6 +495,10 @@ def _fluoro_pane(state: NavigationState, status: str, trajectories: list[dict],
     caption = f"Fluoroscopy, frame {frame.frame_id}"
     if registered is None:
         caption += f": overlay hidden ({_STATE_WORDS[status]})"
+    if frame is not latest:
+        caption += f", the pose's frame; newest {latest.frame_id}"
+    elif registered is None and status == "ok":
+        caption += f"; the pose's frame {state.pose.frame_id} is not here"
     _caption(pane, caption, COLOURS["text"] if registered is not None else COLOURS[status])
     return pane
 
@@ -553,7 +661,7 @@ def _instrument_note(state: NavigationState, status: str, now_s: float) -> str:
         return "no instrument tracked"
     if inst.status != "ok":
         return f"instrument not usable ({inst.status})"
-    return f"instrument not seen for {now_s - inst.received_s:.1f} s"
+    return f"instrument data {NavigationState._age_s(inst, now_s):.1f} s old"
 
 
 def _banner(metrics: dict) -> tuple[str, str, tuple[int, int, int]]:
@@ -619,15 +727,18 @@ def _numbers_pane(w: int, h: int, active: dict | None, instrument: InstrumentRec
 def _status_lines(state: NavigationState, status: str, now_s: float,
                   active: dict | None, deviation: dict | None, note: str) -> list[str]:
     pose = state.pose
-    fps = state.fps()
+    fps = state.fps(now_s)
     fps_text = f"{fps:.1f} frames/s" if fps is not None else "no frame rate yet"
+    if state.no_frames(now_s) and state.frame is not None:
+        fps_text += f", NO FRAMES for {now_s - state.frame.received_s:.1f} s"
+    fps_text += f", {state.pipeline_text(now_s)}"
     if pose is None:
         first = "Registration: waiting for the first pose"
     else:
         head = {
             "ok": "Registration OK",
             "invalid": f"Registration FAILED ({pose.reason})",
-            "stale": f"Registration STALE: no pose for {now_s - pose.received_s:.2f} s",
+            "stale": f"Registration STALE: data {state.data_age_s(now_s):.2f} s old",
         }[status]
         conf = "last confidence" if status == "stale" else "confidence"
         first = f"{head}, {conf} {pose.confidence:.2f}, vertebra {','.join(pose.levels) or 'all'}"

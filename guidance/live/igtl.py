@@ -609,6 +609,8 @@ class IgtlBridge:
     def _encode(self, message: Message, frame: Frame | None, now: int) -> list[bytes]:
         if isinstance(message, InstrumentState):
             device = _device(f"{message.tool_id} ToCT")
+            if message.tip_world is None:  # "not_tracked": no pose to send, only the status
+                return [self._status(device, "failed", message.status, now)]
             T = ras_from_lps(_frame_with_z(message.tip_world, message.axis_world))
             status = "ok" if message.status == "ok" else "failed"
             return [encode(Transform(device, T), now), self._status(device, status, message.status, now)]

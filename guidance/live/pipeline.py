@@ -3,17 +3,36 @@
 ``Pipeline`` holds the logic and no sockets: the first frame (or any frame after
 tracking failed) gets a global registration, the following ones a fast tracking
 update; instruments are mapped into the CT through the patient reference array.
-``run_pipeline`` is the thin socket loop around it: latest-frame policy (every queued
-frame is read and recorded, only the newest is processed, the rest counted as
-skipped), heartbeats, and an append-only recording of everything in and out.
+
+Time consistency: tracker samples are kept per tool for ``TRACKER_HISTORY_S`` and
+paired by acquisition time. A frame (and the multi-shot registration's shot made of it)
+is registered against the C-arm and reference samples acquired nearest to it, an
+intra-op volume's scanner pose is mapped through the reference acquired nearest to the
+volume, an instrument reading (and an aiming guide's alignment) against the reference acquired
+with it (its own ``T_tracker_from_reference``) or nearest to it, each within
+``pair_tolerance_ms``; otherwise the instrument is "not_tracked" (never paired with an
+old reference) and the reference array is not re-registered from that frame.
+
+``run_pipeline`` is the thin socket loop around it. Its work per loop is bounded: at
+most ``MAX_LOOP_MESSAGES`` messages are read, tracker samples are coalesced to the
+latest per tool before instruments are computed, and only the newest frame is handed
+to a worker thread that registers it (older ones counted as skipped; one of an
+orientation the multi-shot book lacks is kept there as a shot, with the tracker samples
+paired when it arrived), intra-op volumes are registered in that worker too, so heartbeats
+(from the first second, with the true state: "starting", "no_frames", "registering",
+"tracking", "failed") and instruments keep flowing during a long registration. Every accepted
+input and every output is recorded; refused inputs go to the recording's quarantine.
+Hook points: ``sink`` (handed each published message, e.g. the OpenIGTLink bridge)
+and the kind dispatch in ``_serve``.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections import deque
 import time
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -33,21 +52,34 @@ from guidance.navigation.detection import detect_instruments
 from guidance.navigation.instruments import nearest_trajectory, tip_and_axis, tool_in_world
 from guidance.navigation.targets import guide_alignment, target_pose_tracker, target_pose_world
 from guidance.navigation.overlay import draw_instrument, draw_outline, draw_trajectories, to_display_bgr
+from guidance.live.keys import CurveKeys
 from guidance.live.recording import Recorder
+from guidance.live.throttle import ThrottledLog
 from guidance.registration.register import RegistrationResult, Registrator
 from guidance.registration.tracking import TrackingSettings
 from guidance.live.shots import Shot, ShotRegistrar, ShotSettings
 from guidance.live.calibrations import calibrated_instruments, calibrated_view
 from guidance.live.intraop import IntraopError, IntraopSettings, register_intraop, volume_from_message
-from guidance.live.transport import Publisher, Subscriber
+from guidance.live.transport import DEFAULT_MAX_FRAME_PX, Publisher, Subscriber, max_message_bytes
 from guidance.core.volume import Volume
 from guidance.core.views import View, ViewError
 from guidance.live.wire import (Frame, Heartbeat, InstrumentState, Message, Overlay, PoseResult, TargetPose,
                                 TrackerSample, VolumeFrame, encode)
 
-__all__ = ["PipelineSettings", "PipelineStats", "Pipeline", "run_pipeline"]
+__all__ = ["PipelineSettings", "PipelineStats", "TrackerHistory", "Pipeline", "run_pipeline"]
 
 log = logging.getLogger(__name__)
+
+MAX_LOOP_MESSAGES = 512
+"""Messages read per loop of ``run_pipeline`` before it publishes and beats again."""
+TRACKER_HISTORY_S = 2.0
+"""Seconds of tracker samples kept per tool for pairing by acquisition time."""
+TRACKER_HISTORY_MAX = 512
+"""Samples kept per tool at most (memory bound for fast trackers and floods)."""
+MAX_TOOLS = 64
+"""Tools tracked at most; samples of further tool ids are dropped (memory bound)."""
+MAX_SKIPPED_SHOTS = 4
+"""Skipped frames of a new orientation waiting to be kept as shots, at most (memory bound)."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +109,13 @@ class PipelineSettings:
     carm_tool: str = "carm"
     reference_tool: str = "reference"
     source: str = "pipeline"
+    pair_tolerance_ms: float = 20.0
+    """Largest acquisition-time difference of tracker samples paired with a frame or an
+    instrument reading."""
+    max_frame_px: int = DEFAULT_MAX_FRAME_PX
+    """Largest frame side accepted (pixels): sets the subscriber's ZMQ_MAXMSGSIZE."""
+    no_frames_after_s: float = 1.0
+    """Heartbeat state "no_frames" when the last frame arrived longer ago than this."""
     target_period_s: float = 1.0
     """Planned trajectories are published as target poses at most this often (s)."""
     detect_instruments: tuple[str, ...] = ()
@@ -100,8 +139,12 @@ class PipelineStats:
     tracking_updates: int = 0
     tracking_fallbacks: int = 0
     failed: int = 0
+    instruments_not_tracked: int = 0
+    tracker_samples: int = 0
+    tracker_coalesced: int = 0
     volumes_received: int = 0
     volumes_rejected: int = 0
+    volumes_skipped: int = 0
     instruments_refused: int = 0
     latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
 
@@ -113,8 +156,48 @@ class PipelineStats:
         }
 
 
+class TrackerHistory:
+    """Recent tracker samples per tool, for pairing by acquisition time (bounded)."""
+
+    def __init__(self, keep_s: float = TRACKER_HISTORY_S, max_per_tool: int = TRACKER_HISTORY_MAX) -> None:
+        self.keep_ns = int(keep_s * 1e9)
+        self._max = max_per_tool
+        self._samples: dict[str, deque[TrackerSample]] = {}
+
+    def add(self, sample: TrackerSample) -> bool:
+        """Keep ``sample``; False (dropped) for a new tool beyond ``MAX_TOOLS``."""
+        history = self._samples.get(sample.tool_id)
+        if history is None:
+            if len(self._samples) >= MAX_TOOLS:
+                return False
+            history = self._samples[sample.tool_id] = deque(maxlen=self._max)
+        history.append(sample)
+        while history[0].acquired_ns < sample.acquired_ns - self.keep_ns:
+            history.popleft()
+        return True
+
+    def latest(self, tool_id: str) -> TrackerSample | None:
+        history = self._samples.get(tool_id)
+        return history[-1] if history else None
+
+    def latest_per_tool(self) -> dict[str, TrackerSample]:
+        return {tool: h[-1] for tool, h in self._samples.items() if h}
+
+    def nearest(self, tool_id: str, acquired_ns: int, tolerance_ns: int) -> TrackerSample | None:
+        """The sample of ``tool_id`` acquired nearest to ``acquired_ns``, if within
+        ``tolerance_ns``; else None."""
+        history = self._samples.get(tool_id)
+        if not history:
+            return None
+        best = min(history, key=lambda s: abs(s.acquired_ns - acquired_ns))
+        return best if abs(best.acquired_ns - acquired_ns) <= tolerance_ns else None
+
+
 class Pipeline:
-    """Registration, tracking and instrument mapping for a stream of frames (no sockets)."""
+    """Registration, tracking and instrument mapping for a stream of frames (no sockets).
+
+    ``on_frame`` may run in another thread than ``on_tracker``/``on_tracker_samples``:
+    the shared state (tracker history, reference registration) is guarded by a lock."""
 
     def __init__(self, registrator: Registrator, *, plan: list | dict | None = None, labels: Volume | None = None,
                  settings: PipelineSettings | None = None, ct: Volume | None = None) -> None:
@@ -131,8 +214,16 @@ class Pipeline:
         self.last_good: RegistrationResult | None = None
         self.last_ok = False
         self.T_reference_from_world: np.ndarray | None = None
-        self.poses: dict[str, TrackerSample] = {}
+        self.tracker = TrackerHistory()
         self.frame_id = 0
+        self.registering = False
+        """True while a global registration runs (heartbeat state "registering")."""
+        self.results = 0
+        """Poses produced so far."""
+        self.last_frame_ns: int | None = None
+        """Local time (``time.time_ns()``) the last frame was handed to ``on_frame``."""
+        self._lock = threading.Lock()
+        self._log = ThrottledLog(log)
         self.shots = ShotRegistrar(registrator, level=self.settings.level, tracking=self.settings.tracking,
                                    settings=self.settings.shots)
         self.instruments, self.instrument_refusals = calibrated_instruments(self.settings.pivots)
@@ -153,15 +244,22 @@ class Pipeline:
         t0 = time.perf_counter()
         self.stats.frames_processed += 1
         self.frame_id = frame.frame_id
+        self.last_frame_ns = received_ns
+        paired = self.paired_with(frame)  # now: a long registration must not outlive the samples' history
         try:
             frame, image = self._prepare(frame)
         except (ImageError, ViewError, CalibrationError) as exc:
             self.stats.frames_rejected += 1
-            log.warning("frame %d rejected: %s", frame.frame_id, exc)
+            self._log.warning(f"rejected frames from {frame.source!r}", f"frame {frame.frame_id}: {exc}")
             return [self._failed(frame, f"bad frame: {exc}", t0, received_ns)]
         t1 = time.perf_counter()
         level = self.settings.level
-        outcome = self.shots.register(self._shot(frame, image), self.last_good, self.T_reference_from_world)
+        self.registering = self.last_good is None  # a global registration (tracking otherwise)
+        try:
+            outcome = self.shots.register(self._shot(frame, image, paired), self.last_good,
+                                          self.T_reference_from_world)
+        finally:
+            self.registering = False
         result, mode = outcome.result, outcome.mode
         self.stats.tracking_updates += outcome.tracking_runs
         self.stats.tracking_fallbacks += outcome.fallbacks
@@ -172,7 +270,7 @@ class Pipeline:
         self.last_ok = result.ok
         if result.ok:
             self.last_good = result
-            self._register_reference(result)
+            self._register_reference(result, frame, paired)
         else:
             self.stats.failed += 1
         latency = {
@@ -200,8 +298,9 @@ class Pipeline:
             uncertainty_in_plane_mm=_finite_or_none(result.uncertainty_in_plane_mm),
             uncertainty_depth_mm=_finite_or_none(result.uncertainty_depth_mm),
         )
+        self.results += 1
         out: list[Message] = [pose]
-        if result.ok and self.settings.detect_instruments and not any(t in self.instruments for t in self.poses):
+        if result.ok and self.settings.detect_instruments and not self._instrument_tracked():
             out += self._detected_instruments(image.image, result.views[0])  # views[0]: this frame
         if self.settings.overlay:
             out.append(self._overlay(frame, result))
@@ -221,21 +320,32 @@ class Pipeline:
         self._check_geometry(frame)
         return frame, image
 
-    def _shot(self, frame: Frame, image: PreparedImage) -> Shot:
-        """The frame as a shot, with the C-arm and reference array poses the tracker gave last."""
-        carm = self.poses.get(self.settings.carm_tool)
-        reference = self.poses.get(self.settings.reference_tool)
+    def _instrument_tracked(self) -> bool:
+        """Whether a tracker sample of a known instrument has arrived."""
+        with self._lock:
+            return any(t in self.instruments for t in self.tracker.latest_per_tool())
+
+    def _shot(self, frame: Frame, image: PreparedImage, paired: tuple[TrackerSample, TrackerSample] | None) -> Shot:
+        """The frame as a shot, with the C-arm and reference array samples acquired with it
+        (``paired``, see ``paired_with``; None: untracked shot)."""
+        carm, reference = (None, None) if paired is None else paired
         return Shot(frame_id=frame.frame_id, acquired_ns=frame.acquired_ns, image=image, view=frame.view,
                     T_tracker_from_cam=None if carm is None else carm.T_tracker_from_tool,
                     T_tracker_from_reference=None if reference is None else reference.T_tracker_from_tool)
 
-    def on_skipped_frame(self, frame: Frame) -> None:
+    def wants_shot(self, frame: Frame) -> bool:
+        """Whether ``frame`` brings an orientation the shot book lacks (worth keeping when skipped)."""
+        return self.shots.book.is_new_orientation(frame.view)
+
+    def on_skipped_frame(self, frame: Frame, paired: tuple[TrackerSample, TrackerSample] | None = None) -> None:
         """A frame not registered because a newer one waited: kept as a shot when it brings
-        an orientation the shot book lacks (e.g. a lateral shot taken during a registration)."""
-        if not self.shots.book.is_new_orientation(frame.view):
+        an orientation the shot book lacks (e.g. a lateral shot taken during a registration).
+        ``paired``: its C-arm and reference samples, paired when it arrived (default: now)."""
+        if not self.wants_shot(frame):
             return
+        paired = self.paired_with(frame) if paired is None else paired
         try:
-            self.shots.note(self._shot(*self._prepare(frame)))
+            self.shots.note(self._shot(*self._prepare(frame), paired))
         except (ImageError, ViewError, CalibrationError) as exc:
             log.warning("skipped frame %d not kept as a shot: %s", frame.frame_id, exc)
 
@@ -275,9 +385,14 @@ class Pipeline:
             raise ViewError(f"wrong geometry: the CT centre projects to ({u:.0f}, {v:.0f}), outside the "
                             f"{frame.view.width}x{frame.view.height} image")
 
+    def failed_pose(self, frame: Frame, reason: str) -> PoseResult:
+        """A "failed" PoseResult for ``frame`` (e.g. after an unexpected error)."""
+        return self._failed(frame, reason, time.perf_counter(), time.time_ns())
+
     def _failed(self, frame: Frame, reason: str, t0: float, received_ns: int) -> PoseResult:
         self.stats.failed += 1
         self.last_ok = False
+        self.results += 1
         return PoseResult(frame_id=frame.frame_id, status="failed", reason=reason, confidence=0.0, mode="global",
                           latency_ms={"queue": max(0.0, (received_ns - frame.acquired_ns) / 1e6),
                                       "preprocess": (time.perf_counter() - t0) * 1e3},
@@ -291,10 +406,14 @@ class Pipeline:
             bgr = draw_trajectories(bgr, view, self.plan)
             if self.labels is not None and self.settings.level is not None:
                 bgr = draw_outline(bgr, view, self.labels, self.settings.level)
-            for tool_id, sample in self.poses.items():
+            with self._lock:
+                samples = self.tracker.latest_per_tool()
+            for tool_id, sample in samples.items():
                 if tool_id in self.instruments and self.T_reference_from_world is not None:
-                    tip, axis = self._tip_and_axis(sample)
-                    bgr = draw_instrument(bgr, view, tip, axis, self.instruments[tool_id].length_mm)
+                    T_tracker_from_reference = self._reference_for(sample)
+                    if T_tracker_from_reference is not None:
+                        tip, axis = self._tip_and_axis(sample, T_tracker_from_reference)
+                        bgr = draw_instrument(bgr, view, tip, axis, self.instruments[tool_id].length_mm)
         ok, data = cv2.imencode(".png", bgr)
         if not ok:
             raise RuntimeError(f"PNG encoding of the overlay of frame {frame.frame_id} failed")
@@ -323,13 +442,14 @@ class Pipeline:
                                mode="volume", frame_acquired_ns=acquired_ns, source=self.settings.source,
                                latency_ms={"queue": max(0.0, (received_ns - acquired_ns) / 1e6)})]
         self.last_ok = result.ok
-        reference = self.poses.get(self.settings.reference_tool)
+        with self._lock:
+            reference = self.tracker.nearest(self.settings.reference_tool, acquired_ns, self.tolerance_ns)
         if result.ok and T_tracker_from_scanner is not None and reference is not None:
             self.T_reference_from_world = (invert_rigid(reference.T_tracker_from_tool) @ T_tracker_from_scanner
                                            @ result.T_scanner_from_world)
         elif result.ok:
             log.info("volume %d registered; instruments not mapped through it (scanner pose in the tracker "
-                     "or reference array unknown)", volume_id)
+                     "or reference array sample within the pairing tolerance unknown)", volume_id)
         T = result.T_world_corrected_from_world if result.ok else None
         level = self.settings.level
         return [PoseResult(frame_id=volume_id, status=result.status, reason=result.reason,
@@ -347,19 +467,48 @@ class Pipeline:
 
     # -- tracker -------------------------------------------------------------------------
 
-    def _register_reference(self, result: RegistrationResult) -> None:
-        """Pose of the CT in the patient reference array from this registration:
+    @property
+    def tolerance_ns(self) -> int:
+        return int(self.settings.pair_tolerance_ms * 1e6)
+
+    def paired_with(self, frame: Frame) -> tuple[TrackerSample, TrackerSample] | None:
+        """The C-arm and reference samples acquired nearest to ``frame`` (within the
+        tolerance), or None when either is missing."""
+        with self._lock:
+            carm = self.tracker.nearest(self.settings.carm_tool, frame.acquired_ns, self.tolerance_ns)
+            reference = self.tracker.nearest(self.settings.reference_tool, frame.acquired_ns, self.tolerance_ns)
+            if carm is None or reference is None:
+                if self.tracker.latest(self.settings.reference_tool) is not None:
+                    self._log.warning("reference array not registered",
+                                      f"no C-arm and reference samples within {self.settings.pair_tolerance_ms:g} ms "
+                                      f"of frame {frame.frame_id}")
+                return None
+        return carm, reference
+
+    def _register_reference(self, result: RegistrationResult, frame: Frame,
+                            paired: tuple[TrackerSample, TrackerSample] | None) -> None:
+        """Pose of the CT in the patient reference array from this registration and the
+        C-arm and reference samples acquired with the frame (``paired``):
         ``T_reference_from_world = inv(T_tracker_from_reference) @ T_tracker_from_cam @ T_cam_from_world``."""
-        carm = self.poses.get(self.settings.carm_tool)
-        reference = self.poses.get(self.settings.reference_tool)
-        if carm is None or reference is None:
+        if paired is None:
             return
+        carm, reference = paired
         T_tracker_from_world = carm.T_tracker_from_tool @ result.views[0].T_cam_from_world
         self.T_reference_from_world = invert_rigid(reference.T_tracker_from_tool) @ T_tracker_from_world
 
-    def _tip_and_axis(self, sample: TrackerSample) -> tuple[np.ndarray, np.ndarray]:
-        reference = self.poses[self.settings.reference_tool]
-        T_world_from_tool = tool_in_world(sample.T_tracker_from_tool, reference.T_tracker_from_tool,
+    def _reference_for(self, sample: TrackerSample) -> np.ndarray | None:
+        """``T_tracker_from_reference`` for an instrument reading: the reference acquired with
+        it (its own), or the reference sample nearest to it within the tolerance; None otherwise."""
+        if sample.T_tracker_from_reference is not None:
+            return sample.T_tracker_from_reference
+        with self._lock:
+            reference = self.tracker.nearest(self.settings.reference_tool, sample.acquired_ns, self.tolerance_ns)
+        return None if reference is None else reference.T_tracker_from_tool
+
+    def _tip_and_axis(self, sample: TrackerSample,
+                      T_tracker_from_reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Tip and axis in the CT of an instrument reading, through the reference paired with it."""
+        T_world_from_tool = tool_in_world(sample.T_tracker_from_tool, T_tracker_from_reference,
                                           self.T_reference_from_world)
         return tip_and_axis(T_world_from_tool, self.instruments[sample.tool_id])
 
@@ -392,16 +541,17 @@ class Pipeline:
                            source=self.settings.source)
                 for t in self.plan]
 
-    def _guide(self, sample: TrackerSample, tip: np.ndarray, axis: np.ndarray) -> list[Message]:
-        """The alignment of a tracked aiming guide to its nearest planned trajectory."""
+    def _guide(self, sample: TrackerSample, tip: np.ndarray, axis: np.ndarray,
+               T_tracker_from_reference: np.ndarray) -> list[Message]:
+        """The alignment of a tracked aiming guide to its nearest planned trajectory
+        (``T_tracker_from_reference``: the reference acquired with the guide's sample)."""
         if not self.plan:
             return []
         trajectory, _ = nearest_trajectory(tip, axis, self.plan)
         T_world_from_target = target_pose_world(trajectory)
         entry_error, angle, aligned = guide_alignment(tip, axis, T_world_from_target)
-        reference = self.poses[self.settings.reference_tool]
         return [TargetPose(level=trajectory["level"], side=trajectory["side"], approach=trajectory_approach(trajectory),
-                           T_tracker_from_target=target_pose_tracker(trajectory, reference.T_tracker_from_tool,
+                           T_tracker_from_target=target_pose_tracker(trajectory, T_tracker_from_reference,
                                                                      self.T_reference_from_world),
                            length_mm=float(np.linalg.norm(np.subtract(trajectory["target_world"],
                                                                       trajectory["entry_world"]))),
@@ -409,22 +559,43 @@ class Pipeline:
                            guide_angle_error_deg=angle, guide_aligned=aligned, source=self.settings.source)]
 
     def on_tracker(self, sample: TrackerSample) -> list[Message]:
-        """Store a tracker pose; for a known instrument, return its state in the CT (with the
-        breach prediction when the pipeline has the CT and labels), for an aiming guide also
-        its alignment, and for the reference array the planned target poses (throttled)."""
-        self.poses[sample.tool_id] = sample
-        if sample.tool_id in self.instrument_refusals:
-            self.stats.instruments_refused += 1
-            if self.stats.instruments_refused == 1:
-                log.warning("instrument %s refused: %s", sample.tool_id, self.instrument_refusals[sample.tool_id])
-            return []
-        if sample.tool_id == self.settings.reference_tool:
-            return self._targets(sample)
-        if sample.tool_id not in self.instruments:
-            return []
-        if self.T_reference_from_world is None or self.settings.reference_tool not in self.poses:
-            return []
-        tip, axis = self._tip_and_axis(sample)
+        """Store a tracker sample; see ``on_tracker_samples``."""
+        return self.on_tracker_samples([sample])
+
+    def on_tracker_samples(self, samples: Sequence[TrackerSample]) -> list[Message]:
+        """Store tracker samples (any number); for the latest reading of each tool among them
+        (older readings are coalesced): a known instrument's state in the CT (with the breach
+        prediction when the pipeline has the CT and labels; for an aiming guide also its
+        alignment), for the reference array the planned target poses (throttled)."""
+        latest: dict[str, TrackerSample] = {}
+        with self._lock:
+            for sample in samples:
+                if self.tracker.add(sample):
+                    latest[sample.tool_id] = sample
+        self.stats.tracker_samples += len(samples)
+        self.stats.tracker_coalesced += len(samples) - len(latest)
+        out: list[Message] = []
+        for sample in latest.values():
+            if sample.tool_id in self.instrument_refusals:
+                self.stats.instruments_refused += 1
+                if self.stats.instruments_refused == 1:
+                    log.warning("instrument %s refused: %s", sample.tool_id, self.instrument_refusals[sample.tool_id])
+            elif sample.tool_id == self.settings.reference_tool:
+                out += self._targets(sample)
+            elif sample.tool_id in self.instruments and self.T_reference_from_world is not None:
+                out += self._instrument_state(sample)
+        return out
+
+    def _instrument_state(self, sample: TrackerSample) -> list[Message]:
+        """The instrument's state in the CT (and a guide's alignment); "not_tracked" without a
+        reference sample acquired with it."""
+        common = {"frame_id": self.frame_id, "tool_id": sample.tool_id, "acquired_ns": sample.acquired_ns,
+                  "source": self.settings.source}
+        T_tracker_from_reference = self._reference_for(sample)
+        if T_tracker_from_reference is None:
+            self.stats.instruments_not_tracked += 1
+            return [InstrumentState(tip_world=None, axis_world=None, status="not_tracked", **common)]
+        tip, axis = self._tip_and_axis(sample, T_tracker_from_reference)
         fields = {}
         if self.plan:
             trajectory, deviation = nearest_trajectory(tip, axis, self.plan)
@@ -441,85 +612,247 @@ class Pipeline:
             for key in ("breach_mm", "breach_grade", "breach_side", "breach_warning", "clearance_mm",
                         "travel_to_breach_mm"):
                 fields[key] = metrics.get(key)
-        out: list[Message] = [InstrumentState(frame_id=self.frame_id, tool_id=sample.tool_id, tip_world=tip,
-                                              axis_world=axis, status="ok" if self.last_ok else "registration_failed",
-                                              source=self.settings.source, **fields)]
+        out: list[Message] = [InstrumentState(tip_world=tip, axis_world=axis,
+                                              status="ok" if self.last_ok else "registration_failed",
+                                              **common, **fields)]
         if self.instruments[sample.tool_id].kind == "guide":
-            out += self._guide(sample, tip, axis)
+            out += self._guide(sample, tip, axis, T_tracker_from_reference)
         return out
+
+    def heartbeat_state(self, now_ns: int | None = None) -> str:
+        """What the pipeline is doing: "registering" (a global registration runs, or frames
+        came and no pose yet), "no_frames" (none within ``no_frames_after_s``), "tracking"
+        (last pose ok) or "failed" (last pose failed)."""
+        now_ns = time.time_ns() if now_ns is None else now_ns
+        no_frames = self.last_frame_ns is None or now_ns - self.last_frame_ns > self.settings.no_frames_after_s * 1e9
+        if self.registering or (self.results == 0 and not no_frames):
+            return "registering"
+        if no_frames:
+            return "no_frames"
+        return "tracking" if self.last_ok else "failed"
+
+
+class _FrameWorker:
+    """Registers the newest submitted frame in a thread of its own and publishes the
+    results with ``send``; a frame submitted while another waits replaces it (skipped; kept
+    as a shot when it brings a new orientation, at most ``MAX_SKIPPED_SHOTS`` waiting).
+    Intra-op volumes are registered there too (the newest waiting one).
+    Given a factory, it first builds the pipeline there (``pipeline`` is None until then)."""
+
+    def __init__(self, pipeline: Pipeline | Callable[[], Pipeline], send: Callable[..., None]) -> None:
+        self.pipeline: Pipeline | None = pipeline if isinstance(pipeline, Pipeline) else None
+        self._factory = None if isinstance(pipeline, Pipeline) else pipeline
+        self.error: BaseException | None = None
+        """Why the factory failed (the loop then stops)."""
+        self._send = send
+        self._wake = threading.Condition()
+        self._pending: tuple[Frame, int] | None = None
+        self._skipped: deque[tuple[Frame, tuple[TrackerSample, TrackerSample] | None]] = deque(
+            maxlen=MAX_SKIPPED_SHOTS)
+        self._volume: VolumeFrame | None = None
+        self._closing = False
+        self._log = ThrottledLog(log)
+        self._thread = threading.Thread(target=self._run, name="pipeline-frames", daemon=True)
+        self._thread.start()
+
+    def submit(self, frame: Frame, received_ns: int) -> bool:
+        """Queue ``frame``; True when it replaced a frame not yet started (skipped)."""
+        with self._wake:
+            replaced = self._pending
+            self._pending = (frame, received_ns)
+            self._wake.notify()
+        if replaced is not None:
+            self.skip(replaced[0])
+        return replaced is not None
+
+    def skip(self, frame: Frame) -> None:
+        """A frame not to be registered: queued as a shot (with its tracker samples paired
+        now) when it brings an orientation the shot book lacks."""
+        if self.pipeline is not None and self.pipeline.wants_shot(frame):
+            paired = self.pipeline.paired_with(frame)
+            with self._wake:
+                self._skipped.append((frame, paired))
+
+    def submit_volume(self, volume: VolumeFrame) -> bool:
+        """Queue an intra-op volume; True when it replaced one not yet started."""
+        with self._wake:
+            replaced = self._volume is not None
+            self._volume = volume
+            self._wake.notify()
+        return replaced
+
+    def close(self) -> None:
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        self._thread.join()
+
+    def _run(self) -> None:
+        if self._factory is not None:
+            try:
+                self.pipeline = self._factory()
+            except BaseException as exc:  # noqa: BLE001 - reported by run_pipeline, which re-raises it
+                self.error = exc
+                return
+        while True:
+            with self._wake:
+                while self._pending is None and self._volume is None and not self._closing:
+                    self._wake.wait()
+                if self._closing:
+                    return
+                volume, self._volume = self._volume, None
+                skipped = list(self._skipped)
+                self._skipped.clear()
+                pending, self._pending = self._pending, None
+            if volume is not None:
+                self._volume_outputs(volume)
+            for frame, paired in skipped:
+                self.pipeline.on_skipped_frame(frame, paired)
+            if pending is None:
+                continue
+            frame, received_ns = pending
+            try:
+                outputs = self.pipeline.on_frame(frame, received_ns)
+            except Exception as exc:  # noqa: BLE001 - one frame must never stop the pipeline
+                self._log.warning("frame processing error", f"frame {frame.frame_id}: {type(exc).__name__}: {exc}")
+                log.debug("frame %d failed", frame.frame_id, exc_info=True)
+                outputs = [self.pipeline.failed_pose(frame, f"internal error: {type(exc).__name__}: {exc}")]
+            for out in outputs:
+                self._send(out, frame)
+
+    def _volume_outputs(self, volume: VolumeFrame) -> None:
+        try:
+            outputs = self.pipeline.on_volume_frame(volume)
+        except Exception as exc:  # noqa: BLE001 - one volume must never stop the pipeline
+            self._log.warning("volume processing error", f"volume {volume.volume_id}: {type(exc).__name__}: {exc}")
+            return
+        for out in outputs:
+            self._send(out)
 
 
 def run_pipeline(
-    pipeline: Pipeline,
+    pipeline: Pipeline | Callable[[], Pipeline],
     *,
     frame_endpoints: list[str],
     result_endpoint: str,
     stop: threading.Event,
     record_dir: str | Path | None = None,
     heartbeat_s: float = 0.5,
+    keys: CurveKeys | None = None,
+    frame_source_role: str = "sim",
     sink=None,
+    settings: PipelineSettings | None = None,
 ) -> PipelineStats:
-    """Serve until ``stop`` is set: SUB frames/tracker samples, PUB results (bound).
+    """Serve until ``stop`` is set: SUB frames/tracker samples/intra-op volumes (connecting to
+    ``frame_endpoints``), PUB results (bound on ``result_endpoint``).
 
-    ``sink``: also hands every result to ``sink.publish(message, frame)`` (e.g. the
-    OpenIGTLink bridge, ``guidance.live.igtl.IgtlBridge``); ``frame`` is the frame a
-    PoseResult came from, else None."""
-    recorder = Recorder(record_dir, source="pipeline") if record_dir is not None else None
+    ``pipeline``: the pipeline, or a function that builds it (loading a CT and preparing
+    the registration take a while): it is then built in the worker thread while the loop
+    already beats (state "starting"); ``settings`` must then be given and equal the
+    built pipeline's. ``keys``: CURVE identity of the pipeline (None: plain sockets); the
+    frame endpoints must then be bound by the holder of ``frame_source_role``'s key.
+    ``record_dir``: record into this folder (a restart appends a segment). ``sink``: also
+    hands every message published to ``sink.publish(message, frame)`` (e.g. the OpenIGTLink
+    bridge, ``guidance.live.igtl.IgtlBridge``); ``frame`` is the frame a PoseResult came
+    from, else None; a sink that raises is logged and skipped.
+    """
+    if isinstance(pipeline, Pipeline):
+        settings = pipeline.settings
+    elif settings is None:
+        raise ValueError("run_pipeline with a pipeline factory needs its settings")
+    sub = pub = worker = recorder = None
+    try:
+        pub = Publisher(result_endpoint, bind=True, keys=keys)  # first: a taken port fails before anything is made
+        recorder = Recorder(record_dir, source="pipeline") if record_dir is not None else None
+        sub = Subscriber(frame_endpoints, topics=("frame", "tracker_sample", "heartbeat", "volume"), rcvhwm=64,
+                         tap=(lambda parts: recorder.write("in", parts, time.time_ns())) if recorder else None,
+                         reject_tap=(lambda parts, why: recorder.quarantine(parts, why, time.time_ns()))
+                         if recorder else None,
+                         keys=keys, server_role=frame_source_role,
+                         max_message_bytes=max_message_bytes(settings.max_frame_px))
+        send = _sender(pub, recorder, sink)
+        worker = _FrameWorker(pipeline, send)
+        _serve(worker, settings, sub, send, stop, heartbeat_s)
+    finally:
+        if worker is not None:
+            worker.close()
+        for closable in (sub, pub, recorder):
+            if closable is not None:
+                closable.close()
+    if worker.error is not None:
+        raise worker.error
+    return worker.pipeline.stats
 
-    def record_in(parts: list[bytes]) -> None:
-        recorder.write("in", parts, time.time_ns())
 
-    sub = Subscriber(frame_endpoints, topics=("frame", "tracker_sample", "heartbeat", "volume"), rcvhwm=256,
-                     tap=record_in if recorder is not None else None)
-    pub = Publisher(result_endpoint, bind=True)
+def _sender(pub: Publisher, recorder: Recorder | None, sink) -> Callable[..., None]:
+    """A thread-safe ``send(message, frame=None)``: publish, record, then hand to the sink."""
+    lock = threading.Lock()
+    throttled = ThrottledLog(log)
 
     def send(msg: Message, frame: Frame | None = None) -> None:
-        sent = pub.send(msg)
-        if sink is not None:
-            sink.publish(sent, frame)
+        with lock:  # the socket is used by the loop and the frame worker
+            sent = pub.send(msg)
         if recorder is not None:
             recorder.write("out", encode(sent), time.time_ns())
+        if sink is not None:
+            try:
+                sink.publish(sent, frame)
+            except Exception as exc:  # noqa: BLE001 - a broken sink must not stop guidance
+                throttled.warning(f"sink {type(sink).__name__} failed", f"{type(exc).__name__}: {exc}")
 
+    return send
+
+
+def _serve(worker: _FrameWorker, settings: PipelineSettings, sub: Subscriber, send: Callable[[Message], None],
+           stop: threading.Event, heartbeat_s: float) -> None:
+    """The socket loop: bounded drain, kind dispatch, coalesced tracker samples, the
+    newest frame to the worker, heartbeats on time (state "starting" until the worker
+    has built the pipeline; input read meanwhile is recorded, not processed)."""
     next_heartbeat = 0.0
-    try:
-        while not stop.is_set():
-            messages = _drain(sub, timeout_s=0.05)
-            frames = [m for m in messages if isinstance(m, Frame)]
+    while not stop.is_set() and worker.error is None:
+        messages = _drain(sub, timeout_s=0.02, limit=MAX_LOOP_MESSAGES)
+        received_ns = time.time_ns()
+        pipeline = worker.pipeline
+        frames: list[Frame] = []
+        samples: list[TrackerSample] = []
+        volumes: list[VolumeFrame] = []
+        for msg in messages:  # new input kinds get their branch here
+            if isinstance(msg, Frame):
+                frames.append(msg)
+            elif isinstance(msg, TrackerSample):
+                samples.append(msg)
+            elif isinstance(msg, VolumeFrame):
+                volumes.append(msg)
+        if pipeline is not None and samples:
+            for out in pipeline.on_tracker_samples(samples):
+                send(out)
+        if pipeline is not None and frames:
+            pipeline.last_frame_ns = received_ns
             pipeline.stats.frames_received += len(frames)
-            pipeline.stats.frames_skipped += max(0, len(frames) - 1)
-            for msg in messages:
-                if isinstance(msg, TrackerSample):
-                    for out in pipeline.on_tracker(msg):
-                        send(out)
-                elif isinstance(msg, VolumeFrame):
-                    for out in pipeline.on_volume_frame(msg):
-                        send(out)
             for frame in frames[:-1]:
-                pipeline.on_skipped_frame(frame)
-            if frames:
-                for out in pipeline.on_frame(frames[-1]):
-                    send(out, frames[-1])
-            now = time.monotonic()
-            if now >= next_heartbeat:
-                stats = pipeline.stats.as_dict() | {"lost": sub.lost, "malformed": sub.malformed}
-                send(Heartbeat(role="pipeline", state="tracking" if pipeline.last_ok else "searching",
-                               stats=stats, source=pipeline.settings.source))
-                next_heartbeat = now + heartbeat_s
-    finally:
-        sub.close()
-        pub.close()
-        if recorder is not None:
-            recorder.close()
-    return pipeline.stats
+                worker.skip(frame)
+            pipeline.stats.frames_skipped += len(frames) - 1 + worker.submit(frames[-1], received_ns)
+        if pipeline is not None and volumes:
+            pipeline.stats.volumes_skipped += len(volumes) - 1 + worker.submit_volume(volumes[-1])
+        now = time.monotonic()
+        if now >= next_heartbeat:
+            stats = {"lost": sub.lost, "malformed": sub.malformed, "replayed": sub.replayed}
+            state = "starting"
+            if pipeline is not None:
+                stats |= pipeline.stats.as_dict()
+                state = pipeline.heartbeat_state()
+            send(Heartbeat(role="pipeline", state=state, stats=stats, source=settings.source))
+            next_heartbeat = now + heartbeat_s
 
 
-def _drain(sub: Subscriber, *, timeout_s: float) -> list[Message]:
-    """Every message queued now (waiting up to ``timeout_s`` for the first), in order."""
+def _drain(sub: Subscriber, *, timeout_s: float, limit: int) -> list[Message]:
+    """The messages queued now, in order (waiting up to ``timeout_s`` for the first), at
+    most ``limit``."""
     first = sub.recv(timeout_s)
     if first is None:
         return []
     messages = [first]
-    while (msg := sub.recv(0.0)) is not None:
+    while len(messages) < limit and (msg := sub.recv(0.0)) is not None:
         messages.append(msg)
     return messages
 

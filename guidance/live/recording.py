@@ -1,11 +1,15 @@
 """Append-only recording of a session's messages, and their replay.
 
-A recording is a directory with two files:
+A recording is a directory:
 
 - ``manifest.json``: ``{"schema": "guidance.live.recording/1", "start_ns": ..., "start_utc": ...,
-  "source": ..., "file": "session.rec"}``, written when the recording opens;
-- ``session.rec``: the magic ``b"GDREC\\r\\n\\x1a"`` and a little-endian uint16 format
-  version, then one record per message::
+  "source": ..., "file": "session.rec", "segments": [{"file": ..., "start_ns": ...,
+  "source": ...}, ...]}``, written when the recording opens and rewritten (atomically)
+  when a new segment starts;
+- segments ``session.rec``, ``session.1.rec``, ``session.2.rec``, ...: a process that
+  restarts with the same directory appends a new segment (nothing is ever overwritten).
+  Each is the magic ``b"GDREC\\r\\n\\x1a"`` and a little-endian uint16 format version, then
+  one record per message::
 
       direction  uint8    0 = "in" (received), 1 = "out" (sent)
       recv_ns    uint64   local receive / send time, time.time_ns()
@@ -13,8 +17,14 @@ A recording is a directory with two files:
       lengths    n_parts x uint64
       parts      the bytes of each part, back to back
 
-The parts are wire parts (``guidance.live.wire.encode``, no transport topic frame). Every record
-is written with one call and flushed, so a crash loses at most the record in flight; a
+- ``quarantine.rec`` (same format, direction "in"), only when messages were refused:
+  part 0 is the reason (UTF-8), then at most ``QUARANTINE_PARTS`` parts of the refused
+  message, each cut to ``QUARANTINE_PART_BYTES``; the file stops growing at
+  ``QUARANTINE_MAX_BYTES`` (later refusals are only counted).
+
+The parts are wire parts (``guidance.live.wire.encode``, no transport topic frame); the
+pipeline records only messages that passed validation. Every record is written with one
+call and flushed, so a crash (even ``kill -9``) loses at most the record in flight; a
 truncated final record is skipped with a warning when reading.
 """
 
@@ -40,6 +50,8 @@ __all__ = [
     "Recorder",
     "read_manifest",
     "read_recording",
+    "read_segment",
+    "segment_files",
     "replay",
 ]
 
@@ -50,6 +62,10 @@ MAGIC = b"GDREC\r\n\x1a"
 FORMAT_VERSION = 1
 SESSION_FILE = "session.rec"
 MANIFEST_FILE = "manifest.json"
+QUARANTINE_FILE = "quarantine.rec"
+QUARANTINE_MAX_BYTES = 16 << 20
+QUARANTINE_PARTS = 4
+QUARANTINE_PART_BYTES = 4096
 DIRECTIONS = ("in", "out")
 MAX_PARTS = 1024
 
@@ -65,13 +81,35 @@ class RecordingError(GuidanceError):
     """A recording that cannot be read (not a recording, unsupported version, corrupt)."""
 
 
+def segment_name(index: int) -> str:
+    """File name of segment ``index`` (0: ``session.rec``, then ``session.1.rec``, ...)."""
+    return SESSION_FILE if index == 0 else f"session.{index}.rec"
+
+
+def segment_files(directory: str | Path) -> list[Path]:
+    """The segment files of a recording, in order (those present, from 0 up)."""
+    folder = Path(directory)
+    files = []
+    while (folder / segment_name(len(files))).exists():
+        files.append(folder / segment_name(len(files)))
+    return files
+
+
+def _new_segment(path: Path) -> BinaryIO:
+    f = open(path, "xb")
+    f.write(_FILE_HEADER.pack(MAGIC, FORMAT_VERSION))
+    return f
+
+
 class Recorder:
-    """Appends records to ``<directory>/session.rec`` (a new file; an existing session is
-    never overwritten) after writing ``manifest.json``.
+    """Appends records to a new segment of ``directory`` (``session.rec`` for a new
+    recording, the next ``session.N.rec`` when the directory already holds one: a
+    restarted process continues the same session) and keeps ``manifest.json`` listing
+    the segments. ``quarantine`` stores refused messages in a bounded side file.
 
     Every record is flushed to the OS; with ``fsync=True`` it is also forced to disk
     (``os.fsync``), which survives power loss but costs a disk sync per message.
-    ``write`` may be called from several threads.
+    ``write`` and ``quarantine`` may be called from several threads.
     """
 
     def __init__(self, directory: str | Path, *, source: str = "", fsync: bool = False) -> None:
@@ -79,20 +117,30 @@ class Recorder:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._fsync = fsync
         self._lock = threading.Lock()
-        self._file = open(self.directory / SESSION_FILE, "xb")
+        index = len(segment_files(self.directory))
+        self.segment = self.directory / segment_name(index)
+        self._file = _new_segment(self.segment)
         start_ns = time.time_ns()
-        manifest = {
+        manifest = _read_manifest_if_any(self.directory) or {
             "schema": RECORDING_SCHEMA,
             "start_ns": start_ns,
-            "start_utc": datetime.fromtimestamp(start_ns / 1e9, timezone.utc).isoformat(),
+            "start_utc": _utc(start_ns),
             "source": source,
             "file": SESSION_FILE,
+            "segments": [],
         }
-        (self.directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-        self._file.write(_FILE_HEADER.pack(MAGIC, FORMAT_VERSION))
-        self._flush()
+        manifest.setdefault("segments", [])
+        manifest["segments"].append({"file": self.segment.name, "start_ns": start_ns, "start_utc": _utc(start_ns),
+                                     "source": source})
+        _write_json_atomically(self.directory / MANIFEST_FILE, manifest)
+        self._flush(self._file)
+        self._quarantine: BinaryIO | None = None
         self.records = 0
-        """Records written so far."""
+        """Records written to this segment so far."""
+        self.quarantined = 0
+        """Refused messages stored in the quarantine file."""
+        self.quarantine_full = 0
+        """Refused messages not stored because the quarantine file is full."""
 
     def write(self, direction: str, parts: list[bytes], recv_ns: int) -> None:
         """Append one message: ``direction`` "in" or "out", its wire ``parts`` and the local
@@ -104,30 +152,64 @@ class Recorder:
             raise ValueError(f"a record holds 1 to {MAX_PARTS} parts, got {len(parts)}")
         if isinstance(recv_ns, bool) or not isinstance(recv_ns, int) or recv_ns < 0:
             raise ValueError(f"recv_ns must be a non-negative int, got {recv_ns!r}")
-        record = b"".join([
-            _RECORD_HEADER.pack(DIRECTIONS.index(direction), recv_ns, len(parts)),
-            *(_LENGTH.pack(len(p)) for p in parts),
-            *parts,
-        ])
+        record = _pack_record(DIRECTIONS.index(direction), recv_ns, parts)
         with self._lock:
             self._file.write(record)
-            self._flush()
+            self._flush(self._file)
             self.records += 1
 
-    def _flush(self) -> None:
-        self._file.flush()
+    def quarantine(self, parts: list[bytes], reason: str, recv_ns: int) -> bool:
+        """Store a refused message (clipped) with its ``reason`` in the quarantine file;
+        False (and counted in ``quarantine_full``) once that file is full."""
+        clipped = [bytes(p[:QUARANTINE_PART_BYTES]) for p in list(parts)[:QUARANTINE_PARTS]]
+        record = _pack_record(0, recv_ns, [reason.encode("utf-8", "replace")[:QUARANTINE_PART_BYTES], *clipped])
+        with self._lock:
+            if self._quarantine is None:
+                path = self.directory / QUARANTINE_FILE
+                self._quarantine = open(path, "ab") if path.exists() else _new_segment(path)
+            if self._quarantine.tell() + len(record) > QUARANTINE_MAX_BYTES:
+                self.quarantine_full += 1
+                return False
+            self._quarantine.write(record)
+            self._flush(self._quarantine)
+            self.quarantined += 1
+            return True
+
+    def _flush(self, f: BinaryIO) -> None:
+        f.flush()
         if self._fsync:
-            os.fsync(self._file.fileno())
+            os.fsync(f.fileno())
 
     def close(self) -> None:
         with self._lock:
             self._file.close()
+            if self._quarantine is not None:
+                self._quarantine.close()
 
     def __enter__(self) -> Recorder:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _pack_record(code: int, recv_ns: int, parts: list[bytes]) -> bytes:
+    return b"".join([_RECORD_HEADER.pack(code, recv_ns, len(parts)), *(_LENGTH.pack(len(p)) for p in parts),
+                     *parts])
+
+
+def _utc(stamp_ns: int) -> str:
+    return datetime.fromtimestamp(stamp_ns / 1e9, timezone.utc).isoformat()
+
+
+def _write_json_atomically(path: Path, value: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_manifest_if_any(directory: Path) -> dict | None:
+    return read_manifest(directory) if (directory / MANIFEST_FILE).exists() else None
 
 
 def read_manifest(directory: str | Path) -> dict:
@@ -140,13 +222,22 @@ def read_manifest(directory: str | Path) -> dict:
 
 
 def read_recording(directory: str | Path) -> Iterator[Record]:
-    """The records of ``<directory>/session.rec`` in order, as (direction, recv_ns, parts).
+    """The records of every segment of ``directory`` in order, as (direction, recv_ns, parts).
 
-    A truncated final record (the writer crashed mid-record) is skipped with a warning.
-    Raises RecordingError for a file that is not a recording (bad magic), of an
-    unsupported version, or with a corrupt record header.
+    A truncated final record of a segment (the writer crashed mid-record) is skipped with
+    a warning. Raises RecordingError when there is no segment, for a file that is not a
+    recording (bad magic), of an unsupported version, or with a corrupt record header.
     """
-    path = Path(directory) / SESSION_FILE
+    files = segment_files(directory)
+    if not files:
+        raise RecordingError(f"no {SESSION_FILE} in {directory}: not a guidance recording")
+    for path in files:
+        yield from read_segment(path)
+
+
+def read_segment(path: str | Path) -> Iterator[Record]:
+    """The records of one segment file (or of the quarantine file), as in ``read_recording``."""
+    path = Path(path)
     with open(path, "rb") as f:
         head = f.read(_FILE_HEADER.size)
         if len(head) < _FILE_HEADER.size or head[:len(MAGIC)] != MAGIC:

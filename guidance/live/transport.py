@@ -15,12 +15,28 @@ Delivery policy:
 - ``Subscriber.recv_latest`` drains what is queued and keeps only the newest message of
   each kind (the older ones count as ``skipped``). ``ZMQ_CONFLATE`` is not used: it
   breaks multipart messages.
-- Malformed messages are logged, counted (``malformed``, ``last_error``) and dropped; a
-  subscriber keeps going.
+- Malformed messages are counted (``malformed``, ``last_error``) and dropped; a
+  subscriber keeps going. The log gets one line per kind of problem and sender at most
+  every ``LOG_PERIOD_S``, with counts (``guidance.live.throttle``).
+- Replays are refused: per (source, kind), a message whose ``stamp_ns`` is not after the
+  last accepted one, or lies more than ``MAX_FUTURE_S`` ahead of this clock, is dropped
+  (``replayed``). A restarted publisher restarts its ``seq`` but its stamps move on.
+- Bounded work and memory: ``ZMQ_MAXMSGSIZE`` (``max_message_bytes``, from the largest
+  frame the process accepts) disconnects a peer that sends a bigger part; at most
+  ``MAX_DRAIN`` queued messages are read per call; the per-sender tables are capped.
 - Either side may bind, and either may start first: ZeroMQ reconnects by itself every
   ``RECONNECT_IVL_MS`` (up to ``RECONNECT_IVL_MAX_MS``); sockets close with ``LINGER`` 0.
 
-Endpoints: ``tcp://127.0.0.1:PORT`` by default; ``ipc://`` and ``inproc://`` work too.
+Endpoints: ``tcp://127.0.0.1:PORT`` by default (loopback unless told otherwise);
+``ipc://`` and ``inproc://`` work too. A port held by another process is a
+``TransportError`` naming the port and the process that holds it.
+
+Security (``keys``, a ``guidance.live.keys.CurveKeys``): CURVE on every socket. The
+binding side is the CURVE server and accepts only clients whose public key is among its
+peers (ZAP, one ``ThreadAuthenticator`` per context); the connecting side names the role
+that binds there (``server_role``) and talks only to the holder of that role's secret
+key. A process without an accepted key receives nothing, and nothing it sends arrives.
+Without ``keys`` the sockets are plain (callers must ask for that explicitly).
 """
 
 from __future__ import annotations
@@ -33,9 +49,15 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 
+import psutil
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils.monitor import recv_monitor_message
 
-from guidance.live.wire import KINDS, Heartbeat, Message, WireError, decode, encode
+from guidance.core.errors import GuidanceError
+from guidance.live.keys import CurveKeys
+from guidance.live.throttle import ThrottledLog
+from guidance.live.wire import KINDS, Message, WireError, decode, encode
 
 __all__ = [
     "DEFAULT_FRAME_ENDPOINT",
@@ -44,8 +66,9 @@ __all__ = [
     "DEFAULT_RCVHWM",
     "Publisher",
     "Subscriber",
-    "HeartbeatMonitor",
+    "TransportError",
     "free_tcp_endpoint",
+    "max_message_bytes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -62,39 +85,149 @@ RECONNECT_IVL_MS = 100
 RECONNECT_IVL_MAX_MS = 1000
 ENDPOINT_SCHEMES = ("tcp://", "ipc://", "inproc://")
 MAX_DRAIN = 256
+"""At most this many queued messages are read by one ``recv_latest`` or ``recv`` call."""
 BIND_RETRY_S = 3.0
-"""At most this many queued messages are read by one ``recv_latest`` call."""
+MAX_FUTURE_S = 5.0
+"""A message stamped further ahead of this clock is refused (it would lock out its sender)."""
+MAX_SENDERS = 1024
+"""(source, kind) streams whose last stamp is remembered; the oldest is forgotten beyond."""
+LOG_PERIOD_S = 5.0
+HEADER_ALLOWANCE_BYTES = 1 << 20
+RECONNECT_GRACE_S = 0.5
+"""A connection ZeroMQ dropped for a protocol error (e.g. a part over ``ZMQ_MAXMSGSIZE``)
+is not retried by ZeroMQ itself; the subscriber reconnects it after this long."""
+_RETRY_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_DELAYED | zmq.EVENT_CONNECT_RETRIED
+DEFAULT_MAX_FRAME_PX = 2048
+"""Largest frame side (pixels) accepted by default: 2048 x 2048 float32 = 16 MiB."""
+
+
+class TransportError(GuidanceError):
+    """A socket that cannot be set up (port held by another process, bad endpoint)."""
+
+
+def max_message_bytes(max_frame_px: int = DEFAULT_MAX_FRAME_PX) -> int:
+    """``ZMQ_MAXMSGSIZE`` for a subscriber that accepts frames of up to ``max_frame_px``
+    pixels a side (4-byte pixels), plus room for the header."""
+    if not (isinstance(max_frame_px, int) and max_frame_px > 0):
+        raise ValueError(f"max_frame_px must be a positive int, got {max_frame_px!r}")
+    return max_frame_px * max_frame_px * 4 + HEADER_ALLOWANCE_BYTES
 
 
 def _check_endpoint(endpoint: str) -> str:
     if not isinstance(endpoint, str) or not endpoint.startswith(ENDPOINT_SCHEMES):
-        raise ValueError(f"endpoint must start with one of {', '.join(ENDPOINT_SCHEMES)}; "
-                         f"got {endpoint!r}")
+        raise TransportError(f"endpoint must start with one of {', '.join(ENDPOINT_SCHEMES)}; "
+                             f"got {endpoint!r}")
     return endpoint
 
 
-def _socket(context: zmq.Context | None, socket_type: int) -> zmq.Socket:
-    sock = (context or zmq.Context.instance()).socket(socket_type)
+def _socket(context: zmq.Context | None, socket_type: int, keys: CurveKeys | None, *,
+            server: bool) -> zmq.Socket:
+    context = context or zmq.Context.instance()
+    sock = context.socket(socket_type)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
+    if keys is not None:
+        sock.curve_secretkey = keys.secret
+        sock.curve_publickey = keys.public
+        if server:
+            _authenticate(context, keys)
+            sock.curve_server = True
     return sock
 
 
-def _bind(sock: zmq.Socket, endpoint: str, timeout_s: float = BIND_RETRY_S) -> None:
-    """Bind, retrying for ``timeout_s`` while the address is still held: a restarted
-    process rebinds the port its predecessor just closed, which ZeroMQ frees asynchronously."""
+def _server_roles(endpoints: Sequence[str], server_role: str | Sequence[str] | None) -> list[str | None]:
+    """The role expected to bind each endpoint (one for all, or one per endpoint)."""
+    if server_role is None or isinstance(server_role, str):
+        return [server_role] * len(endpoints)
+    roles = list(server_role)
+    if len(roles) != len(endpoints):
+        raise TransportError(f"{len(roles)} server roles for {len(endpoints)} endpoints")
+    return roles
+
+
+class _AllowedKeys:
+    """ZAP credentials provider: the union of the peers' public keys of every CurveKeys
+    used with one context."""
+
+    def __init__(self) -> None:
+        self.keys: set[bytes] = set()
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return key in self.keys
+
+
+_AUTHENTICATORS: dict[int, tuple[ThreadAuthenticator, _AllowedKeys]] = {}
+_AUTH_LOCK = threading.Lock()
+
+
+def _authenticate(context: zmq.Context, keys: CurveKeys) -> None:
+    """Start (once per context) the ZAP handler that admits the peers of ``keys``."""
+    with _AUTH_LOCK:
+        entry = _AUTHENTICATORS.get(id(context))
+        if entry is None:
+            auth = ThreadAuthenticator(context)
+            auth.start()
+            allowed = _AllowedKeys()
+            auth.configure_curve_callback(domain="*", credentials_provider=allowed)
+            entry = _AUTHENTICATORS[id(context)] = (auth, allowed)
+        entry[1].keys.update(keys.peers.values())
+
+
+def _port_holder(port: int) -> str | None:
+    """Who listens on TCP ``port`` here: "pid N (command line)", or None if not visible."""
+    try:
+        for conn in psutil.net_connections(kind="tcp"):
+            if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN and conn.pid:
+                return f"pid {conn.pid} ({' '.join(psutil.Process(conn.pid).cmdline())[:200]!r})"
+    except (psutil.Error, OSError):
+        return None
+    return None
+
+
+def _bind_conflict(endpoint: str) -> TransportError:
+    port = endpoint.rsplit(":", 1)[-1]
+    holder = _port_holder(int(port)) if endpoint.startswith("tcp://") and port.isdigit() else None
+    hint = f" (check with `ss -ltnp 'sport = :{port}'`)" if endpoint.startswith("tcp://") else ""
+    who = holder or f"another process{hint}"
+    return TransportError(f"cannot bind {endpoint}: the address is in use by {who}; stop that process "
+                          f"or choose another endpoint")
+
+
+def _bind(sock: zmq.Socket, endpoint: str) -> None:
+    """Bind, retrying for ``BIND_RETRY_S`` while the address is still held: a restarted
+    process rebinds the port its predecessor just closed, which ZeroMQ frees
+    asynchronously. TransportError naming the holder when it stays taken."""
     endpoint = _check_endpoint(endpoint)
-    deadline = time.monotonic() + timeout_s
+    deadline = time.monotonic() + BIND_RETRY_S
     pause = threading.Event()
     while True:
         try:
             sock.bind(endpoint)
             return
         except zmq.ZMQError as exc:
-            if exc.errno != zmq.EADDRINUSE or time.monotonic() >= deadline:
-                raise
+            if exc.errno != zmq.EADDRINUSE:
+                sock.close(linger=0)
+                raise TransportError(f"cannot bind {endpoint}: {exc}") from None
+            if time.monotonic() >= deadline:
+                sock.close(linger=0)
+                raise _bind_conflict(endpoint) from None
             pause.wait(0.05)
+
+
+def _connect(sock: zmq.Socket, endpoint: str, keys: CurveKeys | None, server_role: str | None) -> None:
+    """Connect; with ``keys``, as a CURVE client of the holder of ``server_role``'s key
+    (the option applies to this connection only, so each endpoint may have its own)."""
+    try:
+        if keys is not None:
+            if server_role is None:
+                raise TransportError(f"a CURVE connection to {endpoint} needs the role of the process that "
+                                     f"binds there (server_role)")
+            sock.curve_serverkey = keys.peer(server_role)
+        sock.connect(_check_endpoint(endpoint))
+    except (zmq.ZMQError, GuidanceError) as exc:
+        sock.close(linger=0)
+        raise TransportError(f"cannot connect to {endpoint}: {exc}") from None
 
 
 def free_tcp_endpoint(host: str = "127.0.0.1") -> str:
@@ -109,17 +242,19 @@ class Publisher:
     """A PUB socket sending guidance messages; ``send`` never blocks.
 
     ``endpoint``: where to bind (``bind=True``) or connect. ``sndhwm``: messages queued
-    per subscriber before that subscriber's messages are dropped.
+    per subscriber before that subscriber's messages are dropped. ``keys``: CURVE
+    identity (None: plain); ``server_role``: when connecting with keys, the role that binds.
     """
 
     def __init__(self, endpoint: str, bind: bool = True, *, sndhwm: int = DEFAULT_SNDHWM,
-                 context: zmq.Context | None = None) -> None:
-        self._socket = _socket(context, zmq.PUB)
+                 context: zmq.Context | None = None, keys: CurveKeys | None = None,
+                 server_role: str | None = None) -> None:
+        self._socket = _socket(context, zmq.PUB, keys, server=bind)
         self._socket.setsockopt(zmq.SNDHWM, sndhwm)
         if bind:
             _bind(self._socket, endpoint)
         else:
-            self._socket.connect(_check_endpoint(endpoint))
+            _connect(self._socket, endpoint, keys, server_role)
         self._next_seq: dict[str, int] = {}
         self.sent = 0
         """Messages handed to ZeroMQ."""
@@ -141,6 +276,13 @@ class Publisher:
         self.sent += 1
         return stamped
 
+    def send_raw(self, parts: Sequence[bytes]) -> None:
+        """Send an already-built multipart message (topic frame first) unchanged and
+        without blocking: re-publishing recorded bytes, or probing receivers with bytes
+        ``send`` would refuse to build."""
+        self._socket.send_multipart(list(parts), flags=zmq.NOBLOCK, copy=False)
+        self.sent += 1
+
     def close(self) -> None:
         self._socket.close(linger=0)
 
@@ -157,18 +299,26 @@ class Subscriber:
     ``endpoints``: one endpoint or several, connected (or bound with ``bind=True``);
     ``topics``: the kinds to receive (``wire.KINDS`` names), all when None.
 
-    ``tap`` is called with the wire parts (topic frame removed) of every multipart message
-    received, valid or not, before decoding: the recorder's hook.
+    ``tap`` is called with the wire parts (topic frame removed) of every message accepted
+    (validated, not a replay), before it is returned: the recorder's hook;
+    ``reject_tap`` with the parts and the reason of every message dropped (quarantine).
+    ``keys``/``server_role``: CURVE, as for ``Publisher`` (``server_role`` may list one
+    role per endpoint). ``max_message_bytes``:
+    ``ZMQ_MAXMSGSIZE``; a peer sending a bigger part is disconnected (it reconnects).
 
     Counters: ``received`` (valid messages decoded), ``malformed`` (dropped, reason of the
-    last one in ``last_error``), ``skipped`` (superseded by a newer message of their kind in
-    ``recv_latest``), ``lost`` (gaps in the publishers' sequence numbers).
+    last one in ``last_error``), ``replayed`` (stamps not after the last of their stream),
+    ``skipped`` (superseded by a newer message of their kind in ``recv_latest``), ``lost``
+    (gaps in the publishers' sequence numbers).
     """
 
     def __init__(self, endpoints: str | Sequence[str], topics: Iterable[str] | None = None,
                  bind: bool = False, *, rcvhwm: int = DEFAULT_RCVHWM,
                  context: zmq.Context | None = None,
-                 tap: Callable[[list[bytes]], None] | None = None) -> None:
+                 tap: Callable[[list[bytes]], None] | None = None,
+                 reject_tap: Callable[[list[bytes], str], None] | None = None,
+                 keys: CurveKeys | None = None, server_role: str | Sequence[str] | None = None,
+                 max_message_bytes: int = max_message_bytes()) -> None:
         if isinstance(endpoints, str):
             endpoints = [endpoints]
         endpoints = [_check_endpoint(e) for e in endpoints]
@@ -180,21 +330,30 @@ class Subscriber:
                 if topic not in KINDS:
                     raise ValueError(f"unknown topic {topic!r}; topics are message kinds: "
                                      f"{', '.join(KINDS)}")
-        self._socket = _socket(context, zmq.SUB)
+        self._socket = _socket(context, zmq.SUB, keys, server=bind)
         self._socket.setsockopt(zmq.RCVHWM, rcvhwm)
+        self._socket.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         for topic in topics:
             self._socket.setsockopt(zmq.SUBSCRIBE, topic.encode("ascii"))
-        for endpoint in endpoints:
+        self._monitor = None if bind else self._socket.get_monitor_socket(zmq.EVENT_DISCONNECTED | _RETRY_EVENTS)
+        self._dropped_since: dict[str, float] = {}
+        self._keys = keys
+        self._roles = dict(zip(endpoints, _server_roles(endpoints, server_role)))
+        for endpoint, role in self._roles.items():
             if bind:
                 _bind(self._socket, endpoint)
             else:
-                self._socket.connect(endpoint)
+                _connect(self._socket, endpoint, keys, role)
         self._poller = zmq.Poller()
         self._poller.register(self._socket, zmq.POLLIN)
         self._tap = tap
+        self._reject_tap = reject_tap
         self._last_seq: dict[tuple[str, str], int] = {}
+        self._last_stamp: dict[tuple[str, str], int] = {}
+        self._log = ThrottledLog(logger, LOG_PERIOD_S)
         self.received = 0
         self.malformed = 0
+        self.replayed = 0
         self.skipped = 0
         self.lost = 0
         self.last_error: str | None = None
@@ -221,49 +380,91 @@ class Subscriber:
         if first is None:
             return {}
         latest = {first.kind: first}
-        for count, msg in enumerate(self._drain(), start=1):
+        for msg in self._drain():
             if msg.kind in latest:
                 self.skipped += 1
             latest[msg.kind] = msg
-            if count >= MAX_DRAIN:
-                break
         return latest
 
+    def _watch_connections(self) -> None:
+        """Reconnect an endpoint that ZeroMQ disconnected and does not retry (a protocol
+        error such as a part over ``ZMQ_MAXMSGSIZE``): ordinary disconnects are followed by
+        retry events within ``RECONNECT_GRACE_S``, those are not."""
+        if self._monitor is None:
+            return
+        now = time.monotonic()
+        while self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)
+            endpoint = event["endpoint"].decode()
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                self._dropped_since[endpoint] = now
+            else:
+                self._dropped_since.pop(endpoint, None)
+        for endpoint, since in list(self._dropped_since.items()):
+            if now - since >= RECONNECT_GRACE_S:
+                del self._dropped_since[endpoint]
+                self._log.warning(f"reconnecting {endpoint}",
+                                  "the connection was dropped for a protocol error (a message over the size limit?)")
+                try:
+                    self._socket.disconnect(endpoint)
+                except zmq.ZMQError:
+                    pass  # the dropped session has already forgotten the endpoint
+                if self._keys is not None:
+                    self._socket.curve_serverkey = self._keys.peer(self._roles[endpoint])
+                self._socket.connect(endpoint)
+
     def _drain(self) -> Iterator[Message]:
-        """Valid messages already queued, without waiting; malformed ones are dropped."""
-        while True:
+        """Valid messages already queued, without waiting, reading at most ``MAX_DRAIN``
+        messages (valid or not); malformed and replayed ones are dropped."""
+        self._watch_connections()
+        for _ in range(MAX_DRAIN):
             try:
                 parts = self._socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            if self._tap is not None:
-                self._tap(parts[1:])
             msg = self._accept(parts)
             if msg is not None:
+                if self._tap is not None:
+                    self._tap(parts[1:])
                 yield msg
 
     def _accept(self, parts: list[bytes]) -> Message | None:
         try:
             msg = decode(parts[1:])
         except WireError as exc:
-            return self._reject(str(exc))
+            return self._reject(parts, f"malformed {exc.kind} from {exc.sender!r}", exc.detail)
         if parts[0] != msg.kind.encode("ascii"):
-            return self._reject(f"topic {parts[0][:40]!r} does not match kind {msg.kind!r}")
+            return self._reject(parts, f"malformed {msg.kind} from {msg.source!r}",
+                                f"topic {parts[0][:40]!r} does not match kind {msg.kind!r}")
         key = (msg.source, msg.kind)
+        last_stamp = self._last_stamp.get(key)
+        future_s = (msg.stamp_ns - time.time_ns()) / 1e9
+        if (last_stamp is not None and msg.stamp_ns <= last_stamp) or future_s > MAX_FUTURE_S:
+            self.replayed += 1
+            why = (f"stamp {future_s:.1f} s in the future" if future_s > MAX_FUTURE_S else
+                   f"stamp_ns {msg.stamp_ns} not after the last accepted {last_stamp}")
+            return self._reject(parts, f"replayed {msg.kind} from {msg.source!r}", why, malformed=False)
         last = self._last_seq.get(key)
         if last is not None and msg.seq > last + 1:
             self.lost += msg.seq - last - 1
-        self._last_seq[key] = msg.seq
+        _remember(self._last_seq, key, msg.seq)
+        _remember(self._last_stamp, key, msg.stamp_ns)
         self.received += 1
         return msg
 
-    def _reject(self, reason: str) -> None:
-        self.malformed += 1
+    def _reject(self, parts: list[bytes], what: str, reason: str, *, malformed: bool = True) -> None:
+        if malformed:
+            self.malformed += 1
         self.last_error = reason
-        logger.warning("dropped malformed message (%d so far): %s", self.malformed, reason)
+        self._log.warning(f"dropped {what}", reason)
+        if self._reject_tap is not None:
+            self._reject_tap(parts[1:], reason)
 
     def close(self) -> None:
         self._poller.unregister(self._socket)
+        if self._monitor is not None:
+            self._socket.disable_monitor()
+            self._monitor.close(linger=0)
         self._socket.close(linger=0)
 
     def __enter__(self) -> Subscriber:
@@ -273,35 +474,9 @@ class Subscriber:
         self.close()
 
 
-class HeartbeatMonitor:
-    """Last-seen time and state per role, from received Heartbeat messages.
-
-    A role is alive while its last heartbeat is at most ``timeout_s`` seconds old. Times
-    are local receive times (``time.monotonic()`` seconds), never the sender's clock.
-    """
-
-    def __init__(self, timeout_s: float) -> None:
-        if not timeout_s > 0:
-            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
-        self.timeout_s = float(timeout_s)
-        self._seen_s: dict[str, float] = {}
-        self._state: dict[str, str] = {}
-
-    def update(self, heartbeat: Heartbeat, now_s: float | None = None) -> None:
-        """Record a heartbeat received at ``now_s`` (default: now)."""
-        self._seen_s[heartbeat.role] = time.monotonic() if now_s is None else now_s
-        self._state[heartbeat.role] = heartbeat.state
-
-    def age_s(self, role: str, now_s: float | None = None) -> float | None:
-        """Seconds since the last heartbeat of ``role``; None if never seen."""
-        if role not in self._seen_s:
-            return None
-        return (time.monotonic() if now_s is None else now_s) - self._seen_s[role]
-
-    def alive(self, role: str, now_s: float | None = None) -> bool:
-        age = self.age_s(role, now_s)
-        return age is not None and age <= self.timeout_s
-
-    def state(self, role: str) -> str | None:
-        """The state reported by the last heartbeat of ``role``; None if never seen."""
-        return self._state.get(role)
+def _remember(table: dict, key: tuple[str, str], value: int) -> None:
+    """``table[key] = value``, forgetting the oldest entry beyond ``MAX_SENDERS``."""
+    table.pop(key, None)
+    table[key] = value
+    if len(table) > MAX_SENDERS:
+        table.pop(next(iter(table)))

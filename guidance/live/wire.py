@@ -17,12 +17,18 @@ that ``guidance.live.transport`` puts in front):
 
 Poses travel as 4x4 row-major nested lists (docs/conventions.md), times as integer
 nanoseconds (``_ns``, ``time.time_ns()`` epoch), lengths in mm, angles in degrees. Every
-JSON number must be finite. The header is written with sorted keys and no whitespace, so
+JSON number must be finite, every integer fit an int64, every string at most
+``MAX_STRING`` characters, every buffer at most ``MAX_NDIM`` dimensions of at most
+``MAX_DIM`` elements each. The header is written with sorted keys and no whitespace, so
 ``encode(decode(parts)) == parts`` for anything ``encode`` produced.
 
 One frozen dataclass per kind; its constructor validates and normalises its fields
 (raising ``WireError``), so a message that exists is a valid message, whether it was
 built locally or decoded. ``KINDS`` maps each kind name to its class.
+
+``decode`` turns any sequence of byte strings into a message or a ``WireError`` whose
+text names the kind, the sender (the header's ``source``, as claimed) and the field:
+nothing else escapes it, so one bad message can never stop a process.
 """
 
 from __future__ import annotations
@@ -69,29 +75,58 @@ OVERLAY_SIGNATURES = {"png": b"\x89PNG\r\n\x1a\n", "jpeg": b"\xff\xd8\xff"}
 _ENVELOPE = ("schema", "version", "kind", "buffers")
 _DESCRIPTOR_KEYS = {"dtype", "shape", "nbytes", "crc32"}
 _UNIT_TOL = 1e-6
+INT64_MAX = 2**63 - 1
+MAX_STRING = 4096
+"""Characters in any header string (ids, reasons, stats)."""
+MAX_HEADER_BYTES = 1 << 20
+"""Bytes of the JSON header (part 0); checked before parsing."""
+MAX_NDIM = 4
+MAX_DIM = 1 << 20
+"""Elements along one buffer dimension; the total size is capped by the transport."""
+UNKNOWN_SENDER = "?"
 
 
 class WireError(GuidanceError):
-    """A message that violates the guidance.msg contract (on encode, decode or construction)."""
+    """A message that violates the guidance.msg contract (on encode, decode or construction).
+
+    ``kind`` and ``sender`` name the message kind and its claimed ``source`` ("message"
+    and "?" when unknown; decode always fills them in), ``detail`` the problem alone."""
+
+    def __init__(self, message: str, *, kind: str | None = None, sender: str | None = None,
+                 detail: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.sender = sender
+        self.detail = message if detail is None else detail
 
 
 # ---------------------------------------------------------------------------------------
 # Field validators: each returns the normalised value or raises WireError naming the field.
 
 
-def _int(value: Any, name: str, *, minimum: int | None = None) -> int:
+def _int(value: Any, name: str, *, minimum: int | None = None, maximum: int = INT64_MAX) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise WireError(f"'{name}' must be an integer, got {type(value).__name__}")
     value = int(value)
     if minimum is not None and value < minimum:
         raise WireError(f"'{name}' must be >= {minimum}, got {value}")
+    if value > maximum:
+        raise WireError(f"'{name}' must be <= {maximum}, got {_clip(str(value))}")
     return value
+
+
+def _clip(text: str, n: int = 60) -> str:
+    """``text`` shortened for an error message."""
+    return text if len(text) <= n else f"{text[:n]}...({len(text)} chars)"
 
 
 def _float(value: Any, name: str, *, lo: float | None = None, hi: float | None = None) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise WireError(f"'{name}' must be a number, got {type(value).__name__}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:
+        raise WireError(f"'{name}' is too large for a float") from None
     if not math.isfinite(value):
         raise WireError(f"'{name}' must be finite, got {value}")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
@@ -107,8 +142,10 @@ def _str(value: Any, name: str, *, choices: tuple[str, ...] | None = None,
          nonempty: bool = False) -> str:
     if not isinstance(value, str):
         raise WireError(f"'{name}' must be a string, got {type(value).__name__}")
+    if len(value) > MAX_STRING:
+        raise WireError(f"'{name}' is longer than {MAX_STRING} characters ({len(value)})")
     if choices is not None and value not in choices:
-        raise WireError(f"'{name}' must be one of {', '.join(choices)}; got {value!r}")
+        raise WireError(f"'{name}' must be one of {', '.join(choices)}; got {_clip(repr(value))}")
     if nonempty and not value:
         raise WireError(f"'{name}' must not be empty")
     return value
@@ -124,12 +161,17 @@ def _opt_bool(value: Any, name: str) -> bool | None:
     return None if value is None else bool(value)
 
 
+def _numbers(value: Any, name: str, what: str) -> np.ndarray:
+    """``value`` as a float64 array; WireError (naming ``what`` was expected) otherwise."""
+    try:
+        return np.asarray(value, dtype=float)
+    except (TypeError, ValueError, OverflowError):
+        raise WireError(f"'{name}' must be {what}") from None
+
+
 def _pose(value: Any, name: str) -> np.ndarray:
     """A rigid 4x4 float64 pose (finite, orthonormal rotation, last row [0, 0, 0, 1])."""
-    try:
-        T = np.asarray(value, dtype=float)
-    except (TypeError, ValueError):
-        raise WireError(f"'{name}' must be a 4x4 numeric matrix") from None
+    T = _numbers(value, name, "a 4x4 numeric matrix")
     try:
         return check_rigid(T, f"'{name}'")
     except GeometryError as exc:
@@ -154,10 +196,7 @@ def _pose_map(value: Any, name: str, *, required: tuple[str, ...] = ()) -> dict:
 
 
 def _vec3(value: Any, name: str, *, unit: bool = False) -> np.ndarray:
-    try:
-        v = np.asarray(value, dtype=float)
-    except (TypeError, ValueError):
-        raise WireError(f"'{name}' must be 3 numbers") from None
+    v = _numbers(value, name, "3 numbers")
     if v.shape != (3,):
         raise WireError(f"'{name}' must have shape (3,), got {v.shape}")
     if not np.all(np.isfinite(v)):
@@ -170,8 +209,8 @@ def _vec3(value: Any, name: str, *, unit: bool = False) -> np.ndarray:
 def _pixels(value: Any, name: str) -> np.ndarray:
     if not isinstance(value, np.ndarray):
         raise WireError(f"'{name}' must be a numpy array, got {type(value).__name__}")
-    if value.ndim != 2:
-        raise WireError(f"'{name}' must be a 2-D image, got shape {value.shape}")
+    if value.ndim != 2 or value.size == 0:
+        raise WireError(f"'{name}' must be a non-empty 2-D image, got shape {value.shape}")
     if value.dtype.name not in DTYPES:
         raise WireError(f"'{name}' dtype {value.dtype.name} not allowed; use {', '.join(DTYPES)}")
     if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
@@ -236,8 +275,10 @@ class Frame(Message):
         if isinstance(view, dict):
             try:
                 view = view_from_dict(view)
-            except ViewError as exc:
-                raise WireError(f"bad view geometry: {exc}") from None
+            except (ViewError, TypeError, ValueError, ArithmeticError) as exc:
+                # The view parser raises plain TypeError/ValueError on some ill-typed fields
+                # (e.g. "pixel_spacing_mm": ["a", "b"]): all of them are a bad view here.
+                raise WireError(f"bad view geometry: 'view': {_clip(str(exc), 200)}") from None
         elif not isinstance(view, View):
             raise WireError(f"'view' must be a View or a guidance.view/1 object, "
                             f"got {type(view).__name__}")
@@ -346,7 +387,8 @@ class InstrumentState(Message):
     """An instrument in world (CT, LPS mm) coordinates and its deviation from the plan.
 
     ``tip_world``: tip position (mm); ``axis_world``: unit direction of the instrument axis
-    (towards the tip); ``status``: e.g. "ok", "stale", "not_visible". Deviation from the
+    (towards the tip); both required when ``status`` is "ok", null allowed otherwise;
+    ``status``: e.g. "ok", "registration_failed", "not_tracked". Deviation from the
     planned trajectory of ``plan_level`` / ``plan_side`` (all optional):
     ``distance_to_trajectory_mm`` and ``tip_to_target_mm`` (>= 0),
     ``angle_to_trajectory_deg`` in [0, 180], ``depth_along_trajectory_mm`` (signed, from
@@ -364,8 +406,8 @@ class InstrumentState(Message):
 
     frame_id: int
     tool_id: str
-    tip_world: np.ndarray
-    axis_world: np.ndarray
+    tip_world: np.ndarray | None
+    axis_world: np.ndarray | None
     status: str
     plan_level: str | None = None
     plan_side: str | None = None
@@ -381,11 +423,13 @@ class InstrumentState(Message):
     clearance_mm: float | None = None
     travel_to_breach_mm: float | None = None
     image_derived: bool = False
+    acquired_ns: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _set(self, "frame_id", _int(self.frame_id, "frame_id", minimum=0))
         _set(self, "tool_id", _str(self.tool_id, "tool_id", nonempty=True))
+        _set(self, "acquired_ns", _int(self.acquired_ns, "acquired_ns", minimum=0))
         _set(self, "to_target_along_plan_mm", _opt_float(self.to_target_along_plan_mm, "to_target_along_plan_mm"))
         _set(self, "breach_mm", _opt_float(self.breach_mm, "breach_mm", lo=0.0))
         _set(self, "breach_grade", _opt_str(self.breach_grade, "breach_grade", choices=GRADES))
@@ -393,9 +437,12 @@ class InstrumentState(Message):
         _set(self, "breach_warning", _opt_bool(self.breach_warning, "breach_warning"))
         _set(self, "clearance_mm", _opt_float(self.clearance_mm, "clearance_mm"))
         _set(self, "travel_to_breach_mm", _opt_float(self.travel_to_breach_mm, "travel_to_breach_mm", lo=0.0))
-        _set(self, "tip_world", _vec3(self.tip_world, "tip_world"))
-        _set(self, "axis_world", _vec3(self.axis_world, "axis_world", unit=True))
         _set(self, "status", _str(self.status, "status", nonempty=True))
+        for name, unit in (("tip_world", False), ("axis_world", True)):
+            value = getattr(self, name)
+            if value is None and self.status == "ok":
+                raise WireError(f"'{name}' must be given when status is 'ok'")
+            _set(self, name, None if value is None else _vec3(value, name, unit=unit))
         _set(self, "plan_level", _opt_str(self.plan_level, "plan_level"))
         _set(self, "plan_side", _opt_str(self.plan_side, "plan_side"))
         _set(self, "distance_to_trajectory_mm",
@@ -649,6 +696,8 @@ def _reject_constant(text: str) -> None:
 def _parse_header(part: bytes) -> dict:
     if not isinstance(part, (bytes, bytearray, memoryview)):
         raise WireError(f"part 0 must be bytes, got {type(part).__name__}")
+    if len(part) > MAX_HEADER_BYTES:
+        raise WireError(f"header (part 0) has {len(part)} bytes, more than {MAX_HEADER_BYTES}")
     try:
         text = bytes(part).decode("utf-8")
     except UnicodeDecodeError:
@@ -671,13 +720,13 @@ def _unpack_buffer(descriptor: Any, part: bytes, index: int) -> np.ndarray:
                         f"{', '.join(sorted(_DESCRIPTOR_KEYS))}")
     dtype = descriptor["dtype"]
     if dtype not in DTYPES:
-        raise WireError(f"{name}: dtype {dtype!r} not allowed; allowed: {', '.join(DTYPES)}")
+        raise WireError(f"{name}: dtype {_clip(repr(dtype))} not allowed; allowed: {', '.join(DTYPES)}")
     shape = descriptor["shape"]
-    if not isinstance(shape, list):
-        raise WireError(f"{name}: shape must be a list of integers")
-    shape = [_int(n, f"{name} shape", minimum=0) for n in shape]
+    if not isinstance(shape, list) or len(shape) > MAX_NDIM:
+        raise WireError(f"{name}: shape must be a list of at most {MAX_NDIM} integers")
+    shape = [_int(n, f"{name} shape", minimum=0, maximum=MAX_DIM) for n in shape]
     nbytes = _int(descriptor["nbytes"], f"{name} nbytes", minimum=0)
-    crc = _int(descriptor["crc32"], f"{name} crc32", minimum=0)
+    crc = _int(descriptor["crc32"], f"{name} crc32", minimum=0, maximum=0xFFFFFFFF)
     expected = math.prod(shape) * np.dtype(dtype).itemsize
     if nbytes != expected:
         raise WireError(f"{name}: nbytes {nbytes} != {dtype} x shape {shape} = {expected} bytes")
@@ -691,48 +740,75 @@ def _unpack_buffer(descriptor: Any, part: bytes, index: int) -> np.ndarray:
     return np.frombuffer(part, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
 
 
+def _sender(header: dict) -> str:
+    """The claimed ``source`` of a header, shortened, for error messages."""
+    source = header.get("source")
+    return _clip(source, 64) if isinstance(source, str) else UNKNOWN_SENDER
+
+
 def decode(parts: list[bytes]) -> Message:
     """Validate multipart frames and build their message.
 
-    Raises WireError naming the problem. Buffer arrays are read-only views of ``parts``.
+    Raises WireError naming the kind, the claimed sender and the problem, and nothing
+    else, whatever the bytes. Buffer arrays are read-only views of ``parts``.
     """
     if not isinstance(parts, (list, tuple)) or not parts:
-        raise WireError("too few parts: a message needs at least the header part")
-    header = _parse_header(parts[0])
+        raise _named(WireError("too few parts: a message needs at least the header part"), "message",
+                     UNKNOWN_SENDER)
+    try:
+        header = _parse_header(parts[0])
+    except WireError as exc:
+        raise _named(exc, "message", UNKNOWN_SENDER) from None
+    sender = _sender(header)
+    kind = header.get("kind")
+    label = kind if isinstance(kind, str) and kind in KINDS else "message"
+    try:
+        with np.errstate(all="ignore"):  # huge numbers overflow in the checks, which then refuse them
+            return _decode(header, parts, kind)
+    except WireError as exc:
+        raise _named(exc, label, sender) from None
+    except (TypeError, ValueError, ArithmeticError, LookupError, RecursionError) as exc:
+        # A check this module is missing: still a rejected message, never a crash.
+        raise _named(WireError(f"invalid content ({type(exc).__name__}: {_clip(str(exc), 200)})"),
+                     label, sender) from None
+
+
+def _named(exc: WireError, kind: str, sender: str) -> WireError:
+    """``exc`` with the kind and sender in front of its text and as attributes."""
+    return WireError(f"{kind} from {sender!r}: {exc}", kind=kind, sender=sender, detail=str(exc))
+
+
+def _decode(header: dict, parts: list[bytes], kind: Any) -> Message:
     schema = header.get("schema")
     if schema != SCHEMA:
-        raise WireError(f"unknown schema {schema!r}; expected {SCHEMA!r}")
+        raise WireError(f"unknown schema {_clip(repr(schema))}; expected {SCHEMA!r}")
     version = header.get("version")
     if isinstance(version, bool) or not isinstance(version, int) or version != VERSION:
-        raise WireError(f"unsupported version {version!r}; this side speaks version {VERSION}")
-    kind = header.get("kind")
-    if kind not in KINDS:
-        raise WireError(f"unknown kind {kind!r}; known kinds: {', '.join(KINDS)}")
+        raise WireError(f"unsupported version {_clip(repr(version))}; this side speaks version {VERSION}")
+    if not isinstance(kind, str) or kind not in KINDS:
+        raise WireError(f"unknown kind {_clip(repr(kind))}; known kinds: {', '.join(KINDS)}")
     cls = KINDS[kind]
     descriptors = header.get("buffers")
     if not isinstance(descriptors, list):
-        raise WireError(f"{kind}: 'buffers' must be a list of buffer descriptors")
+        raise WireError("'buffers' must be a list of buffer descriptors")
     if len(descriptors) != len(cls.buffer_fields):
-        raise WireError(f"{kind}: header lists {len(descriptors)} buffers, a {kind} has "
+        raise WireError(f"header lists {len(descriptors)} buffers, a {kind} has "
                         f"{len(cls.buffer_fields)}")
     if len(parts) != 1 + len(descriptors):
         few_many = "too few" if len(parts) < 1 + len(descriptors) else "too many"
-        raise WireError(f"{kind}: {few_many} parts: got {len(parts)}, expected header + "
+        raise WireError(f"{few_many} parts: got {len(parts)}, expected header + "
                         f"{len(descriptors)} buffers")
-    try:
-        arrays = [_unpack_buffer(d, p, i) for i, (d, p) in enumerate(zip(descriptors, parts[1:]))]
-        content = {k: v for k, v in header.items() if k not in _ENVELOPE}
-        names = {f.name for f in fields(cls)} - set(cls.buffer_fields)
-        unknown = sorted(set(content) - names)
-        if unknown:
-            raise WireError(f"unexpected field(s) {', '.join(unknown)}")
-        missing = sorted(f.name for f in fields(cls) if f.name in names and f.name not in content
-                         and _is_required(f))
-        if missing:
-            raise WireError(f"missing field(s) {', '.join(missing)}")
-        return cls(**content, **dict(zip(cls.buffer_fields, arrays)))
-    except WireError as exc:
-        raise WireError(f"{kind}: {exc}") from None
+    arrays = [_unpack_buffer(d, p, i) for i, (d, p) in enumerate(zip(descriptors, parts[1:]))]
+    content = {k: v for k, v in header.items() if k not in _ENVELOPE}
+    names = {f.name for f in fields(cls)} - set(cls.buffer_fields)
+    unknown = sorted(set(content) - names)
+    if unknown:
+        raise WireError(f"unexpected field(s) {_clip(', '.join(unknown))}")
+    missing = sorted(f.name for f in fields(cls) if f.name in names and f.name not in content
+                     and _is_required(f))
+    if missing:
+        raise WireError(f"missing field(s) {', '.join(missing)}")
+    return cls(**content, **dict(zip(cls.buffer_fields, arrays)))
 
 
 def _is_required(f: Field) -> bool:

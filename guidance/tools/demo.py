@@ -22,6 +22,7 @@ import numpy as np
 from guidance.core.threads import configure_threads
 from guidance.evaluation.metrics import mean_projection_distance, mtre, target_points
 from guidance.live.display import NavigationState
+from guidance.live.keys import load_keys, make_keys
 from guidance.live.transport import Subscriber, free_tcp_endpoint
 from guidance.core.geometry import invert_rigid
 from guidance.live.wire import Frame, Heartbeat, PoseResult, VolumeFrame
@@ -103,9 +104,14 @@ def _start_child(numba_threads: int, log_level: int) -> None:
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
 
 
+def _keys(keys_dir: str | None, role: str):
+    """The role's CURVE keys, or None (plain sockets) without a key folder."""
+    return None if keys_dir is None else load_keys(keys_dir, role)
+
+
 def _sim_process(frame_endpoint: str, duration_s: float, fps: float, seed: int, prerender: bool,
-                 lead_shots: tuple, intraop_at_s: float | None, speed: float, medial_deg: float, log_level: int,
-                 stop) -> None:
+                 lead_shots: tuple, intraop_at_s: float | None, speed: float, medial_deg: float,
+                 keys_dir: str | None, log_level: int, stop) -> None:
     """Spawned: the simulator's scenario on the phantom of ``seed`` (``lead_shots`` before the
     fluoroscopy, an intra-op scan at ``intraop_at_s``, the K-wire turned ``medial_deg``
     medially off the plan), published at ``speed`` until it ends."""
@@ -116,11 +122,11 @@ def _sim_process(frame_endpoint: str, duration_s: float, fps: float, seed: int, 
 
     run_sim(Scenario(duration_s=duration_s, fps=fps, seed=0, lead_shots=lead_shots, instrument_medial_deg=medial_deg),
             make_phantom(seed=seed), frame_endpoint=frame_endpoint, stop=stop, startup_s=0.5, prerender=prerender,
-            speed=speed, intraop_at_s=intraop_at_s)
+            speed=speed, intraop_at_s=intraop_at_s, keys=_keys(keys_dir, "sim"))
 
 
-def _pipeline_process(frame_endpoint: str, result_endpoint: str, seed: int, record_dir: str | None, log_level: int,
-                      igtl_port: int | None, stop) -> None:
+def _pipeline_process(frame_endpoint: str, result_endpoint: str, seed: int, record_dir: str | None,
+                      keys_dir: str | None, log_level: int, igtl_port: int | None, stop) -> None:
     """Spawned: the live pipeline on the phantom of ``seed``, until ``stop``; with
     ``igtl_port`` it also serves OpenIGTLink there."""
     _start_child(2, log_level)
@@ -135,14 +141,14 @@ def _pipeline_process(frame_endpoint: str, result_endpoint: str, seed: int, reco
     bridge = IgtlBridge(igtl_port, ct=subject.ct, plan=pipeline.plan) if igtl_port is not None else None
     try:
         run_pipeline(pipeline, frame_endpoints=[frame_endpoint], result_endpoint=result_endpoint, stop=stop,
-                     record_dir=record_dir, sink=bridge)
+                     record_dir=record_dir, sink=bridge, keys=_keys(keys_dir, "pipeline"))
     finally:
         if bridge is not None:
             bridge.close()
 
 
-def _display_process(frame_endpoint: str, result_endpoint: str, seed: int, out_dir: str, log_level: int,
-                     stop) -> None:
+def _display_process(frame_endpoint: str, result_endpoint: str, seed: int, out_dir: str, keys_dir: str | None,
+                     log_level: int, stop) -> None:
     """Spawned: the headless navigation display writing screens into ``out_dir``, until ``stop``."""
     _start_child(1, log_level)
     from guidance.live.display import HeadlessWriter
@@ -151,7 +157,8 @@ def _display_process(frame_endpoint: str, result_endpoint: str, seed: int, out_d
 
     subject = load_subject(phantom_seed=seed)
     run_display(frame_endpoint=frame_endpoint, result_endpoint=result_endpoint, ct=subject.ct, plan=subject.plan,
-                labels=subject.labels, sink=HeadlessWriter(out_dir), stop=stop, refresh_hz=4.0)
+                labels=subject.labels, sink=HeadlessWriter(out_dir), stop=stop, refresh_hz=4.0,
+                keys=_keys(keys_dir, "display"))
 
 
 class _Process:
@@ -187,8 +194,8 @@ def clean_demo_outputs(out_dir: Path) -> None:
 def run_demo(out_dir: str | Path, *, duration_s: float = 20.0, fps: float = 15.0, seed: int = 0,
              startup_timeout_s: float = 120.0, print_rows: bool = True, with_display: bool = True,
              record: bool = True, prerender: bool = False, igtl_port: int | None = None,
-             lead_shots: tuple[tuple[float, float], ...] = DEMO_SHOTS, intraop_at_s: float | None = None,
-             speed: float = 1.0, medial_deg: float = 0.0) -> DemoReport:
+             plain: bool = False, lead_shots: tuple[tuple[float, float], ...] = DEMO_SHOTS,
+             intraop_at_s: float | None = None, speed: float = 1.0, medial_deg: float = 0.0) -> DemoReport:
     """Run sim + pipeline (+ display) on loopback for ``duration_s`` of scenario time.
 
     ``out_dir`` is cleaned of an earlier demo's screens and recordings first; screens go
@@ -204,6 +211,8 @@ def run_demo(out_dir: str | Path, *, duration_s: float = 20.0, fps: float = 15.0
     point, so the display's breach warning builds up as it advances.
     At the end the pipeline is stopped first and the time until a navigation state fed
     by the monitor turns STALE is measured (``report.stale_after_stop_s``).
+    The sockets use CURVE with the keys in ``out_dir/keys`` (made on the first run) unless
+    ``plain``.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -213,22 +222,26 @@ def run_demo(out_dir: str | Path, *, duration_s: float = 20.0, fps: float = 15.0
 
     phantom = make_phantom(seed=seed)
     targets = target_points(phantom.ct, labels=phantom.labels, max_points=300, seed=seed)
+    keys_dir = None if plain else str(out / "keys")
+    if keys_dir is not None and not (out / "keys" / "monitor.key_secret").exists():
+        make_keys(keys_dir)
     monitor = Subscriber([frames_ep, results_ep], topics=("frame", "pose_result", "heartbeat", "volume"),
-                         rcvhwm=1000)
+                         rcvhwm=1000, keys=_keys(keys_dir, "monitor"), server_role=("sim", "pipeline"))
     recording = str(out / time.strftime("recording-%Y%m%d-%H%M%S")) if record else None
     spawn = multiprocessing.get_context("spawn")
     level = logging.getLogger().getEffectiveLevel()
-    pipeline = _Process(spawn, _pipeline_process, frames_ep, results_ep, seed, recording, level, igtl_port)
-    display = _Process(spawn, _display_process, frames_ep, results_ep, seed, str(out), level) if with_display else None
+    pipeline = _Process(spawn, _pipeline_process, frames_ep, results_ep, seed, recording, keys_dir, level, igtl_port)
+    display = (_Process(spawn, _display_process, frames_ep, results_ep, seed, str(out), keys_dir, level)
+               if with_display else None)
     sim = None
     report = DemoReport()
     try:
         _wait_for_heartbeat(monitor, "pipeline", startup_timeout_s, pipeline)
         sim = _Process(spawn, _sim_process, frames_ep, duration_s, fps, seed, prerender, tuple(lead_shots),
-                       intraop_at_s, speed, medial_deg, level)
+                       intraop_at_s, speed, medial_deg, keys_dir, level)
         frames: dict[int, Frame] = {}
         volumes: dict[int, VolumeFrame] = {}
-        state = NavigationState()
+        state = NavigationState(expected_source="pipeline")
         t0 = None
         # Score until shortly before the scenario ends (scenario time counts from the first
         # frame), then stop the pipeline while frames still flow, to time the STALE warning.
