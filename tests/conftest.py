@@ -1,5 +1,6 @@
-"""Shared fixtures: the real CT data folder (skipped with a reason when absent) and a
-session-wide temporary cache folder for prepared CTs."""
+"""Shared fixtures: the real CT data folder (skipped with a reason when absent), a
+session-wide temporary cache folder for prepared CTs, and the 1.5 mm phantom with its
+registrator that the live-path tests use (a module may define its own ``phantom``)."""
 
 from pathlib import Path
 
@@ -25,3 +26,19 @@ def prepared_ct_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(CACHE_ENV, str(folder))
         yield folder
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    """The embedded phantom at 1.5 mm (seed 0)."""
+    from sim.phantom import make_phantom
+
+    return make_phantom(seed=0, spacing_mm=1.5)
+
+
+@pytest.fixture(scope="module")
+def registrator(phantom):
+    """A registrator of ``phantom``'s CT and labels."""
+    from guidance.registration.register import Registrator
+
+    return Registrator(phantom.ct, labels=phantom.labels)

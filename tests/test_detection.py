@@ -18,18 +18,12 @@ from guidance.navigation.detection import (
     single_view_estimate,
 )
 from guidance.navigation.instruments import tip_and_axis
-from sim.phantom import make_phantom
 from sim.scenario import START_OUTSIDE_MM, Scenario, ScenarioPlayer, instrument_line_integral
 
 KWIRE = get_instrument("kwire")
 NEEDLE = get_instrument("jamshidi")
 SMALL = dict(detector_px=256, pixel_spacing_mm=1.2)
 AP, LATERAL = (0.0, 0.0), (90.0, 0.0)
-
-
-@pytest.fixture(scope="module")
-def phantom():
-    return make_phantom(seed=0, spacing_mm=1.5)
 
 
 def _frame(player: ScenarioPlayer, t_s: float, angles, noise_offset: int = 0):

@@ -22,7 +22,6 @@ from guidance.live.wire import InstrumentState, PoseResult, VolumeFrame, WireErr
 from guidance.navigation.instruments import tip_and_axis
 from guidance.registration.register import Registrator
 from sim.cbct import intraop_scan
-from sim.phantom import make_phantom
 from sim.scenario import Scenario, ScenarioPlayer
 from sim.stream import _tracker_samples, run_sim
 
@@ -90,11 +89,6 @@ def test_bad_volume_objects_are_refused_by_the_entry_point(phantom):
     (pose,) = pipeline.on_volume(nan, acquired_ns=5, volume_id=2)
     assert pose.status == "failed" and pose.mode == "volume" and "NaN" in pose.reason
     assert pipeline.stats.volumes_rejected == 1
-
-
-@pytest.fixture(scope="module")
-def phantom():
-    return make_phantom(seed=0, spacing_mm=1.5)
 
 
 def test_pipeline_runs_on_after_bad_volumes(phantom):

@@ -16,24 +16,12 @@ from guidance.core.views import carm_view
 from guidance.live.calibrations import calibrated_view, sort_calibrations
 from guidance.live.pipeline import Pipeline, PipelineSettings
 from guidance.live.wire import Frame, TrackerSample
-from guidance.registration.register import Registrator
-from sim.phantom import make_phantom
 from sim.xray import XrayParams, simulate_xray
 
 SIZE, PITCH, SDD, SID = 128, 2.4, 1000.0, 600.0
 TRUE_SDD = {0.0: 1040.0, 90.0: 980.0}
 TRUE_PP = {0.0: (70.0, 58.0), 90.0: (60.0, 66.0)}
 """The C-arm really has these SDD (mm) and principal points (px) at LAO 0 and 90."""
-
-
-@pytest.fixture(scope="module")
-def phantom():
-    return make_phantom(seed=0, spacing_mm=1.5)
-
-
-@pytest.fixture(scope="module")
-def registrator(phantom):
-    return Registrator(phantom.ct, labels=phantom.labels)
 
 
 def true_K(lao):

@@ -19,18 +19,7 @@ from guidance.registration.register import Registrator
 from guidance.live.transport import Publisher, Subscriber, free_tcp_endpoint
 from guidance.core.views import carm_view, view_to_dict
 from guidance.live.wire import Frame, PoseResult, TrackerSample, decode, encode
-from sim.phantom import make_phantom
 from sim.xray import XrayParams, simulate_xray
-
-
-@pytest.fixture(scope="module")
-def phantom():
-    return make_phantom(seed=0, spacing_mm=1.5)
-
-
-@pytest.fixture(scope="module")
-def registrator(phantom):
-    return Registrator(phantom.ct, labels=phantom.labels)
 
 
 def motion(centre, angle_deg, shift):

@@ -11,7 +11,6 @@ from guidance.core.views import carm_view
 from guidance.live.pipeline import Pipeline
 from guidance.live.shots import Shot, ShotBook, ShotError, ShotSettings, joint_views, predicted_correction
 from guidance.registration.register import Registrator, RegistrationSettings
-from sim.phantom import make_phantom
 from sim.scenario import Scenario, ScenarioPlayer
 from sim.stream import _frame_message, _tracker_samples
 
@@ -80,16 +79,6 @@ def test_joint_views_cancel_patient_motion_between_shots():
     T_reference_from_world = invert_rigid(T_world_from_reference)
     np.testing.assert_allclose(predicted_correction(lateral, T_reference_from_world), T_corr, atol=1e-9)
     assert predicted_correction(untracked, T_reference_from_world) is None
-
-
-@pytest.fixture(scope="module")
-def phantom():
-    return make_phantom(seed=0, spacing_mm=1.5)
-
-
-@pytest.fixture(scope="module")
-def registrator(phantom):
-    return Registrator(phantom.ct, labels=phantom.labels)
 
 
 @pytest.fixture(scope="module")

@@ -367,18 +367,8 @@ def reslice(ct: Volume, centre_world: np.ndarray, orientation: str, size_wh: tup
         raise ValueError(f"orientation must be one of {', '.join(RESLICE_AXES)}; "
                          f"got {orientation!r}")
     ex, ey = RESLICE_AXES[orientation]
-    centre = np.asarray(centre_world, dtype=float).reshape(3)
-    w, h = size_wh
-    cu, cv = (w - 1) / 2.0, (h - 1) / 2.0
-    uu, vv = np.meshgrid((np.arange(w) - cu) * pixel_mm, (np.arange(h) - cv) * pixel_mm)
-    points = centre + uu.reshape(-1, 1) * ex + vv.reshape(-1, 1) * ey
-    ijk = ct.world_to_index(points)
-    image = map_coordinates(ct.data, ijk[:, ::-1].T, order=1, mode="constant", cval=fill)
-    P = np.zeros((3, 4))
-    P[0, :3], P[0, 3] = ex / pixel_mm, cu - ex @ centre / pixel_mm
-    P[1, :3], P[1, 3] = ey / pixel_mm, cv - ey @ centre / pixel_mm
-    P[2, 3] = 1.0
-    return image.reshape(h, w).astype(np.float32), P
+    return _plane_reslice(ct, np.asarray(centre_world, dtype=float).reshape(3), ex, ey, size_wh, pixel_mm,
+                          fill=fill)
 
 
 def screen_layout(size: tuple[int, int]) -> dict[str, tuple[int, int, int, int]]:
