@@ -53,6 +53,17 @@ def endpoint():
     return free_tcp_endpoint()
 
 
+@pytest.fixture
+def raw(endpoint):
+    """A plain PUB socket bound to ``endpoint``: sends whatever bytes a test gives it."""
+    socket = zmq.Context.instance().socket(zmq.PUB)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.SNDHWM, 5000)
+    socket.bind(endpoint)
+    yield socket
+    socket.close()
+
+
 def test_pub_sub_delivery(endpoint):
     with Publisher(endpoint) as pub, Subscriber(endpoint) as sub:
         assert pub.endpoint == endpoint
@@ -125,50 +136,36 @@ def test_latest_frame_policy_over_tcp(endpoint):
         assert len(frames) + sub.skipped + sub.lost == 5
 
 
-def test_malformed_message_is_counted_and_next_good_one_arrives(endpoint, caplog):
-    ctx = zmq.Context.instance()
-    raw = ctx.socket(zmq.PUB)
-    raw.setsockopt(zmq.LINGER, 0)
-    raw.bind(endpoint)
-    try:
-        with Subscriber(endpoint) as sub:
-            _handshake(lambda m: raw.send_multipart([m.kind.encode(), *wire.encode(m)]), sub)
-            good = wire.encode(_frame(9))
-            bad_crc = [good[0], good[1][:-1] + bytes([good[1][-1] ^ 1])]
-            raw.send_multipart([b"frame", b"\x00garbage"])
-            raw.send_multipart([b"frame"])
-            raw.send_multipart([b"frame", *bad_crc])
-            raw.send_multipart([b"heartbeat", *good])
-            raw.send_multipart([b"frame", *good])
-            msg = _recv(sub)
-            assert isinstance(msg, wire.Frame) and msg.frame_id == 9
-            assert sub.malformed == 4
-            assert "does not match kind 'frame'" in sub.last_error
-            assert "dropped malformed frame from 'sim': buffer 0: CRC32 mismatch" in caplog.text
-            assert "dropped malformed message from '?': header (part 0) is not JSON" in caplog.text
-    finally:
-        raw.close()
+def test_malformed_message_is_counted_and_next_good_one_arrives(endpoint, raw, caplog):
+    with Subscriber(endpoint) as sub:
+        _handshake(lambda m: raw.send_multipart([m.kind.encode(), *wire.encode(m)]), sub)
+        good = wire.encode(_frame(9))
+        bad_crc = [good[0], good[1][:-1] + bytes([good[1][-1] ^ 1])]
+        raw.send_multipart([b"frame", b"\x00garbage"])
+        raw.send_multipart([b"frame"])
+        raw.send_multipart([b"frame", *bad_crc])
+        raw.send_multipart([b"heartbeat", *good])
+        raw.send_multipart([b"frame", *good])
+        msg = _recv(sub)
+        assert isinstance(msg, wire.Frame) and msg.frame_id == 9
+        assert sub.malformed == 4
+        assert "does not match kind 'frame'" in sub.last_error
+        assert "dropped malformed frame from 'sim': buffer 0: CRC32 mismatch" in caplog.text
+        assert "dropped malformed message from '?': header (part 0) is not JSON" in caplog.text
 
 
-def test_sequence_gaps_count_as_lost(endpoint):
-    ctx = zmq.Context.instance()
-    raw = ctx.socket(zmq.PUB)
-    raw.setsockopt(zmq.LINGER, 0)
-    raw.bind(endpoint)
-    try:
-        with Subscriber(endpoint) as sub:
-            def send(msg):
-                raw.send_multipart([msg.kind.encode(), *wire.encode(msg)])
+def test_sequence_gaps_count_as_lost(endpoint, raw):
+    with Subscriber(endpoint) as sub:
+        def send(msg):
+            raw.send_multipart([msg.kind.encode(), *wire.encode(msg)])
 
-            _handshake(send, sub)
-            for seq in (10, 11, 14, 0):  # 12 and 13 lost; 0: the publisher restarted
-                send(wire.Heartbeat(source="p", seq=seq, stamp_ns=time.time_ns(), role="pipeline",
-                                    state="running"))
-            received = [_recv(sub).seq for _ in range(4)]
-            assert received == [10, 11, 14, 0]
-            assert sub.lost == 2
-    finally:
-        raw.close()
+        _handshake(send, sub)
+        for seq in (10, 11, 14, 0):  # 12 and 13 lost; 0: the publisher restarted
+            send(wire.Heartbeat(source="p", seq=seq, stamp_ns=time.time_ns(), role="pipeline",
+                                state="running"))
+        received = [_recv(sub).seq for _ in range(4)]
+        assert received == [10, 11, 14, 0]
+        assert sub.lost == 2
 
 
 def test_publisher_never_blocks(endpoint):
@@ -187,47 +184,32 @@ def test_publisher_never_blocks(endpoint):
         assert pub.sent >= 300
 
 
-def test_malformed_burst_is_logged_with_counts_not_line_by_line(endpoint, caplog):
-    ctx = zmq.Context.instance()
-    raw = ctx.socket(zmq.PUB)
-    raw.setsockopt(zmq.LINGER, 0)
-    raw.setsockopt(zmq.SNDHWM, 5000)
-    raw.bind(endpoint)
-    try:
-        with Subscriber(endpoint, rcvhwm=5000) as sub:
-            _handshake(lambda m: raw.send_multipart([m.kind.encode(), *wire.encode(m)]), sub)
-            for i in range(2000):
-                raw.send_multipart([b"frame", b"garbage %d" % i])
-            raw.send_multipart([b"frame", *wire.encode(_frame(3))])
-            msg = _recv(sub, timeout_s=5.0)
-            assert isinstance(msg, wire.Frame) and msg.frame_id == 3
-            assert sub.malformed == 2000
-            assert len([r for r in caplog.records if "dropped malformed" in r.getMessage()]) <= 2
-    finally:
-        raw.close()
+def test_malformed_burst_is_logged_with_counts_not_line_by_line(endpoint, raw, caplog):
+    with Subscriber(endpoint, rcvhwm=5000) as sub:
+        _handshake(lambda m: raw.send_multipart([m.kind.encode(), *wire.encode(m)]), sub)
+        for i in range(2000):
+            raw.send_multipart([b"frame", b"garbage %d" % i])
+        raw.send_multipart([b"frame", *wire.encode(_frame(3))])
+        msg = _recv(sub, timeout_s=5.0)
+        assert isinstance(msg, wire.Frame) and msg.frame_id == 3
+        assert sub.malformed == 2000
+        assert len([r for r in caplog.records if "dropped malformed" in r.getMessage()]) <= 2
 
 
-def test_replayed_and_future_stamped_messages_are_refused(endpoint):
-    ctx = zmq.Context.instance()
-    raw = ctx.socket(zmq.PUB)
-    raw.setsockopt(zmq.LINGER, 0)
-    raw.bind(endpoint)
-    try:
-        with Subscriber(endpoint) as sub:
-            _handshake(lambda m: raw.send_multipart([m.kind.encode(), *wire.encode(m)]), sub)
-            now = time.time_ns()
-            old = [b"frame", *wire.encode(replace_stamp(_frame(1), now))]
-            raw.send_multipart(old)
-            assert _recv(sub).frame_id == 1
-            raw.send_multipart(old)  # the same message again: a replay
-            raw.send_multipart([b"frame", *wire.encode(replace_stamp(_frame(2), now - 10**9))])  # older
-            raw.send_multipart([b"frame", *wire.encode(replace_stamp(_frame(3), now + 60 * 10**9))])  # future
-            raw.send_multipart([b"frame", *wire.encode(replace_stamp(_frame(4), now + 1))])
-            msg = _recv(sub)
-            assert msg.frame_id == 4 and sub.replayed == 3 and sub.malformed == 0
-            assert "not after the last accepted" in sub.last_error or "future" in sub.last_error
-    finally:
-        raw.close()
+def test_replayed_and_future_stamped_messages_are_refused(endpoint, raw):
+    with Subscriber(endpoint) as sub:
+        _handshake(lambda m: raw.send_multipart([m.kind.encode(), *wire.encode(m)]), sub)
+        now = time.time_ns()
+        old = [b"frame", *wire.encode(replace_stamp(_frame(1), now))]
+        raw.send_multipart(old)
+        assert _recv(sub).frame_id == 1
+        raw.send_multipart(old)  # the same message again: a replay
+        raw.send_multipart([b"frame", *wire.encode(replace_stamp(_frame(2), now - 10**9))])  # older
+        raw.send_multipart([b"frame", *wire.encode(replace_stamp(_frame(3), now + 60 * 10**9))])  # future
+        raw.send_multipart([b"frame", *wire.encode(replace_stamp(_frame(4), now + 1))])
+        msg = _recv(sub)
+        assert msg.frame_id == 4 and sub.replayed == 3 and sub.malformed == 0
+        assert "not after the last accepted" in sub.last_error or "future" in sub.last_error
 
 
 def replace_stamp(msg, stamp_ns):
@@ -310,33 +292,25 @@ def test_curve_squatter_on_a_port_reaches_nobody(endpoint, keys, intruder):
             assert _delivered(real, sub) > 0
 
 
-def test_subscriber_survives_a_fuzz_of_mutated_messages(endpoint):
+def test_subscriber_survives_a_fuzz_of_mutated_messages(endpoint, raw):
     """1000 seeded random and mutated messages on a real socket: all dropped or accepted
     as valid, none raises, and the next good message arrives."""
     from test_wire import EXAMPLES, _mutate
 
     rng = np.random.default_rng(7)
     encoded = [(m.kind.encode(), wire.encode(m)) for m in EXAMPLES.values()]
-    ctx = zmq.Context.instance()
-    raw = ctx.socket(zmq.PUB)
-    raw.setsockopt(zmq.LINGER, 0)
-    raw.setsockopt(zmq.SNDHWM, 5000)
-    raw.bind(endpoint)
-    try:
-        with Subscriber(endpoint, rcvhwm=5000) as sub:
-            _handshake(lambda m: raw.send_multipart([m.kind.encode(), *wire.encode(m)]), sub)
-            for _ in range(1000):
-                topic, parts = encoded[rng.integers(len(encoded))]
-                mutated = _mutate(rng, parts)
-                raw.send_multipart([topic, *[p if isinstance(p, bytes) else b"%r" % (p,) for p in mutated]])
-            raw.send_multipart([b"frame", *wire.encode(replace_stamp(_frame(5), time.time_ns()))])
-            deadline = time.monotonic() + 10.0
-            while time.monotonic() < deadline:
-                msg = sub.recv(0.5)
-                if isinstance(msg, wire.Frame) and msg.frame_id == 5:
-                    break
-            else:
-                raise AssertionError("the good frame after the fuzz did not arrive")
-            assert sub.malformed + sub.replayed + sub.received >= 950
-    finally:
-        raw.close()
+    with Subscriber(endpoint, rcvhwm=5000) as sub:
+        _handshake(lambda m: raw.send_multipart([m.kind.encode(), *wire.encode(m)]), sub)
+        for _ in range(1000):
+            topic, parts = encoded[rng.integers(len(encoded))]
+            mutated = _mutate(rng, parts)
+            raw.send_multipart([topic, *[p if isinstance(p, bytes) else b"%r" % (p,) for p in mutated]])
+        raw.send_multipart([b"frame", *wire.encode(replace_stamp(_frame(5), time.time_ns()))])
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline:
+            msg = sub.recv(0.5)
+            if isinstance(msg, wire.Frame) and msg.frame_id == 5:
+                break
+        else:
+            raise AssertionError("the good frame after the fuzz did not arrive")
+        assert sub.malformed + sub.replayed + sub.received >= 950
