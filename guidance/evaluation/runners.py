@@ -11,7 +11,6 @@ that fails again becomes an error record (``status`` "error", the message in
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import multiprocessing
 import os
@@ -27,6 +26,7 @@ from guidance.core.images import preprocess
 from guidance.core.threads import configure_threads
 from guidance.core.volume import Volume
 from guidance.evaluation.metrics import SUCCESS_MM, EvaluationError, mean_projection_distance, mtre
+from guidance.registration.prepared import content_digest
 from guidance.registration.register import RegistrationSettings, Registrator
 
 if TYPE_CHECKING:
@@ -90,13 +90,7 @@ def error_record(case: BenchmarkCase, error: BaseException) -> dict:
 
 def ct_key(ct: Volume, labels: Volume | None, settings: RegistrationSettings | None) -> str:
     """Content hash of what a Registrator is built from (CT, labels, settings)."""
-    h = hashlib.sha1()
-    for volume in (ct, labels):
-        if volume is not None:
-            h.update(np.ascontiguousarray(volume.data).tobytes())
-            h.update(np.asarray(volume.T_world_from_index, dtype=float).tobytes())
-    h.update(repr(settings).encode())
-    return h.hexdigest()
+    return content_digest(ct, labels, "registrator", repr(settings))
 
 
 _registrators: dict[str, Registrator] = {}

@@ -129,8 +129,15 @@ def default_cache_dir() -> Path:
 
 def cache_key(ct: Volume, labels: Volume | None, settings: PrepareSettings) -> str:
     """Hex digest of the CT voxels and geometry, the label map and the settings."""
+    return content_digest(ct, labels, PREPARED_FORMAT, repr(settings))
+
+
+def content_digest(ct: Volume, labels: Volume | None, *texts: str) -> str:
+    """Hex digest of two volumes' voxels, dtypes and geometry (or their absence), with
+    ``texts[0]`` before and the other texts after them: one content identity for the
+    disk cache and for the evaluation workers' registrators."""
     h = hashlib.blake2b(digest_size=20)
-    h.update(PREPARED_FORMAT.encode())
+    h.update(texts[0].encode() if texts else b"")
     for volume in (ct, labels):
         if volume is None:
             h.update(b"none")
@@ -139,7 +146,8 @@ def cache_key(ct: Volume, labels: Volume | None, settings: PrepareSettings) -> s
         h.update(f"{data.dtype.str}{data.shape}".encode())
         h.update(np.asarray(volume.T_world_from_index, dtype=np.float64).tobytes())
         h.update(memoryview(data).cast("B"))
-    h.update(repr(settings).encode())
+    for text in texts[1:]:
+        h.update(text.encode())
     return h.hexdigest()
 
 
