@@ -135,75 +135,73 @@ def cmd_render(args) -> int:
     return 0
 
 
-def _print_table(rows: list[dict], columns: dict[str, str]) -> None:
+def _markdown_table(rows: list[dict], columns: dict[str, str]) -> str:
     """A markdown table of ``rows``: column title -> key; floats fixed-point."""
     def cell(v) -> str:
         return "n/a" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
-    print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
-    for r in rows:
-        print("| " + " | ".join(cell(r[k]) for k in columns.values()) + " |")
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r[k]) for k in columns.values()) + " |" for r in rows]
+    return "\n".join(lines)
 
 
-def cmd_bench(args) -> int:
+def _run_bench(args) -> tuple[str, object]:
+    """(table text, JSON-able result) of the benchmark ``args.what``."""
     if args.what == "instruments":
         from guidance.tools.bench_instruments import bench_instruments, format_instrument_table
 
         report = bench_instruments(cases=args.cases, free_frames=args.free_frames, detector_px=args.detector_px)
-        print(format_instrument_table(report["summary"]))
-        if args.json:
-            Path(args.json).write_text(json.dumps(report, indent=2))
-        return 0
+        return format_instrument_table(report["summary"]), report
     if args.what == "drr":
         from guidance.tools.bench import bench_drr, format_table
 
         rows = bench_drr(shared_data=Path(args.shared_data), repeats=args.repeats)
-        print(format_table(rows))
-        if args.json:
-            Path(args.json).write_text(json.dumps([r.__dict__ for r in rows], indent=2))
-        return 0
+        return format_table(rows), [r.__dict__ for r in rows]
     if args.what == "register3d":
         from guidance.tools.bench import bench_register3d
 
         rows = bench_register3d(shared_data=Path(args.shared_data))
-        _print_table(rows, {"volume": "volume", "grid": "grid", "TRE mean mm": "tre_mean_mm",
-                            "TRE max mm": "tre_max_mm", "time s": "time_s", "iterations": "iterations"})
-        if args.json:
-            Path(args.json).write_text(json.dumps(rows, indent=2))
-        return 0
+        return _markdown_table(rows, {"volume": "volume", "grid": "grid", "TRE mean mm": "tre_mean_mm",
+                                      "TRE max mm": "tre_max_mm", "time s": "time_s",
+                                      "iterations": "iterations"}), rows
     if args.what == "igtl":
         from guidance.tools.bench_igtl import bench_igtl, format_igtl_table
 
         rows = bench_igtl(duration_s=args.duration or 120.0)
-        print(format_igtl_table(rows))
-        if args.json:
-            Path(args.json).write_text(json.dumps(rows, indent=2))
-        return 0
+        return format_igtl_table(rows), rows
     if args.what == "breach":
         from guidance.tools.bench_breach import bench_breach, format_breach_table
 
         result = bench_breach(seed=args.seed)
-        print(format_breach_table(result))
-        if args.json:
-            Path(args.json).write_text(json.dumps(result, indent=2))
-        return 0
-    if args.what == "latency":
-        from guidance.tools.demo import format_summary, run_demo
+        return format_breach_table(result), result
+    if args.what == "reliability":
+        from guidance.tools.reliability import format_rows, run_reliability
 
-        from guidance.tools.demo import DEMO_SHOTS
+        rows = run_reliability(args.out, duration_s=args.duration or 600.0)
+        return format_rows(rows), rows
+    if args.what == "latency":
+        from guidance.tools.demo import DEMO_SHOTS, format_summary, run_demo
 
         report = run_demo(args.out, duration_s=args.duration or 120.0, with_display=False, print_rows=False,
                           prerender=True, lead_shots=() if args.single_view else DEMO_SHOTS, speed=args.speed)
         summary = report.summary()
-        print(format_summary(summary))
-        if args.json:
-            Path(args.json).write_text(json.dumps({"summary": summary, "rows": report.rows}, indent=2))
-        return 0
+        return format_summary(summary), {"summary": summary, "rows": report.rows}
     from calibration.bench import format_table, run_calibration_benchmark
 
     rows = run_calibration_benchmark()
-    print(format_table(rows))
+    return format_table(rows), rows
+
+
+def cmd_bench(args) -> int:
+    import numba
+
+    from guidance.tools.bench import cpu_model
+
+    machine = {"cpu_model": cpu_model(), "numba_threads": numba.get_num_threads()}
+    table, result = _run_bench(args)
+    print(f"CPU: {machine['cpu_model']}, {machine['numba_threads']} numba threads")
+    print(table)
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        Path(args.json).write_text(json.dumps({"machine": machine, "result": result}, indent=2))
     return 0
 
 

@@ -262,13 +262,15 @@ def test_bench_drr_on_the_phantom(tmp_path):
 @pytest.mark.slow
 def test_bench_register3d_on_the_phantom(tmp_path):
     assert run("bench", "register3d", "--shared-data", NO_DATA, "--json", str(tmp_path / "r.json")) == 0
-    assert json.loads((tmp_path / "r.json").read_text())[0]["volume"].startswith("phantom")
+    assert json.loads((tmp_path / "r.json").read_text())["result"][0]["volume"].startswith("phantom")
 
 
 @pytest.mark.slow
 def test_bench_calibration(tmp_path, capsys):
     assert run("bench", "calibration", "--json", str(tmp_path / "c.json")) == 0
-    assert json.loads((tmp_path / "c.json").read_text()) and "| " in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert json.loads((tmp_path / "c.json").read_text())["machine"]["cpu_model"] and "| " in out
+    assert out.startswith("CPU: ")  # every benchmark table names its machine
 
 
 # ------------------------------------------------------------------ live processes
@@ -310,4 +312,4 @@ def test_demo_cleans_its_folder_and_prints_readable_figures(tmp_path, capsys):
 @pytest.mark.slow
 def test_bench_latency_prints_a_summary(tmp_path, capsys):
     assert run("bench", "latency", "--duration", "3", "--out", str(tmp_path), "--json", str(tmp_path / "l.json")) == 0
-    assert "latency_p50_ms" in json.loads((tmp_path / "l.json").read_text())["summary"]
+    assert "latency_p50_ms" in json.loads((tmp_path / "l.json").read_text())["result"]["summary"]

@@ -270,15 +270,14 @@ def bench_drr(*, shared_data: Path | None = None, repeats: int = 20, sizes=DETEC
 
 
 def format_table(rows: list[DrrBenchRow]) -> str:
-    """Markdown table of DRR benchmark rows under a line naming the CPU and the thread
-    count; an NCC column when some row compares with ours, a speed-up column when some
+    """Markdown table of DRR benchmark rows (each row also records its CPU and thread
+    count); an NCC column when some row compares with ours, a speed-up column when some
     row skips empty space."""
     with_ncc = any(r.ncc is not None for r in rows)
     with_speedup = any(r.speedup is not None for r in rows)
     head = "| volume | grid | renderer | detector | median ms | p90 ms |" + (" NCC vs ours |" if with_ncc else "")
     head += " speed-up |" if with_speedup else ""
-    machines = sorted({f"{r.cpu_model}, {r.threads} numba threads" for r in rows if r.cpu_model})
-    lines = [f"CPU: {m}" for m in machines] + [head, "|---" * head.count(" |") + "|"]
+    lines = [head, "|---" * head.count(" |") + "|"]
     for r in rows:
         times = "| — | — |" if np.isnan(r.median_ms) else f"| {r.median_ms:.1f} | {r.p90_ms:.1f} |"
         ncc = ("" if r.ncc is None else f" {r.ncc:.4f}") + " |" if with_ncc else ""
