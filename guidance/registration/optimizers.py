@@ -24,9 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-import cma
 import numpy as np
-import scipy.optimize
 
 from guidance.registration.errors import RegistrationError
 
@@ -56,7 +54,9 @@ class OptimizeOutcome:
     covariance: np.ndarray | None = None
 
 
-def _cmaes(objective, x0, scale, *, sigma=1.0, popsize=12, max_iter=40, bound=None, seed=0, tol_fun=1e-4):
+def _cmaes(objective, x0, scale, *, sigma=1.0, popsize=12, max_iter=40, bound=None, seed=0, tol_fun=1e-4, **_):
+    import cma  # imported here: pycma takes seconds to import (scipy.stats), and only this optimiser needs it
+
     options = {
         "popsize": popsize,
         "maxiter": max_iter,
@@ -88,6 +88,8 @@ def _cmaes(objective, x0, scale, *, sigma=1.0, popsize=12, max_iter=40, bound=No
 
 def _scipy(method):
     def run(objective, x0, scale, *, max_fev=200, xtol=1e-2, ftol=1e-5, initial_step=1.0, **_):
+        import scipy.optimize
+
         options = {"maxfev": max_fev, "xtol": xtol, "ftol": ftol}
         if method == "Powell":
             options["direc"] = np.eye(len(x0)) * initial_step
@@ -112,6 +114,8 @@ def _scipy(method):
 def _least_squares(objective, x0, scale, *, max_fev=10, xtol=1e-2, ftol=1e-4, diff_step=0.02, **_):
     """Levenberg-Marquardt (MINPACK) with forward-difference Jacobians; ``max_fev`` counts
     iterations of n + 1 evaluations each."""
+    import scipy.optimize
+
     n = len(x0)
     res = scipy.optimize.least_squares(
         lambda z: objective.residuals(z * scale),

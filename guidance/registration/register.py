@@ -54,13 +54,15 @@ class RegistrationSettings:
 
     Pyramid: ``pyramid`` bins the detector (after binning it to at most
     ``max_detector_px``), coarse first; each level renders the prepared volume whose
-    spacing is at most ``volume_per_footprint`` x the pixel footprint at the anatomy.
+    spacing is at most ``volume_per_footprint`` x the pixel footprint at the anatomy
+    (coarser volumes are faster but bias the depth of one view).
     ``search_scale`` is the typical step per parameter (rx, ry, rz deg; tx, ty, tz mm)
-    of the local optimiser. Global search: in-plane shifts up to ``search_range_mm``
-    at each rotation of ``search_rotations_deg`` about each axis (all combinations);
-    ``n_candidates`` peaks (plus
-    the best one a vertebral height up and down the spine, and the start) are refined; the best
-    distinct ones go on to the finer levels (``n_refined[n]`` after level n, then
+    of the local optimiser, ``jacobian_step`` its finite-difference step in units of
+    it. Global search:
+    in-plane shifts up to ``search_range_mm`` at each rotation of
+    ``search_rotations_deg`` about each axis (all combinations); ``n_candidates``
+    peaks (plus the best one a vertebral height up and down the spine, and the start)
+    are refined; the best distinct ones go on to the finer levels (``n_refined[n]`` after level n, then
     one), with ``global_iterations[n]`` iterations on level n (the last entry for
     further levels); a registration without global search (tracking, per vertebra)
     runs ``local_max_fev`` iterations per level. Two
@@ -81,18 +83,19 @@ class RegistrationSettings:
     max_detector_px: int = 256
     volume_per_footprint: float = 1.0
     search_scale: tuple[float, ...] = (4.0, 4.0, 4.0, 6.0, 6.0, 20.0)
+    jacobian_step: float = 0.02
     search_range_mm: float = 45.0
     search_rotations_deg: tuple[float, ...] = (-10.0, 0.0, 10.0)
     n_candidates: int = 6
-    n_refined: tuple[int, ...] = (3,)
-    global_iterations: tuple[int, ...] = (5, 4, 3)
+    n_refined: tuple[int, ...] = (2,)
+    global_iterations: tuple[int, ...] = (4, 3, 3)
     local_max_fev: int = 6
     bone_threshold_hu: float | None = 150.0
     energy_kev: float = 60.0
     pyramid_spacings_mm: tuple[float, ...] = (1.0, 2.0, 4.0)
     vertebra_height_mm: float = 30.0
     fixed_blur_px: float = 0.7
-    roi_margin_mm: float = 10.0
+    roi_margin_mm: float = 5.0
     prior_weight: float = 0.05
     ambiguity_margin: float = 0.03
     ambiguity_distance_mm: float = 5.0
@@ -301,14 +304,13 @@ class Registrator:
 
     # -- cost ----------------------------------------------------------------------------
 
-    def _roi(self, dv: DrrVolume, view: View, mask: np.ndarray, level: int | None) -> np.ndarray:
-        """Valid pixels, restricted for one vertebra to its projected box plus a margin."""
-        if level is None:
-            return mask
+    def _roi(self, dv: DrrVolume, view: View, mask: np.ndarray, margin_mm: float) -> np.ndarray:
+        """Valid pixels inside the projected box of the rendered bone (the spine, or one
+        vertebra), grown by ``margin_mm`` on every side; image content outside it (ribs,
+        pelvis) is not compared."""
         corners = _corners_world(dv)
         centre = corners.mean(axis=0)
-        grow = 1.0 + 2.0 * self.settings.roi_margin_mm / np.ptp(corners, axis=0).max()
-        uv = project(view.P, centre + (corners - centre) * grow)
+        uv = project(view.P, corners + np.sign(corners - centre) * margin_mm)
         H, W = mask.shape
         u0, v0 = np.clip(np.floor(uv.min(axis=0)).astype(int), 0, [W, H])
         u1, v1 = np.clip(np.ceil(uv.max(axis=0)).astype(int) + 1, 0, [W, H])
@@ -317,11 +319,19 @@ class Registrator:
         return roi
 
     def _objective(
-        self, stage: list[_PyramidLevel], dv: DrrVolume, param: PoseParameterization, level: int | None
+        self, stage: list[_PyramidLevel], dv: DrrVolume, param: PoseParameterization, starts: list[np.ndarray],
+        centre: np.ndarray,
     ) -> "_Objective":
-        """The cost of one pyramid level; the ROI is fixed at the initial pose."""
+        """The cost of one pyramid level; its ROI is fixed, at the first start's pose, with
+        a margin that covers the other starts."""
         similarity = get_similarity(self.settings.similarity)
-        measures = [similarity(pl.image, self._roi(dv, pl.view, pl.mask, level)) for pl in stage]
+        T_first = param.correction(starts[0])
+        spread = max(point_displacement_mm(param.correction(x), T_first, centre) for x in starts)
+        margin = self.settings.roi_margin_mm + spread
+        T_inv = invert_rigid(T_first)
+        measures = [similarity(pl.image, self._roi(dv, pl.view.with_pose(pl.view.T_cam_from_world @ T_inv), pl.mask,
+                                                   margin))
+                    for pl in stage]
         return _Objective(stage, dv, param, measures)
 
     # -- global search -------------------------------------------------------------------
@@ -476,7 +486,8 @@ class Registrator:
         x_start = np.zeros(6) if initial_T_world_corrected_from_world is None else param.params(
             initial_T_world_corrected_from_world)
         scale = np.asarray(s.search_scale, dtype=float)
-        stages = self._pyramid(images, views, s.pyramid if pyramid is None else pyramid)
+        factors = s.pyramid if pyramid is None else pyramid
+        stages = self._pyramid(images, views, factors)
         timings: dict[str, float] = {}
         stops: list[str] = []
         evaluations = iterations = 0
@@ -494,7 +505,7 @@ class Registrator:
                 if any(inverted):  # display images whose polarity was wrong: flip them, all levels
                     images = [PreparedImage(image=-img.image if inv else img.image, mask=img.mask)
                               for img, inv in zip(images, inverted)]
-                    stages = self._pyramid(images, views, s.pyramid if pyramid is None else pyramid)
+                    stages = self._pyramid(images, views, factors)
                     stage = stages[0]
                     flipped = ", ".join(str(i) for i, inv in enumerate(inverted) if inv)
                     stops.append(f"search: display polarity inverted in view(s) {flipped}")
@@ -508,10 +519,11 @@ class Registrator:
                 fev = s.global_iterations[min(n, len(s.global_iterations) - 1)]
             else:
                 fev = s.local_max_fev
-            objective = self._objective(stage, dv, param, level)
+            objective = self._objective(stage, dv, param, starts, centre)
             if prior_sd is not None:
                 objective.set_prior(x_start, np.asarray(prior_sd, dtype=float), s.prior_weight)
-            outcomes = [minimize(s.local_optimizer, objective, x, scale, ftol=local_ftol, max_fev=fev)
+            outcomes = [minimize(s.local_optimizer, objective, x, scale, ftol=local_ftol, max_fev=fev,
+                                 diff_step=s.jacobian_step)
                         for x in starts]
             ranked = sorted((_Candidate(o.x, o) for o in outcomes), key=lambda c: c.outcome.fun)
             if len(ranked) > 1:
