@@ -467,9 +467,11 @@ def cmd_demo(args) -> int:
     from guidance.tools.demo import format_summary, run_demo
 
     report = run_demo(args.out, duration_s=args.duration, fps=args.fps, igtl_port=args.igtl_port,
-                      intraop_at_s=0.5 if args.intraop else None, medial_deg=args.medial_deg)
+                      intraop_at_s=0.5 if args.intraop else None, medial_deg=args.medial_deg,
+                      with_display=not args.no_display)
     print("\n" + format_summary(report.summary()))
-    print(f"navigation screens: {args.out}/screen_*.png; recording: {args.out}/recording-*")
+    screens = "" if args.no_display else f"navigation screens: {args.out}/screen_*.png; "
+    print(f"{screens}recording: {args.out}/recording-*")
     return 0
 
 
@@ -661,6 +663,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=20.0, help="scenario length (s)")
     p.add_argument("--fps", type=float, default=15.0, help="fluoroscopy frame rate (Hz)")
     p.add_argument("--igtl-port", type=int, help="the pipeline also serves OpenIGTLink (3D Slicer) on this port")
+    p.add_argument("--no-display", action="store_true",
+                   help="sim and pipeline only, no navigation display (e.g. when watching in 3D Slicer)")
     p.add_argument("--intraop", action="store_true",
                    help="the simulator also sends an intra-op CBCT-like scan, registered and used for instruments")
     p.add_argument("--medial-deg", type=float, default=8.0,

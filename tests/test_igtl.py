@@ -177,10 +177,12 @@ class Client:
 
     def wait(self, message_type: str, device: str, where=lambda m: True, timeout_s: float = 10.0):
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        while True:
             for m in list(self.received):
                 if m.message_type == message_type and m.device_name == device and where(m):
                     return m
+            if time.monotonic() > deadline:
+                break
             time.sleep(0.01)
         raise AssertionError(f"no {message_type} {device} within {timeout_s} s; got "
                              f"{[(m.message_type, m.device_name) for m in self.received]}")
@@ -360,3 +362,91 @@ def test_run_pipeline_publishes_its_poses_to_a_pyigtl_client():
             thread.join(10)
             results.close()
             client.stop()
+
+
+def test_close_sends_what_was_published_just_before():
+    """A pose published right before the bridge closes (the pipeline stopping) still reaches the client."""
+    frame, pose = make_frame_and_pose()
+    bridge = igtl.IgtlBridge(0, stale_s=30.0)
+    client = Client(bridge.port)
+    try:
+        assert wait_until(lambda: len(bridge.server.clients) == 1)
+        bridge.publish(pose, frame)
+        bridge.close()
+        carm = client.wait("TRANSFORM", "CArmToCT", timeout_s=5.0)
+        assert_allclose(carm.matrix, flip_xy_rows(invert_rigid(pose.views[0]["T_cam_from_world"])), atol=1e-4)
+        assert client.wait("IMAGE", "Fluoro").image.shape == (1, 32, 40)
+    finally:
+        bridge.close()
+        client.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_demo_igtl_port_serves_ct_plan_poses_fluoro_and_status_to_pyigtl(tmp_path, status_aware_pyigtl):
+    """``demo --igtl-port``: a pyigtl client (connecting, retrying, before the pipeline
+    serves) receives the CT, the plan, the registered C-arm poses with their fluoro frames
+    and status; each checked against what the demo's pipeline recorded (its poses and the
+    frames they came from) and the phantom's CT and plan."""
+    import run_guidance
+    from guidance.live.recording import read_recording
+    from guidance.live.wire import decode
+    from sim.subject import load_subject
+
+    port = free_port()
+    client = Client(port)
+    try:
+        rc = run_guidance.main(["demo", "--igtl-port", str(port), "--out", str(tmp_path), "--duration", "5",
+                                "--fps", "5", "--no-display"])
+    finally:
+        client.stop()
+    assert rc == 0
+    (recording,) = tmp_path.glob("recording-*")
+    messages = [decode(parts) for _, _, parts in read_recording(recording)]
+    frames = {m.frame_id: m for m in messages if isinstance(m, Frame)}
+    poses = [m for m in messages if isinstance(m, PoseResult) and m.status == "ok" and m.mode != "volume"]
+    assert poses, "the demo's pipeline registered no frame"
+    subject = load_subject(phantom_seed=0)
+
+    ct = client.wait("IMAGE", "CT", timeout_s=0.0)
+    assert_allclose(ct.image, np.clip(np.rint(subject.ct.data), -32768, 32767))
+    assert_allclose(ct.ijk_to_world_matrix, flip_xy_rows(subject.ct.T_world_from_index), atol=1e-3)
+    for t in subject.plan:
+        name = f"Plan{t['level']}{t['side'].capitalize()}ToCT"
+        plan = client.wait("TRANSFORM", name, timeout_s=0.0)
+        direction = np.subtract(t["target_world"], t["entry_world"])
+        assert_allclose(plan.matrix[:3, 3], np.multiply(t["entry_world"], [-1, -1, 1]), atol=1e-3)
+        assert_allclose(plan.matrix[:3, 2], direction * [-1, -1, 1] / np.linalg.norm(direction), atol=1e-6)
+
+    received = [m for m in client.received if m.message_type == "TRANSFORM" and m.device_name == "CArmToCT"]
+    assert received
+    pose_of = {}
+    for carm in received:  # every C-arm transform is one of the pipeline's poses, in RAS
+        errors = [np.abs(carm.matrix - flip_xy_rows(invert_rigid(p.views[0]["T_cam_from_world"]))).max()
+                  for p in poses]
+        assert min(errors) < 1e-3, min(errors)
+        pose_of[carm.timestamp] = poses[int(np.argmin(errors))]
+    statuses = [m for m in client.received if m.message_type == "STATUS" and m.device_name == "CArmToCT"]
+    for stamp, pose in pose_of.items():  # each pose comes with its OK status (same time stamp)
+        assert any((s.timestamp, s.code, s.status_message) == (stamp, 1, pose.reason) for s in statuses)
+    tips = [(m.tip_world, m.axis_world) for m in messages if isinstance(m, InstrumentState) and m.tip_world is not None]
+    for kwire in [m for m in client.received if m.message_type == "TRANSFORM" and m.device_name == "KwireToCT"]:
+        assert min(np.abs(kwire.matrix[:3, 3] - np.multiply(tip, [-1, -1, 1])).max()
+                   + np.abs(kwire.matrix[:3, 2] - np.multiply(axis, [-1, -1, 1]) / np.linalg.norm(axis)).max()
+                   for tip, axis in tips) < 1e-3
+    fluoros = [m for m in client.received if m.message_type == "IMAGE" and m.device_name == "Fluoro"]
+    assert fluoros
+    for fluoro in fluoros:  # the frame a pose came from, on the detector plane of the registered view
+        pose = pose_of[fluoro.timestamp]
+        frame = frames[pose.frame_id]
+        assert_allclose(fluoro.image[0], frame.pixels)
+        registered = frame.view.with_pose(pose.views[0]["T_cam_from_world"])
+        W, H = registered.image_size
+        uv = np.array([[0.0, 0.0], [W - 1.0, H - 1.0], [W / 3.0, H / 5.0]])
+        ras = (fluoro.ijk_to_world_matrix @ np.column_stack([uv, np.zeros(3), np.ones(3)]).T).T[:, :3]
+        assert_allclose(project(registered.P, ras * [-1, -1, 1]), uv, atol=2e-2)

@@ -376,6 +376,7 @@ class _Client:
         self._max_bytes = max_queue_bytes
         self._cond = threading.Condition()
         self._closed = False
+        self._finishing = False
         self._on_close = on_close
         sock.settimeout(send_timeout_s)
         self._reader = sock.dup()  # blocking reads without the send time-out
@@ -417,6 +418,14 @@ class _Client:
         self.sock.close()
         self._on_close(self)
 
+    def finish(self, timeout_s: float) -> None:
+        """Send what is queued (for at most ``timeout_s``), then close."""
+        with self._cond:
+            self._finishing = True
+            self._cond.notify_all()
+        self._threads[0].join(timeout_s)
+        self.close()
+
     def join(self, timeout_s: float) -> None:
         for t in self._threads:
             if t is not threading.current_thread():
@@ -430,10 +439,10 @@ class _Client:
             self._greeting = []
             while True:
                 with self._cond:
-                    while not self._queue and not self._closed:
+                    while not self._queue and not self._closed and not self._finishing:
                         self._cond.wait()
-                    if self._closed:
-                        return
+                    if self._closed or not self._queue:  # closed, or finishing with nothing left to send
+                        break
                     data = self._queue.popleft()
                     self._queued_bytes -= len(data)
                 self.sock.sendall(data)
@@ -489,16 +498,18 @@ class IgtlServer:
         for client in self.clients:
             client.put(data)
 
-    def close(self) -> None:
-        """Stop accepting, disconnect every client and join the threads."""
+    def close(self, drain_s: float = 1.0) -> None:
+        """Stop accepting, send each client what is queued for it (for at most ``drain_s``
+        in all), disconnect them and join the threads."""
         try:
             self._listener.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
         self._listener.close()
         self._accept_thread.join(2.0)
+        deadline = time.monotonic() + drain_s
         for client in self.clients:
-            client.close()
+            client.finish(max(deadline - time.monotonic(), 0.0))
             client.join(2.0)
 
     def _remove(self, client: _Client) -> None:
@@ -577,6 +588,7 @@ class IgtlBridge:
             self._cond.notify()
 
     def close(self) -> None:
+        """Send what was published (clients get at most a second to take it), then stop."""
         with self._cond:
             self._stopped = True
             self._cond.notify()
@@ -590,11 +602,12 @@ class IgtlBridge:
         self.close()
 
     def _run(self) -> None:
-        while True:
+        stopping = False
+        while not stopping:
             with self._cond:
-                self._cond.wait(timeout=self._stale_ns / 4e9)
-                if self._stopped:
-                    return
+                if not self._pending and not self._stopped:
+                    self._cond.wait(timeout=self._stale_ns / 4e9)
+                stopping = self._stopped
                 pending, self._pending = self._pending, {}
             now = time.time_ns()
             for message, frame in pending.values():
@@ -602,9 +615,10 @@ class IgtlBridge:
                     for data in self._encode(message, frame, now):
                         self.server.broadcast(data)
                         self.published += 1
-                except (GuidanceError, ValueError) as exc:
+                except ValueError as exc:  # GuidanceError, or numpy's on a degenerate pose
                     log.warning("OpenIGTLink: %s not sent: %s", type(message).__name__, exc)
-            self._check_stale(now)
+            if not stopping:
+                self._check_stale(now)
 
     def _encode(self, message: Message, frame: Frame | None, now: int) -> list[bytes]:
         if isinstance(message, InstrumentState):
