@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 import SimpleITK as sitk
 
+from guidance.core.dicom import is_dicom, read_xray_dicom
 from guidance.core.errors import GuidanceError
 from guidance.core.views import View
 
@@ -42,12 +43,16 @@ class PreparedImage:
 
 
 def read_xray(path: str | Path) -> np.ndarray:
-    """Read a 2D X-ray image: PNG/TIFF 8/16-bit (OpenCV), MetaImage/NRRD float or DICOM
-    (SimpleITK; the first frame of a multi-frame file). Returns the pixel array [v, u]."""
+    """Read a 2D X-ray image: PNG/TIFF 8/16-bit (OpenCV), MetaImage/NRRD float (SimpleITK)
+    or DICOM XA/RF (``guidance.core.dicom.read_xray_dicom``, the one DICOM reader, so the
+    pixels are oriented as every DICOM read gives them; the first frame of a multi-frame
+    file). Returns the pixel array [v, u]."""
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"X-ray image not found: {path}")
     suffix = "".join(path.suffixes).lower()
+    if is_dicom(path) or suffix.endswith(".dcm"):
+        return read_xray_dicom(path, require_geometry=False).frames[0]
     if suffix.endswith((".png", ".tif", ".tiff", ".jpg", ".jpeg")):
         image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
         if image is None:
