@@ -119,3 +119,18 @@ def test_dicom_receive_cli_stores_until_terminated(tmp_path, series_files):
     assert rc == 0 and statuses == [0, 0]
     (folder,) = (tmp_path / "in").iterdir()
     assert len(list(folder.glob("*.dcm"))) == 2
+
+
+def test_an_invalid_ae_title_is_a_named_error_not_a_traceback(tmp_path, capsys):
+    from guidance.live.dicom_receive import DicomReceiveError
+
+    with pytest.raises(DicomReceiveError, match="AE title 'A_TITLE_LONGER_THAN_16'"):
+        DicomReceiver(tmp_path, port=0, ae_title="A_TITLE_LONGER_THAN_16")
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        assert run_guidance.main(["dicom-receive", "--port", "0", "--ae-title", "A_TITLE_LONGER_THAN_16",
+                                  "--out", str(tmp_path)]) == 2
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    assert "error: AE title 'A_TITLE_LONGER_THAN_16' is not valid" in capsys.readouterr().err

@@ -26,15 +26,20 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
 from guidance.core.dicom import DicomError, instance_of
+from guidance.core.errors import GuidanceError
 from guidance.core.volume import Volume, load_volume
 
-__all__ = ["ReceivedSeries", "DicomReceiver", "ct_volume_callback"]
+__all__ = ["DicomReceiveError", "ReceivedSeries", "DicomReceiver", "ct_volume_callback"]
 
 log = logging.getLogger(__name__)
 
 _SUCCESS = 0x0000
 _CANNOT_UNDERSTAND = 0xC000
 _OUT_OF_RESOURCES = 0xA700
+
+
+class DicomReceiveError(GuidanceError):
+    """A receiver that cannot be set up as asked (e.g. an invalid AE title)."""
 
 
 @dataclass
@@ -78,7 +83,10 @@ class DicomReceiver:
         self.refused = 0
         self._lock = threading.Lock()
         self._pending: dict[int, dict[Path, ReceivedSeries]] = {}
-        ae = AE(ae_title=ae_title)
+        try:
+            ae = AE(ae_title=ae_title)
+        except ValueError as exc:  # pynetdicom's word on the title: length, characters
+            raise DicomReceiveError(f"AE title {ae_title!r} is not valid: {exc}") from None
         for context in AllStoragePresentationContexts:  # stored as sent: compressed syntaxes too
             ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
@@ -101,7 +109,7 @@ class DicomReceiver:
             ds = event.dataset
             instance = instance_of(ds)
             data = event.encoded_dataset(include_meta=True)
-        except (DicomError, ValueError, AttributeError) as exc:
+        except (DicomError, ValueError, AttributeError) as exc:  # ValueError: pydicom's, on a bad dataset
             self.refused += 1
             log.warning("refused a C-STORE: %s", exc)
             return _CANNOT_UNDERSTAND
