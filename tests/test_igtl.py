@@ -364,6 +364,13 @@ def test_run_pipeline_publishes_its_poses_to_a_pyigtl_client():
             client.stop()
 
 
+def test_bad_settings_are_named_errors():
+    with pytest.raises(igtl.IgtlError, match="port 70000 is not a TCP port"):
+        igtl.IgtlBridge(70000)
+    with pytest.raises(igtl.IgtlError, match="image_hz and stale_s must be positive"):
+        igtl.IgtlBridge(0, image_hz=0.0)
+
+
 def test_close_sends_what_was_published_just_before():
     """A pose published right before the bridge closes (the pipeline stopping) still reaches the client."""
     frame, pose = make_frame_and_pose()

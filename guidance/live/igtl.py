@@ -475,6 +475,8 @@ class IgtlServer:
 
     def __init__(self, port: int, *, host: str = "127.0.0.1", greeting=lambda: [],
                  max_queue_bytes: int = 8 << 20, send_timeout_s: float = 5.0) -> None:
+        if not 0 <= int(port) <= 65535:
+            raise IgtlError(f"OpenIGTLink port {port} is not a TCP port (0-65535)")
         self._listener = socket.create_server((host, port), reuse_port=False)
         self.port = self._listener.getsockname()[1]
         self.host = host
