@@ -407,9 +407,9 @@ def test_demo_igtl_port_serves_ct_plan_poses_fluoro_and_status_to_pyigtl(tmp_pat
 
     port = free_port()
     client = Client(port)
-    try:
-        rc = run_guidance.main(["demo", "--igtl-port", str(port), "--out", str(tmp_path), "--duration", "5",
-                                "--fps", "5", "--no-display"])
+    try:  # 8 s: the first (AP + lateral) registration can take ~10 s on a loaded machine; 2 fps: less rendering
+        rc = run_guidance.main(["demo", "--igtl-port", str(port), "--out", str(tmp_path), "--duration", "8",
+                                "--fps", "2", "--no-display"])
     finally:
         client.stop()
     assert rc == 0
