@@ -14,7 +14,7 @@ from pydicom.uid import ExplicitVRLittleEndian, XRayAngiographicImageStorage, XR
 from pydicom.uid import generate_uid
 
 import run_guidance
-from guidance.core.dicom import DicomError, isocenter_projection_px, read_xray_dicom
+from guidance.core.dicom import DicomError, DicomTagMissing, isocenter_projection_px, read_xray_dicom
 from guidance.core.images import read_xray
 from guidance.core.geometry import make_rigid, transform_points
 from guidance.core.views import carm_view
@@ -295,7 +295,7 @@ def test_isocenter_projection_without_its_companion_tags_is_named(tmp_path):
     for keyword in ("FieldOfViewOrigin", "DetectorElementSpacing"):
         path = write_xray_dicom(tmp_path / "x.dcm", np.zeros((1, 8, 8), np.uint8), primary=0.0, secondary=0.0,
                                 extra={k: v for k, v in tags.items() if k != keyword})
-        with pytest.raises(DicomError, match=f"tag {keyword} is missing"):
+        with pytest.raises(DicomTagMissing, match=f"tag {keyword} is missing"):
             read_xray_dicom(path)
 
 

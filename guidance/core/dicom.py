@@ -363,12 +363,12 @@ def _views(tags: _FrameTags, n: int, size: tuple[int, int], isocenter_world, I0:
         sid = float(tags.required(i, "DistanceSourceToPatient", "DistanceSourceToIsocenter"))
         dv, du = _number_pair(tags.required(i, "ImagerPixelSpacing"), "ImagerPixelSpacing", tags.path)
         lao, cranial = carm_angles_from_dicom(primary[i], secondary[i])
+        principal_point = _principal_point(tags, i, size, (dv, du))
         try:
             views.append(carm_view(lao_deg=lao, cranial_deg=cranial, source_to_detector_mm=sdd,
                                    source_to_isocenter_mm=sid, detector_size_px=size, pixel_spacing_mm=(du, dv),
                                    isocenter_world=isocenter_world, patient_position="supine",
-                                   principal_point_px=_principal_point(tags, i, size, (dv, du)),
-                                   intensity=intensity, I0=level))
+                                   principal_point_px=principal_point, intensity=intensity, I0=level))
         except GuidanceError as exc:
             raise DicomError(f"{tags.path}: no C-arm view from DistanceSourceToPatient {sid}, "
                              f"DistanceSourceToDetector {sdd}, ImagerPixelSpacing {[dv, du]}: {exc}") from None
