@@ -96,7 +96,7 @@ def test_subscriber_binds_publisher_connects(endpoint):
 
 
 def test_unknown_topic_and_bad_endpoint():
-    with pytest.raises(ValueError, match="unknown topic 'frames'; topics are message kinds"):
+    with pytest.raises(TransportError, match="unknown topic 'frames'; topics are message kinds"):
         Subscriber(free_tcp_endpoint(), topics=["frames"])
     with pytest.raises(ValueError, match="endpoint must start with one of tcp://"):
         Publisher("127.0.0.1:5555")

@@ -109,7 +109,7 @@ def max_message_bytes(max_frame_px: int = DEFAULT_MAX_FRAME_PX) -> int:
     """``ZMQ_MAXMSGSIZE`` for a subscriber that accepts frames of up to ``max_frame_px``
     pixels a side (4-byte pixels), plus room for the header."""
     if not (isinstance(max_frame_px, int) and max_frame_px > 0):
-        raise ValueError(f"max_frame_px must be a positive int, got {max_frame_px!r}")
+        raise TransportError(f"max_frame_px must be a positive int, got {max_frame_px!r}")
     return max_frame_px * max_frame_px * 4 + HEADER_ALLOWANCE_BYTES
 
 
@@ -328,8 +328,8 @@ class Subscriber:
             topics = list(topics)
             for topic in topics:
                 if topic not in KINDS:
-                    raise ValueError(f"unknown topic {topic!r}; topics are message kinds: "
-                                     f"{', '.join(KINDS)}")
+                    raise TransportError(f"unknown topic {topic!r}; topics are message kinds: "
+                                         f"{', '.join(KINDS)}")
         self._socket = _socket(context, zmq.SUB, keys, server=bind)
         self._socket.setsockopt(zmq.RCVHWM, rcvhwm)
         self._socket.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
