@@ -93,9 +93,11 @@ MAX_SENDERS = 1024
 """(source, kind) streams whose last stamp is remembered; the oldest is forgotten beyond."""
 LOG_PERIOD_S = 5.0
 HEADER_ALLOWANCE_BYTES = 1 << 20
-RECONNECT_GRACE_S = 0.5
+RECONNECT_GRACE_S = 0.1
 """A connection ZeroMQ dropped for a protocol error (e.g. a part over ``ZMQ_MAXMSGSIZE``)
-is not retried by ZeroMQ itself; the subscriber reconnects it after this long."""
+is not retried by ZeroMQ itself; the subscriber reconnects it after this long without a
+retry event (ZeroMQ reports its own retry of an ordinary disconnect at once, from the
+same I/O thread; a needless reconnect costs only a new handshake)."""
 _RETRY_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_DELAYED | zmq.EVENT_CONNECT_RETRIED
 DEFAULT_MAX_FRAME_PX = 2048
 """Largest frame side (pixels) accepted by default: 2048 x 2048 float32 = 16 MiB."""
@@ -346,6 +348,8 @@ class Subscriber:
                 _connect(self._socket, endpoint, keys, role)
         self._poller = zmq.Poller()
         self._poller.register(self._socket, zmq.POLLIN)
+        if self._monitor is not None:  # a dropped connection wakes ``recv``, to be reconnected on time
+            self._poller.register(self._monitor, zmq.POLLIN)
         self._tap = tap
         self._reject_tap = reject_tap
         self._last_seq: dict[tuple[str, str], int] = {}
@@ -365,9 +369,13 @@ class Subscriber:
             msg = next(self._drain(), None)
             if msg is not None:
                 return msg
-            remaining_s = deadline - time.monotonic()
-            if remaining_s <= 0 or not self._poller.poll(math.ceil(remaining_s * 1000)):
+            now = time.monotonic()
+            remaining_s = deadline - now
+            if remaining_s <= 0:
                 return None
+            if self._dropped_since:  # wake when a dropped connection is due to be reconnected
+                remaining_s = min(remaining_s, max(0.0, min(self._dropped_since.values()) + RECONNECT_GRACE_S - now))
+            self._poller.poll(math.ceil(remaining_s * 1000))
 
     def recv_latest(self, timeout_s: float) -> dict[str, Message]:
         """The newest queued message of each kind, kind -> message.
@@ -463,6 +471,7 @@ class Subscriber:
     def close(self) -> None:
         self._poller.unregister(self._socket)
         if self._monitor is not None:
+            self._poller.unregister(self._monitor)
             self._socket.disable_monitor()
             self._monitor.close(linger=0)
         self._socket.close(linger=0)

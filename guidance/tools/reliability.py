@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+import zmq
 
 from guidance.core.views import view_to_dict
 from guidance.live.display import HeadlessWriter
@@ -64,7 +65,10 @@ class _Source:
     """The simulated C-arm and tracker: cycles pre-rendered frames at ``fps`` with fresh
     ids and stamps, tracker samples with each, on a CURVE publisher bound at
     ``endpoint``; ``inject`` queues probe messages (Messages or raw multipart bytes) that
-    the same socket sends between two ticks."""
+    the same socket sends between two ticks. Its sockets have a ZeroMQ context (I/O thread)
+    of their own, as a separate C-arm process would: a CURVE sender encrypts a whole
+    message before its first byte leaves (about 0.7 s for the 128 MiB oversized frame),
+    which must not hold up the display's sockets in this process."""
 
     def __init__(self, endpoint: str, keys: CurveKeys, frames: list, fps: float, instrument: str) -> None:
         self.endpoint, self.keys, self.frames, self.fps, self.instrument = endpoint, keys, frames, fps, instrument
@@ -72,10 +76,11 @@ class _Source:
         self._queue: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._context = zmq.Context()
 
     def start(self) -> None:
         self._stop.clear()
-        self._pub = Publisher(self.endpoint, keys=self.keys)
+        self._pub = Publisher(self.endpoint, keys=self.keys, context=self._context)
         self._thread = threading.Thread(target=self._run, name="bench-source", daemon=True)
         self._thread.start()
 
