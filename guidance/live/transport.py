@@ -82,7 +82,7 @@ DEFAULT_SNDHWM = 8
 DEFAULT_RCVHWM = 4
 """Messages queued at the subscriber: small, so a slow reader sees fresh frames."""
 RECONNECT_IVL_MS = 100
-RECONNECT_IVL_MAX_MS = 1000
+RECONNECT_IVL_MAX_MS = 200
 ENDPOINT_SCHEMES = ("tcp://", "ipc://", "inproc://")
 MAX_DRAIN = 256
 """At most this many queued messages are read by one ``recv_latest`` or ``recv`` call."""

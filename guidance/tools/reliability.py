@@ -48,7 +48,7 @@ from guidance.live.display_client import run_display
 from guidance.live.keys import CurveKeys, load_keys, make_keys
 from guidance.live.recording import read_manifest, read_recording
 from guidance.live.transport import Publisher, Subscriber, free_tcp_endpoint
-from guidance.live.wire import Frame, Message, PoseResult, TrackerSample, decode, encode
+from guidance.live.wire import Frame, Heartbeat, Message, PoseResult, TrackerSample, decode, encode
 
 __all__ = ["run_reliability", "curve_cost", "format_rows"]
 
@@ -226,11 +226,13 @@ class _Display:
         self._thread.join()
 
 
-def _first_heartbeat(result_ep: str, keys: CurveKeys, timeout_s: float) -> tuple[float, str] | None:
-    """(arrival time, state) of the pipeline's first heartbeat seen."""
+def _first_heartbeat(result_ep: str, keys: CurveKeys, timeout_s: float) -> tuple[float, Heartbeat] | None:
+    """(arrival time, message) of the pipeline's first heartbeat seen; its ``stamp_ns`` says
+    when it was sent, its ``seq`` how many were sent before it (lost while this subscriber
+    was still connecting: PUB/SUB delivers nothing before the connection is made)."""
     with Subscriber(result_ep, topics=("heartbeat",), keys=keys, server_role="pipeline") as sub:
         msg = sub.recv(timeout_s)
-        return None if msg is None else (time.time(), msg.state)
+        return None if msg is None else (time.time(), msg)
 
 
 def _first_ok_pose(monitor: Subscriber, after_ns: int, timeout_s: float,
@@ -326,10 +328,10 @@ def run_reliability(out_dir: str | Path, *, duration_s: float = 600.0, fps: floa
         started = pipeline.start()
         display = _Display(frame_ep, result_ep, phantom.ct, phantom.plan, keys["display"], out / "screens")
         beat = _first_heartbeat(result_ep, keys["monitor"], START_TIMEOUT_S)
-        row("start-up: pipeline process start -> first heartbeat (s; state)",
-            f"{_round(beat[0] - started if beat else None)}; {beat[1] if beat else None}")
-        first = _first_ok_pose(monitor, int(started * 1e9), START_TIMEOUT_S)
-        row("start-up: pipeline process start -> first ok pose (s)", _round(first))
+        row("start-up: pipeline process start -> first heartbeat received (s), sent (s, its stamp), seq, state",
+            "none" if beat is None else f"{beat[0] - started:.2f}, {beat[1].stamp_ns / 1e9 - started:.2f}, "
+                                        f"{beat[1].seq}, {beat[1].state}", "well under 1 s")
+        _start_row("start-up: pipeline process start -> first ok pose", monitor, started, row)
         _probe_rows(source, pipeline, display, monitor, row)
         _memory_rows(pipeline, display, monitor, duration_s, row)
         _fake_and_replay_rows(source, display, monitor, frame_ep, keys, phantom, out, row)
@@ -507,12 +509,28 @@ def _kill_rows(source, pipeline, display, monitor, record: Path, row) -> None:
     row("kill -9: frames with a published pose missing from the recording", lost, "<= 1", lost <= 1)
 
 
+def _start_row(measure: str, monitor: Subscriber, after_s: float, row) -> None:
+    """Seconds from ``after_s`` to the first ok pose, split into that pose's registration
+    (its preprocessing and registration latencies) and the rest (process start-up, imports,
+    CT preparation, waiting for a frame): the target is the rest <= 1 s."""
+    poses: list[PoseResult] = []
+    first = _first_ok_pose(monitor, int(after_s * 1e9), START_TIMEOUT_S, poses)
+    if first is None:
+        row(measure + " (s)", None, "the registration + <= 1 s", False)
+        return
+    latency_ms = poses[-1].latency_ms
+    registration_s = (latency_ms.get("preprocess", 0.0) + latency_ms.get("registration", 0.0)) / 1e3
+    row(measure + " (s): total, its registration, the rest",
+        f"{first:.2f}, {registration_s:.2f} ({poses[-1].mode}), {first - registration_s:.2f}",
+        "the registration + <= 1 s", first - registration_s <= 1.0)
+
+
 def _restart_rows(source, pipeline, display, monitor, frame_ep, result_ep, keys, phantom, out, row):
     def first_ok(after_s: float) -> float | None:
         return _first_ok_pose(monitor, int(after_s * 1e9), START_TIMEOUT_S)
 
     t = pipeline.start()  # after kill -9: same recording folder, a new segment
-    row("restart pipeline -> first ok pose (s, incl. its first registration)", _round(first_ok(t)))
+    _start_row("restart pipeline -> first ok pose", monitor, t, row)
     segments = len(read_manifest(pipeline.record)["segments"])
     row("recording segments after the restart (same folder)", segments, "2", segments == 2)
     source.stop()
@@ -527,9 +545,8 @@ def _restart_rows(source, pipeline, display, monitor, frame_ep, result_ep, keys,
         pipeline.stop()
         for name in order:
             (pipeline.start if name == "pipeline" else source.start)()
-        t = time.time()
-        row(f"stop C-arm and pipeline, start {' then '.join(order)} -> first ok pose (s, incl. the first "
-            f"registration)", _round(first_ok(t)))
+        _start_row(f"stop C-arm and pipeline, start {' then '.join(order)} -> first ok pose", monitor,
+                   time.time(), row)
     return display
 
 
