@@ -47,10 +47,10 @@ from guidance.live.display import HeadlessWriter
 from guidance.live.display_client import run_display
 from guidance.live.keys import CurveKeys, load_keys, make_keys
 from guidance.live.recording import read_manifest, read_recording
-from guidance.live.transport import Publisher, Subscriber, free_tcp_endpoint
+from guidance.live.transport import DEFAULT_MAX_FRAME_PX, Publisher, Subscriber, free_tcp_endpoint, max_message_bytes
 from guidance.live.wire import Frame, Heartbeat, Message, PoseResult, TrackerSample, decode, encode
 
-__all__ = ["run_reliability", "curve_cost", "format_rows"]
+__all__ = ["run_reliability", "curve_cost", "oversize_cost", "format_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -226,13 +226,19 @@ class _Display:
         self._thread.join()
 
 
-def _first_heartbeat(result_ep: str, keys: CurveKeys, timeout_s: float) -> tuple[float, Heartbeat] | None:
-    """(arrival time, message) of the pipeline's first heartbeat seen; its ``stamp_ns`` says
-    when it was sent, its ``seq`` how many were sent before it (lost while this subscriber
-    was still connecting: PUB/SUB delivers nothing before the connection is made)."""
+def _first_heartbeats(result_ep: str, keys: CurveKeys, timeout_s: float) -> tuple[Heartbeat | None, float | None]:
+    """The pipeline's first heartbeat seen (its ``stamp_ns`` says when it was sent, its
+    ``seq`` how many were sent before it, lost while this subscriber was still connecting),
+    and the send time (s, epoch) of its first heartbeat past "starting" (built: ready)."""
+    first = None
     with Subscriber(result_ep, topics=("heartbeat",), keys=keys, server_role="pipeline") as sub:
-        msg = sub.recv(timeout_s)
-        return None if msg is None else (time.time(), msg)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            msg = sub.recv(max(0.0, deadline - time.monotonic()))
+            first = first or msg
+            if msg is not None and msg.state != "starting":
+                return first, msg.stamp_ns / 1e9
+    return first, None
 
 
 def _first_ok_pose(monitor: Subscriber, after_ns: int, timeout_s: float,
@@ -322,15 +328,18 @@ def run_reliability(out_dir: str | Path, *, duration_s: float = 600.0, fps: floa
         log.info("%s: %s", measure, value)
 
     rows += curve_cost()
+    rows += oversize_cost()
     display = None
     try:
         source.start()
         started = pipeline.start()
         display = _Display(frame_ep, result_ep, phantom.ct, phantom.plan, keys["display"], out / "screens")
-        beat = _first_heartbeat(result_ep, keys["monitor"], START_TIMEOUT_S)
-        row("start-up: pipeline process start -> first heartbeat received (s), sent (s, its stamp), seq, state",
-            "none" if beat is None else f"{beat[0] - started:.2f}, {beat[1].stamp_ns / 1e9 - started:.2f}, "
-                                        f"{beat[1].seq}, {beat[1].state}", "well under 1 s")
+        beat, ready_s = _first_heartbeats(result_ep, keys["monitor"], START_TIMEOUT_S)
+        row("start-up: pipeline process start -> its first heartbeat seen: sent (s, its stamp), seq, state",
+            "none" if beat is None else f"{beat.stamp_ns / 1e9 - started:.2f}, {beat.seq}, {beat.state}",
+            "well under 1 s")
+        row("start-up: pipeline process start -> built (first heartbeat past 'starting', s)",
+            _round(None if ready_s is None else ready_s - started))
         _start_row("start-up: pipeline process start -> first ok pose", monitor, started, row)
         _probe_rows(source, pipeline, display, monitor, row)
         _memory_rows(pipeline, display, monitor, duration_s, row)
@@ -388,6 +397,56 @@ def curve_cost(*, frame_px: int = 256, fps: float = 15.0, seconds: float = 10.0,
                      "value": f"{np.percentile(lat, 50):.2f} / {np.percentile(lat, 95):.2f}, {cpu_ms:.2f}, "
                               f"{through:.0f}", "target": "", "met": None})
     return rows
+
+
+def oversize_cost(*, frame_px: int = 256, big_px: int = 8192, fps: float = 15.0,
+                  max_frame_px: int = DEFAULT_MAX_FRAME_PX) -> list[dict]:
+    """The refusal of one ``big_px``^2 uint16 frame among ``frame_px``^2 ones at ``fps``, by
+    an in-process subscriber accepting frames of ``max_frame_px`` a side, plain and CURVE:
+    seconds from handing it to the publisher's socket to the first frame sent after it
+    received (the socket refuses the part by its size, the subscriber reconnects; with
+    CURVE the publisher first encrypts the whole message, before its first byte leaves)."""
+    from guidance.core.views import carm_view
+
+    with tempfile.TemporaryDirectory() as keys_dir:
+        make_keys(keys_dir, roles=("sim", "pipeline"))
+        keys = {role: load_keys(keys_dir, role) for role in ("sim", "pipeline")}
+    view = carm_view(detector_size_px=(frame_px, frame_px)).with_intensity("raw", 4095.0)
+    small = np.zeros((frame_px, frame_px), np.uint16)
+    big_view = replace(view.downsampled(frame_px / big_px), image_size=(big_px, big_px))
+    big = Frame(source="big", frame_id=0, acquired_ns=time.time_ns(), view=big_view,
+                pixels=np.zeros((big_px, big_px), np.uint16))
+    big_parts = _stamped([big])[0]
+    values = []
+    context = zmq.Context()  # the sender's own I/O thread, as in another process (never terminated: its
+    for mode in ("plain", "curve"):  # CURVE authenticator lives as long as this process)
+        endpoint = free_tcp_endpoint()
+        pub_keys, sub_keys = (None, None) if mode == "plain" else (keys["sim"], keys["pipeline"])
+        with Publisher(endpoint, keys=pub_keys, context=context) as pub, \
+                Subscriber(endpoint, keys=sub_keys, server_role="sim",
+                           max_message_bytes=max_message_bytes(max_frame_px)) as sub:
+            frame_id = 0
+
+            def tick() -> None:
+                nonlocal frame_id
+                frame_id += 1
+                pub.send(Frame(source="sim", frame_id=frame_id, acquired_ns=time.time_ns(), view=view, pixels=small))
+
+            while sub.recv(1.0 / fps) is None:  # connected (and, with CURVE, handshaken)
+                tick()
+            pub.send_raw(big_parts)
+            sent_ns, back_s = time.time_ns(), None
+            deadline = time.monotonic() + RESUME_TIMEOUT_S
+            while back_s is None and time.monotonic() < deadline:
+                tick()
+                end = time.monotonic() + 1.0 / fps
+                while (msg := sub.recv(max(0.0, end - time.monotonic()))) is not None:
+                    if msg.acquired_ns > sent_ns:
+                        back_s = (time.time_ns() - sent_ns) / 1e9
+                        break
+        values.append(f"{mode} {_round(back_s)}")
+    return [{"measure": f"{big_px}^2 uint16 frame refused by the socket: stream back after (s)",
+             "value": ", ".join(values), "target": "", "met": None}]
 
 
 def _round(value: float | None, digits: int = 2):
