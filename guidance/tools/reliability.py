@@ -15,9 +15,15 @@ loop (``run_display``, "display" key) and a monitor ("monitor" key) watch. Then:
   all of ``duration_s`` of streaming;
 - kill -9 of the pipeline: time until the display says STALE, frames with a published
   pose missing from the recording;
+- start-up of the pipeline process: its first heartbeat (send stamp), built (first
+  heartbeat past "starting"), first ok pose split into that pose's registration and the
+  rest (target: the rest <= 1 s);
 - restarts in several orders: time from the last start to the first ok pose (or screen),
-  with the pipeline's first registration time reported beside it;
-- a bind conflict: the message a pipeline prints when its port is taken.
+  split the same way;
+- a bind conflict: the message a pipeline prints when its port is taken;
+- in this process, before the chain starts: CURVE's cost on the frame stream
+  (``curve_cost``) and how soon a stream is back after an oversized frame that the
+  receiving socket refuses, plain and CURVE (``oversize_cost``).
 
 Benchmarks measure; tests assert. The figures depend on the machine and its load.
 """
