@@ -351,19 +351,20 @@ def cmd_keys(args) -> int:
 
 
 def cmd_pipeline(args) -> int:
-    from guidance.live.pipeline import Pipeline, PipelineSettings, run_pipeline
-    from guidance.registration.register import Registrator
+    from guidance.live.serve import run_pipeline  # sockets and wire only: the loop beats while build() runs
 
     keys = _curve_keys(args, "pipeline")
-    from calibration.files import read_calibration
-    from guidance.live.calibrations import sort_calibrations
 
-    calibrations = sort_calibrations([read_calibration(path) for path in args.calibration or []])
-    settings = PipelineSettings(level=args.level, overlay=args.overlay, distortion=calibrations.distortion,
-                                carm=calibrations.carm, pivots=calibrations.pivots,
-                                detect_instruments=tuple(args.detect_instruments), max_frame_px=args.max_frame_px)
+    def build(subject=None):  # runs while the pipeline already beats ("starting")
+        from calibration.files import read_calibration
+        from guidance.live.calibrations import sort_calibrations
+        from guidance.live.pipeline import Pipeline, PipelineSettings
+        from guidance.registration.register import Registrator
 
-    def build(subject=None) -> Pipeline:  # runs while the pipeline already beats ("starting")
+        calibrations = sort_calibrations([read_calibration(path) for path in args.calibration or []])
+        settings = PipelineSettings(level=args.level, overlay=args.overlay, distortion=calibrations.distortion,
+                                    carm=calibrations.carm, pivots=calibrations.pivots,
+                                    detect_instruments=tuple(args.detect_instruments), max_frame_px=args.max_frame_px)
         subject = subject or _subject(args)
         registrator = Registrator(subject.ct, labels=subject.labels, cache_dir=args.cache_dir)
         return Pipeline(registrator, plan=subject.plan, labels=subject.labels, ct=subject.ct, settings=settings)
@@ -381,7 +382,7 @@ def cmd_pipeline(args) -> int:
                             image_hz=args.igtl_image_hz)
         print(f"pipeline: OpenIGTLink on {args.igtl_host}:{bridge.port}", flush=True)
     try:
-        stats = run_pipeline(pipeline, settings=settings, frame_endpoints=args.frame_endpoints,
+        stats = run_pipeline(pipeline, max_frame_px=args.max_frame_px, frame_endpoints=args.frame_endpoints,
                              result_endpoint=args.result_endpoint, stop=stop, record_dir=args.record, sink=bridge,
                              keys=keys)
     finally:

@@ -35,13 +35,14 @@ from guidance.live.keys import CurveKeys
 from guidance.live.recording import Record, read_recording, replay
 from guidance.live.transport import Publisher
 from guidance.core.dicom import read_xray_dicom
+from guidance.core.errors import GuidanceError
 from guidance.core.views import View, read_view
 from guidance.core.geometry import invert_rigid
 from sim.cbct import IntraopScan, intraop_scan
 from sim.phantom import Phantom
 from sim.scenario import Scenario, ScenarioPlayer, SimFrame, SimState
 
-__all__ = ["REPLAYED_KINDS", "LINGER_S", "run_sim", "replay_recording", "run_video", "run_dicom_cine"]
+__all__ = ["REPLAYED_KINDS", "LINGER_S", "StreamError", "run_sim", "replay_recording", "run_video", "run_dicom_cine"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,11 @@ ROLE = "sim"
 LINGER_S = 0.2
 """Pause after the last message before the sockets close (they close with LINGER 0, which
 would drop what is still queued); skipped when ``stop`` is set."""
+
+
+class StreamError(GuidanceError):
+    """A stream source or option that cannot work (a video that will not open or does not fit its view,
+    a bad rate or speed)."""
 
 
 class _Session:
@@ -64,7 +70,7 @@ class _Session:
     def __init__(self, publisher: Publisher, source: str, stop: threading.Event, heartbeat_s: float,
                  stats: dict) -> None:
         if not (isinstance(heartbeat_s, (int, float)) and math.isfinite(heartbeat_s) and heartbeat_s > 0):
-            raise ValueError(f"heartbeat_s must be a positive number; got {heartbeat_s!r}")
+            raise StreamError(f"heartbeat_s must be a positive number; got {heartbeat_s!r}")
         self._publisher = publisher
         self._source = source
         self._stop = stop
@@ -124,7 +130,7 @@ class _Session:
 
 def _check_speed(speed: float | None) -> None:
     if speed is not None and not (isinstance(speed, (int, float)) and 0 < speed < math.inf):
-        raise ValueError(f"speed must be a positive number or None (as fast as possible); got {speed!r}")
+        raise StreamError(f"speed must be a positive number or None (as fast as possible); got {speed!r}")
 
 
 def _tracker_samples(state: SimState, instrument: str | None, quality_mm: float,
@@ -371,7 +377,7 @@ def _grey_uint8(image: np.ndarray) -> np.ndarray:
     if image.dtype == np.uint16:
         image = (image >> 8).astype(np.uint8)
     if image.dtype != np.uint8 or image.ndim != 2:
-        raise ValueError(f"unsupported video frame: {image.dtype} of shape {image.shape}")
+        raise StreamError(f"unsupported video frame: {image.dtype} of shape {image.shape}")
     return np.ascontiguousarray(image)
 
 
@@ -379,7 +385,7 @@ def _open_video(source: str | Path | int) -> cv2.VideoCapture:
     capture = cv2.VideoCapture(source if isinstance(source, int) else str(source))
     if not capture.isOpened():
         capture.release()
-        raise ValueError(f"cannot open video source {source!r}")
+        raise StreamError(f"cannot open video source {source!r}")
     return capture
 
 
@@ -388,12 +394,12 @@ def _first_frame(capture: cv2.VideoCapture, source: str | Path | int, view: View
     """The first grey frame, checked against the view's image size."""
     ok, image = capture.read()
     if not ok:
-        raise ValueError(f"video source {source!r} delivered no frame")
+        raise StreamError(f"video source {source!r} delivered no frame")
     grey = _grey_uint8(image)
     H, W = grey.shape
     if view.image_size != (W, H):
-        raise ValueError(f"video frames are {W}x{H} pixels but the view file {view_path} is for "
-                         f"{view.width}x{view.height} (image_size [W, H]); calibrate a view for this size")
+        raise StreamError(f"video frames are {W}x{H} pixels but the view file {view_path} is for "
+                          f"{view.width}x{view.height} (image_size [W, H]); calibrate a view for this size")
     return grey
 
 
@@ -402,7 +408,7 @@ def _video_period_s(capture: cv2.VideoCapture, source: str | Path | int, fps: fl
     live device without ``fps`` (it delivers at its own rate)."""
     if fps is not None:
         if not (isinstance(fps, (int, float)) and 0 < fps < math.inf):
-            raise ValueError(f"fps must be a positive number or None; got {fps!r}")
+            raise StreamError(f"fps must be a positive number or None; got {fps!r}")
         return 1.0 / fps
     if isinstance(source, int):
         return None
@@ -439,7 +445,7 @@ def run_video(
 
     Frames are paced at ``fps`` (None: the file's own rate; a device paces itself) and
     numbered from 0; at the end of a file the stream stops, or starts over when ``loop``.
-    Raises ValueError when the source cannot be opened or delivers nothing, or when its
+    Raises StreamError when the source cannot be opened or delivers nothing, or when its
     frame size differs from the view's image size (checked before anything is published).
 
     Returns counts: frames, heartbeats, elapsed_s.
@@ -490,7 +496,7 @@ def run_dicom_cine(
     """
     cine = read_xray_dicom(path, isocenter_world=isocenter_world)
     if fps is not None and not (isinstance(fps, (int, float)) and 0 < fps < math.inf):
-        raise ValueError(f"fps must be a positive number or None; got {fps!r}")
+        raise StreamError(f"fps must be a positive number or None; got {fps!r}")
     period_s = 1.0 / fps if fps is not None else (cine.frame_time_s or 1.0 / 15.0)
     frames = [f if f.dtype in (np.uint8, np.uint16) else f.astype(np.float32) for f in cine.frames]
     stats = {"frames": 0}

@@ -6,6 +6,7 @@ import pytest
 from numpy.testing import assert_allclose
 
 from guidance.live.display import (
+    DisplayError,
     RESLICE_FOV_MM,
     HeadlessWriter,
     NavigationState,
@@ -145,7 +146,7 @@ def test_stale_after_is_configurable():
     state = NavigationState(stale_after_s=0.2)
     state.on_pose(pose(), T0)
     assert state.status(T0 + 0.25) == "stale"
-    with pytest.raises(ValueError):
+    with pytest.raises(DisplayError):
         NavigationState(stale_after_s=0)
 
 
@@ -283,9 +284,9 @@ def test_compose_screen_waiting_without_frame_and_with_labels():
 
 
 def test_compose_screen_rejects_bad_input():
-    with pytest.raises(ValueError, match="HU"):
+    with pytest.raises(DisplayError, match="HU"):
         compose_screen(NavigationState(), CT.with_data(CT.data, units="mu_per_mm"), None, T0)
-    with pytest.raises(ValueError, match="at least"):
+    with pytest.raises(DisplayError, match="at least"):
         compose_screen(NavigationState(), CT, None, T0, size=(100, 100))
 
 
@@ -296,7 +297,7 @@ def test_headless_writer_writes_every_nth_png(tmp_path):
     assert [p.name if p else None for p in written] == \
         ["screen_000000.png", None, "screen_000002.png", None]
     assert_allclose(cv2.imread(str(written[2])), screens[2])
-    with pytest.raises(ValueError):
+    with pytest.raises(DisplayError):
         HeadlessWriter(tmp_path, every_n=0)
 
 

@@ -326,7 +326,8 @@ def test_run_pipeline_publishes_its_poses_to_a_pyigtl_client():
     """The pipeline hook end to end: a simulated frame in, the registered C-arm pose out in RAS."""
     import threading
 
-    from guidance.live.pipeline import Pipeline, run_pipeline
+    from guidance.live.pipeline import Pipeline
+    from guidance.live.serve import run_pipeline
     from guidance.live.transport import Publisher, Subscriber, free_tcp_endpoint
     from guidance.registration.register import Registrator
     from sim.phantom import make_phantom

@@ -16,7 +16,8 @@ from guidance.core.instrument_models import INSTRUMENTS
 from guidance.core.volume import Volume, affine_from_geometry
 from guidance.evaluation.metrics import mtre, target_points
 from guidance.live.intraop import IntraopError, check_volume, volume_from_message, volume_message
-from guidance.live.pipeline import Pipeline, run_pipeline
+from guidance.live.pipeline import Pipeline
+from guidance.live.serve import run_pipeline
 from guidance.live.transport import Subscriber, free_tcp_endpoint
 from guidance.live.wire import InstrumentState, PoseResult, VolumeFrame, WireError, decode, encode
 from guidance.navigation.instruments import tip_and_axis

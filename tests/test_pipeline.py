@@ -13,7 +13,9 @@ import zmq
 from guidance.live.display import HeadlessWriter
 from guidance.live.display_client import run_display
 from guidance.core.geometry import invert_rigid, make_rigid, rotation_about_axis, transform_points
-from guidance.live.pipeline import Pipeline, PipelineSettings, TrackerHistory, run_pipeline
+from guidance.core.errors import GuidanceError
+from guidance.live.pipeline import Pipeline, PipelineSettings, TrackerHistory
+from guidance.live.serve import run_pipeline
 from guidance.live.recording import QUARANTINE_FILE, read_recording, read_segment
 from guidance.registration.register import Registrator
 from guidance.live.transport import Publisher, Subscriber, free_tcp_endpoint
@@ -442,8 +444,7 @@ def test_a_slow_start_beats_starting_then_no_frames(registrator, phantom):
 
     results = Subscriber(result_endpoint)
     thread = threading.Thread(target=run_pipeline, args=(build,), kwargs=dict(
-        settings=PipelineSettings(), frame_endpoints=[frame_endpoint], result_endpoint=result_endpoint, stop=stop,
-        heartbeat_s=0.1), daemon=True)
+        frame_endpoints=[frame_endpoint], result_endpoint=result_endpoint, stop=stop, heartbeat_s=0.1), daemon=True)
     thread.start()
     try:
         wait_for(results, lambda m: m.kind == "heartbeat" and m.state == "starting")
@@ -455,8 +456,10 @@ def test_a_slow_start_beats_starting_then_no_frames(registrator, phantom):
         thread.join(timeout=10)
         results.close()
     assert not thread.is_alive()
-    with pytest.raises(ValueError, match="needs its settings"):
-        run_pipeline(build, frame_endpoints=[frame_endpoint], result_endpoint=result_endpoint, stop=stop)
+    with pytest.raises(GuidanceError, match=r"pipeline's settings \(max_frame_px 2048, source 'pipeline'\) differ "
+                                            r"from the loop's \(max_frame_px 512"):
+        run_pipeline(build, frame_endpoints=[frame_endpoint], result_endpoint=result_endpoint, stop=stop,
+                     max_frame_px=512)
 
 
 def test_instruments_found_in_the_image_without_a_tracker(phantom, registrator):

@@ -77,11 +77,11 @@ def test_quarantine_is_clipped_and_bounded(tmp_path, monkeypatch):
 
 def test_write_checks_arguments(tmp_path):
     with Recorder(tmp_path) as rec:
-        with pytest.raises(ValueError, match="direction must be one of in, out"):
+        with pytest.raises(RecordingError, match="direction must be one of in, out"):
             rec.write("sideways", [b"x"], 0)
-        with pytest.raises(ValueError, match="1 to 1024 parts"):
+        with pytest.raises(RecordingError, match="1 to 1024 parts"):
             rec.write("in", [], 0)
-        with pytest.raises(ValueError, match="recv_ns must be a non-negative int"):
+        with pytest.raises(RecordingError, match="recv_ns must be a non-negative int"):
             rec.write("in", [b"x"], -5)
 
 
@@ -149,5 +149,5 @@ def test_replay_stops_on_event():
 
 def test_replay_checks_speed():
     for speed in (0, -1.0, float("inf"), "fast"):
-        with pytest.raises(ValueError, match="speed must be a positive number or None"):
+        with pytest.raises(RecordingError, match="speed must be a positive number or None"):
             replay(RECORDS, speed)

@@ -41,3 +41,9 @@ def test_curve_cost_rows_and_table():
     assert [r["measure"].split(":")[0] for r in rows] == ["plain", "curve"]
     table = reliability.format_rows(rows)
     assert table.startswith("| measure | value | target | met |") and table.count("\n") == 3
+
+
+def test_oversize_cost_sees_the_stream_come_back_after_a_refused_frame():
+    rows = reliability.oversize_cost(frame_px=16, big_px=1024, max_frame_px=16)  # 2 MiB over a ~1 MiB limit
+    (value,) = [r["value"] for r in rows]
+    assert value.startswith("plain ") and ", curve " in value and "None" not in value

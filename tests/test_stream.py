@@ -14,7 +14,7 @@ from guidance.live.transport import Subscriber, free_tcp_endpoint
 from guidance.core.views import View, carm_view, write_view
 from sim.phantom import make_phantom
 from sim.scenario import Scenario
-from sim.stream import replay_recording, run_sim, run_video
+from sim.stream import StreamError, replay_recording, run_sim, run_video
 
 STARTUP_S = 0.5  # lets the test's subscriber connect before the first message
 SMALL = dict(detector_px=128, pixel_spacing_mm=2.4)
@@ -176,7 +176,7 @@ def test_replay_recording_keeps_the_recorded_timing(tmp_path):
     stats = replay_recording(tmp_path / "session", frame_endpoint=free_tcp_endpoint(), speed=2.0,
                              stop=threading.Event())
     assert stats["published"] == 6 and 0.14 < stats["elapsed_s"] < 1.0
-    with pytest.raises(ValueError, match="speed must be a positive number or None"):
+    with pytest.raises(StreamError, match="speed must be a positive number or None"):
         replay_recording(tmp_path / "session", frame_endpoint=free_tcp_endpoint(), speed=0.0,
                          stop=threading.Event())
 
@@ -228,9 +228,9 @@ def test_run_video_loops_until_stopped(tmp_path, video):
 
 
 def test_run_video_rejects_a_view_of_another_size_and_a_missing_file(tmp_path, video):
-    with pytest.raises(ValueError, match="video frames are 64x48 pixels but the view file .* is for 32x32"):
+    with pytest.raises(StreamError, match="video frames are 64x48 pixels but the view file .* is for 32x32"):
         run_video(video, _view_file(tmp_path, (32, 32)), frame_endpoint=free_tcp_endpoint(),
                   stop=threading.Event())
-    with pytest.raises(ValueError, match="cannot open video source"):
+    with pytest.raises(StreamError, match="cannot open video source"):
         run_video(tmp_path / "missing.avi", _view_file(tmp_path, (64, 48)), frame_endpoint=free_tcp_endpoint(),
                   stop=threading.Event())

@@ -4,6 +4,7 @@ import logging
 
 import pytest
 
+from guidance.core.errors import GuidanceError
 from guidance.live.throttle import ThrottledLog
 
 
@@ -20,5 +21,5 @@ def test_burst_becomes_one_line_with_the_count(caplog):
                                                "(last: reason 9999)")
     log.flush(now_s=200.0)  # nothing new: no line
     assert log.lines == 3 == len(caplog.records)
-    with pytest.raises(ValueError, match="period_s must be positive"):
+    with pytest.raises(GuidanceError, match="period_s must be positive"):
         ThrottledLog(logging.getLogger("t"), period_s=0)

@@ -1,5 +1,6 @@
 """guidance.live.transport over loopback sockets on free ports (each test well under 2 s)."""
 
+import threading
 import time
 
 import numpy as np
@@ -96,7 +97,7 @@ def test_subscriber_binds_publisher_connects(endpoint):
 
 
 def test_unknown_topic_and_bad_endpoint():
-    with pytest.raises(ValueError, match="unknown topic 'frames'; topics are message kinds"):
+    with pytest.raises(TransportError, match="unknown topic 'frames'; topics are message kinds"):
         Subscriber(free_tcp_endpoint(), topics=["frames"])
     with pytest.raises(ValueError, match="endpoint must start with one of tcp://"):
         Publisher("127.0.0.1:5555")
@@ -229,6 +230,30 @@ def test_oversized_part_is_refused_by_the_socket(endpoint):
         pub.send(_frame(3, size=(64, 64)))
         assert _recv(sub).frame_id == 3
     assert max_message_bytes(2048) == 2048 * 2048 * 4 + transport.HEADER_ALLOWANCE_BYTES
+
+
+def test_a_waiting_recv_reconnects_after_an_oversized_part(endpoint):
+    """One long ``recv`` spans the refusal: it wakes on the dropped connection, reconnects
+    it and returns the next small frame (it used to sleep through its whole timeout)."""
+    with Publisher(endpoint) as pub, Subscriber(endpoint, max_message_bytes=64 * 64 * 2 + 4096) as sub:
+        _handshake(pub.send, sub)
+        stop = threading.Event()
+
+        def stream() -> None:
+            pub.send(_frame(1, size=(512, 512)))
+            frame_id = 2
+            while not stop.wait(0.02):
+                pub.send(_frame(frame_id, size=(64, 64)))
+                frame_id += 1
+
+        sender = threading.Thread(target=stream)
+        sender.start()
+        try:
+            msg = sub.recv(10.0)
+        finally:
+            stop.set()
+            sender.join()
+        assert msg is not None and msg.kind == "frame" and msg.frame_id >= 2
 
 
 def test_bind_conflict_names_the_port_and_the_process(endpoint, monkeypatch):

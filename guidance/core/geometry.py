@@ -5,13 +5,14 @@ interfaces, poses are 4x4 homogeneous matrices named ``T_to_from_from`` acting o
 column points, ``x_to = T_to_from_from @ [x, y, z, 1]``. The camera frame is
 OpenCV's: origin at the X-ray focal spot, +z along the principal ray towards the
 detector, +x along image columns u, +y along image rows v.
+
+scipy is imported by the functions that use it (a second to import; the live processes
+import this module before their first heartbeat).
 """
 
 from __future__ import annotations
 
 import numpy as np
-import scipy.linalg
-from scipy.spatial.transform import Rotation
 
 from guidance.core.errors import GuidanceError
 
@@ -82,11 +83,15 @@ def rotation_about_axis(axis: np.ndarray, angle_deg: float) -> np.ndarray:
 
 def rotation_from_rotvec(rotvec_rad: np.ndarray) -> np.ndarray:
     """3x3 rotation from an axis-angle vector (radians)."""
+    from scipy.spatial.transform import Rotation
+
     return Rotation.from_rotvec(np.asarray(rotvec_rad, dtype=float).reshape(3)).as_matrix()
 
 
 def rotvec_from_rotation(R: np.ndarray) -> np.ndarray:
     """Axis-angle vector (radians, angle in [0, pi]) of a 3x3 rotation."""
+    from scipy.spatial.transform import Rotation
+
     return Rotation.from_matrix(np.asarray(R, dtype=float)[:3, :3]).as_rotvec()
 
 
@@ -167,6 +172,8 @@ def decompose_projection(P: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if np.linalg.det(M) < 0:
         P = -P
         M = -M
+    import scipy.linalg
+
     K, R = scipy.linalg.rq(M)
     signs = np.diag(np.sign(np.diag(K)))
     K = K @ signs

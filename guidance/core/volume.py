@@ -4,6 +4,9 @@ A ``Volume`` holds voxels as a float32 array indexed [k, j, i] (z-y-x, as Simple
 gives them) and the affine ``T_world_from_index`` that maps a continuous index
 (i, j, k, 1) to LPS millimetres, including the direction cosines, so oblique
 acquisitions keep their true geometry. Voxel centres sit at integer indices.
+
+SimpleITK is imported by the functions that use it: it takes 0.1-0.3 s, and the live
+processes import this module (for ``Volume``) before their first heartbeat.
 """
 
 from __future__ import annotations
@@ -11,10 +14,14 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import SimpleITK as sitk
 
 from guidance.core.errors import GuidanceError
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
 
 __all__ = [
     "Volume",
@@ -125,6 +132,8 @@ class Volume:
 
 def volume_from_sitk(image: sitk.Image, units: str = "HU") -> Volume:
     """Wrap a 3D SimpleITK image, keeping origin, spacing and direction."""
+    import SimpleITK as sitk
+
     if image.GetDimension() != 3:
         raise VolumeError(f"expected a 3D image, got a {image.GetDimension()}D image")
     if image.GetNumberOfComponentsPerPixel() != 1:
@@ -145,6 +154,8 @@ def volume_from_sitk(image: sitk.Image, units: str = "HU") -> Volume:
 
 def volume_to_sitk(volume: Volume) -> sitk.Image:
     """A SimpleITK image with the volume's geometry (for SimpleITK filters and writing)."""
+    import SimpleITK as sitk
+
     image = sitk.GetImageFromArray(volume.data)
     image.SetSpacing(volume.spacing.tolist())
     image.SetOrigin(volume.origin.tolist())
@@ -154,6 +165,8 @@ def volume_to_sitk(volume: Volume) -> sitk.Image:
 
 def list_dicom_series(folder: str | Path) -> dict[str, list[str]]:
     """SeriesInstanceUID -> sorted file names of every DICOM series in a folder."""
+    import SimpleITK as sitk
+
     folder = str(folder)
     reader = sitk.ImageSeriesReader()
     return {uid: list(reader.GetGDCMSeriesFileNames(folder, uid)) for uid in reader.GetGDCMSeriesIDs(folder)}
@@ -164,6 +177,8 @@ def load_volume(path: str | Path, *, series_uid: str | None = None, units: str =
 
     A folder holding several DICOM series needs ``series_uid``; the error lists them.
     """
+    import SimpleITK as sitk
+
     path = Path(path)
     if not path.exists():
         raise VolumeError(f"CT path does not exist: {path}")
@@ -220,6 +235,8 @@ def label_centroid_world(labels: Volume, label: int | None = None) -> np.ndarray
 
 def save_volume(volume: Volume, path: str | Path) -> None:
     """Write a volume with SimpleITK (format from the extension)."""
+    import SimpleITK as sitk
+
     image = volume_to_sitk(volume)
     if volume.units == "label":
         image = sitk.Cast(image, sitk.sitkUInt8 if volume.data.max() < 256 else sitk.sitkUInt16)
@@ -304,6 +321,8 @@ def resample(
 
     ``interpolation`` is "linear", "nearest" (labels) or "bspline".
     """
+    import SimpleITK as sitk
+
     interpolators = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor, "bspline": sitk.sitkBSpline}
     if interpolation not in interpolators:
         raise VolumeError(f"interpolation must be one of {', '.join(interpolators)}; got {interpolation!r}")
@@ -344,6 +363,8 @@ def transform_volume(volume: Volume, T_new_from_old: np.ndarray, *, default_valu
                      interpolation: str = "linear") -> Volume:
     """The volume's content moved by a rigid motion (world mm), on the same grid:
     the value at world point y is the old value at ``inv(T_new_from_old) @ y``."""
+    import SimpleITK as sitk
+
     interpolators = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor}
     if interpolation not in interpolators:
         raise VolumeError(f"interpolation must be one of {', '.join(interpolators)}; got {interpolation!r}")

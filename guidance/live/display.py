@@ -34,6 +34,7 @@ import cv2
 import numpy as np
 from scipy.ndimage import map_coordinates
 
+from guidance.core.errors import GuidanceError
 from guidance.core.geometry import invert_rigid
 from guidance.core.instrument_models import INSTRUMENTS
 from guidance.core.plan import plan_trajectories, trajectory_endpoints
@@ -62,6 +63,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "STALE_AFTER_S",
+    "DisplayError",
     "RESLICE_AXES",
     "RESLICE_FOV_MM",
     "TRAJECTORY_FOV_MM",
@@ -108,6 +110,10 @@ _DISTANCE_LIMITS_MM = (2.0, 4.0)
 _ANGLE_LIMITS_DEG = (5.0, 10.0)
 _STATUS_LINES = 2
 _GRID = (70, 70, 70)
+
+
+class DisplayError(GuidanceError):
+    """A display option that cannot work (screen too small, CT not in HU, bad timing or orientation)."""
 
 
 @dataclass(frozen=True)
@@ -196,7 +202,7 @@ class NavigationState:
                  expected_source: str | None = None, heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S,
                  no_frames_after_s: float = NO_FRAMES_AFTER_S, frames_kept: int = 8) -> None:
         if stale_after_s <= 0 or fps_window_s <= 0 or heartbeat_timeout_s <= 0:
-            raise ValueError("stale_after_s, fps_window_s and heartbeat_timeout_s must be positive")
+            raise DisplayError("stale_after_s, fps_window_s and heartbeat_timeout_s must be positive")
         self.stale_after_s = float(stale_after_s)
         self.fps_window_s = float(fps_window_s)
         self.expected_source = expected_source
@@ -364,8 +370,8 @@ def reslice(ct: Volume, centre_world: np.ndarray, orientation: str, size_wh: tup
     onto the plane), whose centre ((w - 1) / 2, (h - 1) / 2) is ``centre_world``.
     """
     if orientation not in RESLICE_AXES:
-        raise ValueError(f"orientation must be one of {', '.join(RESLICE_AXES)}; "
-                         f"got {orientation!r}")
+        raise DisplayError(f"orientation must be one of {', '.join(RESLICE_AXES)}; "
+                           f"got {orientation!r}")
     ex, ey = RESLICE_AXES[orientation]
     return _plane_reslice(ct, np.asarray(centre_world, dtype=float).reshape(3), ex, ey, size_wh, pixel_mm,
                           fill=fill)
@@ -378,7 +384,7 @@ def screen_layout(size: tuple[int, int]) -> dict[str, tuple[int, int, int, int]]
     column)."""
     W, H = (int(x) for x in size)
     if W < 480 or H < 320:
-        raise ValueError(f"screen size must be at least (480, 320), got {size!r}")
+        raise DisplayError(f"screen size must be at least (480, 320), got {size!r}")
     bar = status_bar_height(_STATUS_LINES)
     main_h = H - bar
     big_w = min(main_h, W * 2 // 5)
@@ -785,7 +791,7 @@ def compose_screen(
     (``time.time()`` epoch).
     """
     if ct.units != "HU":
-        raise ValueError(f"compose_screen needs the CT in HU, got units {ct.units!r}")
+        raise DisplayError(f"compose_screen needs the CT in HU, got units {ct.units!r}")
     layout = screen_layout(size)
     status = state.status(now_s)
     trajectories = plan_trajectories(plan)
@@ -827,7 +833,7 @@ class HeadlessWriter:
 
     def __init__(self, out_dir: str | Path, every_n: int = 1) -> None:
         if every_n < 1:
-            raise ValueError("every_n must be at least 1")
+            raise DisplayError("every_n must be at least 1")
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.every_n = int(every_n)

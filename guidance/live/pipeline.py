@@ -13,17 +13,7 @@ with it (its own ``T_tracker_from_reference``) or nearest to it, each within
 ``pair_tolerance_ms``; otherwise the instrument is "not_tracked" (never paired with an
 old reference) and the reference array is not re-registered from that frame.
 
-``run_pipeline`` is the thin socket loop around it. Its work per loop is bounded: at
-most ``MAX_LOOP_MESSAGES`` messages are read, tracker samples are coalesced to the
-latest per tool before instruments are computed, and only the newest frame is handed
-to a worker thread that registers it (older ones counted as skipped; one of an
-orientation the multi-shot book lacks is kept there as a shot, with the tracker samples
-paired when it arrived), intra-op volumes are registered in that worker too, so heartbeats
-(from the first second, with the true state: "starting", "no_frames", "registering",
-"tracking", "failed") and instruments keep flowing during a long registration. Every accepted
-input and every output is recorded; refused inputs go to the recording's quarantine.
-Hook points: ``sink`` (handed each published message, e.g. the OpenIGTLink bridge)
-and the kind dispatch in ``_serve``.
+``guidance.live.serve.run_pipeline`` is the thin socket loop around it.
 """
 
 from __future__ import annotations
@@ -32,9 +22,8 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -52,34 +41,29 @@ from guidance.navigation.detection import detect_instruments
 from guidance.navigation.instruments import nearest_trajectory, tip_and_axis, tool_in_world
 from guidance.navigation.targets import guide_alignment, target_pose_tracker, target_pose_world
 from guidance.navigation.overlay import draw_instrument, draw_outline, draw_trajectories, to_display_bgr
-from guidance.live.keys import CurveKeys
-from guidance.live.recording import Recorder
 from guidance.live.throttle import ThrottledLog
 from guidance.registration.register import RegistrationResult, Registrator
 from guidance.registration.tracking import TrackingSettings
 from guidance.live.shots import Shot, ShotRegistrar, ShotSettings
 from guidance.live.calibrations import calibrated_instruments, calibrated_view
 from guidance.live.intraop import IntraopError, IntraopSettings, register_intraop, volume_from_message
-from guidance.live.transport import DEFAULT_MAX_FRAME_PX, Publisher, Subscriber, max_message_bytes
+from guidance.live.serve import PIPELINE_SOURCE
+from guidance.live.transport import DEFAULT_MAX_FRAME_PX
 from guidance.core.volume import Volume
 from guidance.core.views import View, ViewError
-from guidance.live.wire import (Frame, Heartbeat, InstrumentState, Message, Overlay, PoseResult, TargetPose,
-                                TrackerSample, VolumeFrame, encode)
+from guidance.live.wire import (Frame, InstrumentState, Message, Overlay, PoseResult, TargetPose, TrackerSample,
+                                VolumeFrame)
 
-__all__ = ["PipelineSettings", "PipelineStats", "TrackerHistory", "Pipeline", "run_pipeline"]
+__all__ = ["PipelineSettings", "PipelineStats", "TrackerHistory", "Pipeline"]
 
 log = logging.getLogger(__name__)
 
-MAX_LOOP_MESSAGES = 512
-"""Messages read per loop of ``run_pipeline`` before it publishes and beats again."""
 TRACKER_HISTORY_S = 2.0
 """Seconds of tracker samples kept per tool for pairing by acquisition time."""
 TRACKER_HISTORY_MAX = 512
 """Samples kept per tool at most (memory bound for fast trackers and floods)."""
 MAX_TOOLS = 64
 """Tools tracked at most; samples of further tool ids are dropped (memory bound)."""
-MAX_SKIPPED_SHOTS = 4
-"""Skipped frames of a new orientation waiting to be kept as shots, at most (memory bound)."""
 
 
 @dataclass(frozen=True)
@@ -108,7 +92,7 @@ class PipelineSettings:
     intraop: IntraopSettings = field(default_factory=IntraopSettings)
     carm_tool: str = "carm"
     reference_tool: str = "reference"
-    source: str = "pipeline"
+    source: str = PIPELINE_SOURCE
     pair_tolerance_ms: float = 20.0
     """Largest acquisition-time difference of tracker samples paired with a frame or an
     instrument reading."""
@@ -630,231 +614,6 @@ class Pipeline:
         if no_frames:
             return "no_frames"
         return "tracking" if self.last_ok else "failed"
-
-
-class _FrameWorker:
-    """Registers the newest submitted frame in a thread of its own and publishes the
-    results with ``send``; a frame submitted while another waits replaces it (skipped; kept
-    as a shot when it brings a new orientation, at most ``MAX_SKIPPED_SHOTS`` waiting).
-    Intra-op volumes are registered there too (the newest waiting one).
-    Given a factory, it first builds the pipeline there (``pipeline`` is None until then)."""
-
-    def __init__(self, pipeline: Pipeline | Callable[[], Pipeline], send: Callable[..., None]) -> None:
-        self.pipeline: Pipeline | None = pipeline if isinstance(pipeline, Pipeline) else None
-        self._factory = None if isinstance(pipeline, Pipeline) else pipeline
-        self.error: BaseException | None = None
-        """Why the factory failed (the loop then stops)."""
-        self._send = send
-        self._wake = threading.Condition()
-        self._pending: tuple[Frame, int] | None = None
-        self._skipped: deque[tuple[Frame, tuple[TrackerSample, TrackerSample] | None]] = deque(
-            maxlen=MAX_SKIPPED_SHOTS)
-        self._volume: VolumeFrame | None = None
-        self._closing = False
-        self._log = ThrottledLog(log)
-        self._thread = threading.Thread(target=self._run, name="pipeline-frames", daemon=True)
-        self._thread.start()
-
-    def submit(self, frame: Frame, received_ns: int) -> bool:
-        """Queue ``frame``; True when it replaced a frame not yet started (skipped)."""
-        with self._wake:
-            replaced = self._pending
-            self._pending = (frame, received_ns)
-            self._wake.notify()
-        if replaced is not None:
-            self.skip(replaced[0])
-        return replaced is not None
-
-    def skip(self, frame: Frame) -> None:
-        """A frame not to be registered: queued as a shot (with its tracker samples paired
-        now) when it brings an orientation the shot book lacks."""
-        if self.pipeline is not None and self.pipeline.wants_shot(frame):
-            paired = self.pipeline.paired_with(frame)
-            with self._wake:
-                self._skipped.append((frame, paired))
-
-    def submit_volume(self, volume: VolumeFrame) -> bool:
-        """Queue an intra-op volume; True when it replaced one not yet started."""
-        with self._wake:
-            replaced = self._volume is not None
-            self._volume = volume
-            self._wake.notify()
-        return replaced
-
-    def close(self) -> None:
-        with self._wake:
-            self._closing = True
-            self._wake.notify()
-        self._thread.join()
-
-    def _run(self) -> None:
-        if self._factory is not None:
-            try:
-                self.pipeline = self._factory()
-            except BaseException as exc:  # noqa: BLE001 - reported by run_pipeline, which re-raises it
-                self.error = exc
-                return
-        while True:
-            with self._wake:
-                while self._pending is None and self._volume is None and not self._closing:
-                    self._wake.wait()
-                if self._closing:
-                    return
-                volume, self._volume = self._volume, None
-                skipped = list(self._skipped)
-                self._skipped.clear()
-                pending, self._pending = self._pending, None
-            if volume is not None:
-                self._volume_outputs(volume)
-            for frame, paired in skipped:
-                self.pipeline.on_skipped_frame(frame, paired)
-            if pending is None:
-                continue
-            frame, received_ns = pending
-            try:
-                outputs = self.pipeline.on_frame(frame, received_ns)
-            except Exception as exc:  # noqa: BLE001 - one frame must never stop the pipeline
-                self._log.warning("frame processing error", f"frame {frame.frame_id}: {type(exc).__name__}: {exc}")
-                log.debug("frame %d failed", frame.frame_id, exc_info=True)
-                outputs = [self.pipeline.failed_pose(frame, f"internal error: {type(exc).__name__}: {exc}")]
-            for out in outputs:
-                self._send(out, frame)
-
-    def _volume_outputs(self, volume: VolumeFrame) -> None:
-        try:
-            outputs = self.pipeline.on_volume_frame(volume)
-        except Exception as exc:  # noqa: BLE001 - one volume must never stop the pipeline
-            self._log.warning("volume processing error", f"volume {volume.volume_id}: {type(exc).__name__}: {exc}")
-            return
-        for out in outputs:
-            self._send(out)
-
-
-def run_pipeline(
-    pipeline: Pipeline | Callable[[], Pipeline],
-    *,
-    frame_endpoints: list[str],
-    result_endpoint: str,
-    stop: threading.Event,
-    record_dir: str | Path | None = None,
-    heartbeat_s: float = 0.5,
-    keys: CurveKeys | None = None,
-    frame_source_role: str = "sim",
-    sink=None,
-    settings: PipelineSettings | None = None,
-) -> PipelineStats:
-    """Serve until ``stop`` is set: SUB frames/tracker samples/intra-op volumes (connecting to
-    ``frame_endpoints``), PUB results (bound on ``result_endpoint``).
-
-    ``pipeline``: the pipeline, or a function that builds it (loading a CT and preparing
-    the registration take a while): it is then built in the worker thread while the loop
-    already beats (state "starting"); ``settings`` must then be given and equal the
-    built pipeline's. ``keys``: CURVE identity of the pipeline (None: plain sockets); the
-    frame endpoints must then be bound by the holder of ``frame_source_role``'s key.
-    ``record_dir``: record into this folder (a restart appends a segment). ``sink``: also
-    hands every message published to ``sink.publish(message, frame)`` (e.g. the OpenIGTLink
-    bridge, ``guidance.live.igtl.IgtlBridge``); ``frame`` is the frame a PoseResult came
-    from, else None; a sink that raises is logged and skipped.
-    """
-    if isinstance(pipeline, Pipeline):
-        settings = pipeline.settings
-    elif settings is None:
-        raise ValueError("run_pipeline with a pipeline factory needs its settings")
-    sub = pub = worker = recorder = None
-    try:
-        pub = Publisher(result_endpoint, bind=True, keys=keys)  # first: a taken port fails before anything is made
-        recorder = Recorder(record_dir, source="pipeline") if record_dir is not None else None
-        sub = Subscriber(frame_endpoints, topics=("frame", "tracker_sample", "heartbeat", "volume"), rcvhwm=64,
-                         tap=(lambda parts: recorder.write("in", parts, time.time_ns())) if recorder else None,
-                         reject_tap=(lambda parts, why: recorder.quarantine(parts, why, time.time_ns()))
-                         if recorder else None,
-                         keys=keys, server_role=frame_source_role,
-                         max_message_bytes=max_message_bytes(settings.max_frame_px))
-        send = _sender(pub, recorder, sink)
-        worker = _FrameWorker(pipeline, send)
-        _serve(worker, settings, sub, send, stop, heartbeat_s)
-    finally:
-        if worker is not None:
-            worker.close()
-        for closable in (sub, pub, recorder):
-            if closable is not None:
-                closable.close()
-    if worker.error is not None:
-        raise worker.error
-    return worker.pipeline.stats
-
-
-def _sender(pub: Publisher, recorder: Recorder | None, sink) -> Callable[..., None]:
-    """A thread-safe ``send(message, frame=None)``: publish, record, then hand to the sink."""
-    lock = threading.Lock()
-    throttled = ThrottledLog(log)
-
-    def send(msg: Message, frame: Frame | None = None) -> None:
-        with lock:  # the socket is used by the loop and the frame worker
-            sent = pub.send(msg)
-        if recorder is not None:
-            recorder.write("out", encode(sent), time.time_ns())
-        if sink is not None:
-            try:
-                sink.publish(sent, frame)
-            except Exception as exc:  # noqa: BLE001 - a broken sink must not stop guidance
-                throttled.warning(f"sink {type(sink).__name__} failed", f"{type(exc).__name__}: {exc}")
-
-    return send
-
-
-def _serve(worker: _FrameWorker, settings: PipelineSettings, sub: Subscriber, send: Callable[[Message], None],
-           stop: threading.Event, heartbeat_s: float) -> None:
-    """The socket loop: bounded drain, kind dispatch, coalesced tracker samples, the
-    newest frame to the worker, heartbeats on time (state "starting" until the worker
-    has built the pipeline; input read meanwhile is recorded, not processed)."""
-    next_heartbeat = 0.0
-    while not stop.is_set() and worker.error is None:
-        messages = _drain(sub, timeout_s=0.02, limit=MAX_LOOP_MESSAGES)
-        received_ns = time.time_ns()
-        pipeline = worker.pipeline
-        frames: list[Frame] = []
-        samples: list[TrackerSample] = []
-        volumes: list[VolumeFrame] = []
-        for msg in messages:  # new input kinds get their branch here
-            if isinstance(msg, Frame):
-                frames.append(msg)
-            elif isinstance(msg, TrackerSample):
-                samples.append(msg)
-            elif isinstance(msg, VolumeFrame):
-                volumes.append(msg)
-        if pipeline is not None and samples:
-            for out in pipeline.on_tracker_samples(samples):
-                send(out)
-        if pipeline is not None and frames:
-            pipeline.last_frame_ns = received_ns
-            pipeline.stats.frames_received += len(frames)
-            for frame in frames[:-1]:
-                worker.skip(frame)
-            pipeline.stats.frames_skipped += len(frames) - 1 + worker.submit(frames[-1], received_ns)
-        if pipeline is not None and volumes:
-            pipeline.stats.volumes_skipped += len(volumes) - 1 + worker.submit_volume(volumes[-1])
-        now = time.monotonic()
-        if now >= next_heartbeat:
-            stats = {"lost": sub.lost, "malformed": sub.malformed, "replayed": sub.replayed}
-            state = "starting"
-            if pipeline is not None:
-                stats |= pipeline.stats.as_dict()
-                state = pipeline.heartbeat_state()
-            send(Heartbeat(role="pipeline", state=state, stats=stats, source=settings.source))
-            next_heartbeat = now + heartbeat_s
-
-
-def _drain(sub: Subscriber, *, timeout_s: float, limit: int) -> list[Message]:
-    """The messages queued now, in order (waiting up to ``timeout_s`` for the first), at
-    most ``limit``."""
-    first = sub.recv(timeout_s)
-    if first is None:
-        return []
-    messages = [first]
-    while len(messages) < limit and (msg := sub.recv(0.0)) is not None:
-        messages.append(msg)
-    return messages
 
 
 def _finite_or_none(value: float) -> float | None:

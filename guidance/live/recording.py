@@ -146,12 +146,12 @@ class Recorder:
         """Append one message: ``direction`` "in" or "out", its wire ``parts`` and the local
         time it was received or sent (``recv_ns``, ``time.time_ns()``)."""
         if direction not in DIRECTIONS:
-            raise ValueError(f"direction must be one of {', '.join(DIRECTIONS)}; "
-                             f"got {direction!r}")
+            raise RecordingError(f"direction must be one of {', '.join(DIRECTIONS)}; "
+                                 f"got {direction!r}")
         if not 0 < len(parts) <= MAX_PARTS:
-            raise ValueError(f"a record holds 1 to {MAX_PARTS} parts, got {len(parts)}")
+            raise RecordingError(f"a record holds 1 to {MAX_PARTS} parts, got {len(parts)}")
         if isinstance(recv_ns, bool) or not isinstance(recv_ns, int) or recv_ns < 0:
-            raise ValueError(f"recv_ns must be a non-negative int, got {recv_ns!r}")
+            raise RecordingError(f"recv_ns must be a non-negative int, got {recv_ns!r}")
         record = _pack_record(DIRECTIONS.index(direction), recv_ns, parts)
         with self._lock:
             self._file.write(record)
@@ -284,7 +284,7 @@ def replay(records: Iterable[Record], speed: float | None = 1.0, *,
     once. Records whose time has already passed are yielded without waiting.
     """
     if speed is not None and not (isinstance(speed, (int, float)) and 0 < speed < float("inf")):
-        raise ValueError(f"speed must be a positive number or None, got {speed!r}")
+        raise RecordingError(f"speed must be a positive number or None, got {speed!r}")
     return _replay(records, speed, stop or threading.Event())
 
 

@@ -13,6 +13,8 @@ import logging
 import time
 from dataclasses import dataclass
 
+from guidance.core.errors import GuidanceError
+
 __all__ = ["ThrottledLog"]
 
 MAX_KEYS = 256
@@ -32,7 +34,7 @@ class ThrottledLog:
 
     def __init__(self, logger: logging.Logger, period_s: float = 5.0) -> None:
         if not period_s > 0:
-            raise ValueError(f"period_s must be positive, got {period_s!r}")
+            raise GuidanceError(f"period_s must be positive, got {period_s!r}")
         self._logger = logger
         self.period_s = float(period_s)
         self._pending: dict[tuple[int, str], _Pending] = {}

@@ -82,7 +82,7 @@ DEFAULT_SNDHWM = 8
 DEFAULT_RCVHWM = 4
 """Messages queued at the subscriber: small, so a slow reader sees fresh frames."""
 RECONNECT_IVL_MS = 100
-RECONNECT_IVL_MAX_MS = 1000
+RECONNECT_IVL_MAX_MS = 200
 ENDPOINT_SCHEMES = ("tcp://", "ipc://", "inproc://")
 MAX_DRAIN = 256
 """At most this many queued messages are read by one ``recv_latest`` or ``recv`` call."""
@@ -93,9 +93,11 @@ MAX_SENDERS = 1024
 """(source, kind) streams whose last stamp is remembered; the oldest is forgotten beyond."""
 LOG_PERIOD_S = 5.0
 HEADER_ALLOWANCE_BYTES = 1 << 20
-RECONNECT_GRACE_S = 0.5
+RECONNECT_GRACE_S = 0.1
 """A connection ZeroMQ dropped for a protocol error (e.g. a part over ``ZMQ_MAXMSGSIZE``)
-is not retried by ZeroMQ itself; the subscriber reconnects it after this long."""
+is not retried by ZeroMQ itself; the subscriber reconnects it after this long without a
+retry event (ZeroMQ reports its own retry of an ordinary disconnect at once, from the
+same I/O thread; a needless reconnect costs only a new handshake)."""
 _RETRY_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_DELAYED | zmq.EVENT_CONNECT_RETRIED
 DEFAULT_MAX_FRAME_PX = 2048
 """Largest frame side (pixels) accepted by default: 2048 x 2048 float32 = 16 MiB."""
@@ -109,7 +111,7 @@ def max_message_bytes(max_frame_px: int = DEFAULT_MAX_FRAME_PX) -> int:
     """``ZMQ_MAXMSGSIZE`` for a subscriber that accepts frames of up to ``max_frame_px``
     pixels a side (4-byte pixels), plus room for the header."""
     if not (isinstance(max_frame_px, int) and max_frame_px > 0):
-        raise ValueError(f"max_frame_px must be a positive int, got {max_frame_px!r}")
+        raise TransportError(f"max_frame_px must be a positive int, got {max_frame_px!r}")
     return max_frame_px * max_frame_px * 4 + HEADER_ALLOWANCE_BYTES
 
 
@@ -328,8 +330,8 @@ class Subscriber:
             topics = list(topics)
             for topic in topics:
                 if topic not in KINDS:
-                    raise ValueError(f"unknown topic {topic!r}; topics are message kinds: "
-                                     f"{', '.join(KINDS)}")
+                    raise TransportError(f"unknown topic {topic!r}; topics are message kinds: "
+                                         f"{', '.join(KINDS)}")
         self._socket = _socket(context, zmq.SUB, keys, server=bind)
         self._socket.setsockopt(zmq.RCVHWM, rcvhwm)
         self._socket.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
@@ -346,6 +348,8 @@ class Subscriber:
                 _connect(self._socket, endpoint, keys, role)
         self._poller = zmq.Poller()
         self._poller.register(self._socket, zmq.POLLIN)
+        if self._monitor is not None:  # a dropped connection wakes ``recv``, to be reconnected on time
+            self._poller.register(self._monitor, zmq.POLLIN)
         self._tap = tap
         self._reject_tap = reject_tap
         self._last_seq: dict[tuple[str, str], int] = {}
@@ -365,9 +369,13 @@ class Subscriber:
             msg = next(self._drain(), None)
             if msg is not None:
                 return msg
-            remaining_s = deadline - time.monotonic()
-            if remaining_s <= 0 or not self._poller.poll(math.ceil(remaining_s * 1000)):
+            now = time.monotonic()
+            remaining_s = deadline - now
+            if remaining_s <= 0:
                 return None
+            if self._dropped_since:  # wake when a dropped connection is due to be reconnected
+                remaining_s = min(remaining_s, max(0.0, min(self._dropped_since.values()) + RECONNECT_GRACE_S - now))
+            self._poller.poll(math.ceil(remaining_s * 1000))
 
     def recv_latest(self, timeout_s: float) -> dict[str, Message]:
         """The newest queued message of each kind, kind -> message.
@@ -463,6 +471,7 @@ class Subscriber:
     def close(self) -> None:
         self._poller.unregister(self._socket)
         if self._monitor is not None:
+            self._poller.unregister(self._monitor)
             self._socket.disable_monitor()
             self._monitor.close(linger=0)
         self._socket.close(linger=0)

@@ -21,6 +21,9 @@ E > 6 mm) with its side in the vertebra's frame (x left, y posterior, z superior
 
 Frames: everything in world = LPS mm of the pre-op CT; ``axis_world`` points from the
 handle towards the tip (as in ``guidance.navigation.instruments``).
+
+scipy.ndimage is imported by the functions that use it: the wire imports this module
+for ``GRADES`` and ``BREACH_SIDES`` before a live process's first heartbeat.
 """
 
 from __future__ import annotations
@@ -29,7 +32,6 @@ import math
 from dataclasses import dataclass, replace
 
 import numpy as np
-from scipy.ndimage import binary_dilation, distance_transform_edt, map_coordinates
 
 from guidance.core.errors import GuidanceError
 from guidance.core.geometry import invert_rigid, make_rigid, transform_points
@@ -102,6 +104,8 @@ def breach_side(normal_vertebra: np.ndarray, point_vertebra: np.ndarray) -> str:
 def signed_distance_from_mask(mask: np.ndarray, spacing_zyx: tuple[float, float, float]) -> np.ndarray:
     """Signed distance (mm, negative inside) to the surface of a boolean (k, j, i) mask,
     whose surface is taken half way between inside and outside voxel centres."""
+    from scipy.ndimage import distance_transform_edt
+
     mask = np.asarray(mask, dtype=bool)
     if not mask.any() or mask.all():
         raise BreachError("the corridor mask is empty or fills its whole crop")
@@ -138,6 +142,8 @@ class CorridorModel:
 
     def sample(self, points_world: np.ndarray) -> np.ndarray:
         """Signed distance (mm) at world points (N, 3), trilinear (edge values outside)."""
+        from scipy.ndimage import map_coordinates
+
         ijk = transform_points(np.linalg.inv(self.T_world_from_crop_index), np.atleast_2d(points_world))
         return map_coordinates(self.signed_distance, ijk[:, ::-1].T, order=1, mode="nearest")
 
@@ -167,6 +173,8 @@ def _crop(labels: Volume, points: np.ndarray, margin_mm: float) -> tuple[tuple[s
 
 def _ct_on_crop(ct: Volume, labels: Volume, sl: tuple[slice, ...], T_world_from_crop: np.ndarray) -> np.ndarray:
     """The CT (HU) at the crop's voxel centres (a slice when both share one grid)."""
+    from scipy.ndimage import map_coordinates
+
     if ct.data.shape == labels.data.shape and np.allclose(ct.T_world_from_index, labels.T_world_from_index):
         return np.asarray(ct.data[sl], dtype=np.float32)
     shape = tuple(s.stop - s.start for s in sl)
@@ -178,6 +186,8 @@ def _ct_on_crop(ct: Volume, labels: Volume, sl: tuple[slice, ...], T_world_from_
 
 
 def _bone(lab: np.ndarray, hu: np.ndarray, label: int, threshold_hu: float) -> np.ndarray:
+    from scipy.ndimage import binary_dilation
+
     own = lab == label
     if not own.any():
         raise BreachError(f"label {label} is not present around the trajectory")
@@ -191,6 +201,8 @@ def build_corridor(ct: Volume, labels: Volume, trajectory: dict, *,
     """The corridor model of a planned trajectory (module docstring) from the CT (HU) and
     labels (any grids; the crop is on the labels' grid). ``T_world_from_vertebra``: the
     vertebra frame that names breach sides (default ``vertebra_frame_from_labels``)."""
+    from scipy.ndimage import distance_transform_edt, map_coordinates
+
     if ct.units != "HU":
         raise BreachError(f"build_corridor needs the CT in HU, got units {ct.units!r}")
     entry, target = trajectory_endpoints(trajectory)

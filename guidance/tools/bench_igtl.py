@@ -22,7 +22,8 @@ from collections import Counter
 import numpy as np
 
 from guidance.live.igtl import HEADER_SIZE, IgtlBridge, decode
-from guidance.live.pipeline import Pipeline, run_pipeline
+from guidance.live.pipeline import Pipeline
+from guidance.live.serve import run_pipeline
 from guidance.live.transport import Publisher, Subscriber, free_tcp_endpoint
 from guidance.live.wire import Frame, PoseResult
 from guidance.registration.register import Registrator

@@ -2,7 +2,7 @@
 on loopback, a monitor here that scores every pose against the simulator's ground truth.
 
 Each process runs the library's own entry point (``sim.stream.run_sim``,
-``guidance.live.pipeline.run_pipeline``, ``guidance.live.display_client.run_display``),
+``guidance.live.serve.run_pipeline``, ``guidance.live.display_client.run_display``),
 the same calls the CLI's ``sim``, ``pipeline`` and ``display`` make. They are processes,
 not threads, because the numba kernels hold the GIL; they are spawned, so each starts
 a fresh interpreter and sets up its own threads.
@@ -131,7 +131,8 @@ def _pipeline_process(frame_endpoint: str, result_endpoint: str, seed: int, reco
     ``igtl_port`` it also serves OpenIGTLink there."""
     _start_child(2, log_level)
     from guidance.live.igtl import IgtlBridge
-    from guidance.live.pipeline import Pipeline, run_pipeline
+    from guidance.live.pipeline import Pipeline
+    from guidance.live.serve import run_pipeline
     from guidance.registration.register import Registrator
     from sim.subject import load_subject
 
