@@ -323,6 +323,13 @@ def _stop_on_signals():
     return stop
 
 
+def _add_max_frame_argument(p: argparse.ArgumentParser) -> None:
+    from guidance.live.transport import DEFAULT_MAX_FRAME_PX
+
+    p.add_argument("--max-frame-px", type=int, default=DEFAULT_MAX_FRAME_PX,
+                   help="largest frame side accepted (pixels); bigger messages are refused by the socket")
+
+
 def _add_security_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keys", default="keys",
                    help="CURVE key folder (from `run_guidance.py keys --out DIR`); default: ./keys")
@@ -699,8 +706,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(Slicer's default is 18944); default: off")
     p.add_argument("--igtl-host", default="127.0.0.1", help="OpenIGTLink address to bind (default loopback only)")
     p.add_argument("--igtl-image-hz", type=float, default=2.0, help="cap on fluoro IMAGE messages per second")
-    p.add_argument("--max-frame-px", type=int, default=2048,
-                   help="largest frame side accepted (pixels); bigger messages are refused by the socket")
+    _add_max_frame_argument(p)
     p.add_argument("--detect-instruments", nargs="*", default=[], metavar="MODEL",
                    help="instrument models (e.g. kwire) to find in the images while no tracker reports one; "
                    "published as image-derived instrument states")
@@ -718,8 +724,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=float, default=10.0, help="screen refresh rate (Hz)")
     p.add_argument("--size", default="1600x900", help="screen size WIDTHxHEIGHT in pixels")
     p.add_argument("--out", default="out/screens", help="PNG folder (headless, or without a display)")
-    p.add_argument("--max-frame-px", type=int, default=2048,
-                   help="largest frame side accepted (pixels); bigger messages are refused by the socket")
+    _add_max_frame_argument(p)
     _add_security_arguments(p)
     p.set_defaults(func=cmd_display)
 
