@@ -171,7 +171,7 @@ def _run_bench(args) -> tuple[str, object]:
     if args.what == "breach":
         from guidance.tools.bench_breach import bench_breach, format_breach_table
 
-        result = bench_breach(seed=args.seed)
+        result = bench_breach(seed=args.seed, phantoms=args.phantoms)
         return format_breach_table(result), result
     if args.what == "reliability":
         from guidance.tools.reliability import format_rows, run_reliability
@@ -561,7 +561,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the rows as JSON to this file")
     p.add_argument("--repeats", type=int, default=20, help="drr: renders per case")
     p.add_argument("--shared-data", default=str(SHARED_DATA), help="folder of the real CT data")
-    p.add_argument("--seed", type=int, default=0, help="breach: seed of the phantom and the simulated paths")
+    p.add_argument("--seed", type=int, default=0, help="breach: seed of the first phantom and of the simulated paths")
+    p.add_argument("--phantoms", type=int, default=2, help="breach: phantoms (seeds seed, seed + 1, ...)")
     p.add_argument("--cases", type=int, default=40, help="instruments: biplane cases")
     p.add_argument("--free-frames", type=int, default=100, help="instruments: instrument-free frames")
     p.add_argument("--detector-px", type=int, default=512,

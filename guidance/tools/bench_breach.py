@@ -1,17 +1,22 @@
 """`bench breach`: the breach warning against the phantom's exact geometry.
 
-Many instrument paths per planned pedicle screw of the phantom: straight ones (in the
-corridor, drifting medially or laterally by 0-6 mm, parallel or pivoting about the
-entry, wrong angles up to 15 degrees) and redirected ones (on the plan to a depth of
-0-8 mm, then turned 5-15 degrees medially or laterally, so the warning can only come
-after the turn). Each tip advances from 10 mm before the entry to the planned depth in
-1 mm steps with tracker noise; at each step the corridor model
-(``guidance.navigation.breach``, built from the voxelised CT and labels) predicts the
-breach of the planned screw along the instrument's line. The ground truth of each path is
-the largest protrusion of the screw (a ball of the screw's radius swept along the line,
-sampled in 64 directions) beyond the vertebra's analytic surface
+Many instrument paths per planned pedicle screw of the phantoms (seeds ``seed``,
+``seed + 1``, ...: different anatomy): straight ones (in the corridor, drifting medially
+or laterally by 0-6 mm, parallel or pivoting about the entry, wrong angles up to 15
+degrees) and redirected ones (on the plan to a depth of 0-8 mm, then turned 5-15 degrees
+medially or laterally, so the warning can only come after the turn). Each tip advances
+from 10 mm before the entry to the planned depth in 1 mm steps with tracker noise; at each
+step the corridor model (``guidance.navigation.breach``, built from the voxelised CT and
+labels) predicts the breach of the planned screw along the instrument's line. The ground
+truth of each path is the largest protrusion of the screw (a ball of the screw's radius
+swept along the line, sampled in 64 directions) beyond the vertebra's analytic surface
 (``Phantom.bone_signed_distance``), over the same stretch of the path, starting where the
 planned screw first lies fully inside the true bone.
+
+A breach counts as warned in time when the first warning comes no later than the breach
+begins or, on a redirected path, no later than the first pose along the new direction
+(the warning extends the instrument's current axis: no pose before the turn shows where
+the turned path goes). ``warned_before_breach_over_2mm`` keeps the strict count.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ _BALL = 64
 _TRUTH_STEP_MM = 0.5
 _START_BEFORE_ENTRY_MM = 10.0
 _LEAD_TARGET_MM = 5.0
+_STEP_MM = 1.0
+"""Tip travel between two instrument poses."""
 
 
 def _sphere_directions(n: int) -> np.ndarray:
@@ -137,73 +144,88 @@ def _noisy(tip: np.ndarray, axis: np.ndarray, rng: np.random.Generator, noise_mm
     return tip, rot @ axis
 
 
-def bench_breach(*, seed: int = 0, noise_mm: float = 0.25, noise_deg: float = 0.2,
+def bench_breach(*, seed: int = 0, phantoms: int = 2, noise_mm: float = 0.25, noise_deg: float = 0.2,
                  warning_mm: float = BREACH_WARNING_MM) -> dict:
-    """Run the benchmark (module docstring); returns {"summary": {...}, "rows": [...]}."""
+    """Run the benchmark (module docstring) on ``phantoms`` phantoms (seeds ``seed``,
+    ``seed + 1``, ...); returns {"summary": {...}, "rows": [...]}."""
     from sim.phantom import make_phantom
 
-    phantom = make_phantom(seed=seed)
+    if phantoms < 1:
+        raise ValueError(f"phantoms must be at least 1, got {phantoms}")
     rng = np.random.default_rng(seed)
     rows = []
     predict_s = []
-    for trajectory in phantom.plan:
-        frame = phantom.T_world_from_vertebra[trajectory["level"]]
-        corridor = build_corridor(phantom.ct, phantom.labels, trajectory, T_world_from_vertebra=frame)
-        radius = corridor.implant_radius_mm
-        start_truth = _truth_start(phantom, trajectory, radius)
-        entry, target = trajectory_endpoints(trajectory)
-        length = float(np.linalg.norm(target - entry))
-        direction = (target - entry) / length
-        for path in _paths(trajectory, frame, rng):
-            axis = path["axis"]
-            cos = float(axis @ direction)
-            origin = path["start"] - _START_BEFORE_ENTRY_MM / cos * axis
-            if "bend_depth_mm" in path:  # on the plan to the bend, then along the turned axis
-                bend_travel = _START_BEFORE_ENTRY_MM + path["bend_depth_mm"]
-                bend = origin + bend_travel * axis
-                axis2 = path["turned_axis"]
-                truth = path_truth(phantom, trajectory, bend, axis2, radius,
-                                   max(start_truth, path["bend_depth_mm"]))
-                if truth["breach_at_mm"] is not None:
-                    truth["breach_at_mm"] += bend_travel
-                end = bend_travel + (length - path["bend_depth_mm"]) / float(axis2 @ direction)
+    for phantom_seed in range(seed, seed + phantoms):
+        phantom = make_phantom(seed=phantom_seed)
+        for trajectory in phantom.plan:
+            rows += _trajectory_rows(phantom, phantom_seed, trajectory, rng, noise_mm, noise_deg, warning_mm,
+                                     predict_s)
+    return {"summary": _summary(rows, predict_s, phantoms, noise_mm, noise_deg, warning_mm), "rows": rows}
+
+
+def _trajectory_rows(phantom, phantom_seed: int, trajectory: dict, rng: np.random.Generator, noise_mm: float,
+                     noise_deg: float, warning_mm: float, predict_s: list[float]) -> list[dict]:
+    """One row per simulated path around ``trajectory`` (appends prediction times to ``predict_s``)."""
+    frame = phantom.T_world_from_vertebra[trajectory["level"]]
+    corridor = build_corridor(phantom.ct, phantom.labels, trajectory, T_world_from_vertebra=frame)
+    radius = corridor.implant_radius_mm
+    start_truth = _truth_start(phantom, trajectory, radius)
+    entry, target = trajectory_endpoints(trajectory)
+    length = float(np.linalg.norm(target - entry))
+    direction = (target - entry) / length
+    rows = []
+    for path in _paths(trajectory, frame, rng):
+        axis = path["axis"]
+        cos = float(axis @ direction)
+        origin = path["start"] - _START_BEFORE_ENTRY_MM / cos * axis
+        if "bend_depth_mm" in path:  # on the plan to the bend, then along the turned axis
+            bend_travel = _START_BEFORE_ENTRY_MM + path["bend_depth_mm"]
+            bend = origin + bend_travel * axis
+            axis2 = path["turned_axis"]
+            truth = path_truth(phantom, trajectory, bend, axis2, radius, max(start_truth, path["bend_depth_mm"]))
+            if truth["breach_at_mm"] is not None:
+                truth["breach_at_mm"] += bend_travel
+            end = bend_travel + (length - path["bend_depth_mm"]) / float(axis2 @ direction)
+            seen_at = math.floor(bend_travel / _STEP_MM + 1.0) * _STEP_MM  # the first pose past the turn
+        else:
+            bend_travel, bend, axis2, seen_at = np.inf, None, axis, 0.0
+            truth = path_truth(phantom, trajectory, origin, axis, radius, start_truth)
+            end = (length - float((origin - entry) @ direction)) / cos
+        first_warning, last = None, None
+        for travel in np.arange(0.0, end + 1e-9, _STEP_MM):
+            if travel <= bend_travel:
+                true_tip, true_axis = origin + travel * axis, axis
             else:
-                bend_travel, bend, axis2 = np.inf, None, axis
-                truth = path_truth(phantom, trajectory, origin, axis, radius, start_truth)
-                end = (length - float((origin - entry) @ direction)) / cos
-            first_warning, last = None, None
-            for travel in np.arange(0.0, end + 1e-9, 1.0):
-                if travel <= bend_travel:
-                    true_tip, true_axis = origin + travel * axis, axis
-                else:
-                    true_tip, true_axis = bend + (travel - bend_travel) * axis2, axis2
-                tip, noisy_axis = _noisy(true_tip, true_axis, rng, noise_mm, noise_deg)
-                t0 = time.perf_counter()
-                last = predict_breach(corridor, tip, noisy_axis, warning_mm=warning_mm)
-                predict_s.append(time.perf_counter() - t0)
-                if last is not None and last.warning and first_warning is None:
-                    first_warning = float(travel)
-            lead = None
-            if truth["breach_at_mm"] is not None and first_warning is not None:
-                lead = truth["breach_at_mm"] - first_warning
-            rows.append({
-                "level": trajectory["level"], "side": trajectory["side"], "family": path["family"],
-                "true_breach_mm": truth["breach_mm"], "true_grade": truth["grade"], "true_side": truth["side"],
-                "true_breach_at_mm": truth["breach_at_mm"], "warned": first_warning is not None,
-                "turned_at_mm": None if bend is None else bend_travel,
-                "warned_at_mm": first_warning, "lead_mm": lead,
-                "predicted_breach_mm": None if last is None else last.breach_mm,
-                "predicted_grade": None if last is None else last.grade,
-                "predicted_side": None if last is None else last.side,
-            })
-    return {"summary": _summary(rows, predict_s, noise_mm, noise_deg, warning_mm), "rows": rows}
+                true_tip, true_axis = bend + (travel - bend_travel) * axis2, axis2
+            tip, noisy_axis = _noisy(true_tip, true_axis, rng, noise_mm, noise_deg)
+            t0 = time.perf_counter()
+            last = predict_breach(corridor, tip, noisy_axis, warning_mm=warning_mm)
+            predict_s.append(time.perf_counter() - t0)
+            if last is not None and last.warning and first_warning is None:
+                first_warning = float(travel)
+        lead, in_time = None, False
+        if truth["breach_at_mm"] is not None and first_warning is not None:
+            lead = truth["breach_at_mm"] - first_warning
+            in_time = first_warning <= max(truth["breach_at_mm"], seen_at)
+        rows.append({
+            "phantom_seed": phantom_seed, "level": trajectory["level"], "side": trajectory["side"],
+            "family": path["family"], "true_breach_mm": truth["breach_mm"], "true_grade": truth["grade"],
+            "true_side": truth["side"], "true_breach_at_mm": truth["breach_at_mm"],
+            "warned": first_warning is not None, "turned_at_mm": None if bend is None else bend_travel,
+            "direction_seen_at_mm": seen_at, "warned_at_mm": first_warning, "lead_mm": lead,
+            "warned_in_time": in_time,
+            "predicted_breach_mm": None if last is None else last.breach_mm,
+            "predicted_grade": None if last is None else last.grade,
+            "predicted_side": None if last is None else last.side,
+        })
+    return rows
 
 
 def _rate(flags: list[bool]) -> float:
     return float(np.mean(flags)) if flags else float("nan")
 
 
-def _summary(rows: list[dict], predict_s: list[float], noise_mm: float, noise_deg: float,
+def _summary(rows: list[dict], predict_s: list[float], phantoms: int, noise_mm: float, noise_deg: float,
              warning_mm: float) -> dict:
     positives = [r for r in rows if r["true_breach_mm"] > 2.0]
     negatives = [r for r in rows if r["true_breach_mm"] <= 0.0]
@@ -211,21 +233,25 @@ def _summary(rows: list[dict], predict_s: list[float], noise_mm: float, noise_de
     leads = np.array([r["lead_mm"] for r in positives if r["lead_mm"] is not None])
     redirected = [r for r in positives if r["family"].startswith("redirected")]
     redirected_leads = [r["lead_mm"] for r in redirected if r["lead_mm"] is not None]
-    # A warning 5 mm ahead is possible only when the turn comes at least 5 mm (plus the 1 mm
+    # A warning 5 mm ahead is possible only when the turn comes at least 5 mm (plus one
     # sampling step) before the breach starts.
-    possible = [r for r in redirected if r["true_breach_at_mm"] - r["turned_at_mm"] >= _LEAD_TARGET_MM + 1.0]
+    possible = [r for r in redirected if r["true_breach_at_mm"] - r["turned_at_mm"] >= _LEAD_TARGET_MM + _STEP_MM]
+    foreseeable = [r for r in positives if not r["family"].startswith("redirected")] + possible
     with_side = [r for r in positives if r["predicted_side"] is not None]
     grades = "ABCDE"
     graded = [r for r in rows if r["predicted_grade"] is not None]
     return {
+        "phantoms": phantoms,
         "paths": len(rows),
         "breaches_over_2mm": len(positives),
         "no_breach": len(negatives),
         "grade_b": len(grade_b),
-        "sensitivity_over_2mm": _rate([r["warned"] and r["lead_mm"] is not None and r["lead_mm"] >= 0
-                                       for r in positives]),
+        "sensitivity_over_2mm": _rate([r["warned_in_time"] for r in positives]),
+        "warned_before_breach_over_2mm": _rate([r["lead_mm"] is not None and r["lead_mm"] >= 0 for r in positives]),
         "sensitivity_over_2mm_lead_5mm": _rate([r["lead_mm"] is not None and r["lead_mm"] >= _LEAD_TARGET_MM
                                                 for r in positives]),
+        "lead_5mm_where_the_path_allows": _rate([r["lead_mm"] is not None and r["lead_mm"] >= _LEAD_TARGET_MM
+                                                 for r in foreseeable]),
         "specificity": _rate([not r["warned"] for r in negatives]),
         "warned_grade_b": _rate([r["warned"] for r in grade_b]),
         "lead_min_mm": float(leads.min()) if len(leads) else float("nan"),
