@@ -139,6 +139,8 @@ class Scenario:
     turned medially about the entry point by ``instrument_medial_deg`` (negative: laterally),
     so that a breach warning can be watched building up. Tracker noise: RMS 3-D position error
     ``tracker_noise_mm`` and RMS rotation ``tracker_noise_deg`` of each noisy sample.
+    ``tracked``: False for fluoroscopy alone, no optical tracker: no tracker sample is sent
+    (instrument, reference array and C-arm alike), the instrument is only in the images.
     """
 
     duration_s: float = 20.0
@@ -166,6 +168,7 @@ class Scenario:
     instrument_medial_deg: float = 0.0
     tracker_noise_mm: float = 0.25
     tracker_noise_deg: float = 0.2
+    tracked: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -183,6 +186,8 @@ class Scenario:
         if not (isinstance(self.instrument_medial_deg, (int, float)) and abs(self.instrument_medial_deg) <= 30.0):
             raise ScenarioError(f"instrument_medial_deg must be a number in [-30, 30]; "
                                 f"got {self.instrument_medial_deg!r}")
+        if not isinstance(self.tracked, bool):
+            raise ScenarioError(f"tracked must be True or False; got {self.tracked!r}")
         if isinstance(self.detector_px, bool) or not isinstance(self.detector_px, int) or self.detector_px < 8:
             raise ScenarioError(f"detector_px must be an integer >= 8; got {self.detector_px!r}")
         if not self.sid_mm < self.sdd_mm:

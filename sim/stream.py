@@ -150,11 +150,14 @@ def _tracker_samples(state: SimState, instrument: str | None, quality_mm: float,
 
 
 def _frame_message(frame: SimFrame, acquired_ns: int) -> wire.Frame:
-    """The wire Frame of a simulated image: nominal view, actual pose as ground truth."""
+    """The wire Frame of a simulated image: nominal view; as ground truth the actual pose
+    and, with an instrument, its true ``T_world_from_tool``."""
+    truth = {"T_cam_from_world": frame.T_cam_from_world,
+             "T_world_corrected_from_world": frame.T_world_corrected_from_world}
+    if frame.T_world_from_tool is not None:
+        truth["T_world_from_tool"] = frame.T_world_from_tool
     return wire.Frame(source="sim", frame_id=frame.frame_id, acquired_ns=acquired_ns, view=frame.view,
-                      pixels=frame.pixels,
-                      ground_truth={"T_cam_from_world": frame.T_cam_from_world,
-                                    "T_world_corrected_from_world": frame.T_world_corrected_from_world})
+                      pixels=frame.pixels, ground_truth=truth)
 
 
 def run_sim(
@@ -190,10 +193,11 @@ def run_sim(
     as lost.
 
     Every tick publishes the tracker samples (the instrument, with
-    ``T_tracker_from_reference``; "reference"; "carm") on ``tracker_endpoint`` (None: on
-    ``frame_endpoint``), then, in fluoro mode or at the first tick of a new shot, a
-    ``Frame`` (nominal view, ground truth ``T_cam_from_world`` and
-    ``T_world_corrected_from_world``); ``on_frame(sim_frame, sent_frame)`` is called after
+    ``T_tracker_from_reference``; "reference"; "carm"; none when the scenario is not
+    ``tracked``) on ``tracker_endpoint`` (None: on ``frame_endpoint``), then, in fluoro
+    mode or at the first tick of a new shot, a ``Frame`` (nominal view, ground truth
+    ``T_cam_from_world``, ``T_world_corrected_from_world`` and, with an instrument,
+    ``T_world_from_tool``); ``on_frame(sim_frame, sent_frame)`` is called after
     each frame is sent.
 
     Returns counts: frames, tracker_samples, heartbeats, skipped_ticks, and render_ms_mean,
@@ -241,9 +245,10 @@ class _SimPublisher:
         scenario = self.player.scenario
         acquired_ns = time.time_ns()
         state = self.player.state_at(t_s)
-        for sample in _tracker_samples(state, scenario.instrument, scenario.tracker_noise_mm, acquired_ns):
-            self._tracker_pub.send(sample)
-            self._stats["tracker_samples"] += 1
+        if scenario.tracked:
+            for sample in _tracker_samples(state, scenario.instrument, scenario.tracker_noise_mm, acquired_ns):
+                self._tracker_pub.send(sample)
+                self._stats["tracker_samples"] += 1
         if self._scan is not None and t_s >= self._scan.t_s:
             self._frame_pub.send(_volume_message(self._scan, acquired_ns))
             self._stats["volumes"] += 1

@@ -1,5 +1,7 @@
 """The end-to-end demo (``make demo``): simulator, pipeline and display as three processes
 on loopback, a monitor here that scores every pose against the simulator's ground truth.
+Without a tracker (``tracked=False``: fluoroscopy alone) the pipeline finds the K-wire in
+the images and the monitor scores those image-derived instrument states too.
 
 Each process runs the library's own entry point (``sim.stream.run_sim``,
 ``guidance.live.serve.run_pipeline``, ``guidance.live.display_client.run_display``),
@@ -25,7 +27,9 @@ from guidance.live.display import NavigationState
 from guidance.live.keys import load_keys, make_keys
 from guidance.live.transport import Subscriber, free_tcp_endpoint
 from guidance.core.geometry import invert_rigid
-from guidance.live.wire import Frame, Heartbeat, PoseResult, VolumeFrame
+from guidance.core.instrument_models import get_instrument
+from guidance.navigation.instruments import tip_and_axis
+from guidance.live.wire import Frame, Heartbeat, InstrumentState, PoseResult, VolumeFrame
 
 __all__ = ["DemoReport", "clean_demo_outputs", "format_summary", "run_demo"]
 
@@ -33,12 +37,15 @@ log = logging.getLogger(__name__)
 
 DEMO_SHOTS = ((0.0, 0.0), (90.0, 0.0))
 """An AP and a lateral shot (LAO, cranial deg) before the fluoroscopy."""
+DEMO_INSTRUMENT = "kwire"
+"""The instrument the simulator advances (and the pipeline looks for without a tracker)."""
 
 
 @dataclass
 class DemoReport:
     """Per-frame pose errors (mm) against ground truth, latencies (ms), counts; the same
-    for intra-op volumes in ``volume_rows``.
+    for intra-op volumes in ``volume_rows``, and for the instruments found in the images
+    (image-derived states) in ``instrument_rows``.
 
     ``stale_after_stop_s``: seconds from the pipeline's exit until the navigation state
     shows STALE; None when it could not be measured (no fresh pose when it was stopped).
@@ -46,6 +53,7 @@ class DemoReport:
 
     rows: list[dict] = field(default_factory=list)
     volume_rows: list[dict] = field(default_factory=list)
+    instrument_rows: list[dict] = field(default_factory=list)
     frames_published: int = 0
     pipeline_stats: dict = field(default_factory=dict)
     elapsed_s: float = 0.0
@@ -76,7 +84,21 @@ class DemoReport:
             "frames_skipped_by_pipeline": self.pipeline_stats.get("frames_skipped"),
             "frames_lost_in_transport": self.pipeline_stats.get("lost"),
             "stale_shown_after_stop_s": self.stale_after_stop_s,
-        } | ({"volume_mtre_mm": self.volume_rows[-1]["mtre_mm"]} if self.volume_rows else {})
+        } | ({"volume_mtre_mm": self.volume_rows[-1]["mtre_mm"]} if self.volume_rows else {}) | self._instruments()
+
+    def _instruments(self) -> dict:
+        """The image-derived instruments' errors (mm, deg; empty when none was published)."""
+        rows = self.instrument_rows
+        if not rows:
+            return {}
+        return {
+            "image_instrument_states": len(rows),
+            "image_instrument_frames": len({r["frame_id"] for r in rows}),
+            "image_tip_error_median_mm": _percentile([r["tip_error_mm"] for r in rows], 50),
+            "image_tip_error_p95_mm": _percentile([r["tip_error_mm"] for r in rows], 95),
+            "image_tip_in_plane_median_mm": _percentile([r["in_plane_mm"] for r in rows], 50),
+            "image_axis_error_median_deg": _percentile([r["axis_error_deg"] for r in rows], 50),
+        }
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -110,35 +132,39 @@ def _keys(keys_dir: str | None, role: str):
 
 
 def _sim_process(frame_endpoint: str, duration_s: float, fps: float, seed: int, prerender: bool,
-                 lead_shots: tuple, intraop_at_s: float | None, speed: float, medial_deg: float,
+                 lead_shots: tuple, intraop_at_s: float | None, speed: float, medial_deg: float, tracked: bool,
                  keys_dir: str | None, log_level: int, stop) -> None:
     """Spawned: the simulator's scenario on the phantom of ``seed`` (``lead_shots`` before the
     fluoroscopy, an intra-op scan at ``intraop_at_s``, the K-wire turned ``medial_deg``
-    medially off the plan), published at ``speed`` until it ends."""
+    medially off the plan, tracker samples only when ``tracked``), published at ``speed``
+    until it ends."""
     _start_child(1, log_level)
     from sim.phantom import make_phantom
     from sim.scenario import Scenario
     from sim.stream import run_sim
 
-    run_sim(Scenario(duration_s=duration_s, fps=fps, seed=0, lead_shots=lead_shots, instrument_medial_deg=medial_deg),
+    run_sim(Scenario(duration_s=duration_s, fps=fps, seed=0, lead_shots=lead_shots, instrument=DEMO_INSTRUMENT,
+                     instrument_medial_deg=medial_deg, tracked=tracked),
             make_phantom(seed=seed), frame_endpoint=frame_endpoint, stop=stop, startup_s=0.5, prerender=prerender,
             speed=speed, intraop_at_s=intraop_at_s, keys=_keys(keys_dir, "sim"))
 
 
 def _pipeline_process(frame_endpoint: str, result_endpoint: str, seed: int, record_dir: str | None,
-                      keys_dir: str | None, log_level: int, igtl_port: int | None, stop) -> None:
+                      keys_dir: str | None, log_level: int, igtl_port: int | None, detect: tuple[str, ...],
+                      stop) -> None:
     """Spawned: the live pipeline on the phantom of ``seed``, until ``stop``; with
-    ``igtl_port`` it also serves OpenIGTLink there."""
+    ``igtl_port`` it also serves OpenIGTLink there; ``detect``: the instruments it looks for
+    in the images while no tracker sample arrives."""
     _start_child(2, log_level)
     from guidance.live.igtl import IgtlBridge
-    from guidance.live.pipeline import Pipeline
+    from guidance.live.pipeline import Pipeline, PipelineSettings
     from guidance.live.serve import run_pipeline
     from guidance.registration.register import Registrator
     from sim.subject import load_subject
 
     subject = load_subject(phantom_seed=seed)
     pipeline = Pipeline(Registrator(subject.ct, labels=subject.labels), plan=subject.plan, labels=subject.labels,
-                        ct=subject.ct)
+                        ct=subject.ct, settings=PipelineSettings(detect_instruments=detect))
     bridge = IgtlBridge(igtl_port, ct=subject.ct, plan=pipeline.plan) if igtl_port is not None else None
     try:
         run_pipeline(pipeline, frame_endpoints=[frame_endpoint], result_endpoint=result_endpoint, stop=stop,
@@ -196,7 +222,8 @@ def run_demo(out_dir: str | Path, *, duration_s: float = 20.0, fps: float = 15.0
              startup_timeout_s: float = 120.0, print_rows: bool = True, with_display: bool = True,
              record: bool = True, prerender: bool = False, igtl_port: int | None = None,
              plain: bool = False, lead_shots: tuple[tuple[float, float], ...] = DEMO_SHOTS,
-             intraop_at_s: float | None = None, speed: float = 1.0, medial_deg: float = 0.0) -> DemoReport:
+             intraop_at_s: float | None = None, speed: float = 1.0, medial_deg: float = 0.0,
+             tracked: bool = True) -> DemoReport:
     """Run sim + pipeline (+ display) on loopback for ``duration_s`` of scenario time.
 
     ``out_dir`` is cleaned of an earlier demo's screens and recordings first; screens go
@@ -209,7 +236,10 @@ def run_demo(out_dir: str | Path, *, duration_s: float = 20.0, fps: float = 15.0
     time; the pipeline registers it and maps instruments through it. ``speed``: the
     simulator's pace (1.0 real time; below 1 on a machine too loaded to keep up).
     ``medial_deg``: the K-wire's path is turned medially by this angle about the entry
-    point, so the display's breach warning builds up as it advances.
+    point, so the display's breach warning builds up as it advances. ``tracked``: False
+    for fluoroscopy alone: the simulator sends no tracker sample, the pipeline looks for
+    the K-wire in each registered frame and the report scores what it finds
+    (``report.instrument_rows``).
     At the end the pipeline is stopped first and the time until a navigation state fed
     by the monitor turns STALE is measured (``report.stale_after_stop_s``).
     The sockets use CURVE with the keys in ``out_dir/keys`` (made on the first run) unless
@@ -226,12 +256,15 @@ def run_demo(out_dir: str | Path, *, duration_s: float = 20.0, fps: float = 15.0
     keys_dir = None if plain else str(out / "keys")
     if keys_dir is not None and not (out / "keys" / "monitor.key_secret").exists():
         make_keys(keys_dir)
-    monitor = Subscriber([frames_ep, results_ep], topics=("frame", "pose_result", "heartbeat", "volume"),
+    monitor = Subscriber([frames_ep, results_ep],
+                         topics=("frame", "pose_result", "heartbeat", "volume", "instrument_state"),
                          rcvhwm=1000, keys=_keys(keys_dir, "monitor"), server_role=("sim", "pipeline"))
     recording = str(out / time.strftime("recording-%Y%m%d-%H%M%S")) if record else None
     spawn = multiprocessing.get_context("spawn")
     level = logging.getLogger().getEffectiveLevel()
-    pipeline = _Process(spawn, _pipeline_process, frames_ep, results_ep, seed, recording, keys_dir, level, igtl_port)
+    detect = () if tracked else (DEMO_INSTRUMENT,)
+    pipeline = _Process(spawn, _pipeline_process, frames_ep, results_ep, seed, recording, keys_dir, level, igtl_port,
+                        detect)
     display = (_Process(spawn, _display_process, frames_ep, results_ep, seed, str(out), keys_dir, level)
                if with_display else None)
     sim = None
@@ -239,7 +272,7 @@ def run_demo(out_dir: str | Path, *, duration_s: float = 20.0, fps: float = 15.0
     try:
         _wait_for_heartbeat(monitor, "pipeline", startup_timeout_s, pipeline)
         sim = _Process(spawn, _sim_process, frames_ep, duration_s, fps, seed, prerender, tuple(lead_shots),
-                       intraop_at_s, speed, medial_deg, keys_dir, level)
+                       intraop_at_s, speed, medial_deg, tracked, keys_dir, level)
         frames: dict[int, Frame] = {}
         volumes: dict[int, VolumeFrame] = {}
         state = NavigationState(expected_source="pipeline")
@@ -266,6 +299,12 @@ def run_demo(out_dir: str | Path, *, duration_s: float = 20.0, fps: float = 15.0
                 report.rows.append(row)
                 if print_rows:
                     print(_format_row(row), flush=True)
+            elif isinstance(msg, InstrumentState) and msg.image_derived and msg.frame_id in frames:
+                row = _score_instrument(msg, frames[msg.frame_id])
+                if row is not None:
+                    report.instrument_rows.append(row)
+                    if print_rows:
+                        print(_format_instrument_row(row), flush=True)
             elif isinstance(msg, Heartbeat) and msg.role == "pipeline" and msg.stats:
                 report.pipeline_stats = dict(msg.stats)
         report.elapsed_s = time.monotonic() - t0 if t0 is not None else 0.0
@@ -339,6 +378,29 @@ def _score_volume(pose: PoseResult, volume: VolumeFrame, targets: np.ndarray) ->
     if pose.status == "ok" and truth is not None:
         row["mtre_mm"] = mtre(invert_rigid(pose.T_world_corrected_from_world), invert_rigid(truth), targets)
     return row
+
+
+def _score_instrument(state: InstrumentState, frame: Frame) -> dict | None:
+    """An image-derived instrument against the frame's true tool pose: 3D tip error (mm),
+    in-plane tip error (mm: the true tip's distance from the line from the X-ray source
+    through the estimated tip, true C-arm pose) and axis error (deg); None without truth
+    or a pose."""
+    truth = (frame.ground_truth or {}).get("T_world_from_tool")
+    if truth is None or state.status != "ok" or state.tip_world is None or state.axis_world is None:
+        return None
+    tip, axis = tip_and_axis(truth, get_instrument(state.tool_id))
+    source = invert_rigid(frame.ground_truth["T_cam_from_world"])[:3, 3]
+    ray = (state.tip_world - source) / np.linalg.norm(state.tip_world - source)
+    cos = float(np.clip(np.dot(state.axis_world, axis), -1.0, 1.0))
+    return {"frame_id": state.frame_id, "tool_id": state.tool_id,
+            "tip_error_mm": float(np.linalg.norm(state.tip_world - tip)),
+            "in_plane_mm": float(np.linalg.norm(np.cross(tip - source, ray))),
+            "axis_error_deg": float(np.degrees(np.arccos(cos)))}
+
+
+def _format_instrument_row(row: dict) -> str:
+    return (f"frame {row['frame_id']:4d}  {row['tool_id']} found in the image: tip error {row['tip_error_mm']:5.1f} mm "
+            f"(in-plane {row['in_plane_mm']:4.2f} mm), axis {row['axis_error_deg']:4.1f} deg")
 
 
 def _format_row(row: dict) -> str:
