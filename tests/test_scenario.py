@@ -49,6 +49,7 @@ def player(phantom):
     (dict(shots=()), "at least one"),
     (dict(shots=((0.0, 0.0), (90.0,))), r"shots\[1\] must be a \(lao_deg, cranial_deg\) pair"),
     (dict(detector_px=12.5), "detector_px must be an integer"),
+    (dict(tracked="no"), "tracked must be True or False"),
 ])
 def test_scenario_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):

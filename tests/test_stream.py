@@ -120,6 +120,28 @@ def test_run_sim_fast_shots_with_a_separate_tracker_endpoint(phantom):
     assert abs(lateral[0]) == pytest.approx(1.0)
 
 
+def test_run_sim_without_a_tracker_sends_frames_alone_with_the_true_tool_pose(phantom):
+    """Fluoroscopy alone (``tracked=False``): no tracker sample of any tool, and each frame
+    carries the instrument's true pose as ground truth, as the scenario computes it."""
+    from sim.scenario import ScenarioPlayer
+
+    endpoint = free_tcp_endpoint()
+    scenario = Scenario(duration_s=0.6, fps=10.0, mode="shots", shot_interval_s=0.2, tracked=False, **SMALL)
+    stop = threading.Event()
+    with Subscriber(endpoint, rcvhwm=1000) as sub:
+        thread, stats = _start(run_sim, scenario=scenario, phantom=phantom, frame_endpoint=endpoint, speed=None,
+                               stop=stop, startup_s=STARTUP_S)
+        (messages,) = _collect([sub], thread)
+    frames = _of_kind(messages, "frame")
+    assert stats["tracker_samples"] == 0 and not _of_kind(messages, "tracker_sample")
+    assert len(frames) == stats["frames"] == 3
+    player = ScenarioPlayer(scenario, phantom)
+    for frame in frames:
+        t_s = frame.frame_id * scenario.shot_interval_s
+        np.testing.assert_allclose(frame.ground_truth["T_world_from_tool"], player.state_at(t_s).T_world_from_tool,
+                                   atol=1e-9)
+
+
 def test_run_sim_stops_when_asked(phantom):
     stop = threading.Event()
     stop.set()
