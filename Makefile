@@ -14,6 +14,7 @@ $(STAMP): setup.cfg pyproject.toml
 
 demo: $(STAMP)
 	$(PY) run_guidance.py demo --out out/demo
+	$(PY) run_guidance.py demo --no-tracker --out out/demo-no-tracker
 
 test: $(STAMP)
 	$(PY) -m pytest -q
