@@ -51,6 +51,7 @@ __all__ = [
     "ViewDetection",
     "InstrumentEstimate",
     "instrument_projection",
+    "instrument_image",
     "anatomy_residual",
     "propose_segments",
     "detect_in_view",
@@ -79,10 +80,13 @@ class DetectionSettings:
 
     ``blur_sigma_px``: detector PSF (Gaussian sigma, pixels) of the projection model;
     ``min_length_px``: shortest visible shaft proposed; ``max_candidates``: segments tried
-    per view (each with every model; the best-correlated model is refined);
+    per search (each with every model; the best-correlated model is refined);
+    ``max_instruments``: instruments looked for per view (one search each);
     ``min_gradient_correlation`` and ``gain_range``: a fitted instrument is accepted when
     its gradient correlation reaches the threshold and its fitted contrast, relative to
-    the model's attenuation, lies in the range; ``max_pixels``: band pixels used per view
+    the model's attenuation, lies in the range; ``min_guided_correlation``: the (stricter)
+    threshold for an instrument looked for where another view places it (a wider search,
+    so more chances of a false fit); ``max_pixels``: band pixels used per view
     in the fit (subsampled away from the tip); ``max_iterations``: function evaluations
     of a least-squares refinement; ``match_distance_mm``: largest distance between two
     views' tip rays for them to be the same instrument; ``depth_sigma_mm``: single-view
@@ -92,7 +96,9 @@ class DetectionSettings:
     blur_sigma_px: float = 0.7
     min_length_px: float = 10.0
     max_candidates: int = 3
+    max_instruments: int = 3
     min_gradient_correlation: float = 0.45
+    min_guided_correlation: float = 0.5
     gain_range: tuple[float, float] = (0.65, 1.5)
     max_pixels: int = 1200
     max_iterations: int = 15
@@ -333,8 +339,46 @@ def propose_segments(residual: np.ndarray, width_px: float, expected_peak: float
         for first, last in _runs(above, max_gap=3):
             if steps[last] - steps[first] >= min_length_px:
                 candidates.append((float(values[first:last + 1].mean()), samples[first], samples[last]))
+                step = _contrast_step(values[first:last + 1], int(min_length_px))
+                if step is not None:  # a thicker instrument over a thinner one: its part alone too
+                    k, strong_first = step
+                    a, b = (first, first + k - 1) if strong_first else (first + k, last)
+                    outer = samples[a] if strong_first else samples[b]
+                    # Only where the thicker one runs out of the image (its handle side): its
+                    # tip is then where the ridge steps down.
+                    if _near_border_px(outer, residual.shape, FAR_END_MARGIN_PX):
+                        candidates.append((float(values[a:b + 1].mean()), samples[a], samples[b]))
     candidates.sort(key=lambda c: -c[0])
     return [(a, b) for _, a, b in candidates[:max_candidates]]
+
+
+CONTRAST_STEP_RATIO = 1.5
+"""A ridge whose mean strength changes by this factor along a segment is two instruments
+end to end in the image (a needle over a K-wire that runs on past its tip)."""
+
+
+def _contrast_step(values: np.ndarray, min_length: int) -> tuple[int, bool] | None:
+    """Where a ridge profile steps between two levels (the split maximising the
+    between-part variance, each part at least ``min_length`` samples, the means at least
+    ``CONTRAST_STEP_RATIO`` apart): (index of the second part's first sample, whether the
+    first part is the stronger), or None."""
+    n = len(values)
+    if n < 2 * min_length:
+        return None
+    cumulative = np.concatenate([[0.0], np.cumsum(values)])
+    k = np.arange(min_length, n - min_length + 1)
+    left, right = cumulative[k] / k, (cumulative[n] - cumulative[k]) / (n - k)
+    best = int(np.argmax(k * (n - k) * (left - right) ** 2))
+    low, high = sorted((left[best], right[best]))
+    if low <= 0 or high < CONTRAST_STEP_RATIO * low:
+        return None
+    return int(k[best]), bool(left[best] > right[best])
+
+
+def _near_border_px(uv: np.ndarray, shape: tuple[int, int], margin_px: float) -> bool:
+    """Whether pixel (u, v) lies within ``margin_px`` of the border of an image of ``shape`` (H, W)."""
+    return bool(uv[0] < margin_px or uv[1] < margin_px or uv[0] > shape[1] - 1 - margin_px
+                or uv[1] > shape[0] - 1 - margin_px)
 
 
 def _sample(image: np.ndarray, uv: np.ndarray) -> np.ndarray:
@@ -487,15 +531,18 @@ class _Start:
 
 
 def _start(view: View, residual: np.ndarray, grads, noise: float, model: InstrumentModel, tip_uv: np.ndarray,
-           far_uv: np.ndarray, far_visible: bool, depth_mm: float, settings: DetectionSettings) -> _Start | None:
+           far_uv: np.ndarray, far_visible: bool, depth_mm: float, settings: DetectionSettings,
+           phi: float | None = None) -> _Start | None:
     """Initial pose of a candidate segment (tip and far-end pixels) for one model: the
-    out-of-plane angle from the far end's foreshortening (when visible), then the tip
-    position by a 1-pixel scan along the shaft; None when no band fits in the image."""
+    out-of-plane angle ``phi`` (rad, see ``_single_view_pose``) when known, else from the
+    far end's foreshortening (when visible), then the tip position by a 1-pixel scan along
+    the shaft; None when no band fits in the image."""
     K = view.K
     Kinv = np.linalg.inv(K)
     theta = math.atan2(far_uv[1] - tip_uv[1], far_uv[0] - tip_uv[0])
-    phi = 0.0
-    if far_visible:
+    if phi is None and not far_visible:
+        phi = 0.0
+    elif phi is None:
         tip_cam, e = _single_view_pose(Kinv, tip_uv, theta, 0.0, depth_mm)
         r = _unit(tip_cam)
         phis = np.radians(np.linspace(-85.0, 85.0, 171))
@@ -550,9 +597,33 @@ def _refine_single(view: View, start: _Start, far_visible: bool, settings: Detec
     tip_fit = (K @ tip_cam)[:2] / tip_cam[2]
     end_cam = tip_cam + model.length_mm * axis_cam
     far_uv = (K @ end_cam)[:2] / end_cam[2]
+    if _shaft_runs_on(band, tip_fit, _unit(tip_fit - far_uv)):
+        return None
     return ViewDetection(model=model, tip_uv=tip_fit, direction_uv=_unit(tip_fit - far_uv), tip_cam=tip_cam,
                          axis_cam=axis_cam, gradient_correlation=gc, gain=gain, tip_sigma_px=tip_sigma,
                          far_uv=far_uv if far_visible else None)
+
+
+TIP_END_RATIO = 0.5
+"""Beyond a true tip the image is at most this fraction of the shaft just behind it."""
+
+
+def _shaft_runs_on(band: _Band, tip_uv: np.ndarray, direction_uv: np.ndarray) -> bool:
+    """Whether the image continues the shaft past a fitted tip (the mean within 1.5 px of
+    the axis line 3-15 px beyond the tip reaching ``TIP_END_RATIO`` of the mean 3-15 px
+    behind it): the tip was put on a piece of a longer shaft (a break in its ridge, the
+    image border), not where the instrument ends. False when the band has too few pixels
+    on either side to tell."""
+    rel = band.uv - tip_uv
+    along = rel @ direction_uv
+    across = np.abs(rel @ np.array([-direction_uv[1], direction_uv[0]]))
+    on_line = across <= 1.5
+    beyond = on_line & (along >= 3.0) & (along <= 15.0)
+    behind = on_line & (along <= -3.0) & (along >= -15.0)
+    if beyond.sum() < 5 or behind.sum() < 5:
+        return False
+    shaft = float(band.values[behind].mean())
+    return shaft > 0 and float(band.values[beyond].mean()) >= TIP_END_RATIO * shaft
 
 
 def _covariance(residuals, x: np.ndarray, steps: np.ndarray) -> np.ndarray:
@@ -568,8 +639,7 @@ def _covariance(residuals, x: np.ndarray, steps: np.ndarray) -> np.ndarray:
 
 
 def _near_border(uv: np.ndarray, view: View, margin_px: float) -> bool:
-    return bool(uv[0] < margin_px or uv[1] < margin_px or uv[0] > view.width - 1 - margin_px
-                or uv[1] > view.height - 1 - margin_px)
+    return _near_border_px(uv, view.shape, margin_px)
 
 
 def _check_inputs(image: np.ndarray, view: View, models) -> None:
@@ -591,8 +661,19 @@ def detect_in_view(image: np.ndarray, view: View, models: list[InstrumentModel] 
     best-fitting one); ``focus_world``: a point of the anatomy in CT coordinates (e.g. the
     registered vertebra's centre): its depth seeds the fit, and of a segment's two ends,
     the tip is one not at the image border and nearer the focus's projection.
+
+    Instruments are found one at a time: each one accepted is subtracted from the image
+    (its fitted projection, ``instrument_image``) before the next search, so a shaft lying
+    over another one leaves the other visible; candidates that failed are tried again
+    only where a subtraction changed the image under them.
     """
-    settings = settings or DetectionSettings()
+    return [found for found, _ in _detect_view(image, view, models, focus_world, settings or DetectionSettings())[0]]
+
+
+def _detect_view(image: np.ndarray, view: View, models, focus_world: np.ndarray, settings: DetectionSettings
+                 ) -> tuple[list[tuple[ViewDetection, tuple[slice, slice, np.ndarray]]], np.ndarray]:
+    """``detect_in_view``'s work: ([(detection, its ``instrument_image``)] best first, the
+    anatomy residual before any subtraction)."""
     _check_inputs(image, view, models)
     focus_cam = transform_points(view.T_cam_from_world, np.asarray(focus_world, float))
     depth = float(focus_cam[2])
@@ -600,42 +681,131 @@ def detect_in_view(image: np.ndarray, view: View, models: list[InstrumentModel] 
         raise DetectionError("the focus point lies behind the X-ray source")
     focus_uv = (view.K @ focus_cam)[:2] / depth
     image = np.nan_to_num(np.asarray(image, dtype=np.float32))
-    found: list[ViewDetection] = []
     width = max(_projected_width_px(view, m, depth) for m in models)
-    residual = anatomy_residual(image, width)
-    grads = (cv2.Sobel(residual, cv2.CV_32F, 1, 0, ksize=3) / 8.0,
-             cv2.Sobel(residual, cv2.CV_32F, 0, 1, ksize=3) / 8.0)
+    base = anatomy_residual(image, width)
+    residual = base.copy()
     noise = _noise_sigma(residual)
     peak = min(m.mu_per_mm * m.diameter_mm for m in models)
-    candidates = propose_segments(residual, min(_projected_width_px(view, m, depth) for m in models), peak,
-                                  min_length_px=settings.min_length_px, max_candidates=settings.max_candidates)
-    margin = TIP_MARGIN_PX
-    for a, b in candidates:
-        ends = sorted((a, b), key=lambda e: (_near_border(e, view, margin), np.linalg.norm(e - focus_uv)))
-        tip_uv, far_uv = ends
-        if _near_border(tip_uv, view, margin):
-            continue
-        if any(np.linalg.norm(d.tip_uv - tip_uv) < 6.0 and abs(d.direction_uv @ _unit(tip_uv - far_uv)) > 0.99
-               for d in found):
-            continue
-        far_visible = not _near_border(far_uv, view, FAR_END_MARGIN_PX)
-        starts = [_start(view, residual, grads, noise, model, tip_uv, far_uv, far_visible, depth, settings)
-                  for model in models]
-        starts = [st for st in starts if st is not None]
-        if not starts:
-            continue
-        start = max(starts, key=lambda st: st.gradient_correlation)
-        if start.gradient_correlation < settings.min_gradient_correlation - 0.15:
-            continue
-        best = _refine_single(view, start, far_visible, settings)
+    thinnest = min(_projected_width_px(view, m, depth) for m in models)
+    found: list[ViewDetection] = []
+    images: list[tuple[slice, slice, np.ndarray]] = []
+    failed: list[tuple[np.ndarray, np.ndarray]] = []
+    covered = np.zeros(residual.shape, bool)  # pixels of the instruments subtracted so far
+    for _ in range(settings.max_instruments):
+        grads = (cv2.Sobel(residual, cv2.CV_32F, 1, 0, ksize=3) / 8.0,
+                 cv2.Sobel(residual, cv2.CV_32F, 0, 1, ksize=3) / 8.0)
+        # Proposals ignore the instruments found (their footprint suppressed): a shaft they
+        # hide is proposed from what shows beyond them, and fitted to the image less them.
+        candidates = propose_segments(np.where(covered, 0.0, residual).astype(np.float32), thinnest, peak,
+                                      min_length_px=settings.min_length_px, max_candidates=settings.max_candidates)
+        best = None
+        for a, b in candidates:
+            if any(_same_segment((a, b), f) for f in failed):
+                continue
+            best = _candidate(view, residual, grads, noise, models, a, b, focus_uv, depth, found, covered, settings)
+            if best is not None:
+                break
+            failed.append((a, b))
         if best is None:
-            continue
-        if any(np.linalg.norm(d.tip_uv - best.tip_uv) < 6.0 and d.direction_uv @ best.direction_uv > 0.99
-               for d in found):
-            continue
+            break
         found.append(best)
-    found.sort(key=lambda d: -d.gradient_correlation)
-    return found
+        rows, cols, patch = instrument_image(view, best, settings=settings)
+        images.append((rows, cols, patch))
+        residual[rows, cols] -= patch
+        covered[rows, cols] |= patch > 0.1 * float(patch.max(initial=0.0))
+        # Segments under the subtracted instrument see a different image now: try them again.
+        failed = [f for f in failed if not _crosses(f, rows, cols, patch)]
+    pairs = sorted(zip(found, images), key=lambda p: -p[0].gradient_correlation)
+    return pairs, base
+
+
+def _candidate(view: View, residual: np.ndarray, grads, noise: float, models, a: np.ndarray, b: np.ndarray,
+               focus_uv: np.ndarray, depth_mm: float, found: list[ViewDetection], covered: np.ndarray,
+               settings: DetectionSettings) -> ViewDetection | None:
+    """The instrument fitted to one candidate segment (the best-correlated model, refined
+    and verified), or None; an instrument of a model already found on the same image line
+    is not found twice. A segment end at the image border or on an instrument
+    already found (``covered``) is where the shaft disappears, not one of its ends."""
+    def hidden(e: np.ndarray, margin_px: float) -> bool:
+        return _near_border(e, view, margin_px) or _covered_near(covered, e, 3)
+
+    tip_uv, far_uv = sorted((a, b), key=lambda e: (hidden(e, TIP_MARGIN_PX), np.linalg.norm(e - focus_uv)))
+    if hidden(tip_uv, TIP_MARGIN_PX):
+        return None
+    far_visible = not hidden(far_uv, FAR_END_MARGIN_PX)
+    starts = [_start(view, residual, grads, noise, model, tip_uv, far_uv, far_visible, depth_mm, settings)
+              for model in models]
+    starts = [st for st in starts if st is not None]
+    if not starts:
+        return None
+    start = max(starts, key=lambda st: st.gradient_correlation)
+    if start.gradient_correlation < settings.min_gradient_correlation - 0.15:
+        return None
+    best = _refine_single(view, start, far_visible, settings)
+    if best is None or any(_same_line(d, best) for d in found):
+        return None
+    return best
+
+
+def _covered_near(covered: np.ndarray, uv: np.ndarray, radius_px: int) -> bool:
+    """Whether any pixel within ``radius_px`` (a square) of ``uv`` is set in ``covered``."""
+    u, v = int(round(uv[0])), int(round(uv[1]))
+    return bool(covered[max(v - radius_px, 0):v + radius_px + 1, max(u - radius_px, 0):u + radius_px + 1].any())
+
+
+def _same_line(a: ViewDetection, b: ViewDetection, offset_px: float = 4.0) -> bool:
+    """Two detections of one model on one image line (parallel within about 5 deg, ``b``'s
+    tip within ``offset_px`` of ``a``'s line): one shaft, e.g. what an imperfect
+    subtraction of ``a`` left of it, not a second instrument."""
+    if a.model.name != b.model.name or abs(float(a.direction_uv @ b.direction_uv)) < 0.996:
+        return False
+    normal = np.array([-a.direction_uv[1], a.direction_uv[0]])
+    return abs(float((b.tip_uv - a.tip_uv) @ normal)) < offset_px
+
+
+def _same_segment(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], tol_px: float = 3.0) -> bool:
+    """Two candidate segments with the same ends (either order) within ``tol_px``."""
+    return bool(max(np.linalg.norm(a[0] - b[0]), np.linalg.norm(a[1] - b[1])) <= tol_px
+                or max(np.linalg.norm(a[0] - b[1]), np.linalg.norm(a[1] - b[0])) <= tol_px)
+
+
+def _crosses(segment: tuple[np.ndarray, np.ndarray], rows: slice, cols: slice, patch: np.ndarray) -> bool:
+    """Whether a segment passes over the non-zero pixels of ``patch`` (placed at rows, cols)."""
+    a, b = segment
+    n = int(np.ceil(np.linalg.norm(b - a))) + 1
+    uv = np.round(a + np.linspace(0.0, 1.0, n)[:, None] * (b - a)).astype(int)
+    iu, iv = uv[:, 0] - cols.start, uv[:, 1] - rows.start
+    ok = (iu >= 0) & (iv >= 0) & (iu < patch.shape[1]) & (iv < patch.shape[0])
+    return bool(np.any(patch[iv[ok], iu[ok]] != 0))
+
+
+def instrument_image(view: View, detection: ViewDetection, *,
+                     settings: DetectionSettings | None = None) -> tuple[slice, slice, np.ndarray]:
+    """The fitted instrument as the image shows it: its fitted contrast (``gain``) times
+    the model's line integral (``instrument_projection``) on the pixels within its projected
+    half-width plus the blur of the shaft, zero elsewhere; returned as (rows, cols, patch)
+    so that ``image[rows, cols] -= patch`` removes it."""
+    settings = settings or DetectionSettings()
+    model = detection.model
+    tip_cam = detection.tip_cam
+    end_cam = tip_cam + model.length_mm * detection.axis_cam
+    tip_uv = detection.tip_uv
+    end_uv = (view.K @ end_cam)[:2] / end_cam[2] if end_cam[2] > 1.0 else tip_uv - 1e4 * detection.direction_uv
+    half = _projected_width_px(view, model, float(tip_cam[2])) / 2.0 + 3.0 * settings.blur_sigma_px + 1.0
+    lo = np.clip(np.floor(np.minimum(tip_uv, end_uv) - half), 0, [view.width - 1, view.height - 1]).astype(int)
+    hi = np.clip(np.ceil(np.maximum(tip_uv, end_uv) + half), 0, [view.width - 1, view.height - 1]).astype(int)
+    rows, cols = slice(lo[1], hi[1] + 1), slice(lo[0], hi[0] + 1)
+    vv, uu = np.mgrid[rows, cols]
+    uv = np.column_stack([uu.ravel(), vv.ravel()]).astype(float)
+    axis = end_uv - tip_uv
+    length = float(np.linalg.norm(axis))
+    t = np.clip((uv - tip_uv) @ axis / max(length * length, 1e-12), 0.0, 1.0)
+    near = np.linalg.norm(uv - (tip_uv + t[:, None] * axis), axis=1) <= half
+    patch = np.zeros(len(uv), np.float32)
+    if near.any():
+        patch[near] = detection.gain * instrument_projection(view, tip_cam, detection.axis_cam, model, uv[near],
+                                                             blur_sigma_px=settings.blur_sigma_px)
+    return rows, cols, patch.reshape(vv.shape)
 
 
 # ------------------------------------------------------------------------------------ 3D
@@ -811,7 +981,19 @@ def detect_instruments(images: list[np.ndarray], views: list[View],
     settings = settings or DetectionSettings()
     if len(images) != len(views) or not views:
         raise DetectionError(f"need one image per view; got {len(images)} images and {len(views)} views")
-    per_view = [detect_in_view(im, v, models, focus_world, settings=settings) for im, v in zip(images, views)]
+    focus_world = np.asarray(focus_world, float)
+    detected = [_detect_view(im, v, models, focus_world, settings) for im, v in zip(images, views)]
+    per_view = [[d for d, _ in pairs] for pairs, _ in detected]
+
+    def residual_without_others(j: int, keep: ViewDetection | None) -> np.ndarray:
+        """View j's anatomy residual less every instrument found there but ``keep``."""
+        pairs, base = detected[j]
+        out = base.copy()
+        for d, (rows, cols, patch) in pairs:
+            if d is not keep:
+                out[rows, cols] -= patch
+        return out
+
     used = [set() for _ in views]
     estimates = []
     for i, dets in enumerate(per_view):
@@ -838,16 +1020,81 @@ def detect_instruments(images: list[np.ndarray], views: list[View],
                     group.append(theirs)
                     group_views.append(views[j])
                     group_index.append(j)
+            if len(group) == 1:  # hidden in the other views? look where this view says it must be
+                for j in range(len(views)):
+                    if j == i:
+                        continue
+                    other = _guided_search(group[0], views[i], views[j], residual_without_others(j, None),
+                                           focus_world, settings)
+                    if other is not None:
+                        group.append(other)
+                        group_views.append(views[j])
+                        group_index.append(j)
             det = group[0]
             if len(group) == 1:
                 estimates.append(single_view_estimate(det, views[i], focus_world=focus_world, bone=bone,
                                                       bone_level=bone_level, settings=settings))
                 continue
-            residuals = []
-            for j in group_index:
-                depth = float(transform_points(views[j].T_cam_from_world, np.asarray(focus_world, float))[2])
-                residuals.append(anatomy_residual(np.nan_to_num(np.asarray(images[j], np.float32)),
-                                                  _projected_width_px(views[j], det.model, depth)))
-            estimates.append(_multi_view_estimate(group, group_views, residuals, np.asarray(focus_world, float),
-                                                  settings))
+            residuals = [residual_without_others(j, d) for j, d in zip(group_index, group)]
+            estimates.append(_multi_view_estimate(group, group_views, residuals, focus_world, settings))
     return estimates
+
+
+def _guided_search(det: ViewDetection, view: View, other: View, residual: np.ndarray, focus_world: np.ndarray,
+                   settings: DetectionSettings, span_mm: float = 120.0, reach_px: float = 40.0
+                   ) -> ViewDetection | None:
+    """The instrument of ``det`` (found in ``view``) in another view where the search alone
+    missed it (e.g. lying over another instrument). Its tip lies on the detected tip's ray,
+    so its image in ``other`` lies on that ray's projection (the epipolar line): a grid over
+    the tip's distance along the ray (``span_mm`` around the focus, 1 mm) and the shaft's
+    image direction (3 deg) is scored on ``residual`` (the other view's image less the
+    instruments found there): the mean over ``reach_px`` along the shaft minus the mean just
+    beyond the tip. The best gives the 3D axis (the intersection of the two views' shaft
+    planes), which is fitted (``_refine_single``) and verified, against
+    ``settings.min_guided_correlation``. None when nothing verifies."""
+    model = det.model
+    source, rays = backproject(view.K, view.T_cam_from_world, det.tip_uv[None])
+    ray = rays[0]
+    R_world_from_cam = invert_rigid(view.T_cam_from_world)[:3, :3]
+    plane_normal = _unit(R_world_from_cam @ np.cross(det.tip_cam, det.axis_cam))
+    handle = R_world_from_cam @ det.axis_cam  # tip -> handle in the world
+    around = float(np.linalg.norm(focus_world - source))
+    tips = source + np.arange(around - span_mm / 2.0, around + span_mm / 2.0, 1.0)[:, None] * ray  # (D, 3)
+    tips_uv = project(other.P, tips)
+    thetas = np.radians(np.arange(0.0, 360.0, 3.0))
+    directions = np.column_stack([np.cos(thetas), np.sin(thetas)])  # (T, 2)
+    smooth = cv2.GaussianBlur(residual, (0, 0), 1.0)
+
+    def mean_at(steps_px: np.ndarray) -> np.ndarray:
+        uv = tips_uv[:, None, None, :] + steps_px[None, None, :, None] * directions[None, :, None, :]
+        return _sample(smooth, uv.reshape(-1, 2)).reshape(len(tips), len(thetas), len(steps_px)).mean(axis=2)
+
+    score = mean_at(np.arange(2.0, reach_px + 1.0, 2.0)) - mean_at(np.arange(-12.0, -2.0, 2.0))
+    d, t = np.unravel_index(int(np.argmax(score)), score.shape)
+    tip_world, tip_uv = tips[d], tips_uv[d]
+    if _near_border(tip_uv, other, TIP_MARGIN_PX):
+        return None
+    other_source, other_rays = backproject(other.K, other.T_cam_from_world, np.array([tip_uv, tip_uv + directions[t]]))
+    other_normal = np.cross(other_rays[0], other_rays[1])
+    axis_world = np.cross(plane_normal, other_normal)
+    if np.linalg.norm(axis_world) < 1e-6 * np.linalg.norm(other_normal):
+        return None  # the two shaft planes coincide: the views cannot place the shaft
+    axis_world = _unit(axis_world)
+    axis_world = axis_world if axis_world @ handle >= 0 else -axis_world
+    T = other.T_cam_from_world
+    tip_cam = T[:3, :3] @ tip_world + T[:3, 3]
+    axis_cam = T[:3, :3] @ axis_world
+    end_cam = tip_cam + model.length_mm * axis_cam
+    if tip_cam[2] <= 1.0 or end_cam[2] <= 1.0:
+        return None
+    far_uv = (other.K @ end_cam)[:2] / end_cam[2]
+    grads = (cv2.Sobel(residual, cv2.CV_32F, 1, 0, ksize=3) / 8.0, cv2.Sobel(residual, cv2.CV_32F, 0, 1, ksize=3) / 8.0)
+    phi = math.asin(float(np.clip(axis_cam @ _unit(tip_cam), -1.0, 1.0)))
+    start = _start(other, residual, grads, _noise_sigma(residual), model, tip_uv, far_uv, False, float(tip_cam[2]),
+                   settings, phi=phi)
+    if start is None:
+        return None
+    found = _refine_single(other, start, False, settings)
+    if found is None or found.gradient_correlation < settings.min_guided_correlation:
+        return None
+    return found
