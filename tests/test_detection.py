@@ -9,16 +9,27 @@ import pytest
 from guidance.core.geometry import backproject, make_rigid, rotation_about_axis
 from guidance.core.images import preprocess
 from guidance.core.instrument_models import get_instrument
+from guidance.core.plan import trajectory_endpoints
 from guidance.core.views import carm_view
 from guidance.navigation.detection import (
     DetectionError,
+    DetectionSettings,
+    ViewDetection,
+    _contrast_step,
     detect_in_view,
     detect_instruments,
+    instrument_image,
     instrument_projection,
     single_view_estimate,
 )
 from guidance.navigation.instruments import tip_and_axis
-from sim.scenario import START_OUTSIDE_MM, Scenario, ScenarioPlayer, instrument_line_integral
+from sim.scenario import (
+    START_OUTSIDE_MM,
+    Scenario,
+    ScenarioPlayer,
+    instrument_line_integral,
+    tool_pose_on_trajectory,
+)
 
 KWIRE = get_instrument("kwire")
 NEEDLE = get_instrument("jamshidi")
@@ -26,13 +37,14 @@ SMALL = dict(detector_px=256, pixel_spacing_mm=1.2)
 AP, LATERAL = (0.0, 0.0), (90.0, 0.0)
 
 
-def _frame(player: ScenarioPlayer, t_s: float, angles, noise_offset: int = 0):
-    """(line-integral image, registered view) of the player's scenario at t_s from angles."""
+def _frame(player: ScenarioPlayer, t_s: float, angles, noise_offset: int = 0, extra=()):
+    """(line-integral image, registered view) of the player's scenario at t_s from angles
+    (``extra``: (model, T_world_from_tool) of untracked instruments drawn as well)."""
     state = player.state_at(t_s)
     nominal = player.nominal_view(*angles)
     T = nominal.T_cam_from_world @ player.patient_motion(t_s)
     state = dataclasses.replace(state, view=nominal, T_cam_from_world=T, t_s=t_s + 1e-3 * noise_offset)
-    frame = player.render(state)
+    frame = player.render(state, extra_instruments=extra)
     view = nominal.with_pose(T)
     return preprocess(frame.pixels, view).image, view
 
@@ -99,6 +111,63 @@ def test_biplane_finds_the_kwire_in_3d(phantom):
     assert estimate.n_views == 2 and estimate.model is KWIRE
     assert np.linalg.norm(estimate.tip_world - tip) <= 1.0
     assert math.degrees(math.acos(min(1.0, float(estimate.axis_world @ axis)))) <= 1.0
+
+
+def _axis_error_deg(a: np.ndarray, b: np.ndarray) -> float:
+    return math.degrees(math.acos(float(np.clip(a @ b, -1.0, 1.0))))
+
+
+@pytest.mark.parametrize("level, side, seed", [("L1", "left", 15), ("L4", "left", 3)])
+def test_overlapping_instruments_are_both_found_in_both_views(phantom, level, side, seed):
+    """A K-wire 30 mm into one pedicle and a Jamshidi needle 10 mm into the other: in the
+    lateral view the needle lies over the K-wire, which shows only beyond the needle's tip.
+    Both are found in both views, within the single-instrument targets."""
+    player = ScenarioPlayer(Scenario(detector_px=512, pixel_spacing_mm=0.6, target_level=level, target_side=side,
+                                     seed=seed), phantom)
+    t_s = (30.0 + START_OUTSIDE_MM) / player.scenario.advance_mm_per_s
+    other = next(t for t in phantom.plan if t["level"] == level and t["side"] != side)
+    T_needle = tool_pose_on_trajectory(*trajectory_endpoints(other), 10.0, NEEDLE)
+    truth = {"kwire": tip_and_axis(player.state_at(t_s).T_world_from_tool, KWIRE),
+             "jamshidi": tip_and_axis(T_needle, NEEDLE)}
+    frames = [_frame(player, t_s, angles, k, extra=((NEEDLE, T_needle),)) for k, angles in enumerate((AP, LATERAL))]
+    estimates = detect_instruments([f[0] for f in frames], [f[1] for f in frames], [KWIRE, NEEDLE],
+                                   focus_world=player.isocenter_world, bone=phantom.labels)
+    for name, (tip, axis) in truth.items():
+        (estimate,) = [e for e in estimates if e.model.name == name and e.n_views == 2]
+        assert np.linalg.norm(estimate.tip_world - tip) <= 1.0, name
+        assert _axis_error_deg(estimate.axis_world, axis) <= 2.0, name
+
+
+def test_contrast_step_splits_a_ridge_between_two_levels():
+    """A ridge profile at 1 for 30 samples then 3 for 20 steps at sample 30, the second
+    part the stronger; with the levels closer than the ratio, or too short a profile, no step."""
+    rng = np.random.default_rng(0)
+    profile = np.concatenate([np.full(30, 1.0), np.full(20, 3.0)]) + rng.normal(0.0, 0.05, 50)
+    assert _contrast_step(profile, 10) == (30, False)
+    assert _contrast_step(profile[::-1], 10) == (20, True)
+    assert _contrast_step(np.concatenate([np.full(30, 1.0), np.full(20, 1.3)]), 10) is None
+    assert _contrast_step(profile, 26) is None  # two parts of 26 do not fit in 50 samples
+
+
+def test_instrument_image_removes_the_instrument():
+    """Subtracting ``instrument_image`` of a detection at an instrument's true pose (gain
+    1) from the simulator's line integral of it (an independent rendering) leaves little
+    of it, and the patch covers where the instrument is."""
+    view = carm_view(detector_size_px=(128, 128), pixel_spacing_mm=(1.2, 1.2))
+    T_cam_from_tool = make_rigid(rotation_about_axis(np.array([1.0, 0.2, 0.1]), 75.0), [4.0, -2.0, 600.0])
+    image = instrument_line_integral(view, T_cam_from_tool, NEEDLE).astype(np.float32)
+    tip_cam = T_cam_from_tool[:3, :3] @ NEEDLE.tip_offset_tool + T_cam_from_tool[:3, 3]
+    axis_cam = T_cam_from_tool[:3, :3] @ NEEDLE.axis_tool
+    tip_uv = (view.K @ tip_cam)[:2] / tip_cam[2]
+    end = tip_cam + 50.0 * axis_cam
+    detection = ViewDetection(model=NEEDLE, tip_uv=tip_uv, direction_uv=tip_uv - (view.K @ end)[:2] / end[2],
+                              tip_cam=tip_cam, axis_cam=axis_cam, gradient_correlation=1.0, gain=1.0,
+                              tip_sigma_px=0.1)
+    rows, cols, patch = instrument_image(view, detection, settings=DetectionSettings(blur_sigma_px=0.0))
+    left = image.copy()
+    left[rows, cols] -= patch
+    assert image.sum() > 100.0
+    assert np.abs(left).sum() < 0.08 * image.sum()
 
 
 def test_instrument_free_frames_yield_no_instrument(phantom):

@@ -357,3 +357,16 @@ def test_status_line_shows_the_pose_uncertainty():
     assert "+-0.3 mm in-plane, +-2.4 mm depth" in line
     state.on_pose(pose(), T0 + 0.2)
     assert "in-plane" not in _status_lines(state, "ok", T0 + 0.3, None, None, "")[0]
+
+
+def test_an_instrument_found_in_the_image_is_labelled_so():
+    """An image-derived instrument (no tracker) is kept as such, and its banner says where
+    it comes from instead of asking for the CT and labels."""
+    from guidance.live.display import _banner
+
+    state = live_state()
+    state.on_instrument(InstrumentState(frame_id=1, tool_id="kwire", tip_world=TIP, axis_world=AXIS, status="ok",
+                                        image_derived=True), T0 + 0.05)
+    assert state.instrument.image_derived
+    assert _banner(state.instrument.metrics, state.instrument.image_derived)[0] == "Found in the X-ray (no tracker)"
+    assert _banner({}, False)[0] == "No breach prediction"

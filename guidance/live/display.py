@@ -163,6 +163,8 @@ class InstrumentRecord:
     metrics: dict = field(default_factory=dict)
     """The deviation and breach fields the message carried (``INSTRUMENT_METRICS``; absent
     when not given)."""
+    image_derived: bool = False
+    """Found in the X-ray image itself (no tracker): its depth along the view is uncertain."""
 
     @property
     def length_mm(self) -> float:
@@ -268,7 +270,7 @@ class NavigationState:
             plan_side=instrument.plan_side, received_s=float(now_s),
             metrics={k: getattr(instrument, k) for k in INSTRUMENT_METRICS
                      if getattr(instrument, k, None) is not None},
-            acquired_s=getattr(instrument, "acquired_ns", 0) * 1e-9)
+            acquired_s=getattr(instrument, "acquired_ns", 0) * 1e-9, image_derived=bool(instrument.image_derived))
         return True
 
     def on_heartbeat(self, heartbeat: Heartbeat, now_s: float) -> None:
@@ -660,8 +662,10 @@ def _instrument_note(state: NavigationState, status: str, now_s: float) -> str:
     return f"instrument data {NavigationState._age_s(inst, now_s):.1f} s old"
 
 
-def _banner(metrics: dict) -> tuple[str, str, tuple[int, int, int]]:
+def _banner(metrics: dict, image_derived: bool = False) -> tuple[str, str, tuple[int, int, int]]:
     """(headline, detail, colour) of the breach prediction."""
+    if "breach_grade" not in metrics and image_derived:
+        return "Found in the X-ray (no tracker)", "depth from the anatomy: no breach prediction", COLOURS["waiting"]
     if "breach_grade" not in metrics:
         return "No breach prediction", "needs the CT and vertebra labels in the pipeline", COLOURS["waiting"]
     grade, mm = metrics["breach_grade"], metrics.get("breach_mm", 0.0)
@@ -686,7 +690,7 @@ def _numbers_pane(w: int, h: int, active: dict | None, instrument: InstrumentRec
         y += 40
     else:
         metrics = instrument.metrics
-        headline, detail, colour = _banner(metrics)
+        headline, detail, colour = _banner(metrics, instrument.image_derived)
         cv2.rectangle(pane, (6, y), (w - 7, y + 50), colour, -1)
         cv2.putText(pane, headline, (14, y + 21), FONT, 0.62, (0, 0, 0), 2, cv2.LINE_AA)
         cv2.putText(pane, detail, (14, y + 43), FONT, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
