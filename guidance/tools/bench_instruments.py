@@ -191,11 +191,15 @@ def _summary(rows: list[dict], free: list[dict], detector_px: int, pixel_spacing
                 "AP_ms", "lateral_ms", "AP_cpu_ms", "lateral_cpu_ms", "biplane_ms"):
         out[key + "_median"], out[key + "_p90"] = _stats(rows, key)
     one = [r for r in rows if r["instruments"] == 1]
+    two = [r for r in rows if r["instruments"] == 2]
     for name in ("AP", "lateral"):
-        out[f"{name}_ms_one_instrument_median"] = _stats(one, f"{name}_ms")[0]
+        for suffix, subset in (("one_instrument", one), ("two_instruments", two)):
+            out[f"{name}_ms_{suffix}_median"] = _stats(subset, f"{name}_ms")[0]
+            out[f"{name}_cpu_ms_{suffix}_median"] = _stats(subset, f"{name}_cpu_ms")[0]
     for key in ("biplane_found", "second_found", "AP_found", "lateral_found"):
-        present = [r[key] for r in rows if key in r]
-        out[key + "_rate"] = float(np.mean(present)) if present else math.nan
+        for suffix, subset in (("", rows), ("_one_instrument", one), ("_two_instruments", two)):
+            present = [r[key] for r in subset if key in r]
+            out[key + "_rate" + suffix] = float(np.mean(present)) if present else math.nan
     frames_with_false = sum(1 for f in free if f["detections"] > 0)
     out["false_detection_rate"] = frames_with_false / len(free) if free else math.nan
     return out
@@ -225,11 +229,16 @@ def format_instrument_table(summary: dict) -> str:
              "| measure | median | p90 |", "|---|---|---|"]
     for label, key in _TABLE:
         lines.append(f"| {label} | {summary[key + '_median']:.2f} | {summary[key + '_p90']:.2f} |")
-    lines += ["", "| rate | value |", "|---|---|"]
+    lines += ["", "| CPU time per view (ms, median) | K-wire alone | with the needle |", "|---|---|---|"]
+    for name in ("AP", "lateral"):
+        lines.append(f"| {name} | {summary[f'{name}_cpu_ms_one_instrument_median']:.0f} | "
+                     f"{summary[f'{name}_cpu_ms_two_instruments_median']:.0f} |")
+    lines += ["", "| rate | all cases | K-wire alone | with the needle |", "|---|---|---|---|"]
     for label, key in (("K-wire found in both views", "biplane_found_rate"),
                        ("2nd instrument found in both views", "second_found_rate"),
                        ("K-wire found, AP alone", "AP_found_rate"),
-                       ("K-wire found, lateral alone", "lateral_found_rate"),
-                       ("instrument-free frames with a detection", "false_detection_rate")):
-        lines.append(f"| {label} | {summary[key]:.3f} |")
+                       ("K-wire found, lateral alone", "lateral_found_rate")):
+        lines.append(f"| {label} | {summary[key]:.3f} | {summary[key + '_one_instrument']:.3f} | "
+                     f"{summary[key + '_two_instruments']:.3f} |")
+    lines.append(f"| instrument-free frames with a detection | {summary['false_detection_rate']:.3f} | | |")
     return "\n".join(lines)
