@@ -81,7 +81,8 @@ class DetectionSettings:
     ``blur_sigma_px``: detector PSF (Gaussian sigma, pixels) of the projection model;
     ``min_length_px``: shortest visible shaft proposed; ``max_candidates``: segments tried
     per search (each with every model; the best-correlated model is refined);
-    ``max_instruments``: instruments looked for per view (one search each);
+    ``max_instruments``: instruments found per view at most; ``max_searches``: proposal
+    rounds per view (the later ones only where an instrument found hid something);
     ``min_gradient_correlation`` and ``gain_range``: a fitted instrument is accepted when
     its gradient correlation reaches the threshold and its fitted contrast, relative to
     the model's attenuation, lies in the range; ``min_guided_correlation``: the (stricter)
@@ -96,7 +97,8 @@ class DetectionSettings:
     blur_sigma_px: float = 0.7
     min_length_px: float = 10.0
     max_candidates: int = 3
-    max_instruments: int = 3
+    max_instruments: int = 4
+    max_searches: int = 2
     min_gradient_correlation: float = 0.45
     min_guided_correlation: float = 0.5
     gain_range: tuple[float, float] = (0.65, 1.5)
@@ -352,7 +354,7 @@ def propose_segments(residual: np.ndarray, width_px: float, expected_peak: float
     return [(a, b) for _, a, b in candidates[:max_candidates]]
 
 
-CONTRAST_STEP_RATIO = 1.5
+CONTRAST_STEP_RATIO = 2.0
 """A ridge whose mean strength changes by this factor along a segment is two instruments
 end to end in the image (a needle over a K-wire that runs on past its tip)."""
 
@@ -662,10 +664,11 @@ def detect_in_view(image: np.ndarray, view: View, models: list[InstrumentModel] 
     registered vertebra's centre): its depth seeds the fit, and of a segment's two ends,
     the tip is one not at the image border and nearer the focus's projection.
 
-    Instruments are found one at a time: each one accepted is subtracted from the image
-    (its fitted projection, ``instrument_image``) before the next search, so a shaft lying
-    over another one leaves the other visible; candidates that failed are tried again
-    only where a subtraction changed the image under them.
+    Each instrument accepted is subtracted from the image (its fitted projection,
+    ``instrument_image``) before the next candidate is fitted, and a further search looks
+    at what the subtractions revealed, so a shaft lying over another one leaves the other
+    visible; candidates that failed are tried again only where a subtraction changed the
+    image under them.
     """
     return [found for found, _ in _detect_view(image, view, models, focus_world, settings or DetectionSettings())[0]]
 
@@ -691,30 +694,33 @@ def _detect_view(image: np.ndarray, view: View, models, focus_world: np.ndarray,
     images: list[tuple[slice, slice, np.ndarray]] = []
     failed: list[tuple[np.ndarray, np.ndarray]] = []
     covered = np.zeros(residual.shape, bool)  # pixels of the instruments subtracted so far
-    for _ in range(settings.max_instruments):
-        grads = (cv2.Sobel(residual, cv2.CV_32F, 1, 0, ksize=3) / 8.0,
-                 cv2.Sobel(residual, cv2.CV_32F, 0, 1, ksize=3) / 8.0)
+    for search in range(settings.max_searches):
         # Proposals ignore the instruments found (their footprint suppressed): a shaft they
         # hide is proposed from what shows beyond them, and fitted to the image less them.
         candidates = propose_segments(np.where(covered, 0.0, residual).astype(np.float32), thinnest, peak,
                                       min_length_px=settings.min_length_px, max_candidates=settings.max_candidates)
-        best = None
+        if search > 0:  # after the first search, only what the subtractions revealed
+            candidates = [c for c in candidates if any(_covered_near(covered, e, 3) for e in c)]
+        accepted = False
         for a, b in candidates:
-            if any(_same_segment((a, b), f) for f in failed):
+            if len(found) >= settings.max_instruments or any(_same_segment((a, b), f) for f in failed):
                 continue
+            grads = (cv2.Sobel(residual, cv2.CV_32F, 1, 0, ksize=3) / 8.0,
+                     cv2.Sobel(residual, cv2.CV_32F, 0, 1, ksize=3) / 8.0)
             best = _candidate(view, residual, grads, noise, models, a, b, focus_uv, depth, found, covered, settings)
-            if best is not None:
-                break
-            failed.append((a, b))
-        if best is None:
+            if best is None:
+                failed.append((a, b))
+                continue
+            found.append(best)
+            accepted = True
+            rows, cols, patch = instrument_image(view, best, settings=settings)
+            images.append((rows, cols, patch))
+            residual[rows, cols] -= patch
+            covered[rows, cols] |= patch > 0.1 * float(patch.max(initial=0.0))
+            # Segments under the subtracted instrument see a different image now: try them again.
+            failed = [f for f in failed if not _crosses(f, rows, cols, patch)]
+        if not accepted:
             break
-        found.append(best)
-        rows, cols, patch = instrument_image(view, best, settings=settings)
-        images.append((rows, cols, patch))
-        residual[rows, cols] -= patch
-        covered[rows, cols] |= patch > 0.1 * float(patch.max(initial=0.0))
-        # Segments under the subtracted instrument see a different image now: try them again.
-        failed = [f for f in failed if not _crosses(f, rows, cols, patch)]
     pairs = sorted(zip(found, images), key=lambda p: -p[0].gradient_correlation)
     return pairs, base
 
