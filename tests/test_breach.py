@@ -17,7 +17,7 @@ from guidance.navigation.breach import (
     predict_breach,
     signed_distance_from_mask,
 )
-from guidance.tools.bench_breach import path_truth
+from guidance.tools.bench_breach import path_truth, warned_in_time
 from sim.phantom import make_phantom
 
 SPACING = 0.5
@@ -184,3 +184,14 @@ def test_interbody_corridor_flags_endplates(phantom):
     assert up.warning and up.side == "superior" and up.breach_mm > 2.0
     down = predict_breach(corridor, entry - 5 * d - 4.0 * frame[:3, 2], d)
     assert down.warning and down.side == "inferior"
+
+
+@pytest.mark.parametrize("warned_at, breach_at, seen_at, in_time", [
+    (10.0, 15.0, 0.0, True),  # straight path, warned 5 mm ahead
+    (16.0, 15.0, 0.0, False),  # straight path, warned after the breach began
+    (16.0, 15.2, 16.0, True),  # turned at 15.1 mm, warned at the first pose past the turn
+    (17.0, 15.2, 16.0, False),  # ... one pose later
+])
+def test_bench_breach_counts_a_warning_in_time(warned_at, breach_at, seen_at, in_time):
+    """The benchmark's rule: before the breach, or at the first pose along the new direction."""
+    assert warned_in_time(warned_at, breach_at, seen_at) is in_time

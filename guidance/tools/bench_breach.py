@@ -36,7 +36,7 @@ from guidance.navigation.breach import (
     predict_breach,
 )
 
-__all__ = ["bench_breach", "format_breach_table", "path_truth"]
+__all__ = ["bench_breach", "format_breach_table", "path_truth", "warned_in_time"]
 
 _BALL = 64
 _TRUTH_STEP_MM = 0.5
@@ -163,6 +163,14 @@ def bench_breach(*, seed: int = 0, phantoms: int = 2, noise_mm: float = 0.25, no
     return {"summary": _summary(rows, predict_s, phantoms, noise_mm, noise_deg, warning_mm), "rows": rows}
 
 
+def warned_in_time(warned_at_mm: float, breach_at_mm: float, direction_seen_at_mm: float) -> bool:
+    """Whether a warning first raised at ``warned_at_mm`` of travel came in time for a
+    breach beginning at ``breach_at_mm``: before it, or no later than the first pose along
+    the path's current direction (``direction_seen_at_mm``: 0 for a straight path; on a
+    redirected one, the first pose past the turn)."""
+    return warned_at_mm <= max(breach_at_mm, direction_seen_at_mm)
+
+
 def _trajectory_rows(phantom, phantom_seed: int, trajectory: dict, rng: np.random.Generator, noise_mm: float,
                      noise_deg: float, warning_mm: float, predict_s: list[float]) -> list[dict]:
     """One row per simulated path around ``trajectory`` (appends prediction times to ``predict_s``)."""
@@ -206,7 +214,7 @@ def _trajectory_rows(phantom, phantom_seed: int, trajectory: dict, rng: np.rando
         lead, in_time = None, False
         if truth["breach_at_mm"] is not None and first_warning is not None:
             lead = truth["breach_at_mm"] - first_warning
-            in_time = first_warning <= max(truth["breach_at_mm"], seen_at)
+            in_time = warned_in_time(first_warning, truth["breach_at_mm"], seen_at)
         rows.append({
             "phantom_seed": phantom_seed, "level": trajectory["level"], "side": trajectory["side"],
             "family": path["family"], "true_breach_mm": truth["breach_mm"], "true_grade": truth["grade"],
