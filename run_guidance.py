@@ -476,7 +476,7 @@ def cmd_demo(args) -> int:
 
     report = run_demo(args.out, duration_s=args.duration, fps=args.fps, igtl_port=args.igtl_port,
                       intraop_at_s=0.5 if args.intraop else None, medial_deg=args.medial_deg,
-                      with_display=not args.no_display, tracked=not args.no_tracker)
+                      with_display=not args.no_display, tracked=not args.no_tracker, speed=args.speed)
     print("\n" + format_summary(report.summary()))
     screens = "" if args.no_display else f"navigation screens: {args.out}/screen_*.png; "
     print(f"{screens}recording: {args.out}/recording-*")
@@ -678,6 +678,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the simulator also sends an intra-op CBCT-like scan, registered and used for instruments")
     p.add_argument("--medial-deg", type=float, default=8.0,
                    help="the K-wire drifts medially by this angle (deg), so the breach warning shows (0: on plan)")
+    p.add_argument("--speed", type=float, default=1.0,
+                   help="simulator pace (1.0 real time; lower on a machine too loaded to keep up)")
     p.add_argument("--no-tracker", action="store_true",
                    help="fluoroscopy alone: no tracker samples; the pipeline finds the K-wire in the images and the "
                    "summary scores its tip against the simulator's")
