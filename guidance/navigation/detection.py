@@ -1008,6 +1008,7 @@ def detect_instruments(images: list[np.ndarray], views: list[View],
                 continue
             used[i].add(a)
             group, group_views, group_index = [det], [views[i]], [i]
+            found_as = [det]  # each view's detection as found (group may hold it with its ends swapped)
             for j in range(i + 1, len(views)):
                 options = []
                 for b, other in enumerate(per_view[j]):
@@ -1026,6 +1027,7 @@ def detect_instruments(images: list[np.ndarray], views: list[View],
                     group.append(theirs)
                     group_views.append(views[j])
                     group_index.append(j)
+                    found_as.append(per_view[j][b])
             if len(group) == 1:  # hidden in the other views? look where this view says it must be
                 for j in range(len(views)):
                     if j == i:
@@ -1036,12 +1038,13 @@ def detect_instruments(images: list[np.ndarray], views: list[View],
                         group.append(other)
                         group_views.append(views[j])
                         group_index.append(j)
+                        found_as.append(None)  # not among view j's own detections
             det = group[0]
             if len(group) == 1:
                 estimates.append(single_view_estimate(det, views[i], focus_world=focus_world, bone=bone,
                                                       bone_level=bone_level, settings=settings))
                 continue
-            residuals = [residual_without_others(j, d) for j, d in zip(group_index, group)]
+            residuals = [residual_without_others(j, d) for j, d in zip(group_index, found_as)]
             estimates.append(_multi_view_estimate(group, group_views, residuals, focus_world, settings))
     return estimates
 
