@@ -187,6 +187,8 @@ class ShotRegistrar:
         """Frame ids of the last joint registration (empty: none, or it failed or aged out)."""
         self._anchor_ns = 0
         self._pending = False
+        self._jacobian: tuple[View, TrackingSettings, np.ndarray] | None = None
+        """The last tracking update's view, settings and least-squares Jacobian."""
 
     @property
     def settings(self) -> ShotSettings:
@@ -213,8 +215,10 @@ class ShotRegistrar:
         if (new_orientation or self._pending) and others:
             return self._joint(shot, others, initial)
         if initial is not None:
+            settings = self._tracking_settings()
             result = track(self.registrator, [shot.image], [shot.view], initial, level=self.level,
-                           settings=self._tracking_settings())
+                           settings=settings, jacobian=self._previous_jacobian(shot.view, settings))
+            self._jacobian = (shot.view, settings, result.jacobian) if result.ok else None
             if result.ok:
                 ids = self.anchor_ids if self.anchor_ids else [shot.frame_id]
                 return ShotOutcome(result, "tracking", list(ids), tracking_runs=1)
@@ -222,6 +226,16 @@ class ShotRegistrar:
             outcome.tracking_runs, outcome.fallbacks = 1, 1
             return outcome
         return self._joint(shot, others, None) if others else self._single(shot)
+
+    def _previous_jacobian(self, view: View, settings: TrackingSettings) -> np.ndarray | None:
+        """The last tracking update's Jacobian when it was made with this view geometry
+        (same C-arm pose, intrinsics and image size) and these settings; else None."""
+        if self._jacobian is None:
+            return None
+        previous_view, previous_settings, jacobian = self._jacobian
+        same_view = (previous_view.image_size == view.image_size and np.array_equal(previous_view.K, view.K)
+                     and np.array_equal(previous_view.T_cam_from_world, view.T_cam_from_world))
+        return jacobian if same_view and previous_settings == settings else None
 
     def _tracking_settings(self) -> TrackingSettings:
         """Tracking with the depth and tilts held near the start while a joint
@@ -235,6 +249,7 @@ class ShotRegistrar:
 
     def _single(self, shot: Shot) -> ShotOutcome:
         self.anchor_ids = []
+        self._jacobian = None
         result = self.registrator.register([shot.image], [shot.view], level=self.level)
         return ShotOutcome(result, "global", [shot.frame_id], global_runs=1)
 
@@ -242,6 +257,7 @@ class ShotRegistrar:
         """All kept shots at once, ``shot`` first (its view is the result's views[0])."""
         shots = [shot, *others]
         self._pending = False
+        self._jacobian = None
         views = joint_views(shots, shot)
         result = self.registrator.register([s.image for s in shots], views, level=self.level,
                                            initial_T_world_corrected_from_world=initial)

@@ -134,6 +134,9 @@ class RegistrationResult:
     level: str | None = None
     level_poses: dict[str, np.ndarray] = field(default_factory=dict)
     level_status: dict[str, str] = field(default_factory=dict)
+    jacobian: np.ndarray | None = None
+    """The least-squares Jacobian of the finest level (see ``Registrator.register``'s
+    ``local_jacobian``); not part of ``to_dict``."""
 
     @property
     def ok(self) -> bool:
@@ -465,6 +468,7 @@ class Registrator:
         local_max_fev: int | None = None,
         local_ftol: float = 1e-4,
         prior_sd: np.ndarray | None = None,
+        local_jacobian: np.ndarray | None = None,
     ) -> RegistrationResult:
         """Register preprocessed images (one per view, views carry the initial poses).
 
@@ -472,7 +476,10 @@ class Registrator:
         docstring); otherwise every level refines locally from the start. ``level`` (a
         label id) registers that vertebra alone. ``prior_sd`` (deg, deg, deg, mm, mm,
         mm) keeps the solution near the initial correction, e.g. in depth, which one
-        view hardly observes.
+        view hardly observes. ``local_jacobian``: the ``jacobian`` of an earlier result on
+        the same images' geometry and settings (tracking: the previous frame's), the start
+        of the finest level's least squares (optimizers: Broyden updates instead of finite
+        differences while they work).
         """
         t_start = time.perf_counter()
         if len(images) != len(views) or not images:
@@ -522,8 +529,9 @@ class Registrator:
             objective = self._objective(stage, dv, param, starts, centre)
             if prior_sd is not None:
                 objective.set_prior(x_start, np.asarray(prior_sd, dtype=float), s.prior_weight)
+            warm = {"jacobian": local_jacobian} if local_jacobian is not None and n == len(stages) - 1 else {}
             outcomes = [minimize(s.local_optimizer, objective, x, scale, ftol=local_ftol, max_fev=fev,
-                                 diff_step=s.jacobian_step)
+                                 diff_step=s.jacobian_step, **warm)
                         for x in starts]
             ranked = sorted((_Candidate(o.x, o) for o in outcomes), key=lambda c: c.outcome.fun)
             if len(ranked) > 1:
@@ -568,6 +576,7 @@ class Registrator:
             uncertainty_depth_mm=depth_sd,
             prepare_s=self.prepare_s,
             level=None if level is None else str(level),
+            jacobian=best.outcome.jacobian,
         )
 
     def _uncertainty(self, outcome: OptimizeOutcome, stage: list[_PyramidLevel]) -> tuple[float, float]:
@@ -593,8 +602,8 @@ class _Objective:
 
     Least squares sees the residuals of all views (plus the prior's); the scalar cost
     is the same squared norm, scaled to -1 for a perfect match without prior. The
-    residuals of the last few parameter vectors are kept, so the cost of the
-    optimiser's final point costs no new render.
+    residuals of the last few parameter vectors are kept, so the cost and the per-view
+    similarities of the optimiser's final point cost no new render.
     """
 
     memory = 8
@@ -609,6 +618,7 @@ class _Objective:
         self.prior = None
         self.evaluations = 0
         self._recent: dict[bytes, np.ndarray] = {}
+        self._view_sizes: list[int] | None = None  # residuals per view, known after the first evaluation
 
     def set_prior(self, x0: np.ndarray, sd: np.ndarray, weight: float) -> None:
         self.prior = (x0, sd, np.sqrt(weight))
@@ -620,7 +630,13 @@ class _Objective:
             yield render_drr(self.dv, pl.view.with_pose(pl.view.T_cam_from_world @ T_corr_inv), out=buf)
 
     def per_view(self, x: np.ndarray) -> list[float]:
-        return [float(m.score(drr)) for m, drr in zip(self.measures, self._drrs(x))]
+        """Each view's similarity score at x (from the kept residuals when x was evaluated)."""
+        r = self._recent.get(np.asarray(x, dtype=np.float64).tobytes())
+        if r is None or self._view_sizes is None:
+            return [float(m.score(drr)) for m, drr in zip(self.measures, self._drrs(x))]
+        parts = np.split(r[:sum(self._view_sizes)], np.cumsum(self._view_sizes)[:-1])
+        return [float(1.0 - np.dot(p, p) / (2.0 * m.n_blocks)) if m.n_blocks else 0.0
+                for m, p in zip(self.measures, parts)]
 
     def scalar(self, x: np.ndarray) -> float:
         r = self.residuals(x)
@@ -631,6 +647,7 @@ class _Objective:
         if key in self._recent:
             return self._recent[key]
         parts = [m.residuals(drr) for m, drr in zip(self.measures, self._drrs(x))]
+        self._view_sizes = [len(p) for p in parts]
         if self.prior is not None:
             x0, sd, w = self.prior
             parts.append(w * (np.asarray(x) - x0) / sd)
