@@ -280,6 +280,11 @@ class Registrator:
 
     # -- pyramid -------------------------------------------------------------------------
 
+    def detector_binning(self, view: View) -> int:
+        """The binning that brings ``view``'s detector to at most ``max_detector_px``
+        pixels across; the pyramid's factors multiply it."""
+        return max(1, int(np.ceil(max(view.image_size) / self.settings.max_detector_px)))
+
     def _pyramid(
         self, images: list[PreparedImage], views: list[View], factors: tuple[int, ...]
     ) -> list[list[_PyramidLevel]]:
@@ -289,8 +294,7 @@ class Registrator:
         for factor in factors:
             per_view = []
             for img, view in zip(images, views):
-                base = max(1, int(np.ceil(max(view.image_size) / s.max_detector_px)))
-                f = base * factor
+                f = self.detector_binning(view) * factor
                 image, mask = _bin_image(img.image, img.mask, f)
                 if s.fixed_blur_px > 0:
                     image = cv2.GaussianBlur(image, (0, 0), s.fixed_blur_px)

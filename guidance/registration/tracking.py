@@ -13,6 +13,7 @@ three DRRs (Broyden updates) instead of seven per iteration (finite differences)
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -28,17 +29,18 @@ __all__ = ["TrackingSettings", "track"]
 
 @dataclass(frozen=True)
 class TrackingSettings:
-    """Pyramid (detector binning, coarse first), iteration cap and relative cost tolerance
-    of the least-squares updates, the largest motion (mm at
-    the anatomy centre, deg) accepted between two frames, and the expected motion per
-    frame (deg x3, mm x3 in the reference camera frame) used as a prior;
-    ``reuse_jacobian``: start from the previous update's Jacobian (see ``track``).
+    """The image size of the least-squares updates (``detector_px``: the frame binned by a
+    whole factor to at most this many pixels across), their iteration cap and relative
+    cost tolerance, the largest motion (mm at the anatomy centre, deg) accepted between
+    two frames, and the expected motion per frame (deg x3, mm x3 in the reference camera
+    frame) used as a prior; ``reuse_jacobian``: start from the previous update's Jacobian
+    (see ``track``).
 
-    The detector is binned 4x (64 px for a 256 px frame, rendered from the prepared CT's
-    2 mm volume): less than half the CPU of 2x binning (128 px, 1 mm volume) for a
-    median pose error 0.04 mm larger on the demo scenario (docs/benchmarks.md)."""
+    64 px (a 256 px frame binned 4x, rendered from the prepared CT's 2 mm volume) took
+    less than half the CPU of 128 px (1 mm volume) for a median pose error 0.04 mm larger
+    on the demo scenario (docs/benchmarks.md)."""
 
-    pyramid: tuple[int, ...] = (4,)
+    detector_px: int = 64
     max_iterations: int = 10
     ftol: float = 1e-3
     max_step_mm: float = 10.0
@@ -62,13 +64,15 @@ def track(
     ``jacobian``: the ``result.jacobian`` of the previous update with the same views'
     geometry and settings (used when ``settings.reuse_jacobian``)."""
     s = settings or TrackingSettings()
+    binning = math.ceil(max(views[0].image_size) / s.detector_px)
+    factor = max(1, math.ceil(binning / registrator.detector_binning(views[0])))
     result = registrator.register(
         images,
         views,
         level=level,
         initial_T_world_corrected_from_world=previous_T_world_corrected_from_world,
         global_search=False,
-        pyramid=s.pyramid,
+        pyramid=(factor,),
         local_max_fev=s.max_iterations,
         local_ftol=s.ftol,
         prior_sd=np.asarray(s.motion_sd),
