@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from guidance.core.geometry import invert_rigid, transform_points
+from guidance.core.geometry import invert_rigid, make_rigid, transform_points
 from guidance.core.images import preprocess
 from guidance.live.shots import Shot, ShotRegistrar
 from guidance.registration.tracking import TrackingSettings, track
@@ -57,7 +57,12 @@ def test_broyden_updates_follow_the_finite_difference_poses_with_fewer_drrs(regi
         if n > 1:  # from the second update on, the previous Jacobian is the start
             assert broyden.evaluations <= 4, (n, broyden.evaluations, broyden.stop_reasons)
             assert "Broyden" in broyden.stop_reasons[-1]
-    assert jacobian is not None and jacobian.shape[1] == 6
+    assert jacobian.matrix.shape[1] == 6 and len(jacobian.roi_masks) == 1
+    # A start 6 mm from where the ROI was placed (more than half its 10 mm margin): the ROI
+    # is placed anew and the Jacobian, whose rows belong to the old one, is not used.
+    shifted = make_rigid(np.eye(3), [6.0, 0.0, 0.0]) @ T_broyden
+    far = track(registrator, [images[-1]], [fluoro[-1].view], shifted, jacobian=jacobian)
+    assert far.evaluations >= 8 and "Broyden" not in far.stop_reasons[-1]
 
 
 def test_multi_shot_tracking_reuses_a_jacobian_only_for_the_same_view(registrator, player, fluoro):

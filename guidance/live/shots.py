@@ -26,7 +26,7 @@ from guidance.core.errors import GuidanceError
 from guidance.core.geometry import invert_rigid
 from guidance.core.images import PreparedImage
 from guidance.core.views import View
-from guidance.registration.register import RegistrationResult, Registrator
+from guidance.registration.register import LeastSquaresJacobian, RegistrationResult, Registrator
 from guidance.registration.tracking import TrackingSettings, track
 
 __all__ = ["ShotSettings", "Shot", "ShotBook", "ShotOutcome", "ShotRegistrar", "beam_direction_world",
@@ -187,7 +187,7 @@ class ShotRegistrar:
         """Frame ids of the last joint registration (empty: none, or it failed or aged out)."""
         self._anchor_ns = 0
         self._pending = False
-        self._jacobian: tuple[View, TrackingSettings, np.ndarray] | None = None
+        self._jacobian: tuple[View, TrackingSettings, LeastSquaresJacobian | None] | None = None
         """The last tracking update's view, settings and least-squares Jacobian."""
 
     @property
@@ -227,7 +227,7 @@ class ShotRegistrar:
             return outcome
         return self._joint(shot, others, None) if others else self._single(shot)
 
-    def _previous_jacobian(self, view: View, settings: TrackingSettings) -> np.ndarray | None:
+    def _previous_jacobian(self, view: View, settings: TrackingSettings) -> LeastSquaresJacobian | None:
         """The last tracking update's Jacobian when it was made with this view geometry
         (same C-arm pose, intrinsics and image size) and these settings; else None."""
         if self._jacobian is None:

@@ -45,7 +45,8 @@ from guidance.registration.quality import QualityLimits, assess
 from guidance.registration.errors import RegistrationError
 from guidance.registration.similarity import get_similarity
 
-__all__ = ["RegistrationSettings", "RegistrationResult", "Registrator", "RegistrationError", "register_levels"]
+__all__ = ["RegistrationSettings", "RegistrationResult", "LeastSquaresJacobian", "Registrator", "RegistrationError",
+           "register_levels"]
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,19 @@ class RegistrationSettings:
 
 
 @dataclass(frozen=True)
+class LeastSquaresJacobian:
+    """The least-squares Jacobian of a registration's finest level: ``matrix`` (residuals x
+    6, per parameter in units of the search scale), per view the ROI mask whose pixels its
+    rows belong to, and the correction ``T_roi`` (``T_world_corrected_from_world``) the
+    ROI was placed at. A later registration of the same views' geometry that starts
+    within half the ROI margin of ``T_roi`` keeps that ROI and starts from this matrix."""
+
+    matrix: np.ndarray
+    roi_masks: tuple[np.ndarray, ...]
+    T_roi: np.ndarray
+
+
+@dataclass(frozen=True)
 class RegistrationResult:
     """Outcome of one registration: poses, status and its reason, similarity, the pose
     uncertainty (1 sigma, mm, at the rotation centre: in the image plane and along the
@@ -134,7 +148,7 @@ class RegistrationResult:
     level: str | None = None
     level_poses: dict[str, np.ndarray] = field(default_factory=dict)
     level_status: dict[str, str] = field(default_factory=dict)
-    jacobian: np.ndarray | None = None
+    jacobian: LeastSquaresJacobian | None = None
     """The least-squares Jacobian of the finest level (see ``Registrator.register``'s
     ``local_jacobian``); not part of ``to_dict``."""
 
@@ -327,19 +341,29 @@ class Registrator:
 
     def _objective(
         self, stage: list[_PyramidLevel], dv: DrrVolume, param: PoseParameterization, starts: list[np.ndarray],
-        centre: np.ndarray,
+        centre: np.ndarray, rois: tuple[np.ndarray, ...] | None = None,
     ) -> "_Objective":
         """The cost of one pyramid level; its ROI is fixed, at the first start's pose, with
-        a margin that covers the other starts."""
+        a margin that covers the other starts (or ``rois``, one per view, when given)."""
         similarity = get_similarity(self.settings.similarity)
-        T_first = param.correction(starts[0])
-        spread = max(point_displacement_mm(param.correction(x), T_first, centre) for x in starts)
-        margin = self.settings.roi_margin_mm + spread
-        T_inv = invert_rigid(T_first)
-        measures = [similarity(pl.image, self._roi(dv, pl.view.with_pose(pl.view.T_cam_from_world @ T_inv), pl.mask,
-                                                   margin))
-                    for pl in stage]
-        return _Objective(stage, dv, param, measures)
+        if rois is None:
+            T_first = param.correction(starts[0])
+            spread = max(point_displacement_mm(param.correction(x), T_first, centre) for x in starts)
+            margin = self.settings.roi_margin_mm + spread
+            T_inv = invert_rigid(T_first)
+            rois = tuple(self._roi(dv, pl.view.with_pose(pl.view.T_cam_from_world @ T_inv), pl.mask, margin)
+                         for pl in stage)
+        return _Objective(stage, dv, param, [similarity(pl.image, roi) for pl, roi in zip(stage, rois)])
+
+    def _keeps_roi(self, jacobian: LeastSquaresJacobian, stage: list[_PyramidLevel], T_start: np.ndarray,
+                   centre: np.ndarray) -> bool:
+        """Whether a registration starting at ``T_start`` may keep ``jacobian``'s ROI (and
+        start from its matrix): one ROI per view, of the image's size, on valid pixels only,
+        placed within half the ROI margin of the start."""
+        return (len(jacobian.roi_masks) == len(stage)
+                and all(roi.shape == pl.mask.shape and not np.any(roi & ~pl.mask)
+                        for roi, pl in zip(jacobian.roi_masks, stage))
+                and point_displacement_mm(T_start, jacobian.T_roi, centre) <= 0.5 * self.settings.roi_margin_mm)
 
     # -- global search -------------------------------------------------------------------
 
@@ -472,7 +496,7 @@ class Registrator:
         local_max_fev: int | None = None,
         local_ftol: float = 1e-4,
         prior_sd: np.ndarray | None = None,
-        local_jacobian: np.ndarray | None = None,
+        local_jacobian: LeastSquaresJacobian | None = None,
     ) -> RegistrationResult:
         """Register preprocessed images (one per view, views carry the initial poses).
 
@@ -482,8 +506,9 @@ class Registrator:
         mm) keeps the solution near the initial correction, e.g. in depth, which one
         view hardly observes. ``local_jacobian``: the ``jacobian`` of an earlier result on
         the same images' geometry and settings (tracking: the previous frame's), the start
-        of the finest level's least squares (optimizers: Broyden updates instead of finite
-        differences while they work).
+        of the finest level's least squares, whose ROI it keeps while the start lies within
+        half the ROI margin of where that ROI was placed (optimizers: Broyden updates
+        instead of finite differences while they work).
         """
         t_start = time.perf_counter()
         if len(images) != len(views) or not images:
@@ -530,10 +555,16 @@ class Registrator:
                 fev = s.global_iterations[min(n, len(s.global_iterations) - 1)]
             else:
                 fev = s.local_max_fev
-            objective = self._objective(stage, dv, param, starts, centre)
+            T_roi = param.correction(starts[0])
+            reuse = (local_jacobian is not None and n == len(stages) - 1
+                     and self._keeps_roi(local_jacobian, stage, T_roi, centre))
+            if reuse:
+                T_roi = local_jacobian.T_roi
+            objective = self._objective(stage, dv, param, starts, centre,
+                                        rois=local_jacobian.roi_masks if reuse else None)
             if prior_sd is not None:
                 objective.set_prior(x_start, np.asarray(prior_sd, dtype=float), s.prior_weight)
-            warm = {"jacobian": local_jacobian} if local_jacobian is not None and n == len(stages) - 1 else {}
+            warm = {"jacobian": local_jacobian.matrix} if reuse else {}
             outcomes = [minimize(s.local_optimizer, objective, x, scale, ftol=local_ftol, max_fev=fev,
                                  diff_step=s.jacobian_step, **warm)
                         for x in starts]
@@ -580,7 +611,8 @@ class Registrator:
             uncertainty_depth_mm=depth_sd,
             prepare_s=self.prepare_s,
             level=None if level is None else str(level),
-            jacobian=best.outcome.jacobian,
+            jacobian=None if best.outcome.jacobian is None else LeastSquaresJacobian(
+                best.outcome.jacobian, tuple(m.mask for m in objective.measures), T_roi),
         )
 
     def _uncertainty(self, outcome: OptimizeOutcome, stage: list[_PyramidLevel]) -> tuple[float, float]:

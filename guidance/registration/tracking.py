@@ -21,7 +21,7 @@ import numpy as np
 from guidance.core.geometry import rotation_angle_deg
 from guidance.core.images import PreparedImage
 from guidance.registration.pose import point_displacement_mm
-from guidance.registration.register import RegistrationResult, Registrator
+from guidance.registration.register import LeastSquaresJacobian, RegistrationResult, Registrator
 from guidance.core.views import View
 
 __all__ = ["TrackingSettings", "track"]
@@ -57,12 +57,12 @@ def track(
     *,
     level: int | None = None,
     settings: TrackingSettings | None = None,
-    jacobian: np.ndarray | None = None,
+    jacobian: LeastSquaresJacobian | None = None,
 ) -> RegistrationResult:
     """Update the correction for a new frame; ``views`` carry the frame's nominal poses
     (as for ``Registrator.register``), the previous correction is the start.
     ``jacobian``: the ``result.jacobian`` of the previous update with the same views'
-    geometry and settings (used when ``settings.reuse_jacobian``)."""
+    geometry and settings (used when ``settings.reuse_jacobian`` and the ROI is the same)."""
     s = settings or TrackingSettings()
     binning = math.ceil(max(views[0].image_size) / s.detector_px)
     factor = max(1, math.ceil(binning / registrator.detector_binning(views[0])))
