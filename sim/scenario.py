@@ -35,6 +35,7 @@ identical frames whatever the order in which times are asked for.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
@@ -78,6 +79,9 @@ __all__ = [
 MODES = ("fluoro", "shots")
 PATIENT_POSITIONS = ("prone", "supine")
 START_OUTSIDE_MM = 20.0
+ANATOMY_IMAGES_KEPT = 64
+"""Anatomy images a ``ScenarioPlayer`` keeps (least recently used go first): breathing is
+periodic, so at 15 fps a 4 s breath's 60 poses repeat and each is rendered once."""
 """The instrument tip starts this far before the entry point, along the trajectory."""
 _SUPERSAMPLE = 2
 """Instrument rays per pixel side (anti-aliasing of the thin shaft)."""
@@ -377,7 +381,8 @@ class ScenarioPlayer:
     """Computes the state and the image of a ``Scenario`` at any time, on a ``Phantom``.
 
     The constructor prepares the DRR volumes (the full CT incl. soft tissue) and the fixed
-    poses; ``state_at(t)`` is cheap, ``frame_at(t)`` renders. Raises ScenarioError when the
+    poses; ``state_at(t)`` is cheap, ``frame_at(t)`` renders (the anatomy once per pose:
+    ``ANATOMY_IMAGES_KEPT``). Raises ScenarioError when the
     phantom's plan has no trajectory for the scenario's target level and side.
     """
 
@@ -402,6 +407,7 @@ class ScenarioPlayer:
             _look_at(self.isocenter_world + _TRACKER_OFFSET_WORLD, self.isocenter_world))
         self.M0 = self._initial_misplacement()
         self._anatomy = prepare_anatomy(phantom.ct)
+        self._anatomy_images: OrderedDict[bytes, np.ndarray] = OrderedDict()
         self._views: dict[tuple[float, float], View] = {}
 
     def _turned_medially(self, T_world_from_vertebra: np.ndarray, angle_deg: float) -> np.ndarray:
@@ -484,7 +490,7 @@ class ScenarioPlayer:
         image only (untracked instruments left in the patient)."""
         s = self.scenario
         actual = state.view.with_pose(state.T_cam_from_world)
-        line_integral = self._anatomy.line_integral(actual)
+        line_integral = self._anatomy_line_integral(actual)
         if self.model is not None:
             line_integral += instrument_line_integral(actual, state.T_cam_from_world @ state.T_world_from_tool,
                                                       self.model)
@@ -493,6 +499,20 @@ class ScenarioPlayer:
         seed = int(np.random.SeedSequence([s.seed, 2, int(round(state.t_s * 1e6))]).generate_state(1)[0])
         pixels, _ = acquire(line_integral, actual, XrayParams(dose=s.dose, seed=seed), intensity=s.intensity)
         return SimFrame(**{f.name: getattr(state, f.name) for f in fields(SimState)}, pixels=pixels)
+
+    def _anatomy_line_integral(self, view: View) -> np.ndarray:
+        """The anatomy's line integrals in ``view`` (a new array): rendered, or copied from an
+        earlier render of the same pose (to 1e-6 mm, the image the same to float32 rounding)."""
+        arrays = (view.K, view.T_cam_from_world, np.asarray(view.image_size, float))
+        key = b"".join(np.round(a, 6).tobytes() for a in arrays)
+        image = self._anatomy_images.get(key)
+        if image is None:
+            image = self._anatomy_images[key] = self._anatomy.line_integral(view)
+            if len(self._anatomy_images) > ANATOMY_IMAGES_KEPT:
+                self._anatomy_images.popitem(last=False)
+        else:
+            self._anatomy_images.move_to_end(key)
+        return image.copy()
 
     def frame_at(self, t_s: float) -> SimFrame:
         """State and X-ray image at scenario time ``t_s`` (s)."""

@@ -37,3 +37,37 @@ def test_optimizers_find_the_minimum(name):
 def test_unknown_optimizer_lists_the_names():
     with pytest.raises(ValueError, match="cmaes, least_squares, powell, nelder-mead"):
         minimize("bfgs", Quadratic(), np.zeros(6), np.ones(6))
+
+
+def test_lm_started_from_a_borrowed_jacobian_needs_fewer_evaluations():
+    """The exact Jacobian of a nearby problem (the quadratic's, in units of scale): Broyden
+    steps reach the same minimum with a fraction of the finite-difference evaluations, and
+    the outcome's Jacobian is the one to borrow next."""
+    objective = Quadratic()
+    scale = np.array([4.0, 4.0, 4.0, 6.0, 6.0, 20.0])
+    x0 = objective.x_star + np.array([0.5, -0.3, 0.2, 0.4, -0.6, 1.0])
+    plain = minimize("lm", objective, x0, scale)
+    borrowed = minimize("lm", objective, x0, scale, jacobian=objective.A * scale)
+    np.testing.assert_allclose(borrowed.x, objective.x_star, atol=1e-3)
+    np.testing.assert_allclose(plain.x, objective.x_star, atol=1e-3)
+    assert "Broyden" in borrowed.stop_reason
+    assert borrowed.nfev <= plain.nfev / 3, (borrowed.nfev, plain.nfev)
+    np.testing.assert_allclose(borrowed.jacobian, objective.A * scale, atol=1e-6)  # linear: Broyden keeps it exact
+    np.testing.assert_allclose(plain.jacobian, objective.A * scale, rtol=1e-6, atol=1e-9)
+
+
+def test_lm_falls_back_to_finite_differences_when_the_borrowed_jacobian_misleads():
+    """A Jacobian of the wrong sign points every step uphill: the first step (and half of
+    it) fail, finite differences take over and still find the minimum; a Jacobian of
+    another shape (other image size) is ignored."""
+    objective = Quadratic()
+    scale = np.ones(6)
+    x0 = objective.x_star + 0.5
+    wrong = minimize("lm", objective, x0, scale, jacobian=-objective.A)
+    np.testing.assert_allclose(wrong.x, objective.x_star, atol=1e-3)
+    assert "Broyden" not in wrong.stop_reason
+    assert wrong.nfev > 2 + 6  # the two failed secant steps, then at least one finite-difference Jacobian
+    other_shape = minimize("lm", objective, x0, scale, jacobian=np.ones((3, 6)))
+    plain = minimize("lm", objective, x0, scale)
+    assert other_shape.nfev == plain.nfev
+    np.testing.assert_allclose(other_shape.x, plain.x)

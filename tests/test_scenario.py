@@ -197,3 +197,19 @@ def test_instrument_turned_medially_about_the_entry(phantom):
     assert from_midline(turned.target_world) < from_midline(plain.target_world) - 5.0  # 8 deg over ~48 mm
     with pytest.raises(ValueError, match="instrument_medial_deg"):
         Scenario(instrument_medial_deg=45.0)
+
+
+def test_a_pose_seen_before_reuses_its_anatomy_image(phantom):
+    """Breathing is periodic: one breath later the pose repeats and the anatomy image comes
+    from the player's memory, the same as a fresh render (the noise, seeded by the time,
+    differs)."""
+    scenario = Scenario(duration_s=3.0, detector_px=64, pixel_spacing_mm=4.8, intensity="line_integral", dose=1e6,
+                        breathing_period_s=1.0, instrument=None)
+    warm, fresh = ScenarioPlayer(scenario, phantom), ScenarioPlayer(scenario, phantom)
+    warm.frame_at(0.2)
+    assert len(warm._anatomy_images) == 1
+    again = warm.frame_at(1.2)
+    assert len(warm._anatomy_images) == 1
+    np.testing.assert_allclose(again.pixels, fresh.frame_at(1.2).pixels, rtol=1e-6, atol=1e-6)
+    warm.frame_at(1.25)  # another breathing phase: rendered
+    assert len(warm._anatomy_images) == 2

@@ -223,13 +223,19 @@ class Pipeline:
     # -- frames --------------------------------------------------------------------------
 
     def on_frame(self, frame: Frame, received_ns: int | None = None) -> list[Message]:
-        """Register one frame; returns the PoseResult (and an Overlay when enabled)."""
+        """Register one frame with the C-arm and reference samples acquired nearest to it
+        (``paired_with``, now); returns the PoseResult (and an Overlay when enabled)."""
+        return self.on_paired_frame(frame, self.paired_with(frame), received_ns)
+
+    def on_paired_frame(self, frame: Frame, paired: tuple[TrackerSample, TrackerSample] | None,
+                        received_ns: int | None = None) -> list[Message]:
+        """``on_frame`` with the frame's samples paired already, when it arrived: a frame that
+        waits while a long registration runs must not outlive the samples' history."""
         received_ns = time.time_ns() if received_ns is None else received_ns
         t0 = time.perf_counter()
         self.stats.frames_processed += 1
         self.frame_id = frame.frame_id
         self.last_frame_ns = received_ns
-        paired = self.paired_with(frame)  # now: a long registration must not outlive the samples' history
         try:
             frame, image = self._prepare(frame)
         except (ImageError, ViewError, CalibrationError) as exc:

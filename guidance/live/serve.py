@@ -63,7 +63,7 @@ class _FrameWorker:
         """Why the factory failed (the loop then stops)."""
         self._send = send
         self._wake = threading.Condition()
-        self._pending: tuple[Frame, int] | None = None
+        self._pending: tuple[Frame, int, tuple[TrackerSample, TrackerSample] | None] | None = None
         self._skipped: deque[tuple[Frame, tuple[TrackerSample, TrackerSample] | None]] = deque(
             maxlen=MAX_SKIPPED_SHOTS)
         self._volume: VolumeFrame | None = None
@@ -73,22 +73,27 @@ class _FrameWorker:
         self._thread.start()
 
     def submit(self, frame: Frame, received_ns: int) -> bool:
-        """Queue ``frame``; True when it replaced a frame not yet started (skipped)."""
+        """Queue ``frame`` with its tracker samples paired now, on arrival (a frame waiting
+        through a long registration must not outlive the samples' history); True when it
+        replaced a frame not yet started (skipped)."""
+        paired = self.pipeline.paired_with(frame)
         with self._wake:
             replaced = self._pending
-            self._pending = (frame, received_ns)
+            self._pending = (frame, received_ns, paired)
             self._wake.notify()
-        if replaced is not None:
-            self.skip(replaced[0])
+        if replaced is not None and self.pipeline.wants_shot(replaced[0]):
+            self._keep_shot(replaced[0], replaced[2])
         return replaced is not None
 
     def skip(self, frame: Frame) -> None:
         """A frame not to be registered: queued as a shot (with its tracker samples paired
         now) when it brings an orientation the shot book lacks."""
         if self.pipeline is not None and self.pipeline.wants_shot(frame):
-            paired = self.pipeline.paired_with(frame)
-            with self._wake:
-                self._skipped.append((frame, paired))
+            self._keep_shot(frame, self.pipeline.paired_with(frame))
+
+    def _keep_shot(self, frame: Frame, paired: tuple[TrackerSample, TrackerSample] | None) -> None:
+        with self._wake:
+            self._skipped.append((frame, paired))
 
     def submit_volume(self, volume: VolumeFrame) -> bool:
         """Queue an intra-op volume; True when it replaced one not yet started."""
@@ -127,9 +132,9 @@ class _FrameWorker:
                 self.pipeline.on_skipped_frame(frame, paired)
             if pending is None:
                 continue
-            frame, received_ns = pending
+            frame, received_ns, paired = pending
             try:
-                outputs = self.pipeline.on_frame(frame, received_ns)
+                outputs = self.pipeline.on_paired_frame(frame, paired, received_ns)
             except Exception as exc:  # noqa: BLE001 - one frame must never stop the pipeline
                 self._log.warning("frame processing error", f"frame {frame.frame_id}: {type(exc).__name__}: {exc}")
                 log.debug("frame %d failed", frame.frame_id, exc_info=True)

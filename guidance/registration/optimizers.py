@@ -11,7 +11,9 @@
   reflective and 10x fewer than Powell on tracking updates).
 - "lm": a Levenberg-Marquardt of its own with a fixed budget of iterations (n + 1
   evaluations each) and the Gauss-Newton covariance of the result: the default
-  refinement, whose cost is known in advance.
+  refinement, whose cost is known in advance. Given the Jacobian of a nearby problem
+  (tracking: the previous frame's), it starts from it and updates it by Broyden's rule
+  (one evaluation per iteration) while its steps lower the cost.
 - "powell", "nelder-mead": scipy's derivative-free local methods (several hundred
   evaluations; kept for comparison).
 
@@ -43,6 +45,8 @@ class OptimizeOutcome:
 
     ``covariance`` (least squares only): Gauss-Newton covariance of x (deg, mm units
     squared), ``s^2 (J^T J)^-1`` with s^2 the residual variance per degree of freedom.
+    ``jacobian`` ("lm" only): the last Jacobian of the residuals with respect to x / scale,
+    to start a nearby problem from (``minimize(..., jacobian=...)``).
     """
 
     x: np.ndarray
@@ -52,6 +56,7 @@ class OptimizeOutcome:
     stop_reason: str
     converged: bool
     covariance: np.ndarray | None = None
+    jacobian: np.ndarray | None = None
 
 
 def _cmaes(objective, x0, scale, *, sigma=1.0, popsize=12, max_iter=40, bound=None, seed=0, tol_fun=1e-4, **_):
@@ -142,36 +147,58 @@ def _least_squares(objective, x0, scale, *, max_fev=10, xtol=1e-2, ftol=1e-4, di
 
 
 def _levenberg_marquardt(objective, x0, scale, *, max_fev=10, xtol=1e-2, ftol=1e-4, diff_step=0.02,
-                         max_retries=3, **_):
+                         max_retries=3, jacobian=None, **_):
     """Levenberg-Marquardt on the residuals with forward-difference Jacobians (step
     ``diff_step`` in units of ``scale``): at most ``max_fev`` iterations of n + 1
     evaluations (plus one per rejected step), so its cost is known in advance. Stops
     when a step changes the cost by less than ``ftol`` (relative) or moves less than
-    ``xtol`` (in units of ``scale``), or when no damping gives a lower cost."""
+    ``xtol`` (in units of ``scale``), or when no damping gives a lower cost.
+
+    ``jacobian`` (residuals x n, with respect to x / scale; ignored when its shape does
+    not fit): the Jacobian of a nearby problem, e.g. the previous frame's when tracking.
+    Iterations start from it and update it by Broyden's rank-one rule, one evaluation
+    each. When neither the first step nor half of it lowers the cost, the borrowed
+    Jacobian misleads: forward differences take over. A later step that does not lower
+    the cost ends the search as converged (in tracking, a fresh finite-difference
+    Jacobian at that point was measured to find no further decrease)."""
     z = np.asarray(x0, dtype=float) / scale
     n = len(z)
     r = objective.residuals(z * scale)
     cost, nfev, lam = float(np.dot(r, r)), 1, 1e-3
     reason, converged, J = "iteration limit", False, None
+    secant = jacobian is not None and np.shape(jacobian) == (len(r), n)
+    if secant:
+        J = np.array(jacobian, dtype=float)
+    iteration = -1
     for iteration in range(max_fev):
-        J = np.empty((len(r), n))
-        for j in range(n):
-            dz = np.zeros(n)
-            dz[j] = diff_step
-            J[:, j] = (objective.residuals((z + dz) * scale) - r) / diff_step
-        nfev += n
+        if not secant:
+            J = np.empty((len(r), n))
+            for j in range(n):
+                dz = np.zeros(n)
+                dz[j] = diff_step
+                J[:, j] = (objective.residuals((z + dz) * scale) - r) / diff_step
+            nfev += n
         A, g = J.T @ J, J.T @ r
-        for _ in range(max_retries):
-            step = np.linalg.solve(A + lam * np.diag(np.diag(A) + 1e-12), -g)
+        step = np.linalg.solve(A + lam * np.diag(np.diag(A) + 1e-12), -g)
+        tries = (2 if iteration == 0 else 1) if secant else max_retries
+        for attempt in range(tries):
+            if attempt:  # shorter: half the secant step, or more damping
+                step = 0.5 * step if secant else np.linalg.solve(A + lam * np.diag(np.diag(A) + 1e-12), -g)
             r_new = objective.residuals((z + step) * scale)
             nfev += 1
             cost_new = float(np.dot(r_new, r_new))
             if cost_new < cost:
                 break
-            lam *= 10.0
+            if not secant:
+                lam *= 10.0
         else:
-            reason, converged = "no damping lowers the cost", True
+            if secant and iteration == 0:  # the borrowed Jacobian misleads: differentiate instead
+                secant = False
+                continue
+            reason, converged = ("no secant step" if secant else "no damping") + " lowers the cost", True
             break
+        if secant:
+            J += np.outer(r_new - r - J @ step, step) / float(np.dot(step, step))
         decrease = (cost - cost_new) / max(cost, 1e-300)
         z, r, cost, lam = z + step, r_new, cost_new, max(lam / 10.0, 1e-7)
         if decrease < ftol or np.linalg.norm(step) < xtol:
@@ -185,10 +212,11 @@ def _levenberg_marquardt(objective, x0, scale, *, max_fev=10, xtol=1e-2, ftol=1e
         x=z * scale,
         fun=float(objective.scalar(z * scale)),
         nfev=nfev,
-        nit=iteration + 1 if max_fev > 0 else 0,
-        stop_reason=f"lm: {reason}",
+        nit=iteration + 1,
+        stop_reason=f"lm: {reason}" + (" (Broyden updates)" if secant else ""),
         converged=converged,
         covariance=covariance,
+        jacobian=J,
     )
 
 

@@ -45,7 +45,8 @@ from guidance.registration.quality import QualityLimits, assess
 from guidance.registration.errors import RegistrationError
 from guidance.registration.similarity import get_similarity
 
-__all__ = ["RegistrationSettings", "RegistrationResult", "Registrator", "RegistrationError", "register_levels"]
+__all__ = ["RegistrationSettings", "RegistrationResult", "LeastSquaresJacobian", "Registrator", "RegistrationError",
+           "register_levels"]
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,19 @@ class RegistrationSettings:
 
 
 @dataclass(frozen=True)
+class LeastSquaresJacobian:
+    """The least-squares Jacobian of a registration's finest level: ``matrix`` (residuals x
+    6, per parameter in units of the search scale), per view the ROI mask whose pixels its
+    rows belong to, and the correction ``T_roi`` (``T_world_corrected_from_world``) the
+    ROI was placed at. A later registration of the same views' geometry that starts
+    within half the ROI margin of ``T_roi`` keeps that ROI and starts from this matrix."""
+
+    matrix: np.ndarray
+    roi_masks: tuple[np.ndarray, ...]
+    T_roi: np.ndarray
+
+
+@dataclass(frozen=True)
 class RegistrationResult:
     """Outcome of one registration: poses, status and its reason, similarity, the pose
     uncertainty (1 sigma, mm, at the rotation centre: in the image plane and along the
@@ -134,6 +148,9 @@ class RegistrationResult:
     level: str | None = None
     level_poses: dict[str, np.ndarray] = field(default_factory=dict)
     level_status: dict[str, str] = field(default_factory=dict)
+    jacobian: LeastSquaresJacobian | None = None
+    """The least-squares Jacobian of the finest level (see ``Registrator.register``'s
+    ``local_jacobian``); not part of ``to_dict``."""
 
     @property
     def ok(self) -> bool:
@@ -277,6 +294,11 @@ class Registrator:
 
     # -- pyramid -------------------------------------------------------------------------
 
+    def detector_binning(self, view: View) -> int:
+        """The binning that brings ``view``'s detector to at most ``max_detector_px``
+        pixels across; the pyramid's factors multiply it."""
+        return max(1, int(np.ceil(max(view.image_size) / self.settings.max_detector_px)))
+
     def _pyramid(
         self, images: list[PreparedImage], views: list[View], factors: tuple[int, ...]
     ) -> list[list[_PyramidLevel]]:
@@ -286,8 +308,7 @@ class Registrator:
         for factor in factors:
             per_view = []
             for img, view in zip(images, views):
-                base = max(1, int(np.ceil(max(view.image_size) / s.max_detector_px)))
-                f = base * factor
+                f = self.detector_binning(view) * factor
                 image, mask = _bin_image(img.image, img.mask, f)
                 if s.fixed_blur_px > 0:
                     image = cv2.GaussianBlur(image, (0, 0), s.fixed_blur_px)
@@ -320,19 +341,29 @@ class Registrator:
 
     def _objective(
         self, stage: list[_PyramidLevel], dv: DrrVolume, param: PoseParameterization, starts: list[np.ndarray],
-        centre: np.ndarray,
+        centre: np.ndarray, rois: tuple[np.ndarray, ...] | None = None,
     ) -> "_Objective":
         """The cost of one pyramid level; its ROI is fixed, at the first start's pose, with
-        a margin that covers the other starts."""
+        a margin that covers the other starts (or ``rois``, one per view, when given)."""
         similarity = get_similarity(self.settings.similarity)
-        T_first = param.correction(starts[0])
-        spread = max(point_displacement_mm(param.correction(x), T_first, centre) for x in starts)
-        margin = self.settings.roi_margin_mm + spread
-        T_inv = invert_rigid(T_first)
-        measures = [similarity(pl.image, self._roi(dv, pl.view.with_pose(pl.view.T_cam_from_world @ T_inv), pl.mask,
-                                                   margin))
-                    for pl in stage]
-        return _Objective(stage, dv, param, measures)
+        if rois is None:
+            T_first = param.correction(starts[0])
+            spread = max(point_displacement_mm(param.correction(x), T_first, centre) for x in starts)
+            margin = self.settings.roi_margin_mm + spread
+            T_inv = invert_rigid(T_first)
+            rois = tuple(self._roi(dv, pl.view.with_pose(pl.view.T_cam_from_world @ T_inv), pl.mask, margin)
+                         for pl in stage)
+        return _Objective(stage, dv, param, [similarity(pl.image, roi) for pl, roi in zip(stage, rois)])
+
+    def _keeps_roi(self, jacobian: LeastSquaresJacobian, stage: list[_PyramidLevel], T_start: np.ndarray,
+                   centre: np.ndarray) -> bool:
+        """Whether a registration starting at ``T_start`` may keep ``jacobian``'s ROI (and
+        start from its matrix): one ROI per view, of the image's size, on valid pixels only,
+        placed within half the ROI margin of the start."""
+        return (len(jacobian.roi_masks) == len(stage)
+                and all(roi.shape == pl.mask.shape and not np.any(roi & ~pl.mask)
+                        for roi, pl in zip(jacobian.roi_masks, stage))
+                and point_displacement_mm(T_start, jacobian.T_roi, centre) <= 0.5 * self.settings.roi_margin_mm)
 
     # -- global search -------------------------------------------------------------------
 
@@ -465,6 +496,7 @@ class Registrator:
         local_max_fev: int | None = None,
         local_ftol: float = 1e-4,
         prior_sd: np.ndarray | None = None,
+        local_jacobian: LeastSquaresJacobian | None = None,
     ) -> RegistrationResult:
         """Register preprocessed images (one per view, views carry the initial poses).
 
@@ -472,7 +504,11 @@ class Registrator:
         docstring); otherwise every level refines locally from the start. ``level`` (a
         label id) registers that vertebra alone. ``prior_sd`` (deg, deg, deg, mm, mm,
         mm) keeps the solution near the initial correction, e.g. in depth, which one
-        view hardly observes.
+        view hardly observes. ``local_jacobian``: the ``jacobian`` of an earlier result on
+        the same images' geometry and settings (tracking: the previous frame's), the start
+        of the finest level's least squares, whose ROI it keeps while the start lies within
+        half the ROI margin of where that ROI was placed (optimizers: Broyden updates
+        instead of finite differences while they work).
         """
         t_start = time.perf_counter()
         if len(images) != len(views) or not images:
@@ -519,11 +555,18 @@ class Registrator:
                 fev = s.global_iterations[min(n, len(s.global_iterations) - 1)]
             else:
                 fev = s.local_max_fev
-            objective = self._objective(stage, dv, param, starts, centre)
+            T_roi = param.correction(starts[0])
+            reuse = (local_jacobian is not None and n == len(stages) - 1
+                     and self._keeps_roi(local_jacobian, stage, T_roi, centre))
+            if reuse:
+                T_roi = local_jacobian.T_roi
+            objective = self._objective(stage, dv, param, starts, centre,
+                                        rois=local_jacobian.roi_masks if reuse else None)
             if prior_sd is not None:
                 objective.set_prior(x_start, np.asarray(prior_sd, dtype=float), s.prior_weight)
+            warm = {"jacobian": local_jacobian.matrix} if reuse else {}
             outcomes = [minimize(s.local_optimizer, objective, x, scale, ftol=local_ftol, max_fev=fev,
-                                 diff_step=s.jacobian_step)
+                                 diff_step=s.jacobian_step, **warm)
                         for x in starts]
             ranked = sorted((_Candidate(o.x, o) for o in outcomes), key=lambda c: c.outcome.fun)
             if len(ranked) > 1:
@@ -568,6 +611,8 @@ class Registrator:
             uncertainty_depth_mm=depth_sd,
             prepare_s=self.prepare_s,
             level=None if level is None else str(level),
+            jacobian=None if best.outcome.jacobian is None else LeastSquaresJacobian(
+                best.outcome.jacobian, tuple(m.mask for m in objective.measures), T_roi),
         )
 
     def _uncertainty(self, outcome: OptimizeOutcome, stage: list[_PyramidLevel]) -> tuple[float, float]:
@@ -593,8 +638,8 @@ class _Objective:
 
     Least squares sees the residuals of all views (plus the prior's); the scalar cost
     is the same squared norm, scaled to -1 for a perfect match without prior. The
-    residuals of the last few parameter vectors are kept, so the cost of the
-    optimiser's final point costs no new render.
+    residuals of the last few parameter vectors are kept, so the cost and the per-view
+    similarities of the optimiser's final point cost no new render.
     """
 
     memory = 8
@@ -609,6 +654,7 @@ class _Objective:
         self.prior = None
         self.evaluations = 0
         self._recent: dict[bytes, np.ndarray] = {}
+        self._view_sizes: list[int] | None = None  # residuals per view, known after the first evaluation
 
     def set_prior(self, x0: np.ndarray, sd: np.ndarray, weight: float) -> None:
         self.prior = (x0, sd, np.sqrt(weight))
@@ -620,7 +666,13 @@ class _Objective:
             yield render_drr(self.dv, pl.view.with_pose(pl.view.T_cam_from_world @ T_corr_inv), out=buf)
 
     def per_view(self, x: np.ndarray) -> list[float]:
-        return [float(m.score(drr)) for m, drr in zip(self.measures, self._drrs(x))]
+        """Each view's similarity score at x (from the kept residuals when x was evaluated)."""
+        r = self._recent.get(np.asarray(x, dtype=np.float64).tobytes())
+        if r is None or self._view_sizes is None:
+            return [float(m.score(drr)) for m, drr in zip(self.measures, self._drrs(x))]
+        parts = np.split(r[:sum(self._view_sizes)], np.cumsum(self._view_sizes)[:-1])
+        return [float(1.0 - np.dot(p, p) / (2.0 * m.n_blocks)) if m.n_blocks else 0.0
+                for m, p in zip(self.measures, parts)]
 
     def scalar(self, x: np.ndarray) -> float:
         r = self.residuals(x)
@@ -631,6 +683,7 @@ class _Objective:
         if key in self._recent:
             return self._recent[key]
         parts = [m.residuals(drr) for m, drr in zip(self.measures, self._drrs(x))]
+        self._view_sizes = [len(p) for p in parts]
         if self.prior is not None:
             x0, sd, w = self.prior
             parts.append(w * (np.asarray(x) - x0) / sd)
