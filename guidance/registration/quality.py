@@ -27,12 +27,14 @@ class QualityLimits:
     views lowest); pure noise 0.02 and another patient's CT 0.08 at their best pose.
     Lateral views of the real CT score only 0.17-0.18 even at the true pose, and there
     the cost's optimum lies 2-8 mm off (a refinement started at the truth drifted
-    4 mm): below ``min_similarity`` the match is not trusted.
+    4 mm): below ``min_similarity`` the match is not trusted, and with several views
+    none may score below ``min_view_similarity`` (such a view pulls the joint pose off
+    while the others keep the mean high).
     """
 
     min_similarity: float = 0.2
     good_similarity: float = 0.6
-    min_view_similarity: float = 0.08
+    min_view_similarity: float = 0.2
     max_translation_mm: float = 80.0
     max_rotation_deg: float = 25.0
     max_in_plane_sd_mm: float = 1.0
