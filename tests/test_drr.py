@@ -316,3 +316,15 @@ def test_parallel_kernel_is_not_loaded_from_the_serial_cache(tmp_path):
     parallel = run(256, "parallel")
     assert parallel.returncode == 0, parallel.stderr
     assert parallel.stdout.strip() in ("tbb", "omp", "workqueue")
+
+
+def test_parallel_choice_does_not_change_the_image():
+    """``parallel`` picks the kernel, not the result: forced either way on a small and a
+    large image, the two kernels give the same pixels."""
+    mu = np.zeros((20, 20, 20), np.float32)
+    mu[5:15, 4:16, 6:14] = 0.02
+    volume = prepare_volume(Volume(mu, affine_from_geometry((-9.5, -9.5, -9.5), (1.0, 1.0, 1.0), np.eye(3)),
+                                   "mu_per_mm"))
+    for px in (32, 200):
+        view = carm_view(lao_deg=20.0, detector_size_px=(px, px), pixel_spacing_mm=(40.0 / px, 40.0 / px))
+        assert_array_equal(render_drr(volume, view, parallel=True), render_drr(volume, view, parallel=False))

@@ -17,6 +17,7 @@ import os
 import sys
 import threading
 import time
+from dataclasses import replace
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
@@ -204,7 +205,9 @@ def run_benchmark(
     """Register every case against ``ct`` (HU) and return their records (``score_case``,
     or ``error_record`` for a case that failed twice), in the order of ``cases``.
 
-    ``scheduler``: "local" runs here; "processes" a pool of ``jobs`` spawned processes
+    ``scheduler``: "local" runs here, one registration at a time, rendering every DRR
+    on all numba threads (unless ``settings.parallel_render`` says otherwise);
+    "processes" a pool of ``jobs`` spawned processes
     (default: one per core; each builds one Registrator and gets its share of the numba
     threads); "dask" a LocalCluster of ``jobs`` worker processes (default: one per core)
     or, with ``dask_address`` ("tcp://host:port"), an existing dask.distributed cluster.
@@ -226,7 +229,10 @@ def run_benchmark(
     report(0)
     key = ct_key(ct, labels, settings)
     if scheduler == "local":
-        records = _with_retries(cases, _run_local(cases, Registrator(ct, labels=labels, settings=settings)), report)
+        local = settings or RegistrationSettings()
+        if local.parallel_render is None:
+            local = replace(local, parallel_render=True)
+        records = _with_retries(cases, _run_local(cases, Registrator(ct, labels=labels, settings=local)), report)
     elif scheduler == "processes":
         n = jobs or os.cpu_count() or 1
         threads = max(1, (os.cpu_count() or 1) // n)

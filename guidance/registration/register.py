@@ -72,7 +72,10 @@ class RegistrationSettings:
     ``prior_weight`` weighs a Gaussian prior on the parameters (when a registration is
     given ``prior_sd``) against the image residuals. ``residual_correlation_px2`` is the
     area (pixels) over which residuals of neighbouring pixels are correlated (blur,
-    Sobel): the Gauss-Newton covariance is scaled by it. ``bone_threshold_hu``,
+    Sobel): the Gauss-Newton covariance is scaled by it. ``parallel_render``: render
+    every DRR on all numba threads (True: one registration on an otherwise idle
+    machine), or by the DRR's size rule (None; see ``drr.PARALLEL_MIN_PIXELS``).
+    ``bone_threshold_hu``,
     ``energy_kev``, ``pyramid_spacings_mm`` and ``vertebra_height_mm`` shape the
     prepared CT (prepared.PrepareSettings).
     """
@@ -101,6 +104,7 @@ class RegistrationSettings:
     ambiguity_margin: float = 0.03
     ambiguity_distance_mm: float = 5.0
     residual_correlation_px2: float = 100.0
+    parallel_render: bool | None = None
     quality: QualityLimits = field(default_factory=QualityLimits)
 
     def prepare_settings(self) -> PrepareSettings:
@@ -353,7 +357,8 @@ class Registrator:
             T_inv = invert_rigid(T_first)
             rois = tuple(self._roi(dv, pl.view.with_pose(pl.view.T_cam_from_world @ T_inv), pl.mask, margin)
                          for pl in stage)
-        return _Objective(stage, dv, param, [similarity(pl.image, roi) for pl, roi in zip(stage, rois)])
+        return _Objective(stage, dv, param, [similarity(pl.image, roi) for pl, roi in zip(stage, rois)],
+                          parallel=self.settings.parallel_render)
 
     def _keeps_roi(self, jacobian: LeastSquaresJacobian, stage: list[_PyramidLevel], T_start: np.ndarray,
                    centre: np.ndarray) -> bool:
@@ -401,7 +406,7 @@ class Registrator:
             for pl, (fx, fy) in zip(stage, fixed):
                 big = pl.view.with_pose(pl.view.T_cam_from_world @ T_corr_inv).cropped(
                     -pad, -pad, pl.view.width + 2 * pad, pl.view.height + 2 * pad)
-                dx, dy = _gradients(render_drr(dv, big))
+                dx, dy = _gradients(render_drr(dv, big, parallel=s.parallel_render))
                 score = 0.5 * (cv2.matchTemplate(dx, fx, cv2.TM_CCOEFF_NORMED)
                                + cv2.matchTemplate(dy, fy, cv2.TM_CCOEFF_NORMED))
                 maps[rotation].append(score[::-1, ::-1])  # index [pad + sv, pad + su]: anatomy shifted by (su, sv)
@@ -644,11 +649,12 @@ class _Objective:
 
     memory = 8
 
-    def __init__(self, stage, dv, param, measures):
+    def __init__(self, stage, dv, param, measures, parallel: bool | None = None):
         self.stage = stage
         self.dv = dv
         self.param = param
         self.measures = measures
+        self.parallel = parallel
         self.buffers = [np.empty(pl.view.shape, np.float32) for pl in stage]
         self.n_blocks = sum(m.n_blocks for m in measures)
         self.prior = None
@@ -663,7 +669,8 @@ class _Objective:
         self.evaluations += 1
         T_corr_inv = invert_rigid(self.param.correction(x))
         for pl, buf in zip(self.stage, self.buffers):
-            yield render_drr(self.dv, pl.view.with_pose(pl.view.T_cam_from_world @ T_corr_inv), out=buf)
+            yield render_drr(self.dv, pl.view.with_pose(pl.view.T_cam_from_world @ T_corr_inv), out=buf,
+                             parallel=self.parallel)
 
     def per_view(self, x: np.ndarray) -> list[float]:
         """Each view's similarity score at x (from the kept residuals when x was evaluated)."""
