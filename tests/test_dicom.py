@@ -31,6 +31,19 @@ def dicom_primary_angle(lao_deg: float, patient_position: str) -> float:
     return (angle + 180.0) % 360.0 - 180.0
 
 
+def _new_dataset(path, sop_class_uid: str, modality: str) -> FileDataset:
+    """An empty DICOM file dataset of one SOP class, with new instance, study and series UIDs."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class_uid
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = modality
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    return ds
+
+
 def write_xray_dicom(path, frames, *, primary, secondary, sdd=1000.0, sid=600.0, spacing_rc=(0.6, 0.6),
                      modality="XA", patient_position="HFP", orientation=None, lin=False, increments="vector",
                      frame_time_ms=None, extra=None):
@@ -38,14 +51,7 @@ def write_xray_dicom(path, frames, *, primary, secondary, sdd=1000.0, sid=600.0,
     per-frame increments (a vector of offsets, or one constant step); ``extra``: more
     top-level tags by keyword."""
     frames = np.asarray(frames)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SOP_CLASS[modality]
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = modality
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds = _new_dataset(path, SOP_CLASS[modality], modality)
     ds.PatientPosition = patient_position
     if orientation is not None:
         ds.PatientOrientation = orientation
@@ -318,14 +324,8 @@ def write_enhanced_xray_dicom(path, frames, *, primary, secondary, fov_origins, 
     the field-of-view origin and the acquisition time; shared (Shared Functional Groups)
     the source distances and the imager pixel spacing; the detector at the top level."""
     frames = np.asarray(frames)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ENHANCED_SOP_CLASS[modality]
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.PatientPosition = modality, "HFP"
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds = _new_dataset(path, ENHANCED_SOP_CLASS[modality], modality)
+    ds.PatientPosition = "HFP"
     ds.NumberOfFrames, (ds.Rows, ds.Columns) = len(frames), frames.shape[1:]
     ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PixelRepresentation = 1, "MONOCHROME2", 0
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
