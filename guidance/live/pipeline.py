@@ -411,15 +411,25 @@ class Pipeline:
 
     # -- intra-op volumes -----------------------------------------------------------------
 
+    def reference_at(self, acquired_ns: int) -> TrackerSample | None:
+        """The reference array sample acquired nearest to ``acquired_ns`` (within the
+        pairing tolerance), or None."""
+        with self._lock:
+            return self.tracker.nearest(self.settings.reference_tool, acquired_ns, self.tolerance_ns)
+
     def on_volume(self, volume: Volume, *, acquired_ns: int, volume_id: int = 0,
-                  T_tracker_from_scanner: np.ndarray | None = None, received_ns: int | None = None) -> list[Message]:
+                  T_tracker_from_scanner: np.ndarray | None = None, received_ns: int | None = None,
+                  reference: TrackerSample | None = None) -> list[Message]:
         """Register an intra-op CT / CBCT (HU, scanner LPS frame) to the pre-op CT; returns its
         PoseResult (mode "volume", ``frame_id`` = ``volume_id``). With the scanner's pose in the
         tracker frame and a reference array sample, instruments are mapped through it from now on.
+        ``reference``: that sample when it was paired on arrival (``reference_at``), else it is
+        paired now, before the registration, which outlasts the tracker history.
         The entry point for any volume receiver (wire, DICOM)."""
         received_ns = time.time_ns() if received_ns is None else received_ns
         t0 = time.perf_counter()
         self.stats.volumes_received += 1
+        reference = self.reference_at(acquired_ns) if reference is None else reference
         try:
             if self.ct is None:
                 raise IntraopError("this pipeline was built without the pre-op CT: it cannot register volumes")
@@ -432,8 +442,6 @@ class Pipeline:
                                mode="volume", frame_acquired_ns=acquired_ns, source=self.settings.source,
                                latency_ms={"queue": max(0.0, (received_ns - acquired_ns) / 1e6)})]
         self.last_ok = result.ok
-        with self._lock:
-            reference = self.tracker.nearest(self.settings.reference_tool, acquired_ns, self.tolerance_ns)
         if result.ok and T_tracker_from_scanner is not None and reference is not None:
             self.T_reference_from_world = (invert_rigid(reference.T_tracker_from_tool) @ T_tracker_from_scanner
                                            @ result.T_scanner_from_world)
@@ -450,10 +458,10 @@ class Pipeline:
                                        "registration": (time.perf_counter() - t0) * 1e3,
                                        "total": max(0.0, (time.time_ns() - acquired_ns) / 1e6)})]
 
-    def on_volume_frame(self, msg: VolumeFrame) -> list[Message]:
+    def on_volume_frame(self, msg: VolumeFrame, reference: TrackerSample | None = None) -> list[Message]:
         """``on_volume`` for a volume received on the bus."""
         return self.on_volume(volume_from_message(msg), acquired_ns=msg.acquired_ns, volume_id=msg.volume_id,
-                              T_tracker_from_scanner=msg.T_tracker_from_scanner)
+                              T_tracker_from_scanner=msg.T_tracker_from_scanner, reference=reference)
 
     # -- tracker -------------------------------------------------------------------------
 

@@ -66,7 +66,7 @@ class _FrameWorker:
         self._pending: tuple[Frame, int, tuple[TrackerSample, TrackerSample] | None] | None = None
         self._skipped: deque[tuple[Frame, tuple[TrackerSample, TrackerSample] | None]] = deque(
             maxlen=MAX_SKIPPED_SHOTS)
-        self._volume: VolumeFrame | None = None
+        self._volume: tuple[VolumeFrame, TrackerSample | None] | None = None
         self._closing = False
         self._log = ThrottledLog(log)
         self._thread = threading.Thread(target=self._run, name="pipeline-frames", daemon=True)
@@ -96,10 +96,12 @@ class _FrameWorker:
             self._skipped.append((frame, paired))
 
     def submit_volume(self, volume: VolumeFrame) -> bool:
-        """Queue an intra-op volume; True when it replaced one not yet started."""
+        """Queue an intra-op volume with its reference array sample paired now, on arrival;
+        True when it replaced one not yet started."""
+        reference = None if self.pipeline is None else self.pipeline.reference_at(volume.acquired_ns)
         with self._wake:
             replaced = self._volume is not None
-            self._volume = volume
+            self._volume = (volume, reference)
             self._wake.notify()
         return replaced
 
@@ -142,9 +144,10 @@ class _FrameWorker:
             for out in outputs:
                 self._send(out, frame)
 
-    def _volume_outputs(self, volume: VolumeFrame) -> None:
+    def _volume_outputs(self, queued: tuple[VolumeFrame, TrackerSample | None]) -> None:
+        volume, reference = queued
         try:
-            outputs = self.pipeline.on_volume_frame(volume)
+            outputs = self.pipeline.on_volume_frame(volume, reference)
         except Exception as exc:  # noqa: BLE001 - one volume must never stop the pipeline
             self._log.warning("volume processing error", f"volume {volume.volume_id}: {type(exc).__name__}: {exc}")
             return
