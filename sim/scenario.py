@@ -517,3 +517,14 @@ class ScenarioPlayer:
     def frame_at(self, t_s: float) -> SimFrame:
         """State and X-ray image at scenario time ``t_s`` (s)."""
         return self.render(self.state_at(t_s))
+
+    def shot_at(self, t_s: float, lao_deg: float, cranial_deg: float, *, noise_offset: int = 0,
+                extra_instruments: tuple[tuple[InstrumentModel, np.ndarray], ...] = ()) -> tuple[SimFrame, View]:
+        """An X-ray at scenario time ``t_s`` (s) from the given C-arm angles, whatever the
+        scenario's own acquisition plan, and its registered view (the actual pose);
+        ``noise_offset`` changes its noise seed (another exposure of the same moment)."""
+        state = self.state_at(t_s)
+        nominal = self.nominal_view(lao_deg, cranial_deg)
+        T = nominal.T_cam_from_world @ self.patient_motion(t_s)
+        state = replace(state, view=nominal, T_cam_from_world=T, t_s=t_s + 1e-3 * noise_offset)
+        return self.render(state, extra_instruments=extra_instruments), nominal.with_pose(T)

@@ -1,6 +1,5 @@
 """guidance.navigation.detection: instruments found in simulated X-rays, against the simulator's truth."""
 
-import dataclasses
 import math
 
 import numpy as np
@@ -40,12 +39,7 @@ AP, LATERAL = (0.0, 0.0), (90.0, 0.0)
 def _frame(player: ScenarioPlayer, t_s: float, angles, noise_offset: int = 0, extra=()):
     """(line-integral image, registered view) of the player's scenario at t_s from angles
     (``extra``: (model, T_world_from_tool) of untracked instruments drawn as well)."""
-    state = player.state_at(t_s)
-    nominal = player.nominal_view(*angles)
-    T = nominal.T_cam_from_world @ player.patient_motion(t_s)
-    state = dataclasses.replace(state, view=nominal, T_cam_from_world=T, t_s=t_s + 1e-3 * noise_offset)
-    frame = player.render(state, extra_instruments=extra)
-    view = nominal.with_pose(T)
+    frame, view = player.shot_at(t_s, *angles, noise_offset=noise_offset, extra_instruments=extra)
     return preprocess(frame.pixels, view).image, view
 
 

@@ -17,7 +17,6 @@ pipeline would after registration. Measured:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 
@@ -55,12 +54,7 @@ MATCH_MM = 10.0
 
 def _frame(player: ScenarioPlayer, t_s: float, angles: tuple[float, float], extra, noise_offset: int):
     """(line-integral image, registered view) of the scenario at ``t_s`` from ``angles``."""
-    state = player.state_at(t_s)
-    nominal = player.nominal_view(*angles)
-    T = nominal.T_cam_from_world @ player.patient_motion(t_s)
-    state = dataclasses.replace(state, view=nominal, T_cam_from_world=T, t_s=t_s + 1e-3 * noise_offset)
-    frame = player.render(state, extra_instruments=extra)
-    view = nominal.with_pose(T)
+    frame, view = player.shot_at(t_s, *angles, noise_offset=noise_offset, extra_instruments=extra)
     return preprocess(frame.pixels, view).image, view
 
 
