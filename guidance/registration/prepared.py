@@ -1,10 +1,15 @@
 """A CT prepared once for many 2D/3D registrations, and its disk cache.
 
-Preparation maps HU to linear attenuation, keeps bone only, crops to the bone's
-bounding box and builds a volume pyramid (Gaussian pre-filter, isotropic coarser
-grids) with the label map on every pyramid level, the rotation centres (bone
-centroids of the whole CT and of every label) and the spine axis and vertebral
-height used to try starts one level up and down.
+Preparation maps HU to linear attenuation and splits it at the bone threshold into
+bone (the attenuation above the threshold's, so it starts at zero on the bone's edge)
+and soft tissue (everything up to the threshold's attenuation). The bone is cropped to
+its bounding box and built into a volume pyramid (Gaussian pre-filter, isotropic
+coarser grids) with the label map on every pyramid level; the soft tissue is kept on
+one coarse grid, because it is smooth and only its edges at the scale of millimetres
+(body outline, fat planes, gas) matter. Without it a real CT's depth along the beam
+came out 1-2.5 mm off: the X-ray shows those edges and a bone-only model does not.
+Also stored: the rotation centres (bone centroids of the whole CT and of every label)
+and the spine axis and vertebral height used to try starts one level up and down.
 
 A prepared CT is saved with ``np.savez`` (arrays and a JSON header, no pickled
 objects) under a name derived from a hash of the CT's voxels and geometry, the label
@@ -22,12 +27,15 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import cv2
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from guidance.core.drr import DrrVolume, prepare_volume
+
+from guidance.core.drr import DrrVolume, prepare_volume, render_drr
 from guidance.core.errors import GuidanceError
+from guidance.core.views import View
 from guidance.core.volume import Volume, VolumeError, hu_to_attenuation, resample, volume_from_sitk, volume_to_sitk
 
 __all__ = [
@@ -35,6 +43,7 @@ __all__ = [
     "PREPARED_FORMAT",
     "PrepareSettings",
     "PreparedCT",
+    "AnatomyModel",
     "default_cache_dir",
     "prepare_ct",
     "load_or_prepare",
@@ -43,8 +52,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "GUIDANCE_CACHE_DIR"
-PREPARED_FORMAT = "guidance.prepared_ct/1"
+PREPARED_FORMAT = "guidance.prepared_ct/2"
 LABEL_MARGIN_VOXELS = 1  # a vertebra's coarse volume keeps this many voxels around its label (smoothed edges)
+SOFT_PIXEL_PER_VOXEL = 0.6
+"""Soft tissue is drawn on a detector whose pixel, back-projected to the anatomy, is this
+fraction of its voxel (finer detectors are not binned), then interpolated up."""
 
 
 class PreparedCTError(GuidanceError):
@@ -55,24 +67,65 @@ class PreparedCTError(GuidanceError):
 class PrepareSettings:
     """The settings that shape a prepared CT (all part of its cache key).
 
-    ``bone_threshold_hu``: voxels below are dropped (None keeps all); ``energy_kev``:
+    ``bone_threshold_hu``: voxels below are not bone (None: everything is rendered as
+    bone, on the fine grids); ``soft_tissue_spacing_mm``: the grid of the soft tissue
+    below the threshold (None: bone only, as a model without soft tissue); ``energy_kev``:
     effective energy of the HU -> attenuation map; ``pyramid_spacings_mm``: isotropic
     spacings of the smoothed coarse volumes (the native bone volume is always level 0);
     ``vertebra_height_mm``: the spine's repeat distance when no label map gives it.
     """
 
     bone_threshold_hu: float | None = 150.0
+    soft_tissue_spacing_mm: float | None = 4.0
     energy_kev: float = 60.0
     pyramid_spacings_mm: tuple[float, ...] = (1.0, 2.0, 4.0)
     vertebra_height_mm: float = 30.0
 
 
 @dataclass(frozen=True)
+class AnatomyModel:
+    """What a 2D/3D registration renders: ``bone`` on a pyramid grid plus, when prepared,
+    the ``soft`` tissue on its coarse grid, drawn on a binned detector and interpolated
+    up (its line integrals add to the bone's)."""
+
+    bone: DrrVolume
+    soft: DrrVolume | None = None
+
+    def render(self, view: View, *, out: np.ndarray | None = None, parallel: bool | None = None) -> np.ndarray:
+        """Line-integral image (H, W) float32 of the anatomy in ``view`` (render_drr's
+        conventions; ``out`` is filled and returned when given)."""
+        image = render_drr(self.bone, view, out=out, parallel=parallel)
+        if self.soft is not None:
+            image += self._soft_image(view, parallel)
+        return image
+
+    def _soft_image(self, view: View, parallel: bool | None) -> np.ndarray:
+        soft = self.soft
+        T = soft.T_world_from_index
+        centre = T[:3, :3] @ ((np.array(soft.size_ijk) - 1.0) / 2.0) + T[:3, 3]
+        depth_mm = float(view.T_cam_from_world[2, :3] @ centre + view.T_cam_from_world[2, 3])
+        footprint_mm = depth_mm / float(view.K[0, 0])
+        factor = SOFT_PIXEL_PER_VOXEL * soft.step_mm / footprint_mm
+        if factor <= 1.0:
+            return render_drr(soft, view, parallel=parallel)
+        W, H = view.image_size
+        coarse = view.downsampled(factor)
+        coarse = coarse.cropped(0, 0, int(np.ceil(W / factor)) + 1, int(np.ceil(H / factor)) + 1)
+        small = render_drr(soft, coarse, parallel=parallel)
+        # Pixel (u, v) of the view lies at ((u + 0.5) / factor - 0.5, ...) of the binned one (View.downsampled).
+        to_small = np.array([[1.0 / factor, 0.0, 0.5 / factor - 0.5], [0.0, 1.0 / factor, 0.5 / factor - 0.5]])
+        return cv2.warpAffine(small, to_small, (W, H), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                              borderMode=cv2.BORDER_REPLICATE)
+
+
+@dataclass(frozen=True)
 class PreparedCT:
-    """Bone attenuation volumes, finest first, with labels, centres and the spine axis.
+    """Bone attenuation volumes, finest first, the soft tissue, labels, centres and the
+    spine axis.
 
     ``volumes[0]`` is the native grid cropped to the bone (plus margin), the others the
-    coarser ``spacings_mm``; ``labels[n]`` is the label map on ``volumes[n]``'s grid
+    coarser ``spacings_mm``; ``soft`` the soft tissue on its coarse grid (None when not
+    prepared); ``labels[n]`` is the label map on ``volumes[n]``'s grid
     (None without labels). ``centres`` maps a label id (-1 for the whole CT) to the
     bone centroid (world mm). ``spine_axis_world`` is a unit vector (world) along the
     spine, ``vertebra_height_mm`` its repeat distance. ``key`` identifies the inputs,
@@ -86,6 +139,7 @@ class PreparedCT:
     spine_axis_world: np.ndarray
     vertebra_height_mm: float
     key: str
+    soft: DrrVolume | None = None
     prepare_s: float = 0.0
     from_cache: bool = False
 
@@ -101,8 +155,12 @@ class PreparedCT:
         fits = [n for n, s in enumerate(self.spacings_mm) if s <= spacing_mm * 1.0001]
         return max(fits, key=lambda n: self.spacings_mm[n]) if fits else 0
 
+    def anatomy(self, index: int) -> AnatomyModel:
+        """What registration renders on pyramid level ``index``: all bone and the soft tissue."""
+        return AnatomyModel(self.volumes[index], self.soft)
+
     def volume(self, index: int, label: int | None = None) -> DrrVolume:
-        """Rendering volume of pyramid level ``index``: all bone, or one label's bone
+        """Bone volume of pyramid level ``index``: all bone, or one label's bone
         (plus ``LABEL_MARGIN_VOXELS``), cropped to it."""
         dv = self.volumes[index]
         if label is None:
@@ -196,10 +254,21 @@ def prepare_ct(
     if labels is not None and labels.data.shape != ct.data.shape:
         raise VolumeError(f"labels grid {labels.data.shape} differs from the CT grid {ct.data.shape}")
     mu = hu_to_attenuation(ct, energy_kev=s.energy_kev)
+    soft = None
     if s.bone_threshold_hu is not None:
-        mu = mu.with_data(np.where(ct.data >= s.bone_threshold_hu, mu.data, 0.0).astype(np.float32))
+        is_bone = ct.data >= s.bone_threshold_hu
+        if not is_bone.any():
+            raise PreparedCTError(f"no voxel of the CT reaches the bone threshold of {s.bone_threshold_hu} HU")
+        if s.soft_tissue_spacing_mm is None:
+            bone = np.where(is_bone, mu.data, 0.0)
+        else:
+            mu_threshold = _attenuation_at(s.bone_threshold_hu, s.energy_kev)
+            bone = np.where(is_bone, np.maximum(mu.data - mu_threshold, 0.0), 0.0)
+            soft_mu = mu.with_data(np.minimum(mu.data, mu_threshold).astype(np.float32))
+            soft = prepare_volume(_smoothed(soft_mu, s.soft_tissue_spacing_mm), margin_mm=s.soft_tissue_spacing_mm)
+        mu = mu.with_data(bone.astype(np.float32))
     if not (mu.data > 0).any():
-        raise PreparedCTError(f"no voxel of the CT reaches the bone threshold of {s.bone_threshold_hu} HU")
+        raise PreparedCTError("the CT has no attenuating voxel")
     base = prepare_volume(mu, margin_mm=3.0)
     volumes, spacings = [base], [float(base.volume.spacing.min())]
     base_mu = base.volume
@@ -216,7 +285,13 @@ def prepare_ct(
     axis, height = _spine(ct, centres, s.vertebra_height_mm)
     return PreparedCT(volumes=tuple(volumes), spacings_mm=tuple(spacings), labels=label_maps, centres=centres,
                       spine_axis_world=axis, vertebra_height_mm=height, key=key or cache_key(ct, labels, s),
-                      prepare_s=time.perf_counter() - t0)
+                      soft=soft, prepare_s=time.perf_counter() - t0)
+
+
+def _attenuation_at(hu: float, energy_kev: float) -> float:
+    """Linear attenuation (1/mm) of a CT number, by the same map as the volumes."""
+    one = Volume(np.full((2, 2, 2), hu, np.float32), np.eye(4), "HU")
+    return float(hu_to_attenuation(one, energy_kev=energy_kev).data[0, 0, 0])
 
 
 def save_prepared(prepared: PreparedCT, path: str | Path) -> None:
@@ -227,8 +302,8 @@ def save_prepared(prepared: PreparedCT, path: str | Path) -> None:
         "key": prepared.key,
         "spacings_mm": list(prepared.spacings_mm),
         "vertebra_height_mm": prepared.vertebra_height_mm,
-        "volumes": [{"mu_scale": dv.mu_scale, "size_ijk": list(dv.size_ijk), "step_mm": dv.step_mm,
-                     "brick_voxels": dv.brick_voxels} for dv in prepared.volumes],
+        "volumes": [_volume_header(dv) for dv in prepared.volumes],
+        "soft": None if prepared.soft is None else _volume_header(prepared.soft),
         "has_labels": prepared.labels[0] is not None,
     }
     arrays = {"header": np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
@@ -236,12 +311,11 @@ def save_prepared(prepared: PreparedCT, path: str | Path) -> None:
               "centres": np.array([prepared.centres[k] for k in sorted(prepared.centres)]),
               "spine_axis_world": prepared.spine_axis_world}
     for n, dv in enumerate(prepared.volumes):
-        arrays[f"codes_{n}"] = dv.codes
-        arrays[f"T_world_from_index_{n}"] = dv.T_world_from_index
-        arrays[f"occupancy_{n}"] = dv.occupancy
-        arrays[f"nonzero_box_ijk_{n}"] = dv.nonzero_box_ijk
+        arrays.update(_volume_arrays(dv, str(n)))
         if prepared.labels[n] is not None:
             arrays[f"labels_{n}"] = prepared.labels[n]
+    if prepared.soft is not None:
+        arrays.update(_volume_arrays(prepared.soft, "soft"))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
     np.savez(tmp, **arrays)
@@ -257,22 +331,37 @@ def load_prepared(path: str | Path, key: str) -> PreparedCT:
             raise PreparedCTError(f"{path}: format {header.get('format')!r} or key does not match")
         volumes, labels = [], []
         for n, meta in enumerate(header["volumes"]):
-            T = np.array(f[f"T_world_from_index_{n}"], dtype=np.float64)
-            codes = np.array(f[f"codes_{n}"])
-            ni, nj, nk = meta["size_ijk"]
-            if codes.shape != (nk + 1, nj + 1, ni + 1) or codes.dtype != np.uint16:
-                raise PreparedCTError(f"{path}: volume {n} has shape {codes.shape}, not {(nk + 1, nj + 1, ni + 1)}")
-            volumes.append(DrrVolume(codes=codes, mu_scale=float(meta["mu_scale"]), size_ijk=(ni, nj, nk),
-                                     T_world_from_index=T, T_index_from_world=np.linalg.inv(T),
-                                     step_mm=float(meta["step_mm"]), occupancy=np.array(f[f"occupancy_{n}"]),
-                                     nonzero_box_ijk=np.array(f[f"nonzero_box_ijk_{n}"]),
-                                     brick_voxels=int(meta["brick_voxels"])))
+            volumes.append(_read_volume(f, meta, str(n), path))
             labels.append(np.array(f[f"labels_{n}"]) if header["has_labels"] else None)
+        soft = None if header["soft"] is None else _read_volume(f, header["soft"], "soft", path)
         centres = {int(k): np.array(c, dtype=np.float64) for k, c in zip(f["centre_ids"], f["centres"])}
         axis = np.array(f["spine_axis_world"], dtype=np.float64)
     return PreparedCT(volumes=tuple(volumes), spacings_mm=tuple(float(s) for s in header["spacings_mm"]),
                       labels=tuple(labels), centres=centres, spine_axis_world=axis,
-                      vertebra_height_mm=float(header["vertebra_height_mm"]), key=key, from_cache=True)
+                      vertebra_height_mm=float(header["vertebra_height_mm"]), key=key, soft=soft, from_cache=True)
+
+
+def _volume_header(dv: DrrVolume) -> dict:
+    return {"mu_scale": dv.mu_scale, "size_ijk": list(dv.size_ijk), "step_mm": dv.step_mm,
+            "brick_voxels": dv.brick_voxels}
+
+
+def _volume_arrays(dv: DrrVolume, name: str) -> dict[str, np.ndarray]:
+    return {f"codes_{name}": dv.codes, f"T_world_from_index_{name}": dv.T_world_from_index,
+            f"occupancy_{name}": dv.occupancy, f"nonzero_box_ijk_{name}": dv.nonzero_box_ijk}
+
+
+def _read_volume(f, meta: dict, name: str, path: Path) -> DrrVolume:
+    """One rendering volume of a prepared-CT file (header entry ``meta``, arrays ``*_name``)."""
+    T = np.array(f[f"T_world_from_index_{name}"], dtype=np.float64)
+    codes = np.array(f[f"codes_{name}"])
+    ni, nj, nk = meta["size_ijk"]
+    if codes.shape != (nk + 1, nj + 1, ni + 1) or codes.dtype != np.uint16:
+        raise PreparedCTError(f"{path}: volume {name} has shape {codes.shape}, not {(nk + 1, nj + 1, ni + 1)}")
+    return DrrVolume(codes=codes, mu_scale=float(meta["mu_scale"]), size_ijk=(ni, nj, nk),
+                     T_world_from_index=T, T_index_from_world=np.linalg.inv(T), step_mm=float(meta["step_mm"]),
+                     occupancy=np.array(f[f"occupancy_{name}"]), nonzero_box_ijk=np.array(f[f"nonzero_box_ijk_{name}"]),
+                     brick_voxels=int(meta["brick_voxels"]))
 
 
 def load_or_prepare(

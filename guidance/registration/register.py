@@ -1,7 +1,8 @@
 """2D/3D registration of X-ray views to a CT: single view, multi-view and per vertebra.
 
 Composed from swappable parts named in ``RegistrationSettings``: the DRR renderer
-(guidance.core.drr) on a CT prepared once (prepared.PreparedCT, cached on disk), a
+(guidance.core.drr) drawing the bone and soft tissue of a CT prepared once
+(prepared.PreparedCT and AnatomyModel, cached on disk), a
 similarity (similarity.SIMILARITIES), a pose parameterisation
 (pose.PARAMETERIZATIONS), a local optimiser (optimizers.OPTIMIZERS) and a detector /
 volume pyramid.
@@ -33,14 +34,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from guidance.core.drr import DrrVolume, render_drr
+from guidance.core.drr import DrrVolume
 from guidance.core.geometry import invert_rigid, project
 from guidance.core.images import PreparedImage
 from guidance.core.views import View
 from guidance.core.volume import Volume, VolumeError
 from guidance.registration.optimizers import OptimizeOutcome, minimize
 from guidance.registration.pose import PoseParameterization, point_displacement_mm
-from guidance.registration.prepared import PreparedCT, PrepareSettings, load_or_prepare
+from guidance.registration.prepared import AnatomyModel, PreparedCT, PrepareSettings, load_or_prepare
 from guidance.registration.quality import QualityLimits, assess
 from guidance.registration.errors import RegistrationError
 from guidance.registration.similarity import get_similarity
@@ -75,7 +76,7 @@ class RegistrationSettings:
     Sobel): the Gauss-Newton covariance is scaled by it. ``parallel_render``: render
     every DRR on all numba threads (True: one registration on an otherwise idle
     machine), or by the DRR's size rule (None; see ``drr.PARALLEL_MIN_PIXELS``).
-    ``bone_threshold_hu``,
+    ``bone_threshold_hu``, ``soft_tissue_spacing_mm``,
     ``energy_kev``, ``pyramid_spacings_mm`` and ``vertebra_height_mm`` shape the
     prepared CT (prepared.PrepareSettings).
     """
@@ -95,6 +96,7 @@ class RegistrationSettings:
     global_iterations: tuple[int, ...] = (4, 3, 3)
     local_max_fev: int = 6
     bone_threshold_hu: float | None = 150.0
+    soft_tissue_spacing_mm: float | None = 4.0
     energy_kev: float = 60.0
     pyramid_spacings_mm: tuple[float, ...] = (1.0, 2.0, 4.0)
     vertebra_height_mm: float = 30.0
@@ -109,7 +111,8 @@ class RegistrationSettings:
 
     def prepare_settings(self) -> PrepareSettings:
         """The part of the settings that shapes the prepared CT (its cache key)."""
-        return PrepareSettings(bone_threshold_hu=self.bone_threshold_hu, energy_kev=self.energy_kev,
+        return PrepareSettings(bone_threshold_hu=self.bone_threshold_hu,
+                               soft_tissue_spacing_mm=self.soft_tissue_spacing_mm, energy_kev=self.energy_kev,
                                pyramid_spacings_mm=self.pyramid_spacings_mm,
                                vertebra_height_mm=self.vertebra_height_mm)
 
@@ -268,7 +271,7 @@ class Registrator:
             raise VolumeError(f"labels grid {labels.data.shape} differs from the CT grid {ct.data.shape}")
         self.prepared: PreparedCT = load_or_prepare(ct, labels, self.settings.prepare_settings(),
                                                     cache_dir=cache_dir, use_cache=use_cache)
-        self._label_volumes: dict[tuple[int, int], DrrVolume] = {}
+        self._label_volumes: dict[tuple[int, int], AnatomyModel] = {}
 
     @property
     def prepare_s(self) -> float:
@@ -277,17 +280,18 @@ class Registrator:
 
     # -- volumes -------------------------------------------------------------------------
 
-    def drr_volume(self, level: int | None, spacing_mm: float) -> DrrVolume:
-        """The rendering volume of one vertebra (label id) or all (None): the coarsest
-        prepared one whose spacing is at most ``spacing_mm``."""
+    def anatomy(self, level: int | None, spacing_mm: float) -> AnatomyModel:
+        """What is rendered for one vertebra (label id: its bone alone) or all (None: all
+        bone and the soft tissue), on the coarsest prepared grid whose spacing is at most
+        ``spacing_mm``."""
         index = self.prepared.pyramid_index(spacing_mm)
         if level is None:
-            return self.prepared.volume(index)
+            return self.prepared.anatomy(index)
         key = (int(level), index)
         if key not in self._label_volumes:
             if self.prepared.labels[0] is None:
                 raise RegistrationError("per-vertebra registration needs a label map")
-            self._label_volumes[key] = self.prepared.volume(index, level)
+            self._label_volumes[key] = AnatomyModel(self.prepared.volume(index, level))
         return self._label_volumes[key]
 
     def centre(self, level: int | None) -> np.ndarray:
@@ -329,11 +333,11 @@ class Registrator:
 
     # -- cost ----------------------------------------------------------------------------
 
-    def _roi(self, dv: DrrVolume, view: View, mask: np.ndarray, margin_mm: float) -> np.ndarray:
+    def _roi(self, bone: DrrVolume, view: View, mask: np.ndarray, margin_mm: float) -> np.ndarray:
         """Valid pixels inside the projected box of the rendered bone (the spine, or one
         vertebra), grown by ``margin_mm`` on every side; image content outside it (ribs,
         pelvis) is not compared."""
-        corners = _corners_world(dv)
+        corners = _corners_world(bone)
         centre = corners.mean(axis=0)
         uv = project(view.P, corners + np.sign(corners - centre) * margin_mm)
         H, W = mask.shape
@@ -344,7 +348,7 @@ class Registrator:
         return roi
 
     def _objective(
-        self, stage: list[_PyramidLevel], dv: DrrVolume, param: PoseParameterization, starts: list[np.ndarray],
+        self, stage: list[_PyramidLevel], model: AnatomyModel, param: PoseParameterization, starts: list[np.ndarray],
         centre: np.ndarray, rois: tuple[np.ndarray, ...] | None = None,
     ) -> "_Objective":
         """The cost of one pyramid level; its ROI is fixed, at the first start's pose, with
@@ -355,9 +359,9 @@ class Registrator:
             spread = max(point_displacement_mm(param.correction(x), T_first, centre) for x in starts)
             margin = self.settings.roi_margin_mm + spread
             T_inv = invert_rigid(T_first)
-            rois = tuple(self._roi(dv, pl.view.with_pose(pl.view.T_cam_from_world @ T_inv), pl.mask, margin)
+            rois = tuple(self._roi(model.bone, pl.view.with_pose(pl.view.T_cam_from_world @ T_inv), pl.mask, margin)
                          for pl in stage)
-        return _Objective(stage, dv, param, [similarity(pl.image, roi) for pl, roi in zip(stage, rois)],
+        return _Objective(stage, model, param, [similarity(pl.image, roi) for pl, roi in zip(stage, rois)],
                           parallel=self.settings.parallel_render)
 
     def _keeps_roi(self, jacobian: LeastSquaresJacobian, stage: list[_PyramidLevel], T_start: np.ndarray,
@@ -384,7 +388,7 @@ class Registrator:
     def _search(
         self,
         stage: list[_PyramidLevel],
-        dv: DrrVolume,
+        model: AnatomyModel,
         param: PoseParameterization,
         x0: np.ndarray,
         centre: np.ndarray,
@@ -406,7 +410,7 @@ class Registrator:
             for pl, (fx, fy) in zip(stage, fixed):
                 big = pl.view.with_pose(pl.view.T_cam_from_world @ T_corr_inv).cropped(
                     -pad, -pad, pl.view.width + 2 * pad, pl.view.height + 2 * pad)
-                dx, dy = _gradients(render_drr(dv, big, parallel=s.parallel_render))
+                dx, dy = _gradients(model.render(big, parallel=s.parallel_render))
                 score = 0.5 * (cv2.matchTemplate(dx, fx, cv2.TM_CCOEFF_NORMED)
                                + cv2.matchTemplate(dy, fy, cv2.TM_CCOEFF_NORMED))
                 maps[rotation].append(score[::-1, ::-1])  # index [pad + sv, pad + su]: anatomy shifted by (su, sv)
@@ -539,10 +543,10 @@ class Registrator:
         for n in range(len(stages)):
             t0 = time.perf_counter()
             stage = stages[n]
-            dv = self.drr_volume(level, s.volume_per_footprint * self._footprint_mm(stage[0], centre))
+            model = self.anatomy(level, s.volume_per_footprint * self._footprint_mm(stage[0], centre))
             name = f"{stage[0].view.width}px"
             if n == 0 and global_search:
-                starts, inverted = self._search(stage, dv, param, x_start, centre)
+                starts, inverted = self._search(stage, model, param, x_start, centre)
                 if any(inverted):  # display images whose polarity was wrong: flip them, all levels
                     images = [PreparedImage(image=-img.image if inv else img.image, mask=img.mask)
                               for img, inv in zip(images, inverted)]
@@ -565,7 +569,7 @@ class Registrator:
                      and self._keeps_roi(local_jacobian, stage, T_roi, centre))
             if reuse:
                 T_roi = local_jacobian.T_roi
-            objective = self._objective(stage, dv, param, starts, centre,
+            objective = self._objective(stage, model, param, starts, centre,
                                         rois=local_jacobian.roi_masks if reuse else None)
             if prior_sd is not None:
                 objective.set_prior(x_start, np.asarray(prior_sd, dtype=float), s.prior_weight)
@@ -581,7 +585,7 @@ class Registrator:
             starts = [c.x for c in candidates]
             evaluations += objective.evaluations
             iterations += sum(o.nit for o in outcomes)
-            stops.append(f"{name}: {ranked[0].outcome.stop_reason}, {dv.size_ijk} voxels")
+            stops.append(f"{name}: {ranked[0].outcome.stop_reason}, {model.bone.size_ijk} voxels")
             timings[name] = time.perf_counter() - t0
         best = candidates[0]
         x = best.x
@@ -649,9 +653,9 @@ class _Objective:
 
     memory = 8
 
-    def __init__(self, stage, dv, param, measures, parallel: bool | None = None):
+    def __init__(self, stage, model, param, measures, parallel: bool | None = None):
         self.stage = stage
-        self.dv = dv
+        self.model = model
         self.param = param
         self.measures = measures
         self.parallel = parallel
@@ -669,8 +673,8 @@ class _Objective:
         self.evaluations += 1
         T_corr_inv = invert_rigid(self.param.correction(x))
         for pl, buf in zip(self.stage, self.buffers):
-            yield render_drr(self.dv, pl.view.with_pose(pl.view.T_cam_from_world @ T_corr_inv), out=buf,
-                             parallel=self.parallel)
+            yield self.model.render(pl.view.with_pose(pl.view.T_cam_from_world @ T_corr_inv), out=buf,
+                                    parallel=self.parallel)
 
     def per_view(self, x: np.ndarray) -> list[float]:
         """Each view's similarity score at x (from the kept residuals when x was evaluated)."""
