@@ -4,8 +4,11 @@ preparation; a stale or corrupt file is rebuilt, never used)."""
 import numpy as np
 import pytest
 
+from guidance.core.drr import render_drr
+from guidance.core.views import carm_view
+from guidance.core.volume import hu_to_attenuation
 from guidance.registration.prepared import (
-    CACHE_ENV, PrepareSettings, default_cache_dir, load_or_prepare, prepare_ct,
+    CACHE_ENV, AnatomyModel, PrepareSettings, default_cache_dir, load_or_prepare, prepare_ct,
 )
 from sim.phantom import make_phantom
 
@@ -25,6 +28,11 @@ def _same(a, b):
         assert (va.mu_scale, va.size_ijk, va.step_mm) == (vb.mu_scale, vb.size_ijk, vb.step_mm)
         np.testing.assert_array_equal(va.occupancy, vb.occupancy)
         np.testing.assert_array_equal(va.nonzero_box_ijk, vb.nonzero_box_ijk)
+    assert (a.soft is None) == (b.soft is None)
+    for va, vb in zip(a.volumes + (a.soft,), b.volumes + (b.soft,)):
+        if va is not None:
+            np.testing.assert_array_equal(va.codes, vb.codes)
+            np.testing.assert_array_equal(va.T_world_from_index, vb.T_world_from_index)
     for la, lb in zip(a.labels, b.labels):
         np.testing.assert_array_equal(la, lb)
     assert sorted(a.centres) == sorted(b.centres)
@@ -51,6 +59,36 @@ def test_pyramid_centres_and_spine(phantom):
     assert prepared.pyramid_index(5.0) == 1 and prepared.pyramid_index(100.0) == 2 and prepared.pyramid_index(1.0) == 0
     one = prepared.volume(1, ids[2])
     assert one.size_ijk[2] < prepared.volumes[1].size_ijk[2]  # one vertebra, cropped
+
+
+@pytest.mark.parametrize("lao, cranial", [(0.0, 0.0), (90.0, 0.0), (35.0, 15.0)])
+def test_bone_and_soft_tissue_draw_the_whole_ct(phantom, lao, cranial):
+    """The registration's model (bone above the threshold's attenuation on its grid, the
+    rest on a 4 mm grid drawn on a binned detector) gives the line integrals of the whole
+    CT, up to the soft tissue's blur; bone alone misses the body's share."""
+    prepared = prepare_ct(phantom.ct, None, SETTINGS)
+    assert prepared.soft is not None and prepared.soft.step_mm == pytest.approx(4.0)
+    centre = prepared.centre(None)
+    view = carm_view(lao_deg=lao, cranial_deg=cranial, isocenter_world=centre, detector_size_px=(160, 128),
+                     patient_position="prone")
+    whole = render_drr(hu_to_attenuation(phantom.ct, energy_kev=60.0), view, step_mm=0.5)
+    body = whole > 0.05 * whole.max()
+    model = prepared.anatomy(0).render(view)
+    bone_only = AnatomyModel(prepared.volumes[0]).render(view)
+    error = np.abs(model - whole)[body] / whole[body]
+    assert np.median(error) < 0.01 and np.quantile(error, 0.95) < 0.02
+    assert np.median(np.abs(bone_only - whole)[body] / whole[body]) > 0.5
+    # The soft tissue drawn on the binned detector equals it drawn on every pixel, up to interpolation.
+    soft_fine = render_drr(prepared.soft, view)
+    soft_binned = model - bone_only
+    assert np.median(np.abs(soft_binned - soft_fine)[body] / soft_fine[body]) < 0.005
+
+
+def test_bone_only_preparation_keeps_no_soft_tissue(phantom):
+    prepared = prepare_ct(phantom.ct, None, PrepareSettings(pyramid_spacings_mm=(4.0,), soft_tissue_spacing_mm=None))
+    assert prepared.soft is None
+    mu = hu_to_attenuation(phantom.ct, energy_kev=60.0).data
+    assert prepared.volumes[0].mu.max() == pytest.approx(float(mu.max()), rel=1e-3)  # full bone attenuation
 
 
 def test_cache_hit_equals_fresh_preparation_and_corrupt_file_is_rebuilt(phantom, tmp_path, caplog):
