@@ -35,6 +35,7 @@ __all__ = [
     "attenuation_coefficients",
     "crop_to_mask",
     "crop_to_index_box",
+    "covering_grid",
     "resample",
     "affine_from_geometry",
     "transform_volume",
@@ -307,6 +308,16 @@ def crop_to_mask(volume: Volume, mask: np.ndarray, margin_mm: float = 10.0) -> V
     return crop_to_index_box(volume, lo, hi)
 
 
+def covering_grid(volume: Volume, spacing: np.ndarray, direction: np.ndarray) -> tuple[tuple[int, ...], np.ndarray]:
+    """Size (i, j, k) and origin (world mm) of the grid of ``spacing`` and ``direction``
+    that fits in ``volume``'s voxel-centre box, centred on it."""
+    corners = volume.corners_world() @ direction
+    lo, hi = corners.min(axis=0), corners.max(axis=0)
+    size = tuple(int(np.floor((hi[a] - lo[a]) / spacing[a] + 1e-6)) + 1 for a in range(3))
+    extent = (np.array(size) - 1) * spacing
+    return size, direction @ ((lo + hi) / 2.0 - extent / 2.0)
+
+
 def resample(
     volume: Volume,
     *,
@@ -329,15 +340,9 @@ def resample(
     new_dir = volume.direction if direction is None else np.asarray(direction, dtype=float).reshape(3, 3)
     new_spacing = volume.spacing if spacing is None else np.asarray(spacing, dtype=float)
     if size is None or origin is None:
-        # Bounding box of the old voxel-centre box in the new direction frame.
-        corners = volume.corners_world() @ new_dir
-        lo, hi = corners.min(axis=0), corners.max(axis=0)
-        if size is None:
-            size = tuple(int(np.floor((hi[a] - lo[a]) / new_spacing[a] + 1e-6)) + 1 for a in range(3))
-        if origin is None:
-            extent = (np.array(size) - 1) * new_spacing
-            centre = (lo + hi) / 2.0
-            origin = new_dir @ (centre - extent / 2.0)
+        box_size, box_origin = covering_grid(volume, new_spacing, new_dir)
+        size = box_size if size is None else size
+        origin = box_origin if origin is None else origin
     if default_value is None:
         default_value = -1000.0 if volume.units == "HU" else 0.0
     image = volume_to_sitk(volume)
