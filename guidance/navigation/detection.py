@@ -217,6 +217,34 @@ def _cylinder_kernel(rays, weights, tip, w, radius, length, mu, max_integral, ou
         out[n] = -math.log(acc)
 
 
+@numba.njit(cache=True, fastmath=True)
+def _scan_kernel(rays, weights, values, tips, axes, radius, length, mu, max_integral, out):  # pragma: no cover
+    """Per pose k (``tips[k]``, unit ``axes[k]``, camera frame): the sum of squared residuals
+    of the band ``values`` against the model's line integral (``_cylinder_kernel``) with the
+    best gain and offset (``_fit_linear``); the cost ``_band_residual`` gives, times noise^2."""
+    n = values.shape[0]
+    m = np.empty(n)
+    for k in range(tips.shape[0]):
+        _cylinder_kernel(rays, weights, tips[k], axes[k], radius, length, mu, max_integral, m)
+        sm, sv, smm, smv = 0.0, 0.0, 0.0, 0.0
+        for i in range(n):
+            sm += m[i]
+            sv += values[i]
+            smm += m[i] * m[i]
+            smv += m[i] * values[i]
+        det = n * smm - sm * sm
+        if det <= 1e-12 * max(n * smm, 1e-300):
+            a, c = 0.0, sv / max(n, 1)
+        else:
+            a = (n * smv - sm * sv) / det
+            c = (sv - a * sm) / n
+        cost = 0.0
+        for i in range(n):
+            d = a * m[i] + c - values[i]
+            cost += d * d
+        out[k] = cost
+
+
 def _cylinder_integral(rays: np.ndarray, weights: np.ndarray, tip_cam: np.ndarray, axis_cam: np.ndarray,
                        model: InstrumentModel) -> np.ndarray:
     """Weighted line integral (N,) of the model's cylinder (tip at ``tip_cam``, running
@@ -266,9 +294,10 @@ def anatomy_residual(image: np.ndarray, width_px: float) -> np.ndarray:
 
 
 def _noise_sigma(residual: np.ndarray) -> float:
-    """Robust noise level of a top-hat image (median absolute deviation of its high-pass)."""
+    """Robust noise level of a top-hat image (median absolute deviation of its high-pass,
+    over every other pixel in u and v: a quarter of the pixels estimate it as well)."""
     high = residual - cv2.GaussianBlur(residual, (0, 0), 2.0)
-    return max(float(np.median(np.abs(high))) * 1.4826 * 1.2, 1e-6)
+    return max(float(np.median(np.abs(high[::2, ::2]))) * 1.4826 * 1.2, 1e-6)
 
 
 def propose_segments(residual: np.ndarray, width_px: float, expected_peak: float, *,
@@ -292,39 +321,47 @@ def propose_segments(residual: np.ndarray, width_px: float, expected_peak: float
     peak_u[:, 1:-1] = (smooth[:, 1:-1] >= smooth[:, :-2]) & (smooth[:, 1:-1] >= smooth[:, 2:])
     peak_v[1:-1] = (smooth[1:-1] >= smooth[:-2]) & (smooth[1:-1] >= smooth[2:])
     mask = ((smooth > threshold) & (peak_u | peak_v)).astype(np.uint8)
-    lines = cv2.HoughLinesP(mask, 1.0, math.pi / 360.0, int(min_length_px), minLineLength=min_length_px,
+    lines = cv2.HoughLinesP(mask, 1.0, math.pi / 180.0, int(min_length_px), minLineLength=min_length_px,
                             maxLineGap=3)
     if lines is None:
         return []
-    segments = [(s[:2].astype(float), s[2:].astype(float)) for s in lines.reshape(-1, 4)]
-    segments.sort(key=lambda s: -np.linalg.norm(s[1] - s[0]))
+    ends = lines.reshape(-1, 4).astype(float)
+    ends = ends[np.argsort(-np.hypot(ends[:, 2] - ends[:, 0], ends[:, 3] - ends[:, 1]), kind="stable")]
     tol = 2.0 + width_px / 2.0
-    clusters: list[list[np.ndarray]] = []
-    for a, b in segments:
-        for points in clusters:
-            p0, direction = points[0], points[1] - points[0]
-            direction = direction / np.linalg.norm(direction)
-            normal = np.array([-direction[1], direction[0]])
-            if all(abs((q - p0) @ normal) <= tol for q in (a, b)):
-                points.extend([a, b])
-                break
-        else:
-            clusters.append([a, b])
-    ridge_v, ridge_u = np.nonzero(mask)
-    ridge = np.column_stack([ridge_u, ridge_v]).astype(float)
-    ridge_weight = smooth[ridge_v, ridge_u].astype(float)
+    # Greedy clustering, longest segment first: a segment joins the first cluster whose
+    # founding segment's line passes within ``tol`` of both its ends.
+    members = np.full(len(ends), -1)
+    founders: list[int] = []
+    for k in range(len(ends)):
+        if members[k] >= 0:
+            continue
+        members[k] = k
+        founders.append(k)
+        p0, p1 = ends[k, :2], ends[k, 2:]
+        direction = (p1 - p0) / math.hypot(*(p1 - p0))
+        normal = np.array([-direction[1], direction[0]])
+        later = np.arange(k + 1, len(ends))
+        later = later[members[later] < 0]
+        close = ((np.abs((ends[later, :2] - p0) @ normal) <= tol) & (np.abs((ends[later, 2:] - p0) @ normal) <= tol))
+        members[later[close]] = k
     candidates = []
-    for points in clusters:
-        pts = np.array(points)
+    margin = int(math.ceil(2.0 * tol)) + 3
+    for k in founders:
+        pts = ends[members == k].reshape(-1, 2)
         direction = _unit(pts[1] - pts[0])
         normal = np.array([-direction[1], direction[0]])
         s = (pts - pts[0]) @ direction
         # The line through the ridge pixels along the cluster (weighted principal axis):
-        # finer than the Hough quantisation.
+        # finer than the Hough quantisation; only the ridge pixels in the cluster's box
+        # (grown by the tolerances) can be near it.
+        lo = np.maximum(np.floor(pts.min(axis=0)).astype(int) - margin, 0)
+        hi = np.ceil(pts.max(axis=0)).astype(int) + margin + 1
+        box_v, box_u = np.nonzero(mask[lo[1]:hi[1], lo[0]:hi[0]])
+        ridge = np.column_stack([box_u + lo[0], box_v + lo[1]]).astype(float)
         rel = ridge - pts[0]
         near = (np.abs(rel @ normal) <= tol) & (rel @ direction >= s.min() - 2) & (rel @ direction <= s.max() + 2)
         if near.sum() >= 3:
-            w = ridge_weight[near]
+            w = smooth[box_v[near] + lo[1], box_u[near] + lo[0]].astype(float)
             centre = (ridge[near] * w[:, None]).sum(axis=0) / w.sum()
             d = ridge[near] - centre
             cov = (d * w[:, None]).T @ d
@@ -332,11 +369,15 @@ def propose_segments(residual: np.ndarray, width_px: float, expected_peak: float
             normal = np.array([-direction[1], direction[0]])
             pts = np.vstack([centre, pts])
         s = (pts - pts[0]) @ direction
-        base = pts[0] + float(np.median((pts - pts[0]) @ normal)) * normal
+        offsets = np.sort((pts - pts[0]) @ normal)  # their median (np.median's overhead counts here)
+        middle = len(offsets) // 2
+        median = offsets[middle] if len(offsets) % 2 else 0.5 * (offsets[middle - 1] + offsets[middle])
+        base = pts[0] + float(median) * normal
         steps = np.arange(s.min(), s.max() + 1.0)
         samples = base + steps[:, None] * direction
         # Strength at each step: the best of three positions across the line.
-        values = np.max([_sample(smooth, samples + k * normal) for k in (-1.0, 0.0, 1.0)], axis=0)
+        across = samples[None] + np.array([-1.0, 0.0, 1.0])[:, None, None] * normal
+        values = _sample(smooth, across.reshape(-1, 2)).reshape(3, -1).max(axis=0)
         above = values > threshold
         for first, last in _runs(above, max_gap=3):
             if steps[last] - steps[first] >= min_length_px:
@@ -417,6 +458,8 @@ class _Band:
     grad_u: np.ndarray
     grad_v: np.ndarray
     noise: float
+    shifted_rays: dict = dataclasses.field(default_factory=dict)
+    """PSF rays of the band's pixels shifted by (du, dv), by shift (``_verify``'s gradients)."""
 
 
 def _band(view: View, residual: np.ndarray, grads: tuple[np.ndarray, np.ndarray], noise: float, tip_uv: np.ndarray,
@@ -487,35 +530,44 @@ def _verify(view: View, band: _Band, tip_cam: np.ndarray, axis_cam: np.ndarray, 
     """(gradient correlation, gain) of the fitted model against the image over the band:
     the model's u and v gradients (central differences of the analytic projection) are
     correlated with the image's (Sobel / 8), and the contrast gain fitted."""
-    def values(offset: np.ndarray) -> np.ndarray:
-        return instrument_projection(view, tip_cam, axis_cam, model, band.uv + offset,
-                                     blur_sigma_px=settings.blur_sigma_px)
-    gu = 0.5 * (values(np.array([1.0, 0.0])) - values(np.array([-1.0, 0.0])))
-    gv = 0.5 * (values(np.array([0.0, 1.0])) - values(np.array([0.0, -1.0])))
+    def values(du: float, dv: float) -> np.ndarray:
+        if (du, dv) not in band.shifted_rays:
+            band.shifted_rays[du, dv] = _psf_rays(view.K, band.uv + np.array([du, dv]), settings.blur_sigma_px)[0]
+        return _cylinder_integral(band.shifted_rays[du, dv], band.weights, tip_cam, axis_cam, model)
+    gu = 0.5 * (values(1.0, 0.0) - values(-1.0, 0.0))
+    gv = 0.5 * (values(0.0, 1.0) - values(0.0, -1.0))
     gc = 0.5 * (_ncc(gu, band.grad_u) + _ncc(gv, band.grad_v))
     gain, _ = _fit_linear(_cylinder_integral(band.rays, band.weights, tip_cam, axis_cam, model), band.values)
     return gc, gain
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
-    return v / np.linalg.norm(v)
+    return v / math.sqrt(float(v @ v))
 
 
-def _ray_cam(Kinv: np.ndarray, uv: np.ndarray) -> np.ndarray:
-    return _unit(Kinv @ np.array([uv[0], uv[1], 1.0]))
+def _single_view_poses(Kinv: np.ndarray, tips_uv: np.ndarray, theta: float, phi: float,
+                       depth_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """(tip_cam, axis_cam tip -> handle), each (N, 3), of an instrument whose tip projects to
+    each of ``tips_uv`` (N, 2) at camera depth ``depth_mm``, whose shaft runs in the image at
+    angle ``theta`` (rad, from +u towards +v, tip -> handle) and leaves the plane
+    perpendicular to the tip's ray by ``phi`` (rad, positive away from the source)."""
+    def rays(uv: np.ndarray) -> np.ndarray:
+        d = uv @ Kinv[:, :2].T + Kinv[:, 2]
+        return d / np.sqrt(np.einsum("ij,ij->i", d, d))[:, None]
+
+    tips_uv = np.asarray(tips_uv, float).reshape(-1, 2)
+    r = rays(tips_uv)
+    r2 = rays(tips_uv + np.array([math.cos(theta), math.sin(theta)]))
+    e = r2 - np.einsum("ij,ij->i", r2, r)[:, None] * r
+    e /= np.sqrt(np.einsum("ij,ij->i", e, e))[:, None]
+    return r * (depth_mm / r[:, 2:3]), math.cos(phi) * e + math.sin(phi) * r
 
 
 def _single_view_pose(Kinv: np.ndarray, tip_uv: np.ndarray, theta: float, phi: float,
                       depth_mm: float) -> tuple[np.ndarray, np.ndarray]:
-    """(tip_cam, axis_cam tip -> handle) of an instrument whose tip projects to ``tip_uv`` at
-    camera depth ``depth_mm``, whose shaft runs in the image at angle ``theta`` (rad, from
-    +u towards +v, tip -> handle) and leaves the plane perpendicular to the tip's ray by
-    ``phi`` (rad, positive away from the source)."""
-    r = _ray_cam(Kinv, tip_uv)
-    tip_cam = r * depth_mm / r[2]
-    r2 = _ray_cam(Kinv, tip_uv + np.array([math.cos(theta), math.sin(theta)]))
-    e = _unit(r2 - (r2 @ r) * r)
-    return tip_cam, math.cos(phi) * e + math.sin(phi) * r
+    """``_single_view_poses`` for one tip pixel: (tip_cam, axis_cam), each (3,)."""
+    tips, axes = _single_view_poses(Kinv, tip_uv, theta, phi, depth_mm)
+    return tips[0], axes[0]
 
 
 @dataclass
@@ -563,8 +615,10 @@ def _start(view: View, residual: np.ndarray, grads, noise: float, model: Instrum
     along = np.array([math.cos(theta), math.sin(theta)])
     reach = min(26.0, 0.5 * float(np.linalg.norm(far_uv - tip_uv)))
     shifts = np.arange(-20.0, reach + 1.0, 2.0)
-    costs = [float(np.sum(_band_residual(band, *_single_view_pose(Kinv, tip_uv + k * along, theta, phi, depth_mm),
-                                         model) ** 2)) for k in shifts]
+    tips, axes = _single_view_poses(Kinv, tip_uv + shifts[:, None] * along, theta, phi, depth_mm)
+    costs = np.empty(len(shifts))
+    _scan_kernel(band.rays, band.weights, band.values, tips, axes, model.diameter_mm / 2.0, model.length_mm,
+                 model.mu_per_mm, METAL_MAX_LINE_INTEGRAL, costs)
     tip_uv = tip_uv + shifts[int(np.argmin(costs))] * along
     gc, _ = _verify(view, band, *_single_view_pose(Kinv, tip_uv, theta, phi, depth_mm), model, settings)
     return _Start(model, Kinv, band, tip_uv, theta, phi, depth_mm, gc)
