@@ -1,6 +1,7 @@
 """guidance.navigation.detection: instruments found in simulated X-rays, against the simulator's truth."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from guidance.navigation.detection import (
     DetectionSettings,
     ViewDetection,
     _contrast_step,
+    combine_with_earlier_view,
     detect_in_view,
     detect_instruments,
     instrument_image,
@@ -105,6 +107,30 @@ def test_biplane_finds_the_kwire_in_3d(phantom):
     assert estimate.n_views == 2 and estimate.model is KWIRE
     assert np.linalg.norm(estimate.tip_world - tip) <= 1.0
     assert math.degrees(math.acos(min(1.0, float(estimate.axis_world @ axis)))) <= 1.0
+
+
+def test_an_earlier_shot_of_another_orientation_makes_the_pose_3d(phantom):
+    """A lateral shot taken when the K-wire was 5 mm deep and an AP frame 20 mm further on:
+    the two shaft planes give its line, the AP tip ray its tip, within the biplane targets
+    (the depth of one view alone comes from the anatomy); the depth uncertainty drops
+    accordingly. Two views of one orientation or of different models do not combine."""
+    player = ScenarioPlayer(Scenario(detector_px=512, pixel_spacing_mm=0.6, target_level="L4", target_side="right",
+                                     seed=4), phantom)
+    then_s, now_s = ((depth + START_OUTSIDE_MM) / player.scenario.advance_mm_per_s for depth in (5.0, 25.0))
+    lateral_image, lateral_view = _frame(player, then_s, LATERAL, 1)
+    ap_image, ap_view = _frame(player, now_s, AP)
+    (lateral,) = detect_in_view(lateral_image, lateral_view, [KWIRE], player.isocenter_world)
+    (ap,) = detect_in_view(ap_image, ap_view, [KWIRE], player.isocenter_world)
+    tip, axis = tip_and_axis(player.state_at(now_s).T_world_from_tool, KWIRE)
+    combined = combine_with_earlier_view(ap, ap_view, lateral, lateral_view)
+    assert combined is not None and combined.n_views == 2
+    assert np.linalg.norm(combined.tip_world - tip) <= 1.0
+    assert _axis_error_deg(combined.axis_world, axis) <= 1.0
+    single = single_view_estimate(ap, ap_view, focus_world=player.isocenter_world, bone=phantom.labels)
+    assert combined.depth_sigma_mm < 2.0 < single.depth_sigma_mm
+    (ap_again,) = detect_in_view(*_frame(player, now_s, AP, 2), [KWIRE], player.isocenter_world)
+    assert combine_with_earlier_view(ap, ap_view, ap_again, ap_view) is None
+    assert combine_with_earlier_view(ap, ap_view, replace(lateral, model=NEEDLE), lateral_view) is None
 
 
 def _axis_error_deg(a: np.ndarray, b: np.ndarray) -> float:

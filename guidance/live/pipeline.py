@@ -37,7 +37,8 @@ from guidance.core.errors import GuidanceError
 from guidance.core.instrument_models import InstrumentError
 from guidance.core.plan import plan_trajectories, trajectory_approach
 from guidance.navigation.breach import BreachError, CorridorModel, build_corridor, guidance_metrics
-from guidance.navigation.detection import detect_instruments
+from guidance.navigation.detection import (
+    InstrumentEstimate, ViewDetection, combine_with_earlier_view, detect_instruments)
 from guidance.navigation.instruments import nearest_trajectory, tip_and_axis, tool_in_world
 from guidance.navigation.targets import guide_alignment, target_pose_tracker, target_pose_world
 from guidance.navigation.overlay import draw_instrument, draw_outline, draw_trajectories, to_display_bgr
@@ -211,6 +212,8 @@ class Pipeline:
         self.shots = ShotRegistrar(registrator, level=self.settings.level, tracking=self.settings.tracking,
                                    settings=self.settings.shots)
         self.instruments, self.instrument_refusals = calibrated_instruments(self.settings.pivots)
+        self._shot_detections: dict[int, tuple[View, tuple[ViewDetection, ...]]] = {}
+        """Per kept shot (frame id): its registered view and the instruments found in it."""
         for name in self.settings.detect_instruments:
             if name not in self.instruments:
                 raise InstrumentError(f"unknown instrument {name!r} to detect; known instruments: "
@@ -291,7 +294,12 @@ class Pipeline:
         self.results += 1
         out: list[Message] = [pose]
         if result.ok and self.settings.detect_instruments and not self._instrument_tracked():
-            out += self._detected_instruments(image.image, result.views[0])  # views[0]: this frame
+            if len(result.views) == len(outcome.shot_frame_ids) > 1:  # a joint registration re-placed the shots
+                for frame_id, view in zip(outcome.shot_frame_ids[1:], result.views[1:]):
+                    if frame_id in self._shot_detections:
+                        self._shot_detections[frame_id] = (view, self._shot_detections[frame_id][1])
+            out += self._detected_instruments(image.image, result.views[0],  # views[0]: this frame
+                                              _finite_or_none(result.uncertainty_in_plane_mm) or 0.0)
         if self.settings.overlay:
             out.append(self._overlay(frame, result))
         return out
@@ -339,10 +347,11 @@ class Pipeline:
         except (ImageError, ViewError, CalibrationError) as exc:
             log.warning("skipped frame %d not kept as a shot: %s", frame.frame_id, exc)
 
-    def _detected_instruments(self, image: np.ndarray, view: View) -> list[InstrumentState]:
+    def _detected_instruments(self, image: np.ndarray, view: View, view_sigma_mm: float) -> list[InstrumentState]:
         """Instruments found in the registered frame itself (no tracker; ``view``: its
-        registered geometry), as image-derived states; the depth along the viewing ray
-        comes from the bone (labels or the CT)."""
+        registered geometry, ``view_sigma_mm`` its in-plane uncertainty), as image-derived
+        states; the depth along the viewing ray comes from another kept shot where the
+        instrument was found too (``_with_other_shots``), else from the bone (labels or the CT)."""
         models = [self.instruments[name] for name in self.settings.detect_instruments]
         bone = self.labels if self.labels is not None else self.registrator.mu
         try:
@@ -351,8 +360,13 @@ class Pipeline:
         except GuidanceError as exc:
             log.warning("frame %d: instrument detection failed: %s", self.frame_id, exc)
             return []
+        kept = set(self.shots.book.frame_ids)
+        self._shot_detections = {k: v for k, v in self._shot_detections.items() if k in kept}
+        if self.frame_id in kept:
+            self._shot_detections[self.frame_id] = (view, tuple(e.detections[0] for e in estimates))
         states = []
         for estimate in estimates:
+            estimate = self._with_other_shots(estimate, view, view_sigma_mm)
             fields = {}
             if self.plan:
                 trajectory, deviation = nearest_trajectory(estimate.tip_world, estimate.axis_world, self.plan)
@@ -361,8 +375,30 @@ class Pipeline:
                                                        "depth_along_trajectory_mm", "tip_to_target_mm")}}
             states.append(InstrumentState(frame_id=self.frame_id, tool_id=estimate.model.name,
                                           tip_world=estimate.tip_world, axis_world=estimate.axis_world, status="ok",
-                                          image_derived=True, source=self.settings.source, **fields))
+                                          image_derived=True, source=self.settings.source,
+                                          uncertainty_in_plane_mm=_finite_or_none(estimate.tip_sigma_mm),
+                                          uncertainty_depth_mm=_finite_or_none(estimate.depth_sigma_mm),
+                                          uncertainty_axis_deg=_finite_or_none(estimate.axis_sigma_deg), **fields))
         return states
+
+    def _with_other_shots(self, estimate: InstrumentEstimate, view: View, view_sigma_mm: float) -> InstrumentEstimate:
+        """A single-view estimate made full 3D with the same instrument found in a kept shot
+        of another orientation (``combine_with_earlier_view``: the shaft planes of the two
+        registered views; the tip on this frame's ray, so the instrument may have moved along
+        its axis since that shot); the combination with the smallest depth uncertainty, or
+        the estimate as it was when no shot combines."""
+        if estimate.n_views != 1:
+            return estimate
+        options = []
+        for frame_id, (shot_view, detections) in self._shot_detections.items():
+            if frame_id == self.frame_id:
+                continue
+            for earlier in detections:
+                combined = combine_with_earlier_view(estimate.detections[0], view, earlier, shot_view,
+                                                     view_sigma_mm=view_sigma_mm)
+                if combined is not None:
+                    options.append(combined)
+        return min(options, key=lambda e: e.depth_sigma_mm) if options else estimate
 
     def _check_geometry(self, frame: Frame) -> None:
         """Reject a frame whose view cannot see the CT (wrong or corrupted geometry)."""

@@ -399,7 +399,10 @@ class InstrumentState(Message):
     surface to the corridor wall ahead, negative when protruding) and
     ``travel_to_breach_mm`` (>= 0).
     ``image_derived``: True when the pose was found in the X-ray image itself (no tracker
-    sample), False when tracked.
+    sample), False when tracked; then its 1-sigma uncertainties (optional, >= 0):
+    ``uncertainty_in_plane_mm`` (tip, across the viewing ray), ``uncertainty_depth_mm``
+    (tip, along the ray: large from one view, small when two shots were combined) and
+    ``uncertainty_axis_deg``.
     """
 
     kind: ClassVar[str] = "instrument_state"
@@ -424,11 +427,16 @@ class InstrumentState(Message):
     travel_to_breach_mm: float | None = None
     image_derived: bool = False
     acquired_ns: int = 0
+    uncertainty_in_plane_mm: float | None = None
+    uncertainty_depth_mm: float | None = None
+    uncertainty_axis_deg: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _set(self, "frame_id", _int(self.frame_id, "frame_id", minimum=0))
         _set(self, "tool_id", _str(self.tool_id, "tool_id", nonempty=True))
+        for name in ("uncertainty_in_plane_mm", "uncertainty_depth_mm", "uncertainty_axis_deg"):
+            _set(self, name, _opt_float(getattr(self, name), name, lo=0.0))
         _set(self, "acquired_ns", _int(self.acquired_ns, "acquired_ns", minimum=0))
         _set(self, "to_target_along_plan_mm", _opt_float(self.to_target_along_plan_mm, "to_target_along_plan_mm"))
         _set(self, "breach_mm", _opt_float(self.breach_mm, "breach_mm", lo=0.0))

@@ -57,6 +57,7 @@ __all__ = [
     "detect_in_view",
     "single_view_estimate",
     "detect_instruments",
+    "combine_with_earlier_view",
 ]
 
 
@@ -118,7 +119,8 @@ class ViewDetection:
     ``gradient_correlation`` in [-1, 1]; ``gain``: fitted contrast relative to the
     model; ``tip_sigma_px``: 1-sigma in-plane tip uncertainty from the fit (pixels);
     ``far_uv``: the projected far (handle-side) end of the working part when it lies in
-    the image (then tip and far end might be swapped), else None.
+    the image (then tip and far end might be swapped), else None; ``direction_sigma_deg``:
+    1-sigma of the shaft's image direction from the fit.
     """
 
     model: InstrumentModel
@@ -130,6 +132,7 @@ class ViewDetection:
     gain: float
     tip_sigma_px: float
     far_uv: np.ndarray | None = None
+    direction_sigma_deg: float = math.nan
 
     def swapped(self) -> "ViewDetection":
         """The same shaft with tip and far end exchanged (needs ``far_uv``)."""
@@ -657,6 +660,7 @@ def _refine_single(view: View, start: _Start, far_visible: bool, settings: Detec
         return None
     return ViewDetection(model=model, tip_uv=tip_fit, direction_uv=_unit(tip_fit - far_uv), tip_cam=tip_cam,
                          axis_cam=axis_cam, gradient_correlation=gc, gain=gain, tip_sigma_px=tip_sigma,
+                         direction_sigma_deg=math.degrees(math.sqrt(max(float(cov[2, 2]), 0.0))),
                          far_uv=far_uv if far_visible else None)
 
 
@@ -1161,3 +1165,94 @@ def _guided_search(det: ViewDetection, view: View, other: View, residual: np.nda
     if found is None or found.gradient_correlation < settings.min_guided_correlation:
         return None
     return found
+
+
+TIP_SIGMA_FLOOR_PX = 0.5
+"""Least 1-sigma in-plane tip error (pixels) of a detection when views are combined: the fit's
+own sigma (image noise alone) is ten times smaller than the bench's in-plane errors (p90
+0.2-0.45 mm at 0.6 mm pixels), which come from the anatomy under the tip."""
+DIRECTION_SIGMA_FLOOR_DEG = 0.2
+"""Least 1-sigma image direction error of a detection when views are combined (the fit's own
+is a few hundredths of a degree; the same anatomy bias as ``TIP_SIGMA_FLOOR_PX``)."""
+
+
+def _shaft_plane(detection: ViewDetection, view: View) -> tuple[np.ndarray, np.ndarray]:
+    """(X-ray source, unit normal), world: the plane through the source that holds the
+    detected shaft's image line (every 3D position of the shaft that this view shows)."""
+    T_world_from_cam = invert_rigid(view.T_cam_from_world)
+    normal = _unit(T_world_from_cam[:3, :3] @ np.cross(detection.tip_cam, detection.axis_cam))
+    return T_world_from_cam[:3, 3], normal
+
+
+def _mm_per_px(view: View, point_world: np.ndarray) -> float:
+    depth = float(transform_points(view.T_cam_from_world, point_world)[2])
+    return depth / max(view.K[0, 0], view.K[1, 1])
+
+
+def combine_with_earlier_view(detection: ViewDetection, view: View, earlier: ViewDetection, earlier_view: View, *,
+                              max_travel_mm: float = 40.0, min_plane_angle_deg: float = 10.0,
+                              view_sigma_mm: float = 0.0) -> InstrumentEstimate | None:
+    """Full 3D pose of an instrument found now in ``view`` and earlier, in another
+    orientation, in ``earlier_view`` (each view registered, e.g. the AP fluoroscopy frame
+    and the lateral shot the multi-shot registration keeps).
+
+    The instrument may have advanced or withdrawn along its axis between the two frames:
+    the shaft's line stays in the earlier view's shaft plane (source and shaft image line),
+    its tip does not. So the axis is the intersection of the two views' shaft planes and
+    the tip is where the current tip ray meets it (both lie in the current shaft plane).
+    None when the models differ, the planes meet at under ``min_plane_angle_deg`` (the
+    views cannot place the line), or the tip lies more than ``max_travel_mm`` along the
+    axis from where the earlier view put it (not the same instrument, or moved too far).
+    Uncertainties, first order: ``tip_sigma_mm`` from the current fit (at least
+    ``TIP_SIGMA_FLOOR_PX``) and
+    ``view_sigma_mm`` (the registered views' own 1-sigma error across the beam, at the
+    instrument, in each view; it dominates a fit's sigma); ``depth_sigma_mm``
+    (along the current ray) from the current tip's in-plane sigma over the tangent of the
+    angle between ray and axis, and the earlier tip's sigma moving the earlier plane;
+    ``axis_sigma_deg`` from both fits' direction sigmas (at least ``DIRECTION_SIGMA_FLOOR_DEG``)
+    over the sine of the planes' angle.
+    """
+    if detection.model.name != earlier.model.name:
+        return None
+    source, n_now = _shaft_plane(detection, view)
+    source_then, n_then = _shaft_plane(earlier, earlier_view)
+    cross = np.cross(n_now, n_then)
+    sin_planes = float(np.linalg.norm(cross))
+    if sin_planes < math.sin(math.radians(min_plane_angle_deg)):
+        return None
+    axis = cross / sin_planes
+    # A point of the line: on both planes, nearest the current source.
+    offsets = np.array([n_now @ source, n_then @ source_then, axis @ source])
+    point = np.linalg.solve(np.array([n_now, n_then, axis]), offsets)
+
+    def on_line(origin: np.ndarray, tip_uv: np.ndarray, v: View) -> tuple[np.ndarray, float]:
+        """Where the tip ray through ``tip_uv`` of view ``v`` meets the line (closest point on
+        the line), and the sine of the angle between ray and line."""
+        ray = backproject(v.K, v.T_cam_from_world, tip_uv[None])[1][0]
+        b = float(ray @ axis)
+        w = point - origin
+        t = (b * (w @ ray) - (w @ axis)) / max(1.0 - b * b, 1e-12)
+        return point + t * axis, math.sqrt(max(1.0 - b * b, 0.0))
+
+    tip, sin_now = on_line(source, detection.tip_uv, view)
+    tip_then, _ = on_line(source_then, earlier.tip_uv, earlier_view)
+    if abs(float((tip - tip_then) @ axis)) > max_travel_mm:
+        return None
+    agreement = 0.0  # the axis's sign: its projections run from the handle towards the tip as the images show
+    for det, v in ((detection, view), (earlier, earlier_view)):
+        shown = project(v.P, np.array([tip - 10.0 * axis, tip]))
+        agreement += float((shown[1] - shown[0]) @ det.direction_uv)
+    axis = axis if agreement >= 0 else -axis
+    sigma_now = math.hypot(max(detection.tip_sigma_px, TIP_SIGMA_FLOOR_PX) * _mm_per_px(view, tip), view_sigma_mm)
+    sigma_then = math.hypot(max(earlier.tip_sigma_px, TIP_SIGMA_FLOOR_PX) * _mm_per_px(earlier_view, tip_then),
+                            view_sigma_mm)
+    ray_now = backproject(view.K, view.T_cam_from_world, detection.tip_uv[None])[1][0]
+    cos_now = math.sqrt(max(1.0 - sin_now ** 2, 0.0))
+    depth_sigma = math.hypot(sigma_now * cos_now / max(sin_now, 1e-3),
+                             sigma_then / max(abs(float(ray_now @ n_then)), 1e-3))
+    direction_sigma = math.hypot(*(max(d.direction_sigma_deg, DIRECTION_SIGMA_FLOOR_DEG)
+                                   if math.isfinite(d.direction_sigma_deg) else 1.0 for d in (detection, earlier)))
+    return InstrumentEstimate(model=detection.model, tip_world=tip, axis_world=axis, n_views=2,
+                              score=min(detection.gradient_correlation, earlier.gradient_correlation),
+                              tip_sigma_mm=sigma_now, depth_sigma_mm=depth_sigma,
+                              axis_sigma_deg=direction_sigma / sin_planes, detections=(detection, earlier))
