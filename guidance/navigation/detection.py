@@ -324,7 +324,7 @@ def propose_segments(residual: np.ndarray, width_px: float, expected_peak: float
     peak_u[:, 1:-1] = (smooth[:, 1:-1] >= smooth[:, :-2]) & (smooth[:, 1:-1] >= smooth[:, 2:])
     peak_v[1:-1] = (smooth[1:-1] >= smooth[:-2]) & (smooth[1:-1] >= smooth[2:])
     mask = ((smooth > threshold) & (peak_u | peak_v)).astype(np.uint8)
-    lines = cv2.HoughLinesP(mask, 1.0, math.pi / 180.0, int(min_length_px), minLineLength=min_length_px,
+    lines = cv2.HoughLinesP(mask, 1.0, math.pi / 360.0, int(min_length_px), minLineLength=min_length_px,
                             maxLineGap=3)
     if lines is None:
         return []
