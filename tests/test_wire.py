@@ -71,7 +71,7 @@ EXAMPLES = {
         guide_tool_id="aiming_guide", guide_entry_error_mm=0.75, guide_angle_error_deg=0.5, guide_aligned=True),
     "instrument_state_image_derived": wire.InstrumentState(
         frame_id=7, tool_id="kwire", tip_world=[1.0, 2.0, 3.0], axis_world=[0.0, 0.0, -1.0], status="ok",
-        image_derived=True),
+        image_derived=True, uncertainty_in_plane_mm=0.3, uncertainty_depth_mm=2.5, uncertainty_axis_deg=0.5),
     "instrument_state_no_plan": wire.InstrumentState(
         frame_id=1, tool_id="awl", tip_world=np.zeros(3), axis_world=np.array([0.0, 0.0, 1.0]),
         status="stale"),
@@ -330,7 +330,8 @@ def test_instrument_state_checks():
     for change, match in [({"axis_world": [0.0, 0.0, 2.0]}, "unit vector"),
                           ({"tip_world": [1.0, 2.0]}, r"shape \(3,\)"),
                           ({"angle_to_trajectory_deg": 190.0}, "angle_to_trajectory_deg"),
-                          ({"tool_id": ""}, "'tool_id' must not be empty")]:
+                          ({"tool_id": ""}, "'tool_id' must not be empty"),
+                          ({"uncertainty_depth_mm": -1.0}, r"'uncertainty_depth_mm' must lie in \[0.0, ")]:
         _reject(_with_header(parts, {**_header(parts), **change}), match)
 
 
