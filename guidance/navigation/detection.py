@@ -300,7 +300,7 @@ def _noise_sigma(residual: np.ndarray) -> float:
     """Robust noise level of a top-hat image (median absolute deviation of its high-pass,
     over every other pixel in u and v: a quarter of the pixels estimate it as well)."""
     high = residual - cv2.GaussianBlur(residual, (0, 0), 2.0)
-    return max(float(np.median(np.abs(high[::2, ::2]))) * 1.4826 * 1.2, 1e-6)
+    return max(float(np.median(np.abs(high))) * 1.4826 * 1.2, 1e-6)
 
 
 def propose_segments(residual: np.ndarray, width_px: float, expected_peak: float, *,
@@ -569,8 +569,13 @@ def _single_view_poses(Kinv: np.ndarray, tips_uv: np.ndarray, theta: float, phi:
 def _single_view_pose(Kinv: np.ndarray, tip_uv: np.ndarray, theta: float, phi: float,
                       depth_mm: float) -> tuple[np.ndarray, np.ndarray]:
     """``_single_view_poses`` for one tip pixel: (tip_cam, axis_cam), each (3,)."""
-    tips, axes = _single_view_poses(Kinv, tip_uv, theta, phi, depth_mm)
-    return tips[0], axes[0]
+    def ray(uv: np.ndarray) -> np.ndarray:
+        return _unit(Kinv @ np.array([uv[0], uv[1], 1.0]))
+
+    r = ray(tip_uv)
+    r2 = ray(tip_uv + np.array([math.cos(theta), math.sin(theta)]))
+    e = _unit(r2 - (r2 @ r) * r)
+    return r * depth_mm / r[2], math.cos(phi) * e + math.sin(phi) * r
 
 
 @dataclass
