@@ -23,8 +23,10 @@ instrument's tip and axis in CT coordinates (world, LPS mm):
 
 One view gives the tip's ray and the in-plane direction; its depth comes from the
 anatomy (assumed docked on the most posterior bone surface along that ray: a posterior
-approach) with an uncertainty. Two or more views give the full 3D pose (triangulated,
-then refined jointly). Direction convention as in ``guidance.navigation.instruments``:
+approach) with an uncertainty. Two or more views of one moment give the full 3D pose
+(triangulated, then refined jointly); a view and an earlier one of another orientation,
+the instrument having moved along its axis in between, give it from the two shaft planes
+(``combine_with_earlier_view``). Direction convention as in ``guidance.navigation.instruments``:
 ``axis_world`` points from the handle towards the tip.
 """
 
