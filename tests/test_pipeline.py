@@ -497,11 +497,14 @@ def test_instruments_found_in_two_shots_of_different_orientation_are_placed_in_3
     """No tracker: a lateral shot, then an AP frame after the K-wire advanced 20 mm. The
     pipeline keeps both shots (multi-shot registration) and combines the AP detection with
     the lateral one (shaft planes of the two registered views): the published tip is within
-    4 mm of the truth in 3D at this coarse detector (the AP alone: the depth of the bone
-    surface, about 20 mm off), within 3 sigma of its published uncertainty, which is a
+    5 mm of the truth in 3D at this coarse detector (2.8-4.0 mm measured, with the
+    registration's own error) and a quarter of the error of the AP frame's detection alone
+    (the depth of the bone surface), within 3 sigma of its published uncertainty, which is a
     fraction of the lateral shot's own (depth from the anatomy)."""
+    from guidance.core.images import preprocess
     from guidance.core.instrument_models import get_instrument
     from guidance.live.wire import InstrumentState
+    from guidance.navigation.detection import detect_instruments
     from guidance.navigation.instruments import tip_and_axis
     from sim.scenario import START_OUTSIDE_MM, Scenario, ScenarioPlayer
 
@@ -522,10 +525,15 @@ def test_instruments_found_in_two_shots_of_different_orientation_are_placed_in_3
         (state,) = [m for m in out if isinstance(m, InstrumentState)]
         states.append(state)
     assert pipeline.shots.book.frame_ids == (1, 2)
-    tip, axis = tip_and_axis(player.state_at(t_s).T_world_from_tool, get_instrument("kwire"))
+    kwire = get_instrument("kwire")
+    tip, axis = tip_and_axis(player.state_at(t_s).T_world_from_tool, kwire)
+    ap_view = sim_frame.view.with_pose(out[0].views[0]["T_cam_from_world"])
+    (alone,) = detect_instruments([preprocess(sim_frame.pixels, ap_view).image], [ap_view], [kwire],
+                                  focus_world=registrator.centre(None), bone=phantom.labels)
     lateral, ap = states
     error_mm = float(np.linalg.norm(ap.tip_world - tip))
-    assert ap.image_derived and error_mm <= 4.0 and error_mm <= 3.0 * ap.uncertainty_depth_mm
+    assert ap.image_derived and error_mm <= 5.0 and error_mm <= 0.25 * np.linalg.norm(alone.tip_world - tip)
+    assert error_mm <= 3.0 * ap.uncertainty_depth_mm
     axis_error_deg = np.degrees(np.arccos(min(1.0, float(ap.axis_world @ axis))))
     assert axis_error_deg <= 2.0 and axis_error_deg <= 3.0 * ap.uncertainty_axis_deg
     assert 3.0 * ap.uncertainty_depth_mm < lateral.uncertainty_depth_mm
