@@ -497,8 +497,8 @@ def test_instruments_found_in_two_shots_of_different_orientation_are_placed_in_3
     """No tracker: a lateral shot, then an AP frame after the K-wire advanced 20 mm. The
     pipeline keeps both shots (multi-shot registration) and combines the AP detection with
     the lateral one (shaft planes of the two registered views): the published tip is within
-    5 mm of the truth in 3D at this coarse detector (2.8-4.0 mm measured, with the
-    registration's own error) and a quarter of the error of the AP frame's detection alone
+    5 mm of the truth in 3D at this coarse detector (2.8-4.0 mm measured as the
+    registration changed) and a quarter of the error of the AP frame's detection alone
     (the depth of the bone surface), within 3 sigma of its published uncertainty, which is a
     fraction of the lateral shot's own (depth from the anatomy)."""
     from guidance.core.images import preprocess
