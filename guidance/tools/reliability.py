@@ -506,6 +506,7 @@ def _memory_rows(pipeline, display, monitor, duration_s: float, row) -> None:
 
 
 def _fake_and_replay_rows(source, display, monitor, frame_ep, keys, phantom, out, row) -> None:
+    recorded = _first_pose(monitor)  # a real ok pose to replay, taken while the C-arm streams
     # A squatter without an accepted key on the frame port while the C-arm is stopped.
     source.stop()
     outsider_dir = out / "outsider-keys"
@@ -523,7 +524,6 @@ def _fake_and_replay_rows(source, display, monitor, frame_ep, keys, phantom, out
     fake_ok = display.ok_between(t0 + 0.6, time.time())  # after the last real pose went stale
     row("fake ok poses (no key, squatting the frame port) shown as valid (screens)", fake_ok, "0", fake_ok == 0)
     # Replays by a holder of the pipeline key, to a display that listens to it.
-    recorded = _first_pose(monitor)
     source.start()
     replay_ep = free_tcp_endpoint()
     screens_dir = out / "replay-screens"
