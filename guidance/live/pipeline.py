@@ -31,7 +31,6 @@ import numpy as np
 from calibration.distortion import undistort_image, undistort_maps
 from calibration.errors import CalibrationError
 from calibration.files import Calibration, check_matches, distortion_model
-from guidance.core.drr import render_drr
 from guidance.core.geometry import invert_rigid, project
 from guidance.core.images import ImageError, PreparedImage, preprocess
 from guidance.core.errors import GuidanceError
@@ -232,18 +231,19 @@ class Pipeline:
         That is numba's DRR kernels, one-thread and parallel (read from numba's disk cache,
         compiled only when the cache is missing or stale) with numba's thread pool, and the
         rendering volumes of ``settings.level`` (built once, then kept by the registrator).
-        It renders a 16 x 16 px DRR of every pyramid volume with each kernel, in a view of
-        the registration's rotation centre: the same argument types as the registration's
-        renders, so the same compiled code. Nothing is registered or published."""
+        It renders a 16 x 16 px DRR of the anatomy (bone and soft tissue) of every pyramid
+        level with each kernel, in a view of the registration's rotation centre: the same
+        argument types as the registration's renders, so the same compiled code. Nothing is
+        registered or published."""
         t0 = time.perf_counter()
         self.warming_up = True
         try:
             level = self.settings.level
             view = carm_view(isocenter_world=self.registrator.centre(level)).downsampled(32)
             for spacing_mm in self.registrator.prepared.spacings_mm:
-                volume = self.registrator.drr_volume(level, spacing_mm)
+                anatomy = self.registrator.anatomy(level, spacing_mm)
                 for parallel in (False, True):
-                    render_drr(volume, view, parallel=parallel)
+                    anatomy.render(view, parallel=parallel)
         finally:
             self.warming_up = False
         return time.perf_counter() - t0
