@@ -29,6 +29,9 @@ Between entries, K is interpolated bilinearly and the pose as a correction of th
 isocentric C-arm (``guidance.core.views.carm_view``): ``C = T_cam_from_world @ inv(T_ideal)``
 per entry, rotations blended with ``scipy.spatial.transform.Slerp``, translations and K
 bilinearly, giving ``T = C(angles) @ T_ideal(angles)``.
+
+scipy is imported by the functions that use it: the live pipeline imports this module (through
+``calibration.files``) and should not spend a second of its start-up on scipy.
 """
 
 from __future__ import annotations
@@ -38,9 +41,6 @@ from typing import Callable
 
 import cv2
 import numpy as np
-from scipy.optimize import least_squares, linear_sum_assignment
-from scipy.spatial import cKDTree
-from scipy.spatial.transform import Rotation, Slerp
 
 from calibration.blobs import Blobs, attenuation_image, detect_blobs
 from calibration.errors import CalibrationError, matrix_field
@@ -156,6 +156,8 @@ def _coarse_alignment(det_uv: np.ndarray, det_cls: np.ndarray, pred_uv: np.ndarr
     prediction lies within ``gate_px``). Translation hypotheses pair each of the
     ``n_seeds`` anchor-class detections nearest the detections' median with every
     anchor-class prediction; the scales cover magnification errors."""
+    from scipy.spatial import cKDTree
+
     centre = np.median(det_uv, axis=0)
     cand = np.flatnonzero(det_cls == anchor_cls)
     seeds = cand[np.argsort(np.linalg.norm(det_uv[cand] - centre, axis=1))[:n_seeds]]
@@ -184,6 +186,8 @@ def match_bbs(det_uv: np.ndarray, det_cls: np.ndarray, pred_uv: np.ndarray,
     """One-to-one matching of predicted BB positions to same-class detections minimising
     the summed squared distance (Hungarian); pairs further apart than ``gate_px`` are
     left unmatched. Returns (predicted indices, detection indices)."""
+    from scipy.optimize import linear_sum_assignment
+
     d2 = ((pred_uv[:, None, :] - det_uv[None, :, :]) ** 2).sum(axis=2)
     cost = np.where((d2 <= gate_px ** 2) & (pred_cls[:, None] == det_cls[None, :]), d2, _BIG)
     rows, cols = linear_sum_assignment(cost)
@@ -229,6 +233,8 @@ def dlt_projection(points_mm: np.ndarray, uv: np.ndarray) -> np.ndarray:
 
 def _unpack(x: np.ndarray, aspect: float | None) -> tuple[np.ndarray, np.ndarray]:
     """(K, T) from parameters [fx, (fy), u0, v0, rotvec(3), t(3)]."""
+    from scipy.spatial.transform import Rotation
+
     if aspect is None:
         fx, fy, u0, v0 = x[:4]
         rest = x[4:]
@@ -251,6 +257,9 @@ def refine_camera(points_mm: np.ndarray, uv: np.ndarray, K0: np.ndarray,
     ``f_scale_px`` go to ``scipy.optimize.least_squares``. Returns (K, T, std) with std
     the one-sigma uncertainties of fx, fy, u0, v0 (px).
     """
+    from scipy.optimize import least_squares
+    from scipy.spatial.transform import Rotation
+
     X = np.asarray(points_mm, dtype=float)
     x_obs = np.asarray(uv, dtype=float)
     aspect = K0[1, 1] / K0[0, 0] if fix_aspect else None
@@ -339,6 +348,8 @@ def calibrate_from_blobs(blobs: Blobs, phantom: BBPhantom, K_nominal: np.ndarray
     the image size, or a focal length changed by more than ``max_focal_change``): such
     results come from wrong correspondences (a plate's grid matched one cell off).
     """
+    from scipy.spatial import cKDTree
+
     W, H = image_size
     X_all = phantom.positions_mm
     cls_all = phantom.size_class
@@ -524,6 +535,8 @@ def sagging_carm_view(lao_deg: float, cranial_deg: float, *, sag_mm: float = 2.0
     displaced by about ``sag_mm`` and turned by ``sag_deg``, the principal point moves by
     about ``pp_shift_px`` and the SDD by ``sdd_change_mm``, each varying as the sine or
     cosine of the angles. ``kwargs`` go to ``guidance.core.views.carm_view``."""
+    from scipy.spatial.transform import Rotation
+
     a, b = np.deg2rad(lao_deg), np.deg2rad(cranial_deg)
     ideal = carm_view(lao_deg=lao_deg, cranial_deg=cranial_deg, **kwargs)
     W, H = ideal.image_size
@@ -551,6 +564,8 @@ def _bracket(values: list[float], x: float, name: str) -> tuple[float, float, fl
 
 
 def _slerp(R0: np.ndarray, R1: np.ndarray, t: float) -> np.ndarray:
+    from scipy.spatial.transform import Rotation, Slerp
+
     rots = Rotation.from_matrix(np.stack([R0, R1]))
     return Slerp([0.0, 1.0], rots)([t]).as_matrix()[0]
 

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-from scipy.spatial import cKDTree
 
 from calibration.blobs import Blobs, attenuation_image, detect_blobs
 from calibration.errors import CalibrationError
@@ -202,6 +201,8 @@ def assign_grid_indices(uv: np.ndarray, *,
     outwards from the centre. Returns (ij (N, 2) int, indexed (N,) bool); indices are
     relative to the central dot.
     """
+    from scipy.spatial import cKDTree
+
     uv = np.asarray(uv, dtype=float)
     if len(uv) < 9:
         raise CalibrationError(f"need at least 9 grid dots, got {len(uv)}")

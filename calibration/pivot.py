@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy.optimize import least_squares
-from scipy.spatial.transform import Rotation
 
 from calibration.errors import CalibrationError
 from guidance.core.geometry import make_rigid
@@ -99,6 +97,8 @@ def pivot_linear(T_tracker_from_tool: np.ndarray) -> PivotResult:
 
 def pivot_sphere(T_tracker_from_tool: np.ndarray) -> PivotResult:
     """Tip offset and pivot point from a sphere fitted to the tool origins."""
+    from scipy.optimize import least_squares
+
     T = _check_poses(T_tracker_from_tool)
     R, t = T[:, :3, :3], T[:, :3, 3]
     _stacked_system(R)
@@ -126,6 +126,8 @@ def pose_from_markers(markers_tool_mm: np.ndarray, markers_tracker_mm: np.ndarra
     """``T_tracker_from_tool`` best aligning marker positions (M, 3) known in the tool frame
     with their measured tracker positions (M, 3): least-squares rigid fit (Kabsch, via
     ``scipy.spatial.transform.Rotation.align_vectors``)."""
+    from scipy.spatial.transform import Rotation
+
     a = np.asarray(markers_tool_mm, dtype=float)
     b = np.asarray(markers_tracker_mm, dtype=float)
     ca, cb = a.mean(axis=0), b.mean(axis=0)
@@ -158,6 +160,8 @@ def simulate_pivot_poses(*, n_poses: int = 100,
     ``marker_noise_mm`` per axis and the pose is fitted to the noisy markers, so position
     and rotation noise are coupled as with a real optical tracker.
     """
+    from scipy.spatial.transform import Rotation
+
     rng = np.random.default_rng(seed)
     tip = np.asarray(tip_offset_mm, dtype=float)
     pivot = np.asarray(pivot_point_mm, dtype=float)

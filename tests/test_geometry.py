@@ -102,3 +102,26 @@ def test_check_rigid_errors():
     mirror = np.diag([-1.0, 1.0, 1.0, 1.0])
     with pytest.raises(GeometryError):
         check_rigid(mirror)
+
+
+def test_rotvec_conversions_match_scipy():
+    """The NumPy conversions against scipy's Rotation (independent reference), over random
+    axes and angles from 0 to 180 deg, tiny angles and angles next to 180 deg."""
+    from scipy.spatial.transform import Rotation
+
+    rng = np.random.default_rng(3)
+    axes = rng.normal(size=(60, 3))
+    axes /= np.linalg.norm(axes, axis=1, keepdims=True)
+    angles = np.r_[rng.uniform(0.0, np.pi, 40), 1e-12, 1e-7, 1e-4, 2e-3, np.pi - 1e-9, np.pi - 1e-5,
+                   np.pi, rng.uniform(np.pi - 0.1, np.pi, 13)]
+    for axis, angle in zip(axes, angles):
+        rotvec = axis * angle
+        R = rotation_from_rotvec(rotvec)
+        assert_allclose(R, Rotation.from_rotvec(rotvec).as_matrix(), atol=1e-14)
+        reference = Rotation.from_matrix(R).as_rotvec()
+        got = rotvec_from_rotation(R)
+        if angle < np.pi - 1e-6:
+            assert_allclose(got, reference, atol=1e-12)
+        else:  # at 180 deg v and -v are the same rotation
+            assert_allclose(rotation_from_rotvec(got), R, atol=1e-12)
+            assert np.linalg.norm(got) == pytest.approx(np.linalg.norm(reference), abs=1e-9)

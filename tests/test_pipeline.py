@@ -432,15 +432,29 @@ def test_overlay_is_published_as_png_of_the_frame(registrator, frames, phantom):
     assert (np.ptp(picture.astype(int), axis=2) > 40).sum() > 50
 
 
-def test_a_slow_start_beats_starting_then_no_frames(registrator, phantom):
+class GatedWarmUp(Pipeline):
+    """A real pipeline whose warm-up first waits for ``gate`` (so its heartbeat state can be seen)."""
+
+    def __init__(self, *args, gate: threading.Event, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gate = gate
+
+    def warm_up(self) -> float:
+        self.warming_up = True
+        self.gate.wait(20)
+        return super().warm_up()
+
+
+def test_a_slow_start_beats_starting_then_warming_up_then_no_frames(registrator, phantom):
     """Built by a factory (loading a CT takes a while), the pipeline beats from its first
-    loop: "starting" until it is built, then "no_frames" while no frame comes."""
+    loop: "starting" until it is built, "warming_up" while its kernels load, then
+    "no_frames" while no frame comes."""
     frame_endpoint, result_endpoint = free_tcp_endpoint(), free_tcp_endpoint()
-    release, stop = threading.Event(), threading.Event()
+    release, warm, stop = threading.Event(), threading.Event(), threading.Event()
 
     def build():
         release.wait(20)
-        return Pipeline(registrator, plan=phantom.plan)
+        return GatedWarmUp(registrator, plan=phantom.plan, gate=warm)
 
     results = Subscriber(result_endpoint)
     thread = threading.Thread(target=run_pipeline, args=(build,), kwargs=dict(
@@ -449,9 +463,12 @@ def test_a_slow_start_beats_starting_then_no_frames(registrator, phantom):
     try:
         wait_for(results, lambda m: m.kind == "heartbeat" and m.state == "starting")
         release.set()
+        wait_for(results, lambda m: m.kind == "heartbeat" and m.state == "warming_up")
+        warm.set()
         wait_for(results, lambda m: m.kind == "heartbeat" and m.state == "no_frames")
     finally:
         release.set()
+        warm.set()
         stop.set()
         thread.join(timeout=10)
         results.close()
@@ -460,6 +477,56 @@ def test_a_slow_start_beats_starting_then_no_frames(registrator, phantom):
                                             r"from the loop's \(max_frame_px 512"):
         run_pipeline(build, frame_endpoints=[frame_endpoint], result_endpoint=result_endpoint, stop=stop,
                      max_frame_px=512)
+
+
+STARTUP_SNIPPET = """
+import json, pickle, sys
+import calibration.files, guidance.live.calibrations, guidance.live.pipeline, guidance.live.serve, run_guidance
+import sim.subject
+heavy = [m for m in ("scipy.optimize", "scipy.ndimage", "scipy.spatial", "SimpleITK", "pydicom") if m in sys.modules]
+from guidance.core import drr
+from guidance.live.pipeline import Pipeline
+from guidance.live.wire import decode
+from guidance.registration.register import Registrator
+from sim.phantom import make_phantom
+
+def loaded():
+    return [len(drr._cast_serial.signatures), len(drr._cast_parallel.signatures)]
+
+phantom = make_phantom(seed=0, spacing_mm=1.5)
+pipeline = Pipeline(Registrator(phantom.ct, labels=phantom.labels), plan=phantom.plan)
+before = loaded()
+pipeline.warm_up()
+warmed = loaded()
+pose = pipeline.on_frame(decode(pickle.load(open(sys.argv[1], "rb"))))[0]
+print(json.dumps({"heavy": heavy, "from_cache": pipeline.registrator.prepared.from_cache, "before": before,
+                  "warmed": warmed, "after": loaded(), "mode": pose.mode}))
+"""
+
+
+def test_a_started_pipeline_imports_no_scipy_and_its_warm_up_loads_the_registration_kernels(
+        frames, registrator, tmp_path):
+    """In a fresh process, as a started pipeline: its modules import neither scipy's
+    optimizers, ndimage and spatial, nor SimpleITK nor pydicom (seconds of start-up it does
+    not need); its prepared CT comes from the cache; ``warm_up`` loads both DRR kernels,
+    and the first global registration then needs no other compiled variant of them."""
+    import pickle
+    import subprocess
+    import sys
+
+    frame_file = tmp_path / "frame.pkl"
+    frame_file.write_bytes(pickle.dumps(encode(frames[0])))
+    assert registrator.prepared is not None  # the prepared CT is in the session's cache folder
+    result = subprocess.run([sys.executable, "-c", STARTUP_SNIPPET, str(frame_file)], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["heavy"] == []
+    assert report["from_cache"]
+    assert report["before"] == [0, 0]
+    assert min(report["warmed"]) >= 1
+    assert report["after"] == report["warmed"]
+    assert report["mode"] == "global"
 
 
 def test_instruments_found_in_the_image_without_a_tracker(phantom, registrator):

@@ -6,8 +6,10 @@ column points, ``x_to = T_to_from_from @ [x, y, z, 1]``. The camera frame is
 OpenCV's: origin at the X-ray focal spot, +z along the principal ray towards the
 detector, +x along image columns u, +y along image rows v.
 
-scipy is imported by the functions that use it (a second to import; the live processes
-import this module before their first heartbeat).
+Rotations are converted to and from axis-angle vectors here in NumPy (Rodrigues'
+formula; Shepperd's quaternion method back), not with scipy: importing scipy takes about a
+second, and the live pipeline needs these conversions before its first pose. scipy is
+imported by the functions that use it.
 """
 
 from __future__ import annotations
@@ -82,17 +84,40 @@ def rotation_about_axis(axis: np.ndarray, angle_deg: float) -> np.ndarray:
 
 
 def rotation_from_rotvec(rotvec_rad: np.ndarray) -> np.ndarray:
-    """3x3 rotation from an axis-angle vector (radians)."""
-    from scipy.spatial.transform import Rotation
-
-    return Rotation.from_rotvec(np.asarray(rotvec_rad, dtype=float).reshape(3)).as_matrix()
+    """3x3 rotation from an axis-angle vector (radians): Rodrigues' formula
+    ``I + sin(t)/t K + 2 sin(t/2)^2/t^2 K^2`` with K the cross-product matrix of the vector
+    and t its length (the half-angle form has no cancellation at small angles)."""
+    v = np.asarray(rotvec_rad, dtype=float).reshape(3)
+    angle = float(np.sqrt(v @ v))
+    if angle == 0.0:
+        return np.eye(3)
+    K = np.array([[0.0, -v[2], v[1]], [v[2], 0.0, -v[0]], [-v[1], v[0], 0.0]])
+    return np.eye(3) + (np.sin(angle) / angle) * K + (2.0 * np.sin(0.5 * angle) ** 2 / angle**2) * (K @ K)
 
 
 def rotvec_from_rotation(R: np.ndarray) -> np.ndarray:
-    """Axis-angle vector (radians, angle in [0, pi]) of a 3x3 rotation."""
-    from scipy.spatial.transform import Rotation
-
-    return Rotation.from_matrix(np.asarray(R, dtype=float)[:3, :3]).as_rotvec()
+    """Axis-angle vector (radians, angle in [0, pi]) of a 3x3 rotation, through its unit
+    quaternion (Shepperd's method: built from the largest of the diagonal and the trace,
+    so it stays accurate near 180 deg)."""
+    R = np.asarray(R, dtype=float)[:3, :3]
+    diagonal_and_trace = np.r_[np.diag(R), np.trace(R)]
+    i = int(np.argmax(diagonal_and_trace))
+    q = np.empty(4)  # x, y, z, w
+    if i == 3:
+        q[:] = R[2, 1] - R[1, 2], R[0, 2] - R[2, 0], R[1, 0] - R[0, 1], 1.0 + diagonal_and_trace[3]
+    else:
+        j, k = (i + 1) % 3, (i + 2) % 3
+        q[i] = 1.0 - diagonal_and_trace[3] + 2.0 * R[i, i]
+        q[j] = R[j, i] + R[i, j]
+        q[k] = R[k, i] + R[i, k]
+        q[3] = R[k, j] - R[j, k]
+    q /= np.linalg.norm(q)
+    if q[3] < 0.0:
+        q = -q
+    sin_half = float(np.linalg.norm(q[:3]))
+    angle = 2.0 * np.arctan2(sin_half, q[3])
+    scale = 2.0 + angle**2 / 12.0 + 7.0 * angle**4 / 2880.0 if angle < 1e-3 else angle / sin_half
+    return scale * q[:3]
 
 
 def rotation_angle_deg(T_or_R: np.ndarray) -> float:

@@ -5,6 +5,9 @@ attenuation) with DRRs. ``preprocess`` turns each intensity kind into that:
 ``raw`` by -log(I / I0), ``line_integral`` as is, ``display`` by robust windowing
 and, because the monitor's polarity is unknown, an explicit or detected polarity.
 It also finds the valid pixels (inside the collimator, finite, not saturated).
+
+SimpleITK and the DICOM reader (pydicom) are imported by the file readers and writers
+that use them: the live pipeline imports this module only to preprocess frames.
 """
 
 from __future__ import annotations
@@ -14,9 +17,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import SimpleITK as sitk
 
-from guidance.core.dicom import is_dicom, read_xray_dicom
 from guidance.core.errors import GuidanceError
 from guidance.core.views import View
 
@@ -47,6 +48,10 @@ def read_xray(path: str | Path) -> np.ndarray:
     or DICOM XA/RF (``guidance.core.dicom.read_xray_dicom``, the one DICOM reader, so the
     pixels are oriented as every DICOM read gives them; the first frame of a multi-frame
     file). Returns the pixel array [v, u]."""
+    import SimpleITK as sitk
+
+    from guidance.core.dicom import is_dicom, read_xray_dicom
+
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"X-ray image not found: {path}")
@@ -73,6 +78,8 @@ def read_xray(path: str | Path) -> np.ndarray:
 
 def write_xray(image: np.ndarray, path: str | Path) -> None:
     """Write an X-ray image: integer images to PNG/TIFF, float images to .mha/.nrrd."""
+    import SimpleITK as sitk
+
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in (".png", ".tif", ".tiff"):

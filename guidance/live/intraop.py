@@ -21,7 +21,6 @@ import time
 from dataclasses import dataclass, field, replace
 
 import numpy as np
-import SimpleITK as sitk
 
 from guidance.core.errors import GuidanceError
 from guidance.core.geometry import invert_rigid
@@ -117,6 +116,8 @@ def registration_quality(ct: Volume, intraop: Volume, T_scanner_from_world: np.n
     """(NCC, overlap) of the pre-op ``ct`` and the ``intraop`` volume mapped onto it by
     ``T_scanner_from_world``: NCC over the body voxels inside the scan's field of view,
     overlap = their fraction of the body, both on a ``quality_grid_mm`` grid."""
+    import SimpleITK as sitk  # here: the pipeline imports this module, and starts faster without it
+
     s = settings or IntraopSettings()
     fixed = resample(ct, spacing=(s.quality_grid_mm,) * 3)
     reference = volume_to_sitk(fixed)

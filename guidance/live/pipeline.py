@@ -51,7 +51,7 @@ from guidance.live.intraop import IntraopError, IntraopSettings, register_intrao
 from guidance.live.serve import PIPELINE_SOURCE
 from guidance.live.transport import DEFAULT_MAX_FRAME_PX
 from guidance.core.volume import Volume
-from guidance.core.views import View, ViewError
+from guidance.core.views import View, ViewError, carm_view
 from guidance.live.wire import (Frame, InstrumentState, Message, Overlay, PoseResult, TargetPose, TrackerSample,
                                 VolumeFrame)
 
@@ -203,6 +203,8 @@ class Pipeline:
         self.frame_id = 0
         self.registering = False
         """True while a global registration runs (heartbeat state "registering")."""
+        self.warming_up = False
+        """True while ``warm_up`` runs (heartbeat state "warming_up")."""
         self.results = 0
         """Poses produced so far."""
         self.last_frame_ns: int | None = None
@@ -222,6 +224,32 @@ class Pipeline:
         if self.settings.distortion is not None:
             model = distortion_model(self.settings.distortion)
             self._undistort = (model, undistort_maps(model))
+
+    # -- start-up ------------------------------------------------------------------------
+
+    def warm_up(self) -> float:
+        """Load now what the first registration would otherwise load on its first calls,
+        while no frame is being registered; returns the seconds it took.
+
+        That is numba's DRR kernels, one-thread and parallel (read from numba's disk cache,
+        compiled only when the cache is missing or stale) with numba's thread pool, and the
+        rendering volumes of ``settings.level`` (built once, then kept by the registrator).
+        It renders a 16 x 16 px DRR of the anatomy (bone and soft tissue) of every pyramid
+        level with each kernel, in a view of the registration's rotation centre: the same
+        argument types as the registration's renders, so the same compiled code. Nothing is
+        registered or published."""
+        t0 = time.perf_counter()
+        self.warming_up = True
+        try:
+            level = self.settings.level
+            view = carm_view(isocenter_world=self.registrator.centre(level)).downsampled(32)
+            for spacing_mm in self.registrator.prepared.spacings_mm:
+                anatomy = self.registrator.anatomy(level, spacing_mm)
+                for parallel in (False, True):
+                    anatomy.render(view, parallel=parallel)
+        finally:
+            self.warming_up = False
+        return time.perf_counter() - t0
 
     # -- frames --------------------------------------------------------------------------
 
@@ -654,9 +682,11 @@ class Pipeline:
         return out
 
     def heartbeat_state(self, now_ns: int | None = None) -> str:
-        """What the pipeline is doing: "registering" (a global registration runs, or frames
-        came and no pose yet), "no_frames" (none within ``no_frames_after_s``), "tracking"
-        (last pose ok) or "failed" (last pose failed)."""
+        """What the pipeline is doing: "warming_up" (``warm_up`` runs), "registering" (a
+        global registration runs, or frames came and no pose yet), "no_frames" (none within
+        ``no_frames_after_s``), "tracking" (last pose ok) or "failed" (last pose failed)."""
+        if self.warming_up:
+            return "warming_up"
         now_ns = time.time_ns() if now_ns is None else now_ns
         no_frames = self.last_frame_ns is None or now_ns - self.last_frame_ns > self.settings.no_frames_after_s * 1e9
         if self.registering or (self.results == 0 and not no_frames):

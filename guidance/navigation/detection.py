@@ -39,7 +39,6 @@ from dataclasses import dataclass
 import cv2
 import numba
 import numpy as np
-from scipy.optimize import least_squares
 
 from guidance.core.errors import GuidanceError
 from guidance.core.geometry import backproject, invert_rigid, project, transform_points
@@ -639,6 +638,8 @@ def _refine_single(view: View, start: _Start, far_visible: bool, settings: Detec
     is in the image, the out-of-plane angle (a weak prior keeps it near its start; without
     the far end it stays fixed: the image cannot show it); None if the result fails
     verification."""
+    from scipy.optimize import least_squares  # here: the live pipeline starts faster without scipy
+
     model, band = start.model, start.band
     prior_rad = math.radians(20.0)
     n = 4 if far_visible else 3
@@ -964,6 +965,8 @@ def _refine_multi(views: list[View], bands: list[_Band], tip0: np.ndarray, axis0
                   model: InstrumentModel) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Joint least-squares fit over the views of (tip_world, axis_world tip -> handle);
     returns them and the 5x5 covariance of (tip mm, axis tilts rad)."""
+    from scipy.optimize import least_squares
+
     b1 = _unit(np.cross(axis0, np.eye(3)[int(np.argmin(np.abs(axis0)))]))
     b2 = np.cross(axis0, b1)
 

@@ -15,6 +15,9 @@ A prepared CT is saved with ``np.savez`` (arrays and a JSON header, no pickled
 objects) under a name derived from a hash of the CT's voxels and geometry, the label
 map and the settings that shape the pyramid. A file whose stored hash or format
 version does not match, or that fails to load, is rebuilt, never used.
+
+SimpleITK and scipy are imported by the functions that use them (preparing, a vertebra's
+volume): a live pipeline that loads its prepared CT from the cache does not wait for them.
 """
 
 from __future__ import annotations
@@ -29,8 +32,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import SimpleITK as sitk
-from scipy import ndimage
 
 
 from guidance.core.drr import DrrVolume, prepare_volume, render_drr
@@ -173,6 +174,8 @@ class PreparedCT:
         keep = labels == int(label)
         if not keep.any():
             raise VolumeError(f"label {label} is not present in the label map")
+        from scipy import ndimage
+
         keep = ndimage.binary_dilation(keep, iterations=LABEL_MARGIN_VOXELS)
         mu = dv.mu
         only = Volume(np.where(keep, mu, 0.0).astype(np.float32), dv.T_world_from_index, "mu_per_mm")
@@ -229,6 +232,8 @@ def _smoothed(volume: Volume, spacing_mm: float) -> Volume:
     spacing, applied as block means (whole voxels up to the new spacing per axis, which
     make the grid smaller and the filter cheaper) and a Gaussian for the rest of the
     variance (a box of width w has variance w^2 / 12)."""
+    import SimpleITK as sitk
+
     factors = np.maximum(1, np.floor(spacing_mm / volume.spacing + 1e-6)).astype(int)
     reduced = _block_mean(volume, factors) if factors.max() > 1 else volume
     box_variance = (factors * volume.spacing) ** 2 / 12.0

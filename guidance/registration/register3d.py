@@ -5,6 +5,8 @@ Mattes mutual information (robust to the different intensity calibration of a
 CBCT), a 2-level shrink/smooth pyramid, regular-step gradient descent with
 physical-shift parameter scales, and a geometric or moments initialisation done as
 a separate step. Optionally restricted to one vertebra by a fixed-image mask.
+SimpleITK is imported when a registration runs (the live pipeline imports this module
+for its settings).
 """
 
 from __future__ import annotations
@@ -12,11 +14,15 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import SimpleITK as sitk
 
 from guidance.core.volume import Volume, volume_to_sitk
 from guidance.registration.errors import RegistrationError
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
 
 __all__ = ["Register3dSettings", "Register3dResult", "register_volumes"]
 
@@ -73,6 +79,8 @@ class Register3dResult:
 
 def _matrix(transform: sitk.Transform) -> np.ndarray:
     """4x4 of a SimpleITK rigid/affine transform (maps fixed points to moving points)."""
+    import SimpleITK as sitk
+
     tx = sitk.Euler3DTransform(transform) if not isinstance(transform, sitk.Euler3DTransform) else transform
     A = np.array(tx.GetMatrix()).reshape(3, 3)
     c = np.array(tx.GetCenter())
@@ -93,6 +101,8 @@ def register_volumes(
     """Rigidly register ``moving`` onto ``fixed`` (both in HU); returns
     ``T_moving_from_fixed``. ``fixed_mask`` (bool, fixed grid) restricts the metric,
     e.g. to one vertebra's label dilated by ``mask_margin_mm``."""
+    import SimpleITK as sitk
+
     s = settings or Register3dSettings()
     if s.initialisation not in INITIALISATIONS:
         raise RegistrationError(f"initialisation must be one of {', '.join(INITIALISATIONS)}; got {s.initialisation!r}")

@@ -16,7 +16,7 @@ loop (``run_display``, "display" key) and a monitor ("monitor" key) watch. Then:
 - kill -9 of the pipeline: time until the display says STALE, frames with a published
   pose missing from the recording;
 - start-up of the pipeline process: its first heartbeat (send stamp), built (first
-  heartbeat past "starting"), first ok pose split into that pose's registration and the
+  heartbeat past "starting"), warmed up (past "warming_up"), first ok pose split into that pose's registration and the
   rest (target: the rest <= 1 s);
 - restarts in several orders: time from the last start to the first ok pose (or screen),
   split the same way;
@@ -232,19 +232,23 @@ class _Display:
         self._thread.join()
 
 
-def _first_heartbeats(result_ep: str, keys: CurveKeys, timeout_s: float) -> tuple[Heartbeat | None, float | None]:
+def _first_heartbeats(result_ep: str, keys: CurveKeys,
+                      timeout_s: float) -> tuple[Heartbeat | None, float | None, float | None]:
     """The pipeline's first heartbeat seen (its ``stamp_ns`` says when it was sent, its
     ``seq`` how many were sent before it, lost while this subscriber was still connecting),
-    and the send time (s, epoch) of its first heartbeat past "starting" (built: ready)."""
-    first = None
+    and the send times (s, epoch) of its first heartbeats past "starting" (built) and past
+    "warming_up" (ready for its first frame)."""
+    first = built_s = None
     with Subscriber(result_ep, topics=("heartbeat",), keys=keys, server_role="pipeline") as sub:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             msg = sub.recv(max(0.0, deadline - time.monotonic()))
             first = first or msg
-            if msg is not None and msg.state != "starting":
-                return first, msg.stamp_ns / 1e9
-    return first, None
+            if msg is not None and msg.state != "starting" and built_s is None:
+                built_s = msg.stamp_ns / 1e9
+            if msg is not None and msg.state not in ("starting", "warming_up"):
+                return first, built_s, msg.stamp_ns / 1e9
+    return first, built_s, None
 
 
 def _first_ok_pose(monitor: Subscriber, after_ns: int, timeout_s: float,
@@ -340,12 +344,13 @@ def run_reliability(out_dir: str | Path, *, duration_s: float = 600.0, fps: floa
         source.start()
         started = pipeline.start()
         display = _Display(frame_ep, result_ep, phantom.ct, phantom.plan, keys["display"], out / "screens")
-        beat, ready_s = _first_heartbeats(result_ep, keys["monitor"], START_TIMEOUT_S)
+        beat, built_s, ready_s = _first_heartbeats(result_ep, keys["monitor"], START_TIMEOUT_S)
         row("start-up: pipeline process start -> its first heartbeat seen: sent (s, its stamp), seq, state",
             "none" if beat is None else f"{beat.stamp_ns / 1e9 - started:.2f}, {beat.seq}, {beat.state}",
             "well under 1 s")
-        row("start-up: pipeline process start -> built (first heartbeat past 'starting', s)",
-            _round(None if ready_s is None else ready_s - started))
+        row("start-up: pipeline process start -> built (first heartbeat past 'starting'), warmed up (past "
+            "'warming_up') (s)", f"{_round(None if built_s is None else built_s - started)}, "
+            f"{_round(None if ready_s is None else ready_s - started)}")
         _start_row("start-up: pipeline process start -> first ok pose", monitor, started, row)
         _probe_rows(source, pipeline, display, monitor, row)
         _memory_rows(pipeline, display, monitor, duration_s, row)
@@ -501,6 +506,7 @@ def _memory_rows(pipeline, display, monitor, duration_s: float, row) -> None:
 
 
 def _fake_and_replay_rows(source, display, monitor, frame_ep, keys, phantom, out, row) -> None:
+    recorded = _first_pose(monitor)  # a real ok pose to replay, taken while the C-arm streams
     # A squatter without an accepted key on the frame port while the C-arm is stopped.
     source.stop()
     outsider_dir = out / "outsider-keys"
@@ -518,7 +524,6 @@ def _fake_and_replay_rows(source, display, monitor, frame_ep, keys, phantom, out
     fake_ok = display.ok_between(t0 + 0.6, time.time())  # after the last real pose went stale
     row("fake ok poses (no key, squatting the frame port) shown as valid (screens)", fake_ok, "0", fake_ok == 0)
     # Replays by a holder of the pipeline key, to a display that listens to it.
-    recorded = _first_pose(monitor)
     source.start()
     replay_ep = free_tcp_endpoint()
     screens_dir = out / "replay-screens"
