@@ -33,7 +33,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-
 from guidance.core.drr import DrrVolume, prepare_volume, render_drr
 from guidance.core.errors import GuidanceError
 from guidance.core.views import View

@@ -69,7 +69,9 @@ class RegistrationSettings:
     further levels); a registration without global search (tracking, per vertebra)
     runs ``local_max_fev`` iterations per level. Two
     refined candidates more than ``ambiguity_distance_mm`` apart at the rotation centre
-    whose costs differ by less than ``ambiguity_margin`` make the result ambiguous.
+    whose costs differ by less than ``ambiguity_margin`` times the best one's dissimilarity
+    (1 - similarity: how much of the image the model does not explain) make the result
+    ambiguous.
     ``prior_weight`` weighs a Gaussian prior on the parameters (when a registration is
     given ``prior_sd``) against the image residuals. ``residual_correlation_px2`` is the
     area (pixels) over which residuals of neighbouring pixels are correlated (blur,
@@ -103,7 +105,7 @@ class RegistrationSettings:
     fixed_blur_px: float = 0.7
     roi_margin_mm: float = 5.0
     prior_weight: float = 0.05
-    ambiguity_margin: float = 0.03
+    ambiguity_margin: float = 0.06
     ambiguity_distance_mm: float = 5.0
     residual_correlation_px2: float = 100.0
     parallel_render: bool | None = None
@@ -281,9 +283,9 @@ class Registrator:
     # -- volumes -------------------------------------------------------------------------
 
     def anatomy(self, level: int | None, spacing_mm: float) -> AnatomyModel:
-        """What is rendered for one vertebra (label id: its bone alone) or all (None: all
-        bone and the soft tissue), on the coarsest prepared grid whose spacing is at most
-        ``spacing_mm``."""
+        """What is rendered for one vertebra (label id: its bone and the soft tissue) or
+        all (None: all bone and the soft tissue), on the coarsest prepared grid whose
+        spacing is at most ``spacing_mm``."""
         index = self.prepared.pyramid_index(spacing_mm)
         if level is None:
             return self.prepared.anatomy(index)
@@ -291,7 +293,7 @@ class Registrator:
         if key not in self._label_volumes:
             if self.prepared.labels[0] is None:
                 raise RegistrationError("per-vertebra registration needs a label map")
-            self._label_volumes[key] = AnatomyModel(self.prepared.volume(index, level))
+            self._label_volumes[key] = AnatomyModel(self.prepared.volume(index, level), self.prepared.soft)
         return self._label_volumes[key]
 
     def centre(self, level: int | None) -> np.ndarray:
@@ -474,9 +476,10 @@ class Registrator:
         for other in ranked[1:]:
             apart_mm = point_displacement_mm(param.correction(best.x), param.correction(other.x), centre)
             gap = other.outcome.fun - best.outcome.fun
-            if apart_mm > s.ambiguity_distance_mm and gap < s.ambiguity_margin:
+            limit = s.ambiguity_margin * (1.0 + best.outcome.fun)  # the cost is -similarity
+            if apart_mm > s.ambiguity_distance_mm and gap < limit:
                 return (f"ambiguous: two poses {apart_mm:.0f} mm apart match almost equally "
-                        f"(cost gap {gap:.3f} < {s.ambiguity_margin})")
+                        f"(cost gap {gap:.3f} < {limit:.3f})")
         return None
 
     def _distinct(self, ranked: list[_Candidate], param: PoseParameterization, centre: np.ndarray,
@@ -599,7 +602,8 @@ class Registrator:
         T_corr = param.correction(x)
         converged = best.outcome.converged or settled
         verdict = assess(similarity, per_view_sim if len(views) > 1 else [], converged, T_corr, centre,
-                         s.quality, in_plane_sd_mm=in_plane_sd, depth_sd_mm=depth_sd)
+                         s.quality if level is None else s.quality.for_one_vertebra(),
+                         in_plane_sd_mm=in_plane_sd, depth_sd_mm=depth_sd)
         if ambiguity is not None and verdict.status == "ok":
             verdict = replace(verdict, status="failed", reason=ambiguity)
         est_views = [v.with_pose(v.T_cam_from_world @ invert_rigid(T_corr)) for v in views]
