@@ -94,6 +94,12 @@ def test_sim_streams_a_real_ct(files, capsys):
     out = capsys.readouterr().out
     stats = json.loads(out[out.index("{"):])
     assert stats["frames"] == 2 and stats["tracker_samples"] == 2 * 3
-    assert run_guidance.main(argv[:1] + ["--ct", str(files[0]), "--plain"]) == 2  # nothing to aim at
-    assert run_guidance.main(["sim", "--target", "0", "0", "0", "--plain"]) == 2  # --target needs --ct
-    assert "--target need --ct" in capsys.readouterr().err
+    assert run_guidance.main(argv[:1] + ["--ct", str(files[0]), "--plain"]) == 2
+    assert "needs target_world" in capsys.readouterr().err  # nothing to aim at
+
+
+@pytest.mark.parametrize("argv", [["sim", "--target", "0", "0", "0", "--plain"],
+                                  ["bench", "latency", "--labels", "l.nii.gz", "--target", "0", "0", "0"]])
+def test_real_ct_options_need_a_ct(argv, capsys):
+    assert run_guidance.main(argv) == 2
+    assert "need --ct" in capsys.readouterr().err
