@@ -18,6 +18,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -30,6 +31,11 @@ from guidance.core.geometry import invert_rigid
 from guidance.core.instrument_models import get_instrument
 from guidance.navigation.instruments import tip_and_axis
 from guidance.live.wire import Frame, Heartbeat, InstrumentState, PoseResult, VolumeFrame
+
+if TYPE_CHECKING:  # the processes import the simulator themselves, after they start
+    from sim.phantom import Phantom
+    from sim.scenario import Scenario
+    from sim.subject import Subject
 
 __all__ = ["DemoReport", "DemoSubject", "clean_demo_outputs", "format_summary", "run_demo"]
 
@@ -145,21 +151,21 @@ class DemoSubject:
     labels: str | None = None
     plan: str | None = None
 
-    def load(self):
+    def load(self) -> Subject:
         """The ``sim.subject.Subject`` (CT, labels, plan)."""
         from sim.subject import load_subject
 
         return load_subject(self.ct, labels=self.labels, plan=self.plan, phantom_seed=self.seed)
 
-    def anatomy(self):
+    def anatomy(self) -> Phantom | Subject:
         """What the simulator plays on: the ``Phantom`` itself (its vertebra frames), or the CT subject."""
         from sim.phantom import make_phantom
 
         return make_phantom(seed=self.seed) if self.ct is None else self.load()
 
 
-def _sim_process(frame_endpoint: str, scenario, subject: DemoSubject, prerender: bool, intraop_at_s: float | None,
-                 speed: float, keys_dir: str | None, log_level: int, stop) -> None:
+def _sim_process(frame_endpoint: str, scenario: Scenario, subject: DemoSubject, prerender: bool,
+                 intraop_at_s: float | None, speed: float, keys_dir: str | None, log_level: int, stop) -> None:
     """Spawned: the simulator's ``scenario`` on ``subject`` (an intra-op scan at
     ``intraop_at_s``), published at ``speed`` until it ends."""
     _start_child(2 if prerender else 1, log_level)  # pre-rendering: nothing else runs yet
