@@ -179,16 +179,37 @@ def _run_bench(args) -> tuple[str, object]:
         rows = run_reliability(args.out, duration_s=args.duration or 600.0)
         return format_rows(rows), rows
     if args.what == "latency":
-        from guidance.tools.demo import DEMO_SHOTS, format_summary, run_demo
+        from guidance.tools.bench_latency import bench_latency
+        from guidance.tools.demo import format_summary
 
-        report = run_demo(args.out, duration_s=args.duration or 120.0, with_display=False, print_rows=False,
-                          prerender=True, lead_shots=() if args.single_view else DEMO_SHOTS, speed=args.speed)
-        summary = report.summary()
-        return format_summary(summary), {"summary": summary, "rows": report.rows}
+        _ct_options_need_ct(args)
+        result = bench_latency(args.out, duration_s=args.duration or 120.0, speed=args.speed,
+                               single_view=args.single_view, ct=args.ct, labels=args.labels, plan=args.plan,
+                               target_world=args.target)
+        return format_summary(result["summary"]), result
     from calibration.bench import format_table, run_calibration_benchmark
 
     rows = run_calibration_benchmark()
     return format_table(rows), rows
+
+
+def _ct_options_need_ct(args) -> None:
+    """--labels, --plan and --target describe a CT: refused without --ct."""
+    given = [name for name in ("labels", "plan", "target") if getattr(args, name) is not None]
+    if given and not args.ct:
+        raise UsageError(f"{', '.join('--' + name for name in given)} need --ct (the phantom has its own)")
+
+
+def _add_real_ct_scenario_arguments(p: argparse.ArgumentParser, what: str) -> None:
+    """--ct, --labels, --plan and --target of a simulated scenario on a real CT."""
+    p.add_argument("--ct", help=f"{what}: a real CT (HU; NIfTI, MHA, NRRD or DICOM folder) instead of the phantom")
+    p.add_argument("--labels", help=f"{what}: label map on the --ct grid; without --target the scenario aims at "
+                   "the centroid of its level (L3 unless --level)")
+    p.add_argument("--plan", help=f"{what}: screw plan JSON (guidance.plan/1) for --ct: the instrument follows its "
+                   "trajectory of the level and side; without it a straight posterior path to the target")
+    p.add_argument("--target", type=float, nargs=3, metavar=("X", "Y", "Z"),
+                   help=f"{what}: with --ct, the point (LPS mm) the C-arm isocentre and the instrument aim at, and "
+                   "where the pose error is scored; default: the --labels centroid of the level")
 
 
 def cmd_bench(args) -> int:
@@ -448,12 +469,13 @@ def cmd_sim(args) -> int:
         from sim.phantom import make_phantom
         from sim.scenario import Scenario
 
+        _ct_options_need_ct(args)
         scenario = Scenario(duration_s=args.duration, fps=args.fps or 15.0, mode=args.mode, intensity=args.intensity,
                             instrument=None if args.instrument == "none" else args.instrument,
                             target_level=level_name(args.level), target_side=args.side, seed=args.seed,
                             lead_shots=tuple(_angle_pairs(args.lead_shots)), shot_interval_s=args.shot_interval,
-                            instrument_medial_deg=args.medial_deg)
-        phantom = make_phantom(seed=args.phantom_seed)
+                            instrument_medial_deg=args.medial_deg, target_world=args.target)
+        phantom = _subject(args) if args.ct else make_phantom(seed=args.phantom_seed)
         print(f"sim: {scenario.mode} {scenario.duration_s:.0f} s at {scenario.fps:g} fps on {args.frame_endpoint}",
               flush=True)
         stats = run_sim(scenario, phantom, frame_endpoint=args.frame_endpoint, speed=None if args.fast else args.speed,
@@ -561,6 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the rows as JSON to this file")
     p.add_argument("--repeats", type=int, default=20, help="drr: renders per case")
     p.add_argument("--shared-data", default=str(SHARED_DATA), help="folder of the real CT data")
+    _add_real_ct_scenario_arguments(p, "latency")
     p.add_argument("--seed", type=int, default=0, help="breach: seed of the first phantom and of the simulated paths")
     p.add_argument("--phantoms", type=int, default=2, help="breach: phantoms (seeds seed, seed + 1, ...)")
     p.add_argument("--cases", type=int, default=40, help="instruments: biplane cases")
@@ -658,6 +681,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "view from its tags (fps: --fps, else the file's FrameTime)")
     p.add_argument("--isocenter", type=float, nargs=3, default=(0.0, 0.0, 0.0), metavar=("X", "Y", "Z"),
                    help="--dicom: the C-arm isocentre in CT coordinates (LPS mm), the registration's first guess")
+    _add_real_ct_scenario_arguments(p, "scenario")
     _add_security_arguments(p)
     p.set_defaults(func=cmd_sim)
 

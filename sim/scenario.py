@@ -1,6 +1,7 @@
 """Scripted intra-operative scenarios: a C-arm, a moving patient and a tracked instrument.
 
-Frames (docs/conventions.md): world = LPS mm of the pre-operative CT (the phantom); camera =
+Frames (docs/conventions.md): world = LPS mm of the pre-operative CT (the phantom, or a
+real CT: ``sim.subject.Subject``); camera =
 the C-arm source frame (OpenCV pinhole); tool / reference / tracker = the frames of the
 instrument's marker array, the patient reference array and the optical tracker.
 
@@ -22,7 +23,8 @@ What the system believes and what really happens:
   ``T_tracker_from_tool = T_tracker_from_cam @ T_cam_from_world @ T_world_from_tool``
   (reference array and instrument get seeded tracker noise in their own frame).
 - The instrument follows the planned trajectory of ``target_level`` / ``target_side``
-  (in CT coordinates: the surgeon follows the anatomy): its tip starts
+  (in CT coordinates: the surgeon follows the anatomy; on a CT without a plan, a straight
+  posterior path to the target point, ``scenario_site``): its tip starts
   ``START_OUTSIDE_MM`` before the entry point and advances at ``advance_mm_per_s`` to the
   target, where it stops. It is rendered into the X-ray as a steel cylinder.
 
@@ -55,10 +57,12 @@ from guidance.core.instrument_models import (
     get_instrument,
 )
 from guidance.core.plan import SIDES, trajectory_endpoints
-from guidance.core.levels import LUMBAR
+from guidance.core.levels import LUMBAR, level_label
 from guidance.core.errors import GuidanceError
 from guidance.core.views import INTENSITY_KINDS, View, carm_view
+from guidance.core.volume import Volume, VolumeError, label_centroid_world
 from sim.phantom import Phantom
+from sim.subject import Subject
 from sim.xray import XrayParams, acquire, labelled_view, prepare_anatomy
 
 __all__ = [
@@ -72,6 +76,9 @@ __all__ = [
     "SimState",
     "SimFrame",
     "ScenarioPlayer",
+    "POSTERIOR_PATH_MM",
+    "ScenarioSite",
+    "scenario_site",
     "tool_pose_on_trajectory",
     "instrument_line_integral",
 ]
@@ -90,6 +97,9 @@ _TRACKER_OFFSET_WORLD = np.array([-600.0, 1200.0, -900.0])
 above a prone patient's back, towards the feet."""
 _REFERENCE_IN_VERTEBRA = np.array([0.0, 90.0, 30.0])
 """Reference array origin in the target vertebra's frame (mm): behind the spinous process."""
+POSTERIOR_PATH_MM = 50.0
+"""On a CT without a plan, the instrument's entry point lies this far posterior (+y) of the
+target point (a pedicle screw's length)."""
 
 
 class ScenarioError(GuidanceError):
@@ -113,6 +123,19 @@ def _non_negative(scenario: "Scenario", *names: str) -> None:
         value = getattr(scenario, name)
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
             raise ScenarioError(f"{name} must be a non-negative number; got {value!r}")
+
+
+def _point(value: object, name: str) -> tuple[float, float, float] | None:
+    """None, or three finite numbers (world mm) as a tuple."""
+    if value is None:
+        return None
+    try:
+        point = tuple(float(x) for x in value)
+    except (TypeError, ValueError):
+        point = ()
+    if len(point) != 3 or not all(math.isfinite(x) for x in point):
+        raise ScenarioError(f"{name} must be None or three finite numbers (x, y, z world mm); got {value!r}")
+    return point
 
 
 def _angle_pair(value: object, name: str) -> tuple[float, float]:
@@ -145,6 +168,9 @@ class Scenario:
     ``tracker_noise_mm`` and RMS rotation ``tracker_noise_deg`` of each noisy sample.
     ``tracked``: False for fluoroscopy alone, no optical tracker: no tracker sample is sent
     (instrument, reference array and C-arm alike), the instrument is only in the images.
+    ``target_world``: on a CT subject (not the phantom), the point (LPS mm) the C-arm's
+    isocentre and the instrument aim at (``scenario_site``); None: the label centroid of
+    ``target_level``, else the plan's target.
     """
 
     duration_s: float = 20.0
@@ -174,6 +200,7 @@ class Scenario:
     tracker_noise_deg: float = 0.2
     tracked: bool = True
     seed: int = 0
+    target_world: tuple[float, float, float] | None = None
 
     def __post_init__(self) -> None:
         _allowed("mode", self.mode, MODES)
@@ -202,6 +229,7 @@ class Scenario:
         if not shots:
             raise ScenarioError("shots must hold at least one (lao_deg, cranial_deg) pair")
         object.__setattr__(self, "shots", shots)
+        object.__setattr__(self, "target_world", _point(self.target_world, "target_world"))
         object.__setattr__(self, "fluoro_angles", _angle_pair(self.fluoro_angles, "fluoro_angles"))
         object.__setattr__(self, "lead_shots",
                            tuple(_angle_pair(s, f"lead_shots[{i}]") for i, s in enumerate(self.lead_shots)))
@@ -361,6 +389,70 @@ def instrument_line_integral(view: View, T_cam_from_tool: np.ndarray, model: Ins
     return out
 
 
+# ---------------------------------------------------------------------------- site
+
+
+@dataclass(frozen=True)
+class ScenarioSite:
+    """Where a scenario plays on its anatomy (world LPS mm): ``T_world_from_vertebra``, the
+    target vertebra's frame (its origin is the C-arm isocentre; x left, y posterior, z
+    superior), and the instrument's path ``entry_world`` -> ``target_world`` as planned
+    (before ``instrument_medial_deg`` turns it)."""
+
+    T_world_from_vertebra: np.ndarray
+    entry_world: np.ndarray
+    target_world: np.ndarray
+
+
+def _planned(scenario: Scenario, plan: list[dict], whose: str) -> dict:
+    """The plan's trajectory of the scenario's target level and side; ScenarioError if none."""
+    matches = [t for t in plan if t.get("level") == scenario.target_level and t.get("side") == scenario.target_side]
+    if not matches:
+        planned = ", ".join(f"{t.get('level')}/{t.get('side')}" for t in plan)
+        raise ScenarioError(f"{whose} plan has no {scenario.target_level}/{scenario.target_side} "
+                            f"trajectory; planned: {planned}")
+    return matches[0]
+
+
+def _aim_point(scenario: Scenario, labels: Volume | None, trajectory: dict | None) -> np.ndarray:
+    """The point a scenario on a CT aims at (world mm): ``target_world``, else the label
+    centroid of ``target_level``, else the planned trajectory's target."""
+    if scenario.target_world is not None:
+        return np.array(scenario.target_world)
+    if labels is not None:
+        try:
+            return label_centroid_world(labels, level_label(scenario.target_level))
+        except VolumeError as exc:
+            raise ScenarioError(f"no target point for {scenario.target_level}: {exc}; give target_world") from None
+    if trajectory is not None:
+        return trajectory_endpoints(trajectory)[1]
+    raise ScenarioError("a CT without labels or plan needs target_world: the point (LPS mm) that the C-arm "
+                        "and the instrument aim at")
+
+
+def scenario_site(scenario: Scenario, anatomy: Phantom | Subject) -> ScenarioSite:
+    """The site of ``scenario`` on the phantom (its planned trajectory of ``target_level`` /
+    ``target_side`` and that vertebra's frame) or on a CT subject: a vertebra frame with
+    the world's axes at the aim point (``Scenario.target_world``, else the label centroid
+    of ``target_level``, else the plan's target), and the plan's trajectory of that level
+    and side, or without a plan a straight posterior path from ``POSTERIOR_PATH_MM``
+    behind the aim point to it (``target_side`` then plays no part). ScenarioError when
+    the plan has no such trajectory or nothing gives an aim point."""
+    if isinstance(anatomy, Phantom):
+        if scenario.target_world is not None:
+            raise ScenarioError("target_world is for a CT subject; on the phantom a scenario aims at its "
+                                "planned vertebra")
+        entry, target = trajectory_endpoints(_planned(scenario, anatomy.plan, "the phantom's"))
+        return ScenarioSite(anatomy.T_world_from_vertebra[scenario.target_level], entry, target)
+    trajectory = None if anatomy.plan is None else _planned(scenario, anatomy.plan, "the")
+    aim = _aim_point(scenario, anatomy.labels, trajectory)
+    if trajectory is not None:
+        entry, target = trajectory_endpoints(trajectory)
+    else:
+        entry, target = aim + np.array([0.0, POSTERIOR_PATH_MM, 0.0]), aim
+    return ScenarioSite(make_rigid(np.eye(3), aim), entry, target)
+
+
 # ---------------------------------------------------------------------------- player
 
 
@@ -378,35 +470,30 @@ def _noisy(T: np.ndarray, rng: np.random.Generator, rms_mm: float, rms_deg: floa
 
 
 class ScenarioPlayer:
-    """Computes the state and the image of a ``Scenario`` at any time, on a ``Phantom``.
+    """Computes the state and the image of a ``Scenario`` at any time, on a ``Phantom`` or
+    a CT ``Subject`` (where: ``scenario_site``).
 
-    The constructor prepares the DRR volumes (the full CT incl. soft tissue) and the fixed
-    poses; ``state_at(t)`` is cheap, ``frame_at(t)`` renders (the anatomy once per pose:
-    ``ANATOMY_IMAGES_KEPT``). Raises ScenarioError when the
-    phantom's plan has no trajectory for the scenario's target level and side.
+    The constructor prepares the DRR volumes (the full CT incl. soft tissue, ``self.ct``)
+    and the fixed poses; ``state_at(t)`` is cheap, ``frame_at(t)`` renders (the anatomy
+    once per pose: ``ANATOMY_IMAGES_KEPT``). Raises ScenarioError when the plan has no
+    trajectory for the scenario's target level and side, or a CT has no aim point.
     """
 
-    def __init__(self, scenario: Scenario, phantom: Phantom) -> None:
+    def __init__(self, scenario: Scenario, phantom: Phantom | Subject) -> None:
         self.scenario = scenario
-        matches = [t for t in phantom.plan
-                   if t.get("level") == scenario.target_level and t.get("side") == scenario.target_side]
-        if not matches:
-            planned = ", ".join(f"{t.get('level')}/{t.get('side')}" for t in phantom.plan)
-            raise ScenarioError(f"the phantom's plan has no {scenario.target_level}/{scenario.target_side} "
-                                f"trajectory; planned: {planned}")
-        self.trajectory = matches[0]
-        self.entry_world, self.target_world = trajectory_endpoints(self.trajectory)
+        site = scenario_site(scenario, phantom)
+        self.entry_world, self.target_world = site.entry_world, site.target_world
         if scenario.instrument_medial_deg:
-            self.target_world = self._turned_medially(phantom.T_world_from_vertebra[scenario.target_level],
-                                                      scenario.instrument_medial_deg)
+            self.target_world = self._turned_medially(site.T_world_from_vertebra, scenario.instrument_medial_deg)
         self.model = None if scenario.instrument is None else get_instrument(scenario.instrument)
-        T_world_from_vertebra = phantom.T_world_from_vertebra[scenario.target_level]
+        T_world_from_vertebra = site.T_world_from_vertebra
         self.isocenter_world = T_world_from_vertebra[:3, 3].copy()
         self.T_world_from_reference = T_world_from_vertebra @ make_rigid(np.eye(3), _REFERENCE_IN_VERTEBRA)
         self.T_tracker_from_room = invert_rigid(
             _look_at(self.isocenter_world + _TRACKER_OFFSET_WORLD, self.isocenter_world))
         self.M0 = self._initial_misplacement()
-        self._anatomy = prepare_anatomy(phantom.ct)
+        self.ct = phantom.ct
+        self._anatomy = prepare_anatomy(self.ct)
         self._anatomy_images: OrderedDict[bytes, np.ndarray] = OrderedDict()
         self._views: dict[tuple[float, float], View] = {}
 

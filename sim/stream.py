@@ -41,6 +41,7 @@ from guidance.core.geometry import invert_rigid
 from sim.cbct import IntraopScan, intraop_scan
 from sim.phantom import Phantom
 from sim.scenario import Scenario, ScenarioPlayer, SimFrame, SimState
+from sim.subject import Subject
 
 __all__ = ["REPLAYED_KINDS", "LINGER_S", "StreamError", "run_sim", "replay_recording", "run_video", "run_dicom_cine"]
 
@@ -162,7 +163,7 @@ def _frame_message(frame: SimFrame, acquired_ns: int) -> wire.Frame:
 
 def run_sim(
     scenario: Scenario,
-    phantom: Phantom,
+    phantom: Phantom | Subject,
     *,
     frame_endpoint: str,
     tracker_endpoint: str | None = None,
@@ -175,7 +176,8 @@ def run_sim(
     keys: CurveKeys | None = None,
     intraop_at_s: float | None = None,
 ) -> dict:
-    """Play ``scenario`` on ``phantom`` and publish it until its ``duration_s`` or ``stop``.
+    """Play ``scenario`` on ``phantom`` (or a CT ``Subject``: ``sim.scenario.scenario_site``)
+    and publish it until its ``duration_s`` or ``stop``.
 
     ``intraop_at_s``: at this scenario time (s) also publish an intra-op CBCT-like scan
     of the patient (``sim.cbct.intraop_scan``, prepared before streaming starts) as a
@@ -206,7 +208,7 @@ def run_sim(
     _check_speed(speed)
     player = ScenarioPlayer(scenario, phantom)
     rendered = _prerender(player) if prerender else {}
-    scan = None if intraop_at_s is None else intraop_scan(player, phantom.ct, intraop_at_s)
+    scan = None if intraop_at_s is None else intraop_scan(player, player.ct, intraop_at_s)
     stats = {"frames": 0, "tracker_samples": 0, "skipped_ticks": 0, "render_ms_mean": 0.0, "render_ms_max": 0.0,
              "volumes": 0}
     with ExitStack() as stack:

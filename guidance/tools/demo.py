@@ -18,6 +18,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -31,7 +32,12 @@ from guidance.core.instrument_models import get_instrument
 from guidance.navigation.instruments import tip_and_axis
 from guidance.live.wire import Frame, Heartbeat, InstrumentState, PoseResult, VolumeFrame
 
-__all__ = ["DemoReport", "clean_demo_outputs", "format_summary", "run_demo"]
+if TYPE_CHECKING:  # the processes import the simulator themselves, after they start
+    from sim.phantom import Phantom
+    from sim.scenario import Scenario
+    from sim.subject import Subject
+
+__all__ = ["DemoReport", "DemoSubject", "clean_demo_outputs", "format_summary", "run_demo"]
 
 log = logging.getLogger(__name__)
 
@@ -135,28 +141,44 @@ def _keys(keys_dir: str | None, role: str):
     return None if keys_dir is None else load_keys(keys_dir, role)
 
 
-def _sim_process(frame_endpoint: str, duration_s: float, fps: float, seed: int, prerender: bool,
-                 lead_shots: tuple, intraop_at_s: float | None, speed: float, medial_deg: float, tracked: bool,
-                 keys_dir: str | None, log_level: int, stop) -> None:
-    """Spawned: the simulator's scenario on the phantom of ``seed`` (``lead_shots`` before the
-    fluoroscopy, an intra-op scan at ``intraop_at_s``, the K-wire turned ``medial_deg``
-    medially off the plan, tracker samples only when ``tracked``), published at ``speed``
-    until it ends."""
+@dataclass(frozen=True)
+class DemoSubject:
+    """The anatomy of a demo, as each process loads it: the phantom of ``seed`` (``ct``
+    None), or the CT file ``ct`` with optional ``labels`` and ``plan`` files."""
+
+    seed: int = 0
+    ct: str | None = None
+    labels: str | None = None
+    plan: str | None = None
+
+    def load(self) -> Subject:
+        """The ``sim.subject.Subject`` (CT, labels, plan)."""
+        from sim.subject import load_subject
+
+        return load_subject(self.ct, labels=self.labels, plan=self.plan, phantom_seed=self.seed)
+
+    def anatomy(self) -> Phantom | Subject:
+        """What the simulator plays on: the ``Phantom`` itself (its vertebra frames), or the CT subject."""
+        from sim.phantom import make_phantom
+
+        return make_phantom(seed=self.seed) if self.ct is None else self.load()
+
+
+def _sim_process(frame_endpoint: str, scenario: Scenario, subject: DemoSubject, prerender: bool,
+                 intraop_at_s: float | None, speed: float, keys_dir: str | None, log_level: int, stop) -> None:
+    """Spawned: the simulator's ``scenario`` on ``subject`` (an intra-op scan at
+    ``intraop_at_s``), published at ``speed`` until it ends."""
     _start_child(2 if prerender else 1, log_level)  # pre-rendering: nothing else runs yet
-    from sim.phantom import make_phantom
-    from sim.scenario import Scenario
     from sim.stream import run_sim
 
-    run_sim(Scenario(duration_s=duration_s, fps=fps, seed=0, lead_shots=lead_shots, instrument=DEMO_INSTRUMENT,
-                     instrument_medial_deg=medial_deg, tracked=tracked),
-            make_phantom(seed=seed), frame_endpoint=frame_endpoint, stop=stop, startup_s=SIM_STARTUP_S,
+    run_sim(scenario, subject.anatomy(), frame_endpoint=frame_endpoint, stop=stop, startup_s=SIM_STARTUP_S,
             prerender=prerender, speed=speed, intraop_at_s=intraop_at_s, keys=_keys(keys_dir, "sim"))
 
 
-def _pipeline_process(frame_endpoint: str, result_endpoint: str, seed: int, record_dir: str | None,
+def _pipeline_process(frame_endpoint: str, result_endpoint: str, subject: DemoSubject, record_dir: str | None,
                       keys_dir: str | None, log_level: int, igtl_port: int | None, detect: tuple[str, ...],
                       stop) -> None:
-    """Spawned: the live pipeline on the phantom of ``seed``, until ``stop``; with
+    """Spawned: the live pipeline on ``subject``, until ``stop``; with
     ``igtl_port`` it also serves OpenIGTLink there; ``detect``: the instruments it looks for
     in the images while no tracker sample arrives."""
     _start_child(2, log_level)
@@ -164,9 +186,8 @@ def _pipeline_process(frame_endpoint: str, result_endpoint: str, seed: int, reco
     from guidance.live.pipeline import Pipeline, PipelineSettings
     from guidance.live.serve import run_pipeline
     from guidance.registration.register import Registrator
-    from sim.subject import load_subject
 
-    subject = load_subject(phantom_seed=seed)
+    subject = subject.load()
     pipeline = Pipeline(Registrator(subject.ct, labels=subject.labels), plan=subject.plan, labels=subject.labels,
                         ct=subject.ct, settings=PipelineSettings(detect_instruments=detect))
     bridge = IgtlBridge(igtl_port, ct=subject.ct, plan=pipeline.plan) if igtl_port is not None else None
@@ -178,15 +199,14 @@ def _pipeline_process(frame_endpoint: str, result_endpoint: str, seed: int, reco
             bridge.close()
 
 
-def _display_process(frame_endpoint: str, result_endpoint: str, seed: int, out_dir: str, keys_dir: str | None,
-                     log_level: int, stop) -> None:
-    """Spawned: the headless navigation display writing screens into ``out_dir``, until ``stop``."""
+def _display_process(frame_endpoint: str, result_endpoint: str, subject: DemoSubject, out_dir: str,
+                     keys_dir: str | None, log_level: int, stop) -> None:
+    """Spawned: the headless navigation display of ``subject`` writing screens into ``out_dir``, until ``stop``."""
     _start_child(1, log_level)
     from guidance.live.display import HeadlessWriter
     from guidance.live.display_client import run_display
-    from sim.subject import load_subject
 
-    subject = load_subject(phantom_seed=seed)
+    subject = subject.load()
     run_display(frame_endpoint=frame_endpoint, result_endpoint=result_endpoint, ct=subject.ct, plan=subject.plan,
                 labels=subject.labels, sink=HeadlessWriter(out_dir), stop=stop, refresh_hz=4.0,
                 keys=_keys(keys_dir, "display"))
@@ -227,7 +247,8 @@ def run_demo(out_dir: str | Path, *, duration_s: float = 20.0, fps: float = 15.0
              record: bool = True, prerender: bool = True, igtl_port: int | None = None,
              plain: bool = False, lead_shots: tuple[tuple[float, float], ...] = DEMO_SHOTS,
              intraop_at_s: float | None = None, speed: float = 1.0, medial_deg: float = 0.0,
-             tracked: bool = True) -> DemoReport:
+             tracked: bool = True, subject: DemoSubject | None = None,
+             target_world: tuple[float, float, float] | None = None) -> DemoReport:
     """Run sim + pipeline (+ display) on loopback for ``duration_s`` of scenario time.
 
     ``out_dir`` is cleaned of an earlier demo's screens and recordings first; screens go
@@ -247,7 +268,10 @@ def run_demo(out_dir: str | Path, *, duration_s: float = 20.0, fps: float = 15.0
     point, so the display's breach warning builds up as it advances. ``tracked``: False
     for fluoroscopy alone: the simulator sends no tracker sample, the pipeline looks for
     the K-wire in each registered frame and the report scores what it finds
-    (``report.instrument_rows``).
+    (``report.instrument_rows``). ``subject``: the anatomy every process loads (default:
+    the phantom of ``seed``); on a CT the scenario aims at ``target_world`` (LPS mm; see
+    ``sim.scenario.scenario_site``) and the pose error is scored at that aim point (on the
+    phantom: at up to 300 points of its labelled vertebrae).
     At the end the pipeline is stopped first and the time until a navigation state fed
     by the monitor turns STALE is measured (``report.stale_after_stop_s``).
     The sockets use CURVE with the keys in ``out_dir/keys`` (made on the first run) unless
@@ -257,10 +281,18 @@ def run_demo(out_dir: str | Path, *, duration_s: float = 20.0, fps: float = 15.0
     out.mkdir(parents=True, exist_ok=True)
     clean_demo_outputs(out)
     frames_ep, results_ep = free_tcp_endpoint(), free_tcp_endpoint()
-    from sim.phantom import make_phantom
+    from sim.scenario import Scenario, scenario_site
 
-    phantom = make_phantom(seed=seed)
-    targets = target_points(phantom.ct, labels=phantom.labels, max_points=300, seed=seed)
+    subject = subject or DemoSubject(seed=seed)
+    scenario = Scenario(duration_s=duration_s, fps=fps, seed=0, lead_shots=tuple(lead_shots),
+                        instrument=DEMO_INSTRUMENT, instrument_medial_deg=medial_deg, tracked=tracked,
+                        target_world=target_world)
+    anatomy = subject.anatomy()
+    if subject.ct is None:
+        targets = target_points(anatomy.ct, labels=anatomy.labels, max_points=300, seed=seed)
+    else:
+        targets = scenario_site(scenario, anatomy).T_world_from_vertebra[None, :3, 3]
+    del anatomy
     keys_dir = None if plain else str(out / "keys")
     if keys_dir is not None and not (out / "keys" / "monitor.key_secret").exists():
         make_keys(keys_dir)
@@ -271,16 +303,16 @@ def run_demo(out_dir: str | Path, *, duration_s: float = 20.0, fps: float = 15.0
     spawn = multiprocessing.get_context("spawn")
     level = logging.getLogger().getEffectiveLevel()
     detect = () if tracked else (DEMO_INSTRUMENT,)
-    pipeline = _Process(spawn, _pipeline_process, frames_ep, results_ep, seed, recording, keys_dir, level, igtl_port,
-                        detect)
-    display = (_Process(spawn, _display_process, frames_ep, results_ep, seed, str(out), keys_dir, level)
+    pipeline = _Process(spawn, _pipeline_process, frames_ep, results_ep, subject, recording, keys_dir, level,
+                        igtl_port, detect)
+    display = (_Process(spawn, _display_process, frames_ep, results_ep, subject, str(out), keys_dir, level)
                if with_display else None)
     sim = None
     report = DemoReport()
     try:
         _wait_for_heartbeat(monitor, "pipeline", startup_timeout_s, pipeline)
-        sim = _Process(spawn, _sim_process, frames_ep, duration_s, fps, seed, prerender, tuple(lead_shots),
-                       intraop_at_s, speed, medial_deg, tracked, keys_dir, level)
+        sim = _Process(spawn, _sim_process, frames_ep, scenario, subject, prerender, intraop_at_s, speed, keys_dir,
+                       level)
         frames: dict[int, Frame] = {}
         volumes: dict[int, VolumeFrame] = {}
         state = NavigationState(expected_source="pipeline")
