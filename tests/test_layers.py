@@ -82,7 +82,7 @@ def _modules():
 
 
 def test_every_module_respects_its_layer():
-    bad = [line for module, path in _modules() for line in violations(module, path.read_text())]
+    bad = [line for module, path in _modules() for line in violations(module, path.read_text(encoding="utf-8"))]
     assert not bad, "forbidden imports:\n" + "\n".join(bad)
 
 
