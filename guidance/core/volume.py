@@ -32,6 +32,7 @@ __all__ = [
     "volume_to_sitk",
     "save_volume",
     "hu_to_attenuation",
+    "attenuation_from_hu",
     "attenuation_coefficients",
     "crop_to_mask",
     "crop_to_index_box",
@@ -262,8 +263,8 @@ def attenuation_coefficients(energy_kev: float) -> tuple[float, float]:
     )
 
 
-def hu_to_attenuation(volume: Volume, *, energy_kev: float = 60.0) -> Volume:
-    """Map HU to linear attenuation (1/mm) at an effective energy.
+def attenuation_from_hu(hu: np.ndarray | float, *, energy_kev: float = 60.0) -> np.ndarray:
+    """Linear attenuation (1/mm, float64) of CT numbers at an effective energy.
 
     Bilinear model: air (-1000 HU) to water (0 HU) follows mu_water (1 + HU/1000);
     above water the slope is set so that cortical bone (1900 HU) gets the bone
@@ -271,14 +272,19 @@ def hu_to_attenuation(volume: Volume, *, energy_kev: float = 60.0) -> Volume:
     diagnostic energies (photo-electric effect of calcium). A fluoroscopy beam at
     70-80 kVp has an effective energy near 60 keV. Values below -1000 HU map to 0.
     """
-    if volume.units != "HU":
-        raise VolumeError(f"hu_to_attenuation needs a volume in HU, got units {volume.units!r}")
     mu_w, mu_b = attenuation_coefficients(energy_kev)
-    hu = volume.data
+    hu = np.asarray(hu)
     soft = mu_w * (1.0 + hu / 1000.0)
     bone = mu_w + hu * ((mu_b - mu_w) / _HU_CORTICAL_BONE)
     mu = np.where(hu <= 0, soft, bone)
-    np.maximum(mu, 0.0, out=mu)
+    return np.maximum(mu, 0.0)
+
+
+def hu_to_attenuation(volume: Volume, *, energy_kev: float = 60.0) -> Volume:
+    """The volume in linear attenuation (1/mm, ``attenuation_from_hu``) at an effective energy."""
+    if volume.units != "HU":
+        raise VolumeError(f"hu_to_attenuation needs a volume in HU, got units {volume.units!r}")
+    mu = attenuation_from_hu(volume.data, energy_kev=energy_kev)
     return volume.with_data(mu.astype(np.float32), units="mu_per_mm")
 
 

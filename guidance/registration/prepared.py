@@ -37,7 +37,8 @@ from guidance.core.drr import DrrVolume, prepare_volume, render_drr
 from guidance.core.errors import GuidanceError
 from guidance.core.views import View
 from guidance.core.volume import (
-    Volume, VolumeError, covering_grid, hu_to_attenuation, resample, volume_from_sitk, volume_to_sitk,
+    Volume, VolumeError, attenuation_from_hu, covering_grid, hu_to_attenuation, resample, volume_from_sitk,
+    volume_to_sitk,
 )
 
 __all__ = [
@@ -223,7 +224,7 @@ def _block_mean(volume: Volume, factors_ijk: np.ndarray) -> Volume:
     data = data.reshape(nk // fk, fk, nj // fj, fj, ni // fi, fi).mean(axis=(1, 3, 5), dtype=np.float32)
     T = volume.T_world_from_index @ np.array([[fi, 0, 0, (fi - 1) / 2], [0, fj, 0, (fj - 1) / 2],
                                               [0, 0, fk, (fk - 1) / 2], [0, 0, 0, 1.0]])
-    return Volume(data.astype(np.float32), T, volume.units)
+    return Volume(data.astype(np.float32, copy=False), T, volume.units)
 
 
 def _smoothed(volume: Volume, spacing_mm: float) -> Volume:
@@ -290,7 +291,7 @@ def prepare_ct(
         if s.soft_tissue_spacing_mm is None:
             bone = np.where(is_bone, mu.data, 0.0)
         else:
-            mu_threshold = _attenuation_at(s.bone_threshold_hu, s.energy_kev)
+            mu_threshold = float(attenuation_from_hu(s.bone_threshold_hu, energy_kev=s.energy_kev))
             bone = np.where(is_bone, np.maximum(mu.data - mu_threshold, 0.0), 0.0)
             soft_mu = mu.with_data(np.minimum(mu.data, mu_threshold).astype(np.float32))
             soft = prepare_volume(_smoothed(soft_mu, s.soft_tissue_spacing_mm), margin_mm=s.soft_tissue_spacing_mm)
@@ -314,12 +315,6 @@ def prepare_ct(
     return PreparedCT(volumes=tuple(volumes), spacings_mm=tuple(spacings), labels=label_maps, centres=centres,
                       spine_axis_world=axis, vertebra_height_mm=height, key=key or cache_key(ct, labels, s),
                       soft=soft, prepare_s=time.perf_counter() - t0)
-
-
-def _attenuation_at(hu: float, energy_kev: float) -> float:
-    """Linear attenuation (1/mm) of a CT number, by the same map as the volumes."""
-    one = Volume(np.full((2, 2, 2), hu, np.float32), np.eye(4), "HU")
-    return float(hu_to_attenuation(one, energy_kev=energy_kev).data[0, 0, 0])
 
 
 def save_prepared(prepared: PreparedCT, path: str | Path) -> None:

@@ -273,7 +273,7 @@ class Registrator:
             raise VolumeError(f"labels grid {labels.data.shape} differs from the CT grid {ct.data.shape}")
         self.prepared: PreparedCT = load_or_prepare(ct, labels, self.settings.prepare_settings(),
                                                     cache_dir=cache_dir, use_cache=use_cache)
-        self._label_volumes: dict[tuple[int, int], AnatomyModel] = {}
+        self._label_models: dict[tuple[int, int], AnatomyModel] = {}
 
     @property
     def prepare_s(self) -> float:
@@ -290,11 +290,11 @@ class Registrator:
         if level is None:
             return self.prepared.anatomy(index)
         key = (int(level), index)
-        if key not in self._label_volumes:
+        if key not in self._label_models:
             if self.prepared.labels[0] is None:
                 raise RegistrationError("per-vertebra registration needs a label map")
-            self._label_volumes[key] = AnatomyModel(self.prepared.volume(index, level), self.prepared.soft)
-        return self._label_volumes[key]
+            self._label_models[key] = AnatomyModel(self.prepared.volume(index, level), self.prepared.soft)
+        return self._label_models[key]
 
     def centre(self, level: int | None) -> np.ndarray:
         """Rotation centre (world mm): centroid of the rendered bone of that level."""
