@@ -267,7 +267,7 @@ def test_bench_register3d_on_the_phantom(tmp_path):
 
 @pytest.mark.slow
 def test_bench_calibration(tmp_path, capsys):
-    assert run("bench", "calibration", "--json", str(tmp_path / "c.json")) == 0
+    assert run("bench", "calibration", "--trials", "1", "--json", str(tmp_path / "c.json")) == 0
     out = capsys.readouterr().out
     assert json.loads((tmp_path / "c.json").read_text())["machine"]["cpu_model"] and "| " in out
     assert out.startswith("CPU: ")  # every benchmark table names its machine
