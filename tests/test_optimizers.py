@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from guidance.registration.optimizers import OPTIMIZERS, minimize
+from guidance.registration.optimizers import OPTIMIZERS, minimize, profile_sd
 
 
 class Quadratic:
@@ -71,3 +71,29 @@ def test_lm_falls_back_to_finite_differences_when_the_borrowed_jacobian_misleads
     plain = minimize("lm", objective, x0, scale)
     assert other_shape.nfev == plain.nfev
     np.testing.assert_allclose(other_shape.x, plain.x)
+
+
+class NoisyLinear:
+    """Residuals A (x - x_star) + e: a linear model with noise e, whose last parameter the
+    data do not constrain (its column of A is zero)."""
+
+    def __init__(self):
+        rng = np.random.default_rng(4)
+        self.A = rng.normal(size=(400, 6))
+        self.A[:, 5] = 0.0
+        self.e = rng.normal(scale=0.3, size=400)
+        self.x_star = rng.normal(size=6)
+
+    def residuals(self, x):
+        return self.A @ (np.asarray(x) - self.x_star) + self.e
+
+
+def test_profile_sd_is_the_gauss_newton_sd_of_a_linear_model_and_infinite_where_unconstrained():
+    objective = NoisyLinear()
+    x = objective.x_star + 0.1
+    direction = np.array([0.0, 0.6, 0.0, 0.8, 0.0, 0.0])
+    r = objective.residuals(x)
+    expected = np.sqrt(float(r @ r) / (400 - 6) / float(direction @ objective.A.T @ objective.A @ direction))
+    for step in (0.2, 3.0):  # a linear model's curvature does not depend on the step
+        assert profile_sd(objective, x, direction, step) == pytest.approx(expected, rel=1e-9)
+    assert profile_sd(objective, x, np.eye(6)[5], 3.0) == np.inf

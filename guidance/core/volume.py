@@ -264,7 +264,8 @@ def attenuation_coefficients(energy_kev: float) -> tuple[float, float]:
 
 
 def attenuation_from_hu(hu: np.ndarray | float, *, energy_kev: float = 60.0) -> np.ndarray:
-    """Linear attenuation (1/mm, float64) of CT numbers at an effective energy.
+    """Linear attenuation (1/mm) of CT numbers at an effective energy: float32 for
+    integer or float32 input (a clinical CT has tens of millions of voxels), else float64.
 
     Bilinear model: air (-1000 HU) to water (0 HU) follows mu_water (1 + HU/1000);
     above water the slope is set so that cortical bone (1900 HU) gets the bone
@@ -274,10 +275,13 @@ def attenuation_from_hu(hu: np.ndarray | float, *, energy_kev: float = 60.0) -> 
     """
     mu_w, mu_b = attenuation_coefficients(energy_kev)
     hu = np.asarray(hu)
-    soft = mu_w * (1.0 + hu / 1000.0)
-    bone = mu_w + hu * ((mu_b - mu_w) / _HU_CORTICAL_BONE)
-    mu = np.where(hu <= 0, soft, bone)
-    return np.maximum(mu, 0.0)
+    real = np.dtype(np.result_type(hu.dtype, np.float32)).type
+    # mu_w + slope_below_water * min(HU, 0) + slope_above_water * max(HU, 0), in place:
+    # a third of the time of a select, and no float64 temporaries.
+    mu = np.asarray(np.maximum(hu, real(0.0)), dtype=real) * real((mu_b - mu_w) / _HU_CORTICAL_BONE)
+    mu += np.minimum(hu, real(0.0)) * real(mu_w / 1000.0)
+    mu += real(mu_w)
+    return np.maximum(mu, real(0.0))
 
 
 def hu_to_attenuation(volume: Volume, *, energy_kev: float = 60.0) -> Volume:

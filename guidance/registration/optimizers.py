@@ -30,7 +30,7 @@ import numpy as np
 
 from guidance.registration.errors import RegistrationError
 
-__all__ = ["OPTIMIZERS", "Objective", "OptimizeOutcome", "minimize"]
+__all__ = ["OPTIMIZERS", "Objective", "OptimizeOutcome", "minimize", "profile_sd"]
 
 
 class Objective(Protocol):
@@ -242,3 +242,19 @@ def minimize(
     except KeyError:
         raise RegistrationError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}") from None
     return run(objective, np.asarray(x0, dtype=float), np.asarray(scale, dtype=float), **options)
+
+
+def profile_sd(objective: Objective, x: np.ndarray, direction: np.ndarray, step: float) -> float:
+    """1-sigma uncertainty of x along the unit ``direction`` (in its units) from the
+    curvature of the squared residual norm over +-``step``: ``s^2 / (d^T J^T J d)`` with
+    the curvature measured at the scale of ``step`` rather than of a finite-difference
+    Jacobian. Infinite where the cost does not rise on both sides together."""
+    r0 = objective.residuals(x)
+    cost0 = float(np.dot(r0, r0))
+    rise = sum(float(np.dot(r, r)) - cost0
+               for r in (objective.residuals(x + step * direction), objective.residuals(x - step * direction)))
+    curvature = rise / (2.0 * step * step)  # d^T J^T J d for a linear model
+    if curvature <= 0.0:
+        return float("inf")
+    variance = cost0 / max(len(r0) - len(x), 1)
+    return float(np.sqrt(variance / curvature))

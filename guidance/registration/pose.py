@@ -79,6 +79,16 @@ class PoseParameterization:
         M = invert_rigid(T) @ D_frame @ T
         return invert_rigid(M)
 
+    def depth_step(self) -> np.ndarray:
+        """The parameter change (deg, mm) that moves the anatomy 1 mm along the
+        reference view's principal ray (its camera z axis), turning nothing."""
+        step = np.zeros(6)
+        if self.kind == "camera":
+            step[5] = 1.0
+        else:
+            step[3:] = self.T_cam_from_world_ref[2, :3]
+        return step
+
     def params(self, T_world_corrected_from_world: np.ndarray) -> np.ndarray:
         """Parameters (deg, mm) of a correction; ``params(correction(x)) == x``."""
         T, centre = self._to_frame()
