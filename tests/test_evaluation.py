@@ -104,6 +104,14 @@ def test_summarize_counts_the_quality_gate():
                                  "failed_wrong": 1, "wrong_among_ok": 0.5, "ok_among_correct": 0.5}
     assert s["prepare_s"] == {"median": None, "max": None}  # records without a preparation time
     assert s["final_mtre_mm"]["median"] == pytest.approx(4.5)
+    assert s["uncertainty_coverage"]["depth"] == {"n": 0, "within_2_sigma": 0, "rate": None}
+    # The uncertainty's honesty: errors of 0.5 and 3 mm against 1 mm sigmas (and one unbounded).
+    for r, (error, sd) in zip(records, [(0.5, 1.0), (3.0, 1.0), (0.1, None), (1.9, 1.0)]):
+        r |= {"centre_error_in_plane_mm": error / 4, "uncertainty_in_plane_mm": 0.25,
+              "centre_error_depth_mm": error, "uncertainty_depth_mm": sd}
+    coverage = ev.summarize(records)["uncertainty_coverage"]
+    assert coverage["depth"] == {"n": 3, "within_2_sigma": 2, "rate": pytest.approx(2 / 3)}
+    assert coverage["in_plane"] == {"n": 4, "within_2_sigma": 3, "rate": 0.75}
 
 
 # ------------------------------------------------------------------------------ starts
@@ -207,6 +215,7 @@ def test_run_benchmark_registers_biplane_cases_and_reports(phantom, tmp_path):
         assert 4.0 <= r["initial_mtre_mm"] < 6.0
         assert r["final_mtre_mm"] < 2.0 and r["success"]
         assert r["mpd_isocenter_mm"] < 1.0 and r["n_views"] == 2
+        assert r["centre_error_in_plane_mm"] < 1.0 and r["centre_error_depth_mm"] < 2.0
     summary = ev.summarize(records)
     assert summary["bins"][0]["rate"] == 1.0 and summary["capture_range_mm"] == 6.0
     paths = ev.write_report(summary, records, tmp_path, title="test")
@@ -214,6 +223,7 @@ def test_run_benchmark_registers_biplane_cases_and_reports(phantom, tmp_path):
         assert (tmp_path / name).stat().st_size > 0
     assert json.loads(paths["summary"].read_text())["n_cases"] == 2
     assert "| 4-6 | 2 | 2 | 100% |" in paths["report"].read_text()
+    assert "| centre error within 2 sigma, depth |" in paths["report"].read_text()
 
 
 def test_evaluate_writes_a_report_per_variant(phantom, tmp_path):

@@ -386,7 +386,9 @@ def summarize(
     registrator), and the quality gate: how often it said ``failed`` and its confusion
     counts against real failure (wrong: mTRE >= ``success_mm``): ok & correct, ok &
     wrong (silent failures), failed & correct, failed & wrong, with the share of ok
-    results that are wrong and the share of correct results reported ok. ``bins``
+    results that are wrong and the share of correct results reported ok; and how honest
+    the reported uncertainty is: the share of results whose rotation-centre error lies
+    within 2 sigma, in-plane and in depth (results with a finite sigma). ``bins``
     defaults to the records' own bins (else DEFAULT_BINS).
     Error records (tasks that failed, ``runners.error_record``) are listed by case id in
     ``errors`` and left out of every measure."""
@@ -422,7 +424,17 @@ def summarize(
             "wrong_among_ok": float(np.mean(wrong[~flagged])) if np.any(~flagged) else None,
             "ok_among_correct": float(np.mean(~flagged[~wrong])) if np.any(~wrong) else None,
         },
+        "uncertainty_coverage": {axis: _within_2_sigma(records, axis) for axis in ("in_plane", "depth")},
     }
+
+
+def _within_2_sigma(records: Sequence[dict], axis: str) -> dict:
+    """How many results (with a finite sigma and a measured error on ``axis``) have their
+    rotation centre's error within twice the reported 1-sigma uncertainty."""
+    pairs = [(r[f"centre_error_{axis}_mm"], r[f"uncertainty_{axis}_mm"]) for r in records
+             if r.get(f"centre_error_{axis}_mm") is not None and r.get(f"uncertainty_{axis}_mm") is not None]
+    within = sum(error <= 2.0 * sd for error, sd in pairs)
+    return {"n": len(pairs), "within_2_sigma": within, "rate": within / len(pairs) if pairs else None}
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -460,6 +472,8 @@ def _markdown(summary: dict, title: str) -> str:
         f"| gate failed & correct / failed & wrong | {gate['failed_correct']} / {gate['failed_wrong']} |",
         f"| wrong among ok / ok among correct | {_fmt(gate['wrong_among_ok'], 3)} / "
         f"{_fmt(gate['ok_among_correct'], 3)} |",
+        *(f"| centre error within 2 sigma, {axis.replace('_', '-')} | {c['within_2_sigma']} of {c['n']} |"
+          for axis, c in summary["uncertainty_coverage"].items()),
         "",
     ]
     return "\n".join(lines)

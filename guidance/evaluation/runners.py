@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import numpy as np
 
+from guidance.core.geometry import transform_points
 from guidance.core.images import preprocess
 from guidance.core.threads import configure_threads
 from guidance.core.volume import Volume
@@ -47,7 +48,8 @@ RETRIES = 1
 def score_case(registrator: Registrator, case: BenchmarkCase) -> dict:
     """Register one case and measure it: a JSON-ready record with the initial and final
     mTRE (mm), the final mPD (mm, detector and isocentre; means over the views), the
-    registration status, reason, similarity, pose uncertainty (mm, 1 sigma), time (s),
+    registration status, reason, similarity, pose uncertainty (mm, 1 sigma) and the error
+    it describes (the rotation centre's, across and along the first view's ray), time (s),
     CT preparation time (s) and success (mTRE < 2 mm)."""
     images = [preprocess(img, v, polarity=case.polarity) for img, v in zip(case.images, case.views_init)]
     result = registrator.register(images, list(case.views_init), level=case.level)
@@ -56,6 +58,9 @@ def score_case(registrator: Registrator, case: BenchmarkCase) -> dict:
     mpd = np.array([mean_projection_distance(ve, vg, case.targets_world)
                     for ve, vg in zip(result.views, case.views_gt)])
     final_mtre = float(np.mean(final))
+    centre = registrator.centre(case.level)
+    centre_error = (transform_points(result.views[0].T_cam_from_world, centre)
+                    - transform_points(case.views_gt[0].T_cam_from_world, centre))
     return {
         "case_id": case.case_id,
         "level": case.level,
@@ -71,6 +76,8 @@ def score_case(registrator: Registrator, case: BenchmarkCase) -> dict:
         "similarity": float(result.similarity),
         "uncertainty_in_plane_mm": result.to_dict()["uncertainty_in_plane_mm"],
         "uncertainty_depth_mm": result.to_dict()["uncertainty_depth_mm"],
+        "centre_error_in_plane_mm": float(np.linalg.norm(centre_error[:2])),
+        "centre_error_depth_mm": float(abs(centre_error[2])),
         "time_s": float(result.time_s),
         "prepare_s": float(result.prepare_s),
         "success": bool(final_mtre < SUCCESS_MM),
