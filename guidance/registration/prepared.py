@@ -36,7 +36,10 @@ import numpy as np
 from guidance.core.drr import DrrVolume, prepare_volume, render_drr
 from guidance.core.errors import GuidanceError
 from guidance.core.views import View
-from guidance.core.volume import Volume, VolumeError, attenuation_from_hu, covering_grid, hu_to_attenuation, resample
+from guidance.core.volume import (
+    Volume, VolumeError, attenuation_from_hu, covering_grid, hu_to_attenuation, resample, volume_from_sitk,
+    volume_to_sitk,
+)
 
 __all__ = [
     "CACHE_ENV",
@@ -52,7 +55,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "GUIDANCE_CACHE_DIR"
-PREPARED_FORMAT = "guidance.prepared_ct/4"
+PREPARED_FORMAT = "guidance.prepared_ct/3"
 LABEL_MARGIN_VOXELS = 1  # a vertebra's coarse volume keeps this many voxels around its label (smoothed edges)
 SOFT_PIXEL_PER_VOXEL = 0.6
 """Soft tissue is drawn on a detector whose pixel, back-projected to the anatomy, is this
@@ -228,20 +231,16 @@ def _smoothed(volume: Volume, spacing_mm: float) -> Volume:
     """Anti-aliased resample to an isotropic grid: a Gaussian of sigma half the new
     spacing, applied as block means (whole voxels up to the new spacing per axis, which
     make the grid smaller and the filter cheaper) and a Gaussian for the rest of the
-    variance (a box of width w has variance w^2 / 12), one axis at a time (scipy's
-    float32 filter: a third of the time of SimpleITK's recursive one in double)."""
-    from scipy.ndimage import gaussian_filter1d
+    variance (a box of width w has variance w^2 / 12)."""
+    import SimpleITK as sitk
 
     factors = np.maximum(1, np.floor(spacing_mm / volume.spacing + 1e-6)).astype(int)
     reduced = _block_mean(volume, factors) if factors.max() > 1 else volume
     box_variance = (factors * volume.spacing) ** 2 / 12.0
     sigma = np.sqrt(np.maximum((0.5 * spacing_mm) ** 2 - box_variance, 1e-6))
-    data = reduced.data
-    for axis_ijk, sd_voxels in enumerate(sigma / reduced.spacing):  # none where the blocks did it all
-        if sd_voxels > 0.1:
-            data = gaussian_filter1d(data, float(sd_voxels), axis=2 - axis_ijk, truncate=4.0)
+    image = sitk.SmoothingRecursiveGaussian(volume_to_sitk(reduced), sigma.tolist())
     size, origin = covering_grid(volume, np.full(3, spacing_mm), volume.direction)  # the box of the input
-    coarse = resample(reduced.with_data(data), spacing=(spacing_mm,) * 3, size=size,
+    coarse = resample(volume_from_sitk(image, units=volume.units), spacing=(spacing_mm,) * 3, size=size,
                       origin=origin, default_value=0.0)
     return coarse.with_data(np.clip(coarse.data, 0.0, None).astype(np.float32))
 
