@@ -485,9 +485,11 @@ def test_a_slow_start_beats_starting_then_warming_up_then_no_frames(registrator,
 
 STARTUP_SNIPPET = """
 import json, pickle, sys
-import calibration.files, guidance.live.calibrations, guidance.live.pipeline, guidance.live.serve, run_guidance
+import guidance.live.calibrations, guidance.live.pipeline, guidance.live.serve, run_guidance
 import sim.subject
 heavy = [m for m in ("scipy.optimize", "scipy.ndimage", "scipy.spatial", "SimpleITK", "pydicom") if m in sys.modules]
+later = [m for m in ("calibration.files", "guidance.navigation.detection", "guidance.navigation.overlay", "sim.phantom",
+                     "psutil") if m in sys.modules]
 from guidance.core import drr
 from guidance.live.pipeline import Pipeline
 from guidance.live.wire import decode
@@ -503,7 +505,7 @@ before = loaded()
 pipeline.warm_up()
 warmed = loaded()
 pose = pipeline.on_frame(decode(pickle.load(open(sys.argv[1], "rb"))))[0]
-print(json.dumps({"heavy": heavy, "from_cache": pipeline.registrator.prepared.from_cache, "before": before,
+print(json.dumps({"heavy": heavy, "later": later, "from_cache": pipeline.registrator.prepared.from_cache, "before": before,
                   "warmed": warmed, "after": loaded(), "mode": pose.mode}))
 """
 
@@ -512,7 +514,9 @@ def test_a_started_pipeline_imports_no_scipy_and_its_warm_up_loads_the_registrat
         frames, registrator, tmp_path):
     """In a fresh process, as a started pipeline: its modules import neither scipy's
     optimizers, ndimage and spatial, nor SimpleITK nor pydicom (seconds of start-up it does
-    not need); its prepared CT comes from the cache; ``warm_up`` loads both DRR kernels,
+    not need), nor, before they are used, the calibration files' modules, instrument
+    detection, the overlay drawing, the phantom's maker (the CLI reads it from the cache)
+    or psutil; its prepared CT comes from the cache; ``warm_up`` loads both DRR kernels,
     and the first global registration then needs no other compiled variant of them."""
     import pickle
     import subprocess
@@ -526,6 +530,7 @@ def test_a_started_pipeline_imports_no_scipy_and_its_warm_up_loads_the_registrat
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["heavy"] == []
+    assert report["later"] == []
     assert report["from_cache"]
     assert report["before"] == [0, 0]
     assert min(report["warmed"]) >= 1

@@ -16,20 +16,23 @@ Start-up: this module imports only the sockets and the wire, and a pipeline give
 factory is built (registration imported, CT loaded and prepared) in the worker thread,
 so a process beats "starting" within a fraction of a second of its start. The worker
 then warms the pipeline up (``Pipeline.warm_up``: the DRR kernels loaded, state
-"warming_up") before it takes its first frame, and logs how long each step took.
+"warming_up") before it takes its first frame, and logs how long each step took, from
+the process's start (``process_age_s``). The steps run one after the other on purpose:
+they are imports and numba's set-up, which hold the GIL, so threads running them side
+by side took longer in total (measured; docs/benchmarks.md, reliability).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-import psutil
 
 from guidance.core.errors import GuidanceError
 from guidance.live.keys import CurveKeys
@@ -41,7 +44,7 @@ from guidance.live.wire import Frame, Heartbeat, Message, TrackerSample, VolumeF
 if TYPE_CHECKING:
     from guidance.live.pipeline import Pipeline, PipelineStats
 
-__all__ = ["PIPELINE_SOURCE", "MAX_LOOP_MESSAGES", "MAX_SKIPPED_SHOTS", "run_pipeline"]
+__all__ = ["PIPELINE_SOURCE", "MAX_LOOP_MESSAGES", "MAX_SKIPPED_SHOTS", "process_age_s", "run_pipeline"]
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +119,7 @@ class _FrameWorker:
         self._thread.join()
 
     def _run(self) -> None:
+        loop_s = process_age_s()
         t0 = time.perf_counter()
         if self._factory is not None:
             try:
@@ -125,8 +129,8 @@ class _FrameWorker:
                 return
         built_s = time.perf_counter() - t0
         warm_s = self.pipeline.warm_up()
-        log.info("pipeline ready %.2f s after the process started: built in %.2f s (prepared CT %.2f s), "
-                 "warmed up in %.2f s", time.time() - psutil.Process().create_time(), built_s,
+        log.info("pipeline ready %.2f s after the process started: sockets up at %.2f s, built in %.2f s "
+                 "(prepared CT %.2f s), warmed up in %.2f s", process_age_s(), loop_s, built_s,
                  self.pipeline.registrator.prepare_s, warm_s)
         while True:
             with self._wake:
@@ -230,6 +234,21 @@ def run_pipeline(
     if worker.error is not None:
         raise worker.error
     return worker.pipeline.stats
+
+
+def process_age_s() -> float:
+    """Seconds since this process was started (exec'd), for start-up logs: on Linux from
+    /proc (10 ms ticks, the same clock for both readings); elsewhere from psutil, whose
+    start time rests on a boot time rounded to the second (up to ~1 s off)."""
+    if sys.platform.startswith("linux"):
+        with open("/proc/uptime") as f:
+            uptime_s = float(f.read().split()[0])
+        with open(f"/proc/{os.getpid()}/stat") as f:  # field 22, starttime: after the ")" of the name
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        return uptime_s - start_ticks / os.sysconf("SC_CLK_TCK")
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
 
 
 def _fitting(pipeline: Pipeline, max_frame_px: int, source: str) -> Pipeline:
