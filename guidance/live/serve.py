@@ -17,7 +17,8 @@ factory is built (registration imported, CT loaded and prepared) in the worker t
 so a process beats "starting" within a fraction of a second of its start. The worker
 then warms the pipeline up (``Pipeline.warm_up``: the DRR kernels loaded, state
 "warming_up") before it takes its first frame, and logs how long each step took, from
-the process's start (``process_age_s``). The steps run one after the other on purpose:
+the process's start (``process_age_s``), also in every heartbeat's stats (``startup_*``).
+The steps run one after the other on purpose:
 they are imports and numba's set-up, which hold the GIL, so threads running them side
 by side took longer in total (measured; docs/benchmarks.md, reliability).
 """
@@ -68,6 +69,10 @@ class _FrameWorker:
         self.pipeline: Pipeline | None = None if callable(pipeline) else pipeline
         self.error: BaseException | None = None
         """Why the factory failed (the loop then stops)."""
+        self.startup: dict[str, float] = {}
+        """Start-up steps so far, for the heartbeat's stats: ``startup_sockets_s``,
+        ``startup_built_s``, ``startup_ready_s`` (process age when the sockets were up, the
+        pipeline built, warmed up), ``startup_prepared_ct_s``, ``startup_warm_up_s`` (durations)."""
         self._send = send
         self._wake = threading.Condition()
         self._pending: tuple[Frame, int, tuple[TrackerSample, TrackerSample] | None] | None = None
@@ -119,18 +124,22 @@ class _FrameWorker:
         self._thread.join()
 
     def _run(self) -> None:
-        loop_s = process_age_s()
-        t0 = time.perf_counter()
+        sockets_s = process_age_s()
+        self.startup = {"startup_sockets_s": round(sockets_s, 3)}
         if self._factory is not None:
             try:
                 self.pipeline = self._factory()
             except BaseException as exc:  # noqa: BLE001 - reported by run_pipeline, which re-raises it
                 self.error = exc
                 return
-        built_s = time.perf_counter() - t0
+        built_s = process_age_s()
+        self.startup = self.startup | {"startup_built_s": round(built_s, 3),
+                                       "startup_prepared_ct_s": round(self.pipeline.registrator.prepare_s, 3)}
         warm_s = self.pipeline.warm_up()
+        ready_s = process_age_s()
+        self.startup = self.startup | {"startup_ready_s": round(ready_s, 3), "startup_warm_up_s": round(warm_s, 3)}
         log.info("pipeline ready %.2f s after the process started: sockets up at %.2f s, built in %.2f s "
-                 "(prepared CT %.2f s), warmed up in %.2f s", process_age_s(), loop_s, built_s,
+                 "(prepared CT %.2f s), warmed up in %.2f s", ready_s, sockets_s, built_s - sockets_s,
                  self.pipeline.registrator.prepare_s, warm_s)
         while True:
             with self._wake:
@@ -314,7 +323,7 @@ def _serve(worker: _FrameWorker, source: str, sub: Subscriber, send: Callable[[M
             pipeline.stats.volumes_skipped += len(volumes) - 1 + worker.submit_volume(volumes[-1])
         now = time.monotonic()
         if now >= next_heartbeat:
-            stats = {"lost": sub.lost, "malformed": sub.malformed, "replayed": sub.replayed}
+            stats = {"lost": sub.lost, "malformed": sub.malformed, "replayed": sub.replayed} | worker.startup
             state = "starting"
             if pipeline is not None:
                 stats |= pipeline.stats.as_dict()
