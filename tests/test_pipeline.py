@@ -481,6 +481,7 @@ def test_a_slow_start_beats_starting_then_warming_up_then_no_frames(registrator,
     assert 0 < steps["startup_sockets_s"] <= steps["startup_built_s"] <= steps["startup_ready_s"]
     assert steps["startup_warm_up_s"] <= steps["startup_ready_s"] - steps["startup_built_s"] + 0.02  # /proc: 10 ms
     assert steps["startup_prepared_ct_s"] == pytest.approx(registrator.prepare_s, abs=1e-3)
+    assert 0 < steps["startup_ready_cpu_s"] <= time.process_time()
     with pytest.raises(GuidanceError, match=r"pipeline's settings \(max_frame_px 2048, source 'pipeline'\) differ "
                                             r"from the loop's \(max_frame_px 512"):
         run_pipeline(build, frame_endpoints=[frame_endpoint], result_endpoint=result_endpoint, stop=stop,

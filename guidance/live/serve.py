@@ -72,7 +72,9 @@ class _FrameWorker:
         self.startup: dict[str, float] = {}
         """Start-up steps so far, for the heartbeat's stats: ``startup_sockets_s``,
         ``startup_built_s``, ``startup_ready_s`` (process age when the sockets were up, the
-        pipeline built, warmed up), ``startup_prepared_ct_s``, ``startup_warm_up_s`` (durations)."""
+        pipeline built, warmed up), ``startup_prepared_ct_s``, ``startup_warm_up_s`` (durations)
+        and ``startup_ready_cpu_s`` (CPU time the process had used when warmed up, all threads:
+        the start-up's cost apart from the machine's load)."""
         self._send = send
         self._wake = threading.Condition()
         self._pending: tuple[Frame, int, tuple[TrackerSample, TrackerSample] | None] | None = None
@@ -137,9 +139,11 @@ class _FrameWorker:
                                        "startup_prepared_ct_s": round(self.pipeline.registrator.prepare_s, 3)}
         warm_s = self.pipeline.warm_up()
         ready_s = process_age_s()
-        self.startup = self.startup | {"startup_ready_s": round(ready_s, 3), "startup_warm_up_s": round(warm_s, 3)}
-        log.info("pipeline ready %.2f s after the process started: sockets up at %.2f s, built in %.2f s "
-                 "(prepared CT %.2f s), warmed up in %.2f s", ready_s, sockets_s, built_s - sockets_s,
+        cpu_s = time.process_time()
+        self.startup = self.startup | {"startup_ready_s": round(ready_s, 3), "startup_warm_up_s": round(warm_s, 3),
+                                       "startup_ready_cpu_s": round(cpu_s, 3)}
+        log.info("pipeline ready %.2f s after the process started (%.2f s of CPU): sockets up at %.2f s, built in "
+                 "%.2f s (prepared CT %.2f s), warmed up in %.2f s", ready_s, cpu_s, sockets_s, built_s - sockets_s,
                  self.pipeline.registrator.prepare_s, warm_s)
         while True:
             with self._wake:

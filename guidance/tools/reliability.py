@@ -18,7 +18,8 @@ loop (``run_display``, "display" key) and a monitor ("monitor" key) watch. Then:
 - start-up of the pipeline process: its first heartbeat (send stamp), built (first
   heartbeat past "starting"), warmed up (past "warming_up"), first ok pose split into that pose's registration and the
   rest (target: the rest <= 1 s), and the steps the pipeline itself reports in its heartbeats' stats (process age
-  when its sockets were up, it was built and warmed up; its prepared CT's load and warm-up);
+  when its sockets were up, it was built and warmed up, and the CPU time used by then; its prepared CT's load and
+  warm-up);
 - restarts in several orders: time from the last start to the first ok pose (or screen),
   split the same way, with the same steps;
 - a bind conflict: the message a pipeline prints when its port is taken;
@@ -607,10 +608,11 @@ def _steps_row(start: str, result_ep: str, keys: CurveKeys, row) -> None:
             if msg is not None and "startup_ready_s" in (msg.stats or {}):
                 steps = msg.stats
     value = None if steps is None else (
-        f"{steps['startup_sockets_s']:.2f}, {steps['startup_built_s']:.2f}, {steps['startup_ready_s']:.2f}; "
-        f"{steps['startup_prepared_ct_s']:.2f}, {steps['startup_warm_up_s']:.2f}")
-    row(f"{start}: pipeline's own steps: sockets up, built, warmed up (s after its exec); of which prepared CT, "
-        "warm-up (s)", value)
+        f"{steps['startup_sockets_s']:.2f}, {steps['startup_built_s']:.2f}, {steps['startup_ready_s']:.2f} "
+        f"({steps['startup_ready_cpu_s']:.2f} of CPU); {steps['startup_prepared_ct_s']:.2f}, "
+        f"{steps['startup_warm_up_s']:.2f}")
+    row(f"{start}: pipeline's own steps: sockets up, built, warmed up (s after its exec; CPU s used by then); of "
+        "which prepared CT, warm-up (s)", value)
 
 
 def _restart_rows(source, pipeline, display, monitor, frame_ep, result_ep, keys, phantom, out, row):
