@@ -1,4 +1,4 @@
-"""The disk cache folder of derived data (prepared CTs, the phantom's subject).
+"""The disk cache folder of derived data (prepared CTs, the phantom, CT and label files read).
 
 One folder for every cache, so a user moves or clears them in one place: files in it
 are named by a content hash of their inputs and rebuilt when stale or unreadable, never

@@ -18,9 +18,9 @@ so a process beats "starting" within a fraction of a second of its start. The wo
 then warms the pipeline up (``Pipeline.warm_up``: the DRR kernels loaded, state
 "warming_up") before it takes its first frame, and logs how long each step took, from
 the process's start (``process_age_s``), also in every heartbeat's stats (``startup_*``).
-The steps run one after the other on purpose:
-they are imports and numba's set-up, which hold the GIL, so threads running them side
-by side took longer in total (measured; docs/benchmarks.md, reliability).
+The steps run one after the other on purpose: they are imports and numba's set-up, which
+hold the GIL, so threads running them side by side took longer in total (measured;
+docs/benchmarks.md, reliability, session 5).
 """
 
 from __future__ import annotations
