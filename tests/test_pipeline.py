@@ -452,7 +452,7 @@ class GatedWarmUp(Pipeline):
 def test_a_slow_start_beats_starting_then_warming_up_then_no_frames(registrator, phantom):
     """Built by a factory (loading a CT takes a while), the pipeline beats from its first
     loop: "starting" until it is built, "warming_up" while its kernels load, then
-    "no_frames" while no frame comes."""
+    "no_frames" while no frame comes; its heartbeats then carry the start-up steps."""
     frame_endpoint, result_endpoint = free_tcp_endpoint(), free_tcp_endpoint()
     release, warm, stop = threading.Event(), threading.Event(), threading.Event()
 
@@ -469,7 +469,7 @@ def test_a_slow_start_beats_starting_then_warming_up_then_no_frames(registrator,
         release.set()
         wait_for(results, lambda m: m.kind == "heartbeat" and m.state == "warming_up")
         warm.set()
-        wait_for(results, lambda m: m.kind == "heartbeat" and m.state == "no_frames")
+        ready = wait_for(results, lambda m: m.kind == "heartbeat" and m.state == "no_frames")
     finally:
         release.set()
         warm.set()
@@ -477,6 +477,11 @@ def test_a_slow_start_beats_starting_then_warming_up_then_no_frames(registrator,
         thread.join(timeout=10)
         results.close()
     assert not thread.is_alive()
+    steps = ready.stats  # this process's start-up steps (process age, s), then durations (s)
+    assert 0 < steps["startup_sockets_s"] <= steps["startup_built_s"] <= steps["startup_ready_s"]
+    assert steps["startup_warm_up_s"] <= steps["startup_ready_s"] - steps["startup_built_s"] + 0.02  # /proc: 10 ms
+    assert steps["startup_prepared_ct_s"] == pytest.approx(registrator.prepare_s, abs=1e-3)
+    assert 0 < steps["startup_ready_cpu_s"] <= time.process_time()
     with pytest.raises(GuidanceError, match=r"pipeline's settings \(max_frame_px 2048, source 'pipeline'\) differ "
                                             r"from the loop's \(max_frame_px 512"):
         run_pipeline(build, frame_endpoints=[frame_endpoint], result_endpoint=result_endpoint, stop=stop,
@@ -485,9 +490,11 @@ def test_a_slow_start_beats_starting_then_warming_up_then_no_frames(registrator,
 
 STARTUP_SNIPPET = """
 import json, pickle, sys
-import calibration.files, guidance.live.calibrations, guidance.live.pipeline, guidance.live.serve, run_guidance
+import guidance.live.calibrations, guidance.live.pipeline, guidance.live.serve, run_guidance
 import sim.subject
 heavy = [m for m in ("scipy.optimize", "scipy.ndimage", "scipy.spatial", "SimpleITK", "pydicom") if m in sys.modules]
+later = [m for m in ("calibration.files", "guidance.navigation.detection", "guidance.navigation.overlay", "sim.phantom",
+                     "psutil") if m in sys.modules]
 from guidance.core import drr
 from guidance.live.pipeline import Pipeline
 from guidance.live.wire import decode
@@ -503,8 +510,8 @@ before = loaded()
 pipeline.warm_up()
 warmed = loaded()
 pose = pipeline.on_frame(decode(pickle.load(open(sys.argv[1], "rb"))))[0]
-print(json.dumps({"heavy": heavy, "from_cache": pipeline.registrator.prepared.from_cache, "before": before,
-                  "warmed": warmed, "after": loaded(), "mode": pose.mode}))
+print(json.dumps({"heavy": heavy, "later": later, "from_cache": pipeline.registrator.prepared.from_cache,
+                  "before": before, "warmed": warmed, "after": loaded(), "mode": pose.mode}))
 """
 
 
@@ -512,7 +519,9 @@ def test_a_started_pipeline_imports_no_scipy_and_its_warm_up_loads_the_registrat
         frames, registrator, tmp_path):
     """In a fresh process, as a started pipeline: its modules import neither scipy's
     optimizers, ndimage and spatial, nor SimpleITK nor pydicom (seconds of start-up it does
-    not need); its prepared CT comes from the cache; ``warm_up`` loads both DRR kernels,
+    not need), nor, before they are used, the calibration files' modules, instrument
+    detection, the overlay drawing, the phantom's maker (the CLI reads it from the cache)
+    or psutil; its prepared CT comes from the cache; ``warm_up`` loads both DRR kernels,
     and the first global registration then needs no other compiled variant of them."""
     import pickle
     import subprocess
@@ -526,6 +535,7 @@ def test_a_started_pipeline_imports_no_scipy_and_its_warm_up_loads_the_registrat
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["heavy"] == []
+    assert report["later"] == []
     assert report["from_cache"]
     assert report["before"] == [0, 0]
     assert min(report["warmed"]) >= 1

@@ -15,13 +15,16 @@ so is an instrument whose pivot-calibrated tip lies implausibly far from its mod
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from calibration.errors import CalibrationError
-from calibration.files import Calibration, apply_carm_calibration, check_matches
 from guidance.core.instrument_models import INSTRUMENTS, InstrumentModel
 from guidance.core.views import View
+
+if TYPE_CHECKING:  # calibration.files (and its fitting modules) is imported where used: a pipeline
+    from calibration.files import Calibration  # without calibrations starts without it
 
 __all__ = ["MAX_TIP_SHIFT_MM", "LiveCalibrations", "sort_calibrations", "calibrated_view", "calibrated_instruments"]
 
@@ -63,6 +66,8 @@ def sort_calibrations(calibrations: list[Calibration]) -> LiveCalibrations:
 def calibrated_view(cal: Calibration, view: View, device_id: str) -> View:
     """``view`` with the calibrated K for a frame from ``device_id``; raises
     CalibrationError naming the mismatch (device, frame size, missing or out-of-range angles)."""
+    from calibration.files import apply_carm_calibration, check_matches
+
     check_matches(cal, image_size=view.image_size, device_id=device_id)
     return apply_carm_calibration(cal, view)
 

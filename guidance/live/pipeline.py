@@ -24,24 +24,20 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 
-from calibration.distortion import undistort_image, undistort_maps
 from calibration.errors import CalibrationError
-from calibration.files import Calibration, check_matches, distortion_model
 from guidance.core.geometry import invert_rigid, project
 from guidance.core.images import ImageError, PreparedImage, preprocess
 from guidance.core.errors import GuidanceError
 from guidance.core.instrument_models import InstrumentError
 from guidance.core.plan import plan_trajectories, trajectory_approach
 from guidance.navigation.breach import BreachError, CorridorModel, build_corridor, guidance_metrics
-from guidance.navigation.detection import (
-    InstrumentEstimate, ViewDetection, combine_with_earlier_view, detect_instruments)
 from guidance.navigation.instruments import nearest_trajectory, tip_and_axis, tool_in_world
 from guidance.navigation.targets import guide_alignment, target_pose_tracker, target_pose_world
-from guidance.navigation.overlay import draw_instrument, draw_outline, draw_trajectories, to_display_bgr
 from guidance.live.throttle import ThrottledLog
 from guidance.registration.register import RegistrationResult, Registrator
 from guidance.registration.tracking import TrackingSettings
@@ -54,6 +50,10 @@ from guidance.core.volume import Volume
 from guidance.core.views import View, ViewError, carm_view
 from guidance.live.wire import (Frame, InstrumentState, Message, Overlay, PoseResult, TargetPose, TrackerSample,
                                 VolumeFrame)
+
+if TYPE_CHECKING:  # imported where used: a (re)started pipeline needs none of them before its first pose
+    from calibration.files import Calibration
+    from guidance.navigation.detection import InstrumentEstimate, ViewDetection
 
 __all__ = ["PipelineSettings", "PipelineStats", "TrackerHistory", "Pipeline"]
 
@@ -222,6 +222,9 @@ class Pipeline:
                                       f"{', '.join(self.instruments)}")
         self._undistort = None
         if self.settings.distortion is not None:
+            from calibration.distortion import undistort_maps
+            from calibration.files import distortion_model
+
             model = distortion_model(self.settings.distortion)
             self._undistort = (model, undistort_maps(model))
 
@@ -339,6 +342,9 @@ class Pipeline:
             frame = replace(frame, view=calibrated_view(self.settings.carm, frame.view, frame.source))
         pixels = frame.pixels
         if self._undistort is not None:
+            from calibration.distortion import undistort_image
+            from calibration.files import check_matches
+
             check_matches(self.settings.distortion, image_size=frame.view.image_size, device_id=frame.source)
             model, maps = self._undistort
             pixels = undistort_image(pixels, model, maps=maps)
@@ -380,6 +386,8 @@ class Pipeline:
         registered geometry, ``view_sigma_mm`` its in-plane uncertainty), as image-derived
         states; the depth along the viewing ray comes from another kept shot where the
         instrument was found too (``_with_other_shots``), else from the bone (labels or the CT)."""
+        from guidance.navigation.detection import detect_instruments
+
         models = [self.instruments[name] for name in self.settings.detect_instruments]
         bone = self.labels if self.labels is not None else self.registrator.mu
         try:
@@ -415,6 +423,8 @@ class Pipeline:
         registered views; the tip on this frame's ray, so the instrument may have moved along
         its axis since that shot); the combination with the smallest depth uncertainty, or
         the estimate as it was when no shot combines."""
+        from guidance.navigation.detection import combine_with_earlier_view
+
         if estimate.n_views != 1:
             return estimate
         options = []
@@ -454,6 +464,8 @@ class Pipeline:
 
     def _overlay(self, frame: Frame, result: RegistrationResult) -> Overlay:
         """The frame with the plan, vertebra outline and instrument drawn at the registered pose."""
+        from guidance.navigation.overlay import draw_instrument, draw_outline, draw_trajectories, to_display_bgr
+
         bgr = to_display_bgr(frame.pixels, intensity=frame.view.intensity)
         if result.ok:
             view = result.views[0]

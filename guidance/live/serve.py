@@ -16,20 +16,24 @@ Start-up: this module imports only the sockets and the wire, and a pipeline give
 factory is built (registration imported, CT loaded and prepared) in the worker thread,
 so a process beats "starting" within a fraction of a second of its start. The worker
 then warms the pipeline up (``Pipeline.warm_up``: the DRR kernels loaded, state
-"warming_up") before it takes its first frame, and logs how long each step took.
+"warming_up") before it takes its first frame, and logs how long each step took, from
+the process's start (``process_age_s``), also in every heartbeat's stats (``startup_*``).
+The steps run one after the other on purpose: they are imports and numba's set-up, which
+hold the GIL, so threads running them side by side took longer in total (measured;
+docs/benchmarks.md, reliability, session 5).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-import psutil
 
 from guidance.core.errors import GuidanceError
 from guidance.live.keys import CurveKeys
@@ -41,7 +45,7 @@ from guidance.live.wire import Frame, Heartbeat, Message, TrackerSample, VolumeF
 if TYPE_CHECKING:
     from guidance.live.pipeline import Pipeline, PipelineStats
 
-__all__ = ["PIPELINE_SOURCE", "MAX_LOOP_MESSAGES", "MAX_SKIPPED_SHOTS", "run_pipeline"]
+__all__ = ["PIPELINE_SOURCE", "MAX_LOOP_MESSAGES", "MAX_SKIPPED_SHOTS", "process_age_s", "run_pipeline"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +69,12 @@ class _FrameWorker:
         self.pipeline: Pipeline | None = None if callable(pipeline) else pipeline
         self.error: BaseException | None = None
         """Why the factory failed (the loop then stops)."""
+        self.startup: dict[str, float] = {}
+        """Start-up steps so far, for the heartbeat's stats: ``startup_sockets_s``,
+        ``startup_built_s``, ``startup_ready_s`` (process age when the sockets were up, the
+        pipeline built, warmed up), ``startup_prepared_ct_s``, ``startup_warm_up_s`` (durations)
+        and ``startup_ready_cpu_s`` (CPU time the process had used when warmed up, all threads:
+        the start-up's cost apart from the machine's load)."""
         self._send = send
         self._wake = threading.Condition()
         self._pending: tuple[Frame, int, tuple[TrackerSample, TrackerSample] | None] | None = None
@@ -116,17 +126,24 @@ class _FrameWorker:
         self._thread.join()
 
     def _run(self) -> None:
-        t0 = time.perf_counter()
+        sockets_s = process_age_s()
+        self.startup = {"startup_sockets_s": round(sockets_s, 3)}
         if self._factory is not None:
             try:
                 self.pipeline = self._factory()
             except BaseException as exc:  # noqa: BLE001 - reported by run_pipeline, which re-raises it
                 self.error = exc
                 return
-        built_s = time.perf_counter() - t0
+        built_s = process_age_s()
+        self.startup = self.startup | {"startup_built_s": round(built_s, 3),
+                                       "startup_prepared_ct_s": round(self.pipeline.registrator.prepare_s, 3)}
         warm_s = self.pipeline.warm_up()
-        log.info("pipeline ready %.2f s after the process started: built in %.2f s (prepared CT %.2f s), "
-                 "warmed up in %.2f s", time.time() - psutil.Process().create_time(), built_s,
+        ready_s = process_age_s()
+        cpu_s = time.process_time()
+        self.startup = self.startup | {"startup_ready_s": round(ready_s, 3), "startup_warm_up_s": round(warm_s, 3),
+                                       "startup_ready_cpu_s": round(cpu_s, 3)}
+        log.info("pipeline ready %.2f s after the process started (%.2f s of CPU): sockets up at %.2f s, built in "
+                 "%.2f s (prepared CT %.2f s), warmed up in %.2f s", ready_s, cpu_s, sockets_s, built_s - sockets_s,
                  self.pipeline.registrator.prepare_s, warm_s)
         while True:
             with self._wake:
@@ -232,6 +249,21 @@ def run_pipeline(
     return worker.pipeline.stats
 
 
+def process_age_s() -> float:
+    """Seconds since this process was started (exec'd), for start-up logs: on Linux from
+    /proc (10 ms ticks, the same clock for both readings); elsewhere from psutil, whose
+    start time rests on a boot time rounded to the second (up to ~1 s off)."""
+    if sys.platform.startswith("linux"):
+        with open("/proc/uptime") as f:
+            uptime_s = float(f.read().split()[0])
+        with open(f"/proc/{os.getpid()}/stat") as f:  # field 22, starttime: after the ")" of the name
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        return uptime_s - start_ticks / os.sysconf("SC_CLK_TCK")
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
+
+
 def _fitting(pipeline: Pipeline, max_frame_px: int, source: str) -> Pipeline:
     """``pipeline``, if its settings agree with the loop's frame size limit and source id."""
     settings = pipeline.settings
@@ -295,7 +327,7 @@ def _serve(worker: _FrameWorker, source: str, sub: Subscriber, send: Callable[[M
             pipeline.stats.volumes_skipped += len(volumes) - 1 + worker.submit_volume(volumes[-1])
         now = time.monotonic()
         if now >= next_heartbeat:
-            stats = {"lost": sub.lost, "malformed": sub.malformed, "replayed": sub.replayed}
+            stats = {"lost": sub.lost, "malformed": sub.malformed, "replayed": sub.replayed} | worker.startup
             state = "starting"
             if pipeline is not None:
                 stats |= pipeline.stats.as_dict()

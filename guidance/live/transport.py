@@ -49,7 +49,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 
-import psutil
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
@@ -178,6 +177,8 @@ def _authenticate(context: zmq.Context, keys: CurveKeys) -> None:
 
 def _port_holder(port: int) -> str | None:
     """Who listens on TCP ``port`` here: "pid N (command line)", or None if not visible."""
+    import psutil  # only after a bind conflict: not on every process's start-up path
+
     try:
         for conn in psutil.net_connections(kind="tcp"):
             if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN and conn.pid:

@@ -33,6 +33,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from guidance.core.cache import CACHE_ENV, default_cache_dir
 from guidance.core.drr import DrrVolume, prepare_volume, render_drr
 from guidance.core.errors import GuidanceError
 from guidance.core.views import View
@@ -54,7 +55,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CACHE_ENV = "GUIDANCE_CACHE_DIR"
 PREPARED_FORMAT = "guidance.prepared_ct/3"
 LABEL_MARGIN_VOXELS = 1  # a vertebra's coarse volume keeps this many voxels around its label (smoothed edges)
 SOFT_PIXEL_PER_VOXEL = 0.6
@@ -180,14 +180,6 @@ class PreparedCT:
         mu = dv.mu
         only = Volume(np.where(keep, mu, 0.0).astype(np.float32), dv.T_world_from_index, "mu_per_mm")
         return prepare_volume(only, margin_mm=float(self.spacings_mm[index]), step_mm=dv.step_mm)
-
-
-def default_cache_dir() -> Path:
-    """``$GUIDANCE_CACHE_DIR``, else ``$XDG_CACHE_HOME/guidance``, else ``~/.cache/guidance``."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "guidance"
 
 
 def cache_key(ct: Volume, labels: Volume | None, settings: PrepareSettings) -> str:

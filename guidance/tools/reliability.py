@@ -17,9 +17,11 @@ loop (``run_display``, "display" key) and a monitor ("monitor" key) watch. Then:
   pose missing from the recording;
 - start-up of the pipeline process: its first heartbeat (send stamp), built (first
   heartbeat past "starting"), warmed up (past "warming_up"), first ok pose split into that pose's registration and the
-  rest (target: the rest <= 1 s);
+  rest (target: the rest <= 1 s), and the steps the pipeline itself reports in its heartbeats' stats (process age
+  when its sockets were up, it was built and warmed up, and the CPU time used by then; its prepared CT's load and
+  warm-up);
 - restarts in several orders: time from the last start to the first ok pose (or screen),
-  split the same way;
+  split the same way, with the same steps;
 - a bind conflict: the message a pipeline prints when its port is taken;
 - in this process, before the chain starts: CURVE's cost on the frame stream
   (``curve_cost``) and how soon a stream is back after an oversized frame that the
@@ -352,6 +354,7 @@ def run_reliability(out_dir: str | Path, *, duration_s: float = 600.0, fps: floa
             "'warming_up') (s)", f"{_round(None if built_s is None else built_s - started)}, "
             f"{_round(None if ready_s is None else ready_s - started)}")
         _start_row("start-up: pipeline process start -> first ok pose", monitor, started, row)
+        _steps_row("start-up", result_ep, keys["monitor"], row)
         _probe_rows(source, pipeline, display, monitor, row)
         _memory_rows(pipeline, display, monitor, duration_s, row)
         _fake_and_replay_rows(source, display, monitor, frame_ep, keys, phantom, out, row)
@@ -595,12 +598,30 @@ def _start_row(measure: str, monitor: Subscriber, after_s: float, row) -> None:
         "the registration + <= 1 s", first - registration_s <= 1.0)
 
 
+def _steps_row(start: str, result_ep: str, keys: CurveKeys, row) -> None:
+    """The start-up steps the running pipeline reports in its heartbeats' stats."""
+    steps = None
+    with Subscriber(result_ep, topics=("heartbeat",), keys=keys, server_role="pipeline") as sub:
+        deadline = time.monotonic() + RESUME_TIMEOUT_S
+        while steps is None and time.monotonic() < deadline:
+            msg = sub.recv(max(0.0, deadline - time.monotonic()))
+            if msg is not None and "startup_ready_s" in (msg.stats or {}):
+                steps = msg.stats
+    value = None if steps is None else (
+        f"{steps['startup_sockets_s']:.2f}, {steps['startup_built_s']:.2f}, {steps['startup_ready_s']:.2f} "
+        f"({steps['startup_ready_cpu_s']:.2f} of CPU); {steps['startup_prepared_ct_s']:.2f}, "
+        f"{steps['startup_warm_up_s']:.2f}")
+    row(f"{start}: pipeline's own steps: sockets up, built, warmed up (s after its exec; CPU s used by then); of "
+        "which prepared CT, warm-up (s)", value)
+
+
 def _restart_rows(source, pipeline, display, monitor, frame_ep, result_ep, keys, phantom, out, row):
     def first_ok(after_s: float) -> float | None:
         return _first_ok_pose(monitor, int(after_s * 1e9), START_TIMEOUT_S)
 
     t = pipeline.start()  # after kill -9: same recording folder, a new segment
     _start_row("restart pipeline -> first ok pose", monitor, t, row)
+    _steps_row("restart pipeline", result_ep, keys["monitor"], row)
     segments = len(read_manifest(pipeline.record)["segments"])
     row("recording segments after the restart (same folder)", segments, "2", segments == 2)
     source.stop()
@@ -617,6 +638,7 @@ def _restart_rows(source, pipeline, display, monitor, frame_ep, result_ep, keys,
             (pipeline.start if name == "pipeline" else source.start)()
         _start_row(f"stop C-arm and pipeline, start {' then '.join(order)} -> first ok pose", monitor,
                    time.time(), row)
+        _steps_row(f"start {' then '.join(order)}", result_ep, keys["monitor"], row)
     return display
 
 
