@@ -350,15 +350,16 @@ def _cast_row(v, codes, occupancy, brick_shift, box, grid_box, Kinv, R, src, ste
 
 # Two distinct functions (not two dispatchers of one): numba keys its on-disk cache by
 # the function's name and line, so one function compiled twice would share one cache
-# entry and load whichever variant was compiled first for both.
-@numba.njit(cache=True, parallel=True, fastmath=True)
+# entry and load whichever variant was compiled first for both. Both release the GIL, so
+# the live loop's thread (heartbeats, tracker samples) runs while a registration renders.
+@numba.njit(cache=True, parallel=True, fastmath=True, nogil=True)
 def _cast_parallel(codes, occupancy, brick_shift, box, grid_box, Kinv, R, src, step_mm, mu_scale, skip_empty, out):
     """All detector rows, spread over numba's threads."""
     for v in numba.prange(out.shape[0]):
         _cast_row(v, codes, occupancy, brick_shift, box, grid_box, Kinv, R, src, step_mm, mu_scale, skip_empty, out)
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, fastmath=True, nogil=True)
 def _cast_serial(codes, occupancy, brick_shift, box, grid_box, Kinv, R, src, step_mm, mu_scale, skip_empty, out):
     """All detector rows on the calling thread."""
     for v in range(out.shape[0]):
