@@ -213,23 +213,14 @@ def wait_for(sub, predicate, timeout_s=WAIT_S):
 
 def send_until(pub, frame, sub, predicate, timeout_s=WAIT_S):
     """Publish ``frame`` (again every 0.5 s, slow joiners miss the first) until a match."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        pub.send(frame)
-        end = time.monotonic() + 0.5
-        while time.monotonic() < end:
-            msg = sub.recv(0.1)
-            if msg is not None and predicate(msg):
-                return msg
-    raise AssertionError("no matching result")
+    return resend_until(lambda: pub.send(frame), sub, predicate, timeout_s)
 
 
-def send_parts_until(raw, make_parts, sub, predicate, timeout_s=WAIT_S):
-    """Send the multipart message ``make_parts()`` on the raw socket ``raw`` (again every
-    0.5 s) until a match."""
+def resend_until(send, sub, predicate, timeout_s=WAIT_S):
+    """Call ``send()`` (again every 0.5 s) until ``sub`` receives a match."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        raw.send_multipart(make_parts())
+        send()
         end = time.monotonic() + 0.5
         while time.monotonic() < end:
             msg = sub.recv(0.1)
@@ -270,10 +261,13 @@ def test_malformed_input_is_rejected_and_the_next_good_frame_served(tmp_path, re
         # Wrong geometry: a view that looks away from the CT decodes fine but is rejected.
         away = frames[0].view.with_pose(frames[0].view.T_cam_from_world @ make_rigid(np.eye(3), [500.0, 0, 0]))
         wrong_geometry = Frame(frame_id=50, acquired_ns=time.time_ns(), view=away, pixels=frames[0].pixels)
+
         # A good frame first: once it is served the connection is up, so nothing sent after
         # it is lost to the slow-joiner window (which once swallowed the malformed batch).
-        fresh = lambda: [b"frame", *encode(replace(frames[0], stamp_ns=time.time_ns()))]  # noqa: E731
-        assert send_parts_until(raw, fresh, results, is_pose_for(1)).status == "ok"
+        def send_fresh():
+            raw.send_multipart([b"frame", *encode(replace(frames[0], stamp_ns=time.time_ns()))])
+
+        assert resend_until(send_fresh, results, is_pose_for(1)).status == "ok"
         for parts in malformed:
             raw.send_multipart(parts)
         now_ns = time.time_ns()
@@ -282,7 +276,7 @@ def test_malformed_input_is_rejected_and_the_next_good_frame_served(tmp_path, re
         assert seen_geometry.status == "failed"
         assert "wrong geometry" in seen_geometry.reason
         beat = wait_for(results, lambda m: m.kind == "heartbeat" and m.stats["malformed"] >= 6)
-        pose = send_parts_until(raw, fresh, results, is_pose_for(1))
+        pose = resend_until(send_fresh, results, is_pose_for(1))
         assert pose.status == "ok"
         assert beat.stats["frames_rejected"] >= 1
     finally:
