@@ -24,8 +24,10 @@ instrument's tip and axis in CT coordinates (world, LPS mm):
 One view gives the tip's ray and the in-plane direction; its depth comes from the
 anatomy (assumed docked on the most posterior bone surface along that ray: a posterior
 approach) with an uncertainty. Two or more views of one moment give the full 3D pose
-(triangulated, then refined jointly); a view and an earlier one of another orientation,
-the instrument having moved along its axis in between, give it from the two shaft planes
+(triangulated, then refined jointly); a view and an earlier one of another orientation
+give it from the two shaft planes (the instrument may have moved along its axis in
+between) or, where those planes nearly coincide (an instrument near the C-arm's rotation
+plane), from the two tip rays when its travel in between is bounded
 (``combine_with_earlier_view``). Direction convention as in ``guidance.navigation.instruments``:
 ``axis_world`` points from the handle towards the tip.
 """
@@ -1196,29 +1198,86 @@ def _mm_per_px(view: View, point_world: np.ndarray) -> float:
 
 def combine_with_earlier_view(detection: ViewDetection, view: View, earlier: ViewDetection, earlier_view: View, *,
                               max_travel_mm: float = 40.0, min_plane_angle_deg: float = 10.0,
-                              view_sigma_mm: float = 0.0) -> InstrumentEstimate | None:
+                              view_sigma_mm: float = 0.0, moved_mm: float | None = None,
+                              still_since: tuple[ViewDetection, View] | None = None,
+                              min_ray_angle_deg: float = 20.0, max_miss_sigmas: float = 3.0
+                              ) -> InstrumentEstimate | None:
     """Full 3D pose of an instrument found now in ``view`` and earlier, in another
     orientation, in ``earlier_view`` (each view registered, e.g. the AP fluoroscopy frame
-    and the lateral shot the multi-shot registration keeps).
+    and the lateral shot the multi-shot registration keeps), or None when the two views
+    cannot place it.
 
-    The instrument may have advanced or withdrawn along its axis between the two frames:
-    the shaft's line stays in the earlier view's shaft plane (source and shaft image line),
-    its tip does not. So the axis is the intersection of the two views' shaft planes and
-    the tip is where the current tip ray meets it (both lie in the current shaft plane).
-    None when the models differ, the planes meet at under ``min_plane_angle_deg`` (the
-    views cannot place the line), or the tip lies more than ``max_travel_mm`` along the
-    axis from where the earlier view put it (not the same instrument, or moved too far).
-    Uncertainties, first order: ``tip_sigma_mm`` from the current fit (at least
-    ``TIP_SIGMA_FLOOR_PX``) and
-    ``view_sigma_mm`` (the registered views' own 1-sigma error across the beam, at the
-    instrument, in each view; it dominates a fit's sigma); ``depth_sigma_mm``
-    (along the current ray) from the current tip's in-plane sigma over the tangent of the
-    angle between ray and axis, and the earlier tip's sigma moving the earlier plane;
-    ``axis_sigma_deg`` from both fits' direction sigmas (at least ``DIRECTION_SIGMA_FLOOR_DEG``)
-    over the sine of the planes' angle.
+    Two ways, the one with the smaller depth uncertainty kept:
+
+    - **Shaft planes** (the instrument may have advanced or withdrawn along its axis in
+      between): the axis is the intersection of the two views' shaft planes (source and
+      shaft image line), the tip where the current tip ray meets it. Needs the planes to
+      meet at ``min_plane_angle_deg`` or more: an instrument lying near the plane through
+      both sources (near the C-arm's rotation plane, for an AP and a lateral view) has
+      nearly one shaft plane in both; and the tip within ``max_travel_mm`` along the axis
+      of where the earlier view put it. See ``_combine_planes``.
+    - **Tip rays** (the instrument has moved at most ``moved_mm`` along its axis in
+      between; 0 for two views of one moment): the tip is the point closest to both tip
+      rays, the axis the line through it that both views' image directions show. Needs
+      the rays to meet at ``min_ray_angle_deg`` or more and to pass within
+      ``max_miss_sigmas`` of their combined in-plane sigma (plus the miss that a travel
+      of ``moved_mm`` can explain) of each other: a larger miss means the instrument moved
+      more than that, or is another one. In near-parallel shaft planes the miss hardly
+      grows with a travel along the axis, so the travel must be bounded from outside:
+      ``moved_mm``, or ``still_since``: the instrument found in ``view``'s orientation
+      (detection, its registered view) at or before the earlier view's acquisition and
+      not moved since (a monotonic advance assumed): its tip's displacement across the
+      current ray bounds the travel. Without either, this way is not tried. See
+      ``_combine_tip_rays``.
+
+    Uncertainties, first order: each detection's in-plane tip sigma is its fit's (at least
+    ``TIP_SIGMA_FLOOR_PX``) and ``view_sigma_mm`` (the registered views' own 1-sigma error
+    across the beam, at the instrument, in each view; it dominates a fit's sigma);
+    direction sigmas at least ``DIRECTION_SIGMA_FLOOR_DEG``. ``tip_sigma_mm`` across the
+    current ray, ``depth_sigma_mm`` along it, ``axis_sigma_deg`` of the axis.
     """
     if detection.model.name != earlier.model.name:
         return None
+    options = [_combine_planes(detection, view, earlier, earlier_view, max_travel_mm=max_travel_mm,
+                               min_plane_angle_deg=min_plane_angle_deg, view_sigma_mm=view_sigma_mm)]
+    if moved_mm is not None or still_since is not None:
+        options.append(_combine_tip_rays(detection, view, earlier, earlier_view, view_sigma_mm=view_sigma_mm,
+                                         moved_mm=moved_mm, still_since=still_since,
+                                         min_ray_angle_deg=min_ray_angle_deg, max_miss_sigmas=max_miss_sigmas))
+    options = [o for o in options if o is not None]
+    return min(options, key=lambda e: e.depth_sigma_mm) if options else None
+
+
+def _in_plane_sigma_mm(detection: ViewDetection, view: View, point_world: np.ndarray, view_sigma_mm: float) -> float:
+    """1-sigma of a detection's tip across its ray at ``point_world`` (mm): the fit's (at least
+    ``TIP_SIGMA_FLOOR_PX``) and the registered view's own."""
+    return math.hypot(max(detection.tip_sigma_px, TIP_SIGMA_FLOOR_PX) * _mm_per_px(view, point_world), view_sigma_mm)
+
+
+def _direction_sigma_rad(detection: ViewDetection) -> float:
+    """1-sigma of a detection's image direction (rad), at least ``DIRECTION_SIGMA_FLOOR_DEG``
+    (1 deg when the fit gave none)."""
+    sigma = detection.direction_sigma_deg
+    return math.radians(max(sigma, DIRECTION_SIGMA_FLOOR_DEG) if math.isfinite(sigma) else 1.0)
+
+
+def _oriented(axis: np.ndarray, tip: np.ndarray, pairs) -> np.ndarray:
+    """``axis`` or its opposite: the one whose projections run from the handle towards the tip
+    as the detections of (detection, view) ``pairs`` show (handle -> tip)."""
+    agreement = 0.0
+    for det, v in pairs:
+        shown = project(v.P, np.array([tip - 10.0 * axis, tip]))
+        agreement += float((shown[1] - shown[0]) @ det.direction_uv)
+    return axis if agreement >= 0 else -axis
+
+
+def _combine_planes(detection: ViewDetection, view: View, earlier: ViewDetection, earlier_view: View, *,
+                    max_travel_mm: float, min_plane_angle_deg: float, view_sigma_mm: float
+                    ) -> InstrumentEstimate | None:
+    """``combine_with_earlier_view`` by the shaft planes. ``depth_sigma_mm`` (along the
+    current ray) from the current tip's in-plane sigma over the tangent of the angle between
+    ray and axis, and the earlier tip's sigma moving the earlier plane; ``axis_sigma_deg``
+    from both direction sigmas over the sine of the planes' angle."""
     source, n_now = _shaft_plane(detection, view)
     source_then, n_then = _shaft_plane(earlier, earlier_view)
     cross = np.cross(n_now, n_then)
@@ -1243,21 +1302,109 @@ def combine_with_earlier_view(detection: ViewDetection, view: View, earlier: Vie
     tip_then, _ = on_line(source_then, earlier.tip_uv, earlier_view)
     if abs(float((tip - tip_then) @ axis)) > max_travel_mm:
         return None
-    agreement = 0.0  # the axis's sign: its projections run from the handle towards the tip as the images show
-    for det, v in ((detection, view), (earlier, earlier_view)):
-        shown = project(v.P, np.array([tip - 10.0 * axis, tip]))
-        agreement += float((shown[1] - shown[0]) @ det.direction_uv)
-    axis = axis if agreement >= 0 else -axis
-    sigma_now = math.hypot(max(detection.tip_sigma_px, TIP_SIGMA_FLOOR_PX) * _mm_per_px(view, tip), view_sigma_mm)
-    sigma_then = math.hypot(max(earlier.tip_sigma_px, TIP_SIGMA_FLOOR_PX) * _mm_per_px(earlier_view, tip_then),
-                            view_sigma_mm)
+    axis = _oriented(axis, tip, ((detection, view), (earlier, earlier_view)))
+    sigma_now = _in_plane_sigma_mm(detection, view, tip, view_sigma_mm)
+    sigma_then = _in_plane_sigma_mm(earlier, earlier_view, tip_then, view_sigma_mm)
     ray_now = backproject(view.K, view.T_cam_from_world, detection.tip_uv[None])[1][0]
     cos_now = math.sqrt(max(1.0 - sin_now ** 2, 0.0))
     depth_sigma = math.hypot(sigma_now * cos_now / max(sin_now, 1e-3),
                              sigma_then / max(abs(float(ray_now @ n_then)), 1e-3))
-    direction_sigma = math.hypot(*(max(d.direction_sigma_deg, DIRECTION_SIGMA_FLOOR_DEG)
-                                   if math.isfinite(d.direction_sigma_deg) else 1.0 for d in (detection, earlier)))
+    direction_sigma = math.hypot(_direction_sigma_rad(detection), _direction_sigma_rad(earlier))
     return InstrumentEstimate(model=detection.model, tip_world=tip, axis_world=axis, n_views=2,
                               score=min(detection.gradient_correlation, earlier.gradient_correlation),
                               tip_sigma_mm=sigma_now, depth_sigma_mm=depth_sigma,
-                              axis_sigma_deg=direction_sigma / sin_planes, detections=(detection, earlier))
+                              axis_sigma_deg=math.degrees(direction_sigma) / sin_planes,
+                              detections=(detection, earlier))
+
+
+def _closest_point(sources: list[np.ndarray], rays: list[np.ndarray], sigmas: list[float]
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """The point (3,) nearest to the lines (source, unit ray), each distance weighted by
+    1 / sigma^2 (the tip's in-plane sigma in that view), and its covariance (3, 3)."""
+    A, b = np.zeros((3, 3)), np.zeros(3)
+    for s, r, sigma in zip(sources, rays, sigmas):
+        P = (np.eye(3) - np.outer(r, r)) / sigma ** 2
+        A += P
+        b += P @ s
+    cov = np.linalg.inv(A)
+    return cov @ b, cov
+
+
+def _line_miss(s1: np.ndarray, r1: np.ndarray, s2: np.ndarray, r2: np.ndarray) -> float:
+    """Closest distance (mm) between two lines (source, unit direction), not parallel."""
+    n = np.cross(r1, r2)
+    return float(abs((s2 - s1) @ n) / np.linalg.norm(n))
+
+
+def _image_plane_normal(detection: ViewDetection, view: View, point_world: np.ndarray) -> np.ndarray:
+    """Unit world normal of the plane through the view's source and ``point_world`` that
+    holds the detected image direction there: every line through the point that this
+    view shows running as the detection does."""
+    uv = project(view.P, point_world[None])[0]
+    _, rays = backproject(view.K, view.T_cam_from_world, np.array([uv, uv - 10.0 * detection.direction_uv]))
+    return _unit(np.cross(rays[0], rays[1]))
+
+
+def _combine_tip_rays(detection: ViewDetection, view: View, earlier: ViewDetection, earlier_view: View, *,
+                      view_sigma_mm: float, moved_mm: float | None, still_since: tuple[ViewDetection, View] | None,
+                      min_ray_angle_deg: float, max_miss_sigmas: float) -> InstrumentEstimate | None:
+    """``combine_with_earlier_view`` by the tip rays, the instrument having moved at most
+    ``moved_mm`` (or as ``still_since`` bounds it) along its axis between the views.
+
+    The tip: the weighted closest point of the two tip rays; its covariance, plus the
+    error a travel of the whole bound makes (the earlier tip ray then passed through a
+    point of the axis that far away), as a 1-sigma, gives ``tip_sigma_mm`` and
+    ``depth_sigma_mm``. The axis: through the tip, in both
+    views' planes of image direction (their intersection); with planes within 1 deg of
+    each other the views cannot place it and the current view's own 3D axis is kept
+    (``axis_sigma_deg`` 90), else its sigma is both direction sigmas over the sine of the
+    planes' angle (at most 90)."""
+    source, rays = backproject(view.K, view.T_cam_from_world, detection.tip_uv[None])
+    source_then, rays_then = backproject(earlier_view.K, earlier_view.T_cam_from_world, earlier.tip_uv[None])
+    ray, ray_then = rays[0], rays_then[0]
+    sin_rays = float(np.linalg.norm(np.cross(ray, ray_then)))
+    if sin_rays < math.sin(math.radians(min_ray_angle_deg)):
+        return None
+    rough, _ = _closest_point([source, source_then], [ray, ray_then], [1.0, 1.0])
+    sigmas = [_in_plane_sigma_mm(detection, view, rough, view_sigma_mm),
+              _in_plane_sigma_mm(earlier, earlier_view, rough, view_sigma_mm)]
+    tip, cov = _closest_point([source, source_then], [ray, ray_then], sigmas)
+    # The axis through the tip.
+    n_now = _image_plane_normal(detection, view, tip)
+    n_then = _image_plane_normal(earlier, earlier_view, tip)
+    cross = np.cross(n_now, n_then)
+    sin_planes = float(np.linalg.norm(cross))
+    if sin_planes >= math.sin(math.radians(1.0)):
+        axis = cross / sin_planes
+        direction_sigma = math.hypot(_direction_sigma_rad(detection), _direction_sigma_rad(earlier))
+        axis_sigma = min(math.degrees(direction_sigma) / sin_planes, 90.0)
+    else:
+        axis = -(invert_rigid(view.T_cam_from_world)[:3, :3] @ detection.axis_cam)
+        axis_sigma = 90.0
+    axis = _oriented(_unit(axis), tip, ((detection, view), (earlier, earlier_view)))
+    # How a travel along the axis between the views shows: the miss and the tip's error per mm.
+    moved_tip = tip + axis
+    moved_ray = _unit(moved_tip - source)
+    miss_per_mm = _line_miss(source, moved_ray, source_then, ray_then)
+    triangulated, _ = _closest_point([source, source_then], [moved_ray, ray_then], sigmas)
+    error_per_mm = triangulated - moved_tip
+    if still_since is not None:
+        still_detection, still_view = still_since
+        still_source, still_rays = backproject(still_view.K, still_view.T_cam_from_world,
+                                               still_detection.tip_uv[None])
+        across = float(np.linalg.norm(np.cross(tip - still_source, still_rays[0])))
+        margin = max_miss_sigmas * math.hypot(sigmas[0], _in_plane_sigma_mm(still_detection, still_view, tip,
+                                                                            view_sigma_mm))
+        across_per_mm = float(np.linalg.norm(np.cross(axis, ray)))
+        bound = (across + margin) / max(across_per_mm, 1e-3)
+        moved_mm = bound if moved_mm is None else min(moved_mm, bound)
+    miss = _line_miss(source, ray, source_then, ray_then)
+    if miss > max_miss_sigmas * math.hypot(*sigmas) + moved_mm * miss_per_mm:
+        return None
+    total = cov + np.outer(error_per_mm, error_per_mm) * moved_mm ** 2  # the bound counted at its full size
+    depth_sigma = math.sqrt(max(float(ray @ total @ ray), 0.0))
+    tip_sigma = math.sqrt(max((float(np.trace(total)) - depth_sigma ** 2) / 2.0, 0.0))
+    return InstrumentEstimate(model=detection.model, tip_world=tip, axis_world=axis, n_views=2,
+                              score=min(detection.gradient_correlation, earlier.gradient_correlation),
+                              tip_sigma_mm=tip_sigma, depth_sigma_mm=depth_sigma, axis_sigma_deg=axis_sigma,
+                              detections=(detection, earlier))
