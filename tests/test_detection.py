@@ -216,14 +216,20 @@ def _axis_error_deg(a: np.ndarray, b: np.ndarray) -> float:
     return math.degrees(math.acos(float(np.clip(a @ b, -1.0, 1.0))))
 
 
-@pytest.mark.parametrize("level, side, seed", [("L1", "left", 15), ("L4", "left", 3)])
-def test_overlapping_instruments_are_both_found_in_both_views(phantom, level, side, seed):
-    """A K-wire 30 mm into one pedicle and a Jamshidi needle 10 mm into the other: in the
-    lateral view the needle lies over the K-wire, which shows only beyond the needle's tip.
-    Both are found in both views, within the single-instrument targets."""
+@pytest.mark.parametrize("level, side, seed, depth_mm, needle_axis_deg",
+                         [("L1", "left", 15, 30.0, 2.0), ("L4", "left", 3, 30.0, 2.0), ("L4", "right", 33, 5.0, 3.0)])
+def test_overlapping_instruments_are_both_found_in_both_views(phantom, level, side, seed, depth_mm,
+                                                              needle_axis_deg):
+    """A K-wire ``depth_mm`` into one pedicle and a Jamshidi needle 10 mm into the other: in
+    the lateral view the needle lies over the K-wire, which shows only beyond the needle's
+    tip (30 mm), or runs under the needle's shaft from behind its tip (5 mm: the needle's
+    fit absorbs part of it and its subtraction erased it before the guided search fitted
+    the two jointly). Both are found in both views, the tips within 1 mm, the K-wire's axis
+    within 2 deg, the needle's within ``needle_axis_deg`` (the bench's needle axis error:
+    1.0 deg median, 4.5 deg p90)."""
     player = ScenarioPlayer(Scenario(detector_px=512, pixel_spacing_mm=0.6, target_level=level, target_side=side,
                                      seed=seed), phantom)
-    t_s = (30.0 + START_OUTSIDE_MM) / player.scenario.advance_mm_per_s
+    t_s = (depth_mm + START_OUTSIDE_MM) / player.scenario.advance_mm_per_s
     other = next(t for t in phantom.plan if t["level"] == level and t["side"] != side)
     T_needle = tool_pose_on_trajectory(*trajectory_endpoints(other), 10.0, NEEDLE)
     truth = {"kwire": tip_and_axis(player.state_at(t_s).T_world_from_tool, KWIRE),
@@ -234,7 +240,7 @@ def test_overlapping_instruments_are_both_found_in_both_views(phantom, level, si
     for name, (tip, axis) in truth.items():
         (estimate,) = [e for e in estimates if e.model.name == name and e.n_views == 2]
         assert np.linalg.norm(estimate.tip_world - tip) <= 1.0, name
-        assert _axis_error_deg(estimate.axis_world, axis) <= 2.0, name
+        assert _axis_error_deg(estimate.axis_world, axis) <= (2.0 if name == "kwire" else needle_axis_deg), name
 
 
 def test_contrast_step_splits_a_ridge_between_two_levels():
