@@ -1,6 +1,7 @@
 """guidance.tools.demo: the image-derived instrument's score, and a short demo without a tracker."""
 
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -42,6 +43,9 @@ def test_instrument_score_splits_depth_from_in_plane(along_ray_mm, across_mm, ti
     assert row["tip_error_mm"] == pytest.approx(np.hypot(along_ray_mm, across_mm), abs=1e-9)
     assert row["in_plane_mm"] == pytest.approx(across_mm, rel=2e-2, abs=1e-9)
     assert row["axis_error_deg"] == pytest.approx(tilt_deg, abs=1e-6)
+    assert row["within_3_sigma"] is None  # no uncertainty published
+    published = replace(state, uncertainty_in_plane_mm=1.0, uncertainty_depth_mm=2.0)
+    assert _score_instrument(published, frame)["within_3_sigma"] == (row["tip_error_mm"] <= 3.0 * np.sqrt(5.0))
     without_tool = Frame(frame_id=7, acquired_ns=1, view=frame.view, pixels=frame.pixels,
                          ground_truth={"T_cam_from_world": frame.view.T_cam_from_world})
     assert _score_instrument(state, without_tool) is None

@@ -133,18 +133,103 @@ def test_an_earlier_shot_of_another_orientation_makes_the_pose_3d(phantom):
     assert combine_with_earlier_view(ap, ap_view, replace(lateral, model=NEEDLE), lateral_view) is None
 
 
+NEAR_PLANE = dict(detector_px=512, pixel_spacing_mm=0.6, target_level="L3", target_side="left",
+                  instrument_medial_deg=8.0, seed=2000)
+"""The demo's K-wire path: its axis lies near the C-arm's rotation plane, so an AP and a
+lateral view's shaft planes meet at about 5 deg."""
+
+
+def _near_plane_detections(player: ScenarioPlayer, depth_mm: float, angles, noise_offset: int = 0):
+    t_s = (depth_mm + START_OUTSIDE_MM) / player.scenario.advance_mm_per_s
+    image, view = _frame(player, t_s, angles, noise_offset)
+    (found,) = detect_in_view(image, view, [KWIRE], player.isocenter_world)
+    return found, view
+
+
+def test_near_parallel_shaft_planes_are_combined_by_the_tip_rays(phantom):
+    """The demo's K-wire at rest, seen AP and lateral: the shaft planes (about 5 deg apart)
+    cannot place it and are refused; the two tip rays can (they meet at about 90 deg):
+    the tip within 1 mm of the simulator's (the biplane target; the bench's near-plane
+    pairs measure 0.17 mm median, 0.48 mm p90 at this detector) and within 3 of the
+    reported sigmas, the reported depth sigma a fraction of the single view's (anatomy)."""
+    player = ScenarioPlayer(Scenario(**NEAR_PLANE), phantom)
+    ap, ap_view = _near_plane_detections(player, -8.0, AP)
+    lateral, lateral_view = _near_plane_detections(player, -8.0, LATERAL, 1)
+    t_s = (-8.0 + START_OUTSIDE_MM) / player.scenario.advance_mm_per_s
+    tip, axis = tip_and_axis(player.state_at(t_s).T_world_from_tool, KWIRE)
+    assert combine_with_earlier_view(ap, ap_view, lateral, lateral_view) is None
+    combined = combine_with_earlier_view(ap, ap_view, lateral, lateral_view, moved_mm=0.0)
+    assert combined is not None and combined.n_views == 2
+    error_mm = float(np.linalg.norm(combined.tip_world - tip))
+    assert error_mm <= 1.0
+    assert error_mm <= 3.0 * math.hypot(combined.tip_sigma_mm, combined.depth_sigma_mm)
+    assert _axis_error_deg(combined.axis_world, axis) <= 3.0 * combined.axis_sigma_deg
+    single = single_view_estimate(ap, ap_view, focus_world=player.isocenter_world, bone=phantom.labels)
+    assert combined.depth_sigma_mm < 0.25 * single.depth_sigma_mm
+
+
+def test_a_wire_that_moved_between_the_shots_is_not_reported_as_a_good_pose(phantom):
+    """The demo's K-wire seen lateral, then AP after 6 mm more: the tip rays still nearly
+    meet (the travel runs inside both shaft planes), so without a bound on the travel the
+    pair is refused; with the AP view of the lateral's moment as ``still_since`` the travel
+    it shows bounds it, and the reported depth sigma covers the error (at least a third of
+    it) instead of claiming the precision of a wire at rest."""
+    player = ScenarioPlayer(Scenario(**NEAR_PLANE), phantom)
+    lateral, lateral_view = _near_plane_detections(player, -8.0, LATERAL, 1)
+    ap_then, ap_then_view = _near_plane_detections(player, -8.0, AP, 2)
+    ap, ap_view = _near_plane_detections(player, -2.0, AP)
+    t_s = (-2.0 + START_OUTSIDE_MM) / player.scenario.advance_mm_per_s
+    tip, _ = tip_and_axis(player.state_at(t_s).T_world_from_tool, KWIRE)
+    assert combine_with_earlier_view(ap, ap_view, lateral, lateral_view) is None
+    bounded = combine_with_earlier_view(ap, ap_view, lateral, lateral_view, still_since=(ap_then, ap_then_view))
+    assert bounded is not None
+    error_mm = float(np.linalg.norm(bounded.tip_world - tip))
+    assert error_mm > 3.0  # the rays meet where the wire was: it is placed where it was seen laterally
+    assert error_mm <= 3.0 * bounded.depth_sigma_mm
+    # At rest since the AP view of the lateral's moment the bound is tighter, though not
+    # zero: a wire this close to the AP beam moves little across it as it advances.
+    at_rest = combine_with_earlier_view(ap_then, ap_then_view, lateral, lateral_view,
+                                        still_since=(ap_then, ap_then_view))
+    assert at_rest is not None and at_rest.depth_sigma_mm < 0.5 * bounded.depth_sigma_mm
+    then_s = (-8.0 + START_OUTSIDE_MM) / player.scenario.advance_mm_per_s
+    then_tip, _ = tip_and_axis(player.state_at(then_s).T_world_from_tool, KWIRE)
+    assert np.linalg.norm(at_rest.tip_world - then_tip) <= 1.0
+
+
+def test_a_moved_wire_claimed_at_rest_is_refused_where_the_rays_miss(phantom):
+    """Where the shaft planes meet at a good angle (L4 right), a wire that advanced 20 mm
+    between the lateral and the AP view makes the tip rays miss each other by millimetres:
+    claimed at rest (``moved_mm=0``), the tip-ray way is refused and the shaft planes
+    (which allow the travel) place it, as without the claim."""
+    player = ScenarioPlayer(Scenario(detector_px=512, pixel_spacing_mm=0.6, target_level="L4", target_side="right",
+                                     seed=4), phantom)
+    lateral, lateral_view = _near_plane_detections(player, 5.0, LATERAL, 1)
+    ap, ap_view = _near_plane_detections(player, 25.0, AP)
+    planes = combine_with_earlier_view(ap, ap_view, lateral, lateral_view)
+    claimed = combine_with_earlier_view(ap, ap_view, lateral, lateral_view, moved_mm=0.0)
+    assert planes is not None and claimed is not None
+    np.testing.assert_allclose(claimed.tip_world, planes.tip_world)
+    assert claimed.depth_sigma_mm == planes.depth_sigma_mm
+
+
 def _axis_error_deg(a: np.ndarray, b: np.ndarray) -> float:
     return math.degrees(math.acos(float(np.clip(a @ b, -1.0, 1.0))))
 
 
-@pytest.mark.parametrize("level, side, seed", [("L1", "left", 15), ("L4", "left", 3)])
-def test_overlapping_instruments_are_both_found_in_both_views(phantom, level, side, seed):
-    """A K-wire 30 mm into one pedicle and a Jamshidi needle 10 mm into the other: in the
-    lateral view the needle lies over the K-wire, which shows only beyond the needle's tip.
-    Both are found in both views, within the single-instrument targets."""
+@pytest.mark.parametrize("level, side, seed, depth_mm, needle_axis_deg",
+                         [("L1", "left", 15, 30.0, 2.0), ("L4", "left", 3, 30.0, 2.0), ("L4", "right", 33, 5.0, 3.0)])
+def test_overlapping_instruments_are_both_found_in_both_views(phantom, level, side, seed, depth_mm,
+                                                              needle_axis_deg):
+    """A K-wire ``depth_mm`` into one pedicle and a Jamshidi needle 10 mm into the other: in
+    the lateral view the needle lies over the K-wire, which shows only beyond the needle's
+    tip (30 mm), or runs under the needle's shaft from behind its tip (5 mm: the needle's
+    fit absorbs part of it and its subtraction erased it before the guided search fitted
+    the two jointly). Both are found in both views, the tips within 1 mm, the K-wire's axis
+    within 2 deg, the needle's within ``needle_axis_deg`` (the bench's needle axis error:
+    1.0 deg median, 4.5 deg p90)."""
     player = ScenarioPlayer(Scenario(detector_px=512, pixel_spacing_mm=0.6, target_level=level, target_side=side,
                                      seed=seed), phantom)
-    t_s = (30.0 + START_OUTSIDE_MM) / player.scenario.advance_mm_per_s
+    t_s = (depth_mm + START_OUTSIDE_MM) / player.scenario.advance_mm_per_s
     other = next(t for t in phantom.plan if t["level"] == level and t["side"] != side)
     T_needle = tool_pose_on_trajectory(*trajectory_endpoints(other), 10.0, NEEDLE)
     truth = {"kwire": tip_and_axis(player.state_at(t_s).T_world_from_tool, KWIRE),
@@ -155,7 +240,7 @@ def test_overlapping_instruments_are_both_found_in_both_views(phantom, level, si
     for name, (tip, axis) in truth.items():
         (estimate,) = [e for e in estimates if e.model.name == name and e.n_views == 2]
         assert np.linalg.norm(estimate.tip_world - tip) <= 1.0, name
-        assert _axis_error_deg(estimate.axis_world, axis) <= 2.0, name
+        assert _axis_error_deg(estimate.axis_world, axis) <= (2.0 if name == "kwire" else needle_axis_deg), name
 
 
 def test_contrast_step_splits_a_ridge_between_two_levels():

@@ -41,7 +41,7 @@ from guidance.navigation.targets import guide_alignment, target_pose_tracker, ta
 from guidance.live.throttle import ThrottledLog
 from guidance.registration.register import RegistrationResult, Registrator
 from guidance.registration.tracking import TrackingSettings
-from guidance.live.shots import Shot, ShotRegistrar, ShotSettings
+from guidance.live.shots import Shot, ShotRegistrar, ShotSettings, angle_between_deg, beam_direction_world
 from guidance.live.calibrations import calibrated_instruments, calibrated_view
 from guidance.live.intraop import IntraopError, IntraopSettings, register_intraop, volume_from_message
 from guidance.live.serve import PIPELINE_SOURCE
@@ -216,6 +216,8 @@ class Pipeline:
         self.instruments, self.instrument_refusals = calibrated_instruments(self.settings.pivots)
         self._shot_detections: dict[int, tuple[View, tuple[ViewDetection, ...]]] = {}
         """Per kept shot (frame id): its registered view and the instruments found in it."""
+        self._before_shot: dict[int, dict[int, tuple[View, tuple[ViewDetection, ...]]]] = {}
+        """Per kept shot (frame id): ``_shot_detections`` as it was when that shot arrived."""
         for name in self.settings.detect_instruments:
             if name not in self.instruments:
                 raise InstrumentError(f"unknown instrument {name!r} to detect; known instruments: "
@@ -398,7 +400,9 @@ class Pipeline:
             return []
         kept = set(self.shots.book.frame_ids)
         self._shot_detections = {k: v for k, v in self._shot_detections.items() if k in kept}
+        self._before_shot = {k: v for k, v in self._before_shot.items() if k in kept}
         if self.frame_id in kept:
+            self._before_shot[self.frame_id] = dict(self._shot_detections)
             self._shot_detections[self.frame_id] = (view, tuple(e.detections[0] for e in estimates))
         states = []
         for estimate in estimates:
@@ -420,23 +424,41 @@ class Pipeline:
     def _with_other_shots(self, estimate: InstrumentEstimate, view: View, view_sigma_mm: float) -> InstrumentEstimate:
         """A single-view estimate made full 3D with the same instrument found in a kept shot
         of another orientation (``combine_with_earlier_view``: the shaft planes of the two
-        registered views; the tip on this frame's ray, so the instrument may have moved along
-        its axis since that shot); the combination with the smallest depth uncertainty, or
-        the estimate as it was when no shot combines."""
+        registered views, the tip on this frame's ray, so the instrument may have moved along
+        its axis since that shot; or, where the planes nearly coincide, the two tip rays,
+        when a kept shot of this frame's orientation taken no later than that shot shows
+        how far it can have moved since: ``_still_since``); the combination with the
+        smallest depth uncertainty, the estimate as it was (depth from the anatomy) included."""
         from guidance.navigation.detection import combine_with_earlier_view
 
         if estimate.n_views != 1:
             return estimate
-        options = []
+        options = [estimate]
         for frame_id, (shot_view, detections) in self._shot_detections.items():
             if frame_id == self.frame_id:
                 continue
             for earlier in detections:
-                combined = combine_with_earlier_view(estimate.detections[0], view, earlier, shot_view,
-                                                     view_sigma_mm=view_sigma_mm)
+                combined = combine_with_earlier_view(
+                    estimate.detections[0], view, earlier, shot_view, view_sigma_mm=view_sigma_mm,
+                    still_since=self._still_since(estimate.detections[0], view, frame_id))
                 if combined is not None:
                     options.append(combined)
-        return min(options, key=lambda e: e.depth_sigma_mm) if options else estimate
+        return min(options, key=lambda e: e.depth_sigma_mm)
+
+    def _still_since(self, detection: ViewDetection, view: View, other_frame_id: int
+                     ) -> tuple[ViewDetection, View] | None:
+        """The instrument of ``detection`` as found in a shot of ``view``'s orientation kept
+        when shot ``other_frame_id`` arrived (so acquired before it): its detection and
+        registered view, or None. How far the tip has moved in this orientation since then
+        bounds its travel since the other shot."""
+        beam = beam_direction_world(view)
+        for shot_view, detections in self._before_shot.get(other_frame_id, {}).values():
+            if angle_between_deg(beam_direction_world(shot_view), beam) >= self.shots.book.settings.min_separation_deg:
+                continue
+            for found in detections:
+                if found.model.name == detection.model.name:
+                    return found, shot_view
+        return None
 
     def _check_geometry(self, frame: Frame) -> None:
         """Reject a frame whose view cannot see the CT (wrong or corrupted geometry)."""

@@ -24,8 +24,10 @@ instrument's tip and axis in CT coordinates (world, LPS mm):
 One view gives the tip's ray and the in-plane direction; its depth comes from the
 anatomy (assumed docked on the most posterior bone surface along that ray: a posterior
 approach) with an uncertainty. Two or more views of one moment give the full 3D pose
-(triangulated, then refined jointly); a view and an earlier one of another orientation,
-the instrument having moved along its axis in between, give it from the two shaft planes
+(triangulated, then refined jointly); a view and an earlier one of another orientation
+give it from the two shaft planes (the instrument may have moved along its axis in
+between) or, where those planes nearly coincide (an instrument near the C-arm's rotation
+plane), from the two tip rays when its travel in between is bounded
 (``combine_with_earlier_view``). Direction convention as in ``guidance.navigation.instruments``:
 ``axis_world`` points from the handle towards the tip.
 """
@@ -1091,45 +1093,117 @@ def detect_instruments(images: list[np.ndarray], views: list[View],
                     group_views.append(views[j])
                     group_index.append(j)
                     found_as.append(per_view[j][b])
+            guided_residuals = {}  # view j -> the image the instrument was found in by a guided search
             if len(group) == 1:  # hidden in the other views? look where this view says it must be
                 for j in range(len(views)):
                     if j == i:
                         continue
-                    other = _guided_search(group[0], views[i], views[j], residual_without_others(j, None),
-                                           focus_world, settings)
-                    if other is not None:
-                        group.append(other)
+                    found = _guided_search(group[0], views[i], views[j], residual_without_others(j, None),
+                                           focus_world, settings, base=detected[j][1], others=detected[j][0])
+                    if found is not None:
+                        group.append(found[0])
                         group_views.append(views[j])
                         group_index.append(j)
                         found_as.append(None)  # not among view j's own detections
+                        guided_residuals[j] = found[1]
             det = group[0]
             if len(group) == 1:
                 estimates.append(single_view_estimate(det, views[i], focus_world=focus_world, bone=bone,
                                                       bone_level=bone_level, settings=settings))
                 continue
-            residuals = [residual_without_others(j, d) for j, d in zip(group_index, found_as)]
+            residuals = [guided_residuals[j] if j in guided_residuals else residual_without_others(j, d)
+                         for j, d in zip(group_index, found_as)]
             estimates.append(_multi_view_estimate(group, group_views, residuals, focus_world, settings))
     return estimates
 
 
 def _guided_search(det: ViewDetection, view: View, other: View, residual: np.ndarray, focus_world: np.ndarray,
-                   settings: DetectionSettings, span_mm: float = 120.0, reach_px: float = 40.0
-                   ) -> ViewDetection | None:
+                   settings: DetectionSettings, *, base: np.ndarray | None = None,
+                   others: list[tuple[ViewDetection, tuple[slice, slice, np.ndarray]]] = (),
+                   span_mm: float = 120.0, reach_px: float = 40.0) -> tuple[ViewDetection, np.ndarray] | None:
     """The instrument of ``det`` (found in ``view``) in another view where the search alone
-    missed it (e.g. lying over another instrument). Its tip lies on the detected tip's ray,
-    so its image in ``other`` lies on that ray's projection (the epipolar line): a grid over
-    the tip's distance along the ray (``span_mm`` around the focus, 1 mm) and the shaft's
-    image direction (3 deg) is scored on ``residual`` (the other view's image less the
-    instruments found there): the mean over ``reach_px`` along the shaft minus the mean just
-    beyond the tip. The best gives the 3D axis (the intersection of the two views' shaft
-    planes), which is fitted (``_refine_single``) and verified, against
-    ``settings.min_guided_correlation``. None when nothing verifies."""
-    model = det.model
+    missed it (e.g. lying over another instrument): (its detection there, the image it was
+    fitted on), or None when nothing verifies.
+
+    Its tip lies on the detected tip's ray, so its image in ``other`` lies on that ray's
+    projection (the epipolar line): a grid over the tip's distance along the ray
+    (``span_mm`` around the focus, 1 mm) and the shaft's image direction (3 deg) is scored
+    on ``residual`` (the other view's image less the instruments found there): the mean
+    over ``reach_px`` along the shaft minus the mean just beyond the tip. The best gives the
+    3D axis (the intersection of the two views' shaft planes), which is fitted
+    (``_refine_single``) and verified, against ``settings.min_guided_correlation``.
+    When that fails and an instrument found in ``other`` (``others``: its detections and
+    ``instrument_image`` patches; ``base``: the other view's image before any subtraction)
+    lies over the hypothesis, the two are fitted jointly (``_joint_refit``: the one found
+    may have absorbed the hidden one's contrast, and subtracting it erased it) and the
+    hidden one fitted and verified again on the image less the refitted one; tried from
+    the grid's hypothesis both ways along its axis and from one lying along each instrument
+    found (``_under_hider``), the best verified kept."""
+    hypothesis = _epipolar_hypothesis(det, view, other, residual, focus_world, span_mm, reach_px)
+    if hypothesis is None:
+        return None
+    found = _fit_hypothesis(other, residual, det.model, *hypothesis, settings)
+    if found is not None:
+        return found, residual
+    if base is None:
+        return None
+    tip_world, axis_world = hypothesis
+    hypotheses = [(tip_world, axis_world, None), (tip_world, -axis_world, None)]  # the grid's direction, both ways
+    for k, (hider, _) in enumerate(others):  # and one lying along each instrument found: it hides it best
+        under = _under_hider(det, view, other, hider, focus_world, span_mm)
+        if under is not None:
+            hypotheses.append((*under, k))
+    best = None
+    for tip_world, axis_world, only in hypotheses:
+        start = _hypothesis_start(other, residual, det.model, tip_world, axis_world, settings)
+        if start is None:
+            continue
+        shaft = (start.tip_uv, start.tip_uv + reach_px * np.array([math.cos(start.theta), math.sin(start.theta)]))
+        for k, (hider, (rows, cols, patch)) in enumerate(others):
+            if (only is not None and k != only) or not _crosses(shaft, rows, cols, patch):
+                continue
+            rest = base.copy()  # the image less every instrument but the hider
+            for m, (_, (r, c, q)) in enumerate(others):
+                if m != k:
+                    rest[r, c] -= q
+            refit = _joint_refit(other, rest, hider, start, settings)
+            if refit is None:
+                continue
+            hider_again, hidden_tip_world, hidden_axis_world = refit
+            rows2, cols2, patch2 = instrument_image(other, hider_again, settings=settings)
+            rest[rows2, cols2] -= patch2
+            found = _fit_hypothesis(other, rest, det.model, hidden_tip_world, hidden_axis_world, settings)
+            if found is not None and (best is None or found.gradient_correlation > best[0].gradient_correlation):
+                best = (found, rest)
+    return best
+
+
+def _under_hider(det: ViewDetection, view: View, other: View, hider: ViewDetection, focus_world: np.ndarray,
+                 span_mm: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """The hypothesis (``_placed``) of ``det``'s instrument lying along ``hider`` in view
+    ``other``: its tip where the epipolar line of ``det``'s tip (``span_mm`` around the
+    focus) crosses ``hider``'s image line, at most ``TIP_SEARCH_PX`` beyond its tip, its
+    image running along ``hider``'s; None when they do not cross there."""
+    source, rays = backproject(view.K, view.T_cam_from_world, det.tip_uv[None])
+    around = float(np.linalg.norm(focus_world - source))
+    a, b = project(other.P, source + np.array([[around - span_mm / 2.0], [around + span_mm / 2.0]]) * rays[0])
+    handle_uv = -hider.direction_uv
+    # a + x (b - a) = hider.tip_uv + y handle_uv
+    matrix = np.column_stack([b - a, -handle_uv])
+    if abs(float(np.linalg.det(matrix))) < 1e-9:
+        return None
+    x, y = np.linalg.solve(matrix, hider.tip_uv - a)
+    if not (0.0 <= x <= 1.0 and y >= -TIP_SEARCH_PX):
+        return None
+    return _placed(det, view, other, hider.tip_uv + y * handle_uv, handle_uv)
+
+
+def _epipolar_hypothesis(det: ViewDetection, view: View, other: View, residual: np.ndarray, focus_world: np.ndarray,
+                         span_mm: float, reach_px: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """``_guided_search``'s grid: the best (tip_world, unit axis_world tip -> handle) on the
+    epipolar line of ``det``'s tip, or None (at the border, or shaft planes that coincide)."""
     source, rays = backproject(view.K, view.T_cam_from_world, det.tip_uv[None])
     ray = rays[0]
-    R_world_from_cam = invert_rigid(view.T_cam_from_world)[:3, :3]
-    plane_normal = _unit(R_world_from_cam @ np.cross(det.tip_cam, det.axis_cam))
-    handle = R_world_from_cam @ det.axis_cam  # tip -> handle in the world
     around = float(np.linalg.norm(focus_world - source))
     tips = source + np.arange(around - span_mm / 2.0, around + span_mm / 2.0, 1.0)[:, None] * ray  # (D, 3)
     tips_uv = project(other.P, tips)
@@ -1143,33 +1217,125 @@ def _guided_search(det: ViewDetection, view: View, other: View, residual: np.nda
 
     score = mean_at(np.arange(2.0, reach_px + 1.0, 2.0)) - mean_at(np.arange(-12.0, -2.0, 2.0))
     d, t = np.unravel_index(int(np.argmax(score)), score.shape)
-    tip_world, tip_uv = tips[d], tips_uv[d]
+    return _placed(det, view, other, tips_uv[d], directions[t])
+
+
+def _placed(det: ViewDetection, view: View, other: View, tip_uv: np.ndarray, handle_uv: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray] | None:
+    """The 3D hypothesis of ``det``'s instrument (found in ``view``) whose image in
+    ``other`` has its tip at ``tip_uv`` (on the epipolar line of ``det``'s tip) and runs
+    along unit ``handle_uv`` towards the handle: (tip_world on ``det``'s tip ray, unit
+    axis_world tip -> handle: the intersection of the two views' shaft planes, the handle's
+    side as ``det`` shows it), or None (tip at the border, or planes that coincide)."""
     if _near_border(tip_uv, other, TIP_MARGIN_PX):
         return None
-    other_source, other_rays = backproject(other.K, other.T_cam_from_world, np.array([tip_uv, tip_uv + directions[t]]))
+    source, rays = backproject(view.K, view.T_cam_from_world, det.tip_uv[None])
+    other_source, other_rays = backproject(other.K, other.T_cam_from_world, np.array([tip_uv, tip_uv + handle_uv]))
+    if float(np.linalg.norm(np.cross(rays[0], other_rays[0]))) < 1e-6:
+        return None
+    tip_world, _ = _closest_point([source, other_source], [rays[0], other_rays[0]], [1e-3, 1.0])
+    R_world_from_cam = invert_rigid(view.T_cam_from_world)[:3, :3]
+    plane_normal = _unit(R_world_from_cam @ np.cross(det.tip_cam, det.axis_cam))
     other_normal = np.cross(other_rays[0], other_rays[1])
     axis_world = np.cross(plane_normal, other_normal)
     if np.linalg.norm(axis_world) < 1e-6 * np.linalg.norm(other_normal):
         return None  # the two shaft planes coincide: the views cannot place the shaft
     axis_world = _unit(axis_world)
-    axis_world = axis_world if axis_world @ handle >= 0 else -axis_world
+    handle = R_world_from_cam @ det.axis_cam  # tip -> handle in the world
+    return tip_world, (axis_world if axis_world @ handle >= 0 else -axis_world)
+
+
+def _hypothesis_start(other: View, residual: np.ndarray, model: InstrumentModel, tip_world: np.ndarray,
+                      axis_world: np.ndarray, settings: DetectionSettings) -> _Start | None:
+    """The ``_start`` (tip scan along the shaft) of a 3D hypothesis (tip, axis tip -> handle)
+    in view ``other``, or None (behind the source, or no band in the image)."""
     T = other.T_cam_from_world
     tip_cam = T[:3, :3] @ tip_world + T[:3, 3]
     axis_cam = T[:3, :3] @ axis_world
     end_cam = tip_cam + model.length_mm * axis_cam
     if tip_cam[2] <= 1.0 or end_cam[2] <= 1.0:
         return None
+    tip_uv = (other.K @ tip_cam)[:2] / tip_cam[2]
     far_uv = (other.K @ end_cam)[:2] / end_cam[2]
     grads = (cv2.Sobel(residual, cv2.CV_32F, 1, 0, ksize=3) / 8.0, cv2.Sobel(residual, cv2.CV_32F, 0, 1, ksize=3) / 8.0)
     phi = math.asin(float(np.clip(axis_cam @ _unit(tip_cam), -1.0, 1.0)))
-    start = _start(other, residual, grads, _noise_sigma(residual), model, tip_uv, far_uv, False, float(tip_cam[2]),
-                   settings, phi=phi)
+    return _start(other, residual, grads, _noise_sigma(residual), model, tip_uv, far_uv, False, float(tip_cam[2]),
+                  settings, phi=phi)
+
+
+def _fit_hypothesis(other: View, residual: np.ndarray, model: InstrumentModel, tip_world: np.ndarray,
+                    axis_world: np.ndarray, settings: DetectionSettings) -> ViewDetection | None:
+    """A 3D hypothesis fitted in view ``other`` (``_hypothesis_start``, ``_refine_single``)
+    and verified against ``settings.min_guided_correlation``; None when it fails."""
+    start = _hypothesis_start(other, residual, model, tip_world, axis_world, settings)
     if start is None:
         return None
     found = _refine_single(other, start, False, settings)
     if found is None or found.gradient_correlation < settings.min_guided_correlation:
         return None
     return found
+
+
+def _view_pose(detection: ViewDetection) -> tuple[np.ndarray, float, float, float]:
+    """(tip pixel, in-plane angle theta, out-of-plane angle phi (rad), tip depth mm) of a
+    detection, as ``_single_view_pose`` takes them."""
+    theta = math.atan2(-detection.direction_uv[1], -detection.direction_uv[0])
+    phi = math.asin(float(np.clip(detection.axis_cam @ _unit(detection.tip_cam), -1.0, 1.0)))
+    return detection.tip_uv, theta, phi, float(detection.tip_cam[2])
+
+
+def _joint_refit(view: View, image: np.ndarray, hider: ViewDetection, hidden: _Start, settings: DetectionSettings
+                 ) -> tuple[ViewDetection, np.ndarray, np.ndarray] | None:
+    """Two instruments on one stretch of ``image`` (the view's anatomy residual with both in
+    it) fitted together: each one's tip pixel and in-plane angle (out-of-plane angle and
+    depth kept), the image modelled as a contrast per instrument times its line integral
+    plus an offset over the union of their bands. Returns (``hider`` refitted, with its
+    contrast; the hidden one's tip_world and axis_world tip -> handle), or None when the
+    refitted ``hider`` no longer passes the contrast check."""
+    from scipy.optimize import least_squares
+
+    Kinv = np.linalg.inv(view.K)
+    hider_uv, hider_theta, hider_phi, hider_depth = _view_pose(hider)
+    model_a, model_b = hider.model, hidden.model
+    end_cam = hider.tip_cam + model_a.length_mm * hider.axis_cam
+    end_uv = (view.K @ end_cam)[:2] / end_cam[2] if end_cam[2] > 1.0 else hider_uv - 1e3 * hider.direction_uv
+    zeros = (np.zeros_like(image), np.zeros_like(image))
+    half = _projected_width_px(view, model_a, hider_depth) / 2.0 + 3.0 * settings.blur_sigma_px + 4.0
+    band_a = _band(view, image, zeros, 1.0, hider_uv, end_uv, half, settings)
+    if band_a is None:
+        return None
+    uv = np.unique(np.vstack([band_a.uv, hidden.band.uv]), axis=0)
+    rays, weights = _psf_rays(view.K, uv, settings.blur_sigma_px)
+    values = image[uv[:, 1].astype(int), uv[:, 0].astype(int)].astype(float)
+
+    def poses(p: np.ndarray):
+        a = _single_view_pose(Kinv, hider_uv + p[:2], hider_theta + p[2], hider_phi, hider_depth)
+        b = _single_view_pose(Kinv, hidden.tip_uv + p[3:5], hidden.theta + p[5], hidden.phi, hidden.depth_mm)
+        return a, b
+
+    def fit(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        a, b = poses(p)
+        design = np.column_stack([_cylinder_integral(rays, weights, *a, model_a),
+                                  _cylinder_integral(rays, weights, *b, model_b), np.ones(len(uv))])
+        coef = np.linalg.lstsq(design, values, rcond=None)[0]
+        return design @ coef - values, coef
+
+    # Levenberg-Marquardt: its evaluation budget counts the Jacobian's differences too (about
+    # 8 steps here), where the trust-region solver's SVD of the large band would dominate.
+    result = least_squares(lambda p: fit(p)[0], np.zeros(6), x_scale=np.array([1.0, 1.0, 0.02, 1.0, 1.0, 0.02]),
+                           method="lm", diff_step=1e-3, max_nfev=4 * settings.max_iterations, ftol=1e-5, xtol=1e-5)
+    (tip_a, axis_a), (tip_b, axis_b) = poses(result.x)
+    gain_a = float(fit(result.x)[1][0])
+    if not settings.gain_range[0] <= gain_a <= settings.gain_range[1]:
+        return None
+    tip_uv_a = (view.K @ tip_a)[:2] / tip_a[2]
+    far_a = tip_a + model_a.length_mm * axis_a
+    direction_a = _unit(tip_uv_a - (view.K @ far_a)[:2] / far_a[2]) if far_a[2] > 1.0 else hider.direction_uv
+    refitted = dataclasses.replace(hider, tip_uv=tip_uv_a, direction_uv=direction_a, tip_cam=tip_a, axis_cam=axis_a,
+                                   gain=gain_a)
+    T_world_from_cam = invert_rigid(view.T_cam_from_world)
+    return (refitted, T_world_from_cam[:3, :3] @ tip_b + T_world_from_cam[:3, 3],
+            _unit(T_world_from_cam[:3, :3] @ axis_b))
 
 
 TIP_SIGMA_FLOOR_PX = 0.5
@@ -1196,29 +1362,86 @@ def _mm_per_px(view: View, point_world: np.ndarray) -> float:
 
 def combine_with_earlier_view(detection: ViewDetection, view: View, earlier: ViewDetection, earlier_view: View, *,
                               max_travel_mm: float = 40.0, min_plane_angle_deg: float = 10.0,
-                              view_sigma_mm: float = 0.0) -> InstrumentEstimate | None:
+                              view_sigma_mm: float = 0.0, moved_mm: float | None = None,
+                              still_since: tuple[ViewDetection, View] | None = None,
+                              min_ray_angle_deg: float = 20.0, max_miss_sigmas: float = 3.0
+                              ) -> InstrumentEstimate | None:
     """Full 3D pose of an instrument found now in ``view`` and earlier, in another
     orientation, in ``earlier_view`` (each view registered, e.g. the AP fluoroscopy frame
-    and the lateral shot the multi-shot registration keeps).
+    and the lateral shot the multi-shot registration keeps), or None when the two views
+    cannot place it.
 
-    The instrument may have advanced or withdrawn along its axis between the two frames:
-    the shaft's line stays in the earlier view's shaft plane (source and shaft image line),
-    its tip does not. So the axis is the intersection of the two views' shaft planes and
-    the tip is where the current tip ray meets it (both lie in the current shaft plane).
-    None when the models differ, the planes meet at under ``min_plane_angle_deg`` (the
-    views cannot place the line), or the tip lies more than ``max_travel_mm`` along the
-    axis from where the earlier view put it (not the same instrument, or moved too far).
-    Uncertainties, first order: ``tip_sigma_mm`` from the current fit (at least
-    ``TIP_SIGMA_FLOOR_PX``) and
-    ``view_sigma_mm`` (the registered views' own 1-sigma error across the beam, at the
-    instrument, in each view; it dominates a fit's sigma); ``depth_sigma_mm``
-    (along the current ray) from the current tip's in-plane sigma over the tangent of the
-    angle between ray and axis, and the earlier tip's sigma moving the earlier plane;
-    ``axis_sigma_deg`` from both fits' direction sigmas (at least ``DIRECTION_SIGMA_FLOOR_DEG``)
-    over the sine of the planes' angle.
+    Two ways, the one with the smaller depth uncertainty kept:
+
+    - **Shaft planes** (the instrument may have advanced or withdrawn along its axis in
+      between): the axis is the intersection of the two views' shaft planes (source and
+      shaft image line), the tip where the current tip ray meets it. Needs the planes to
+      meet at ``min_plane_angle_deg`` or more: an instrument lying near the plane through
+      both sources (near the C-arm's rotation plane, for an AP and a lateral view) has
+      nearly one shaft plane in both; and the tip within ``max_travel_mm`` along the axis
+      of where the earlier view put it. See ``_combine_planes``.
+    - **Tip rays** (the instrument has moved at most ``moved_mm`` along its axis in
+      between; 0 for two views of one moment): the tip is the point closest to both tip
+      rays, the axis the line through it that both views' image directions show. Needs
+      the rays to meet at ``min_ray_angle_deg`` or more and to pass within
+      ``max_miss_sigmas`` of their combined in-plane sigma (plus the miss that a travel
+      of ``moved_mm`` can explain) of each other: a larger miss means the instrument moved
+      more than that, or is another one. In near-parallel shaft planes the miss hardly
+      grows with a travel along the axis, so the travel must be bounded from outside:
+      ``moved_mm``, or ``still_since``: the instrument found in ``view``'s orientation
+      (detection, its registered view) at or before the earlier view's acquisition and
+      not moved since (a monotonic advance assumed): its tip's displacement across the
+      current ray bounds the travel. Without either, this way is not tried. See
+      ``_combine_tip_rays``.
+
+    Uncertainties, first order: each detection's in-plane tip sigma is its fit's (at least
+    ``TIP_SIGMA_FLOOR_PX``) and ``view_sigma_mm`` (the registered views' own 1-sigma error
+    across the beam, at the instrument, in each view; it dominates a fit's sigma);
+    direction sigmas at least ``DIRECTION_SIGMA_FLOOR_DEG``. ``tip_sigma_mm`` across the
+    current ray, ``depth_sigma_mm`` along it, ``axis_sigma_deg`` of the axis.
     """
     if detection.model.name != earlier.model.name:
         return None
+    options = [_combine_planes(detection, view, earlier, earlier_view, max_travel_mm=max_travel_mm,
+                               min_plane_angle_deg=min_plane_angle_deg, view_sigma_mm=view_sigma_mm)]
+    if moved_mm is not None or still_since is not None:
+        options.append(_combine_tip_rays(detection, view, earlier, earlier_view, view_sigma_mm=view_sigma_mm,
+                                         moved_mm=moved_mm, still_since=still_since,
+                                         min_ray_angle_deg=min_ray_angle_deg, max_miss_sigmas=max_miss_sigmas))
+    options = [o for o in options if o is not None]
+    return min(options, key=lambda e: e.depth_sigma_mm) if options else None
+
+
+def _in_plane_sigma_mm(detection: ViewDetection, view: View, point_world: np.ndarray, view_sigma_mm: float) -> float:
+    """1-sigma of a detection's tip across its ray at ``point_world`` (mm): the fit's (at least
+    ``TIP_SIGMA_FLOOR_PX``) and the registered view's own."""
+    return math.hypot(max(detection.tip_sigma_px, TIP_SIGMA_FLOOR_PX) * _mm_per_px(view, point_world), view_sigma_mm)
+
+
+def _direction_sigma_rad(detection: ViewDetection) -> float:
+    """1-sigma of a detection's image direction (rad), at least ``DIRECTION_SIGMA_FLOOR_DEG``
+    (1 deg when the fit gave none)."""
+    sigma = detection.direction_sigma_deg
+    return math.radians(max(sigma, DIRECTION_SIGMA_FLOOR_DEG) if math.isfinite(sigma) else 1.0)
+
+
+def _oriented(axis: np.ndarray, tip: np.ndarray, pairs) -> np.ndarray:
+    """``axis`` or its opposite: the one whose projections run from the handle towards the tip
+    as the detections of (detection, view) ``pairs`` show (handle -> tip)."""
+    agreement = 0.0
+    for det, v in pairs:
+        shown = project(v.P, np.array([tip - 10.0 * axis, tip]))
+        agreement += float((shown[1] - shown[0]) @ det.direction_uv)
+    return axis if agreement >= 0 else -axis
+
+
+def _combine_planes(detection: ViewDetection, view: View, earlier: ViewDetection, earlier_view: View, *,
+                    max_travel_mm: float, min_plane_angle_deg: float, view_sigma_mm: float
+                    ) -> InstrumentEstimate | None:
+    """``combine_with_earlier_view`` by the shaft planes. ``depth_sigma_mm`` (along the
+    current ray) from the current tip's in-plane sigma over the tangent of the angle between
+    ray and axis, and the earlier tip's sigma moving the earlier plane; ``axis_sigma_deg``
+    from both direction sigmas over the sine of the planes' angle."""
     source, n_now = _shaft_plane(detection, view)
     source_then, n_then = _shaft_plane(earlier, earlier_view)
     cross = np.cross(n_now, n_then)
@@ -1243,21 +1466,109 @@ def combine_with_earlier_view(detection: ViewDetection, view: View, earlier: Vie
     tip_then, _ = on_line(source_then, earlier.tip_uv, earlier_view)
     if abs(float((tip - tip_then) @ axis)) > max_travel_mm:
         return None
-    agreement = 0.0  # the axis's sign: its projections run from the handle towards the tip as the images show
-    for det, v in ((detection, view), (earlier, earlier_view)):
-        shown = project(v.P, np.array([tip - 10.0 * axis, tip]))
-        agreement += float((shown[1] - shown[0]) @ det.direction_uv)
-    axis = axis if agreement >= 0 else -axis
-    sigma_now = math.hypot(max(detection.tip_sigma_px, TIP_SIGMA_FLOOR_PX) * _mm_per_px(view, tip), view_sigma_mm)
-    sigma_then = math.hypot(max(earlier.tip_sigma_px, TIP_SIGMA_FLOOR_PX) * _mm_per_px(earlier_view, tip_then),
-                            view_sigma_mm)
+    axis = _oriented(axis, tip, ((detection, view), (earlier, earlier_view)))
+    sigma_now = _in_plane_sigma_mm(detection, view, tip, view_sigma_mm)
+    sigma_then = _in_plane_sigma_mm(earlier, earlier_view, tip_then, view_sigma_mm)
     ray_now = backproject(view.K, view.T_cam_from_world, detection.tip_uv[None])[1][0]
     cos_now = math.sqrt(max(1.0 - sin_now ** 2, 0.0))
     depth_sigma = math.hypot(sigma_now * cos_now / max(sin_now, 1e-3),
                              sigma_then / max(abs(float(ray_now @ n_then)), 1e-3))
-    direction_sigma = math.hypot(*(max(d.direction_sigma_deg, DIRECTION_SIGMA_FLOOR_DEG)
-                                   if math.isfinite(d.direction_sigma_deg) else 1.0 for d in (detection, earlier)))
+    direction_sigma = math.hypot(_direction_sigma_rad(detection), _direction_sigma_rad(earlier))
     return InstrumentEstimate(model=detection.model, tip_world=tip, axis_world=axis, n_views=2,
                               score=min(detection.gradient_correlation, earlier.gradient_correlation),
                               tip_sigma_mm=sigma_now, depth_sigma_mm=depth_sigma,
-                              axis_sigma_deg=direction_sigma / sin_planes, detections=(detection, earlier))
+                              axis_sigma_deg=math.degrees(direction_sigma) / sin_planes,
+                              detections=(detection, earlier))
+
+
+def _closest_point(sources: list[np.ndarray], rays: list[np.ndarray], sigmas: list[float]
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """The point (3,) nearest to the lines (source, unit ray), each distance weighted by
+    1 / sigma^2 (the tip's in-plane sigma in that view), and its covariance (3, 3)."""
+    A, b = np.zeros((3, 3)), np.zeros(3)
+    for s, r, sigma in zip(sources, rays, sigmas):
+        P = (np.eye(3) - np.outer(r, r)) / sigma ** 2
+        A += P
+        b += P @ s
+    cov = np.linalg.inv(A)
+    return cov @ b, cov
+
+
+def _line_miss(s1: np.ndarray, r1: np.ndarray, s2: np.ndarray, r2: np.ndarray) -> float:
+    """Closest distance (mm) between two lines (source, unit direction), not parallel."""
+    n = np.cross(r1, r2)
+    return float(abs((s2 - s1) @ n) / np.linalg.norm(n))
+
+
+def _image_plane_normal(detection: ViewDetection, view: View, point_world: np.ndarray) -> np.ndarray:
+    """Unit world normal of the plane through the view's source and ``point_world`` that
+    holds the detected image direction there: every line through the point that this
+    view shows running as the detection does."""
+    uv = project(view.P, point_world[None])[0]
+    _, rays = backproject(view.K, view.T_cam_from_world, np.array([uv, uv - 10.0 * detection.direction_uv]))
+    return _unit(np.cross(rays[0], rays[1]))
+
+
+def _combine_tip_rays(detection: ViewDetection, view: View, earlier: ViewDetection, earlier_view: View, *,
+                      view_sigma_mm: float, moved_mm: float | None, still_since: tuple[ViewDetection, View] | None,
+                      min_ray_angle_deg: float, max_miss_sigmas: float) -> InstrumentEstimate | None:
+    """``combine_with_earlier_view`` by the tip rays, the instrument having moved at most
+    ``moved_mm`` (or as ``still_since`` bounds it) along its axis between the views.
+
+    The tip: the weighted closest point of the two tip rays; its covariance, plus the
+    error a travel of the whole bound makes (the earlier tip ray then passed through a
+    point of the axis that far away), as a 1-sigma, gives ``tip_sigma_mm`` and
+    ``depth_sigma_mm``. The axis: through the tip, in both
+    views' planes of image direction (their intersection); with planes within 1 deg of
+    each other the views cannot place it and the current view's own 3D axis is kept
+    (``axis_sigma_deg`` 90), else its sigma is both direction sigmas over the sine of the
+    planes' angle (at most 90)."""
+    source, rays = backproject(view.K, view.T_cam_from_world, detection.tip_uv[None])
+    source_then, rays_then = backproject(earlier_view.K, earlier_view.T_cam_from_world, earlier.tip_uv[None])
+    ray, ray_then = rays[0], rays_then[0]
+    sin_rays = float(np.linalg.norm(np.cross(ray, ray_then)))
+    if sin_rays < math.sin(math.radians(min_ray_angle_deg)):
+        return None
+    rough, _ = _closest_point([source, source_then], [ray, ray_then], [1.0, 1.0])
+    sigmas = [_in_plane_sigma_mm(detection, view, rough, view_sigma_mm),
+              _in_plane_sigma_mm(earlier, earlier_view, rough, view_sigma_mm)]
+    tip, cov = _closest_point([source, source_then], [ray, ray_then], sigmas)
+    # The axis through the tip.
+    n_now = _image_plane_normal(detection, view, tip)
+    n_then = _image_plane_normal(earlier, earlier_view, tip)
+    cross = np.cross(n_now, n_then)
+    sin_planes = float(np.linalg.norm(cross))
+    if sin_planes >= math.sin(math.radians(1.0)):
+        axis = cross / sin_planes
+        direction_sigma = math.hypot(_direction_sigma_rad(detection), _direction_sigma_rad(earlier))
+        axis_sigma = min(math.degrees(direction_sigma) / sin_planes, 90.0)
+    else:
+        axis = -(invert_rigid(view.T_cam_from_world)[:3, :3] @ detection.axis_cam)
+        axis_sigma = 90.0
+    axis = _oriented(_unit(axis), tip, ((detection, view), (earlier, earlier_view)))
+    # How a travel along the axis between the views shows: the miss and the tip's error per mm.
+    moved_tip = tip + axis
+    moved_ray = _unit(moved_tip - source)
+    miss_per_mm = _line_miss(source, moved_ray, source_then, ray_then)
+    triangulated, _ = _closest_point([source, source_then], [moved_ray, ray_then], sigmas)
+    error_per_mm = triangulated - moved_tip
+    if still_since is not None:
+        still_detection, still_view = still_since
+        still_source, still_rays = backproject(still_view.K, still_view.T_cam_from_world,
+                                               still_detection.tip_uv[None])
+        across = float(np.linalg.norm(np.cross(tip - still_source, still_rays[0])))
+        margin = max_miss_sigmas * math.hypot(sigmas[0], _in_plane_sigma_mm(still_detection, still_view, tip,
+                                                                            view_sigma_mm))
+        across_per_mm = float(np.linalg.norm(np.cross(axis, ray)))
+        bound = (across + margin) / max(across_per_mm, 1e-3)
+        moved_mm = bound if moved_mm is None else min(moved_mm, bound)
+    miss = _line_miss(source, ray, source_then, ray_then)
+    if miss > max_miss_sigmas * math.hypot(*sigmas) + moved_mm * miss_per_mm:
+        return None
+    total = cov + np.outer(error_per_mm, error_per_mm) * moved_mm ** 2  # the bound counted at its full size
+    depth_sigma = math.sqrt(max(float(ray @ total @ ray), 0.0))
+    tip_sigma = math.sqrt(max((float(np.trace(total)) - depth_sigma ** 2) / 2.0, 0.0))
+    return InstrumentEstimate(model=detection.model, tip_world=tip, axis_world=axis, n_views=2,
+                              score=min(detection.gradient_correlation, earlier.gradient_correlation),
+                              tip_sigma_mm=tip_sigma, depth_sigma_mm=depth_sigma, axis_sigma_deg=axis_sigma,
+                              detections=(detection, earlier))

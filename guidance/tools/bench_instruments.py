@@ -12,7 +12,15 @@ pipeline would after registration. Measured:
   ray) and depth error along the ray (depth from the anatomy);
 - time (ms, wall clock and process CPU) per view (detection and single-view pose,
   looking for both models);
-- false detections on instrument-free frames (AP, lateral and obliques).
+- false detections on instrument-free frames (AP, lateral and obliques);
+- near the C-arm's rotation plane: the demo's K-wire (L3 left, turned 8 deg medially, so
+  it lies almost in the plane through the AP and lateral sources, where the two views'
+  shaft planes nearly coincide), AP and lateral of one moment, each view's detection
+  combined as the pipeline combines a frame with a kept shot
+  (``combine_with_earlier_view``: the tip rays, the wire known not to have moved): tip and
+  axis error against the reported sigmas; and the same with the lateral taken
+  ``NEAR_PLANE_MOVED_MM`` earlier in the advance: refused when the travel is unknown, and
+  with the travel bound given, how often the error lies within 3 reported sigmas.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from guidance.core.views import View
 from guidance.navigation.detection import (
     DetectionSettings,
     InstrumentEstimate,
+    combine_with_earlier_view,
     detect_in_view,
     detect_instruments,
     single_view_estimate,
@@ -48,6 +57,10 @@ FREE_ANGLES = ((0.0, 0.0), (90.0, 0.0), (20.0, 0.0), (-30.0, 10.0), (60.0, -10.0
 """C-arm angles of the instrument-free frames."""
 TIP_DEPTHS_MM = (-8.0, 5.0, 18.0, 30.0)
 """Tip positions past the entry point along the trajectory (negative: not yet in bone)."""
+NEAR_PLANE_CASE = {"target_level": "L3", "target_side": "left", "instrument_medial_deg": 8.0}
+"""The demo's K-wire path (``run_guidance.py demo``), whose axis lies near the C-arm's rotation plane."""
+NEAR_PLANE_MOVED_MM = 6.0
+"""How far the K-wire advanced between the lateral and the AP view in the bench's moved pairs."""
 MATCH_MM = 10.0
 """A true instrument counts as found when an estimate of its model lies within this of its tip."""
 
@@ -76,14 +89,15 @@ def _in_plane_error(view: View, tip_uv: np.ndarray, tip_world: np.ndarray) -> fl
     return float(np.linalg.norm(np.cross(tip_world - source, rays[0])))
 
 
-def bench_instruments(*, cases: int = 40, free_frames: int = 100, detector_px: int = 512,
+def bench_instruments(*, cases: int = 40, free_frames: int = 100, near_plane_cases: int = 8, detector_px: int = 512,
                       pixel_spacing_mm: float | None = None, phantom: Phantom | None = None, seed: int = 0,
                       settings: DetectionSettings | None = None) -> dict:
-    """Run the benchmark; returns {"summary": {...}, "cases": [...], "free": [...]}.
+    """Run the benchmark; returns {"summary": {...}, "cases": [...], "free": [...], "near_plane": [...]}.
 
     ``cases`` biplane cases cycle through levels and ``TIP_DEPTHS_MM`` together, then sides (odd cases
     add a contralateral Jamshidi needle); ``free_frames`` instrument-free frames cycle
-    through ``FREE_ANGLES`` and levels; the detector is ``detector_px``^2 pixels of
+    through ``FREE_ANGLES`` and levels; ``near_plane_cases`` pairs on ``NEAR_PLANE_CASE``
+    cycle through ``TIP_DEPTHS_MM`` and seeds; the detector is ``detector_px``^2 pixels of
     ``pixel_spacing_mm`` (default: a 307.2 mm wide detector).
     """
     settings = settings or DetectionSettings()
@@ -167,7 +181,67 @@ def bench_instruments(*, cases: int = 40, free_frames: int = 100, detector_px: i
         free.append({"frame": i, "level": level, "angles": list(angles), "detections": len(found),
                      "scores": [round(d.gradient_correlation, 3) for d in found],
                      "gains": [round(d.gain, 3) for d in found]})
-    return {"summary": _summary(rows, free, detector_px, pixel_spacing_mm), "cases": rows, "free": free}
+    near = [_near_plane_case(phantom, detector_px, pixel_spacing_mm, TIP_DEPTHS_MM[i % len(TIP_DEPTHS_MM)],
+                             seed + 2000 + i // len(TIP_DEPTHS_MM), settings) for i in range(near_plane_cases)]
+    summary = _summary(rows, free, detector_px, pixel_spacing_mm) | _near_plane_summary(near)
+    return {"summary": summary, "cases": rows, "free": free, "near_plane": near}
+
+
+def _near_plane_case(phantom: Phantom, detector_px: int, pixel_spacing_mm: float, depth_mm: float, case_seed: int,
+                     settings: DetectionSettings) -> dict:
+    """One ``NEAR_PLANE_CASE`` pair: the AP view's K-wire combined with the lateral's (one
+    moment, then the lateral ``NEAR_PLANE_MOVED_MM`` earlier), against the truth."""
+    kwire = get_instrument("kwire")
+    player = ScenarioPlayer(Scenario(detector_px=detector_px, pixel_spacing_mm=pixel_spacing_mm, seed=case_seed,
+                                     **NEAR_PLANE_CASE), phantom)
+    focus = player.isocenter_world
+
+    def found(t_s: float, angles: tuple[float, float], noise_offset: int):
+        image, view = _frame(player, t_s, angles, (), noise_offset)
+        detections = detect_in_view(image, view, [kwire], focus, settings=settings)
+        return (detections[0] if detections else None), view
+
+    t_s = (depth_mm + START_OUTSIDE_MM) / player.scenario.advance_mm_per_s
+    tip, axis = tip_and_axis(player.state_at(t_s).T_world_from_tool, kwire)
+    (ap, ap_view), (lateral, lateral_view) = found(t_s, VIEW_ANGLES["AP"], 0), found(t_s, VIEW_ANGLES["lateral"], 1)
+    row = {"depth_mm": depth_mm, "seed": case_seed, "found": ap is not None and lateral is not None}
+    if not row["found"]:
+        return row
+    row["planes_alone"] = combine_with_earlier_view(ap, ap_view, lateral, lateral_view) is not None
+    still = combine_with_earlier_view(ap, ap_view, lateral, lateral_view, moved_mm=0.0)
+    row["combined"] = still is not None
+    if still is not None:
+        row |= _scored("still", still, tip, axis)
+    then_s = t_s - NEAR_PLANE_MOVED_MM / player.scenario.advance_mm_per_s
+    earlier, earlier_view = found(then_s, VIEW_ANGLES["lateral"], 1)
+    if earlier is not None:
+        row["moved_unknown_combined"] = combine_with_earlier_view(ap, ap_view, earlier, earlier_view) is not None
+        bounded = combine_with_earlier_view(ap, ap_view, earlier, earlier_view, moved_mm=NEAR_PLANE_MOVED_MM)
+        row["moved_bounded_combined"] = bounded is not None
+        if bounded is not None:
+            row |= _scored("moved", bounded, tip, axis)
+    return row
+
+
+def _scored(prefix: str, estimate: InstrumentEstimate, tip: np.ndarray, axis: np.ndarray) -> dict:
+    """Tip and axis errors of an estimate and its reported sigmas; whether the tip lies
+    within 3 sigma (tip error against the root sum of squares of its in-plane and depth sigmas)."""
+    tip_mm = float(np.linalg.norm(estimate.tip_world - tip))
+    return {f"{prefix}_tip_mm": tip_mm, f"{prefix}_axis_deg": _axis_error_deg(estimate.axis_world, axis),
+            f"{prefix}_depth_sigma_mm": estimate.depth_sigma_mm, f"{prefix}_axis_sigma_deg": estimate.axis_sigma_deg,
+            f"{prefix}_within_3_sigma": tip_mm <= 3.0 * math.hypot(estimate.tip_sigma_mm, estimate.depth_sigma_mm)}
+
+
+def _near_plane_summary(near: list[dict]) -> dict:
+    out = {"near_plane_cases": len(near)}
+    for key in ("still_tip_mm", "still_axis_deg", "still_depth_sigma_mm", "still_axis_sigma_deg", "moved_tip_mm",
+                "moved_depth_sigma_mm"):
+        out["near_plane_" + key + "_median"], out["near_plane_" + key + "_p90"] = _stats(near, key)
+    for key in ("found", "planes_alone", "combined", "still_within_3_sigma", "moved_unknown_combined",
+                "moved_bounded_combined", "moved_within_3_sigma"):
+        present = [r[key] for r in near if key in r]
+        out[f"near_plane_{key}_rate"] = float(np.mean(present)) if present else math.nan
+    return out
 
 
 def _stats(rows: list[dict], key: str) -> tuple[float, float]:
@@ -235,4 +309,25 @@ def format_instrument_table(summary: dict) -> str:
         lines.append(f"| {label} | {summary[key]:.3f} | {summary[key + '_one_instrument']:.3f} | "
                      f"{summary[key + '_two_instruments']:.3f} |")
     lines.append(f"| instrument-free frames with a detection | {summary['false_detection_rate']:.3f} | | |")
+    if summary.get("near_plane_cases"):
+        lines += ["", f"Near the C-arm's rotation plane ({summary['near_plane_cases']} AP + lateral pairs, the demo's "
+                  "K-wire; the AP detection combined with the lateral one):", "",
+                  "| measure | median | p90 |", "|---|---|---|"]
+        for label, key in (("tip error, wire at rest (mm)", "still_tip_mm"),
+                           ("axis error, wire at rest (deg)", "still_axis_deg"),
+                           ("reported depth sigma, wire at rest (mm)", "still_depth_sigma_mm"),
+                           ("reported axis sigma, wire at rest (deg)", "still_axis_sigma_deg"),
+                           (f"tip error, moved {NEAR_PLANE_MOVED_MM:g} mm, travel bound given (mm)", "moved_tip_mm"),
+                           (f"reported depth sigma, moved {NEAR_PLANE_MOVED_MM:g} mm (mm)", "moved_depth_sigma_mm")):
+            lines.append(f"| {label} | {summary[f'near_plane_{key}_median']:.2f} | "
+                         f"{summary[f'near_plane_{key}_p90']:.2f} |")
+        lines += ["", "| rate | |", "|---|---|"]
+        for label, key in (("found in both views", "found"),
+                           ("combined by the shaft planes alone (travel unknown)", "planes_alone"),
+                           ("combined, wire at rest", "combined"),
+                           ("wire at rest: tip error within 3 reported sigmas", "still_within_3_sigma"),
+                           ("moved, travel unknown: combined (should be 0)", "moved_unknown_combined"),
+                           ("moved, travel bound given: combined", "moved_bounded_combined"),
+                           ("moved, travel bound given: tip error within 3 reported sigmas", "moved_within_3_sigma")):
+            lines.append(f"| {label} | {summary[f'near_plane_{key}_rate']:.3f} |")
     return "\n".join(lines)

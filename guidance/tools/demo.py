@@ -13,6 +13,7 @@ a fresh interpreter and sets up its own threads.
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing
 import shutil
 import time
@@ -108,7 +109,14 @@ class DemoReport:
             "image_tip_error_p95_mm": _percentile([r["tip_error_mm"] for r in rows], 95),
             "image_tip_in_plane_median_mm": _percentile([r["in_plane_mm"] for r in rows], 50),
             "image_axis_error_median_deg": _percentile([r["axis_error_deg"] for r in rows], 50),
+            "image_depth_sigma_median_mm": _percentile([r["depth_sigma_mm"] for r in rows], 50),
+            "image_tip_within_3_sigma": _rate([r["within_3_sigma"] for r in rows]),
         }
+
+
+def _rate(flags: list[bool | None]) -> float | None:
+    known = [f for f in flags if f is not None]
+    return sum(known) / len(known) if known else None
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -423,8 +431,9 @@ def _score_volume(pose: PoseResult, volume: VolumeFrame, targets: np.ndarray) ->
 def _score_instrument(state: InstrumentState, frame: Frame) -> dict | None:
     """An image-derived instrument against the frame's true tool pose: 3D tip error (mm),
     in-plane tip error (mm: the true tip's distance from the line from the X-ray source
-    through the estimated tip, true C-arm pose) and axis error (deg); None without truth
-    or a pose."""
+    through the estimated tip, true C-arm pose), axis error (deg), the published depth
+    sigma (mm) and whether the tip error lies within 3 published sigmas (in-plane and
+    depth together; None when not published); None without truth or a pose."""
     truth = (frame.ground_truth or {}).get("T_world_from_tool")
     if truth is None or state.status != "ok" or state.tip_world is None or state.axis_world is None:
         return None
@@ -432,10 +441,13 @@ def _score_instrument(state: InstrumentState, frame: Frame) -> dict | None:
     source = invert_rigid(frame.ground_truth["T_cam_from_world"])[:3, 3]
     ray = (state.tip_world - source) / np.linalg.norm(state.tip_world - source)
     cos = float(np.clip(np.dot(state.axis_world, axis), -1.0, 1.0))
-    return {"frame_id": state.frame_id, "tool_id": state.tool_id,
-            "tip_error_mm": float(np.linalg.norm(state.tip_world - tip)),
+    tip_error_mm = float(np.linalg.norm(state.tip_world - tip))
+    sigmas = (state.uncertainty_in_plane_mm, state.uncertainty_depth_mm)
+    return {"frame_id": state.frame_id, "tool_id": state.tool_id, "tip_error_mm": tip_error_mm,
             "in_plane_mm": float(np.linalg.norm(np.cross(tip - source, ray))),
-            "axis_error_deg": float(np.degrees(np.arccos(cos)))}
+            "axis_error_deg": float(np.degrees(np.arccos(cos))),
+            "depth_sigma_mm": state.uncertainty_depth_mm,
+            "within_3_sigma": None if None in sigmas else tip_error_mm <= 3.0 * math.hypot(*sigmas)}
 
 
 def _format_instrument_row(row: dict) -> str:
