@@ -16,8 +16,10 @@ demo: $(STAMP)
 	$(PY) run_guidance.py demo --out out/demo
 	$(PY) run_guidance.py demo --no-tracker --out out/demo-no-tracker
 
+# Two workers (one per core of the target machine), one test file each at a time: the
+# end-to-end tests wait on real time, and a file's fixtures are built once.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 lint: $(STAMP)
 	$(PY) -m flake8

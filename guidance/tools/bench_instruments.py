@@ -290,13 +290,18 @@ _TABLE = (
 )
 
 
+def _median_p90_rows(summary: dict, rows, prefix: str = "") -> list[str]:
+    """Table rows "| label | median | p90 |" of the summary's ``{prefix}{key}_median`` / ``_p90``."""
+    return [f"| {label} | {summary[f'{prefix}{key}_median']:.2f} | {summary[f'{prefix}{key}_p90']:.2f} |"
+            for label, key in rows]
+
+
 def format_instrument_table(summary: dict) -> str:
     """A Markdown table of the summary: median and p90 per measure, then the rates."""
     lines = [f"detector {summary['detector']}, {summary['cases']} biplane cases, "
              f"{summary['free_frames']} instrument-free frames", "",
              "| measure | median | p90 |", "|---|---|---|"]
-    for label, key in _TABLE:
-        lines.append(f"| {label} | {summary[key + '_median']:.2f} | {summary[key + '_p90']:.2f} |")
+    lines += _median_p90_rows(summary, _TABLE)
     lines += ["", "| CPU time per view (ms, median) | K-wire alone | with the needle |", "|---|---|---|"]
     for name in ("AP", "lateral"):
         lines.append(f"| {name} | {summary[f'{name}_cpu_ms_one_instrument_median']:.0f} | "
@@ -306,21 +311,20 @@ def format_instrument_table(summary: dict) -> str:
                        ("2nd instrument found in both views", "second_found_rate"),
                        ("K-wire found, AP alone", "AP_found_rate"),
                        ("K-wire found, lateral alone", "lateral_found_rate")):
-        lines.append(f"| {label} | {summary[key]:.3f} | {summary[key + '_one_instrument']:.3f} | "
-                     f"{summary[key + '_two_instruments']:.3f} |")
+        rates = (summary[key], summary[key + "_one_instrument"], summary[key + "_two_instruments"])
+        lines.append(f"| {label} | " + " | ".join("-" if np.isnan(r) else f"{r:.3f}" for r in rates) + " |")
     lines.append(f"| instrument-free frames with a detection | {summary['false_detection_rate']:.3f} | | |")
     if summary.get("near_plane_cases"):
         lines += ["", f"Near the C-arm's rotation plane ({summary['near_plane_cases']} AP + lateral pairs, the demo's "
                   "K-wire; the AP detection combined with the lateral one):", "",
                   "| measure | median | p90 |", "|---|---|---|"]
-        for label, key in (("tip error, wire at rest (mm)", "still_tip_mm"),
-                           ("axis error, wire at rest (deg)", "still_axis_deg"),
-                           ("reported depth sigma, wire at rest (mm)", "still_depth_sigma_mm"),
-                           ("reported axis sigma, wire at rest (deg)", "still_axis_sigma_deg"),
-                           (f"tip error, moved {NEAR_PLANE_MOVED_MM:g} mm, travel bound given (mm)", "moved_tip_mm"),
-                           (f"reported depth sigma, moved {NEAR_PLANE_MOVED_MM:g} mm (mm)", "moved_depth_sigma_mm")):
-            lines.append(f"| {label} | {summary[f'near_plane_{key}_median']:.2f} | "
-                         f"{summary[f'near_plane_{key}_p90']:.2f} |")
+        lines += _median_p90_rows(summary, (
+            ("tip error, wire at rest (mm)", "still_tip_mm"),
+            ("axis error, wire at rest (deg)", "still_axis_deg"),
+            ("reported depth sigma, wire at rest (mm)", "still_depth_sigma_mm"),
+            ("reported axis sigma, wire at rest (deg)", "still_axis_sigma_deg"),
+            (f"tip error, moved {NEAR_PLANE_MOVED_MM:g} mm, travel bound given (mm)", "moved_tip_mm"),
+            (f"reported depth sigma, moved {NEAR_PLANE_MOVED_MM:g} mm (mm)", "moved_depth_sigma_mm")), "near_plane_")
         lines += ["", "| rate | |", "|---|---|"]
         for label, key in (("found in both views", "found"),
                            ("combined by the shaft planes alone (travel unknown)", "planes_alone"),
