@@ -886,9 +886,10 @@ def _bone_depth(bone: Volume, bone_level: float, source: np.ndarray, ray: np.nda
     """(distance from the source, 1-sigma) of the most posterior bone surface (largest
     world y, LPS) along a world ray, searched within ``span_mm`` around ``around_mm``; None
     when the ray meets no bone. The sigma combines the bone run's length (the tip may be
-    anywhere inside it, uniform) and the spread of the other runs whose posterior surface
-    lies within ``posterior_tolerance_mm`` of it (a ray nearly parallel to the coronal
-    plane, as in a lateral view, cannot tell them apart)."""
+    anywhere inside it, uniform: its RMS distance from the surface is length / sqrt(3)) and
+    the spread of the other runs whose posterior surface lies within
+    ``posterior_tolerance_mm`` of it (a ray nearly parallel to the coronal plane, as in a
+    lateral view, cannot tell them apart)."""
     s = np.arange(max(around_mm - span_mm / 2, 0.0), around_mm + span_mm / 2, step_mm)
     points = source + s[:, None] * ray
     ijk = np.round(bone.world_to_index(points)).astype(int)
@@ -904,7 +905,7 @@ def _bone_depth(bone: Volume, bone_level: float, source: np.ndarray, ray: np.nda
         runs.append((points[i, 1], s[i], (last - first + 1) * step_mm))
     y_best, distance, length = max(runs)
     plausible = [r[1] for r in runs if r[0] >= y_best - posterior_tolerance_mm]
-    sigma = math.sqrt(length ** 2 / 12.0 + float(np.var(plausible)))
+    sigma = math.sqrt(length ** 2 / 3.0 + float(np.var(plausible)))
     return float(distance), sigma
 
 

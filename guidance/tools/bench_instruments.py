@@ -159,6 +159,8 @@ def bench_instruments(*, cases: int = 40, free_frames: int = 100, near_plane_cas
                 row[f"{name}_score"] = match.score
                 row[f"{name}_gain"] = match.detections[0].gain
                 row[f"{name}_depth_error_mm"] = float(np.linalg.norm(match.tip_world - tip))
+                row[f"{name}_within_3_sigma"] = bool(
+                    row[f"{name}_depth_error_mm"] <= 3.0 * math.hypot(match.tip_sigma_mm, match.depth_sigma_mm))
         t0 = time.perf_counter()
         estimates = detect_instruments(images, views, models, focus_world=focus, bone=bone, settings=settings)
         row["biplane_ms"] = (time.perf_counter() - t0) * 1e3
@@ -264,7 +266,8 @@ def _summary(rows: list[dict], free: list[dict], detector_px: int, pixel_spacing
         for suffix, subset in (("one_instrument", one), ("two_instruments", two)):
             out[f"{name}_ms_{suffix}_median"] = _stats(subset, f"{name}_ms")[0]
             out[f"{name}_cpu_ms_{suffix}_median"] = _stats(subset, f"{name}_cpu_ms")[0]
-    for key in ("biplane_found", "second_found", "AP_found", "lateral_found"):
+    for key in ("biplane_found", "second_found", "AP_found", "lateral_found", "AP_within_3_sigma",
+                "lateral_within_3_sigma"):
         for suffix, subset in (("", rows), ("_one_instrument", one), ("_two_instruments", two)):
             present = [r[key] for r in subset if key in r]
             out[key + "_rate" + suffix] = float(np.mean(present)) if present else math.nan
@@ -310,7 +313,10 @@ def format_instrument_table(summary: dict) -> str:
     for label, key in (("K-wire found in both views", "biplane_found_rate"),
                        ("2nd instrument found in both views", "second_found_rate"),
                        ("K-wire found, AP alone", "AP_found_rate"),
-                       ("K-wire found, lateral alone", "lateral_found_rate")):
+                       ("K-wire found, lateral alone", "lateral_found_rate"),
+                       ("AP alone: tip within 3 reported sigmas (depth from anatomy)", "AP_within_3_sigma_rate"),
+                       ("lateral alone: tip within 3 reported sigmas (depth from anatomy)",
+                        "lateral_within_3_sigma_rate")):
         rates = (summary[key], summary[key + "_one_instrument"], summary[key + "_two_instruments"])
         lines.append(f"| {label} | " + " | ".join("-" if np.isnan(r) else f"{r:.3f}" for r in rates) + " |")
     lines.append(f"| instrument-free frames with a detection | {summary['false_detection_rate']:.3f} | | |")
