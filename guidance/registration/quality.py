@@ -38,9 +38,9 @@ class QualityLimits:
     ``max_depth_sd_mm`` is loose on purpose: one view fixes its projection (what an
     overlay needs) but sees depth only through magnification, so its result is ``ok`` with
     its depth uncertainty published beside it (measured on the real CTs' raw single views:
-    0.5-0.7 mm in AP and oblique views, 1.2 mm in a lateral view of the 30-slice CT, 1.8-8 mm
-    or unbounded in the full CT's near-lateral views, 2-16 mm off in depth); only a depth
-    the views leave unbounded fails.
+    0.45-0.65 mm in AP and oblique views, 1.2 mm in a lateral view of the 30-slice CT,
+    1.4-8 mm or unbounded in the full CT's near-lateral views, up to 14 mm off in depth,
+    where the similarity gate fails them); only a depth the views leave unbounded fails.
     """
 
     min_similarity: float = 0.5
