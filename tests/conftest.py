@@ -19,8 +19,8 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session", autouse=True)
 def prepared_ct_cache(tmp_path_factory):
-    """Prepared CTs of the test session go to a temporary folder, not the user's cache."""
-    from guidance.registration.prepared import CACHE_ENV
+    """Cached files of the test session (prepared CTs, the phantom) go to a temporary folder, not the user's cache."""
+    from guidance.core.cache import CACHE_ENV
 
     folder = tmp_path_factory.mktemp("prepared_ct_cache")
     with pytest.MonkeyPatch.context() as patch:

@@ -7,9 +7,7 @@ import pytest
 from guidance.core.drr import render_drr
 from guidance.core.views import carm_view
 from guidance.core.volume import hu_to_attenuation
-from guidance.registration.prepared import (
-    CACHE_ENV, AnatomyModel, PrepareSettings, default_cache_dir, load_or_prepare, prepare_ct,
-)
+from guidance.registration.prepared import AnatomyModel, PrepareSettings, load_or_prepare, prepare_ct
 from sim.phantom import make_phantom
 
 SETTINGS = PrepareSettings(pyramid_spacings_mm=(4.0, 8.0))
@@ -132,11 +130,3 @@ def test_cache_key_follows_voxels_geometry_and_settings(phantom, tmp_path):
             load_or_prepare(moved, None, SETTINGS, cache_dir=tmp_path).key,
             load_or_prepare(phantom.ct, None, PrepareSettings(pyramid_spacings_mm=(4.0,)), cache_dir=tmp_path).key}
     assert len(keys) == 4 and len(list(tmp_path.glob("*.npz"))) == 4
-
-
-def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):
-    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "mine"))
-    assert default_cache_dir() == tmp_path / "mine"
-    monkeypatch.delenv(CACHE_ENV)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert default_cache_dir() == tmp_path / "xdg" / "guidance"

@@ -33,7 +33,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from guidance.core.cache import CACHE_ENV, default_cache_dir
+from guidance.core.cache import default_cache_dir
 from guidance.core.drr import DrrVolume, prepare_volume, render_drr
 from guidance.core.errors import GuidanceError
 from guidance.core.views import View
@@ -43,12 +43,10 @@ from guidance.core.volume import (
 )
 
 __all__ = [
-    "CACHE_ENV",
     "PREPARED_FORMAT",
     "PrepareSettings",
     "PreparedCT",
     "AnatomyModel",
-    "default_cache_dir",
     "prepare_ct",
     "load_or_prepare",
 ]
