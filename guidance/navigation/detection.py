@@ -942,16 +942,15 @@ def _triangulate(detections: list[ViewDetection], views: list[View]) -> tuple[np
     direction closest to all back-projected planes (source, tip ray, shaft), the tip the
     point closest to all tip rays; the axis's sign makes its projections run from the tip
     towards the handle as the images show (a single view's out-of-plane sign is not known)."""
-    normals, A, rhs = [], np.zeros((3, 3)), np.zeros(3)
+    normals, sources, rays = [], [], []
     for det, view in zip(detections, views):
         R = invert_rigid(view.T_cam_from_world)[:3, :3]
-        source, rays = backproject(view.K, view.T_cam_from_world, det.tip_uv[None])
+        source, tip_rays = backproject(view.K, view.T_cam_from_world, det.tip_uv[None])
         normals.append(_unit(R @ np.cross(det.tip_cam, det.axis_cam)))
-        P = np.eye(3) - np.outer(rays[0], rays[0])
-        A += P
-        rhs += P @ source
+        sources.append(source)
+        rays.append(tip_rays[0])
     axis = np.linalg.svd(np.array(normals))[2][-1]
-    tip = np.linalg.solve(A, rhs)
+    tip, _ = _closest_point(sources, rays, [1.0] * len(rays))
     agreement = 0.0
     for det, view in zip(detections, views):
         shown = project(view.P, np.array([tip, tip + 10.0 * axis]))
