@@ -16,6 +16,9 @@ class Quadratic:
     def residuals(self, x):
         return self.A @ (np.asarray(x) - self.x_star)
 
+    def residuals_many(self, xs):
+        return [self.residuals(x) for x in xs]
+
     def scalar(self, x):
         r = self.residuals(x)
         return float(r @ r)
@@ -86,6 +89,9 @@ class NoisyLinear:
 
     def residuals(self, x):
         return self.A @ (np.asarray(x) - self.x_star) + self.e
+
+    def residuals_many(self, xs):
+        return [self.residuals(x) for x in xs]
 
 
 def test_profile_sd_is_the_gauss_newton_sd_of_a_linear_model_and_infinite_where_unconstrained():

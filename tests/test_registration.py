@@ -130,6 +130,25 @@ def test_single_view_converges_from_10mm(phantom, registrator, truth_volume, var
     assert result.stop_reasons and result.time_s > 0 and result.similarity > 0.4
 
 
+def test_concurrent_evaluations_give_the_same_result_as_one_at_a_time(phantom, truth_volume):
+    """Finite differences and search renders on two threads (each rendering serially) are
+    the same computations as one at a time: the same pose to the last bit."""
+    from guidance.registration.register import RegistrationSettings
+
+    results = []
+    for threads in (1, 2):
+        reg = Registrator(phantom.ct, labels=phantom.labels, settings=RegistrationSettings(evaluation_threads=threads))
+        centre = reg.centre(None)
+        gt = carm_view(lao_deg=20, isocenter_world=centre, patient_position="prone", detector_size_px=(256, 256),
+                       pixel_spacing_mm=(1.2, 1.2), intensity="raw", I0=4095.0)
+        start = gt.with_pose(gt.T_cam_from_world @ motion(centre, (0, 1, 0), 3.0, (5.0, -4.0, 3.0)))
+        results.append(reg.register([preprocess(shot(truth_volume, gt, seed=5), start)], [start]))
+    one, two = results
+    assert one.ok and two.ok
+    assert np.array_equal(one.T_world_corrected_from_world, two.T_world_corrected_from_world)
+    assert one.evaluations == two.evaluations and one.uncertainty_depth_mm == two.uncertainty_depth_mm
+
+
 def test_biplane_beats_single_view_in_depth(phantom, registrator, truth_volume):
     centre = registrator.centre(None)
     kw = dict(isocenter_world=centre, patient_position="prone", detector_size_px=(256, 256),

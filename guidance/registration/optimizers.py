@@ -1,7 +1,9 @@
 """Optimisers behind one call shape: ``minimize(name, objective, x0, scale, **options)``.
 
-``objective`` has ``scalar(x) -> float`` (to minimise) and ``residuals(x) -> array``
-(whose squared norm it is, up to a constant); each optimiser uses what it needs.
+``objective`` has ``scalar(x) -> float`` (to minimise), ``residuals(x) -> array``
+(whose squared norm it is, up to a constant) and ``residuals_many(xs)`` (the residuals of
+several independent points, which it may evaluate concurrently: finite differences);
+each optimiser uses what it needs.
 
 - "cmaes": CMA-ES (pycma, N. Hansen's reference implementation): a global,
   derivative-free search with a wide capture range, for the coarse pyramid level.
@@ -37,6 +39,8 @@ class Objective(Protocol):
     def scalar(self, x: np.ndarray) -> float: ...
 
     def residuals(self, x: np.ndarray) -> np.ndarray: ...
+
+    def residuals_many(self, xs: list[np.ndarray]) -> list[np.ndarray]: ...
 
 
 @dataclass(frozen=True)
@@ -172,11 +176,8 @@ def _levenberg_marquardt(objective, x0, scale, *, max_fev=10, xtol=1e-2, ftol=1e
     iteration = -1
     for iteration in range(max_fev):
         if not secant:
-            J = np.empty((len(r), n))
-            for j in range(n):
-                dz = np.zeros(n)
-                dz[j] = diff_step
-                J[:, j] = (objective.residuals((z + dz) * scale) - r) / diff_step
+            columns = objective.residuals_many([(z + diff_step * e) * scale for e in np.eye(n)])
+            J = np.column_stack([(column - r) / diff_step for column in columns])
             nfev += n
         A, g = J.T @ J, J.T @ r
         step = np.linalg.solve(A + lam * np.diag(np.diag(A) + 1e-12), -g)
@@ -252,7 +253,7 @@ def profile_sd(objective: Objective, x: np.ndarray, direction: np.ndarray, step:
     r0 = objective.residuals(x)
     cost0 = float(np.dot(r0, r0))
     rise = sum(float(np.dot(r, r)) - cost0
-               for r in (objective.residuals(x + step * direction), objective.residuals(x - step * direction)))
+               for r in objective.residuals_many([x + step * direction, x - step * direction]))
     curvature = rise / (2.0 * step * step)  # d^T J^T J d for a linear model
     if curvature <= 0.0:
         return float("inf")

@@ -28,7 +28,10 @@ views (CONVENTIONS.md): ``T_cam_i_from_world = T_cam_i_from_world_init @ inv(T_c
 from __future__ import annotations
 
 import itertools
+import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -67,7 +70,8 @@ class RegistrationSettings:
     peaks (plus the best one a vertebral height up and down the spine, and the start)
     are refined; the best distinct ones go on to the finer levels (``n_refined[n]`` after level n, then
     one), with ``global_iterations[n]`` iterations on level n (the last entry for
-    further levels); a registration without global search (tracking, per vertebra)
+    further levels; with ``n_survivors`` only that many distinct candidates get the second half
+    of the coarsest level's iterations, None: all); a registration without global search (tracking, per vertebra)
     runs ``local_max_fev`` iterations per level. Two
     refined candidates more than ``ambiguity_distance_mm`` apart at the rotation centre
     whose costs differ by less than ``ambiguity_margin`` times the best one's dissimilarity
@@ -81,6 +85,10 @@ class RegistrationSettings:
     +-this distance along the first view's ray (None: Gauss-Newton only). ``parallel_render``: render
     every DRR on all numba threads (True: one registration on an otherwise idle
     machine), or by the DRR's size rule (None; see ``drr.PARALLEL_MIN_PIXELS``).
+    ``evaluation_threads``: independent cost evaluations (the local optimiser's finite
+    differences, the search's rotations) run on this many threads at once, each rendering on
+    one thread (None: numba's thread count; 1: one at a time, by ``parallel_render``'s rule):
+    small images do not split well across threads, several images at once do.
     ``bone_threshold_hu``, ``soft_tissue_spacing_mm``,
     ``energy_kev``, ``pyramid_spacings_mm`` and ``vertebra_height_mm`` shape the
     prepared CT (prepared.PrepareSettings).
@@ -98,6 +106,7 @@ class RegistrationSettings:
     search_rotations_deg: tuple[float, ...] = (-10.0, 0.0, 10.0)
     n_candidates: int = 6
     n_refined: tuple[int, ...] = (2,)
+    n_survivors: int | None = None
     global_iterations: tuple[int, ...] = (4, 3, 3)
     local_max_fev: int = 6
     bone_threshold_hu: float | None = 150.0
@@ -113,6 +122,7 @@ class RegistrationSettings:
     residual_correlation_px2: float = 100.0
     depth_profile_mm: float | None = 3.0
     parallel_render: bool | None = None
+    evaluation_threads: int | None = None
     quality: QualityLimits = field(default_factory=QualityLimits)
 
     def prepare_settings(self) -> PrepareSettings:
@@ -278,6 +288,7 @@ class Registrator:
         self.prepared: PreparedCT = load_or_prepare(ct, labels, self.settings.prepare_settings(),
                                                     cache_dir=cache_dir, use_cache=use_cache)
         self._label_models: dict[tuple[int, int], AnatomyModel] = {}
+        self._evaluation_pool: tuple[int, ThreadPoolExecutor] | None = None
 
     @property
     def prepare_s(self) -> float:
@@ -368,7 +379,28 @@ class Registrator:
             rois = tuple(self._roi(model.bone, pl.view.with_pose(pl.view.T_cam_from_world @ T_inv), pl.mask, margin)
                          for pl in stage)
         return _Objective(stage, model, param, [similarity(pl.image, roi) for pl, roi in zip(stage, rois)],
-                          parallel=self.settings.parallel_render)
+                          parallel=self.settings.parallel_render, pool=self._pool())
+
+    def _pool(self) -> ThreadPoolExecutor | None:
+        """The threads of concurrent evaluations (``evaluation_threads``), None for one at a
+        time. Made again in a forked child, whose copy of the parent's pool has no threads."""
+        threads = self.settings.evaluation_threads
+        if threads is None:
+            import numba
+
+            threads = numba.get_num_threads()
+        if threads <= 1:
+            return None
+        if self._evaluation_pool is None or self._evaluation_pool[0] != os.getpid():
+            self._evaluation_pool = (os.getpid(), ThreadPoolExecutor(threads, thread_name_prefix="registration"))
+        return self._evaluation_pool[1]
+
+    def _render_all(self, model: AnatomyModel, views: list[View]) -> list[np.ndarray]:
+        """Renders of ``model`` in every view, concurrently on the evaluation threads when there are any."""
+        pool = self._pool()
+        if pool is None:
+            return [model.render(v, parallel=self.settings.parallel_render) for v in views]
+        return list(pool.map(lambda v: model.render(v, parallel=False), views))
 
     def _keeps_roi(self, jacobian: LeastSquaresJacobian, stage: list[_PyramidLevel], T_start: np.ndarray,
                    centre: np.ndarray) -> bool:
@@ -408,15 +440,18 @@ class Registrator:
         for pl in stage:
             interior = cv2.erode(pl.mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
             fixed.append([np.where(interior, g, 0.0).astype(np.float32) for g in _gradients(pl.image)])
+        rotations = list(itertools.product(s.search_rotations_deg, repeat=3))
+        padded = []
+        for rotation in rotations:
+            T_corr_inv = invert_rigid(param.correction(x0 + np.r_[rotation, 0.0, 0.0, 0.0]))
+            padded += [pl.view.with_pose(pl.view.T_cam_from_world @ T_corr_inv).cropped(
+                -pad, -pad, pl.view.width + 2 * pad, pl.view.height + 2 * pad) for pl in stage]
+        renders = iter(self._render_all(model, padded))
         maps: dict[tuple[float, ...], list[np.ndarray]] = {}
-        for rotation in itertools.product(s.search_rotations_deg, repeat=3):
-            x = x0 + np.r_[rotation, 0.0, 0.0, 0.0]
-            T_corr_inv = invert_rigid(param.correction(x))
+        for rotation in rotations:
             maps[rotation] = []
-            for pl, (fx, fy) in zip(stage, fixed):
-                big = pl.view.with_pose(pl.view.T_cam_from_world @ T_corr_inv).cropped(
-                    -pad, -pad, pl.view.width + 2 * pad, pl.view.height + 2 * pad)
-                dx, dy = _gradients(model.render(big, parallel=s.parallel_render))
+            for fx, fy in fixed:
+                dx, dy = _gradients(next(renders))
                 score = 0.5 * (cv2.matchTemplate(dx, fx, cv2.TM_CCOEFF_NORMED)
                                + cv2.matchTemplate(dy, fy, cv2.TM_CCOEFF_NORMED))
                 maps[rotation].append(score[::-1, ::-1])  # index [pad + sv, pad + su]: anatomy shifted by (su, sv)
@@ -581,9 +616,15 @@ class Registrator:
             if prior_sd is not None:
                 objective.set_prior(x_start, np.asarray(prior_sd, dtype=float), s.prior_weight)
             warm = {"jacobian": local_jacobian.matrix} if reuse else {}
-            outcomes = [minimize(s.local_optimizer, objective, x, scale, ftol=local_ftol, max_fev=fev,
-                                 diff_step=s.jacobian_step, **warm)
-                        for x in starts]
+            halving = n == 0 and global_search and s.n_survivors is not None and len(starts) > s.n_survivors
+            outcomes = self._refine(objective, starts, scale, fev // 2 if halving else fev, local_ftol, warm)
+            if halving:  # the rest of the iterations for the best few only
+                early = sorted((_Candidate(o.x, o) for o in outcomes), key=lambda c: c.outcome.fun)
+                survivors = self._distinct(early, param, centre, s.n_survivors)
+                iterations += sum(c.outcome.nit for c in survivors)
+                dropped = [c.outcome for c in early if all(c is not kept for kept in survivors)]
+                outcomes = dropped + self._refine(objective, [c.x for c in survivors], scale, fev - fev // 2,
+                                                  local_ftol, warm)
             ranked = sorted((_Candidate(o.x, o) for o in outcomes), key=lambda c: c.outcome.fun)
             if len(ranked) > 1:
                 ambiguity = self._ambiguity(ranked, param, centre)
@@ -638,6 +679,13 @@ class Registrator:
                 best.outcome.jacobian, tuple(m.mask for m in objective.measures), T_roi),
         )
 
+    def _refine(self, objective: "_Objective", starts: list[np.ndarray], scale: np.ndarray, max_fev: int,
+                ftol: float, warm: dict) -> list[OptimizeOutcome]:
+        """The local optimiser's outcome from every start (at most ``max_fev`` iterations)."""
+        s = self.settings
+        return [minimize(s.local_optimizer, objective, x, scale, ftol=ftol, max_fev=max_fev,
+                         diff_step=s.jacobian_step, **warm) for x in starts]
+
     def _uncertainty(self, outcome: OptimizeOutcome, stage: list[_PyramidLevel]) -> tuple[float, float]:
         """1-sigma uncertainty (mm) of the rotation centre in the first view's image plane
         (the larger principal axis) and along its principal ray, from the last
@@ -662,39 +710,47 @@ class _Objective:
     Least squares sees the residuals of all views (plus the prior's); the scalar cost
     is the same squared norm, scaled to -1 for a perfect match without prior. The
     residuals of the last few parameter vectors are kept, so the cost and the per-view
-    similarities of the optimiser's final point cost no new render.
+    similarities of the optimiser's final point cost no new render. With a ``pool``,
+    ``residuals_many`` evaluates its vectors concurrently (each thread its own buffers).
     """
 
     memory = 8
 
-    def __init__(self, stage, model, param, measures, parallel: bool | None = None):
+    def __init__(self, stage, model, param, measures, parallel: bool | None = None,
+                 pool: ThreadPoolExecutor | None = None):
         self.stage = stage
         self.model = model
         self.param = param
         self.measures = measures
         self.parallel = parallel
-        self.buffers = [np.empty(pl.view.shape, np.float32) for pl in stage]
+        self.pool = pool
         self.n_blocks = sum(m.n_blocks for m in measures)
         self.prior = None
         self.evaluations = 0
         self._recent: dict[bytes, np.ndarray] = {}
         self._view_sizes: list[int] | None = None  # residuals per view, known after the first evaluation
+        self._lock = threading.Lock()
+        self._buffers = threading.local()
 
     def set_prior(self, x0: np.ndarray, sd: np.ndarray, weight: float) -> None:
         self.prior = (x0, sd, np.sqrt(weight))
 
-    def _drrs(self, x: np.ndarray):
-        self.evaluations += 1
+    def _drrs(self, x: np.ndarray, parallel: bool | None):
+        with self._lock:
+            self.evaluations += 1
+        buffers = getattr(self._buffers, "images", None)
+        if buffers is None:
+            buffers = self._buffers.images = [np.empty(pl.view.shape, np.float32) for pl in self.stage]
         T_corr_inv = invert_rigid(self.param.correction(x))
-        for pl, buf in zip(self.stage, self.buffers):
+        for pl, buf in zip(self.stage, buffers):
             yield self.model.render(pl.view.with_pose(pl.view.T_cam_from_world @ T_corr_inv), out=buf,
-                                    parallel=self.parallel)
+                                    parallel=parallel)
 
     def per_view(self, x: np.ndarray) -> list[float]:
         """Each view's similarity score at x (from the kept residuals when x was evaluated)."""
         r = self._recent.get(np.asarray(x, dtype=np.float64).tobytes())
         if r is None or self._view_sizes is None:
-            return [float(m.score(drr)) for m, drr in zip(self.measures, self._drrs(x))]
+            return [float(m.score(drr)) for m, drr in zip(self.measures, self._drrs(x, self.parallel))]
         parts = np.split(r[:sum(self._view_sizes)], np.cumsum(self._view_sizes)[:-1])
         return [float(1.0 - np.dot(p, p) / (2.0 * m.n_blocks)) if m.n_blocks else 0.0
                 for m, p in zip(self.measures, parts)]
@@ -704,18 +760,29 @@ class _Objective:
         return float(np.dot(r, r)) / (2.0 * self.n_blocks) - 1.0
 
     def residuals(self, x: np.ndarray) -> np.ndarray:
+        return self._residuals(x, self.parallel)
+
+    def residuals_many(self, xs: list[np.ndarray]) -> list[np.ndarray]:
+        """``residuals`` of every vector, concurrently on the pool when there is one."""
+        if self.pool is None or len(xs) < 2:
+            return [self.residuals(x) for x in xs]
+        return list(self.pool.map(lambda x: self._residuals(x, False), xs))
+
+    def _residuals(self, x: np.ndarray, parallel: bool | None) -> np.ndarray:
         key = np.asarray(x, dtype=np.float64).tobytes()
-        if key in self._recent:
-            return self._recent[key]
-        parts = [m.residuals(drr) for m, drr in zip(self.measures, self._drrs(x))]
+        kept = self._recent.get(key)
+        if kept is not None:
+            return kept
+        parts = [m.residuals(drr) for m, drr in zip(self.measures, self._drrs(x, parallel))]
         self._view_sizes = [len(p) for p in parts]
         if self.prior is not None:
             x0, sd, w = self.prior
             parts.append(w * (np.asarray(x) - x0) / sd)
         r = np.concatenate(parts)
-        if len(self._recent) >= self.memory:
-            self._recent.pop(next(iter(self._recent)))
-        self._recent[key] = r
+        with self._lock:
+            if len(self._recent) >= self.memory:
+                self._recent.pop(next(iter(self._recent)))
+            self._recent[key] = r
         return r
 
 
