@@ -381,10 +381,10 @@ def run_reliability(out_dir: str | Path, *, duration_s: float = 600.0, fps: floa
         _kill_rows(source, pipeline, display, monitor, record, row)
         display = _restart_rows(source, pipeline, display, monitor, frame_ep, result_ep, keys, phantom, out, row)
         _cold_restart_rows(pipeline, monitor, row)
+        _bind_conflict_row(out, frame_ep, result_ep, keys_dir, row)
         pipeline.stop()
         supervised = _Pipeline(out, frame_ep, result_ep, keys_dir, out / "supervised-recording", supervise=True)
         _supervised_rows(supervised, monitor, result_ep, keys["monitor"], row)
-        _bind_conflict_row(out, frame_ep, result_ep, keys_dir, row)
     finally:
         monitor.close()
         pipeline.stop()
