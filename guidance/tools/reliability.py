@@ -442,15 +442,18 @@ def curve_cost(*, frame_px: int = 256, fps: float = 15.0, seconds: float = 10.0,
 def oversize_cost(*, frame_px: int = 256, big_px: int = 8192, fps: float = 15.0,
                   max_frame_px: int = DEFAULT_MAX_FRAME_PX) -> list[dict]:
     """The refusal of one ``big_px``^2 uint16 frame among ``frame_px``^2 ones at ``fps``, by
-    an in-process subscriber accepting frames of ``max_frame_px`` a side, plain and CURVE:
-    seconds from handing it to the publisher's socket to the first frame sent after it
-    received (the socket refuses the part by its size, the subscriber reconnects; with
-    CURVE the publisher first encrypts the whole message, before its first byte leaves)."""
+    in-process subscribers accepting frames of ``max_frame_px`` a side: plain, CURVE, and
+    CURVE with a second subscriber (as the display beside the pipeline, each with a ZeroMQ
+    context, an I/O thread, of its own): seconds from handing it to the publisher's socket
+    to the first frame sent after it received by each (the socket refuses the part by its
+    size, the subscriber reconnects; with CURVE the publisher first encrypts the whole
+    message for each connection in turn on its one I/O thread, before its first byte leaves,
+    and a reconnecting subscriber's handshake waits for that thread)."""
     from guidance.core.views import carm_view
 
     with tempfile.TemporaryDirectory() as keys_dir:
-        make_keys(keys_dir, roles=("sim", "pipeline"))
-        keys = {role: load_keys(keys_dir, role) for role in ("sim", "pipeline")}
+        make_keys(keys_dir, roles=("sim", "pipeline", "display"))
+        keys = {role: load_keys(keys_dir, role) for role in ("sim", "pipeline", "display")}
     view = carm_view(detector_size_px=(frame_px, frame_px)).with_intensity("raw", 4095.0)
     small = np.zeros((frame_px, frame_px), np.uint16)
     big_view = replace(view.downsampled(frame_px / big_px), image_size=(big_px, big_px))
@@ -459,12 +462,14 @@ def oversize_cost(*, frame_px: int = 256, big_px: int = 8192, fps: float = 15.0,
     big_parts = _stamped([big])[0]
     values = []
     context = zmq.Context()  # the sender's own I/O thread, as in another process (never terminated: its
-    for mode in ("plain", "curve"):  # CURVE authenticator lives as long as this process)
+    second_context = zmq.Context()  # CURVE authenticator lives as long as this process); the second receiver's
+    for mode, roles in (("plain", ("pipeline",)), ("curve", ("pipeline",)), ("curve", ("pipeline", "display"))):
         endpoint = free_tcp_endpoint()
-        pub_keys, sub_keys = (None, None) if mode == "plain" else (keys["sim"], keys["pipeline"])
-        with Publisher(endpoint, keys=pub_keys, context=context) as pub, \
-                Subscriber(endpoint, keys=sub_keys, server_role="sim",
-                           max_message_bytes=max_message_bytes(max_frame_px)) as sub:
+        pub_keys = None if mode == "plain" else keys["sim"]
+        with Publisher(endpoint, keys=pub_keys, context=context) as pub:
+            subs = [Subscriber(endpoint, keys=None if mode == "plain" else keys[role], server_role="sim",
+                               max_message_bytes=max_message_bytes(max_frame_px),
+                               context=second_context if i else None) for i, role in enumerate(roles)]
             frame_id = 0
 
             def tick() -> None:
@@ -472,19 +477,26 @@ def oversize_cost(*, frame_px: int = 256, big_px: int = 8192, fps: float = 15.0,
                 frame_id += 1
                 pub.send(Frame(source="sim", frame_id=frame_id, acquired_ns=time.time_ns(), view=view, pixels=small))
 
-            while sub.recv(1.0 / fps) is None:  # connected (and, with CURVE, handshaken)
-                tick()
-            pub.send_raw(big_parts)
-            sent_ns, back_s = time.time_ns(), None
-            deadline = time.monotonic() + RESUME_TIMEOUT_S
-            while back_s is None and time.monotonic() < deadline:
-                tick()
-                end = time.monotonic() + 1.0 / fps
-                while (msg := sub.recv(max(0.0, end - time.monotonic()))) is not None:
-                    if msg.acquired_ns > sent_ns:
-                        back_s = (time.time_ns() - sent_ns) / 1e9
-                        break
-        values.append(f"{mode} {_round(back_s)}")
+            try:
+                for sub in subs:
+                    while sub.recv(1.0 / fps) is None:  # connected (and, with CURVE, handshaken)
+                        tick()
+                pub.send_raw(big_parts)
+                sent_ns, back_s = time.time_ns(), [None] * len(subs)
+                deadline = time.monotonic() + RESUME_TIMEOUT_S
+                while None in back_s and time.monotonic() < deadline:
+                    tick()
+                    end = time.monotonic() + 1.0 / fps
+                    while time.monotonic() < end:
+                        for i, sub in enumerate(subs):
+                            msg = sub.recv(0.005)
+                            if back_s[i] is None and msg is not None and msg.acquired_ns > sent_ns:
+                                back_s[i] = (time.time_ns() - sent_ns) / 1e9
+            finally:
+                for sub in subs:
+                    sub.close()
+        values.append(f"{mode}{' with two receivers' if len(subs) > 1 else ''} "
+                      f"{' / '.join(str(_round(b)) for b in back_s)}")
     return [{"measure": f"{big_px}^2 uint16 frame refused by the socket: stream back after (s)",
              "value": ", ".join(values), "target": "", "met": None}]
 
