@@ -20,7 +20,10 @@ then warms the pipeline up (``Pipeline.warm_up``: the DRR kernels loaded, state
 the process's start (``process_age_s``), also in every heartbeat's stats (``startup_*``).
 The steps run one after the other on purpose: they are imports and numba's set-up, which
 hold the GIL, so threads running them side by side took longer in total (measured;
-docs/benchmarks.md, reliability, session 5).
+docs/benchmarks.md, reliability, session 5). A worker forked by a supervisor
+(``guidance.live.supervisor``, ``pipeline --supervise``) is handed the pipeline built, with
+its one-thread kernel loaded: its steps count from the fork, and it is ready within ~0.1 s
+(session 6); its heartbeats carry ``heartbeat_stats`` (``supervised``, ``generation``).
 """
 
 from __future__ import annotations
