@@ -20,7 +20,8 @@ failed: a taken port, a bad key; a new worker would fail the same way) ends the
 supervision with that status. When ``stop`` is set (the CLI's SIGINT/SIGTERM handler), the
 worker gets SIGTERM (SIGKILL after ``stop_timeout_s``) and ``supervise`` returns its status.
 A worker never outlives its parent: it asks the kernel for SIGKILL when the parent dies
-(``prctl(PR_SET_PDEATHSIG)``), so this runs on Linux only.
+(``prctl(PR_SET_PDEATHSIG)``), and the parent waits on a pidfd (woken at the worker's death),
+so this runs on Linux only (kernel 5.3 or later).
 """
 
 from __future__ import annotations
