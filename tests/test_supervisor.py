@@ -29,7 +29,7 @@ SUPERVISED = textwrap.dedent("""
     from guidance.core.errors import GuidanceError
     from guidance.live.supervisor import RestartPolicy, supervise
 
-    mode, log_file = sys.argv[1], sys.argv[2]
+    mode, log_file, quick_s = sys.argv[1], sys.argv[2], float(sys.argv[3])
     logging.basicConfig(level=logging.INFO)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -45,15 +45,15 @@ SUPERVISED = textwrap.dedent("""
         stop.wait()  # "serve": until told to stop
         return 0
 
-    policy = RestartPolicy(quick_s=60.0, free_restarts=1, first_delay_s=0.2, max_delay_s=0.8)
+    policy = RestartPolicy(quick_s=quick_s, free_restarts=1, first_delay_s=0.2, max_delay_s=0.8)
     sys.exit(supervise(lambda: "prepared", work, stop=stop, policy=policy))
 """)
 
 
-def start_supervised(mode, folder):
+def start_supervised(mode, folder, quick_s=60.0):
     folder.mkdir()
     log_file = folder / "workers.txt"
-    proc = subprocess.Popen([sys.executable, "-c", SUPERVISED, mode, str(log_file)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-c", SUPERVISED, mode, str(log_file), str(quick_s)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return proc, log_file
 
@@ -100,12 +100,17 @@ def test_a_crash_loop_backs_off_and_sigterm_ends_it(tmp_path):
     assert "generation 1 now" in out and "generation 2 in 0.20 s" in out and "generation 4 in 0.80 s" in out
 
 
-def test_a_setup_error_ends_supervision_without_a_restart(tmp_path):
+def test_a_setup_error_ends_supervision_without_a_restart_unless_the_worker_had_run_a_while(tmp_path):
     proc, log_file = start_supervised("setup-error", tmp_path / "setup")
     out, _ = proc.communicate(timeout=WAIT_S)
     assert proc.returncode == 2, out
     assert len(log_file.read_text().splitlines()) == 1
     assert "the port is taken" in out and "not restarted" in out
+    proc, log_file = start_supervised("setup-error", tmp_path / "later", quick_s=0.0)  # every worker "ran a while"
+    workers_started(log_file, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=WAIT_S)
+    assert proc.returncode == 2 and "not restarted" not in out, out
 
 
 def test_sigterm_stops_the_worker_and_a_killed_supervisor_leaves_none(tmp_path):

@@ -13,10 +13,10 @@ context or socket, numba's parallel thread pool): the child has only the thread 
 and warns when ``prepare`` left the process with more native threads than it had before.
 
 Restarts (``RestartPolicy``): a worker killed by a signal or exiting with a status other than
-0 and ``SETUP_ERROR_STATUS`` is logged and forked again at once; a crash loop (workers
-dying within ``quick_s`` of their start several times in a row) waits, exponentially longer.
-A worker that exits with 0 (stopped on purpose) or ``SETUP_ERROR_STATUS`` (its set-up
-failed: a taken port, a bad key; a new worker would fail the same way) ends the
+0 is logged and forked again at once; a crash loop (workers dying within ``quick_s`` of
+their start several times in a row) waits, exponentially longer. A worker that exits with 0
+(stopped on purpose), or with ``SETUP_ERROR_STATUS`` within ``quick_s`` of its start (its
+set-up failed: a taken port, a bad key; a new worker would fail the same way), ends the
 supervision with that status. When ``stop`` is set (the CLI's SIGINT/SIGTERM handler), the
 worker gets SIGTERM (SIGKILL after ``stop_timeout_s``) and ``supervise`` returns its status.
 A worker never outlives its parent: it asks the kernel for SIGKILL when the parent dies
@@ -48,7 +48,7 @@ Prepared = TypeVar("Prepared")
 
 SETUP_ERROR_STATUS = 2
 """A worker's exit status for an error in its input or set-up (the CLI's "error: ..."):
-not restarted."""
+not restarted when it comes within ``RestartPolicy.quick_s`` of the worker's start."""
 PR_SET_PDEATHSIG = 1
 """linux/prctl.h: the signal a process gets when its parent dies."""
 WAIT_TICK_S = 0.1
@@ -111,7 +111,7 @@ def supervise(prepare: Callable[[], Prepared], work: Callable[[Prepared, int], i
             log.info("%s generation %d (pid %d) exited with status 0 (stopped on purpose): supervision ends",
                      name, generation, pid)
             return 0
-        if code == SETUP_ERROR_STATUS:
+        if code == SETUP_ERROR_STATUS and lived_s < policy.quick_s:
             log.error("%s generation %d (pid %d) exited with status %d (its set-up failed, see above): not "
                       "restarted", name, generation, pid, code)
             return code
