@@ -22,16 +22,19 @@ loop (``run_display``, "display" key) and a monitor ("monitor" key) watch. Then:
   warm-up);
 - restarts in several orders: time from the last start to the first ok pose (or screen),
   split the same way, with the same steps;
-- restarts without a cold process: ``SUPERVISED_RESTARTS`` cold restarts of the pipeline
-  process (kill -9, start it again), then the pipeline under ``--supervise`` and as many
-  kill -9 of its worker (each worker at least ``RestartPolicy.quick_s`` old, so that no
-  crash-loop delay applies): first ok pose after each, split the same way (median and
-  range of the rest, the load average), the generation its heartbeats report, its
-  recording's segments, and how SIGTERM to the supervisor ends (status, workers left);
+- ``SUPERVISED_RESTARTS`` cold restarts of the pipeline process (kill -9, start it again):
+  first ok pose after each, split the same way (median and range of the rest, the load
+  average);
 - a bind conflict: the message a pipeline prints when its port is taken;
+- restarts without a cold process: the pipeline under ``--supervise`` and as many kill -9
+  of its worker as cold restarts above (each worker at least ``RestartPolicy.quick_s`` old,
+  so that no crash-loop delay applies), measured the same way; the generation its
+  heartbeats report, its recording's segments, and how SIGTERM to the supervisor ends
+  (status, workers left);
 - in this process, before the chain starts: CURVE's cost on the frame stream
   (``curve_cost``) and how soon a stream is back after an oversized frame that the
-  receiving socket refuses, plain and CURVE (``oversize_cost``).
+  receiving socket refuses, plain, CURVE, and CURVE with a second receiver
+  (``oversize_cost``).
 
 Benchmarks measure; tests assert. The figures depend on the machine and its load.
 """
