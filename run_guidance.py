@@ -391,11 +391,9 @@ def _read_calibrations(paths: list[str]) -> list:
 
 
 def cmd_pipeline(args) -> int:
-    from guidance.live.serve import run_pipeline  # sockets and wire only: the loop beats while build() runs
-
     keys = _curve_keys(args, "pipeline")
 
-    def build(subject=None):  # runs while the pipeline already beats ("starting")
+    def build():  # unsupervised: runs while the pipeline already beats ("starting")
         import time
 
         t0 = time.perf_counter()
@@ -408,7 +406,7 @@ def cmd_pipeline(args) -> int:
         settings = PipelineSettings(level=args.level, overlay=args.overlay, distortion=calibrations.distortion,
                                     carm=calibrations.carm, pivots=calibrations.pivots,
                                     detect_instruments=tuple(args.detect_instruments), max_frame_px=args.max_frame_px)
-        subject = subject or _subject(args)
+        subject = _subject(args)
         t2 = time.perf_counter()
         registrator = Registrator(subject.ct, labels=subject.labels, cache_dir=args.cache_dir)
         logging.getLogger("run_guidance").info(
@@ -418,20 +416,38 @@ def cmd_pipeline(args) -> int:
 
     stop = _stop_on_signals()
     print(f"pipeline: frames from {', '.join(args.frame_endpoints)}, results on {args.result_endpoint}", flush=True)
+    if not args.supervise:
+        return _serve_pipeline(args, keys, build, stop)
+    from guidance.live.supervisor import supervise
+
+    def prepare():  # in the supervisor: everything that survives fork, nothing that starts a thread or a socket
+        pipeline = build()
+        pipeline.warm_up(parallel=False)
+        return pipeline
+
+    def work(pipeline, generation: int) -> int:  # in each forked worker
+        return _serve_pipeline(args, keys, pipeline, stop, {"supervised": True, "generation": generation})
+
+    return supervise(prepare, work, stop=stop, name="pipeline worker")
+
+
+def _serve_pipeline(args, keys, pipeline, stop, heartbeat_stats=None) -> int:
+    """``run_pipeline`` of a pipeline (or of its builder) with the OpenIGTLink bridge of
+    --igtl-port; prints the stats when stopped."""
+    from guidance.live.serve import run_pipeline
+
     bridge = None
-    pipeline = build
     if args.igtl_port is not None:  # the bridge needs the CT: built before serving
         from guidance.live.igtl import IgtlBridge
 
-        subject = _subject(args)
-        pipeline = build(subject)
-        bridge = IgtlBridge(args.igtl_port, ct=subject.ct, plan=pipeline.plan, host=args.igtl_host,
+        pipeline = pipeline() if callable(pipeline) else pipeline
+        bridge = IgtlBridge(args.igtl_port, ct=pipeline.ct, plan=pipeline.plan, host=args.igtl_host,
                             image_hz=args.igtl_image_hz)
         print(f"pipeline: OpenIGTLink on {args.igtl_host}:{bridge.port}", flush=True)
     try:
         stats = run_pipeline(pipeline, max_frame_px=args.max_frame_px, frame_endpoints=args.frame_endpoints,
                              result_endpoint=args.result_endpoint, stop=stop, record_dir=args.record, sink=bridge,
-                             keys=keys)
+                             keys=keys, heartbeat_stats=heartbeat_stats)
     finally:
         if bridge is not None:
             bridge.close()
@@ -761,6 +777,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detect-instruments", nargs="*", default=[], metavar="MODEL",
                    help="instrument models (e.g. kwire) to find in the images while no tracker reports one; "
                    "published as image-derived instrument states")
+    p.add_argument("--supervise", action="store_true",
+                   help="Linux: prepare once (modules, CT, prepared CT, one-thread DRR kernel) in a supervising "
+                   "process and serve in a forked worker, forked again at once when it dies (a crash loop waits, "
+                   "longer each time); SIGTERM/SIGINT stop both")
     _add_security_arguments(p)
     p.set_defaults(func=cmd_pipeline)
 

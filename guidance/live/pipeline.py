@@ -232,7 +232,7 @@ class Pipeline:
 
     # -- start-up ------------------------------------------------------------------------
 
-    def warm_up(self) -> float:
+    def warm_up(self, *, parallel: bool = True) -> float:
         """Load now what the first registration would otherwise load on its first calls,
         while no frame is being registered; returns the seconds it took.
 
@@ -242,7 +242,8 @@ class Pipeline:
         It renders a 16 x 16 px DRR of the anatomy (bone and soft tissue) of every pyramid
         level with each kernel, in a view of the registration's rotation centre: the same
         argument types as the registration's renders, so the same compiled code. Nothing is
-        registered or published."""
+        registered or published. ``parallel=False``: the one-thread kernel only, no thread
+        started (what a supervisor does before it forks workers, ``guidance.live.supervisor``)."""
         t0 = time.perf_counter()
         self.warming_up = True
         try:
@@ -250,8 +251,8 @@ class Pipeline:
             view = carm_view(isocenter_world=self.registrator.centre(level)).downsampled(32)
             for spacing_mm in self.registrator.prepared.spacings_mm:
                 anatomy = self.registrator.anatomy(level, spacing_mm)
-                for parallel in (False, True):
-                    anatomy.render(view, parallel=parallel)
+                for kernel_parallel in (False, True) if parallel else (False,):
+                    anatomy.render(view, parallel=kernel_parallel)
         finally:
             self.warming_up = False
         return time.perf_counter() - t0

@@ -20,7 +20,10 @@ then warms the pipeline up (``Pipeline.warm_up``: the DRR kernels loaded, state
 the process's start (``process_age_s``), also in every heartbeat's stats (``startup_*``).
 The steps run one after the other on purpose: they are imports and numba's set-up, which
 hold the GIL, so threads running them side by side took longer in total (measured;
-docs/benchmarks.md, reliability, session 5).
+docs/benchmarks.md, reliability, session 5). A worker forked by a supervisor
+(``guidance.live.supervisor``, ``pipeline --supervise``) is handed the pipeline built, with
+its one-thread kernel loaded: its steps count from the fork, and it is ready within ~0.1 s
+(session 6); its heartbeats carry ``heartbeat_stats`` (``supervised``, ``generation``).
 """
 
 from __future__ import annotations
@@ -195,6 +198,7 @@ def run_pipeline(
     sink=None,
     max_frame_px: int | None = None,
     source: str | None = None,
+    heartbeat_stats: dict | None = None,
 ) -> PipelineStats:
     """Serve until ``stop`` is set: SUB frames/tracker samples/intra-op volumes (connecting to
     ``frame_endpoints``), PUB results (bound on ``result_endpoint``).
@@ -210,7 +214,9 @@ def run_pipeline(
     this folder (a restart appends a segment). ``sink``: also hands every message published
     to ``sink.publish(message, frame)`` (e.g. the OpenIGTLink bridge,
     ``guidance.live.igtl.IgtlBridge``); ``frame`` is the frame a PoseResult came from, else
-    None; a sink that raises is logged and skipped.
+    None; a sink that raises is logged and skipped. ``heartbeat_stats``: added to every
+    heartbeat's stats (a supervised worker's ``supervised`` and ``generation``,
+    ``guidance.live.supervisor``).
     """
     if callable(pipeline):
         max_frame_px = DEFAULT_MAX_FRAME_PX if max_frame_px is None else max_frame_px
@@ -237,7 +243,7 @@ def run_pipeline(
                          max_message_bytes=max_message_bytes(max_frame_px))
         send = _sender(pub, recorder, sink)
         worker = _FrameWorker(pipeline, send)
-        _serve(worker, source, sub, send, stop, heartbeat_s)
+        _serve(worker, source, sub, send, stop, heartbeat_s, heartbeat_stats or {})
     finally:
         if worker is not None:
             worker.close()
@@ -294,7 +300,7 @@ def _sender(pub: Publisher, recorder: Recorder | None, sink) -> Callable[..., No
 
 
 def _serve(worker: _FrameWorker, source: str, sub: Subscriber, send: Callable[[Message], None],
-           stop: threading.Event, heartbeat_s: float) -> None:
+           stop: threading.Event, heartbeat_s: float, heartbeat_stats: dict) -> None:
     """The socket loop: bounded drain, kind dispatch, coalesced tracker samples, the
     newest frame to the worker, heartbeats on time (state "starting" until the worker
     has built the pipeline: input read meanwhile is recorded, not processed; then
@@ -328,6 +334,7 @@ def _serve(worker: _FrameWorker, source: str, sub: Subscriber, send: Callable[[M
         now = time.monotonic()
         if now >= next_heartbeat:
             stats = {"lost": sub.lost, "malformed": sub.malformed, "replayed": sub.replayed} | worker.startup
+            stats |= heartbeat_stats
             state = "starting"
             if pipeline is not None:
                 stats |= pipeline.stats.as_dict()

@@ -22,10 +22,19 @@ loop (``run_display``, "display" key) and a monitor ("monitor" key) watch. Then:
   warm-up);
 - restarts in several orders: time from the last start to the first ok pose (or screen),
   split the same way, with the same steps;
+- ``SUPERVISED_RESTARTS`` cold restarts of the pipeline process (kill -9, start it again):
+  first ok pose after each, split the same way (median and range of the rest, the load
+  average);
 - a bind conflict: the message a pipeline prints when its port is taken;
+- restarts without a cold process: the pipeline under ``--supervise`` and as many kill -9
+  of its worker as cold restarts above (each worker at least ``RestartPolicy.quick_s`` old,
+  so that no crash-loop delay applies), measured the same way; the generation its
+  heartbeats report, its recording's segments, and how SIGTERM to the supervisor ends
+  (status, workers left);
 - in this process, before the chain starts: CURVE's cost on the frame stream
   (``curve_cost``) and how soon a stream is back after an oversized frame that the
-  receiving socket refuses, plain and CURVE (``oversize_cost``).
+  receiving socket refuses, plain, CURVE, and CURVE with a second receiver
+  (``oversize_cost``).
 
 Benchmarks measure; tests assert. The figures depend on the machine and its load.
 """
@@ -55,6 +64,7 @@ from guidance.live.display import HeadlessWriter
 from guidance.live.display_client import run_display
 from guidance.live.keys import CurveKeys, load_keys, make_keys
 from guidance.live.recording import read_manifest, read_recording
+from guidance.live.supervisor import RestartPolicy
 from guidance.live.transport import DEFAULT_MAX_FRAME_PX, Publisher, Subscriber, free_tcp_endpoint, max_message_bytes
 from guidance.live.wire import Frame, Heartbeat, Message, PoseResult, TrackerSample, decode, encode
 
@@ -64,6 +74,8 @@ log = logging.getLogger(__name__)
 
 RESUME_TIMEOUT_S = 15.0
 START_TIMEOUT_S = 600.0
+SUPERVISED_RESTARTS = 5
+"""Cold restarts, and kill -9 of a supervised worker, measured each (medians in the table)."""
 
 
 # ------------------------------------------------------------------------ the C-arm
@@ -268,13 +280,15 @@ def _first_ok_pose(monitor: Subscriber, after_ns: int, timeout_s: float,
 
 
 class _Pipeline:
-    """The pipeline as a real process (the CLI), its output in a log file."""
+    """The pipeline as a real process (the CLI), its output in a log file; ``supervise``:
+    with ``--supervise`` (the process is the supervisor, its child the worker)."""
 
-    def __init__(self, out: Path, frame_ep: str, result_ep: str, keys_dir: Path, record: Path) -> None:
+    def __init__(self, out: Path, frame_ep: str, result_ep: str, keys_dir: Path, record: Path,
+                 supervise: bool = False) -> None:
         self.args = [sys.executable, "-m", "run_guidance", "pipeline", "--frame-endpoints", frame_ep,
                      "--result-endpoint", result_ep,
-                     "--keys", str(keys_dir), "--record", str(record)]
-        self.log_path = out / "pipeline.log"
+                     "--keys", str(keys_dir), "--record", str(record)] + (["--supervise"] if supervise else [])
+        self.log_path = out / ("supervised-pipeline.log" if supervise else "pipeline.log")
         self.record = record
         self.process: subprocess.Popen | None = None
 
@@ -294,6 +308,15 @@ class _Pipeline:
     def kill9(self) -> None:
         self.process.send_signal(signal.SIGKILL)
         self.process.wait()
+
+    def workers(self) -> list[int]:
+        """Pids of the supervised process's workers (its children)."""
+        return [child.pid for child in psutil.Process(self.process.pid).children()]
+
+    def kill9_worker(self) -> None:
+        """kill -9 of the supervised process's worker."""
+        (worker,) = self.workers()
+        os.kill(worker, signal.SIGKILL)
 
     def stop(self) -> None:
         if self.running():
@@ -341,7 +364,7 @@ def run_reliability(out_dir: str | Path, *, duration_s: float = 600.0, fps: floa
 
     rows += curve_cost()
     rows += oversize_cost()
-    display = None
+    display = supervised = None
     try:
         source.start()
         started = pipeline.start()
@@ -360,10 +383,16 @@ def run_reliability(out_dir: str | Path, *, duration_s: float = 600.0, fps: floa
         _fake_and_replay_rows(source, display, monitor, frame_ep, keys, phantom, out, row)
         _kill_rows(source, pipeline, display, monitor, record, row)
         display = _restart_rows(source, pipeline, display, monitor, frame_ep, result_ep, keys, phantom, out, row)
+        _cold_restart_rows(pipeline, monitor, row)
         _bind_conflict_row(out, frame_ep, result_ep, keys_dir, row)
+        pipeline.stop()
+        supervised = _Pipeline(out, frame_ep, result_ep, keys_dir, out / "supervised-recording", supervise=True)
+        _supervised_rows(supervised, monitor, result_ep, keys["monitor"], row)
     finally:
         monitor.close()
         pipeline.stop()
+        if supervised is not None:
+            supervised.stop()
         if display is not None:
             display.close()
         source.stop()
@@ -416,15 +445,18 @@ def curve_cost(*, frame_px: int = 256, fps: float = 15.0, seconds: float = 10.0,
 def oversize_cost(*, frame_px: int = 256, big_px: int = 8192, fps: float = 15.0,
                   max_frame_px: int = DEFAULT_MAX_FRAME_PX) -> list[dict]:
     """The refusal of one ``big_px``^2 uint16 frame among ``frame_px``^2 ones at ``fps``, by
-    an in-process subscriber accepting frames of ``max_frame_px`` a side, plain and CURVE:
-    seconds from handing it to the publisher's socket to the first frame sent after it
-    received (the socket refuses the part by its size, the subscriber reconnects; with
-    CURVE the publisher first encrypts the whole message, before its first byte leaves)."""
+    in-process subscribers accepting frames of ``max_frame_px`` a side: plain, CURVE, and
+    CURVE with a second subscriber (as the display beside the pipeline, each with a ZeroMQ
+    context, an I/O thread, of its own): seconds from handing it to the publisher's socket
+    to the first frame sent after it received by each (the socket refuses the part by its
+    size, the subscriber reconnects; with CURVE the publisher first encrypts the whole
+    message for each connection in turn on its one I/O thread, before its first byte leaves,
+    and a reconnecting subscriber's handshake waits for that thread)."""
     from guidance.core.views import carm_view
 
     with tempfile.TemporaryDirectory() as keys_dir:
-        make_keys(keys_dir, roles=("sim", "pipeline"))
-        keys = {role: load_keys(keys_dir, role) for role in ("sim", "pipeline")}
+        make_keys(keys_dir, roles=("sim", "pipeline", "display"))
+        keys = {role: load_keys(keys_dir, role) for role in ("sim", "pipeline", "display")}
     view = carm_view(detector_size_px=(frame_px, frame_px)).with_intensity("raw", 4095.0)
     small = np.zeros((frame_px, frame_px), np.uint16)
     big_view = replace(view.downsampled(frame_px / big_px), image_size=(big_px, big_px))
@@ -433,12 +465,14 @@ def oversize_cost(*, frame_px: int = 256, big_px: int = 8192, fps: float = 15.0,
     big_parts = _stamped([big])[0]
     values = []
     context = zmq.Context()  # the sender's own I/O thread, as in another process (never terminated: its
-    for mode in ("plain", "curve"):  # CURVE authenticator lives as long as this process)
+    second_context = zmq.Context()  # CURVE authenticator lives as long as this process); the second receiver's
+    for mode, roles in (("plain", ("pipeline",)), ("curve", ("pipeline",)), ("curve", ("pipeline", "display"))):
         endpoint = free_tcp_endpoint()
-        pub_keys, sub_keys = (None, None) if mode == "plain" else (keys["sim"], keys["pipeline"])
-        with Publisher(endpoint, keys=pub_keys, context=context) as pub, \
-                Subscriber(endpoint, keys=sub_keys, server_role="sim",
-                           max_message_bytes=max_message_bytes(max_frame_px)) as sub:
+        pub_keys = None if mode == "plain" else keys["sim"]
+        with Publisher(endpoint, keys=pub_keys, context=context) as pub:
+            subs = [Subscriber(endpoint, keys=None if mode == "plain" else keys[role], server_role="sim",
+                               max_message_bytes=max_message_bytes(max_frame_px),
+                               context=second_context if i else None) for i, role in enumerate(roles)]
             frame_id = 0
 
             def tick() -> None:
@@ -446,19 +480,26 @@ def oversize_cost(*, frame_px: int = 256, big_px: int = 8192, fps: float = 15.0,
                 frame_id += 1
                 pub.send(Frame(source="sim", frame_id=frame_id, acquired_ns=time.time_ns(), view=view, pixels=small))
 
-            while sub.recv(1.0 / fps) is None:  # connected (and, with CURVE, handshaken)
-                tick()
-            pub.send_raw(big_parts)
-            sent_ns, back_s = time.time_ns(), None
-            deadline = time.monotonic() + RESUME_TIMEOUT_S
-            while back_s is None and time.monotonic() < deadline:
-                tick()
-                end = time.monotonic() + 1.0 / fps
-                while (msg := sub.recv(max(0.0, end - time.monotonic()))) is not None:
-                    if msg.acquired_ns > sent_ns:
-                        back_s = (time.time_ns() - sent_ns) / 1e9
-                        break
-        values.append(f"{mode} {_round(back_s)}")
+            try:
+                for sub in subs:
+                    while sub.recv(1.0 / fps) is None:  # connected (and, with CURVE, handshaken)
+                        tick()
+                pub.send_raw(big_parts)
+                sent_ns, back_s = time.time_ns(), [None] * len(subs)
+                deadline = time.monotonic() + RESUME_TIMEOUT_S
+                while None in back_s and time.monotonic() < deadline:
+                    tick()
+                    end = time.monotonic() + 1.0 / fps
+                    while time.monotonic() < end:
+                        for i, sub in enumerate(subs):
+                            msg = sub.recv(0.005)
+                            if back_s[i] is None and msg is not None and msg.acquired_ns > sent_ns:
+                                back_s[i] = (time.time_ns() - sent_ns) / 1e9
+            finally:
+                for sub in subs:
+                    sub.close()
+        values.append(f"{mode}{' with two receivers' if len(subs) > 1 else ''} "
+                      f"{' / '.join(str(_round(b)) for b in back_s)}")
     return [{"measure": f"{big_px}^2 uint16 frame refused by the socket: stream back after (s)",
              "value": ", ".join(values), "target": "", "met": None}]
 
@@ -582,20 +623,87 @@ def _kill_rows(source, pipeline, display, monitor, record: Path, row) -> None:
     row("kill -9: frames with a published pose missing from the recording", lost, "<= 1", lost <= 1)
 
 
-def _start_row(measure: str, monitor: Subscriber, after_s: float, row) -> None:
-    """Seconds from ``after_s`` to the first ok pose, split into that pose's registration
-    (its preprocessing and registration latencies) and the rest (process start-up, imports,
-    CT preparation, waiting for a frame): the target is the rest <= 1 s."""
+def _first_ok_split(monitor: Subscriber, after_s: float) -> tuple[float, float, str] | None:
+    """Seconds from ``after_s`` (epoch) to the first ok pose of a frame acquired after it,
+    and that pose's registration (its preprocessing and registration latencies, s) and mode;
+    None when none came."""
     poses: list[PoseResult] = []
     first = _first_ok_pose(monitor, int(after_s * 1e9), START_TIMEOUT_S, poses)
     if first is None:
+        return None
+    latency_ms = poses[-1].latency_ms
+    return first, (latency_ms.get("preprocess", 0.0) + latency_ms.get("registration", 0.0)) / 1e3, poses[-1].mode
+
+
+def _start_row(measure: str, monitor: Subscriber, after_s: float, row) -> None:
+    """Seconds from ``after_s`` to the first ok pose, split into that pose's registration
+    and the rest (process start-up, imports, CT preparation, waiting for a frame): the
+    target is the rest <= 1 s."""
+    split = _first_ok_split(monitor, after_s)
+    if split is None:
         row(measure + " (s)", None, "the registration + <= 1 s", False)
         return
-    latency_ms = poses[-1].latency_ms
-    registration_s = (latency_ms.get("preprocess", 0.0) + latency_ms.get("registration", 0.0)) / 1e3
+    first, registration_s, mode = split
     row(measure + " (s): total, its registration, the rest",
-        f"{first:.2f}, {registration_s:.2f} ({poses[-1].mode}), {first - registration_s:.2f}",
+        f"{first:.2f}, {registration_s:.2f} ({mode}), {first - registration_s:.2f}",
         "the registration + <= 1 s", first - registration_s <= 1.0)
+
+
+def _restarts_row(measure: str, splits: list[tuple[float, float, str] | None], row) -> None:
+    """The rest of each restart (first ok pose less its registration): median (range), then
+    each as total / registration / rest."""
+    done = [s for s in splits if s is not None]
+    rests = [first - registration_s for first, registration_s, _ in done]
+    value = "none" if not rests else (
+        f"rest median {np.median(rests):.2f} ({min(rests):.2f}-{max(rests):.2f}), {len(done)} of {len(splits)}; "
+        + "; ".join(f"{f:.2f} / {r:.2f} / {f - r:.2f}" for f, r, _ in done)
+        + f"; load average {os.getloadavg()[0]:.1f}")
+    row(measure + " (s): the rest median (range); each total / its registration / the rest", value,
+        "the registration + <= 1 s", bool(rests) and len(done) == len(splits) and float(np.median(rests)) <= 1.0)
+
+
+def _cold_restart_rows(pipeline: _Pipeline, monitor: Subscriber, row) -> None:
+    """``SUPERVISED_RESTARTS`` cold restarts of the unsupervised pipeline process (kill -9,
+    start it again), for comparison with the supervised worker's in the same run."""
+    splits = []
+    for _ in range(SUPERVISED_RESTARTS):
+        pipeline.kill9()
+        splits.append(_first_ok_split(monitor, pipeline.start()))
+    _restarts_row("cold restart (kill -9, start the process again) -> first ok pose", splits, row)
+
+
+def _supervised_rows(supervised: _Pipeline, monitor: Subscriber, result_ep: str, keys: CurveKeys, row) -> None:
+    """The pipeline under --supervise: its start, then ``SUPERVISED_RESTARTS`` kill -9 of its
+    worker (each at least ``RestartPolicy.quick_s`` old: no crash-loop delay), the generation
+    reported, its recording's segments, and SIGTERM to the supervisor."""
+    _start_row("start under --supervise (preparation, fork) -> first ok pose", monitor, supervised.start(), row)
+    quick_s = RestartPolicy().quick_s
+    splits, last_start = [], time.monotonic()
+    for _ in range(SUPERVISED_RESTARTS):
+        threading.Event().wait(max(0.0, last_start + quick_s - time.monotonic()))
+        killed, last_start = time.time(), time.monotonic()
+        supervised.kill9_worker()
+        splits.append(_first_ok_split(monitor, killed))
+    _restarts_row("pipeline worker killed (kill -9) under --supervise -> first ok pose", splits, row)
+    _steps_row("the last worker", result_ep, keys, row)
+    generation = None
+    with Subscriber(result_ep, topics=("heartbeat",), keys=keys, server_role="pipeline") as sub:
+        deadline = time.monotonic() + RESUME_TIMEOUT_S
+        while generation is None and time.monotonic() < deadline:
+            msg = sub.recv(max(0.0, deadline - time.monotonic()))
+            if msg is not None and (msg.stats or {}).get("supervised"):
+                generation = msg.stats["generation"]
+    row("supervised worker's heartbeat: generation after the kills", generation, str(SUPERVISED_RESTARTS),
+        generation == SUPERVISED_RESTARTS)
+    segments = len(read_manifest(supervised.record)["segments"])
+    row("supervised recording: segments (one per worker, same folder)", segments, str(SUPERVISED_RESTARTS + 1),
+        segments == SUPERVISED_RESTARTS + 1)
+    workers = supervised.workers()
+    supervised.process.send_signal(signal.SIGTERM)
+    rc = supervised.process.wait(timeout=60)
+    left = [pid for pid in workers if _running(pid)]
+    row("SIGTERM to the supervisor: its exit status, workers left", f"{rc}, {len(left)}", "0, 0",
+        rc == 0 and not left)
 
 
 def _steps_row(start: str, result_ep: str, keys: CurveKeys, row) -> None:
@@ -640,6 +748,14 @@ def _restart_rows(source, pipeline, display, monitor, frame_ep, result_ep, keys,
                    time.time(), row)
         _steps_row(f"start {' then '.join(order)}", result_ep, keys["monitor"], row)
     return display
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and has not ended (a zombie has)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _bind_conflict_row(out: Path, frame_ep: str, result_ep: str, keys_dir: Path, row) -> None:
