@@ -6,7 +6,7 @@ import pytest
 
 from guidance.core.drr import render_drr
 from guidance.core.views import carm_view
-from guidance.core.volume import hu_to_attenuation
+from guidance.core.volume import Volume, hu_to_attenuation
 from guidance.registration.prepared import AnatomyModel, PrepareSettings, load_or_prepare, prepare_ct
 from sim.phantom import make_phantom
 
@@ -57,6 +57,22 @@ def test_pyramid_centres_and_spine(phantom):
     assert prepared.pyramid_index(5.0) == 1 and prepared.pyramid_index(100.0) == 2 and prepared.pyramid_index(1.0) == 0
     one = prepared.volume(1, ids[2])
     assert one.size_ijk[2] < prepared.volumes[1].size_ijk[2]  # one vertebra, cropped
+
+
+def test_a_label_without_bone_is_centred_on_its_voxels(phantom):
+    """A label whose voxels all lie below the bone threshold (inside the bone's box) has
+    no bone to weigh: its centre is its voxels' centroid (it raised ZeroDivisionError)."""
+    ct = phantom.ct.data
+    kk, jj, ii = np.nonzero(ct > 150.0)
+    box = tuple(slice(a.min() + 2, a.max() - 2) for a in (kk, jj, ii))
+    soft = np.zeros(ct.shape, bool)
+    soft[box] = ct[box] < 100.0
+    k, j, i = (a[:40] for a in np.nonzero(soft))
+    labels = phantom.labels.data.copy()
+    labels[k, j, i] = 99
+    prepared = prepare_ct(phantom.ct, Volume(labels, phantom.labels.T_world_from_index, "label"), SETTINGS)
+    expected = phantom.ct.index_to_world(np.column_stack([i, j, k])).mean(axis=0)
+    np.testing.assert_allclose(prepared.centre(99), expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("lao, cranial", [(0.0, 0.0), (90.0, 0.0), (35.0, 15.0)])

@@ -303,8 +303,10 @@ def prepare_ct(
     centres = {-1: _centroid(base, base_mu.data)}
     if labels is not None:
         for label in np.unique(label_maps[0]):
-            if label > 0:
-                centres[int(label)] = _centroid(base, np.where(label_maps[0] == label, base_mu.data, 0.0))
+            if label > 0:  # the label's bone; a label without bone (all below the threshold): its voxels
+                inside = label_maps[0] == label
+                bone = np.where(inside, base_mu.data, 0.0)
+                centres[int(label)] = _centroid(base, bone if np.any(bone > 0) else inside.astype(np.float32))
     axis, height = _spine(ct, centres, s.vertebra_height_mm)
     return PreparedCT(volumes=tuple(volumes), spacings_mm=tuple(spacings), labels=label_maps, centres=centres,
                       spine_axis_world=axis, vertebra_height_mm=height, key=key or cache_key(ct, labels, s),
