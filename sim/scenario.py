@@ -26,7 +26,9 @@ What the system believes and what really happens:
   (in CT coordinates: the surgeon follows the anatomy; on a CT without a plan, a straight
   posterior path to the target point, ``scenario_site``): its tip starts
   ``START_OUTSIDE_MM`` before the entry point and advances at ``advance_mm_per_s`` to the
-  target, where it stops. It is rendered into the X-ray as a steel cylinder.
+  target, where it stops; with ``rest_at_shots_s`` it rests around each change of C-arm
+  orientation (``Scenario.rest_intervals_s``), as a surgeon stops advancing to take the AP
+  and lateral shots. It is rendered into the X-ray as a steel cylinder.
 
 Images: the anatomy's line integral (``sim.xray.prepare_anatomy``: the full CT, soft
 tissue included) plus the instrument's analytic line integral go through
@@ -171,6 +173,8 @@ class Scenario:
     ``target_world``: on a CT subject (not the phantom), the point (LPS mm) the C-arm's
     isocentre and the instrument aim at (``scenario_site``); None: the label centroid of
     ``target_level``, else the plan's target.
+    ``rest_at_shots_s``: the instrument's advance pauses from this long before to this long
+    after each change of C-arm orientation (``rest_intervals_s``); 0: it advances throughout.
     """
 
     duration_s: float = 20.0
@@ -201,6 +205,7 @@ class Scenario:
     tracked: bool = True
     seed: int = 0
     target_world: tuple[float, float, float] | None = None
+    rest_at_shots_s: float = 0.0
 
     def __post_init__(self) -> None:
         _allowed("mode", self.mode, MODES)
@@ -213,7 +218,7 @@ class Scenario:
                   "sid_mm", "dose", "breathing_period_s")
         _non_negative(self, "initial_misalignment_mm", "initial_misalignment_deg",
                       "breathing_amplitude_mm", "advance_mm_per_s", "tracker_noise_mm",
-                      "tracker_noise_deg")
+                      "tracker_noise_deg", "rest_at_shots_s")
         if not (isinstance(self.instrument_medial_deg, (int, float)) and abs(self.instrument_medial_deg) <= 30.0):
             raise ScenarioError(f"instrument_medial_deg must be a number in [-30, 30]; "
                                 f"got {self.instrument_medial_deg!r}")
@@ -251,6 +256,44 @@ class Scenario:
         if self.mode == "shots":
             return self.shots[index % len(self.shots)]
         return self.lead_shots[index] if index < len(self.lead_shots) else self.fluoro_angles
+
+    def orientation_changes_s(self) -> tuple[float, ...]:
+        """Scenario times (s) of the acquisitions whose C-arm angles differ from the one
+        before (the first acquisition included): each shot of a new orientation, and in
+        "fluoro" mode the first fluoroscopy frame when its angles differ from the last lead shot's."""
+        if self.mode == "shots":
+            count = int(math.ceil(self.duration_s / self.shot_interval_s - 1e-9))
+            times = [k * self.shot_interval_s for k in range(count)]
+            angles = [self.angles(k) for k in range(count)]
+        else:
+            times = [k * self.shot_interval_s for k in range(len(self.lead_shots) + 1)]
+            angles = [*self.lead_shots, self.fluoro_angles]
+        return tuple(t for k, t in enumerate(times)
+                     if t < self.duration_s and (k == 0 or angles[k] != angles[k - 1]))
+
+    def rest_intervals_s(self) -> tuple[tuple[float, float], ...]:
+        """(start, end) scenario times (s) during which the instrument rests:
+        ``rest_at_shots_s`` either side of each orientation change (from time 0 at the
+        earliest), intervals that touch or overlap merged. With ``rest_at_shots_s`` of at
+        least half ``shot_interval_s`` the instrument rests from before the first lead shot
+        until after the fluoroscopy has started (the AP and lateral shots see it at one place)."""
+        margin = self.rest_at_shots_s
+        if margin <= 0:
+            return ()
+        merged: list[list[float]] = []
+        for t in self.orientation_changes_s():
+            start, end = max(t - margin, 0.0), t + margin
+            if merged and start <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], end)
+            else:
+                merged.append([start, end])
+        return tuple((start, end) for start, end in merged)
+
+    def advancing_s(self, t_s: float) -> float:
+        """Seconds of scenario time up to ``t_s`` during which the instrument advanced
+        (``t_s`` less the rests before it)."""
+        resting = sum(max(0.0, min(end, t_s) - start) for start, end in self.rest_intervals_s())
+        return t_s - resting
 
 
 @dataclass(frozen=True)
@@ -525,8 +568,9 @@ class ScenarioPlayer:
 
     def tip_depth_mm(self, t_s: float) -> float:
         """Depth of the instrument tip past the entry point along the trajectory (mm): starts at
-        -START_OUTSIDE_MM, advances at ``advance_mm_per_s``, stops at the target."""
-        depth = -START_OUTSIDE_MM + self.scenario.advance_mm_per_s * t_s
+        -START_OUTSIDE_MM, advances at ``advance_mm_per_s`` except while it rests
+        (``Scenario.rest_intervals_s``), stops at the target."""
+        depth = -START_OUTSIDE_MM + self.scenario.advance_mm_per_s * self.scenario.advancing_s(t_s)
         return min(depth, float(np.linalg.norm(self.target_world - self.entry_world)))
 
     def nominal_view(self, lao_deg: float, cranial_deg: float) -> View:

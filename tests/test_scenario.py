@@ -50,6 +50,7 @@ def player(phantom):
     (dict(shots=((0.0, 0.0), (90.0,))), r"shots\[1\] must be a \(lao_deg, cranial_deg\) pair"),
     (dict(detector_px=12.5), "detector_px must be an integer"),
     (dict(tracked="no"), "tracked must be True or False"),
+    (dict(rest_at_shots_s=-0.5), "rest_at_shots_s must be a non-negative number"),
 ])
 def test_scenario_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -108,6 +109,44 @@ def test_instrument_advances_along_the_plan_and_stops_at_the_target(player):
         np.testing.assert_allclose(axis, direction, atol=1e-12)
     tip, _ = tip_and_axis(player.state_at(1000.0).T_world_from_tool, model)
     np.testing.assert_allclose(tip, target, atol=1e-9)
+
+
+def test_rests_around_each_change_of_orientation():
+    """Fluoroscopy after an AP and a lateral shot (2 s apart, fluoroscopy from 4 s): the
+    orientation changes at 0, 2 and 4 s; rests of 1.5 s either side merge into one from 0
+    to 5.5 s, rests of 0.5 s stay apart. Shots cycling AP, AP, lateral: no change at the
+    second AP. Without a rest the instrument advances throughout."""
+    lead = dict(lead_shots=((0.0, 0.0), (90.0, 0.0)))
+    assert Scenario(**lead).orientation_changes_s() == (0.0, 2.0, 4.0)
+    assert Scenario(**lead).rest_intervals_s() == ()
+    assert Scenario(**lead, rest_at_shots_s=1.5).rest_intervals_s() == ((0.0, 5.5),)
+    assert Scenario(**lead, rest_at_shots_s=0.5).rest_intervals_s() == ((0.0, 0.5), (1.5, 2.5), (3.5, 4.5))
+    cycling = Scenario(mode="shots", shots=((0.0, 0.0), (0.0, 0.0), (90.0, 0.0)), duration_s=7.0, rest_at_shots_s=0.5)
+    assert cycling.orientation_changes_s() == (0.0, 4.0, 6.0)
+    assert cycling.rest_intervals_s() == ((0.0, 0.5), (3.5, 4.5), (5.5, 6.5))
+    assert Scenario(**lead, fluoro_angles=(90.0, 0.0)).orientation_changes_s() == (0.0, 2.0)
+
+
+def test_instrument_rests_during_the_shots_then_advances(phantom):
+    """With rests of 0.5 s around shots 2 s apart, the true tip is the same at every time
+    within a rest (to 1e-12 mm) and advances at 3 mm/s outside them: between 1.0 and 3.0 s
+    it rested from 1.5 to 2.5 s, so it moved 3 mm/s x 1 s; the frames carry that truth."""
+    model = get_instrument("kwire")
+    player = ScenarioPlayer(Scenario(**SMALL, mode="shots", rest_at_shots_s=0.5), phantom)
+    direction = (player.target_world - player.entry_world) / np.linalg.norm(player.target_world - player.entry_world)
+
+    def tip(t_s: float) -> np.ndarray:
+        return tip_and_axis(player.state_at(t_s).T_world_from_tool, model)[0]
+
+    for start, end in ((0.0, 0.5), (1.5, 2.5)):
+        for t_s in np.linspace(start, end, 7):
+            np.testing.assert_allclose(tip(t_s), tip(start), atol=1e-12)
+    np.testing.assert_allclose(tip(0.0), player.entry_world - START_OUTSIDE_MM * direction, atol=1e-9)
+    np.testing.assert_allclose(tip(3.0) - tip(1.0), 3.0 * direction, atol=1e-9)
+    np.testing.assert_allclose(tip(1.5) - tip(0.5), 3.0 * direction, atol=1e-9)
+    assert np.linalg.norm(tip(0.6) - tip(0.5)) == pytest.approx(0.3, abs=1e-9)
+    np.testing.assert_allclose(player.frame_at(2.2).T_world_from_tool, player.state_at(1.5).T_world_from_tool,
+                               atol=1e-12)
 
 
 def test_instrument_appears_in_the_image(phantom):
