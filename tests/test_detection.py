@@ -14,13 +14,16 @@ from guidance.core.views import carm_view
 from guidance.navigation.detection import (
     DetectionError,
     DetectionSettings,
+    InstrumentEstimate,
     ViewDetection,
+    _bone_depth,
     _contrast_step,
     combine_with_earlier_view,
     detect_in_view,
     detect_instruments,
     instrument_image,
     instrument_projection,
+    most_certain,
     single_view_estimate,
 )
 from guidance.navigation.instruments import tip_and_axis
@@ -93,6 +96,66 @@ def test_single_view_finds_the_kwire_in_plane(phantom):
                                     focus_world=player.isocenter_world, bone=phantom.labels)
     assert estimate.n_views == 1 and estimate.axis_sigma_deg == 90.0
     assert np.linalg.norm(estimate.tip_world - tip) <= 3.0 * estimate.depth_sigma_mm
+
+
+def test_a_lateral_ray_across_the_spine_reports_the_depth_unknown(phantom):
+    """The bench's failing geometry (case 0: L1 left, the K-wire 8 mm before the entry, in
+    the soft tissue): the lateral tip ray crosses the spine, where the most posterior bone
+    surface along it (the rule of an AP view) lies more than 10 mm from the tip, which its
+    sigma of a few mm did not cover. The lateral single view now reports the focus point's
+    depth with the large unknown-depth sigma, which covers the error; the AP view of the
+    same moment keeps the bone surface's depth and its smaller sigma."""
+    player = ScenarioPlayer(Scenario(detector_px=512, pixel_spacing_mm=0.6, target_level="L1", target_side="left",
+                                     seed=0), phantom)
+    t_s = (-8.0 + START_OUTSIDE_MM) / player.scenario.advance_mm_per_s
+    tip, _ = tip_and_axis(player.state_at(t_s).T_world_from_tool, KWIRE)
+    focus = player.isocenter_world
+    estimates = {}
+    for k, angles in enumerate((AP, LATERAL)):
+        image, view = _frame(player, t_s, angles, k)
+        (found,) = detect_in_view(image, view, [KWIRE], focus)
+        estimates[angles] = single_view_estimate(found, view, focus_world=focus, bone=phantom.labels)
+        if angles == LATERAL:
+            source, rays = backproject(view.K, view.T_cam_from_world, found.tip_uv[None])
+            surface, surface_sigma = _bone_depth(phantom.labels, 0.0, source, rays[0],
+                                                 float(np.linalg.norm(focus - source)))
+            surface_error = float(np.linalg.norm(source + surface * rays[0] - tip))
+            assert surface_error > 10.0 and surface_error > 3.0 * surface_sigma
+    lateral, ap = estimates[LATERAL], estimates[AP]
+    assert lateral.depth_sigma_mm == DetectionSettings().depth_sigma_mm
+    assert np.linalg.norm(lateral.tip_world - tip) <= 3.0 * math.hypot(lateral.tip_sigma_mm, lateral.depth_sigma_mm)
+    assert ap.depth_sigma_mm < 0.5 * lateral.depth_sigma_mm
+    assert np.linalg.norm(ap.tip_world - tip) <= 3.0 * math.hypot(ap.tip_sigma_mm, ap.depth_sigma_mm)
+
+
+def _estimate(tip_world, depth_sigma_mm, n_views=2, **fields) -> InstrumentEstimate:
+    return InstrumentEstimate(model=KWIRE, tip_world=np.asarray(tip_world, float),
+                              axis_world=np.array([0.0, -1.0, 0.0]), n_views=n_views, score=0.6, tip_sigma_mm=0.3,
+                              depth_sigma_mm=depth_sigma_mm, axis_sigma_deg=5.0, detections=(), **fields)
+
+
+def test_the_most_certain_estimate_unless_two_views_refute_the_anatomy():
+    """A single view's anatomy depth (tip docked on the bone surface at y = 0, LPS) takes
+    part where it agrees with the two-view estimates, and is the most certain one there;
+    two views placing the tip posterior of it (still in the soft tissue) refute it, though
+    their sigma is larger: by the distance (30 mm, a combination of the shaft planes: more
+    than 3 of both sigmas together), or, for a tip-ray combination of two moments (20 mm),
+    because even the deepest tip its travel bound allows (6 mm) lies posterior of that
+    surface beyond 3 sigmas of the views' noise; a bound reaching the surface (25 mm)
+    does not."""
+    single = _estimate([0.0, 0.0, 0.0], 5.0, n_views=1)
+    near = _estimate([0.0, 4.0, 0.0], 8.0)
+    assert most_certain(single, []) is single
+    assert most_certain(single, [near]) is single
+    planes = _estimate([0.0, 30.0, 0.0], 6.5)
+    assert most_certain(single, [planes]) is planes
+    moved_6 = _estimate([0.0, 20.0, 0.0], 6.0, tip_if_moved_world=np.array([0.0, 14.0, 0.0]),
+                        depth_sigma_unmoved_mm=1.0)
+    assert moved_6.sigma_unmoved_mm == pytest.approx(math.hypot(0.3, 1.0))
+    assert most_certain(single, [moved_6]) is moved_6
+    moved_25 = replace(moved_6, tip_if_moved_world=np.array([0.0, -5.0, 0.0]))
+    assert most_certain(single, [moved_25]) is single
+    assert most_certain(single, [moved_25, planes]) is moved_25  # one refutation is enough
 
 
 def test_biplane_finds_the_kwire_in_3d(phantom):
@@ -186,6 +249,12 @@ def test_a_wire_that_moved_between_the_shots_is_not_reported_as_a_good_pose(phan
     error_mm = float(np.linalg.norm(bounded.tip_world - tip))
     assert error_mm > 3.0  # the rays meet where the wire was: it is placed where it was seen laterally
     assert error_mm <= 3.0 * bounded.depth_sigma_mm
+    # The true tip lies on the span from the estimate (no travel) to where the whole bound
+    # would put it, within 3 sigma of the views' noise.
+    start, end = bounded.tip_world, bounded.tip_if_moved_world
+    along = float(np.clip((tip - start) @ (end - start) / ((end - start) @ (end - start)), 0.0, 1.0))
+    assert np.linalg.norm(start + along * (end - start) - tip) <= 3.0 * bounded.sigma_unmoved_mm
+    assert bounded.depth_sigma_unmoved_mm < bounded.depth_sigma_mm
     # At rest since the AP view of the lateral's moment the bound is tighter, though not
     # zero: a wire this close to the AP beam moves little across it as it advances.
     at_rest = combine_with_earlier_view(ap_then, ap_then_view, lateral, lateral_view,

@@ -614,6 +614,51 @@ def test_instruments_found_in_two_shots_of_different_orientation_are_placed_in_3
     assert 3.0 * ap.uncertainty_depth_mm < lateral.uncertainty_depth_mm
 
 
+def test_a_wire_resting_for_the_ap_and_lateral_shots_is_placed_from_the_two(phantom, registrator):
+    """No tracker, the demo's K-wire (L3 left, 8 deg medial: near the C-arm's rotation
+    plane, where the two shots' shaft planes nearly coincide) resting in the soft tissue
+    for an AP shot, a lateral shot and the first AP fluoroscopy frame (``rest_at_shots_s``),
+    then advancing 6 mm. At rest the pipeline combines the AP frame with the lateral shot
+    by the tip rays (the AP shot, of the AP frame's orientation and taken before the
+    lateral, bounds the travel): within 1 mm (the biplane target), where the anatomy's
+    depth for the frame alone (the tip docked on the bone surface) is over 10 mm off.
+    After the advance the published tip lies within 3 published sigmas."""
+    from guidance.core.images import preprocess
+    from guidance.core.instrument_models import get_instrument
+    from guidance.live.wire import InstrumentState
+    from guidance.navigation.detection import detect_instruments
+    from guidance.navigation.instruments import tip_and_axis
+    from sim.scenario import Scenario, ScenarioPlayer
+
+    scenario = Scenario(detector_px=512, pixel_spacing_mm=0.6, lead_shots=((0.0, 0.0), (90.0, 0.0)),
+                        target_level="L3", target_side="left", instrument_medial_deg=8.0, tracked=False,
+                        rest_at_shots_s=3.0)
+    player = ScenarioPlayer(scenario, phantom)
+    pipeline = Pipeline(registrator, plan=phantom.plan, labels=phantom.labels,
+                        settings=PipelineSettings(detect_instruments=("kwire",)))
+    kwire = get_instrument("kwire")
+    published, views = {}, {}
+    for t_s in (0.0, 2.0, 4.0, 9.0):  # AP shot, lateral shot, AP at rest, AP after 6 mm
+        sim_frame = player.frame_at(t_s)
+        frame = Frame(frame_id=sim_frame.frame_id, acquired_ns=10**12 + int(t_s * 1e9), view=sim_frame.view,
+                      pixels=sim_frame.pixels)
+        out = pipeline.on_frame(frame)
+        assert out[0].status == "ok"
+        (published[t_s],) = [m for m in out if isinstance(m, InstrumentState)]
+        views[t_s] = (sim_frame, sim_frame.view.with_pose(out[0].views[0]["T_cam_from_world"]))
+    assert player.tip_depth_mm(0.0) == player.tip_depth_mm(4.0) == player.tip_depth_mm(9.0) - 6.0
+    tips = {t_s: tip_and_axis(player.state_at(t_s).T_world_from_tool, kwire)[0] for t_s in published}
+    errors = {t_s: float(np.linalg.norm(state.tip_world - tips[t_s])) for t_s, state in published.items()}
+    assert errors[4.0] <= 1.0
+    for t_s in (4.0, 9.0):
+        state = published[t_s]
+        assert errors[t_s] <= 3.0 * np.hypot(state.uncertainty_in_plane_mm, state.uncertainty_depth_mm), t_s
+    sim_frame, ap_view = views[4.0]
+    (alone,) = detect_instruments([preprocess(sim_frame.pixels, ap_view).image], [ap_view], [kwire],
+                                  focus_world=registrator.centre(None), bone=phantom.labels)
+    assert np.linalg.norm(alone.tip_world - tips[4.0]) > 10.0
+
+
 def test_a_skipped_frame_is_kept_as_a_shot_with_the_samples_of_its_acquisition(frames, registrator, phantom):
     """A frame skipped for a newer one (a new orientation) becomes a shot tracked by the
     C-arm and reference samples acquired nearest to it, not by the latest ones; without

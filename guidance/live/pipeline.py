@@ -428,13 +428,14 @@ class Pipeline:
         registered views, the tip on this frame's ray, so the instrument may have moved along
         its axis since that shot; or, where the planes nearly coincide, the two tip rays,
         when a kept shot of this frame's orientation taken no later than that shot shows
-        how far it can have moved since: ``_still_since``); the combination with the
-        smallest depth uncertainty, the estimate as it was (depth from the anatomy) included."""
-        from guidance.navigation.detection import combine_with_earlier_view
+        how far it can have moved since: ``_still_since``); the one with the smallest depth
+        uncertainty, the estimate as it was (depth from the anatomy) included where the
+        combinations do not refute it (``most_certain``)."""
+        from guidance.navigation.detection import combine_with_earlier_view, most_certain
 
         if estimate.n_views != 1:
             return estimate
-        options = [estimate]
+        options = []
         for frame_id, (shot_view, detections) in self._shot_detections.items():
             if frame_id == self.frame_id:
                 continue
@@ -444,7 +445,7 @@ class Pipeline:
                     still_since=self._still_since(estimate.detections[0], view, frame_id))
                 if combined is not None:
                     options.append(combined)
-        return min(options, key=lambda e: e.depth_sigma_mm)
+        return most_certain(estimate, options)
 
     def _still_since(self, detection: ViewDetection, view: View, other_frame_id: int
                      ) -> tuple[ViewDetection, View] | None:

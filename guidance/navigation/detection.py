@@ -23,7 +23,8 @@ instrument's tip and axis in CT coordinates (world, LPS mm):
 
 One view gives the tip's ray and the in-plane direction; its depth comes from the
 anatomy (assumed docked on the most posterior bone surface along that ray: a posterior
-approach) with an uncertainty. Two or more views of one moment give the full 3D pose
+approach) with an uncertainty, or is unknown (a large sigma) where the ray crosses the
+spine, as in a lateral view. Two or more views of one moment give the full 3D pose
 (triangulated, then refined jointly); a view and an earlier one of another orientation
 give it from the two shaft planes (the instrument may have moved along its axis in
 between) or, where those planes nearly coincide (an instrument near the C-arm's rotation
@@ -61,6 +62,7 @@ __all__ = [
     "single_view_estimate",
     "detect_instruments",
     "combine_with_earlier_view",
+    "most_certain",
 ]
 
 
@@ -95,7 +97,8 @@ class DetectionSettings:
     in the fit (subsampled away from the tip); ``max_iterations``: function evaluations
     of a least-squares refinement; ``match_distance_mm``: largest distance between two
     views' tip rays for them to be the same instrument; ``depth_sigma_mm``: single-view
-    depth uncertainty when no bone volume is given (the depth is then the focus point's).
+    depth uncertainty where the anatomy cannot give the depth (no bone volume, no bone on
+    the tip's ray, or a ray crossing the spine: the depth is then the focus point's).
     """
 
     blur_sigma_px: float = 0.7
@@ -153,7 +156,12 @@ class InstrumentEstimate:
     ``tip_sigma_mm``: 1-sigma tip uncertainty across the viewing ray (in-plane, at the
     tip); ``depth_sigma_mm``: along the viewing ray (single view: from the anatomy;
     several views: from the fit); ``axis_sigma_deg``: 1-sigma axis uncertainty (single
-    view: the out-of-plane angle is unknown, 90).
+    view: the out-of-plane angle is unknown, 90). Two views of different moments combined
+    by their tip rays (``combine_with_earlier_view``), placed as if the instrument had not
+    moved in between: ``tip_if_moved_world``, where the true tip lies had it moved the
+    whole travel bound (the true tip lies between the two; ``depth_sigma_mm`` covers that
+    span), and ``depth_sigma_unmoved_mm``, the depth sigma of the views' noise alone;
+    otherwise None and ``depth_sigma_mm``.
     """
 
     model: InstrumentModel
@@ -165,6 +173,14 @@ class InstrumentEstimate:
     depth_sigma_mm: float
     axis_sigma_deg: float
     detections: tuple[ViewDetection, ...]
+    tip_if_moved_world: np.ndarray | None = None
+    depth_sigma_unmoved_mm: float | None = None
+
+    @property
+    def sigma_unmoved_mm(self) -> float:
+        """1-sigma of the tip (mm, in-plane and depth together) from the views' noise alone."""
+        depth = self.depth_sigma_mm if self.depth_sigma_unmoved_mm is None else self.depth_sigma_unmoved_mm
+        return math.hypot(self.tip_sigma_mm, depth)
 
 
 # ----------------------------------------------------------------------- projection model
@@ -880,6 +896,14 @@ def instrument_image(view: View, detection: ViewDetection, *,
 # ------------------------------------------------------------------------------------ 3D
 
 
+CROSSING_RAY_DEG = 45.0
+"""A tip ray more than this from the anterior-posterior axis (world y), e.g. a lateral
+view's, crosses the spine: every point of it lies at nearly one y, so the most posterior
+bone surface along it does not locate a posterior approach's tip (measured: a median error
+of 18 mm with sigmas of 1-4 mm where the tip had not reached the bone); such a single
+view reports the depth as unknown."""
+
+
 def _bone_depth(bone: Volume, bone_level: float, source: np.ndarray, ray: np.ndarray, around_mm: float,
                 span_mm: float = 200.0, step_mm: float = 0.5, posterior_tolerance_mm: float = 10.0
                 ) -> tuple[float, float] | None:
@@ -915,14 +939,17 @@ def single_view_estimate(detection: ViewDetection, view: View, *, focus_world: n
     """CT pose of an instrument seen in one view: the tip on its fitted ray, at the depth
     of the most posterior bone surface along that ray in ``bone`` (voxels above
     ``bone_level``, e.g. a label map or a bone attenuation volume; a posterior approach
-    docks there), or at the focus point's depth without ``bone``. ``depth_sigma_mm``: see
-    ``_bone_depth``, or ``settings.depth_sigma_mm`` without bone; the axis keeps the in-plane direction exactly, its
-    out-of-plane angle only as the foreshortening shows it."""
+    docks there), or at the focus point's depth, the depth unknown, without ``bone``, where
+    the ray meets none, or where it crosses the spine (``CROSSING_RAY_DEG``, e.g. a lateral
+    view). ``depth_sigma_mm``: see ``_bone_depth``, or ``settings.depth_sigma_mm`` where
+    the depth is unknown; the axis keeps the in-plane direction exactly, its out-of-plane
+    angle only as the foreshortening shows it."""
     settings = settings or DetectionSettings()
     source, rays = backproject(view.K, view.T_cam_from_world, detection.tip_uv[None])
     ray = rays[0]
     focus_distance = float(np.linalg.norm(np.asarray(focus_world, float) - source))
-    found = None if bone is None else _bone_depth(bone, bone_level, source, ray, focus_distance)
+    crossing = abs(float(ray[1])) < math.cos(math.radians(CROSSING_RAY_DEG))
+    found = None if bone is None or crossing else _bone_depth(bone, bone_level, source, ray, focus_distance)
     if found is None:
         distance, depth_sigma = focus_distance, settings.depth_sigma_mm
     else:
@@ -1412,6 +1439,33 @@ def combine_with_earlier_view(detection: ViewDetection, view: View, earlier: Vie
     return min(options, key=lambda e: e.depth_sigma_mm) if options else None
 
 
+def most_certain(single: InstrumentEstimate, combined: list[InstrumentEstimate] | tuple[InstrumentEstimate, ...], *,
+                 max_sigmas: float = 3.0) -> InstrumentEstimate:
+    """Of a single-view estimate (depth from the anatomy: ``single_view_estimate``) and the
+    combinations of that view with others (``combine_with_earlier_view``), the one with the
+    smallest ``depth_sigma_mm``.
+
+    The single view takes part only where no combination refutes it: its depth assumes
+    the tip docked on the bone (at or anterior of the most posterior bone surface along
+    its ray), whatever its sigma says. A combination refutes it when its tip lies more
+    than ``max_sigmas`` of both estimates' sigmas away; or, placed by the tip rays of two
+    moments (``tip_if_moved_world``), when even the deepest tip its travel bound allows
+    lies posterior (world y, LPS) of the single view's by more than ``max_sigmas`` of its
+    noise (``sigma_unmoved_mm``): the tip has not reached that bone yet, e.g. a wire
+    resting in the soft tissue for the AP and lateral shots."""
+    def refutes(other: InstrumentEstimate) -> bool:
+        if other.tip_if_moved_world is not None:
+            deepest_y = min(other.tip_world[1], other.tip_if_moved_world[1])
+            return float(deepest_y - single.tip_world[1]) > max_sigmas * other.sigma_unmoved_mm
+        sigma = math.hypot(single.tip_sigma_mm, single.depth_sigma_mm, other.tip_sigma_mm, other.depth_sigma_mm)
+        return float(np.linalg.norm(single.tip_world - other.tip_world)) > max_sigmas * sigma
+
+    options = list(combined)
+    if not any(refutes(c) for c in options):
+        options.append(single)
+    return min(options, key=lambda e: e.depth_sigma_mm)
+
+
 def _in_plane_sigma_mm(detection: ViewDetection, view: View, point_world: np.ndarray, view_sigma_mm: float) -> float:
     """1-sigma of a detection's tip across its ray at ``point_world`` (mm): the fit's (at least
     ``TIP_SIGMA_FLOOR_PX``) and the registered view's own."""
@@ -1515,9 +1569,10 @@ def _combine_tip_rays(detection: ViewDetection, view: View, earlier: ViewDetecti
     """``combine_with_earlier_view`` by the tip rays, the instrument having moved at most
     ``moved_mm`` (or as ``still_since`` bounds it) along its axis between the views.
 
-    The tip: the weighted closest point of the two tip rays; its covariance, plus the
-    error a travel of the whole bound makes (the earlier tip ray then passed through a
-    point of the axis that far away), as a 1-sigma, gives ``tip_sigma_mm`` and
+    The tip: the weighted closest point of the two tip rays (as if nothing moved); its
+    covariance, plus the error a travel makes (the earlier tip ray then passed through a
+    point of the axis that far away) for a travel anywhere in [0, bound] (uniform: RMS
+    bound / sqrt(3), so that 3 sigma covers the whole bound), gives ``tip_sigma_mm`` and
     ``depth_sigma_mm``. The axis: through the tip, in both
     views' planes of image direction (their intersection); with planes within 1 deg of
     each other the views cannot place it and the current view's own 3D axis is kept
@@ -1565,10 +1620,11 @@ def _combine_tip_rays(detection: ViewDetection, view: View, earlier: ViewDetecti
     miss = _line_miss(source, ray, source_then, ray_then)
     if miss > max_miss_sigmas * math.hypot(*sigmas) + moved_mm * miss_per_mm:
         return None
-    total = cov + np.outer(error_per_mm, error_per_mm) * moved_mm ** 2  # the bound counted at its full size
+    total = cov + np.outer(error_per_mm, error_per_mm) * moved_mm ** 2 / 3.0
     depth_sigma = math.sqrt(max(float(ray @ total @ ray), 0.0))
     tip_sigma = math.sqrt(max((float(np.trace(total)) - depth_sigma ** 2) / 2.0, 0.0))
     return InstrumentEstimate(model=detection.model, tip_world=tip, axis_world=axis, n_views=2,
                               score=min(detection.gradient_correlation, earlier.gradient_correlation),
                               tip_sigma_mm=tip_sigma, depth_sigma_mm=depth_sigma, axis_sigma_deg=axis_sigma,
-                              detections=(detection, earlier))
+                              detections=(detection, earlier), tip_if_moved_world=tip - moved_mm * error_per_mm,
+                              depth_sigma_unmoved_mm=math.sqrt(max(float(ray @ cov @ ray), 0.0)))
