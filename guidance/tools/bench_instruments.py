@@ -9,7 +9,9 @@ pipeline would after registration. Measured:
 
 - biplane: 3D tip error (mm) and axis error (deg) of every instrument present;
 - single view: in-plane tip error (mm: the true tip's distance from the detected tip's
-  ray) and depth error along the ray (depth from the anatomy);
+  ray), the 3D tip error (depth from the anatomy in the AP view; in the lateral view, whose
+  ray crosses the spine, the depth is reported unknown) and whether it lies within 3
+  reported sigmas;
 - time (ms, wall clock and process CPU) per view (detection and single-view pose,
   looking for both models);
 - false detections on instrument-free frames (AP, lateral and obliques);
@@ -284,7 +286,7 @@ _TABLE = (
     ("AP in-plane tip error (mm)", "AP_in_plane_mm"),
     ("lateral in-plane tip error (mm)", "lateral_in_plane_mm"),
     ("AP tip error, depth from anatomy (mm)", "AP_depth_error_mm"),
-    ("lateral tip error, depth from anatomy (mm)", "lateral_depth_error_mm"),
+    ("lateral tip error, depth unknown (mm)", "lateral_depth_error_mm"),
     ("time per view, AP (ms)", "AP_ms"),
     ("time per view, lateral (ms)", "lateral_ms"),
     ("CPU time per view, AP (ms)", "AP_cpu_ms"),
@@ -315,7 +317,7 @@ def format_instrument_table(summary: dict) -> str:
                        ("K-wire found, AP alone", "AP_found_rate"),
                        ("K-wire found, lateral alone", "lateral_found_rate"),
                        ("AP alone: tip within 3 reported sigmas (depth from anatomy)", "AP_within_3_sigma_rate"),
-                       ("lateral alone: tip within 3 reported sigmas (depth from anatomy)",
+                       ("lateral alone: tip within 3 reported sigmas (depth unknown)",
                         "lateral_within_3_sigma_rate")):
         rates = (summary[key], summary[key + "_one_instrument"], summary[key + "_two_instruments"])
         lines.append(f"| {label} | " + " | ".join("-" if np.isnan(r) else f"{r:.3f}" for r in rates) + " |")
