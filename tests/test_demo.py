@@ -11,7 +11,7 @@ from guidance.core.instrument_models import get_instrument
 from guidance.core.views import carm_view
 from guidance.live.wire import Frame, InstrumentState
 from guidance.navigation.instruments import tip_and_axis
-from guidance.tools.demo import _score_instrument, run_demo
+from guidance.tools.demo import DemoReport, _score_instrument, run_demo
 
 
 def _frame_with_tool(T_world_from_tool: np.ndarray) -> Frame:
@@ -49,6 +49,26 @@ def test_instrument_score_splits_depth_from_in_plane(along_ray_mm, across_mm, ti
     without_tool = Frame(frame_id=7, acquired_ns=1, view=frame.view, pixels=frame.pixels,
                          ground_truth={"T_cam_from_world": frame.view.T_cam_from_world})
     assert _score_instrument(state, without_tool) is None
+
+
+def test_an_instrument_where_every_shot_saw_it_is_scored_at_rest():
+    """``at_rest``: the frame's true tool pose equals that of each lead shot (None without
+    shots); the summary's at-rest rows are those, its "moved" rate the others."""
+    T_world_from_tool = make_rigid(np.eye(3), [5.0, 20.0, -10.0])
+    moved = make_rigid(np.eye(3), [5.0, 19.0, -10.0])
+    frame, shot, earlier = (_frame_with_tool(T) for T in (T_world_from_tool, T_world_from_tool, moved))
+    tip, axis = tip_and_axis(T_world_from_tool, get_instrument("kwire"))
+    state = InstrumentState(frame_id=7, tool_id="kwire", tip_world=tip + [0.0, 0.0, 0.5], axis_world=axis,
+                            status="ok", image_derived=True, uncertainty_in_plane_mm=0.1, uncertainty_depth_mm=0.1)
+    assert _score_instrument(state, frame)["at_rest"] is None
+    assert _score_instrument(state, frame, [shot, shot])["at_rest"] is True
+    assert _score_instrument(state, frame, [shot, earlier])["at_rest"] is False
+    report = DemoReport(instrument_rows=[_score_instrument(state, frame, [shot]),
+                                         _score_instrument(state, frame, [earlier])])
+    summary = report.summary()
+    assert summary["image_states_at_rest"] == 1
+    assert summary["image_tip_error_at_rest_median_mm"] == pytest.approx(0.5)
+    assert summary["image_tip_within_3_sigma_moved"] == 0.0  # 0.5 mm against 3 x 0.14 mm
 
 
 @pytest.mark.slow

@@ -44,6 +44,17 @@ log = logging.getLogger(__name__)
 
 DEMO_SHOTS = ((0.0, 0.0), (90.0, 0.0))
 """An AP and a lateral shot (LAO, cranial deg) before the fluoroscopy."""
+NO_TRACKER_REST_S = 4.0
+"""Without a tracker the K-wire rests from the AP shot until this long (s) after the
+fluoroscopy starts (``Scenario.rest_at_shots_s``: this long either side of each change of
+C-arm orientation, 2 s apart), as a surgeon stops advancing to take the AP and lateral
+shots and looks at the screen, so that both shots see it at one place and the pipeline
+places it from the two in the fluoroscopy frames it registers after the shots' joint
+registration (measured up to 14 s on a loaded machine, 5.5 s of scenario time at 0.4x)."""
+NO_TRACKER_DETECTOR_PX = 512
+"""Without a tracker the simulated detector has this many pixels across (the same 307 mm
+field as the tracked demo's 256 px, 0.6 mm pixels, as ``bench instruments``): at 1.2 mm the
+K-wire's shadow is about 2 px wide, too thin to be found in every frame."""
 DEMO_INSTRUMENT = "kwire"
 """The instrument the simulator advances (and the pipeline looks for without a tracker)."""
 SIM_STARTUP_S = RECONNECT_IVL_MAX_MS / 1000.0 + 0.5
@@ -98,10 +109,13 @@ class DemoReport:
         } | ({"volume_mtre_mm": self.volume_rows[-1]["mtre_mm"]} if self.volume_rows else {}) | self._instruments()
 
     def _instruments(self) -> dict:
-        """The image-derived instruments' errors (mm, deg; empty when none was published)."""
+        """The image-derived instruments' errors (mm, deg; empty when none was published); "at
+        rest": after the lead shots, the instrument where they all saw it; "moved": after
+        them, elsewhere."""
         rows = self.instrument_rows
         if not rows:
             return {}
+        at_rest = [r for r in rows if r["at_rest"]]
         return {
             "image_instrument_states": len(rows),
             "image_instrument_frames": len({r["frame_id"] for r in rows}),
@@ -111,6 +125,10 @@ class DemoReport:
             "image_axis_error_median_deg": _percentile([r["axis_error_deg"] for r in rows], 50),
             "image_depth_sigma_median_mm": _percentile([r["depth_sigma_mm"] for r in rows], 50),
             "image_tip_within_3_sigma": _rate([r["within_3_sigma"] for r in rows]),
+            "image_states_at_rest": len(at_rest),
+            "image_tip_error_at_rest_median_mm": _percentile([r["tip_error_mm"] for r in at_rest], 50),
+            "image_tip_error_at_rest_max_mm": max((r["tip_error_mm"] for r in at_rest), default=None),
+            "image_tip_within_3_sigma_moved": _rate([r["within_3_sigma"] for r in rows if r["at_rest"] is False]),
         }
 
 
@@ -256,7 +274,8 @@ def run_demo(out_dir: str | Path, *, duration_s: float = 20.0, fps: float = 15.0
              plain: bool = False, lead_shots: tuple[tuple[float, float], ...] = DEMO_SHOTS,
              intraop_at_s: float | None = None, speed: float = 1.0, medial_deg: float = 0.0,
              tracked: bool = True, subject: DemoSubject | None = None,
-             target_world: tuple[float, float, float] | None = None) -> DemoReport:
+             target_world: tuple[float, float, float] | None = None,
+             rest_at_shots_s: float | None = None) -> DemoReport:
     """Run sim + pipeline (+ display) on loopback for ``duration_s`` of scenario time.
 
     ``out_dir`` is cleaned of an earlier demo's screens and recordings first; screens go
@@ -276,8 +295,11 @@ def run_demo(out_dir: str | Path, *, duration_s: float = 20.0, fps: float = 15.0
     point, so the display's breach warning builds up as it advances. ``tracked``: False
     for fluoroscopy alone: the simulator sends no tracker sample, the pipeline looks for
     the K-wire in each registered frame and the report scores what it finds
-    (``report.instrument_rows``). ``subject``: the anatomy every process loads (default:
-    the phantom of ``seed``); on a CT the scenario aims at ``target_world`` (LPS mm; see
+    (``report.instrument_rows``); its detector then has ``NO_TRACKER_DETECTOR_PX`` pixels
+    across. ``rest_at_shots_s``: the K-wire rests this long around each change of C-arm
+    orientation (``sim.scenario.Scenario.rest_at_shots_s``; default ``NO_TRACKER_REST_S``
+    without a tracker, else 0: it advances throughout). ``subject``: the anatomy every
+    process loads (default: the phantom of ``seed``); on a CT the scenario aims at ``target_world`` (LPS mm; see
     ``sim.scenario.scenario_site``) and the pose error is scored at that aim point (on the
     phantom: at up to 300 points of its labelled vertebrae).
     At the end the pipeline is stopped first and the time until a navigation state fed
@@ -292,9 +314,14 @@ def run_demo(out_dir: str | Path, *, duration_s: float = 20.0, fps: float = 15.0
     from sim.scenario import Scenario, scenario_site
 
     subject = subject or DemoSubject(seed=seed)
+    if rest_at_shots_s is None:
+        rest_at_shots_s = 0.0 if tracked else NO_TRACKER_REST_S
+    detector = {} if tracked else {"detector_px": NO_TRACKER_DETECTOR_PX,
+                                   "pixel_spacing_mm": Scenario.pixel_spacing_mm * Scenario.detector_px
+                                   / NO_TRACKER_DETECTOR_PX}
     scenario = Scenario(duration_s=duration_s, fps=fps, seed=0, lead_shots=tuple(lead_shots),
                         instrument=DEMO_INSTRUMENT, instrument_medial_deg=medial_deg, tracked=tracked,
-                        target_world=target_world)
+                        target_world=target_world, rest_at_shots_s=rest_at_shots_s, **detector)
     anatomy = subject.anatomy()
     if subject.ct is None:
         targets = target_points(anatomy.ct, labels=anatomy.labels, max_points=300, seed=seed)
@@ -348,7 +375,9 @@ def run_demo(out_dir: str | Path, *, duration_s: float = 20.0, fps: float = 15.0
                 if print_rows:
                     print(_format_row(row), flush=True)
             elif isinstance(msg, InstrumentState) and msg.image_derived and msg.frame_id in frames:
-                row = _score_instrument(msg, frames[msg.frame_id])
+                shots = [frames[i] for i in range(len(lead_shots)) if i in frames]
+                row = _score_instrument(msg, frames[msg.frame_id],
+                                        shots if msg.frame_id >= len(shots) == len(lead_shots) else ())
                 if row is not None:
                     report.instrument_rows.append(row)
                     if print_rows:
@@ -428,15 +457,21 @@ def _score_volume(pose: PoseResult, volume: VolumeFrame, targets: np.ndarray) ->
     return row
 
 
-def _score_instrument(state: InstrumentState, frame: Frame) -> dict | None:
+def _score_instrument(state: InstrumentState, frame: Frame, shots: tuple[Frame, ...] | list[Frame] = ()
+                      ) -> dict | None:
     """An image-derived instrument against the frame's true tool pose: 3D tip error (mm),
     in-plane tip error (mm: the true tip's distance from the line from the X-ray source
     through the estimated tip, true C-arm pose), axis error (deg), the published depth
-    sigma (mm) and whether the tip error lies within 3 published sigmas (in-plane and
-    depth together; None when not published); None without truth or a pose."""
+    sigma (mm), whether the tip error lies within 3 published sigmas (in-plane and
+    depth together; None when not published), and ``at_rest``: whether the tool is where
+    it was in every one of the earlier ``shots`` (None without them); None without truth
+    or a pose."""
     truth = (frame.ground_truth or {}).get("T_world_from_tool")
     if truth is None or state.status != "ok" or state.tip_world is None or state.axis_world is None:
         return None
+    at_rest = None
+    if shots:
+        at_rest = all(np.array_equal((shot.ground_truth or {}).get("T_world_from_tool"), truth) for shot in shots)
     tip, axis = tip_and_axis(truth, get_instrument(state.tool_id))
     source = invert_rigid(frame.ground_truth["T_cam_from_world"])[:3, 3]
     ray = (state.tip_world - source) / np.linalg.norm(state.tip_world - source)
@@ -446,7 +481,7 @@ def _score_instrument(state: InstrumentState, frame: Frame) -> dict | None:
     return {"frame_id": state.frame_id, "tool_id": state.tool_id, "tip_error_mm": tip_error_mm,
             "in_plane_mm": float(np.linalg.norm(np.cross(tip - source, ray))),
             "axis_error_deg": float(np.degrees(np.arccos(cos))),
-            "depth_sigma_mm": state.uncertainty_depth_mm,
+            "depth_sigma_mm": state.uncertainty_depth_mm, "at_rest": at_rest,
             "within_3_sigma": None if None in sigmas else tip_error_mm <= 3.0 * math.hypot(*sigmas)}
 
 
