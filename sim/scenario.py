@@ -25,7 +25,8 @@ What the system believes and what really happens:
 - The instrument follows the planned trajectory of ``target_level`` / ``target_side``
   (in CT coordinates: the surgeon follows the anatomy; on a CT without a plan, a straight
   posterior path to the target point, ``scenario_site``): its tip starts
-  ``START_OUTSIDE_MM`` before the entry point and advances at ``advance_mm_per_s`` to the
+  ``start_depth_mm`` past the entry point (by default ``START_OUTSIDE_MM`` before it, in
+  the soft tissue; 0: docked on the bone there) and advances at ``advance_mm_per_s`` to the
   target, where it stops; with ``rest_at_shots_s`` it rests around each change of C-arm
   orientation (``Scenario.rest_intervals_s``), as a surgeon stops advancing to take the AP
   and lateral shots. It is rendered into the X-ray as a steel cylinder.
@@ -88,10 +89,11 @@ __all__ = [
 MODES = ("fluoro", "shots")
 PATIENT_POSITIONS = ("prone", "supine")
 START_OUTSIDE_MM = 20.0
+"""The instrument tip starts this far before the entry point, along the trajectory (the
+default ``Scenario.start_depth_mm``)."""
 ANATOMY_IMAGES_KEPT = 64
 """Anatomy images a ``ScenarioPlayer`` keeps (least recently used go first): breathing is
 periodic, so at 15 fps a 4 s breath's 60 poses repeat and each is rendered once."""
-"""The instrument tip starts this far before the entry point, along the trajectory."""
 _SUPERSAMPLE = 2
 """Instrument rays per pixel side (anti-aliasing of the thin shaft)."""
 _TRACKER_OFFSET_WORLD = np.array([-600.0, 1200.0, -900.0])
@@ -175,6 +177,7 @@ class Scenario:
     ``target_level``, else the plan's target.
     ``rest_at_shots_s``: the instrument's advance pauses from this long before to this long
     after each change of C-arm orientation (``rest_intervals_s``); 0: it advances throughout.
+    ``start_depth_mm``: the tip's depth past the entry point at time 0 (negative: before it).
     """
 
     duration_s: float = 20.0
@@ -206,6 +209,7 @@ class Scenario:
     seed: int = 0
     target_world: tuple[float, float, float] | None = None
     rest_at_shots_s: float = 0.0
+    start_depth_mm: float = -START_OUTSIDE_MM
 
     def __post_init__(self) -> None:
         _allowed("mode", self.mode, MODES)
@@ -222,6 +226,8 @@ class Scenario:
         if not (isinstance(self.instrument_medial_deg, (int, float)) and abs(self.instrument_medial_deg) <= 30.0):
             raise ScenarioError(f"instrument_medial_deg must be a number in [-30, 30]; "
                                 f"got {self.instrument_medial_deg!r}")
+        if not (isinstance(self.start_depth_mm, (int, float)) and math.isfinite(self.start_depth_mm)):
+            raise ScenarioError(f"start_depth_mm must be a finite number; got {self.start_depth_mm!r}")
         if not isinstance(self.tracked, bool):
             raise ScenarioError(f"tracked must be True or False; got {self.tracked!r}")
         if isinstance(self.detector_px, bool) or not isinstance(self.detector_px, int) or self.detector_px < 8:
@@ -568,9 +574,10 @@ class ScenarioPlayer:
 
     def tip_depth_mm(self, t_s: float) -> float:
         """Depth of the instrument tip past the entry point along the trajectory (mm): starts at
-        -START_OUTSIDE_MM, advances at ``advance_mm_per_s`` except while it rests
+        ``start_depth_mm``, advances at ``advance_mm_per_s`` except while it rests
         (``Scenario.rest_intervals_s``), stops at the target."""
-        depth = -START_OUTSIDE_MM + self.scenario.advance_mm_per_s * self.scenario.advancing_s(t_s)
+        s = self.scenario
+        depth = s.start_depth_mm + s.advance_mm_per_s * s.advancing_s(t_s)
         return min(depth, float(np.linalg.norm(self.target_world - self.entry_world)))
 
     def nominal_view(self, lao_deg: float, cranial_deg: float) -> View:

@@ -51,6 +51,7 @@ def player(phantom):
     (dict(detector_px=12.5), "detector_px must be an integer"),
     (dict(tracked="no"), "tracked must be True or False"),
     (dict(rest_at_shots_s=-0.5), "rest_at_shots_s must be a non-negative number"),
+    (dict(start_depth_mm=math.nan), "start_depth_mm must be a finite number"),
 ])
 def test_scenario_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -130,7 +131,8 @@ def test_rests_around_each_change_of_orientation():
 def test_instrument_rests_during_the_shots_then_advances(phantom):
     """With rests of 0.5 s around shots 2 s apart, the true tip is the same at every time
     within a rest (to 1e-12 mm) and advances at 3 mm/s outside them: between 1.0 and 3.0 s
-    it rested from 1.5 to 2.5 s, so it moved 3 mm/s x 1 s; the frames carry that truth."""
+    it rested from 1.5 to 2.5 s, so it moved 3 mm/s x 1 s; the frames carry that truth.
+    ``start_depth_mm`` 0: it rests docked at the entry point."""
     model = get_instrument("kwire")
     player = ScenarioPlayer(Scenario(**SMALL, mode="shots", rest_at_shots_s=0.5), phantom)
     direction = (player.target_world - player.entry_world) / np.linalg.norm(player.target_world - player.entry_world)
@@ -147,6 +149,9 @@ def test_instrument_rests_during_the_shots_then_advances(phantom):
     assert np.linalg.norm(tip(0.6) - tip(0.5)) == pytest.approx(0.3, abs=1e-9)
     np.testing.assert_allclose(player.frame_at(2.2).T_world_from_tool, player.state_at(1.5).T_world_from_tool,
                                atol=1e-12)
+    docked = ScenarioPlayer(Scenario(**SMALL, mode="shots", rest_at_shots_s=0.5, start_depth_mm=0.0), phantom)
+    np.testing.assert_allclose(tip_and_axis(docked.state_at(0.4).T_world_from_tool, model)[0], player.entry_world,
+                               atol=1e-9)
 
 
 def test_instrument_appears_in_the_image(phantom):
