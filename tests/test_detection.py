@@ -11,6 +11,7 @@ from guidance.core.images import preprocess
 from guidance.core.instrument_models import get_instrument
 from guidance.core.plan import trajectory_endpoints
 from guidance.core.views import carm_view
+from guidance.core.volume import Volume, affine_from_geometry
 from guidance.navigation.detection import (
     DetectionError,
     DetectionSettings,
@@ -104,28 +105,46 @@ def test_a_lateral_ray_across_the_spine_reports_the_depth_unknown(phantom):
     surface along it (the rule of an AP view) lies more than 10 mm from the tip, which its
     sigma of a few mm did not cover. The lateral single view now reports the focus point's
     depth with the large unknown-depth sigma, which covers the error; the AP view of the
-    same moment keeps the bone surface's depth and its smaller sigma."""
+    same moment keeps the bone surface's depth (8 mm under the tip here)."""
     player = ScenarioPlayer(Scenario(detector_px=512, pixel_spacing_mm=0.6, target_level="L1", target_side="left",
                                      seed=0), phantom)
     t_s = (-8.0 + START_OUTSIDE_MM) / player.scenario.advance_mm_per_s
     tip, _ = tip_and_axis(player.state_at(t_s).T_world_from_tool, KWIRE)
     focus = player.isocenter_world
-    estimates = {}
     for k, angles in enumerate((AP, LATERAL)):
         image, view = _frame(player, t_s, angles, k)
         (found,) = detect_in_view(image, view, [KWIRE], focus)
-        estimates[angles] = single_view_estimate(found, view, focus_world=focus, bone=phantom.labels)
+        estimate = single_view_estimate(found, view, focus_world=focus, bone=phantom.labels)
+        source, rays = backproject(view.K, view.T_cam_from_world, found.tip_uv[None])
+        surface, surface_sigma = _bone_depth(phantom.labels, 0.0, source, rays[0],
+                                             float(np.linalg.norm(focus - source)))
+        surface_error = float(np.linalg.norm(source + surface * rays[0] - tip))
         if angles == LATERAL:
-            source, rays = backproject(view.K, view.T_cam_from_world, found.tip_uv[None])
-            surface, surface_sigma = _bone_depth(phantom.labels, 0.0, source, rays[0],
-                                                 float(np.linalg.norm(focus - source)))
-            surface_error = float(np.linalg.norm(source + surface * rays[0] - tip))
             assert surface_error > 10.0 and surface_error > 3.0 * surface_sigma
-    lateral, ap = estimates[LATERAL], estimates[AP]
-    assert lateral.depth_sigma_mm == DetectionSettings().depth_sigma_mm
-    assert np.linalg.norm(lateral.tip_world - tip) <= 3.0 * math.hypot(lateral.tip_sigma_mm, lateral.depth_sigma_mm)
-    assert ap.depth_sigma_mm < 0.5 * lateral.depth_sigma_mm
-    assert np.linalg.norm(ap.tip_world - tip) <= 3.0 * math.hypot(ap.tip_sigma_mm, ap.depth_sigma_mm)
+            assert np.linalg.norm(estimate.tip_world - source) == pytest.approx(np.linalg.norm(focus - source))
+            assert estimate.depth_sigma_mm == DetectionSettings().depth_sigma_mm
+        else:
+            np.testing.assert_allclose(estimate.tip_world, source + surface * rays[0])
+            assert surface_error < 10.0
+        assert np.linalg.norm(estimate.tip_world - tip) <= 3.0 * math.hypot(estimate.tip_sigma_mm,
+                                                                            estimate.depth_sigma_mm), angles
+
+
+def test_the_depth_sigma_counts_the_bone_a_tip_can_reach_past_a_thin_lamina():
+    """An AP-like ray (from posterior, world -y) through a 5 mm bone slab (a lamina), a
+    15 mm gap, then 40 mm of bone (the vertebral body): the depth is the slab's posterior
+    surface; its sigma is the RMS distance from that surface of the bone within
+    ``REACH_MM`` (60 mm): sqrt((5^3 + 60^3 - 20^3) / 3 / 45) = 39.3 mm for a tip anywhere in
+    that bone, not the slab's own 5 / sqrt(3) = 2.9 mm, which a tip 40 mm into the body
+    lay far outside."""
+    data = np.zeros((101, 101, 101), np.float32)  # [k, j, i], 1 mm voxels, world = index - 50
+    data[:, 80:85, :] = 1.0  # y in [29.5, 34.5)
+    data[:, 25:65, :] = 1.0  # y in [-25.5, 14.5)
+    bone = Volume(data, affine_from_geometry([-50.0, -50.0, -50.0], [1.0, 1.0, 1.0], np.eye(3)), "label")
+    source = np.array([0.0, 600.25, 0.0])
+    distance, sigma = _bone_depth(bone, 0.5, source, np.array([0.0, -1.0, 0.0]), 600.0)
+    assert distance == pytest.approx(600.25 - 34.5, abs=0.5)
+    assert sigma == pytest.approx(math.sqrt((5.0 ** 3 + 60.0 ** 3 - 20.0 ** 3) / 3.0 / 45.0), rel=0.03)
 
 
 def _estimate(tip_world, depth_sigma_mm, n_views=2, **fields) -> InstrumentEstimate:

@@ -904,16 +904,23 @@ of 18 mm with sigmas of 1-4 mm where the tip had not reached the bone); such a s
 view reports the depth as unknown."""
 
 
+REACH_MM = 60.0
+"""How far past the first bone surface along its ray a posterior approach's tip may lie
+(a pedicle screw's path is 40-55 mm): a single view's depth sigma counts the bone that far."""
+
+
 def _bone_depth(bone: Volume, bone_level: float, source: np.ndarray, ray: np.ndarray, around_mm: float,
                 span_mm: float = 200.0, step_mm: float = 0.5, posterior_tolerance_mm: float = 10.0
                 ) -> tuple[float, float] | None:
     """(distance from the source, 1-sigma) of the most posterior bone surface (largest
     world y, LPS) along a world ray, searched within ``span_mm`` around ``around_mm``; None
-    when the ray meets no bone. The sigma combines the bone run's length (the tip may be
-    anywhere inside it, uniform: its RMS distance from the surface is length / sqrt(3)) and
-    the spread of the other runs whose posterior surface lies within
-    ``posterior_tolerance_mm`` of it (a ray nearly parallel to the coronal plane, as in a
-    lateral view, cannot tell them apart)."""
+    when the ray meets no bone. The sigma combines where in the bone the tip may be (it may
+    be anywhere in the bone along the ray within ``REACH_MM`` of the surface, uniform: the
+    RMS distance of that bone from the surface; at least that of the surface's own run,
+    length / sqrt(3): a tip that went through a thin lamina into the vertebral body lies
+    far past its first surface) and the spread of the other runs whose posterior surface
+    lies within ``posterior_tolerance_mm`` of it (a ray nearly parallel to the coronal
+    plane cannot tell them apart)."""
     s = np.arange(max(around_mm - span_mm / 2, 0.0), around_mm + span_mm / 2, step_mm)
     points = source + s[:, None] * ray
     ijk = np.round(bone.world_to_index(points)).astype(int)
@@ -929,7 +936,9 @@ def _bone_depth(bone: Volume, bone_level: float, source: np.ndarray, ray: np.nda
         runs.append((points[i, 1], s[i], (last - first + 1) * step_mm))
     y_best, distance, length = max(runs)
     plausible = [r[1] for r in runs if r[0] >= y_best - posterior_tolerance_mm]
-    sigma = math.sqrt(length ** 2 / 3.0 + float(np.var(plausible)))
+    reached = s[inside & (np.abs(s - distance) <= REACH_MM)] - distance
+    spread = max(float(np.mean(reached ** 2)), length ** 2 / 3.0)
+    sigma = math.sqrt(spread + float(np.var(plausible)))
     return float(distance), sigma
 
 
