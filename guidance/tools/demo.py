@@ -296,9 +296,11 @@ def run_demo(out_dir: str | Path, *, duration_s: float = 20.0, fps: float = 15.0
     for fluoroscopy alone: the simulator sends no tracker sample, the pipeline looks for
     the K-wire in each registered frame and the report scores what it finds
     (``report.instrument_rows``); its detector then has ``NO_TRACKER_DETECTOR_PX`` pixels
-    across. ``rest_at_shots_s``: the K-wire rests this long around each change of C-arm
-    orientation (``sim.scenario.Scenario.rest_at_shots_s``; default ``NO_TRACKER_REST_S``
-    without a tracker, else 0: it advances throughout). ``subject``: the anatomy every
+    across and the K-wire starts docked on the bone at the planned entry point (as a
+    surgeon docks it before the AP and lateral shots). ``rest_at_shots_s``: the K-wire
+    rests this long around each change of C-arm orientation
+    (``sim.scenario.Scenario.rest_at_shots_s``; default ``NO_TRACKER_REST_S`` without a
+    tracker, else 0: it advances throughout). ``subject``: the anatomy every
     process loads (default: the phantom of ``seed``); on a CT the scenario aims at ``target_world`` (LPS mm; see
     ``sim.scenario.scenario_site``) and the pose error is scored at that aim point (on the
     phantom: at up to 300 points of its labelled vertebrae).
@@ -316,12 +318,12 @@ def run_demo(out_dir: str | Path, *, duration_s: float = 20.0, fps: float = 15.0
     subject = subject or DemoSubject(seed=seed)
     if rest_at_shots_s is None:
         rest_at_shots_s = 0.0 if tracked else NO_TRACKER_REST_S
-    detector = {} if tracked else {"detector_px": NO_TRACKER_DETECTOR_PX,
-                                   "pixel_spacing_mm": Scenario.pixel_spacing_mm * Scenario.detector_px
-                                   / NO_TRACKER_DETECTOR_PX}
+    no_tracker = {} if tracked else {"detector_px": NO_TRACKER_DETECTOR_PX,
+                                     "pixel_spacing_mm": Scenario.pixel_spacing_mm * Scenario.detector_px
+                                     / NO_TRACKER_DETECTOR_PX, "start_depth_mm": 0.0}
     scenario = Scenario(duration_s=duration_s, fps=fps, seed=0, lead_shots=tuple(lead_shots),
                         instrument=DEMO_INSTRUMENT, instrument_medial_deg=medial_deg, tracked=tracked,
-                        target_world=target_world, rest_at_shots_s=rest_at_shots_s, **detector)
+                        target_world=target_world, rest_at_shots_s=rest_at_shots_s, **no_tracker)
     anatomy = subject.anatomy()
     if subject.ct is None:
         targets = target_points(anatomy.ct, labels=anatomy.labels, max_points=300, seed=seed)
