@@ -743,8 +743,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="simulator pace (1.0 real time; lower on a machine too loaded to keep up)")
     p.add_argument("--no-tracker", action="store_true",
                    help="fluoroscopy alone: no tracker samples; the pipeline finds the K-wire in the images and the "
-                   "summary scores its tip against the simulator's; the K-wire rests for the AP and lateral shots "
-                   "and the first 4 s of fluoroscopy, as a surgeon does, and the detector has 512 px")
+                   "summary scores its tip against the simulator's; the K-wire is docked on the bone at the entry and "
+                   "rests for the AP and lateral shots and the first 4 s of fluoroscopy, as a surgeon does, and the "
+                   "detector has 512 px")
     p.set_defaults(func=cmd_demo)
 
     p = command("dicom-receive", "DICOM C-STORE receiver: stores incoming CT and X-ray series, "
