@@ -369,4 +369,10 @@ def test_an_instrument_found_in_the_image_is_labelled_so():
                                         image_derived=True), T0 + 0.05)
     assert state.instrument.image_derived
     assert _banner(state.instrument.metrics, state.instrument.image_derived)[0] == "Found in the X-ray (no tracker)"
+    assert "unknown" in _banner(state.instrument.metrics, True)[1]
     assert _banner({}, False)[0] == "No breach prediction"
+    # Its depth sigma along the view is kept and said (one view: tens of mm; two views: about one).
+    state.on_instrument(InstrumentState(frame_id=2, tool_id="kwire", tip_world=TIP, axis_world=AXIS, status="ok",
+                                        image_derived=True, uncertainty_depth_mm=12.5), T0 + 0.1)
+    assert state.instrument.metrics["uncertainty_depth_mm"] == 12.5
+    assert "+/-12.5 mm (1 sigma)" in _banner(state.instrument.metrics, True)[1]

@@ -161,8 +161,8 @@ class InstrumentRecord:
     received_s: float
     acquired_s: float = 0.0
     metrics: dict = field(default_factory=dict)
-    """The deviation and breach fields the message carried (``INSTRUMENT_METRICS``; absent
-    when not given)."""
+    """The deviation, breach and (image-derived) uncertainty fields the message carried
+    (``INSTRUMENT_METRICS``; absent when not given)."""
     image_derived: bool = False
     """Found in the X-ray image itself (no tracker): its depth along the view is uncertain."""
 
@@ -175,7 +175,8 @@ class InstrumentRecord:
 
 INSTRUMENT_METRICS = ("distance_to_trajectory_mm", "angle_to_trajectory_deg", "depth_along_trajectory_mm",
                       "tip_to_target_mm", "to_target_along_plan_mm", "breach_mm", "breach_grade", "breach_side",
-                      "breach_warning", "clearance_mm", "travel_to_breach_mm")
+                      "breach_warning", "clearance_mm", "travel_to_breach_mm", "uncertainty_in_plane_mm",
+                      "uncertainty_depth_mm", "uncertainty_axis_deg")
 
 
 @dataclass(frozen=True)
@@ -665,7 +666,10 @@ def _instrument_note(state: NavigationState, status: str, now_s: float) -> str:
 def _banner(metrics: dict, image_derived: bool = False) -> tuple[str, str, tuple[int, int, int]]:
     """(headline, detail, colour) of the breach prediction."""
     if "breach_grade" not in metrics and image_derived:
-        return "Found in the X-ray (no tracker)", "depth from the anatomy: no breach prediction", COLOURS["waiting"]
+        depth_sd = metrics.get("uncertainty_depth_mm")
+        detail = "depth along the view unknown" if depth_sd is None else \
+            f"depth along the view +/-{depth_sd:.1f} mm (1 sigma)"
+        return "Found in the X-ray (no tracker)", detail + ": no breach prediction", COLOURS["waiting"]
     if "breach_grade" not in metrics:
         return "No breach prediction", "needs the CT and vertebra labels in the pipeline", COLOURS["waiting"]
     grade, mm = metrics["breach_grade"], metrics.get("breach_mm", 0.0)
@@ -677,6 +681,12 @@ def _banner(metrics: dict, image_derived: bool = False) -> tuple[str, str, tuple
     if mm > 0.0:
         return f"Touching the cortex: {side}", f"{mm:.1f} mm, grade {grade}, {when}", COLOURS["stale"]
     return "In the corridor", "no breach predicted (grade A)", COLOURS["ok"]
+
+
+def _give_or_take(metrics: dict) -> str:
+    """" +/-N" (1 sigma along the view, mm) for an instrument found in the X-ray, else ""."""
+    depth_sd = metrics.get("uncertainty_depth_mm")
+    return "" if depth_sd is None else f" +/-{depth_sd:.0f}"
 
 
 def _numbers_pane(w: int, h: int, active: dict | None, instrument: InstrumentRecord | None,
@@ -701,7 +711,8 @@ def _numbers_pane(w: int, h: int, active: dict | None, instrument: InstrumentRec
              _graded(deviation["distance_to_trajectory_mm"], _DISTANCE_LIMITS_MM)),
             ("angle to the plan", f"{deviation['angle_to_trajectory_deg']:.1f} deg",
              _graded(deviation["angle_to_trajectory_deg"], _ANGLE_LIMITS_DEG)),
-            ("tip depth past the entry", f"{deviation['depth_along_trajectory_mm']:.1f} mm", COLOURS["text"]),
+            ("tip depth past the entry", f"{deviation['depth_along_trajectory_mm']:.1f}{_give_or_take(metrics)} mm",
+             COLOURS["text"]),
             ("left to the target (along plan)",
              f"{metrics.get('to_target_along_plan_mm', deviation['tip_to_target_mm']):.1f} mm", COLOURS["text"]),
         ]
