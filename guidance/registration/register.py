@@ -59,9 +59,10 @@ class RegistrationSettings:
     """Every choice of the registration, with units.
 
     Pyramid: ``pyramid`` bins the detector (after binning it to at most
-    ``max_detector_px``), coarse first; each level renders the prepared volume whose
-    spacing is at most ``volume_per_footprint`` x the pixel footprint at the anatomy
-    (coarser volumes are faster but bias the depth of one view).
+    ``max_detector_px``), coarse first; level n renders the prepared volume whose
+    spacing is at most ``volume_per_footprint[n]`` (the last entry for further levels) x
+    the pixel footprint at the anatomy (coarser volumes are faster but bias the depth of
+    one view: the finer levels keep 1).
     ``search_scale`` is the typical step per parameter (rx, ry, rz deg; tx, ty, tz mm)
     of the local optimiser, ``jacobian_step`` its finite-difference step in units of
     it. Global search:
@@ -99,14 +100,14 @@ class RegistrationSettings:
     local_optimizer: str = "lm"
     pyramid: tuple[int, ...] = (4, 2, 1)
     max_detector_px: int = 256
-    volume_per_footprint: float = 1.0
+    volume_per_footprint: tuple[float, ...] = (1.4, 1.0)
     search_scale: tuple[float, ...] = (4.0, 4.0, 4.0, 6.0, 6.0, 20.0)
     jacobian_step: float = 0.02
     search_range_mm: float = 45.0
     search_rotations_deg: tuple[float, ...] = (-10.0, 0.0, 10.0)
     n_candidates: int = 6
     n_refined: tuple[int, ...] = (2,)
-    n_survivors: int | None = None
+    n_survivors: int | None = 3
     global_iterations: tuple[int, ...] = (4, 3, 3)
     local_max_fev: int = 6
     bone_threshold_hu: float | None = 150.0
@@ -585,7 +586,8 @@ class Registrator:
         for n in range(len(stages)):
             t0 = time.perf_counter()
             stage = stages[n]
-            model = self.anatomy(level, s.volume_per_footprint * self._footprint_mm(stage[0], centre))
+            per_footprint = s.volume_per_footprint[min(n, len(s.volume_per_footprint) - 1)]
+            model = self.anatomy(level, per_footprint * self._footprint_mm(stage[0], centre))
             name = f"{stage[0].view.width}px"
             if n == 0 and global_search:
                 starts, inverted = self._search(stage, model, param, x_start, centre)
