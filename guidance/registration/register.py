@@ -36,6 +36,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import cv2
+import numba
 import numpy as np
 
 from guidance.core.drr import DrrVolume
@@ -387,8 +388,6 @@ class Registrator:
         time. Made again in a forked child, whose copy of the parent's pool has no threads."""
         threads = self.settings.evaluation_threads
         if threads is None:
-            import numba
-
             threads = numba.get_num_threads()
         if threads <= 1:
             return None
