@@ -24,6 +24,7 @@ from guidance.navigation.detection import (
     detect_instruments,
     instrument_image,
     instrument_projection,
+    mirrored_about_ray,
     most_certain,
     single_view_estimate,
 )
@@ -378,3 +379,32 @@ def test_bad_input_is_refused(phantom):
         detect_in_view(np.zeros((64, 64), np.float32), view, [], np.zeros(3))
     with pytest.raises(DetectionError, match="one image per view"):
         detect_instruments([np.zeros((64, 64), np.float32)], [], [KWIRE], focus_world=np.zeros(3))
+
+
+def test_mirrored_about_ray_keeps_the_image_and_reverses_the_tilt_out_of_it():
+    """The mirror pose of one view: the same tip and the same image of the shaft (its far
+    end projects in the same image direction), the tilt along the viewing ray reversed (a
+    shaft 15 deg off the beam turns by 150 deg); mirroring twice gives the estimate back."""
+    from guidance.core.geometry import invert_rigid, project
+
+    view = carm_view(lao_deg=10.0, isocenter_world=np.zeros(3), patient_position="prone",
+                     detector_size_px=(256, 256), pixel_spacing_mm=(1.2, 1.2))
+    tip = np.array([10.0, -20.0, 5.0])
+    ray = tip - invert_rigid(view.T_cam_from_world)[:3, 3]
+    ray /= np.linalg.norm(ray)
+    across = np.cross(ray, [0.0, 0.0, 1.0])
+    across /= np.linalg.norm(across)
+    axis = math.cos(math.radians(15.0)) * ray + math.sin(math.radians(15.0)) * across
+    estimate = InstrumentEstimate(model=get_instrument("kwire"), tip_world=tip, axis_world=axis, n_views=1,
+                                  score=0.9, tip_sigma_mm=0.2, depth_sigma_mm=20.0, axis_sigma_deg=90.0,
+                                  detections=())
+    mirror = mirrored_about_ray(estimate, view)
+    np.testing.assert_array_equal(mirror.tip_world, tip)
+    assert math.degrees(math.acos(float(mirror.axis_world @ axis))) == pytest.approx(150.0, abs=1e-9)
+
+    def image_direction(e):
+        uv = project(view.P, np.array([e.tip_world, e.tip_world - 50.0 * e.axis_world]))
+        return (uv[1] - uv[0]) / np.linalg.norm(uv[1] - uv[0])
+
+    np.testing.assert_allclose(image_direction(mirror), image_direction(estimate), atol=1e-9)
+    np.testing.assert_allclose(mirrored_about_ray(mirror, view).axis_world, axis, atol=1e-12)

@@ -388,8 +388,10 @@ class Pipeline:
         """Instruments found in the registered frame itself (no tracker; ``view``: its
         registered geometry, ``view_sigma_mm`` its in-plane uncertainty), as image-derived
         states; the depth along the viewing ray comes from another kept shot where the
-        instrument was found too (``_with_other_shots``), else from the bone (labels or the CT)."""
-        from guidance.navigation.detection import detect_instruments
+        instrument was found too (``_with_other_shots``), else from the bone (labels or the CT),
+        and then the axis is the one of the view's two mirror poses nearer a planned trajectory
+        (``mirrored_about_ray``)."""
+        from guidance.navigation.detection import detect_instruments, mirrored_about_ray
 
         models = [self.instruments[name] for name in self.settings.detect_instruments]
         bone = self.labels if self.labels is not None else self.registrator.mu
@@ -409,6 +411,9 @@ class Pipeline:
         for estimate in estimates:
             estimate = self._with_other_shots(estimate, view, view_sigma_mm)
             fields = {}
+            if self.plan and estimate.n_views == 1:  # of one view's two mirror poses, the one along a plan
+                estimate = min((estimate, mirrored_about_ray(estimate, view)), key=lambda e: nearest_trajectory(
+                    e.tip_world, e.axis_world, self.plan)[1]["angle_to_trajectory_deg"])
             if self.plan:
                 trajectory, deviation = nearest_trajectory(estimate.tip_world, estimate.axis_world, self.plan)
                 fields = {"plan_level": trajectory.get("level"), "plan_side": trajectory.get("side"),

@@ -60,6 +60,7 @@ __all__ = [
     "propose_segments",
     "detect_in_view",
     "single_view_estimate",
+    "mirrored_about_ray",
     "detect_instruments",
     "combine_with_earlier_view",
     "most_certain",
@@ -971,6 +972,17 @@ def single_view_estimate(detection: ViewDetection, view: View, *, focus_world: n
                               score=detection.gradient_correlation,
                               tip_sigma_mm=detection.tip_sigma_px * mm_per_px, depth_sigma_mm=depth_sigma,
                               axis_sigma_deg=90.0, detections=(detection,))
+
+
+def mirrored_about_ray(estimate: InstrumentEstimate, view: View) -> InstrumentEstimate:
+    """A single-view estimate with its axis's component along the tip's viewing ray reversed:
+    the other pose that view can hardly tell apart (the image shows how far the shaft leaves
+    the image plane, hardly to which side; a wire near the beam then points ~160 deg wrong).
+    The tip, the image direction and the sigmas stay."""
+    source = invert_rigid(view.T_cam_from_world)[:3, 3]
+    ray = _unit(np.asarray(estimate.tip_world, float) - source)
+    axis = np.asarray(estimate.axis_world, float)
+    return dataclasses.replace(estimate, axis_world=_unit(axis - 2.0 * float(axis @ ray) * ray))
 
 
 def _triangulate(detections: list[ViewDetection], views: list[View]) -> tuple[np.ndarray, np.ndarray]:
