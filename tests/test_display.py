@@ -375,4 +375,4 @@ def test_an_instrument_found_in_the_image_is_labelled_so():
     state.on_instrument(InstrumentState(frame_id=2, tool_id="kwire", tip_world=TIP, axis_world=AXIS, status="ok",
                                         image_derived=True, uncertainty_depth_mm=12.5), T0 + 0.1)
     assert state.instrument.metrics["uncertainty_depth_mm"] == 12.5
-    assert "+/-12.5 mm (1 sigma)" in _banner(state.instrument.metrics, True)[1]
+    assert "depth +/-12.5 mm (1 sigma)" in _banner(state.instrument.metrics, True)[1]

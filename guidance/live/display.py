@@ -667,8 +667,7 @@ def _banner(metrics: dict, image_derived: bool = False) -> tuple[str, str, tuple
     """(headline, detail, colour) of the breach prediction."""
     if "breach_grade" not in metrics and image_derived:
         depth_sd = metrics.get("uncertainty_depth_mm")
-        detail = "depth along the view unknown" if depth_sd is None else \
-            f"depth along the view +/-{depth_sd:.1f} mm (1 sigma)"
+        detail = "depth unknown" if depth_sd is None else f"depth +/-{depth_sd:.1f} mm (1 sigma)"
         return "Found in the X-ray (no tracker)", detail + ": no breach prediction", COLOURS["waiting"]
     if "breach_grade" not in metrics:
         return "No breach prediction", "needs the CT and vertebra labels in the pipeline", COLOURS["waiting"]
