@@ -151,7 +151,7 @@ def _least_squares(objective, x0, scale, *, max_fev=10, xtol=1e-2, ftol=1e-4, di
 
 
 def _levenberg_marquardt(objective, x0, scale, *, max_fev=10, xtol=1e-2, ftol=1e-4, diff_step=0.02,
-                         max_retries=3, jacobian=None, **_):
+                         max_retries=3, jacobian=None, broyden_after=None, **_):
     """Levenberg-Marquardt on the residuals with forward-difference Jacobians (step
     ``diff_step`` in units of ``scale``): at most ``max_fev`` iterations of n + 1
     evaluations (plus one per rejected step), so its cost is known in advance. Stops
@@ -164,7 +164,8 @@ def _levenberg_marquardt(objective, x0, scale, *, max_fev=10, xtol=1e-2, ftol=1e
     each. When neither the first step nor half of it lowers the cost, the borrowed
     Jacobian misleads: forward differences take over. A later step that does not lower
     the cost ends the search as converged (in tracking, a fresh finite-difference
-    Jacobian at that point was measured to find no further decrease)."""
+    Jacobian at that point was measured to find no further decrease). ``broyden_after``:
+    after this many finite-difference iterations, Broyden updates of the last one."""
     z = np.asarray(x0, dtype=float) / scale
     n = len(z)
     r = objective.residuals(z * scale)
@@ -198,6 +199,8 @@ def _levenberg_marquardt(objective, x0, scale, *, max_fev=10, xtol=1e-2, ftol=1e
                 continue
             reason, converged = ("no secant step" if secant else "no damping") + " lowers the cost", True
             break
+        if not secant and broyden_after is not None and iteration + 1 >= broyden_after:
+            secant = True
         if secant:
             J += np.outer(r_new - r - J @ step, step) / float(np.dot(step, step))
         decrease = (cost - cost_new) / max(cost, 1e-300)

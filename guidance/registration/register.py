@@ -73,7 +73,9 @@ class RegistrationSettings:
     are refined; the best distinct ones go on to the finer levels (``n_refined[n]`` after level n, then
     one), with ``global_iterations[n]`` iterations on level n (the last entry for
     further levels; with ``n_survivors`` only that many distinct candidates get the second half
-    of the coarsest level's iterations, None: all); a registration without global search (tracking, per vertebra)
+    of the coarsest level's iterations, None: all; after ``coarse_broyden_after`` finite-difference
+    iterations the coarsest level's go on with Broyden updates, None: never); a registration
+    without global search (tracking, per vertebra)
     runs ``local_max_fev`` iterations per level. Two
     refined candidates more than ``ambiguity_distance_mm`` apart at the rotation centre
     whose costs differ by less than ``ambiguity_margin`` times the best one's dissimilarity
@@ -109,6 +111,7 @@ class RegistrationSettings:
     n_candidates: int = 6
     n_refined: tuple[int, ...] = (2,)
     n_survivors: int | None = 3
+    coarse_broyden_after: int | None = 1
     global_iterations: tuple[int, ...] = (4, 3, 3)
     local_max_fev: int = 6
     bone_threshold_hu: float | None = 150.0
@@ -618,6 +621,8 @@ class Registrator:
                 objective.set_prior(x_start, np.asarray(prior_sd, dtype=float), s.prior_weight)
             warm = {"jacobian": local_jacobian.matrix} if reuse else {}
             halving = n == 0 and global_search and s.n_survivors is not None and len(starts) > s.n_survivors
+            if n == 0 and global_search and s.coarse_broyden_after is not None:
+                warm = warm | {"broyden_after": s.coarse_broyden_after}
             outcomes = self._refine(objective, starts, scale, fev // 2 if halving else fev, local_ftol, warm)
             if halving:  # the rest of the iterations for the best few only
                 early = sorted((_Candidate(o.x, o) for o in outcomes), key=lambda c: c.outcome.fun)
