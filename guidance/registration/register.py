@@ -111,7 +111,7 @@ class RegistrationSettings:
     n_candidates: int = 6
     n_refined: tuple[int, ...] = (2,)
     n_survivors: int | None = 3
-    coarse_broyden_after: int | None = 1
+    coarse_broyden_after: int | None = None
     global_iterations: tuple[int, ...] = (4, 3, 3)
     local_max_fev: int = 6
     bone_threshold_hu: float | None = 150.0
