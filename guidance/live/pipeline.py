@@ -411,11 +411,11 @@ class Pipeline:
         for estimate in estimates:
             estimate = self._with_other_shots(estimate, view, view_sigma_mm)
             fields = {}
-            if self.plan and estimate.n_views == 1:  # of one view's two mirror poses, the one along a plan
-                estimate = min((estimate, mirrored_about_ray(estimate, view)), key=lambda e: nearest_trajectory(
-                    e.tip_world, e.axis_world, self.plan)[1]["angle_to_trajectory_deg"])
-            if self.plan:
-                trajectory, deviation = nearest_trajectory(estimate.tip_world, estimate.axis_world, self.plan)
+            if self.plan:  # one view's two mirror poses: the one along a plan
+                poses = (estimate, mirrored_about_ray(estimate, view)) if estimate.n_views == 1 else (estimate,)
+                estimate, trajectory, deviation = min(
+                    ((e, *nearest_trajectory(e.tip_world, e.axis_world, self.plan)) for e in poses),
+                    key=lambda placed: placed[2]["angle_to_trajectory_deg"])
                 fields = {"plan_level": trajectory.get("level"), "plan_side": trajectory.get("side"),
                           **{k: deviation[k] for k in ("distance_to_trajectory_mm", "angle_to_trajectory_deg",
                                                        "depth_along_trajectory_mm", "tip_to_target_mm")}}
