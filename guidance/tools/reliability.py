@@ -680,7 +680,7 @@ def _supervised_rows(supervised: _Pipeline, monitor: Subscriber, result_ep: str,
     quick_s = RestartPolicy().quick_s
     splits, last_start = [], time.monotonic()
     for _ in range(SUPERVISED_RESTARTS):
-        threading.Event().wait(max(0.0, last_start + quick_s - time.monotonic()))
+        time.sleep(max(0.0, last_start + quick_s - time.monotonic()))
         killed, last_start = time.time(), time.monotonic()
         supervised.kill9_worker()
         splits.append(_first_ok_split(monitor, killed))
