@@ -59,6 +59,27 @@ def test_lm_started_from_a_borrowed_jacobian_needs_fewer_evaluations():
     np.testing.assert_allclose(plain.jacobian, objective.A * scale, rtol=1e-6, atol=1e-9)
 
 
+class QuadraticKnowingTranslations(Quadratic):
+    """The quadratic, telling its last three Jacobian columns (like the registration's
+    translations, taken from the rendered images)."""
+
+    def derivatives(self, x):
+        return {k: self.A[:, k] for k in (3, 4, 5)}
+
+
+def test_lm_uses_the_objectives_known_derivatives_and_differences_the_rest():
+    """Known columns cost no evaluation: each finite-difference Jacobian takes 3 instead of
+    6, and the minimum and the final Jacobian are the same."""
+    scale = np.array([4.0, 4.0, 4.0, 6.0, 6.0, 20.0])
+    x0 = Quadratic().x_star + np.array([0.5, -0.3, 0.2, 0.4, -0.6, 1.0])
+    plain = minimize("lm", Quadratic(), x0, scale)
+    knowing = minimize("lm", QuadraticKnowingTranslations(), x0, scale)
+    np.testing.assert_allclose(knowing.x, Quadratic().x_star, atol=1e-3)
+    assert knowing.nit == plain.nit
+    assert knowing.nfev == plain.nfev - 3 * plain.nit
+    np.testing.assert_allclose(knowing.jacobian, Quadratic().A * scale, rtol=1e-6, atol=1e-9)
+
+
 def test_lm_falls_back_to_finite_differences_when_the_borrowed_jacobian_misleads():
     """A Jacobian of the wrong sign points every step uphill: the first step (and half of
     it) fail, finite differences take over and still find the minimum; a Jacobian of

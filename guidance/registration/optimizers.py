@@ -3,7 +3,9 @@
 ``objective`` has ``scalar(x) -> float`` (to minimise), ``residuals(x) -> array``
 (whose squared norm it is, up to a constant) and ``residuals_many(xs)`` (the residuals of
 several independent points, which it may evaluate concurrently: finite differences);
-each optimiser uses what it needs.
+each optimiser uses what it needs. It may also have ``derivatives(x) -> {k: column}``:
+Jacobian columns d residuals / d x_k it knows without new evaluations, which "lm" uses
+instead of finite differences for those parameters.
 
 - "cmaes": CMA-ES (pycma, N. Hansen's reference implementation): a global,
   derivative-free search with a wide capture range, for the coarse pyramid level.
@@ -13,7 +15,8 @@ each optimiser uses what it needs.
   reflective and 10x fewer than Powell on tracking updates).
 - "lm": a Levenberg-Marquardt of its own with a fixed budget of iterations (n + 1
   evaluations each) and the Gauss-Newton covariance of the result: the default
-  refinement, whose cost is known in advance. Given the Jacobian of a nearby problem
+  refinement, whose cost is known in advance (fewer evaluations for the columns
+  the objective's ``derivatives`` give). Given the Jacobian of a nearby problem
   (tracking: the previous frame's), it starts from it and updates it by Broyden's rule
   (one evaluation per iteration) while its steps lower the cost.
 - "powell", "nelder-mead": scipy's derivative-free local methods (several hundred
@@ -150,11 +153,27 @@ def _least_squares(objective, x0, scale, *, max_fev=10, xtol=1e-2, ftol=1e-4, di
     )
 
 
+def _jacobian(objective, z: np.ndarray, r: np.ndarray, scale: np.ndarray, diff_step: float) -> tuple[np.ndarray, int]:
+    """Jacobian of the residuals with respect to z = x / scale at z (residuals r): the
+    objective's known ``derivatives``, forward differences for the other parameters; and the
+    evaluations that took."""
+    known = getattr(objective, "derivatives", lambda x: {})(z * scale)
+    unknown = [k for k in range(len(z)) if k not in known]
+    J = np.empty((len(r), len(z)))
+    for k, column in known.items():
+        J[:, k] = column * scale[k]
+    columns = objective.residuals_many([(z + diff_step * np.eye(len(z))[k]) * scale for k in unknown])
+    for k, column in zip(unknown, columns):
+        J[:, k] = (column - r) / diff_step
+    return J, len(unknown)
+
+
 def _levenberg_marquardt(objective, x0, scale, *, max_fev=10, xtol=1e-2, ftol=1e-4, diff_step=0.02,
                          max_retries=3, jacobian=None, broyden_after=None, **_):
     """Levenberg-Marquardt on the residuals with forward-difference Jacobians (step
-    ``diff_step`` in units of ``scale``): at most ``max_fev`` iterations of n + 1
-    evaluations (plus one per rejected step), so its cost is known in advance. Stops
+    ``diff_step`` in units of ``scale``; the columns the objective's ``derivatives`` know are
+    taken from it): at most ``max_fev`` iterations of n + 1 evaluations at most (plus one per
+    rejected step), so its cost is known in advance. Stops
     when a step changes the cost by less than ``ftol`` (relative) or moves less than
     ``xtol`` (in units of ``scale``), or when no damping gives a lower cost.
 
@@ -177,9 +196,8 @@ def _levenberg_marquardt(objective, x0, scale, *, max_fev=10, xtol=1e-2, ftol=1e
     iteration = -1
     for iteration in range(max_fev):
         if not secant:
-            columns = objective.residuals_many([(z + diff_step * e) * scale for e in np.eye(n)])
-            J = np.column_stack([(column - r) / diff_step for column in columns])
-            nfev += n
+            J, evaluations = _jacobian(objective, z, r, scale, diff_step)
+            nfev += evaluations
         A, g = J.T @ J, J.T @ r
         step = np.linalg.solve(A + lam * np.diag(np.diag(A) + 1e-12), -g)
         tries = (2 if iteration == 0 else 1) if secant else max_retries

@@ -48,6 +48,26 @@ class Similarity:
             return np.zeros(1)
         return np.concatenate([f - _normalise(m) for f, m in zip(self._fixed, blocks)])
 
+    def residual_derivatives(self, moving: np.ndarray, d_moving: list[np.ndarray]) -> list[np.ndarray]:
+        """d residuals / dt for each image change ``d_moving`` (per unit of t) of ``moving``:
+        every measure's blocks are linear in the image, so only the normalisation is
+        differentiated."""
+        if not self._fixed:
+            return [np.zeros(1) for _ in d_moving]
+        blocks = []
+        for m in self._blocks(moving):
+            v = m.astype(np.float64) - m.mean()
+            norm = float(np.linalg.norm(v))
+            blocks.append((v / norm if norm > 0 else v, norm))
+        out = []
+        for dm in d_moving:
+            parts = []
+            for (n, norm), d in zip(blocks, self._blocks(dm)):
+                dv = d.astype(np.float64) - d.mean()
+                parts.append(-(dv - n * np.dot(n, dv)) / norm if norm > 0 else np.zeros(len(dv)))
+            out.append(np.concatenate(parts))
+        return out
+
     def score(self, moving: np.ndarray) -> float:
         """Mean correlation over the blocks, in [-1, 1] (0 when nothing is comparable)."""
         if not self._fixed:
