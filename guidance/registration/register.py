@@ -99,10 +99,13 @@ class RegistrationSettings:
     ``coarse_image_derivatives``: on the coarsest level of a global registration (its
     candidates), the parameters (of 3, 4, 5: tx, ty, tz) whose Jacobian columns the local
     optimiser takes from the DRRs already rendered (``_Objective.derivatives``) instead of
-    rendering finite differences: 4 renders per iteration instead of 7. Not on the finer
-    levels, nor in tracking: these derivatives treat the anatomy as lying at one depth, and
-    on the finer levels too they moved the median mTRE of single real-CT views by up to
-    0.6 mm and left a 128 px phantom view 3 mm off in depth.
+    rendering finite differences: 4 renders per iteration instead of 7. On the finer
+    levels of a single view, and in tracking, every column is rendered: these derivatives
+    treat the anatomy as lying at one depth, and on the finer levels too they moved the
+    median mTRE of single real-CT views by up to 0.6 mm and left a 128 px phantom view 3 mm
+    off in depth. ``multi_view_image_derivatives``: with two or more views, whose other
+    views see one view's depth across the image, on every level of a global registration
+    (real-CT biplane pairs: 19% less time, and every one of 10 more accurate).
     ``bone_threshold_hu``, ``soft_tissue_spacing_mm``,
     ``energy_kev``, ``pyramid_spacings_mm`` and ``vertebra_height_mm`` shape the
     prepared CT (prepared.PrepareSettings).
@@ -139,6 +142,7 @@ class RegistrationSettings:
     parallel_render: bool | None = None
     evaluation_threads: int | None = None
     coarse_image_derivatives: tuple[int, ...] = (3, 4, 5)
+    multi_view_image_derivatives: bool = True
     quality: QualityLimits = field(default_factory=QualityLimits)
 
     def prepare_settings(self) -> PrepareSettings:
@@ -627,7 +631,8 @@ class Registrator:
                      and self._keeps_roi(local_jacobian, stage, T_roi, centre))
             if reuse:
                 T_roi = local_jacobian.T_roi
-            derivatives = s.coarse_image_derivatives if n == 0 and global_search else ()
+            every_level = s.multi_view_image_derivatives and len(views) > 1
+            derivatives = s.coarse_image_derivatives if global_search and (n == 0 or every_level) else ()
             objective = self._objective(stage, model, param, starts, centre,
                                         rois=local_jacobian.roi_masks if reuse else None, image_derivatives=derivatives)
             if prior_sd is not None:
