@@ -42,7 +42,7 @@ import numba
 import numpy as np
 
 from guidance.core.drr import DrrVolume
-from guidance.core.geometry import invert_rigid, project
+from guidance.core.geometry import invert_rigid, project, transform_points
 from guidance.core.images import PreparedImage
 from guidance.core.views import View
 from guidance.core.volume import Volume, VolumeError
@@ -764,7 +764,7 @@ class _Objective:
         self.n_blocks = sum(m.n_blocks for m in measures)
         self.prior = None
         self._count = [0]  # evaluations, shared with ``one_thread`` copies
-        self._recent: dict[bytes, tuple[np.ndarray, list[np.ndarray]]] = {}  # residuals and DRRs
+        self._recent: dict[bytes, tuple[np.ndarray, list[np.ndarray]]] = {}  # residuals and DRRs (when derivatives need them)
         self._view_sizes: list[int] | None = None  # residuals per view, known after the first evaluation
         self._lock = threading.Lock()
         self._buffers = threading.local()
@@ -823,14 +823,16 @@ class _Objective:
         return self._evaluated(x, parallel)[0]
 
     def _evaluated(self, x: np.ndarray, parallel: bool | None) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Residuals at x and the DRRs they came from (kept for the last few x)."""
+        """Residuals at x and, when ``derivatives`` needs them, the DRRs they came from (kept
+        for the last few x)."""
         key = np.asarray(x, dtype=np.float64).tobytes()
         kept = self._recent.get(key)
         if kept is not None:
             return kept
         drrs, parts = [], []
         for m, drr in zip(self.measures, self._drrs(x, parallel)):
-            drrs.append(drr.copy())
+            if self.image_derivatives:
+                drrs.append(drr.copy())
             parts.append(m.residuals(drr))
         self._view_sizes = [len(p) for p in parts]
         if self.prior is not None:
@@ -862,14 +864,14 @@ class _Objective:
         columns: list[list[np.ndarray]] = [[] for _ in wanted]
         for pl, measure, drr in zip(self.stage, self.measures, drrs):
             T = pl.view.T_cam_from_world
-            c = T[:3, :3] @ (T_inv[:3, :3] @ centre + T_inv[:3, 3]) + T[:3, 3]
+            c = transform_points(T @ T_inv, centre)
             K, depth = pl.view.K, c[2]
             grad_v, grad_u = np.gradient(drr.astype(np.float64))
             u = np.arange(drr.shape[1], dtype=float)[None, :] - K[0, 2]
             v = np.arange(drr.shape[0], dtype=float)[:, None] - K[1, 2]
             changes = []
             for S in shifted:  # translations are linear in x: the centre's move (camera mm) per mm
-                d = T[:3, :3] @ (S[:3, :3] @ centre + S[:3, 3]) + T[:3, 3] - c
+                d = transform_points(T @ S, centre) - c
                 du = (K[0, 0] * d[0] + K[0, 1] * d[1] - u * d[2]) / depth
                 dv = (K[1, 1] * d[1] - v * d[2]) / depth
                 changes.append(-(grad_u * du + grad_v * dv))
