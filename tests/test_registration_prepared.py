@@ -1,6 +1,8 @@
 """Prepared CT: the pyramid, centres and spine axis, and the disk cache (hit equals a fresh
 preparation; a stale or corrupt file is rebuilt, never used)."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -96,6 +98,25 @@ def test_bone_and_soft_tissue_draw_the_whole_ct(phantom, lao, cranial):
     soft_fine = render_drr(prepared.soft, view)
     soft_binned = model - bone_only
     assert np.median(np.abs(soft_binned - soft_fine)[body] / soft_fine[body]) < 0.005
+
+
+def test_a_coarse_level_may_bin_the_soft_tissue_further(phantom):
+    """``soft_binning`` (the coarse search level's) draws the soft tissue on a coarser
+    detector: still its line integrals up to interpolation; below the binning the voxel
+    size asks for anyway, it changes nothing."""
+    prepared = prepare_ct(phantom.ct, None, SETTINGS)
+    view = carm_view(lao_deg=20.0, isocenter_world=prepared.centre(None), detector_size_px=(160, 128),
+                     patient_position="prone").downsampled(4)  # pixels about half the soft voxel
+    model = prepared.anatomy(0)
+    bone_only = AnatomyModel(prepared.volumes[0]).render(view)
+    soft_fine = render_drr(prepared.soft, view)
+    body = soft_fine > 0.05 * soft_fine.max()
+    natural = model.render(view)
+    np.testing.assert_array_equal(replace(model, soft_binning=0.5).render(view), natural)
+    coarse = replace(model, soft_binning=3.0).render(view)
+    assert np.abs(coarse - natural).max() > 1e-3 * soft_fine.max()
+    error = np.abs((coarse - bone_only) - soft_fine)[body] / soft_fine[body]
+    assert np.median(error) < 0.002 and np.quantile(error, 0.95) < 0.01
 
 
 def test_bone_only_preparation_keeps_no_soft_tissue(phantom):

@@ -87,10 +87,12 @@ class PrepareSettings:
 class AnatomyModel:
     """What a 2D/3D registration renders: ``bone`` on a pyramid grid plus, when prepared,
     the ``soft`` tissue on its coarse grid, drawn on a binned detector and interpolated
-    up (its line integrals add to the bone's)."""
+    up (its line integrals add to the bone's). That detector is binned at least
+    ``soft_binning`` times (a coarse search level, where it only steers candidates)."""
 
     bone: DrrVolume
     soft: DrrVolume | None = None
+    soft_binning: float = 1.0
 
     def render(self, view: View, *, out: np.ndarray | None = None, parallel: bool | None = None) -> np.ndarray:
         """Line-integral image (H, W) float32 of the anatomy in ``view`` (render_drr's
@@ -106,7 +108,7 @@ class AnatomyModel:
         centre = T[:3, :3] @ ((np.array(soft.size_ijk) - 1.0) / 2.0) + T[:3, 3]
         depth_mm = float(view.T_cam_from_world[2, :3] @ centre + view.T_cam_from_world[2, 3])
         footprint_mm = depth_mm / float(view.K[0, 0])
-        factor = SOFT_PIXEL_PER_VOXEL * soft.step_mm / footprint_mm
+        factor = max(SOFT_PIXEL_PER_VOXEL * soft.step_mm / footprint_mm, self.soft_binning)
         if factor <= 1.0:
             return render_drr(soft, view, parallel=parallel)
         W, H = view.image_size
