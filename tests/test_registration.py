@@ -214,6 +214,9 @@ def test_biplane_beats_single_view_in_depth(phantom, registrator, truth_volume):
     assert single.uncertainty_depth_mm > 3.0 * single.uncertainty_in_plane_mm
     assert both.uncertainty_depth_mm < 0.5 * single.uncertainty_depth_mm
     assert np.isfinite(both.uncertainty_in_plane_mm) and both.to_dict()["uncertainty_depth_mm"] > 0
+    # Never below the error the residuals cannot show (the rendered anatomy is not the imaged one).
+    floor_in_plane, floor_depth = registrator.settings.model_error_mm
+    assert both.uncertainty_in_plane_mm >= floor_in_plane and both.uncertainty_depth_mm >= floor_depth
 
 
 def test_start_one_vertebral_level_off_is_corrected_or_failed(phantom, registrator, truth_volume):
