@@ -288,9 +288,16 @@ def cmd_register3d(args) -> int:
     return 0
 
 
+def _benchmark_source(args):
+    """The CT file a benchmark registers to, or the embedded phantom (built at 0.7 mm for
+    the clinical grid)."""
+    from sim.phantom import make_phantom
+
+    return args.ct if args.ct else make_phantom(seed=args.phantom_seed, spacing_mm=0.7 if args.clinical_grid else 1.0)
+
+
 def cmd_evaluate(args) -> int:
     from guidance.evaluation.benchmark import evaluate, evaluate_external
-    from sim.phantom import make_phantom
 
     scheduler = args.scheduler or ("processes" if args.jobs else "local")
     if args.dask_address and scheduler != "dask":
@@ -302,11 +309,9 @@ def cmd_evaluate(args) -> int:
         if not args.ct:
             raise UsageError("--external needs --ct")
         summaries = {"external": evaluate_external(args.external, args.ct, labels_path=args.labels,
-                                                   out_dir=args.out, **run)}
+                                                   out_dir=args.out, clinical=args.clinical_grid, **run)}
     else:
-        source = args.ct if args.ct else make_phantom(seed=args.phantom_seed,
-                                                      spacing_mm=0.7 if args.clinical_grid else 1.0)
-        summaries = evaluate(source, out_dir=args.out, labels_path=args.labels, level=args.level,
+        summaries = evaluate(_benchmark_source(args), out_dir=args.out, labels_path=args.labels, level=args.level,
                              intensities=args.intensity, biplane=args.biplane, n_views=args.views,
                              n_starts_per_bin=args.starts, bins=args.bins, detector_px=args.detector_px,
                              seed=args.seed, clinical=args.clinical_grid, **run)
@@ -314,6 +319,29 @@ def cmd_evaluate(args) -> int:
         print(f"\n## {name}")
         print(json.dumps({k: summary[k] for k in summary if k != "bins"}, indent=2))
     print(f"\nreports: {args.out}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    import numba
+
+    from guidance.evaluation.benchmark import benchmark_subject, load_benchmark_set
+    from guidance.evaluation.compare import compare_settings, format_comparison, settings_from_text
+    from guidance.tools.bench import cpu_model
+
+    if args.every < 1:
+        raise UsageError("--every must be 1 or more")
+    cases = load_benchmark_set(args.set)[::args.every]
+    variants = {"reference": settings_from_text(args.reference)}
+    for text in args.variant:
+        variants[text] = settings_from_text(text)
+    subject = benchmark_subject(_benchmark_source(args), args.labels, clinical=args.clinical_grid)
+    comparison = compare_settings(cases, subject.ct, variants, labels=subject.labels)
+    machine = {"cpu_model": cpu_model(), "numba_threads": numba.get_num_threads()}
+    print(f"CPU: {machine['cpu_model']}, {machine['numba_threads']} numba threads; {len(cases)} cases of {args.set}")
+    print(format_comparison(comparison))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine, "result": comparison}, indent=2, default=list))
     return 0
 
 
@@ -672,6 +700,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resample the CT onto 512 x 512 x 133 voxels of 0.7 x 0.7 x 2.5 mm (phantom built at 0.7 mm)")
     p.add_argument("--out", required=True, help="report folder (JSON, markdown, PNG plots)")
     p.set_defaults(func=cmd_evaluate)
+
+    p = command("compare", "registration settings against each other on a stored set, alternating per case")
+    p.add_argument("--set", required=True, help="a stored benchmark set (evaluate's OUT/<kind>/set, or --external's)")
+    _add_ct_arguments(p)
+    p.add_argument("--clinical-grid", action="store_true",
+                   help="the set was made on the clinical grid: resample the CT (or build the phantom) as evaluate did")
+    p.add_argument("--variant", nargs="+", required=True,
+                   help="settings to compare with the reference, each 'name=value;name=value' "
+                   "(RegistrationSettings fields, Python literals)")
+    p.add_argument("--reference", default="", help="the reference's settings (default: the defaults)")
+    p.add_argument("--every", type=int, default=1, help="take every n-th case of the set")
+    p.add_argument("--json", help="also write the comparison and every record as JSON to this file")
+    p.set_defaults(func=cmd_compare)
 
     p = command("calibrate", "C-arm geometry, image-intensifier distortion or pivot calibration")
     p.add_argument("kind", choices=("carm", "distortion", "pivot"), help="what to calibrate")

@@ -237,8 +237,8 @@ def test_evaluate_writes_a_report_per_variant(phantom, tmp_path):
 
 
 def test_progress_line():
-    assert runners._progress_line(5, 10, 12.0, width=10) == "\r[#####.....] 5/10 cases  12 s, ~12 s left"
-    assert runners._progress_line(0, 10, 0.0, width=10) == "\r[..........] 0/10 cases  0 s"
+    assert runners.progress_line(5, 10, 12.0, width=10) == "\r[#####.....] 5/10 cases  12 s, ~12 s left"
+    assert runners.progress_line(0, 10, 0.0, width=10) == "\r[..........] 0/10 cases  0 s"
 
 
 def test_test_images_see_no_edge_of_the_scanned_box(phantom):

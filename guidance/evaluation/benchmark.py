@@ -50,7 +50,7 @@ from guidance.evaluation.metrics import (
 from guidance.evaluation.runners import run_benchmark
 from guidance.registration.register import RegistrationSettings
 from sim.phantom import Phantom
-from sim.subject import load_subject
+from sim.subject import Subject, load_subject
 from sim.xray import SOFT_TISSUE_MAX_HU, XrayParams, acquire, auto_exposure, labelled_view, prepare_anatomy
 
 __all__ = [
@@ -61,6 +61,7 @@ __all__ = [
     "write_benchmark_set",
     "load_benchmark_set",
     "summarize",
+    "benchmark_subject",
     "write_report",
     "evaluate",
     "evaluate_external",
@@ -527,6 +528,18 @@ def write_report(summary: dict, records: Sequence[dict], out_dir: str | Path, *,
 # ---------------------------------------------------------------------------- entry points
 
 
+def benchmark_subject(ct_path_or_phantom: str | Path | Phantom, labels_path: str | Path | None = None, *,
+                      clinical: bool = False) -> Subject:
+    """The CT (and labels) a benchmark registers to; ``clinical``: resampled onto the
+    clinical grid of 512 x 512 x 133 voxels of 0.7 x 0.7 x 2.5 mm (``clinical_grid``), as the
+    set was made when ``evaluate`` ran with it."""
+    subject = load_subject(ct_path_or_phantom, labels=labels_path)
+    if not clinical:
+        return subject
+    return replace(subject, ct=clinical_grid(subject.ct),
+                   labels=None if subject.labels is None else clinical_grid(subject.labels, interpolation="nearest"))
+
+
 def evaluate(
     ct_path_or_phantom: str | Path | Phantom,
     *,
@@ -559,11 +572,7 @@ def evaluate(
     """
     for kind in intensities:
         check_intensity(kind)
-    subject = load_subject(ct_path_or_phantom, labels=labels_path)
-    if clinical:
-        subject = replace(subject, ct=clinical_grid(subject.ct),
-                          labels=None if subject.labels is None else clinical_grid(subject.labels,
-                                                                                   interpolation="nearest"))
+    subject = benchmark_subject(ct_path_or_phantom, labels_path, clinical=clinical)
     level_id = None if level is None else level_label(level)
     out = Path(out_dir)
     summaries = {}
@@ -594,11 +603,13 @@ def evaluate_external(
     dask_address: str | None = None,
     progress: bool = True,
     title: str | None = None,
+    clinical: bool = False,
 ) -> dict:
-    """Register and score a benchmark folder (``load_benchmark_set``) against a CT; the
-    report goes to ``out_dir`` (default ``<folder>/report``). Returns the summary."""
+    """Register and score a benchmark folder (``load_benchmark_set``) against a CT
+    (``clinical``: on the clinical grid, ``benchmark_subject``); the report goes to
+    ``out_dir`` (default ``<folder>/report``). Returns the summary."""
     cases = load_benchmark_set(folder)
-    subject = load_subject(ct_path, labels=labels_path)
+    subject = benchmark_subject(ct_path, labels_path, clinical=clinical)
     records = run_benchmark(cases, subject.ct, labels=subject.labels, settings=settings, scheduler=scheduler,
                             jobs=jobs, dask_address=dask_address, progress=progress)
     summary = summarize(records)

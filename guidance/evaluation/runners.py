@@ -34,7 +34,7 @@ from guidance.registration.register import RegistrationSettings, Registrator
 if TYPE_CHECKING:
     from guidance.evaluation.benchmark import BenchmarkCase
 
-__all__ = ["SCHEDULERS", "score_case", "error_record", "run_benchmark"]
+__all__ = ["SCHEDULERS", "score_case", "error_record", "run_benchmark", "progress_line"]
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def _score_on_dask_worker(key: str, ct: Volume, labels: Volume | None, settings:
 # ------------------------------------------------------------------ runners
 
 
-def _progress_line(done: int, total: int, elapsed_s: float, width: int = 30) -> str:
+def progress_line(done: int, total: int, elapsed_s: float, width: int = 30) -> str:
     """``\\r[#####.....] 5/10 cases  12 s, ~12 s left`` (no estimate before the first case)."""
     filled = int(width * done / max(total, 1))
     line = f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} cases  {elapsed_s:.0f} s"
@@ -230,7 +230,7 @@ def run_benchmark(
 
     def report(done: int) -> None:
         if progress:
-            sys.stderr.write(_progress_line(done, len(cases), time.perf_counter() - t0))
+            sys.stderr.write(progress_line(done, len(cases), time.perf_counter() - t0))
             sys.stderr.flush()
 
     report(0)
