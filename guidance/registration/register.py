@@ -65,9 +65,7 @@ class RegistrationSettings:
     ``max_detector_px``), coarse first; level n renders the prepared volume whose
     spacing is at most ``volume_per_footprint[n]`` (the last entry for further levels) x
     the pixel footprint at the anatomy (coarser volumes are faster but bias the depth of
-    one view: the finer levels keep 1; the coarsest level's 1.6, the 4 mm grid for most
-    starts of a 256 px view, took 6% less time with the same outcomes, docs/benchmarks.md
-    session 8).
+    one view: the finer levels keep 1).
     ``search_scale`` is the typical step per parameter (rx, ry, rz deg; tx, ty, tz mm)
     of the local optimiser, ``jacobian_step`` its finite-difference step in units of
     it. Global search:
@@ -127,7 +125,7 @@ class RegistrationSettings:
     local_optimizer: str = "lm"
     pyramid: tuple[int, ...] = (4, 2, 1)
     max_detector_px: int = 256
-    volume_per_footprint: tuple[float, ...] = (1.6, 1.0)
+    volume_per_footprint: tuple[float, ...] = (1.4, 1.0)
     search_scale: tuple[float, ...] = (4.0, 4.0, 4.0, 6.0, 6.0, 20.0)
     jacobian_step: float = 0.02
     search_range_mm: float = 45.0
