@@ -214,12 +214,17 @@ def _add_real_ct_scenario_arguments(p: argparse.ArgumentParser, what: str) -> No
                    "where the pose error is scored; default: the --labels centroid of the level")
 
 
-def cmd_bench(args) -> int:
+def _machine() -> dict:
+    """The CPU model and numba's thread count, recorded with every benchmark table."""
     import numba
 
     from guidance.tools.bench import cpu_model
 
-    machine = {"cpu_model": cpu_model(), "numba_threads": numba.get_num_threads()}
+    return {"cpu_model": cpu_model(), "numba_threads": numba.get_num_threads()}
+
+
+def cmd_bench(args) -> int:
+    machine = _machine()
     table, result = _run_bench(args)
     print(f"CPU: {machine['cpu_model']}, {machine['numba_threads']} numba threads")
     print(table)
@@ -323,11 +328,8 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    import numba
-
     from guidance.evaluation.benchmark import benchmark_subject, load_benchmark_set
     from guidance.evaluation.compare import compare_settings, format_comparison, settings_from_text
-    from guidance.tools.bench import cpu_model
 
     if args.every < 1:
         raise UsageError("--every must be 1 or more")
@@ -337,7 +339,7 @@ def cmd_compare(args) -> int:
         variants[text] = settings_from_text(text)
     subject = benchmark_subject(_benchmark_source(args), args.labels, clinical=args.clinical_grid)
     comparison = compare_settings(cases, subject.ct, variants, labels=subject.labels)
-    machine = {"cpu_model": cpu_model(), "numba_threads": numba.get_num_threads()}
+    machine = _machine()
     print(f"CPU: {machine['cpu_model']}, {machine['numba_threads']} numba threads; {len(cases)} cases of {args.set}")
     print(format_comparison(comparison))
     if args.json:

@@ -61,6 +61,7 @@ __all__ = [
     "write_benchmark_set",
     "load_benchmark_set",
     "summarize",
+    "quantile",
     "benchmark_subject",
     "write_report",
     "evaluate",
@@ -370,7 +371,8 @@ def load_benchmark_set(folder: str | Path) -> list[BenchmarkCase]:
 # ---------------------------------------------------------------------------- report
 
 
-def _quantile(values: np.ndarray, q: float) -> float | None:
+def quantile(values: Sequence[float] | np.ndarray, q: float) -> float | None:
+    """The q-quantile of ``values`` (None when there are none)."""
     return float(np.quantile(values, q)) if len(values) else None
 
 
@@ -412,10 +414,10 @@ def summarize(
         "success_rate": float(np.mean(~wrong)) if len(records) else None,
         "bins": rates,
         "capture_range_mm": capture_range_of_rates(rates, CAPTURE_MIN_RATE),
-        "final_mtre_mm": {"median": _quantile(final, 0.5), "p95": _quantile(final, 0.95)},
-        "mpd_isocenter_mm": {"median": _quantile(mpd_iso, 0.5)},
-        "time_s": {"median": _quantile(times, 0.5), "p95": _quantile(times, 0.95)},
-        "prepare_s": {"median": _quantile(prepare, 0.5), "max": float(prepare.max()) if len(prepare) else None},
+        "final_mtre_mm": {"median": quantile(final, 0.5), "p95": quantile(final, 0.95)},
+        "mpd_isocenter_mm": {"median": quantile(mpd_iso, 0.5)},
+        "time_s": {"median": quantile(times, 0.5), "p95": quantile(times, 0.95)},
+        "prepare_s": {"median": quantile(prepare, 0.5), "max": float(prepare.max()) if len(prepare) else None},
         "quality_gate": {
             "failed_rate": float(np.mean(flagged)) if len(records) else None,
             "ok_correct": int(np.sum(~flagged & ~wrong)),

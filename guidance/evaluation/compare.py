@@ -16,10 +16,8 @@ import sys
 import time
 from typing import Sequence
 
-import numpy as np
-
 from guidance.core.volume import Volume
-from guidance.evaluation.benchmark import BenchmarkCase, summarize
+from guidance.evaluation.benchmark import BenchmarkCase, quantile, summarize
 from guidance.evaluation.metrics import EvaluationError
 from guidance.evaluation.runners import error_record, progress_line, score_case
 from guidance.registration.register import RegistrationSettings, Registrator
@@ -71,10 +69,6 @@ def _score(registrator: Registrator, case: BenchmarkCase) -> dict:
         return error_record(case, error)
 
 
-def _median(values: Sequence[float]) -> float | None:
-    return float(np.median(values)) if len(values) else None
-
-
 def compare_settings(
     cases: Sequence[BenchmarkCase],
     ct: Volume,
@@ -112,10 +106,10 @@ def compare_settings(
         result[name] = {
             "settings": _changed_settings(variants[name]),
             "summary": summarize(recs),
-            "time_ratio": {"median": _median(ratios), "min": min(ratios, default=None),
+            "time_ratio": {"median": quantile(ratios, 0.5), "min": min(ratios, default=None),
                            "max": max(ratios, default=None)},
-            "mtre_where_reference_ok_mm": _median([r["final_mtre_mm"] for r, ref in zip(recs, reference)
-                                                   if ref["status"] == "ok" and "final_mtre_mm" in r]),
+            "mtre_where_reference_ok_mm": quantile([r["final_mtre_mm"] for r, ref in zip(recs, reference)
+                                                    if ref["status"] == "ok" and "final_mtre_mm" in r], 0.5),
             "outcome_changes": [r["case_id"] for r, ref in zip(recs, reference)
                                 if (r["status"], r["success"]) != (ref["status"], ref["success"])],
         }

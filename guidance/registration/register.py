@@ -774,6 +774,9 @@ class _Objective:
         self.measures = measures
         self.parallel = parallel
         self.pool = pool
+        if not set(image_derivatives) <= {3, 4, 5}:
+            raise RegistrationError("image derivatives exist for the translations 3, 4, 5 only; "
+                                    f"got {image_derivatives}")
         self.image_derivatives = image_derivatives
         self.n_blocks = sum(m.n_blocks for m in measures)
         self.prior = None
@@ -869,8 +872,6 @@ class _Objective:
         wanted = self.image_derivatives
         if not wanted:
             return {}
-        if not set(wanted) <= {3, 4, 5}:
-            raise RegistrationError(f"image derivatives exist for the translations 3, 4, 5 only; got {wanted}")
         x = np.asarray(x, dtype=np.float64)
         _, drrs = self._evaluated(x, self.parallel)
         centre = np.asarray(self.param.centre_world, dtype=float)

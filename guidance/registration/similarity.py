@@ -18,10 +18,15 @@ from guidance.registration.errors import RegistrationError
 __all__ = ["SIMILARITIES", "Similarity", "NCC", "GradientNCC", "PatchNCC", "get_similarity"]
 
 
+def _centred(values: np.ndarray) -> tuple[np.ndarray, float]:
+    """Zero-mean float64 copy and its norm."""
+    v = values.astype(np.float64) - values.mean()
+    return v, float(np.linalg.norm(v))
+
+
 def _normalise(values: np.ndarray) -> np.ndarray:
     """Zero mean, unit norm (all zeros for a constant block)."""
-    v = values.astype(np.float64) - values.mean()
-    n = np.linalg.norm(v)
+    v, n = _centred(values)
     return v / n if n > 0 else v
 
 
@@ -56,14 +61,13 @@ class Similarity:
             return [np.zeros(1) for _ in d_moving]
         blocks = []
         for m in self._blocks(moving):
-            v = m.astype(np.float64) - m.mean()
-            norm = float(np.linalg.norm(v))
+            v, norm = _centred(m)
             blocks.append((v / norm if norm > 0 else v, norm))
         out = []
         for dm in d_moving:
             parts = []
             for (n, norm), d in zip(blocks, self._blocks(dm)):
-                dv = d.astype(np.float64) - d.mean()
+                dv = _centred(d)[0]
                 parts.append(-(dv - n * np.dot(n, dv)) / norm if norm > 0 else np.zeros(len(dv)))
             out.append(np.concatenate(parts))
         return out
