@@ -12,6 +12,10 @@ inside the box of non-zero voxels and jumps over bricks of voxels that are all z
 (an occupancy grid made once by ``prepare_volume``), which pays off for bone-only
 volumes, where most of each ray crosses zeros.
 
+``render_drr_motion`` also returns the image's derivative with respect to a small rigid
+motion of the volume, from the same pass over the rays: the registration's Jacobian
+without a render per parameter.
+
 Typical use prepares the volume once (``prepare_volume``: attenuation values,
 optional label selection, cropping to the non-zero box, occupancy grid) and renders
 many views.
@@ -30,7 +34,8 @@ from guidance.core.geometry import invert_rigid
 from guidance.core.views import View
 from guidance.core.volume import Volume, VolumeError, crop_to_mask
 
-__all__ = ["DrrError", "DrrVolume", "prepare_volume", "render_drr", "render_drr_reference"]
+__all__ = ["DrrError", "DrrVolume", "prepare_volume", "render_drr", "render_drr_motion",
+           "render_drr_reference"]
 
 
 class DrrError(GuidanceError):
@@ -234,6 +239,61 @@ def _integrate(flat, s_j, s_k, a, s, m_begin, m_end, acc):
 
 
 @numba.njit(cache=True, fastmath=True)
+def _integrate_gradient(flat, s_j, s_k, a, s, m_begin, m_end, sums):
+    """``_integrate`` that also sums the trilinear interpolant's gradient (per index
+    unit) at each sample, plain and weighted by the sample number m: ``sums`` is
+    (value, gi, gj, gk, m gi, m gj, m gk), returned updated."""
+    acc, gi_sum, gj_sum, gk_sum, mgi_sum, mgj_sum, mgk_sum = sums
+    fm = np.float32(m_begin)
+    pi = a[0] + fm * s[0]
+    pj = a[1] + fm * s[1]
+    pk = a[2] + fm * s[2]
+    for _ in range(m_begin, m_end):
+        i0 = int(pi)
+        j0 = int(pj)
+        k0 = int(pk)
+        fi = pi - i0
+        fj = pj - j0
+        fk = pk - k0
+        b = k0 * s_k + j0 * s_j + i0
+        a000 = np.float32(flat[b])
+        a001 = np.float32(flat[b + 1])
+        a010 = np.float32(flat[b + s_j])
+        a011 = np.float32(flat[b + s_j + 1])
+        a100 = np.float32(flat[b + s_k])
+        a101 = np.float32(flat[b + s_k + 1])
+        a110 = np.float32(flat[b + s_k + s_j])
+        a111 = np.float32(flat[b + s_k + s_j + 1])
+        d00 = a001 - a000
+        d01 = a011 - a010
+        d10 = a101 - a100
+        d11 = a111 - a110
+        c00 = a000 + fi * d00
+        c01 = a010 + fi * d01
+        c10 = a100 + fi * d10
+        c11 = a110 + fi * d11
+        c0 = c00 + fj * (c01 - c00)
+        c1 = c10 + fj * (c11 - c10)
+        e0 = d00 + fj * (d01 - d00)
+        e1 = d10 + fj * (d11 - d10)
+        gi = e0 + fk * (e1 - e0)
+        gj = (c01 - c00) + fk * ((c11 - c10) - (c01 - c00))
+        gk = c1 - c0
+        acc += c0 + fk * gk
+        gi_sum += gi
+        gj_sum += gj
+        gk_sum += gk
+        mgi_sum += fm * gi
+        mgj_sum += fm * gj
+        mgk_sum += fm * gk
+        fm += np.float32(1.0)
+        pi += s[0]
+        pj += s[1]
+        pk += s[2]
+    return acc, gi_sum, gj_sum, gk_sum, mgi_sum, mgj_sum, mgk_sum
+
+
+@numba.njit(cache=True, fastmath=True)
 def _slab(lo, hi, src, d, t0, t1):
     """The part [t0, t1] of the ray src + t d that lies in the box lo..hi (per axis);
     empty when t1 <= t0."""
@@ -267,8 +327,21 @@ def _dda_start(src, d, t0, step, m, brick_shift):
 
 
 @numba.njit(cache=True, fastmath=True)
-def _cast_row(v, codes, occupancy, brick_shift, box, grid_box, Kinv, R, src, step_mm, mu_scale, skip_empty, out):
-    """Line integrals of detector row ``v`` into ``out[v]``.
+def _sum_run(flat, s_j, s_k, a, s, m_begin, m_end, sums, with_gradient):
+    """The samples m_begin .. m_end - 1 added to ``sums`` (``_integrate_gradient``'s
+    seven; only the first without ``with_gradient``)."""
+    if with_gradient:
+        return _integrate_gradient(flat, s_j, s_k, a, s, m_begin, m_end, sums)
+    return (_integrate(flat, s_j, s_k, a, s, m_begin, m_end, sums[0]),
+            sums[1], sums[2], sums[3], sums[4], sums[5], sums[6])
+
+
+@numba.njit(cache=True, fastmath=True)
+def _cast_row(v, codes, occupancy, brick_shift, box, grid_box, Kinv, R, src, step_mm, mu_scale, skip_empty, out,
+              with_motion, motion):
+    """Line integrals of detector row ``v`` into ``out[v]`` (and with ``with_motion``
+    their derivatives under a motion of the volume into ``motion[v]``: see
+    ``render_drr_motion``).
 
     Each ray is clipped to ``grid_box`` (the box of voxel centres) and sampled at the
     midpoints of n = ceil(length / step_mm) equal steps (this rule fixes every sample
@@ -281,7 +354,11 @@ def _cast_row(v, codes, occupancy, brick_shift, box, grid_box, Kinv, R, src, ste
     s_k = codes.shape[1] * codes.shape[2]
     flat = codes.ravel()
     last_k, last_j, last_i = occupancy.shape[0] - 1, occupancy.shape[1] - 1, occupancy.shape[2] - 1
+    zero = np.float32(0.0)
     for u in range(W):
+        out[v, u] = 0.0
+        if with_motion:
+            motion[v, u, :] = 0.0
         dx = Kinv[0, 0] * u + Kinv[0, 1] * v + Kinv[0, 2]
         dy = Kinv[1, 1] * v + Kinv[1, 2]
         norm = math.sqrt(dx * dx + dy * dy + 1.0)
@@ -296,56 +373,117 @@ def _cast_row(v, codes, occupancy, brick_shift, box, grid_box, Kinv, R, src, ste
         )
         t0, t1 = _slab(grid_box[0], grid_box[1], src, d, 0.0, 1e30)
         if t1 <= t0:
-            out[v, u] = 0.0
             continue
         n = int(math.ceil((t1 - t0) / step_mm))
         step = (t1 - t0) / n
         tm = t0 + 0.5 * step
         a = (np.float32(src[0] + tm * d[0]), np.float32(src[1] + tm * d[1]), np.float32(src[2] + tm * d[2]))
         s = (np.float32(step * d[0]), np.float32(step * d[1]), np.float32(step * d[2]))
+        sums = (zero, zero, zero, zero, zero, zero, zero)
         if not skip_empty:
-            acc = _integrate(flat, s_j, s_k, a, s, 0, n, np.float32(0.0))
-            out[v, u] = acc * step * mu_scale
-            continue
-        ta, tb = _slab(box[0], box[1], src, d, t0, t1)
-        if tb <= ta:
-            out[v, u] = 0.0
-            continue
-        # Samples m whose t = t0 + (m + 0.5) step lies in [ta, tb], one more each side.
-        m = max(0, int(math.floor((ta - t0) / step - 0.5)))
-        m_end = min(n, int(math.ceil((tb - t0) / step - 0.5)) + 1)
-        # Walk the bricks along the ray (3D DDA in units of samples): brick index b*,
-        # sample coordinate of the next face crossing f*, its increment g* per brick.
-        bi, di, fi, gi = _dda_start(src[0], d[0], t0, step, m, brick_shift)
-        bj, dj, fj, gj = _dda_start(src[1], d[1], t0, step, m, brick_shift)
-        bk, dk, fk, gk = _dda_start(src[2], d[2], t0, step, m, brick_shift)
-        acc = np.float32(0.0)
-        run = -1
-        while m < m_end:
-            f = min(fi, fj, fk)
-            # Samples m .. m_next - 1 lie in this brick (up to rounding, which the
-            # widened occupancy covers).
-            m_next = m_end if f >= m_end else int(max(f, 0.0)) + 1
-            if m_next > m:
-                if occupancy[min(max(bk, 0), last_k), min(max(bj, 0), last_j), min(max(bi, 0), last_i)]:
-                    if run < 0:
-                        run = m
-                elif run >= 0:
-                    acc = _integrate(flat, s_j, s_k, a, s, run, m, acc)
-                    run = -1
-                m = m_next
-            if f == fi:
-                bi += di
-                fi += gi
-            elif f == fj:
-                bj += dj
-                fj += gj
-            else:
-                bk += dk
-                fk += gk
-        if run >= 0:
-            acc = _integrate(flat, s_j, s_k, a, s, run, m_end, acc)
-        out[v, u] = acc * step * mu_scale
+            sums = _sum_run(flat, s_j, s_k, a, s, 0, n, sums, with_motion)
+        else:
+            ta, tb = _slab(box[0], box[1], src, d, t0, t1)
+            if tb <= ta:
+                continue
+            # Samples m whose t = t0 + (m + 0.5) step lies in [ta, tb], one more each side.
+            m = max(0, int(math.floor((ta - t0) / step - 0.5)))
+            m_end = min(n, int(math.ceil((tb - t0) / step - 0.5)) + 1)
+            # Walk the bricks along the ray (3D DDA in units of samples): brick index b*,
+            # sample coordinate of the next face crossing f*, its increment g* per brick.
+            bi, di, fi, gi = _dda_start(src[0], d[0], t0, step, m, brick_shift)
+            bj, dj, fj, gj = _dda_start(src[1], d[1], t0, step, m, brick_shift)
+            bk, dk, fk, gk = _dda_start(src[2], d[2], t0, step, m, brick_shift)
+            run = -1
+            while m < m_end:
+                f = min(fi, fj, fk)
+                # Samples m .. m_next - 1 lie in this brick (up to rounding, which the
+                # widened occupancy covers).
+                m_next = m_end if f >= m_end else int(max(f, 0.0)) + 1
+                if m_next > m:
+                    if occupancy[min(max(bk, 0), last_k), min(max(bj, 0), last_j), min(max(bi, 0), last_i)]:
+                        if run < 0:
+                            run = m
+                    elif run >= 0:
+                        sums = _sum_run(flat, s_j, s_k, a, s, run, m, sums, with_motion)
+                        run = -1
+                    m = m_next
+                if f == fi:
+                    bi += di
+                    fi += gi
+                elif f == fj:
+                    bj += dj
+                    fj += gj
+                else:
+                    bk += dk
+                    fk += gk
+            if run >= 0:
+                sums = _sum_run(flat, s_j, s_k, a, s, run, m_end, sums, with_motion)
+        weight = step * mu_scale
+        out[v, u] = sums[0] * weight
+        if with_motion:
+            ray = (dx, dy, dz)
+            mu0, ds0 = _box_end(flat, s_j, s_k, grid_box, src, d, t0, R, ray, mu_scale)
+            mu1, ds1 = _box_end(flat, s_j, s_k, grid_box, src, d, t1, R, ray, mu_scale)
+            _motion_sensitivity(sums, tm, step, weight, R, ray, mu0, ds0, mu1, ds1, motion[v, u])
+
+
+@numba.njit(cache=True, fastmath=True)
+def _box_end(flat, s_j, s_k, grid_box, src, d, t, R, ray, mu_scale):
+    """Where a ray leaves or enters the box of voxel centres, at t (mm from the source):
+    the attenuation there (1/mm), and how far that end moves along the ray per unit of a
+    motion (w, b) of the volume (6-tuple, mm): n . v(q) / (n . d) with n the face's
+    normal, v(q) = w x q + b at the end q (w . (q x n) + b . n). Zero for a ray that
+    grazes its face (|n . d| < 0.1 |n|), where the end's motion is unbounded."""
+    p = (src[0] + t * d[0], src[1] + t * d[1], src[2] + t * d[2])
+    axis = 0
+    nearest = 1e30
+    for a in range(3):
+        gap = min(abs(p[a] - grid_box[0, a]), abs(p[a] - grid_box[1, a]))
+        if gap < nearest:
+            nearest = gap
+            axis = a
+    inside = (np.float32(min(max(p[0], grid_box[0, 0]), grid_box[1, 0])),
+              np.float32(min(max(p[1], grid_box[0, 1]), grid_box[1, 1])),
+              np.float32(min(max(p[2], grid_box[0, 2]), grid_box[1, 2])))
+    zero = np.float32(0.0)
+    mu = _integrate(flat, s_j, s_k, inside, (zero, zero, zero), 0, 1, zero) * mu_scale
+    n = (R[axis, 0], R[axis, 1], R[axis, 2])  # index = R q + src: the face i_axis = const has normal R[axis]
+    nd = n[0] * ray[0] + n[1] * ray[1] + n[2] * ray[2]
+    if abs(nd) < 0.1 * math.sqrt(n[0] * n[0] + n[1] * n[1] + n[2] * n[2]):
+        return mu, (0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    q = (t * ray[0], t * ray[1], t * ray[2])
+    return mu, ((q[1] * n[2] - q[2] * n[1]) / nd, (q[2] * n[0] - q[0] * n[2]) / nd, (q[0] * n[1] - q[1] * n[0]) / nd,
+                n[0] / nd, n[1] / nd, n[2] / nd)
+
+
+@numba.njit(cache=True, fastmath=True)
+def _motion_sensitivity(sums, tm, step, weight, R, ray, mu0, ds0, mu1, ds1, out):
+    """d (line integral) / d (w, b) of one ray (``render_drr_motion``) into ``out`` (6),
+    from ``_integrate_gradient``'s sums: G = integral of grad mu ds and G1 = integral of s
+    grad mu ds (s mm from the source; sample m at s = tm + m step), both turned from index
+    to camera axes (grad_cam = R^T grad_index). A velocity v(q) = w x q + b of the volume
+    changes the integral inside the clipped ray by -(G . v) = -(G . b + w . (d x G1)) for
+    the unit ray d, and moves its ends (``_box_end``: mu0 at the entry, mu1 at the exit,
+    and their motions ds0, ds1), adding mu1 ds1 - mu0 ds0. Along the ray, grad mu
+    integrates exactly to mu1 - mu0: the sum's own part there is the sampling's noise (the
+    samples sit still while the volume moves through them), which would swamp a depth
+    motion's small effect, so it is replaced by that (v . d is the same all along the ray)."""
+    g = (sums[1], sums[2], sums[3])
+    g1 = (tm * sums[1] + step * sums[4], tm * sums[2] + step * sums[5], tm * sums[3] + step * sums[6])
+    G0 = (R[0, 0] * g[0] + R[1, 0] * g[1] + R[2, 0] * g[2]) * weight
+    G1_ = (R[0, 1] * g[0] + R[1, 1] * g[1] + R[2, 1] * g[2]) * weight
+    G2 = (R[0, 2] * g[0] + R[1, 2] * g[1] + R[2, 2] * g[2]) * weight
+    H0 = (R[0, 0] * g1[0] + R[1, 0] * g1[1] + R[2, 0] * g1[2]) * weight
+    H1 = (R[0, 1] * g1[0] + R[1, 1] * g1[1] + R[2, 1] * g1[2]) * weight
+    H2 = (R[0, 2] * g1[0] + R[1, 2] * g1[1] + R[2, 2] * g1[2]) * weight
+    along = G0 * ray[0] + G1_ * ray[1] + G2 * ray[2] - (mu1 - mu0)
+    out[0] = -(ray[1] * H2 - ray[2] * H1) + mu1 * ds1[0] - mu0 * ds0[0]
+    out[1] = -(ray[2] * H0 - ray[0] * H2) + mu1 * ds1[1] - mu0 * ds0[1]
+    out[2] = -(ray[0] * H1 - ray[1] * H0) + mu1 * ds1[2] - mu0 * ds0[2]
+    out[3] = -(G0 - along * ray[0]) + mu1 * ds1[3] - mu0 * ds0[3]
+    out[4] = -(G1_ - along * ray[1]) + mu1 * ds1[4] - mu0 * ds0[4]
+    out[5] = -(G2 - along * ray[2]) + mu1 * ds1[5] - mu0 * ds0[5]
 
 
 # Two distinct functions (not two dispatchers of one): numba keys its on-disk cache by
@@ -353,17 +491,21 @@ def _cast_row(v, codes, occupancy, brick_shift, box, grid_box, Kinv, R, src, ste
 # entry and load whichever variant was compiled first for both. Both release the GIL, so
 # the live loop's thread (heartbeats, tracker samples) runs while a registration renders.
 @numba.njit(cache=True, parallel=True, fastmath=True, nogil=True)
-def _cast_parallel(codes, occupancy, brick_shift, box, grid_box, Kinv, R, src, step_mm, mu_scale, skip_empty, out):
+def _cast_parallel(codes, occupancy, brick_shift, box, grid_box, Kinv, R, src, step_mm, mu_scale, skip_empty, out,
+                   with_motion, motion):
     """All detector rows, spread over numba's threads."""
     for v in numba.prange(out.shape[0]):
-        _cast_row(v, codes, occupancy, brick_shift, box, grid_box, Kinv, R, src, step_mm, mu_scale, skip_empty, out)
+        _cast_row(v, codes, occupancy, brick_shift, box, grid_box, Kinv, R, src, step_mm, mu_scale, skip_empty, out,
+                  with_motion, motion)
 
 
 @numba.njit(cache=True, fastmath=True, nogil=True)
-def _cast_serial(codes, occupancy, brick_shift, box, grid_box, Kinv, R, src, step_mm, mu_scale, skip_empty, out):
+def _cast_serial(codes, occupancy, brick_shift, box, grid_box, Kinv, R, src, step_mm, mu_scale, skip_empty, out,
+                 with_motion, motion):
     """All detector rows on the calling thread."""
     for v in range(out.shape[0]):
-        _cast_row(v, codes, occupancy, brick_shift, box, grid_box, Kinv, R, src, step_mm, mu_scale, skip_empty, out)
+        _cast_row(v, codes, occupancy, brick_shift, box, grid_box, Kinv, R, src, step_mm, mu_scale, skip_empty, out,
+                  with_motion, motion)
 
 
 PARALLEL_MIN_PIXELS = 192 * 192
@@ -400,6 +542,33 @@ def render_drr(
     sample of every ray, for comparison. ``parallel``: spread the rows over numba's
     threads (None: only images of ``PARALLEL_MIN_PIXELS`` or more).
     """
+    return _render(volume, view, step_mm, out, None, skip_empty, parallel)[0]
+
+
+def render_drr_motion(
+    volume: DrrVolume | Volume,
+    view: View,
+    *,
+    step_mm: float | None = None,
+    out: np.ndarray | None = None,
+    skip_empty: bool = True,
+    parallel: bool | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``render_drr``'s image and its derivative (H, W, 6) float32 with respect to a small
+    rigid motion of the volume, the twist (w rad, b mm) in the view's camera frame that
+    moves a point q by w x q + b: ``image change = motion @ twist``.
+
+    One pass over the rays (about 1.1-1.3x a plain render), where finite differences
+    need a render per parameter. It sums the trilinear interpolant's gradient at the
+    image's own samples, so it is the derivative of this very sum, except along the ray,
+    where the sampling's noise is replaced by the integral's exact 0 (and up to the
+    samples' clipping to the moving volume's box, where mu is 0 for a cropped volume)."""
+    return _render(volume, view, step_mm, out, np.empty(view.shape + (6,), np.float32), skip_empty, parallel)
+
+
+def _render(volume: DrrVolume | Volume, view: View, step_mm: float | None, out: np.ndarray | None,
+            motion: np.ndarray | None, skip_empty: bool, parallel: bool | None) -> tuple[np.ndarray, np.ndarray]:
+    """The ray cast behind ``render_drr`` and ``render_drr_motion`` (motion None: image only)."""
     if isinstance(volume, Volume):
         volume = prepare_volume(volume)
     step = volume.step_mm if step_mm is None else float(step_mm)
@@ -415,9 +584,14 @@ def render_drr(
         parallel = out.size >= PARALLEL_MIN_PIXELS
     cast = _cast_parallel if parallel else _cast_serial
     brick_shift = volume.brick_voxels.bit_length() - 1
+    with_motion = motion is not None
     cast(volume.codes, volume.occupancy, brick_shift, volume.nonzero_box_ijk, grid_box, Kinv, R, src, step,
-         volume.mu_scale, bool(skip_empty), out)
-    return out
+         volume.mu_scale, bool(skip_empty), out, with_motion, motion if with_motion else _NO_MOTION)
+    return out, motion
+
+
+_NO_MOTION = np.empty((1, 1, 6), np.float32)
+"""The kernel's motion argument when only the image is wanted (one compiled signature)."""
 
 
 def render_drr_reference(

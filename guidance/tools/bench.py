@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from guidance.core.drr import prepare_volume, render_drr
+from guidance.core.drr import prepare_volume, render_drr, render_drr_motion
 from guidance.core.errors import GuidanceError
 from guidance.core.geometry import invert_rigid
 from guidance.core.views import View, carm_view
@@ -213,7 +213,8 @@ def bench_drr(*, shared_data: Path | None = None, repeats: int = 20, sizes=DETEC
 
     On the clinical grids also the bone only (voxels at or above registration's bone
     threshold, as registration renders them), once walking every sample and once with
-    empty-space skipping, with the speed-up. ``with_diffdrr`` adds DiffDRR's trilinear
+    empty-space skipping, with the speed-up, and with the motion derivative that the
+    registration's Jacobian comes from (``render_drr_motion``). ``with_diffdrr`` adds DiffDRR's trilinear
     and siddon renderers (``DIFFDRR_REPEATS`` repeats, same volume and view) when torch
     and diffdrr are installed, with the NCC of their images to ours."""
     import numba
@@ -258,6 +259,9 @@ def bench_drr(*, shared_data: Path | None = None, repeats: int = 20, sizes=DETEC
                                         **machine))
                 rows.append(DrrBenchRow(bone_name, grid, "guidance (numba), empty-space skipping", n, *skip, repeats,
                                         speedup=every[0] / skip[0], **machine))
+                with_motion = _time(lambda: render_drr_motion(bone, view, out=out), repeats)
+                rows.append(DrrBenchRow(bone_name, grid, "guidance (numba), skipping, with motion derivative", n,
+                                        *with_motion, repeats, **machine))
             if with_diffdrr:
                 render_drr(dv, view, out=out)
                 diffdrr_rows = _bench_diffdrr(name, grid, hu, view, out, s_per_ray)
