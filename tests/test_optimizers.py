@@ -124,15 +124,3 @@ def test_profile_sd_is_the_gauss_newton_sd_of_a_linear_model_and_infinite_where_
     for step in (0.2, 3.0):  # a linear model's curvature does not depend on the step
         assert profile_sd(objective, x, direction, step) == pytest.approx(expected, rel=1e-9)
     assert profile_sd(objective, x, np.eye(6)[5], 3.0) == np.inf
-
-
-def test_lm_continues_with_broyden_updates_after_finite_differences():
-    """``broyden_after=1``: one finite-difference Jacobian, then rank-one updates (one
-    evaluation per iteration instead of n + 1): on linear residuals the updates keep the
-    Jacobian exact, so the same minimum with fewer evaluations."""
-    scale = np.array([4.0, 4.0, 4.0, 6.0, 6.0, 20.0])
-    plain = minimize("lm", Quadratic(), np.zeros(6), scale, max_fev=6, ftol=1e-12, xtol=1e-9)
-    broyden = minimize("lm", Quadratic(), np.zeros(6), scale, max_fev=6, ftol=1e-12, xtol=1e-9, broyden_after=1)
-    np.testing.assert_allclose(broyden.x, Quadratic().x_star, atol=1e-3)
-    np.testing.assert_allclose(broyden.x, plain.x, atol=1e-3)
-    assert broyden.nfev < plain.nfev and "Broyden" in broyden.stop_reason

@@ -169,7 +169,7 @@ def _jacobian(objective, z: np.ndarray, r: np.ndarray, scale: np.ndarray, diff_s
 
 
 def _levenberg_marquardt(objective, x0, scale, *, max_fev=10, xtol=1e-2, ftol=1e-4, diff_step=0.02,
-                         max_retries=3, jacobian=None, broyden_after=None, **_):
+                         max_retries=3, jacobian=None, **_):
     """Levenberg-Marquardt on the residuals with forward-difference Jacobians (step
     ``diff_step`` in units of ``scale``; the columns the objective's ``derivatives`` know are
     taken from it): at most ``max_fev`` iterations of n + 1 evaluations at most (plus one per
@@ -183,8 +183,7 @@ def _levenberg_marquardt(objective, x0, scale, *, max_fev=10, xtol=1e-2, ftol=1e
     each. When neither the first step nor half of it lowers the cost, the borrowed
     Jacobian misleads: forward differences take over. A later step that does not lower
     the cost ends the search as converged (in tracking, a fresh finite-difference
-    Jacobian at that point was measured to find no further decrease). ``broyden_after``:
-    after this many finite-difference iterations, Broyden updates of the last one."""
+    Jacobian at that point was measured to find no further decrease)."""
     z = np.asarray(x0, dtype=float) / scale
     n = len(z)
     r = objective.residuals(z * scale)
@@ -217,8 +216,6 @@ def _levenberg_marquardt(objective, x0, scale, *, max_fev=10, xtol=1e-2, ftol=1e
                 continue
             reason, converged = ("no secant step" if secant else "no damping") + " lowers the cost", True
             break
-        if not secant and broyden_after is not None and iteration + 1 >= broyden_after:
-            secant = True
         if secant:
             J += np.outer(r_new - r - J @ step, step) / float(np.dot(step, step))
         decrease = (cost - cost_new) / max(cost, 1e-300)

@@ -34,7 +34,7 @@ import cv2
 import numpy as np
 
 from guidance.core.cache import default_cache_dir
-from guidance.core.drr import DrrVolume, prepare_volume, render_drr
+from guidance.core.drr import DrrVolume, prepare_volume, render_drr, render_drr_motion
 from guidance.core.errors import GuidanceError
 from guidance.core.views import View
 from guidance.core.volume import (
@@ -87,8 +87,8 @@ class PrepareSettings:
 class AnatomyModel:
     """What a 2D/3D registration renders: ``bone`` on a pyramid grid plus, when prepared,
     the ``soft`` tissue on its coarse grid, drawn on a binned detector and interpolated
-    up (its line integrals add to the bone's). That detector is binned at least
-    ``soft_binning`` times (a coarse search level, where it only steers candidates)."""
+    up (its line integrals add to the bone's). That detector is binned a whole number of
+    times, at least ``soft_binning`` (a coarse search level, where it only steers candidates)."""
 
     bone: DrrVolume
     soft: DrrVolume | None = None
@@ -102,23 +102,47 @@ class AnatomyModel:
             image += self._soft_image(view, parallel)
         return image
 
-    def _soft_image(self, view: View, parallel: bool | None) -> np.ndarray:
+    def render_motion(self, view: View, *, parallel: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``render``'s image and its derivative (H, W, 6) with respect to a small motion of
+        the anatomy (``render_drr_motion``: the twist (w rad, b mm) in the view's camera frame)."""
+        image, motion = render_drr_motion(self.bone, view, parallel=parallel)
+        if self.soft is not None:
+            soft_image, soft_motion = self._soft_image(view, parallel, with_motion=True)
+            image += soft_image
+            motion += soft_motion
+        return image, motion
+
+    def _soft_image(self, view: View, parallel: bool | None, with_motion: bool = False):
+        """The soft tissue's line integrals in ``view`` (with ``with_motion``: and their motion
+        derivative), drawn on a binned detector and interpolated up."""
         soft = self.soft
         T = soft.T_world_from_index
         centre = T[:3, :3] @ ((np.array(soft.size_ijk) - 1.0) / 2.0) + T[:3, 3]
         depth_mm = float(view.T_cam_from_world[2, :3] @ centre + view.T_cam_from_world[2, 3])
         footprint_mm = depth_mm / float(view.K[0, 0])
-        factor = max(SOFT_PIXEL_PER_VOXEL * soft.step_mm / footprint_mm, self.soft_binning)
+        # A whole number of pixels: a binning that followed the depth continuously would move
+        # the binned detector's grid with every pose, and the image's motion derivative with it.
+        factor = float(np.ceil(max(SOFT_PIXEL_PER_VOXEL * soft.step_mm / footprint_mm, self.soft_binning)))
+        render = render_drr_motion if with_motion else render_drr
         if factor <= 1.0:
-            return render_drr(soft, view, parallel=parallel)
+            return render(soft, view, parallel=parallel)
         W, H = view.image_size
         coarse = view.downsampled(factor)
         coarse = coarse.cropped(0, 0, int(np.ceil(W / factor)) + 1, int(np.ceil(H / factor)) + 1)
-        small = render_drr(soft, coarse, parallel=parallel)
         # Pixel (u, v) of the view lies at ((u + 0.5) / factor - 0.5, ...) of the binned one (View.downsampled).
         to_small = np.array([[1.0 / factor, 0.0, 0.5 / factor - 0.5], [0.0, 1.0 / factor, 0.5 / factor - 0.5]])
-        return cv2.warpAffine(small, to_small, (W, H), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                              borderMode=cv2.BORDER_REPLICATE)
+
+        def up(small: np.ndarray) -> np.ndarray:
+            return cv2.warpAffine(small, to_small, (W, H), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                                  borderMode=cv2.BORDER_REPLICATE)
+
+        if not with_motion:
+            return up(render(soft, coarse, parallel=parallel))
+        small, small_motion = render(soft, coarse, parallel=parallel)
+        # warpAffine takes at most 4 channels: the motion's 6 in two halves
+        motion = np.concatenate([up(np.ascontiguousarray(small_motion[..., :3])),
+                                 up(np.ascontiguousarray(small_motion[..., 3:]))], axis=-1)
+        return up(small), motion
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ A global registration runs, on the coarsest pyramid level:
    +- ``search_range_mm`` (one FFT correlation per view), which also settles the
    polarity of display images; the best peaks, the best one moved one vertebral
    height up and down the spine, and the start itself are the candidates;
-2. a short local refinement of every candidate (several at once, one per thread; the
-   translations' derivatives taken from the rendered images); the best few distinct ones are
+2. a short local refinement of every candidate (several at once, one per thread; each
+   Jacobian from the DRR's motion derivative); the best few distinct ones are
    refined on the finer levels, and when two end far apart with nearly equal cost the
    result is failed as ambiguous (e.g. one vertebral level off);
 3. the quality gate, which uses the similarity and the pose uncertainty (1 sigma at
@@ -42,7 +42,7 @@ import numba
 import numpy as np
 
 from guidance.core.drr import DrrVolume
-from guidance.core.geometry import invert_rigid, project, transform_points
+from guidance.core.geometry import invert_rigid, project
 from guidance.core.images import PreparedImage
 from guidance.core.views import View
 from guidance.core.volume import Volume, VolumeError
@@ -75,8 +75,7 @@ class RegistrationSettings:
     are refined; the best distinct ones go on to the finer levels (``n_refined[n]`` after level n, then
     one), with ``global_iterations[n]`` iterations on level n (the last entry for
     further levels; with ``n_survivors`` only that many distinct candidates get the second half
-    of the coarsest level's iterations, None: all; after ``coarse_broyden_after`` finite-difference
-    iterations the coarsest level's go on with Broyden updates, None: never); a registration
+    of the coarsest level's iterations, None: all); a registration
     without global search (tracking, per vertebra)
     runs ``local_max_fev`` iterations per level. Two
     refined candidates more than ``ambiguity_distance_mm`` apart at the rotation centre
@@ -103,18 +102,14 @@ class RegistrationSettings:
     small images do not split well across threads, several images at once do; several
     starts of one level are refined at once, one per thread.
     ``coarse_soft_binning``: the coarsest level of a global registration draws the soft
-    tissue on a detector binned at least this much (on a 256 px view: 4.7 instead of 2.6 mm
+    tissue on a detector binned at least this much (on a 256 px view: 5.2 instead of 2.6 mm
     pixels; about 9% less time with the same results, docs/benchmarks.md session 8).
-    ``coarse_image_derivatives``: on the coarsest level of a global registration (its
-    candidates), the parameters (of 3, 4, 5: tx, ty, tz) whose Jacobian columns the local
-    optimiser takes from the DRRs already rendered (``_Objective.derivatives``) instead of
-    rendering finite differences: 4 renders per iteration instead of 7. On the finer
-    levels of a single view, and in tracking, every column is rendered: these derivatives
-    treat the anatomy as lying at one depth, and on the finer levels too they moved the
-    median mTRE of single real-CT views by up to 0.6 mm and left a 128 px phantom view 3 mm
-    off in depth. ``multi_view_image_derivatives``: with two or more views, whose other
-    views see one view's depth across the image, on every level of a global registration
-    (real-CT biplane pairs: 19% less time, and every one of 10 more accurate).
+    ``analytic_jacobian``: the local optimiser's Jacobian comes from the DRR's motion
+    derivative (``AnatomyModel.render_motion``), drawn with every point it evaluates at
+    about 1.1x the cost of the DRR alone, instead of six more renders of finite
+    differences (False; step ``jacobian_step``). On the clinical grid it made single views
+    2.0-2.6x and biplane pairs 1.5x faster, with the same outcomes and an mTRE as good or
+    better (docs/benchmarks.md session 9).
     ``bone_threshold_hu``, ``soft_tissue_spacing_mm``,
     ``energy_kev``, ``pyramid_spacings_mm`` and ``vertebra_height_mm`` shape the
     prepared CT (prepared.PrepareSettings).
@@ -133,7 +128,6 @@ class RegistrationSettings:
     n_candidates: int = 6
     n_refined: tuple[int, ...] = (2,)
     n_survivors: int | None = 3
-    coarse_broyden_after: int | None = None
     global_iterations: tuple[int, ...] = (4, 3, 3)
     local_max_fev: int = 6
     bone_threshold_hu: float | None = 150.0
@@ -151,9 +145,8 @@ class RegistrationSettings:
     model_error_mm: tuple[float, float] = (0.1, 0.3)
     parallel_render: bool | None = None
     evaluation_threads: int | None = None
-    coarse_soft_binning: float = 1.8
-    coarse_image_derivatives: tuple[int, ...] = (3, 4, 5)
-    multi_view_image_derivatives: bool = True
+    coarse_soft_binning: float = 2.0
+    analytic_jacobian: bool = True
     quality: QualityLimits = field(default_factory=QualityLimits)
 
     def prepare_settings(self) -> PrepareSettings:
@@ -397,7 +390,7 @@ class Registrator:
 
     def _objective(
         self, stage: list[_PyramidLevel], model: AnatomyModel, param: PoseParameterization, starts: list[np.ndarray],
-        centre: np.ndarray, rois: tuple[np.ndarray, ...] | None = None, image_derivatives: tuple[int, ...] = (),
+        centre: np.ndarray, rois: tuple[np.ndarray, ...] | None = None,
     ) -> "_Objective":
         """The cost of one pyramid level; its ROI is fixed, at the first start's pose, with
         a margin that covers the other starts (or ``rois``, one per view, when given)."""
@@ -411,7 +404,7 @@ class Registrator:
                          for pl in stage)
         return _Objective(stage, model, param, [similarity(pl.image, roi) for pl, roi in zip(stage, rois)],
                           parallel=self.settings.parallel_render, pool=self._pool(),
-                          image_derivatives=image_derivatives)
+                          analytic=self.settings.analytic_jacobian)
 
     def _pool(self) -> ThreadPoolExecutor | None:
         """The threads of concurrent evaluations (``evaluation_threads``), None for one at a
@@ -643,16 +636,12 @@ class Registrator:
                      and self._keeps_roi(local_jacobian, stage, T_roi, centre))
             if reuse:
                 T_roi = local_jacobian.T_roi
-            every_level = s.multi_view_image_derivatives and len(views) > 1
-            derivatives = s.coarse_image_derivatives if global_search and (n == 0 or every_level) else ()
             objective = self._objective(stage, model, param, starts, centre,
-                                        rois=local_jacobian.roi_masks if reuse else None, image_derivatives=derivatives)
+                                        rois=local_jacobian.roi_masks if reuse else None)
             if prior_sd is not None:
                 objective.set_prior(x_start, np.asarray(prior_sd, dtype=float), s.prior_weight)
             warm = {"jacobian": local_jacobian.matrix} if reuse else {}
             halving = n == 0 and global_search and s.n_survivors is not None and len(starts) > s.n_survivors
-            if n == 0 and global_search and s.coarse_broyden_after is not None:
-                warm = warm | {"broyden_after": s.coarse_broyden_after}
             outcomes = self._refine(objective, starts, scale, fev // 2 if halving else fev, local_ftol, warm)
             if halving:  # the rest of the iterations for the best few only
                 early = sorted((_Candidate(o.x, o) for o in outcomes), key=lambda c: c.outcome.fun)
@@ -760,29 +749,27 @@ class _Objective:
     residuals of the last few parameter vectors are kept, so the cost and the per-view
     similarities of the optimiser's final point cost no new render. With a ``pool``,
     ``residuals_many`` evaluates its vectors concurrently (each thread its own buffers).
-    With ``image_derivatives``, ``derivatives`` gives the translations' Jacobian columns
-    from the DRRs already rendered at a point, so finite differences render the rotations only.
+    With ``analytic``, every evaluation also renders the DRRs' motion derivatives, from
+    which ``derivatives`` gives every Jacobian column at a point evaluated before: the
+    local optimiser then renders no finite differences.
     """
 
     memory = 32  # enough for two optimisers running at once (``one_thread``)
 
     def __init__(self, stage, model, param, measures, parallel: bool | None = None,
-                 pool: ThreadPoolExecutor | None = None, image_derivatives: tuple[int, ...] = ()):
+                 pool: ThreadPoolExecutor | None = None, analytic: bool = False):
         self.stage = stage
         self.model = model
         self.param = param
         self.measures = measures
         self.parallel = parallel
         self.pool = pool
-        if not set(image_derivatives) <= {3, 4, 5}:
-            raise RegistrationError("image derivatives exist for the translations 3, 4, 5 only; "
-                                    f"got {image_derivatives}")
-        self.image_derivatives = image_derivatives
+        self.analytic = analytic
         self.n_blocks = sum(m.n_blocks for m in measures)
         self.prior = None
         self._count = [0]  # evaluations, shared with ``one_thread`` copies
-        # residuals and DRRs (when derivatives need them) of the last few vectors
-        self._recent: dict[bytes, tuple[np.ndarray, list[np.ndarray]]] = {}
+        # residuals, DRRs and their motion derivatives (``analytic``) of the last few vectors
+        self._recent: dict[bytes, tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]] = {}
         self._view_sizes: list[int] | None = None  # residuals per view, known after the first evaluation
         self._lock = threading.Lock()
         self._buffers = threading.local()
@@ -804,6 +791,8 @@ class _Objective:
         return serial
 
     def _drrs(self, x: np.ndarray, parallel: bool | None):
+        """Per view the DRR at x (in this thread's buffer) and, with ``analytic``, its motion
+        derivative (``AnatomyModel.render_motion``: new arrays), else None."""
         with self._lock:
             self._count[0] += 1
         buffers = getattr(self._buffers, "images", None)
@@ -811,14 +800,17 @@ class _Objective:
             buffers = self._buffers.images = [np.empty(pl.view.shape, np.float32) for pl in self.stage]
         T_corr_inv = invert_rigid(self.param.correction(x))
         for pl, buf in zip(self.stage, buffers):
-            yield self.model.render(pl.view.with_pose(pl.view.T_cam_from_world @ T_corr_inv), out=buf,
-                                    parallel=parallel)
+            view = pl.view.with_pose(pl.view.T_cam_from_world @ T_corr_inv)
+            if self.analytic:
+                yield self.model.render_motion(view, parallel=parallel)
+            else:
+                yield self.model.render(view, out=buf, parallel=parallel), None
 
     def per_view(self, x: np.ndarray) -> list[float]:
         """Each view's similarity score at x (from the kept residuals when x was evaluated)."""
         kept = self._recent.get(np.asarray(x, dtype=np.float64).tobytes())
         if kept is None or self._view_sizes is None:
-            return [float(m.score(drr)) for m, drr in zip(self.measures, self._drrs(x, self.parallel))]
+            return [float(m.score(drr)) for m, (drr, _) in zip(self.measures, self._drrs(x, self.parallel))]
         r = kept[0]
         parts = np.split(r[:sum(self._view_sizes)], np.cumsum(self._view_sizes)[:-1])
         return [float(1.0 - np.dot(p, p) / (2.0 * m.n_blocks)) if m.n_blocks else 0.0
@@ -840,64 +832,68 @@ class _Objective:
     def _residuals(self, x: np.ndarray, parallel: bool | None) -> np.ndarray:
         return self._evaluated(x, parallel)[0]
 
-    def _evaluated(self, x: np.ndarray, parallel: bool | None) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Residuals at x and, when ``derivatives`` needs them, the DRRs they came from (kept
-        for the last few x)."""
+    def _evaluated(self, x: np.ndarray, parallel: bool | None
+                   ) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
+        """Residuals at x and, with ``analytic``, the DRRs they came from and their motion
+        derivatives (kept for the last few x). Rendering the motion derivative with every
+        evaluation costs about 10% more per render, and saves the render of the point that
+        the optimiser accepts and differentiates next."""
         key = np.asarray(x, dtype=np.float64).tobytes()
         kept = self._recent.get(key)
         if kept is not None:
             return kept
-        drrs, parts = [], []
-        for m, drr in zip(self.measures, self._drrs(x, parallel)):
-            if self.image_derivatives:
-                drrs.append(drr.copy())
+        drrs, motions, parts = [], [], []
+        for m, (drr, motion) in zip(self.measures, self._drrs(x, parallel)):
+            if motion is not None:
+                drrs.append(drr)
+                motions.append(motion)
             parts.append(m.residuals(drr))
         self._view_sizes = [len(p) for p in parts]
         if self.prior is not None:
             x0, sd, w = self.prior
             parts.append(w * (np.asarray(x) - x0) / sd)
-        kept = (np.concatenate(parts), drrs)
+        kept = (np.concatenate(parts), drrs, motions)
         with self._lock:
             if len(self._recent) >= self.memory:
                 self._recent.pop(next(iter(self._recent)))
             self._recent[key] = kept
         return kept
 
+    def _twists(self, T_cam_from_world: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """Per parameter k, the motion (w rad, b mm; 6 x 6, a row each) of the anatomy in the
+        camera of a view whose pose is ``T_cam_from_world`` before the correction, per unit
+        of x_k at x (central differences of the exact 4 x 4 transforms)."""
+        h = 1e-4
+
+        def pose(xx: np.ndarray) -> np.ndarray:
+            return T_cam_from_world @ invert_rigid(self.param.correction(xx))
+
+        P_inv = invert_rigid(pose(x))
+        twists = np.empty((6, 6))
+        for k in range(6):
+            V = (pose(x + h * np.eye(6)[k]) - pose(x - h * np.eye(6)[k])) @ P_inv / (2.0 * h)
+            twists[k] = [0.5 * (V[2, 1] - V[1, 2]), 0.5 * (V[0, 2] - V[2, 0]), 0.5 * (V[1, 0] - V[0, 1]), *V[:3, 3]]
+        return twists
+
     def derivatives(self, x: np.ndarray) -> dict[int, np.ndarray]:
-        """d residuals / d x_k (per mm) at x of the translations k in ``image_derivatives``
-        (of 3, 4, 5: tx, ty, tz), from the DRRs rendered there: a small translation of the
-        anatomy shifts its projection and scales it about the principal point, by as much as
-        it does the rotation centre's (an affine camera at the centre's depth, which a
-        Levenberg-Marquardt step tolerates; the residuals themselves stay exact)."""
-        wanted = self.image_derivatives
-        if not wanted:
+        """d residuals / d x_k (per degree or mm) at x of every parameter, from the DRRs and
+        their motion derivatives rendered there (none without ``analytic``: the optimiser
+        then takes finite differences)."""
+        if not self.analytic:
             return {}
         x = np.asarray(x, dtype=np.float64)
-        _, drrs = self._evaluated(x, self.parallel)
-        centre = np.asarray(self.param.centre_world, dtype=float)
-        T_inv = invert_rigid(self.param.correction(x))
-        shifted = [invert_rigid(self.param.correction(x + np.eye(6)[k])) for k in wanted]
-        columns: list[list[np.ndarray]] = [[] for _ in wanted]
-        for pl, measure, drr in zip(self.stage, self.measures, drrs):
-            T = pl.view.T_cam_from_world
-            c = transform_points(T @ T_inv, centre)
-            K, depth = pl.view.K, c[2]
-            grad_v, grad_u = np.gradient(drr.astype(np.float64))
-            u = np.arange(drr.shape[1], dtype=float)[None, :] - K[0, 2]
-            v = np.arange(drr.shape[0], dtype=float)[:, None] - K[1, 2]
-            changes = []
-            for S in shifted:  # translations are linear in x: the centre's move (camera mm) per mm
-                d = transform_points(T @ S, centre) - c
-                du = (K[0, 0] * d[0] + K[0, 1] * d[1] - u * d[2]) / depth
-                dv = (K[1, 1] * d[1] - v * d[2]) / depth
-                changes.append(-(grad_u * du + grad_v * dv))
-            for column, part in zip(columns, measure.residual_derivatives(drr, changes)):
+        _, images, motions = self._evaluated(x, self.parallel)
+        columns: list[list[np.ndarray]] = [[] for _ in range(6)]
+        for pl, measure, image, motion in zip(self.stage, self.measures, images, motions):
+            changes = motion.reshape(-1, 6) @ self._twists(pl.view.T_cam_from_world, x).T.astype(np.float32)
+            parts = measure.residual_derivatives(image, [changes[:, k].reshape(image.shape) for k in range(6)])
+            for column, part in zip(columns, parts):
                 column.append(part)
         if self.prior is not None:
             _, sd, w = self.prior
-            for k, column in zip(wanted, columns):
+            for k, column in enumerate(columns):
                 column.append(w * np.eye(6)[k] / sd[k])
-        return {k: np.concatenate(column) for k, column in zip(wanted, columns)}
+        return {k: np.concatenate(column) for k, column in enumerate(columns)}
 
 
 def register_levels(
