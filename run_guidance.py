@@ -708,9 +708,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ct_arguments(p)
     p.add_argument("--clinical-grid", action="store_true",
                    help="the set was made on the clinical grid: resample the CT (or build the phantom) as evaluate did")
-    p.add_argument("--variant", nargs="+", required=True,
+    p.add_argument("--variant", nargs="+", action="extend", required=True,
                    help="settings to compare with the reference, each 'name=value;name=value' "
-                   "(RegistrationSettings fields, Python literals)")
+                   "(RegistrationSettings fields, Python literals); repeat the flag or list several")
     p.add_argument("--reference", default="", help="the reference's settings (default: the defaults)")
     p.add_argument("--every", type=int, default=1, help="take every n-th case of the set")
     p.add_argument("--json", help="also write the comparison and every record as JSON to this file")

@@ -69,12 +69,15 @@ def test_compare_command_prints_the_table_and_writes_json(phantom, cases, tmp_pa
     out = tmp_path / "compare.json"
     argv = ["compare", "--set", str(tmp_path / "set"), "--ct", str(paths["ct"]), "--labels", str(paths["labels"]),
             "--reference", "pyramid=(2, 1);n_candidates=2", "--every", "2", "--json", str(out)]
-    assert run_guidance.main(argv + ["--variant", "pyramid=(2, 1);n_candidates=2;coarse_soft_binning=1.0"]) == 0
+    finite = "pyramid=(2, 1);n_candidates=2;analytic_jacobian=False"  # a second --variant adds to the first
+    assert run_guidance.main(argv + ["--variant", "pyramid=(2, 1);n_candidates=2;coarse_soft_binning=1.0",
+                                     "--variant", finite]) == 0
     printed = capsys.readouterr().out
     assert "| reference | pyramid=(2, 1), n_candidates=2 | 100% |" in printed
     data = json.loads(out.read_text())
     assert data["machine"]["cpu_model"] and len(data["result"]["records"]["reference"]) == 1
     assert data["result"]["variants"]["pyramid=(2, 1);n_candidates=2;coarse_soft_binning=1.0"]["settings"] == {
         "pyramid": [2, 1], "n_candidates": 2, "coarse_soft_binning": 1.0}
+    assert data["result"]["variants"][finite]["summary"]["success_rate"] == 1.0
     assert run_guidance.main(argv + ["--variant", "coarse_soft_bining=1.0"]) == 2
     assert "'coarse_soft_bining=1.0' is not 'setting=value'" in capsys.readouterr().err
