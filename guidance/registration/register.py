@@ -108,7 +108,7 @@ class RegistrationSettings:
     derivative (``AnatomyModel.render_motion``), drawn with every point it evaluates at
     about 1.1x the cost of the DRR alone, instead of six more renders of finite
     differences (False; step ``jacobian_step``). On the clinical grid it made single views
-    2.0-2.6x and biplane pairs 1.5x faster, with the same outcomes and an mTRE as good or
+    2.1-2.6x and biplane pairs 2.1x faster, with the same outcomes and an mTRE as good or
     better (docs/benchmarks.md session 9).
     ``bone_threshold_hu``, ``soft_tissue_spacing_mm``,
     ``energy_kev``, ``pyramid_spacings_mm`` and ``vertebra_height_mm`` shape the
