@@ -196,12 +196,27 @@ def prepare_volume(
 
 
 @numba.njit(cache=True, fastmath=True)
+def _cell(flat, s_j, s_k, pi, pj, pk):
+    """The trilinear cell of the point (pi, pj, pk) (continuous index in [0, size - 1]:
+    truncation is floor and the zero pad keeps +1 valid): its fractions fi, fj, fk and
+    its eight voxels a_kji."""
+    i0 = int(pi)
+    j0 = int(pj)
+    k0 = int(pk)
+    b = k0 * s_k + j0 * s_j + i0
+    return (pi - i0, pj - j0, pk - k0,
+            np.float32(flat[b]), np.float32(flat[b + 1]), np.float32(flat[b + s_j]), np.float32(flat[b + s_j + 1]),
+            np.float32(flat[b + s_k]), np.float32(flat[b + s_k + 1]), np.float32(flat[b + s_k + s_j]),
+            np.float32(flat[b + s_k + s_j + 1]))
+
+
+@numba.njit(cache=True, fastmath=True)
 def _integrate(flat, s_j, s_k, a, s, m_begin, m_end, acc):
-    """Add the trilinear samples ``a + m s`` (continuous index), m in [m_begin, m_end), to
-    ``acc``, stepping from one to the next. Points lie in [0, size - 1]: truncation
-    is floor and the zero pad keeps +1 valid. (A loop over independent positions a + m s
-    was vectorised by LLVM, but then the code compiled in a process and the code numba
-    loads from its cache summed in different orders: renders differed between runs.)"""
+    """Add the trilinear samples ``a + m s`` (continuous index in [0, size - 1]), m in
+    [m_begin, m_end), to ``acc``, stepping from one to the next. (A loop over independent
+    positions a + m s was vectorised by LLVM, but then the code compiled in a process and
+    the code numba loads from its cache summed in different orders: renders differed
+    between runs.)"""
     fm = np.float32(m_begin)
     pi = a[0] + fm * s[0]
     pj = a[1] + fm * s[1]
@@ -210,21 +225,7 @@ def _integrate(flat, s_j, s_k, a, s, m_begin, m_end, acc):
     sj = s[1]
     sk = s[2]
     for _ in range(m_begin, m_end):
-        i0 = int(pi)
-        j0 = int(pj)
-        k0 = int(pk)
-        fi = pi - i0
-        fj = pj - j0
-        fk = pk - k0
-        b = k0 * s_k + j0 * s_j + i0
-        a000 = np.float32(flat[b])
-        a001 = np.float32(flat[b + 1])
-        a010 = np.float32(flat[b + s_j])
-        a011 = np.float32(flat[b + s_j + 1])
-        a100 = np.float32(flat[b + s_k])
-        a101 = np.float32(flat[b + s_k + 1])
-        a110 = np.float32(flat[b + s_k + s_j])
-        a111 = np.float32(flat[b + s_k + s_j + 1])
+        fi, fj, fk, a000, a001, a010, a011, a100, a101, a110, a111 = _cell(flat, s_j, s_k, pi, pj, pk)
         c00 = a000 + fi * (a001 - a000)
         c01 = a010 + fi * (a011 - a010)
         c10 = a100 + fi * (a101 - a100)
@@ -249,21 +250,7 @@ def _integrate_gradient(flat, s_j, s_k, a, s, m_begin, m_end, sums):
     pj = a[1] + fm * s[1]
     pk = a[2] + fm * s[2]
     for _ in range(m_begin, m_end):
-        i0 = int(pi)
-        j0 = int(pj)
-        k0 = int(pk)
-        fi = pi - i0
-        fj = pj - j0
-        fk = pk - k0
-        b = k0 * s_k + j0 * s_j + i0
-        a000 = np.float32(flat[b])
-        a001 = np.float32(flat[b + 1])
-        a010 = np.float32(flat[b + s_j])
-        a011 = np.float32(flat[b + s_j + 1])
-        a100 = np.float32(flat[b + s_k])
-        a101 = np.float32(flat[b + s_k + 1])
-        a110 = np.float32(flat[b + s_k + s_j])
-        a111 = np.float32(flat[b + s_k + s_j + 1])
+        fi, fj, fk, a000, a001, a010, a011, a100, a101, a110, a111 = _cell(flat, s_j, s_k, pi, pj, pk)
         d00 = a001 - a000
         d01 = a011 - a010
         d10 = a101 - a100
@@ -545,25 +532,18 @@ def render_drr(
     return _render(volume, view, step_mm, out, None, skip_empty, parallel)[0]
 
 
-def render_drr_motion(
-    volume: DrrVolume | Volume,
-    view: View,
-    *,
-    step_mm: float | None = None,
-    out: np.ndarray | None = None,
-    skip_empty: bool = True,
-    parallel: bool | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
+def render_drr_motion(volume: DrrVolume | Volume, view: View, *, out: np.ndarray | None = None,
+                      parallel: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``render_drr``'s image and its derivative (H, W, 6) float32 with respect to a small
     rigid motion of the volume, the twist (w rad, b mm) in the view's camera frame that
     moves a point q by w x q + b: ``image change = motion @ twist``.
 
-    One pass over the rays (about 1.1-1.3x a plain render), where finite differences
-    need a render per parameter. It sums the trilinear interpolant's gradient at the
-    image's own samples, so it is the derivative of this very sum, except along the ray,
-    where the sampling's noise is replaced by the integral's exact 0 (and up to the
-    samples' clipping to the moving volume's box, where mu is 0 for a cropped volume)."""
-    return _render(volume, view, step_mm, out, np.empty(view.shape + (6,), np.float32), skip_empty, parallel)
+    One pass over the rays (about 1.1-1.3x a plain render; the volume's step, empty space
+    skipped), where finite differences need a render per parameter. It sums the trilinear
+    interpolant's gradient at the image's own samples, except along the ray, where their
+    sum is noise and the exact value (the attenuation at the ray's ends) is taken, and it
+    counts the ray's ends moving with the volume's box (``_motion_sensitivity``)."""
+    return _render(volume, view, None, out, np.empty(view.shape + (6,), np.float32), True, parallel)
 
 
 def _render(volume: DrrVolume | Volume, view: View, step_mm: float | None, out: np.ndarray | None,
