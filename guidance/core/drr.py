@@ -456,21 +456,22 @@ def _motion_sensitivity(sums, tm, step, weight, R, ray, mu0, ds0, mu1, ds1, out)
     integrates exactly to mu1 - mu0: the sum's own part there is the sampling's noise (the
     samples sit still while the volume moves through them), which would swamp a depth
     motion's small effect, so it is replaced by that (v . d is the same all along the ray)."""
-    g = (sums[1], sums[2], sums[3])
-    g1 = (tm * sums[1] + step * sums[4], tm * sums[2] + step * sums[5], tm * sums[3] + step * sums[6])
-    G0 = (R[0, 0] * g[0] + R[1, 0] * g[1] + R[2, 0] * g[2]) * weight
-    G1_ = (R[0, 1] * g[0] + R[1, 1] * g[1] + R[2, 1] * g[2]) * weight
-    G2 = (R[0, 2] * g[0] + R[1, 2] * g[1] + R[2, 2] * g[2]) * weight
-    H0 = (R[0, 0] * g1[0] + R[1, 0] * g1[1] + R[2, 0] * g1[2]) * weight
-    H1 = (R[0, 1] * g1[0] + R[1, 1] * g1[1] + R[2, 1] * g1[2]) * weight
-    H2 = (R[0, 2] * g1[0] + R[1, 2] * g1[1] + R[2, 2] * g1[2]) * weight
-    along = G0 * ray[0] + G1_ * ray[1] + G2 * ray[2] - (mu1 - mu0)
-    out[0] = -(ray[1] * H2 - ray[2] * H1) + mu1 * ds1[0] - mu0 * ds0[0]
-    out[1] = -(ray[2] * H0 - ray[0] * H2) + mu1 * ds1[1] - mu0 * ds0[1]
-    out[2] = -(ray[0] * H1 - ray[1] * H0) + mu1 * ds1[2] - mu0 * ds0[2]
-    out[3] = -(G0 - along * ray[0]) + mu1 * ds1[3] - mu0 * ds0[3]
-    out[4] = -(G1_ - along * ray[1]) + mu1 * ds1[4] - mu0 * ds0[4]
-    out[5] = -(G2 - along * ray[2]) + mu1 * ds1[5] - mu0 * ds0[5]
+    G = _camera_axes(R, (sums[1], sums[2], sums[3]), weight)
+    G1 = _camera_axes(R, (tm * sums[1] + step * sums[4], tm * sums[2] + step * sums[5],
+                          tm * sums[3] + step * sums[6]), weight)
+    along = G[0] * ray[0] + G[1] * ray[1] + G[2] * ray[2] - (mu1 - mu0)
+    d_x_G1 = (ray[1] * G1[2] - ray[2] * G1[1], ray[2] * G1[0] - ray[0] * G1[2], ray[0] * G1[1] - ray[1] * G1[0])
+    for a in range(3):
+        out[a] = -d_x_G1[a] + mu1 * ds1[a] - mu0 * ds0[a]
+        out[3 + a] = -(G[a] - along * ray[a]) + mu1 * ds1[3 + a] - mu0 * ds0[3 + a]
+
+
+@numba.njit(cache=True, fastmath=True)
+def _camera_axes(R, g, weight):
+    """weight x R^T g: an index-space gradient (sum) in camera axes (index = R q + src)."""
+    return ((R[0, 0] * g[0] + R[1, 0] * g[1] + R[2, 0] * g[2]) * weight,
+            (R[0, 1] * g[0] + R[1, 1] * g[1] + R[2, 1] * g[2]) * weight,
+            (R[0, 2] * g[0] + R[1, 2] * g[1] + R[2, 2] * g[2]) * weight)
 
 
 # Two distinct functions (not two dispatchers of one): numba keys its on-disk cache by

@@ -99,7 +99,7 @@ class AnatomyModel:
         conventions; ``out`` is filled and returned when given)."""
         image = render_drr(self.bone, view, out=out, parallel=parallel)
         if self.soft is not None:
-            image += self._soft_image(view, parallel)
+            image += self._soft_image(view, parallel, with_motion=False)[0]
         return image
 
     def render_motion(self, view: View, *, parallel: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -112,9 +112,10 @@ class AnatomyModel:
             motion += soft_motion
         return image, motion
 
-    def _soft_image(self, view: View, parallel: bool | None, with_motion: bool = False):
-        """The soft tissue's line integrals in ``view`` (with ``with_motion``: and their motion
-        derivative), drawn on a binned detector and interpolated up."""
+    def _soft_image(self, view: View, parallel: bool | None,
+                    with_motion: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """The soft tissue's line integrals in ``view`` and, with ``with_motion``, their motion
+        derivative (else None), drawn on a binned detector and interpolated up."""
         soft = self.soft
         T = soft.T_world_from_index
         centre = T[:3, :3] @ ((np.array(soft.size_ijk) - 1.0) / 2.0) + T[:3, 3]
@@ -123,9 +124,9 @@ class AnatomyModel:
         # A whole number of pixels: a binning that followed the depth continuously would move
         # the binned detector's grid with every pose, and the image's motion derivative with it.
         factor = float(np.ceil(max(SOFT_PIXEL_PER_VOXEL * soft.step_mm / footprint_mm, self.soft_binning)))
-        render = render_drr_motion if with_motion else render_drr
         if factor <= 1.0:
-            return render(soft, view, parallel=parallel)
+            return render_drr_motion(soft, view, parallel=parallel) if with_motion else (
+                render_drr(soft, view, parallel=parallel), None)
         W, H = view.image_size
         coarse = view.downsampled(factor)
         coarse = coarse.cropped(0, 0, int(np.ceil(W / factor)) + 1, int(np.ceil(H / factor)) + 1)
@@ -137,8 +138,8 @@ class AnatomyModel:
                                   borderMode=cv2.BORDER_REPLICATE)
 
         if not with_motion:
-            return up(render(soft, coarse, parallel=parallel))
-        small, small_motion = render(soft, coarse, parallel=parallel)
+            return up(render_drr(soft, coarse, parallel=parallel)), None
+        small, small_motion = render_drr_motion(soft, coarse, parallel=parallel)
         # warpAffine takes at most 4 channels: the motion's 6 in two halves
         motion = np.concatenate([up(np.ascontiguousarray(small_motion[..., :3])),
                                  up(np.ascontiguousarray(small_motion[..., 3:]))], axis=-1)

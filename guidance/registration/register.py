@@ -859,21 +859,24 @@ class _Objective:
             self._recent[key] = kept
         return kept
 
-    def _twists(self, T_cam_from_world: np.ndarray, x: np.ndarray) -> np.ndarray:
-        """Per parameter k, the motion (w rad, b mm; 6 x 6, a row each) of the anatomy in the
-        camera of a view whose pose is ``T_cam_from_world`` before the correction, per unit
-        of x_k at x (central differences of the exact 4 x 4 transforms)."""
+    def _twists(self, x: np.ndarray) -> list[np.ndarray]:
+        """Per view, per parameter k, the motion (w rad, b mm; 6 x 6, a row each) of the
+        anatomy in that view's camera per unit of x_k at x (central differences of the exact
+        4 x 4 transforms)."""
         h = 1e-4
-
-        def pose(xx: np.ndarray) -> np.ndarray:
-            return T_cam_from_world @ invert_rigid(self.param.correction(xx))
-
-        P_inv = invert_rigid(pose(x))
-        twists = np.empty((6, 6))
-        for k in range(6):
-            V = (pose(x + h * np.eye(6)[k]) - pose(x - h * np.eye(6)[k])) @ P_inv / (2.0 * h)
-            twists[k] = [0.5 * (V[2, 1] - V[1, 2]), 0.5 * (V[0, 2] - V[2, 0]), 0.5 * (V[1, 0] - V[0, 1]), *V[:3, 3]]
-        return twists
+        inverse = [invert_rigid(self.param.correction(x + t * np.eye(6)[k])) for k in range(6) for t in (h, -h)]
+        T_inv = invert_rigid(self.param.correction(x))
+        out = []
+        for pl in self.stage:
+            T = pl.view.T_cam_from_world
+            P_inv = invert_rigid(T @ T_inv)
+            twists = np.empty((6, 6))
+            for k in range(6):
+                V = T @ (inverse[2 * k] - inverse[2 * k + 1]) @ P_inv / (2.0 * h)
+                twists[k] = [0.5 * (V[2, 1] - V[1, 2]), 0.5 * (V[0, 2] - V[2, 0]), 0.5 * (V[1, 0] - V[0, 1]),
+                             *V[:3, 3]]
+            out.append(twists)
+        return out
 
     def derivatives(self, x: np.ndarray) -> dict[int, np.ndarray]:
         """d residuals / d x_k (per degree or mm) at x of every parameter, from the DRRs and
@@ -884,8 +887,8 @@ class _Objective:
         x = np.asarray(x, dtype=np.float64)
         _, images, motions = self._evaluated(x, self.parallel)
         columns: list[list[np.ndarray]] = [[] for _ in range(6)]
-        for pl, measure, image, motion in zip(self.stage, self.measures, images, motions):
-            changes = motion.reshape(-1, 6) @ self._twists(pl.view.T_cam_from_world, x).T.astype(np.float32)
+        for twists, measure, image, motion in zip(self._twists(x), self.measures, images, motions):
+            changes = motion.reshape(-1, 6) @ twists.T.astype(np.float32)
             parts = measure.residual_derivatives(image, [changes[:, k].reshape(image.shape) for k in range(6)])
             for column, part in zip(columns, parts):
                 column.append(part)
