@@ -366,11 +366,12 @@ def cmd_calibrate(args) -> int:
 
 
 def _stop_on_signals():
-    """A threading.Event set by SIGINT/SIGTERM: signal handling belongs to the entry point."""
+    """A stop request set by SIGINT/SIGTERM: signal handling belongs to the entry point."""
     import signal
-    import threading
 
-    stop = threading.Event()
+    from guidance.core.stop import StopFlag
+
+    stop = StopFlag()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     return stop

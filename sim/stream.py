@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -36,6 +35,7 @@ from guidance.live.recording import Record, read_recording, replay
 from guidance.live.transport import Publisher
 from guidance.core.dicom import read_xray_dicom
 from guidance.core.errors import GuidanceError
+from guidance.core.stop import Stop
 from guidance.core.views import View, read_view
 from guidance.core.geometry import invert_rigid
 from sim.cbct import IntraopScan, intraop_scan
@@ -68,7 +68,7 @@ class _Session:
     clock); ``period_s`` None means unpaced. All waits are ``stop.wait``.
     """
 
-    def __init__(self, publisher: Publisher, source: str, stop: threading.Event, heartbeat_s: float,
+    def __init__(self, publisher: Publisher, source: str, stop: Stop, heartbeat_s: float,
                  stats: dict) -> None:
         if not (isinstance(heartbeat_s, (int, float)) and math.isfinite(heartbeat_s) and heartbeat_s > 0):
             raise StreamError(f"heartbeat_s must be a positive number; got {heartbeat_s!r}")
@@ -168,7 +168,7 @@ def run_sim(
     frame_endpoint: str,
     tracker_endpoint: str | None = None,
     speed: float | None = 1.0,
-    stop: threading.Event,
+    stop: Stop,
     on_frame: Callable[[SimFrame, wire.Frame], None] | None = None,
     heartbeat_s: float = 0.5,
     startup_s: float = 0.0,
@@ -341,7 +341,7 @@ def replay_recording(
     *,
     frame_endpoint: str,
     speed: float | None = 1.0,
-    stop: threading.Event,
+    stop: Stop,
     heartbeat_s: float = 0.5,
     startup_s: float = 0.0,
     keys: CurveKeys | None = None,
@@ -441,7 +441,7 @@ def run_video(
     *,
     frame_endpoint: str,
     fps: float | None = None,
-    stop: threading.Event,
+    stop: Stop,
     loop: bool = False,
     heartbeat_s: float = 0.5,
     startup_s: float = 0.0,
@@ -486,7 +486,7 @@ def run_dicom_cine(
     path: str | Path,
     *,
     frame_endpoint: str,
-    stop: threading.Event,
+    stop: Stop,
     fps: float | None = None,
     loop: bool = False,
     isocenter_world=(0.0, 0.0, 0.0),

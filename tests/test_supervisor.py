@@ -25,13 +25,14 @@ WAIT_S = 180.0
 waits end as soon as it happens."""
 
 SUPERVISED = textwrap.dedent("""
-    import logging, os, signal, sys, threading, time
+    import logging, os, signal, sys, time
     from guidance.core.errors import GuidanceError
+    from guidance.core.stop import StopFlag
     from guidance.live.supervisor import RestartPolicy, supervise
 
     mode, log_file, quick_s = sys.argv[1], sys.argv[2], float(sys.argv[3])
     logging.basicConfig(level=logging.INFO)
-    stop = threading.Event()
+    stop = StopFlag()  # as the CLI's: a threading.Event set in a signal handler can deadlock
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
 

@@ -13,13 +13,13 @@ lives in guidance.live.display; this module only moves messages into it.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 
 from guidance.live.display import NavigationState, compose_screen
 from guidance.live.keys import CurveKeys
 from guidance.live.transport import DEFAULT_MAX_FRAME_PX, Subscriber, max_message_bytes
+from guidance.core.stop import Stop
 from guidance.core.volume import Volume
 from guidance.live.wire import Frame, Heartbeat, InstrumentState, PoseResult, TargetPose
 
@@ -38,7 +38,7 @@ def run_display(
     ct: Volume,
     plan: list | dict | None,
     sink,
-    stop: threading.Event,
+    stop: Stop,
     labels: Volume | None = None,
     refresh_hz: float = 10.0,
     size: tuple[int, int] = (1280, 720),

@@ -43,6 +43,7 @@ from typing import BinaryIO
 
 from guidance.core.errors import GuidanceError
 from guidance.core.jsonfile import read_json
+from guidance.core.stop import Stop
 
 __all__ = [
     "RECORDING_SCHEMA",
@@ -277,7 +278,7 @@ def _read_record(f: BinaryIO, path: Path, index: int) -> Record | None:
 
 
 def replay(records: Iterable[Record], speed: float | None = 1.0, *,
-           stop: threading.Event | None = None) -> Iterator[Record]:
+           stop: Stop | None = None) -> Iterator[Record]:
     """Yield ``records`` at their recorded relative timing (by ``recv_ns``) scaled by
     ``speed`` (1.0 = real time, 2.0 = twice as fast), or as fast as possible when
     ``speed`` is None. The waits are ``stop.wait``: setting ``stop`` ends the replay at
@@ -289,7 +290,7 @@ def replay(records: Iterable[Record], speed: float | None = 1.0, *,
 
 
 def _replay(records: Iterable[Record], speed: float | None,
-            stop: threading.Event) -> Iterator[Record]:
+            stop: Stop) -> Iterator[Record]:
     first_ns = None
     start_s = time.monotonic()
     for record in records:

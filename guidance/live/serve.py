@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from guidance.core.errors import GuidanceError
+from guidance.core.stop import Stop
 from guidance.live.keys import CurveKeys
 from guidance.live.recording import Recorder
 from guidance.live.throttle import ThrottledLog
@@ -190,7 +191,7 @@ def run_pipeline(
     *,
     frame_endpoints: list[str],
     result_endpoint: str,
-    stop: threading.Event,
+    stop: Stop,
     record_dir: str | Path | None = None,
     heartbeat_s: float = 0.5,
     keys: CurveKeys | None = None,
@@ -300,7 +301,7 @@ def _sender(pub: Publisher, recorder: Recorder | None, sink) -> Callable[..., No
 
 
 def _serve(worker: _FrameWorker, source: str, sub: Subscriber, send: Callable[[Message], None],
-           stop: threading.Event, heartbeat_s: float, heartbeat_stats: dict) -> None:
+           stop: Stop, heartbeat_s: float, heartbeat_stats: dict) -> None:
     """The socket loop: bounded drain, kind dispatch, coalesced tracker samples, the
     newest frame to the worker, heartbeats on time (state "starting" until the worker
     has built the pipeline: input read meanwhile is recorded, not processed; then

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from guidance.core.errors import GuidanceError
+from guidance.core.stop import Stop
 
 __all__ = ["RestartPolicy", "SETUP_ERROR_STATUS", "SupervisorError", "native_threads", "supervise"]
 
@@ -80,7 +81,7 @@ class RestartPolicy:
         return min(self.max_delay_s, self.first_delay_s * 2.0 ** (quick_deaths - self.free_restarts - 1))
 
 
-def supervise(prepare: Callable[[], Prepared], work: Callable[[Prepared, int], int], *, stop: threading.Event,
+def supervise(prepare: Callable[[], Prepared], work: Callable[[Prepared, int], int], *, stop: Stop,
               policy: RestartPolicy | None = None, name: str = "worker") -> int:
     """Run ``prepare()`` once here, then ``work(prepared, generation)`` in forked workers
     (generation 0, 1, 2, ...: the restart count), one at a time, until ``stop`` is set or a
@@ -187,7 +188,7 @@ def _die_with_parent(parent: int) -> None:
         raise SupervisorError(f"the supervisor (pid {parent}) ended before its worker started")
 
 
-def _wait(pid: int, stop: threading.Event, stop_timeout_s: float) -> tuple[int, bool]:
+def _wait(pid: int, stop: Stop, stop_timeout_s: float) -> tuple[int, bool]:
     """Wait for worker ``pid`` to end: its wait status, and whether it was told to stop
     (``stop`` set: SIGTERM, then SIGKILL after ``stop_timeout_s``). Its death wakes this
     at once (a pidfd); ``stop`` is looked at every ``WAIT_TICK_S``."""
