@@ -34,13 +34,11 @@ import cv2
 import numpy as np
 
 from guidance.core.cache import default_cache_dir
+from guidance.core.downsample import downsample
 from guidance.core.drr import DrrVolume, prepare_volume, render_drr, render_drr_motion
 from guidance.core.errors import GuidanceError
 from guidance.core.views import View
-from guidance.core.volume import (
-    Volume, VolumeError, attenuation_from_hu, covering_grid, hu_to_attenuation, resample, volume_from_sitk,
-    volume_to_sitk,
-)
+from guidance.core.volume import Volume, VolumeError, attenuation_from_hu, hu_to_attenuation, resample
 
 __all__ = [
     "PREPARED_FORMAT",
@@ -53,7 +51,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PREPARED_FORMAT = "guidance.prepared_ct/3"
+PREPARED_FORMAT = "guidance.prepared_ct/4"
 LABEL_MARGIN_VOXELS = 1  # a vertebra's coarse volume keeps this many voxels around its label (smoothed edges)
 SOFT_PIXEL_PER_VOXEL = 0.6
 """Soft tissue is drawn on a detector whose pixel, back-projected to the anatomy, is this
@@ -231,41 +229,6 @@ def content_digest(ct: Volume, labels: Volume | None, *texts: str) -> str:
     return h.hexdigest()
 
 
-def _block_mean(volume: Volume, factors_ijk: np.ndarray) -> Volume:
-    """Means of blocks of ``factors_ijk`` voxels (the volume is extended at its far end by
-    repeating its last voxels to whole blocks); each new voxel sits at its block's centre."""
-    fi, fj, fk = (int(f) for f in factors_ijk)
-    pad = [(0, -n % f) for n, f in zip(volume.data.shape, (fk, fj, fi))]
-    data = np.pad(volume.data, pad, mode="edge")
-    nk, nj, ni = data.shape
-    data = data.reshape(nk // fk, fk, nj // fj, fj, ni // fi, fi).mean(axis=(1, 3, 5), dtype=np.float32)
-    T = volume.T_world_from_index @ np.array([[fi, 0, 0, (fi - 1) / 2], [0, fj, 0, (fj - 1) / 2],
-                                              [0, 0, fk, (fk - 1) / 2], [0, 0, 0, 1.0]])
-    return Volume(data.astype(np.float32, copy=False), T, volume.units)
-
-
-def _smoothed(volume: Volume, spacing_mm: float) -> Volume:
-    """Anti-aliased resample to an isotropic grid: a Gaussian of sigma half the new
-    spacing, applied as block means (whole voxels up to the new spacing per axis, which
-    make the grid smaller and the filter cheaper) and a Gaussian for the rest of the
-    variance (a box of width w has variance w^2 / 12), one axis at a time."""
-    import SimpleITK as sitk
-
-    factors = np.maximum(1, np.floor(spacing_mm / volume.spacing + 1e-6)).astype(int)
-    reduced = _block_mean(volume, factors) if factors.max() > 1 else volume
-    box_variance = (factors * volume.spacing) ** 2 / 12.0
-    sigma = np.sqrt(np.maximum((0.5 * spacing_mm) ** 2 - box_variance, 1e-6))
-    image = volume_to_sitk(reduced)
-    for axis_ijk, sd in enumerate(sigma):  # no pass where the block means did it all
-        if sd > 0.1 * reduced.spacing[axis_ijk]:
-            image = sitk.RecursiveGaussian(image, float(sd), False, sitk.RecursiveGaussianImageFilter.ZeroOrder,
-                                           axis_ijk)
-    size, origin = covering_grid(volume, np.full(3, spacing_mm), volume.direction)  # the box of the input
-    coarse = resample(volume_from_sitk(image, units=volume.units), spacing=(spacing_mm,) * 3, size=size,
-                      origin=origin, default_value=0.0)
-    return coarse.with_data(np.clip(coarse.data, 0.0, None).astype(np.float32))
-
-
 def _labels_on(labels: Volume, dv: DrrVolume) -> np.ndarray:
     """The label map resampled (nearest) onto a rendering volume's grid, uint16 [k, j, i]."""
     ni, nj, nk = dv.size_ijk
@@ -315,7 +278,7 @@ def prepare_ct(
             mu_threshold = float(attenuation_from_hu(s.bone_threshold_hu, energy_kev=s.energy_kev))
             bone = np.where(is_bone, np.maximum(mu.data - mu_threshold, 0.0), 0.0)
             soft_mu = mu.with_data(np.minimum(mu.data, mu_threshold).astype(np.float32))
-            soft = prepare_volume(_smoothed(soft_mu, s.soft_tissue_spacing_mm), margin_mm=s.soft_tissue_spacing_mm)
+            soft = prepare_volume(downsample(soft_mu, s.soft_tissue_spacing_mm), margin_mm=s.soft_tissue_spacing_mm)
         mu = mu.with_data(bone.astype(np.float32))
     if not (mu.data > 0).any():
         raise PreparedCTError("the CT has no attenuating voxel")
@@ -324,7 +287,7 @@ def prepare_ct(
     base_mu = base.volume
     for spacing in sorted(s.pyramid_spacings_mm):
         if spacing > spacings[0] * 1.01:
-            volumes.append(prepare_volume(_smoothed(base_mu, spacing), crop=False))
+            volumes.append(prepare_volume(downsample(base_mu, spacing), crop=False))
             spacings.append(float(spacing))
     label_maps = tuple(None if labels is None else _labels_on(labels, dv) for dv in volumes)
     centres = {-1: _centroid(base, base_mu.data)}

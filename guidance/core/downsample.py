@@ -1,0 +1,125 @@
+"""Anti-aliased resampling of a volume onto a coarser isotropic grid, one axis at a time.
+
+What: the volume's trilinear interpolant convolved with a Gaussian of sigma
+``SIGMA_PER_SPACING`` x the new spacing, sampled on the new grid (same direction, centred
+in the old voxel-centre box). Both filters are separable, so each axis is one 1-D
+filter: output sample n takes ``sum_t w[n, t] * input[first[n] + t]``, with
+``w = (hat * Gaussian)(x_n - k)`` in closed form (``hat`` the linear interpolation's
+kernel). Taps that fall outside the input are dropped and the rest renormalised, so a
+volume cut by its grid keeps its value at the cut.
+
+Why not block means, a Gaussian filter and a trilinear resample (SimpleITK): on the
+512 x 512 x 133 clinical grid the four smoothed volumes of a prepared CT took 2.7 s that
+way and take 0.35 s this way (2 cores): each axis is read once, in one parallel pass.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from guidance.core.volume import Volume, VolumeError, covering_grid
+
+__all__ = ["SIGMA_PER_SPACING", "downsample", "axis_weights"]
+
+SIGMA_PER_SPACING = 0.6
+"""The anti-aliasing Gaussian's sigma as a fraction of the new spacing. 0.6 keeps the
+registration pyramid's coarse levels as smooth as SimpleITK's block means, Gaussian and
+trilinear resample made them (nominally 0.5, plus the interpolation on the reduced grid):
+with 0.5, two near-lateral real-CT views ended 5 mm off and were reported ok."""
+TAIL_SIGMAS = 4.0
+"""The Gaussian is cut this many sigmas from its centre."""
+
+
+def downsample(volume: Volume, spacing_mm: float) -> Volume:
+    """``volume`` smoothed and resampled onto the isotropic grid of ``spacing_mm`` that fits
+    in its voxel-centre box (module docstring), float32. The weights are non-negative: a
+    non-negative volume stays so."""
+    if spacing_mm <= 0:
+        raise VolumeError(f"spacing_mm must be positive, got {spacing_mm}")
+    spacing_out = np.full(3, float(spacing_mm))
+    size_ijk, origin = covering_grid(volume, spacing_out, volume.direction)
+    T_out = volume.T_world_from_index.copy()
+    T_out[:3, :3] = volume.direction * spacing_out
+    T_out[:3, 3] = origin
+    T_in_from_out = volume.T_index_from_world @ T_out  # diagonal: the grids share their axes
+    data = np.ascontiguousarray(volume.data, dtype=np.float32)
+    ratios = np.diag(T_in_from_out)[:3]
+    for axis_ijk in np.argsort(-ratios):  # the most reducing axis first: later passes see less data
+        axis_kji = 2 - int(axis_ijk)
+        first, weights = axis_weights(data.shape[axis_kji], size_ijk[axis_ijk], float(T_in_from_out[axis_ijk, 3]),
+                                      float(ratios[axis_ijk]), SIGMA_PER_SPACING * float(spacing_mm)
+                                      / float(volume.spacing[axis_ijk]))
+        shape = data.shape
+        before, after = int(np.prod(shape[:axis_kji])), int(np.prod(shape[axis_kji + 1:]))
+        out = np.empty((before, len(first), after), np.float32)
+        if after == 1:
+            _filter_rows(data.reshape(before, shape[axis_kji]), first, weights, out[:, :, 0])
+        else:
+            _filter_axis(data.reshape(before, shape[axis_kji], after), first, weights, out)
+        data = out.reshape(shape[:axis_kji] + (len(first),) + shape[axis_kji + 1:])
+    return Volume(data, T_out, volume.units)
+
+
+def axis_weights(n_in: int, n_out: int, offset: float, ratio: float, sigma_voxels: float
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """The 1-D filter of one axis: output n sits at input index ``offset + n * ratio``;
+    ``sigma_voxels`` is the Gaussian's sigma in input voxels. Returns ``first`` (n_out,)
+    int64 and ``weights`` (n_out, taps) float32, each row summing to 1 over its taps
+    inside the input (all taps are)."""
+    reach = 1.0 + TAIL_SIGMAS * sigma_voxels
+    taps = min(int(np.floor(2 * reach)) + 2, n_in)
+    x = offset + ratio * np.arange(n_out)
+    # Every window lies inside the input (a clamped window still covers the kernel's support there).
+    first = np.clip(np.floor(x - reach).astype(np.int64) + 1, 0, n_in - taps)
+    k = first[:, None] + np.arange(taps)
+    w = np.maximum(_hat_gaussian(x[:, None] - k, sigma_voxels), 0.0)  # the tails' rounding: never below zero
+    w[k >= n_in] = 0.0
+    total = w.sum(axis=1, keepdims=True)
+    if np.any(total <= 0):
+        raise VolumeError(f"an output sample at input index {x[total[:, 0] <= 0][0]:.2f} has no input voxel near it")
+    return first, (w / total).astype(np.float32)
+
+
+def _hat_gaussian(d: np.ndarray, sigma: float) -> np.ndarray:
+    """(hat * Gaussian_sigma)(d): the linear interpolation kernel max(0, 1 - |u|) convolved
+    with a unit Gaussian of ``sigma`` (input voxels); the hat itself for sigma -> 0."""
+    if sigma < 1e-3:
+        return np.maximum(0.0, 1.0 - np.abs(d))
+    from scipy.special import ndtr
+
+    def ramp_integral(a: float, b: float, v0: np.ndarray, v1: np.ndarray) -> np.ndarray:
+        """Integral over v in [v0, v1] of (a + b v) * Gaussian_sigma(v)."""
+        pdf = np.exp(-0.5 * (np.stack([v0, v1]) / sigma) ** 2) / np.sqrt(2 * np.pi)
+        return a * (ndtr(v1 / sigma) - ndtr(v0 / sigma)) - b * sigma * (pdf[1] - pdf[0])
+
+    # u = d + v runs over the hat's two sides: 1 + u on [-1, 0], 1 - u on [0, 1].
+    return ramp_integral(1.0 + d, 1.0, -1.0 - d, -d) + ramp_integral(1.0 - d, -1.0, -d, 1.0 - d)
+
+
+@numba.njit(cache=True, parallel=True, fastmath=True, nogil=True)
+def _filter_axis(src, first, weights, out):
+    """out[a, n, b] = sum_t weights[n, t] * src[a, first[n] + t, b]: a 1-D filter along
+    the middle axis (every (a, n) row is written by one thread)."""
+    n_out = out.shape[1]
+    for row in numba.prange(out.shape[0] * n_out):
+        a = row // n_out
+        n = row - a * n_out
+        out[a, n, :] = 0.0
+        for t in range(weights.shape[1]):
+            w = weights[n, t]
+            k = first[n] + t
+            for b in range(out.shape[2]):
+                out[a, n, b] += w * src[a, k, b]
+
+
+@numba.njit(cache=True, parallel=True, fastmath=True, nogil=True)
+def _filter_rows(src, first, weights, out):
+    """out[a, n] = sum_t weights[n, t] * src[a, first[n] + t]: the same filter along the
+    contiguous axis."""
+    for a in numba.prange(out.shape[0]):
+        for n in range(out.shape[1]):
+            acc = np.float32(0.0)
+            for t in range(weights.shape[1]):
+                acc += weights[n, t] * src[a, first[n] + t]
+            out[a, n] = acc

@@ -1,0 +1,70 @@
+"""guidance.core.downsample: separable anti-aliased resampling, against analytic Gaussians and SimpleITK."""
+
+import numpy as np
+import pytest
+
+from guidance.core.downsample import SIGMA_PER_SPACING, axis_weights, downsample
+from guidance.core.volume import Volume, VolumeError, affine_from_geometry
+
+SPACING = np.array([0.7, 0.8, 2.5])
+DIRECTION = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # not the identity
+ORIGIN = np.array([-30.0, 12.0, 100.0])
+
+
+def blob(sigma_mm, size_ijk=(96, 84, 30), centre_ijk=(47.3, 40.6, 14.2)):
+    """A Gaussian blob (peak 1) of isotropic ``sigma_mm`` on an anisotropic, rotated grid."""
+    T = affine_from_geometry(ORIGIN, SPACING, DIRECTION)
+    kk, jj, ii = np.meshgrid(*(np.arange(n) for n in size_ijk[::-1]), indexing="ij")
+    d = (np.stack([ii, jj, kk], axis=-1) - np.array(centre_ijk)) * SPACING
+    data = np.exp(-0.5 * (d ** 2).sum(axis=-1) / sigma_mm ** 2).astype(np.float32)
+    return Volume(data, T, "mu_per_mm"), T[:3, :3] @ np.array(centre_ijk) + T[:3, 3]
+
+
+@pytest.mark.parametrize("spacing_mm", [1.0, 2.0, 4.0])
+def test_a_gaussian_blob_comes_out_as_the_analytic_convolution(spacing_mm):
+    """Variances add: the blob's, the anti-aliasing Gaussian's and the linear
+    interpolation kernel's (1/6 of an input voxel squared, per axis)."""
+    sigma0 = 5.0
+    volume, centre = blob(sigma0)
+    out = downsample(volume, spacing_mm)
+    assert np.allclose(out.spacing, spacing_mm) and np.allclose(out.direction, DIRECTION)
+    variance = sigma0 ** 2 + (SIGMA_PER_SPACING * spacing_mm) ** 2 + SPACING ** 2 / 6.0  # per axis i, j, k
+    kk, jj, ii = np.meshgrid(*(np.arange(n) for n in out.data.shape), indexing="ij")
+    world = out.index_to_world(np.stack([ii, jj, kk], axis=-1).reshape(-1, 3))
+    along = (world - centre) @ DIRECTION  # offsets along the grid's axes i, j, k
+    reference = sigma0 ** 3 / np.sqrt(np.prod(variance)) * np.exp(-0.5 * (along ** 2 / variance).sum(axis=1))
+    assert np.abs(out.data.ravel() - reference).max() < 0.01  # of the peak, 1
+    assert out.data.sum() * spacing_mm ** 3 == pytest.approx(volume.data.sum() * np.prod(SPACING), rel=0.01)
+
+
+def test_the_new_grid_is_centred_in_the_old_box_and_keeps_a_cut_volume_at_its_value():
+    volume = Volume(np.full((20, 30, 40), 0.02, np.float32), affine_from_geometry(ORIGIN, SPACING, DIRECTION),
+                    "mu_per_mm")
+    out = downsample(volume, 2.0)
+    assert np.allclose(out.center_world(), volume.center_world())
+    assert out.size_ijk == (14, 12, 24)  # floor(extent / 2 mm) + 1: 27.3, 23.2, 47.5 mm
+    assert np.allclose(out.data, 0.02, rtol=1e-5)  # renormalised taps at the faces: no fall-off
+
+
+def test_each_row_of_weights_sums_to_one_and_a_linear_ramp_is_kept():
+    first, weights = axis_weights(50, 20, 1.3, 2.4, 1.5)
+    assert np.allclose(weights.sum(axis=1), 1.0, atol=1e-6) and (weights >= 0).all()
+    assert first.min() >= 0 and first.max() + weights.shape[1] <= 50
+    x = 1.3 + 2.4 * np.arange(20)
+    ramp = 3.0 + 0.5 * np.arange(50)
+    filtered = np.array([w @ ramp[f: f + len(w)] for f, w in zip(first, weights)])
+    inside = (x > 1.0 + 4 * 1.5 + 1) & (x < 49 - 4 * 1.5 - 1)  # away from the renormalised faces
+    assert inside.sum() >= 10 and np.allclose(filtered[inside], 3.0 + 0.5 * x[inside], atol=1e-4)
+
+
+def test_without_smoothing_the_weights_are_linear_interpolation():
+    first, weights = axis_weights(10, 4, 0.25, 2.5, 0.0)
+    values = np.arange(10.0) ** 2
+    out = [w @ values[f: f + len(w)] for f, w in zip(first, weights)]
+    assert np.allclose(out, np.interp(0.25 + 2.5 * np.arange(4), np.arange(10.0), values))
+
+
+def test_a_non_positive_spacing_is_refused():
+    volume, _ = blob(2.0, size_ijk=(8, 8, 4), centre_ijk=(4, 4, 2))
+    with pytest.raises(VolumeError, match="spacing_mm"):
+        downsample(volume, 0.0)
