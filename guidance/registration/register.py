@@ -790,9 +790,9 @@ class _Objective:
         serial.pool, serial.parallel = None, False
         return serial
 
-    def _drrs(self, x: np.ndarray, parallel: bool | None):
-        """Per view the DRR at x (in this thread's buffer) and, with ``analytic``, its motion
-        derivative (``AnatomyModel.render_motion``: new arrays), else None."""
+    def _drrs(self, x: np.ndarray, parallel: bool | None, with_motion: bool = True):
+        """Per view the DRR at x (in this thread's buffer) and, with ``analytic`` and
+        ``with_motion``, its motion derivative (``AnatomyModel.render_motion``: new arrays), else None."""
         with self._lock:
             self._count[0] += 1
         buffers = getattr(self._buffers, "images", None)
@@ -801,7 +801,7 @@ class _Objective:
         T_corr_inv = invert_rigid(self.param.correction(x))
         for pl, buf in zip(self.stage, buffers):
             view = pl.view.with_pose(pl.view.T_cam_from_world @ T_corr_inv)
-            if self.analytic:
+            if self.analytic and with_motion:
                 yield self.model.render_motion(view, parallel=parallel)
             else:
                 yield self.model.render(view, out=buf, parallel=parallel), None
@@ -824,26 +824,28 @@ class _Objective:
         return self._residuals(x, self.parallel)
 
     def residuals_many(self, xs: list[np.ndarray]) -> list[np.ndarray]:
-        """``residuals`` of every vector, concurrently on the pool when there is one."""
+        """``residuals`` of every vector, concurrently on the pool when there is one. Without
+        motion derivatives: these points (finite differences, a cost profile) are never
+        differentiated."""
         if self.pool is None or len(xs) < 2:
-            return [self.residuals(x) for x in xs]
-        return list(self.pool.map(lambda x: self._residuals(x, False), xs))
+            return [self._evaluated(x, self.parallel, with_motion=False)[0] for x in xs]
+        return list(self.pool.map(lambda x: self._evaluated(x, False, with_motion=False)[0], xs))
 
     def _residuals(self, x: np.ndarray, parallel: bool | None) -> np.ndarray:
         return self._evaluated(x, parallel)[0]
 
-    def _evaluated(self, x: np.ndarray, parallel: bool | None
+    def _evaluated(self, x: np.ndarray, parallel: bool | None, with_motion: bool = True
                    ) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
-        """Residuals at x and, with ``analytic``, the DRRs they came from and their motion
-        derivatives (kept for the last few x). Rendering the motion derivative with every
-        evaluation costs about 10% more per render, and saves the render of the point that
-        the optimiser accepts and differentiates next."""
+        """Residuals at x and, with ``analytic`` and ``with_motion``, the DRRs they came from
+        and their motion derivatives (kept for the last few x). Rendering the motion
+        derivative with every evaluation costs about 10% more per render, and saves the
+        render of the point that the optimiser accepts and differentiates next."""
         key = np.asarray(x, dtype=np.float64).tobytes()
         kept = self._recent.get(key)
-        if kept is not None:
+        if kept is not None and (kept[2] or not (self.analytic and with_motion)):
             return kept
         drrs, motions, parts = [], [], []
-        for m, (drr, motion) in zip(self.measures, self._drrs(x, parallel)):
+        for m, (drr, motion) in zip(self.measures, self._drrs(x, parallel, with_motion)):
             if motion is not None:
                 drrs.append(drr)
                 motions.append(motion)
