@@ -142,6 +142,37 @@ def test_analytic_jacobian_matches_central_differences(phantom, registrator, tru
         assert min(correlations) > 0.9 and np.mean(correlations) > 0.98, (n_views, factor, correlations)
 
 
+def test_points_evaluated_together_render_no_motion_derivative_yet_differentiate_later(
+        phantom, registrator, truth_volume):
+    """``residuals_many`` (finite differences, the depth profile) renders plain DRRs; a
+    later ``derivatives`` at such a point renders it again with its motion derivative and
+    equals the one of a fresh objective."""
+    centre = registrator.centre(None)
+    view = carm_view(lao_deg=30, isocenter_world=centre, patient_position="prone", detector_size_px=(128, 128),
+                     pixel_spacing_mm=(2.4, 2.4), intensity="raw", I0=4095.0)
+    stage = registrator._pyramid([preprocess(shot(truth_volume, view, seed=3), view)], [view], (1,))[0]
+    model = registrator.anatomy(None, registrator._footprint_mm(stage[0], centre))
+    param = PoseParameterization("camera", centre, view.T_cam_from_world)
+    xs = [np.array([0.5, -0.5, 0.2, 1.0, -1.0, 2.0]), np.array([-0.5, 0.5, 0.0, -1.0, 1.0, -2.0])]
+    together = registrator._objective(stage, model, param, xs, centre)
+    fresh = registrator._objective(stage, model, param, xs, centre)
+    residuals = together.residuals_many(xs)
+    calls = []
+    render_motion = model.render_motion
+    object.__setattr__(model, "render_motion", lambda *a, **k: calls.append(1) or render_motion(*a, **k))
+    try:
+        for x, r in zip(xs, residuals):
+            np.testing.assert_allclose(r, fresh.residuals(x), rtol=1e-5, atol=1e-6)
+            assert len(calls) == 1  # the fresh objective's one evaluation
+            later = together.derivatives(x)
+            assert len(calls) == 2  # rendered again, with the derivative
+            for k, column in fresh.derivatives(x).items():
+                np.testing.assert_array_equal(later[k], column)
+            calls.clear()
+    finally:
+        object.__delattr__(model, "render_motion")
+
+
 def cv_blur(img):
     import cv2
 
