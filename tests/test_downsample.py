@@ -1,5 +1,10 @@
 """guidance.core.downsample: separable anti-aliased resampling, against analytic Gaussians and SimpleITK."""
 
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -68,3 +73,29 @@ def test_a_non_positive_spacing_is_refused():
     volume, _ = blob(2.0, size_ijk=(8, 8, 4), centre_ijk=(4, 4, 2))
     with pytest.raises(VolumeError, match="spacing_mm"):
         downsample(volume, 0.0)
+
+
+def test_it_leaves_no_thread_behind():
+    """A supervisor prepares its CT before it forks workers; a thread started then (numba's
+    parallel pool) would be missing in every worker. In a fresh process, as the supervisor's."""
+    script = textwrap.dedent("""
+        import time
+        import numpy as np
+        import scipy.special  # its import starts a BLAS thread: not the downsampling's
+        from guidance.core.downsample import downsample
+        from guidance.core.volume import Volume
+        from guidance.live.supervisor import native_threads
+        before = len(native_threads())
+        volume = Volume(np.ones((40, 60, 80), np.float32), np.diag([0.7, 0.7, 2.5, 1.0]), "mu_per_mm")
+        assert downsample(volume, 2.0).data.shape == (49, 21, 28)
+        for _ in range(100):  # a joined thread leaves the kernel's list a moment later
+            if len(native_threads()) <= before:
+                break
+            time.sleep(0.01)
+        print(before, len(native_threads()))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    before, after = map(int, done.stdout.split())
+    assert after == before
