@@ -173,6 +173,32 @@ def test_points_evaluated_together_render_no_motion_derivative_yet_differentiate
         object.__delattr__(model, "render_motion")
 
 
+def test_the_biplane_search_picks_the_depth_a_depth_by_depth_scan_picks(registrator):
+    """The search's translation for a peak in view 0 (``_translation``, all depths at once)
+    against a slow reference that scans the depths one at a time: the depth whose shifts
+    score best in the other views' maps (off the map counts -1), the first of equals."""
+    def reference(shift_px, J, maps, pad, footprint_mm):
+        best, best_t = -np.inf, None
+        for tz in np.arange(-pad, pad + 1) * footprint_mm:
+            t = np.r_[np.linalg.solve(J[0][:, :2], shift_px - J[0][:, 2] * tz), tz]
+            total = 0.0
+            for Ji, mi in zip(J[1:], maps[1:]):
+                su, sv = (int(round(v)) for v in Ji @ t)
+                total += float(mi[pad + sv, pad + su]) if abs(su) <= pad and abs(sv) <= pad else -1.0
+            if total > best:
+                best, best_t = total, t
+        return best_t
+
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        pad, footprint = int(rng.integers(3, 20)), float(rng.uniform(0.5, 5.0))
+        J = [rng.normal(size=(2, 3)) * rng.uniform(0.1, 2.0) for _ in range(int(rng.integers(2, 4)))]
+        maps = [rng.uniform(-1, 1, size=(2 * pad + 1, 2 * pad + 1)).astype(np.float32) for _ in J]
+        shift = rng.integers(-pad, pad + 1, size=2).astype(float)
+        np.testing.assert_allclose(registrator._translation(shift, J, maps, pad, footprint),
+                                   reference(shift, J, maps, pad, footprint), atol=1e-9)
+
+
 def cv_blur(img):
     import cv2
 

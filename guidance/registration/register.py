@@ -517,18 +517,15 @@ class Registrator:
         A = J[0][:, :2]
         if len(J) == 1:
             return np.r_[np.linalg.solve(A, shift_px), 0.0]
-        best, best_t = -np.inf, None
-        for tz in np.arange(-pad, pad + 1) * footprint_mm:
-            txy = np.linalg.solve(A, shift_px - J[0][:, 2] * tz)
-            t = np.r_[txy, tz]
-            total = 0.0
-            for Ji, mi in zip(J[1:], maps[1:]):
-                su, sv = np.rint(Ji @ t).astype(int)
-                inside = abs(su) <= pad and abs(sv) <= pad
-                total += float(mi[pad + sv, pad + su]) if inside else -1.0
-            if total > best:
-                best, best_t = total, t
-        return best_t
+        tz = np.arange(-pad, pad + 1) * footprint_mm  # every depth at once (a biplane search scores hundreds)
+        txy = np.linalg.solve(A, shift_px[:, None] - J[0][:, 2:3] * tz[None, :])
+        t = np.vstack([txy, tz[None, :]])  # 3 x depths
+        total = np.zeros(len(tz))
+        for Ji, mi in zip(J[1:], maps[1:]):
+            su, sv = np.rint(Ji @ t).astype(int)
+            inside = (np.abs(su) <= pad) & (np.abs(sv) <= pad)
+            total += np.where(inside, mi[np.clip(pad + sv, 0, 2 * pad), np.clip(pad + su, 0, 2 * pad)], -1.0)
+        return t[:, int(np.argmax(total))]
 
     def _ambiguity(self, ranked: list[_Candidate], param: PoseParameterization, centre: np.ndarray) -> str | None:
         """A reason when a refined candidate far from the best matches (almost) as well,
