@@ -218,7 +218,8 @@ def _cell(flat, s_j, s_k, pi, pj, pk):
 @numba.njit(cache=True, fastmath=True)
 def _integrate(flat, s_j, s_k, a, s, m_begin, m_end, acc):
     """Add the trilinear samples ``a + m s`` (continuous index in [0, size - 1]), m in
-    [m_begin, m_end), to ``acc``, stepping from one to the next. (A loop over independent
+    [m_begin, m_end), to ``acc`` (float64, as every caller starts it), stepping from one to
+    the next. (A loop over independent
     positions a + m s was vectorised by LLVM, but then the code compiled in a process and
     the code numba loads from its cache summed in different orders: renders differed
     between runs.)"""
@@ -229,7 +230,6 @@ def _integrate(flat, s_j, s_k, a, s, m_begin, m_end, acc):
     si = s[0]
     sj = s[1]
     sk = s[2]
-    run = 0.0  # float64: a ray's hundreds of samples summed without float32's rounding
     for _ in range(m_begin, m_end):
         fi, fj, fk, a000, a001, a010, a011, a100, a101, a110, a111 = _cell(flat, s_j, s_k, pi, pj, pk)
         c00 = a000 + fi * (a001 - a000)
@@ -238,11 +238,11 @@ def _integrate(flat, s_j, s_k, a, s, m_begin, m_end, acc):
         c11 = a110 + fi * (a111 - a110)
         c0 = c00 + fj * (c01 - c00)
         c1 = c10 + fj * (c11 - c10)
-        run += c0 + fk * (c1 - c0)
+        acc += c0 + fk * (c1 - c0)
         pi += si
         pj += sj
         pk += sk
-    return acc + run
+    return acc
 
 
 @numba.njit(cache=True, fastmath=True)
@@ -439,7 +439,7 @@ def _box_end(flat, s_j, s_k, grid_box, src, d, t, R, ray, mu_scale):
               np.float32(min(max(p[1], grid_box[0, 1]), grid_box[1, 1])),
               np.float32(min(max(p[2], grid_box[0, 2]), grid_box[1, 2])))
     zero = np.float32(0.0)
-    mu = _integrate(flat, s_j, s_k, inside, (zero, zero, zero), 0, 1, zero) * mu_scale
+    mu = _integrate(flat, s_j, s_k, inside, (zero, zero, zero), 0, 1, 0.0) * mu_scale
     n = (R[axis, 0], R[axis, 1], R[axis, 2])  # index = R q + src: the face i_axis = const has normal R[axis]
     nd = n[0] * ray[0] + n[1] * ray[1] + n[2] * ray[2]
     if abs(nd) < 0.1 * math.sqrt(n[0] * n[0] + n[1] * n[1] + n[2] * n[2]):
