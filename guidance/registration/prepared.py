@@ -3,10 +3,11 @@
 Preparation maps HU to linear attenuation and splits it at the bone threshold into
 bone (the attenuation above the threshold's, so it starts at zero on the bone's edge)
 and soft tissue (everything up to the threshold's attenuation). The bone is cropped to
-its bounding box and built into a volume pyramid (Gaussian pre-filter, isotropic
-coarser grids) with the label map on every pyramid level; the soft tissue is kept on
-one coarse grid, because it is smooth and only its edges at the scale of millimetres
-(body outline, fat planes, gas) matter. Without it a real CT's depth along the beam
+its bounding box and built into a volume pyramid (Gaussian pre-filter, coarser
+grids; an axis already as coarse, e.g. 2.5 mm slices, keeps its samples) with the
+label map on every pyramid level; the soft tissue is kept on one coarse grid, because
+it is smooth and only its edges at the scale of millimetres (body outline, fat
+planes, gas) matter. Without it a real CT's depth along the beam
 came out 1-2.5 mm off: the X-ray shows those edges and a bone-only model does not.
 Also stored: the rotation centres (bone centroids of the whole CT and of every label)
 and the spine axis and vertebral height used to try starts one level up and down.
@@ -51,7 +52,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PREPARED_FORMAT = "guidance.prepared_ct/4"
+PREPARED_FORMAT = "guidance.prepared_ct/5"
 LABEL_MARGIN_VOXELS = 1  # a vertebra's coarse volume keeps this many voxels around its label (smoothed edges)
 SOFT_PIXEL_PER_VOXEL = 0.6
 """Soft tissue is drawn on a detector whose pixel, back-projected to the anatomy, is this
@@ -69,8 +70,9 @@ class PrepareSettings:
     ``bone_threshold_hu``: voxels below are not bone (None: everything is rendered as
     bone, on the fine grids); ``soft_tissue_spacing_mm``: the grid of the soft tissue
     below the threshold (None: bone only, as a model without soft tissue); ``energy_kev``:
-    effective energy of the HU -> attenuation map; ``pyramid_spacings_mm``: isotropic
-    spacings of the smoothed coarse volumes (the native bone volume is always level 0);
+    effective energy of the HU -> attenuation map; ``pyramid_spacings_mm``: the
+    spacings of the smoothed coarse volumes (an axis already coarser keeps its samples;
+    the native bone volume is always level 0);
     ``vertebra_height_mm``: the spine's repeat distance when no label map gives it.
     """
 
