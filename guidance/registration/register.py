@@ -20,7 +20,7 @@ A global registration runs, on the coarsest pyramid level:
 3. the quality gate, which uses the similarity and the pose uncertainty (1 sigma at
    the rotation centre, in-plane and in depth of the first view: the Gauss-Newton
    covariance of the last refinement, and for the depth also the cost's curvature over a
-   few millimetres along the ray).
+   few millimetres along the ray, on the level binned twice the finest's).
 
 The estimate is the rigid correction ``T_world_corrected_from_world`` shared by all
 views (CONVENTIONS.md): ``T_cam_i_from_world = T_cam_i_from_world_init @ inv(T_corr)``.
@@ -87,7 +87,10 @@ class RegistrationSettings:
     area (pixels) over which residuals of neighbouring pixels are correlated (blur,
     Sobel): the Gauss-Newton covariance is scaled by it. ``depth_profile_mm``: after a
     global search the depth uncertainty is also taken from the cost's curvature over
-    +-this distance along the first view's ray (None: Gauss-Newton only). ``model_error_mm``
+    +-this distance along the first view's ray (None: Gauss-Newton only), on the pyramid level
+    binned ``depth_profile_binning`` times the finest's (its correlation area scaled to that
+    level's pixels: the same uncertainty within 0.65-1.21x, median 0.92x, on the real CT's
+    single views, for a quarter of the pixels; docs/benchmarks.md session 11). ``model_error_mm``
     (in-plane, depth; 1 sigma) is the error the image residuals cannot show, because the
     rendered anatomy is not the imaged one; it is added in quadrature to theirs. Without it,
     of the phantom's ok results on the clinical grid (where that error dominates) only 53%
@@ -142,6 +145,7 @@ class RegistrationSettings:
     ambiguity_distance_mm: float = 5.0
     residual_correlation_px2: float = 100.0
     depth_profile_mm: float | None = 3.0
+    depth_profile_binning: int = 2
     model_error_mm: tuple[float, float] = (0.1, 0.3)
     parallel_render: bool | None = None
     evaluation_threads: int | None = None
@@ -599,6 +603,8 @@ class Registrator:
         stops: list[str] = []
         evaluations = iterations = 0
         ambiguity = None
+        along_ray = 0.0
+        profile_level = self._profile_level(factors) if global_search and s.depth_profile_mm else None
         starts = [x_start]
         candidates: list[_Candidate] = []
         objective = None
@@ -655,6 +661,12 @@ class Registrator:
             starts = [c.x for c in candidates]
             evaluations += objective.evaluations
             iterations += sum(o.nit for o in outcomes)
+            if n == profile_level:
+                # Gauss-Newton takes the curvature from finite differences a fraction of a millimetre
+                # apart, where the images' fine structure makes the cost rougher than over the
+                # millimetres that matter: it said 0.9 mm where the cost was flat over 10 mm of depth.
+                along_ray = profile_sd(objective, starts[0], param.depth_step(), s.depth_profile_mm) * float(
+                    np.sqrt(s.residual_correlation_px2)) * factors[-1] / factors[n]
             stops.append(f"{name}: {ranked[0].outcome.stop_reason}, {model.bone.size_ijk} voxels")
             timings[name] = time.perf_counter() - t0
         best = candidates[0]
@@ -666,12 +678,7 @@ class Registrator:
         per_view_sim = objective.per_view(x)
         similarity = float(np.mean(per_view_sim))
         in_plane_sd, depth_sd = self._uncertainty(best.outcome, stages[-1])
-        if global_search and s.depth_profile_mm:
-            # Gauss-Newton takes the curvature from finite differences a fraction of a millimetre
-            # apart, where the images' fine structure makes the cost rougher than over the
-            # millimetres that matter: it said 0.9 mm where the cost was flat over 10 mm of depth.
-            along_ray = profile_sd(objective, x, param.depth_step(), s.depth_profile_mm)
-            depth_sd = max(depth_sd, along_ray * float(np.sqrt(s.residual_correlation_px2)))
+        depth_sd = max(depth_sd, along_ray)
         in_plane_sd = float(np.hypot(in_plane_sd, s.model_error_mm[0]))
         depth_sd = float(np.hypot(depth_sd, s.model_error_mm[1]))
         T_corr = param.correction(x)
@@ -719,6 +726,12 @@ class Registrator:
             return [refine(objective, x) for x in starts]
         serial = objective.one_thread()
         return list(objective.pool.map(lambda x: refine(serial, x), starts))
+
+    def _profile_level(self, factors: tuple[int, ...]) -> int:
+        """The pyramid level whose cost's depth profile is taken: the one binned
+        ``depth_profile_binning`` times the finest level's, else the finest."""
+        wanted = factors[-1] * self.settings.depth_profile_binning
+        return factors.index(wanted) if wanted in factors else len(factors) - 1
 
     def _uncertainty(self, outcome: OptimizeOutcome, stage: list[_PyramidLevel]) -> tuple[float, float]:
         """1-sigma uncertainty (mm) of the rotation centre in the first view's image plane
