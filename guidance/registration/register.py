@@ -14,9 +14,10 @@ A global registration runs, on the coarsest pyramid level:
    polarity of display images; the best peaks, the best one moved one vertebral
    height up and down the spine, and the start itself are the candidates;
 2. a short local refinement of every candidate (several at once, one per thread; each
-   Jacobian from the DRR's motion derivative); the best few distinct ones are
-   refined on the finer levels, and when two end far apart with nearly equal cost the
-   result is failed as ambiguous (e.g. one vertebral level off);
+   Jacobian from the DRR's motion derivative), the best few refined further; when two
+   end far apart with nearly equal cost the result is failed as ambiguous (e.g. one
+   vertebral level off), unless the next finer level, refining both, tells them apart;
+   the best one is refined on the finer levels;
 3. the quality gate, which uses the similarity and the pose uncertainty (1 sigma at
    the rotation centre, in-plane and in depth of the first view: the Gauss-Newton
    covariance of the last refinement, and for the depth also the cost's curvature over a
@@ -72,8 +73,9 @@ class RegistrationSettings:
     in-plane shifts up to ``search_range_mm`` at each rotation of
     ``search_rotations_deg`` about each axis (all combinations); ``n_candidates``
     peaks (plus the best one a vertebral height up and down the spine, and the start)
-    are refined; the best distinct ones go on to the finer levels (``n_refined[n]`` after level n, then
-    one), with ``global_iterations[n]`` iterations on level n (the last entry for
+    are refined; the best one and its rivals (those an ambiguity would name, below) go on to
+    the finer levels, at most ``n_refined[n]`` after level n, then one (a finer level
+    decides again between them), with ``global_iterations[n]`` iterations on level n (the last entry for
     further levels; with ``n_survivors`` only that many distinct candidates get the second half
     of the coarsest level's iterations, None: all); a registration
     without global search (tracking, per vertebra)
@@ -131,7 +133,7 @@ class RegistrationSettings:
     n_candidates: int = 6
     n_refined: tuple[int, ...] = (2,)
     n_survivors: int | None = 3
-    global_iterations: tuple[int, ...] = (4, 3, 3)
+    global_iterations: tuple[int, ...] = (4, 3, 2)
     local_max_fev: int = 6
     bone_threshold_hu: float | None = 150.0
     soft_tissue_spacing_mm: float | None = 4.0
@@ -531,19 +533,21 @@ class Registrator:
             total += np.where(inside, mi[np.clip(pad + sv, 0, 2 * pad), np.clip(pad + su, 0, 2 * pad)], -1.0)
         return t[:, int(np.argmax(total))]
 
-    def _ambiguity(self, ranked: list[_Candidate], param: PoseParameterization, centre: np.ndarray) -> str | None:
-        """A reason when a refined candidate far from the best matches (almost) as well,
-        e.g. the same spine one vertebral level up or down."""
+    def _rivals(self, ranked: list[_Candidate], param: PoseParameterization,
+                centre: np.ndarray) -> list[tuple[_Candidate, str]]:
+        """The refined candidates far from the best that match (almost) as well, e.g. the
+        same spine one vertebral level up or down, each with the reason it is a rival."""
         s = self.settings
         best = ranked[0]
+        rivals = []
         for other in ranked[1:]:
             apart_mm = point_displacement_mm(param.correction(best.x), param.correction(other.x), centre)
             gap = other.outcome.fun - best.outcome.fun
             limit = s.ambiguity_margin * (1.0 + best.outcome.fun)  # the cost is -similarity
             if apart_mm > s.ambiguity_distance_mm and gap < limit:
-                return (f"ambiguous: two poses {apart_mm:.0f} mm apart match almost equally "
-                        f"(cost gap {gap:.3f} < {limit:.3f})")
-        return None
+                rivals.append((other, f"ambiguous: two poses {apart_mm:.0f} mm apart match almost equally "
+                                      f"(cost gap {gap:.3f} < {limit:.3f})"))
+        return rivals
 
     def _distinct(self, ranked: list[_Candidate], param: PoseParameterization, centre: np.ndarray,
                   count: int) -> list[_Candidate]:
@@ -654,10 +658,13 @@ class Registrator:
                 outcomes = dropped + self._refine(objective, [c.x for c in survivors], scale, fev - fev // 2,
                                                   local_ftol, warm)
             ranked = sorted((_Candidate(o.x, o) for o in outcomes), key=lambda c: c.outcome.fun)
-            if len(ranked) > 1:
-                ambiguity = self._ambiguity(ranked, param, centre)
-            keep = s.n_refined[n] if global_search and n < len(s.n_refined) else 1
-            candidates = self._distinct(ranked, param, centre, keep)
+            if len(ranked) > 1:  # a finer level decides again between the rivals it refined
+                rivals = self._rivals(ranked, param, centre)
+                ambiguity = rivals[0][1] if rivals else None
+                keep = s.n_refined[n] if global_search and n < len(s.n_refined) else 1
+                candidates = self._distinct([ranked[0]] + [c for c, _ in rivals], param, centre, keep)
+            else:
+                candidates = ranked
             starts = [c.x for c in candidates]
             evaluations += objective.evaluations
             iterations += sum(o.nit for o in outcomes)
