@@ -302,6 +302,27 @@ def test_start_one_vertebral_level_off_is_corrected_or_failed(phantom, registrat
         assert error < 2.0 or not result.ok, (lao, error, result.reason)
 
 
+def test_only_far_candidates_of_nearly_equal_cost_are_rivals(registrator):
+    """A candidate is a rival of the best (refined again on the finer level, and named in
+    the ambiguity) when it lies over ``ambiguity_distance_mm`` away and its cost is
+    within ``ambiguity_margin`` x (1 + the best cost); here margin 0.06 of 0.5."""
+    from guidance.registration.optimizers import OptimizeOutcome
+    from guidance.registration.register import _Candidate
+
+    centre = registrator.centre(None)
+    param = PoseParameterization("world", centre, np.eye(4))
+
+    def candidate(shift_mm, cost):
+        x = np.r_[0.0, 0.0, 0.0, shift_mm, 0.0, 0.0]
+        return _Candidate(x, OptimizeOutcome(x=x, fun=cost, nfev=1, nit=1, stop_reason="test", converged=True))
+
+    best, near, far_close, far_worse = candidate(0, -0.5), candidate(3, -0.49), candidate(28, -0.48), candidate(
+        30, -0.46)
+    rivals = registrator._rivals([best, near, far_close, far_worse], param, centre)
+    assert [c for c, _ in rivals] == [far_close]
+    assert "two poses 28 mm apart" in rivals[0][1] and "cost gap 0.020 < 0.030" in rivals[0][1]
+
+
 def test_display_image_of_unknown_polarity_registers_from_10mm(phantom, registrator, truth_volume):
     """A display (8-bit, windowed, bone dark) image read with the wrong polarity."""
     centre = registrator.centre(None)
