@@ -165,10 +165,12 @@ def test_supervised_pipeline_serves_again_after_its_worker_is_killed(tmp_path, s
         with Publisher(frame_ep) as pub, Subscriber(result_ep, topics=("heartbeat", "pose_result"),
                                                     rcvhwm=1000) as sub:
             def serve_until_ok(after_ns):
-                """Stream frames at ~10 fps until an ok pose of one acquired after ``after_ns``;
-                the generations seen in heartbeats meanwhile."""
+                """Stream frames at ~10 fps until an ok pose of one acquired after ``after_ns``
+                and a heartbeat after it (every 0.5 s: the serving worker's first pose may
+                come before its first heartbeat); the generations seen in heartbeats."""
                 nonlocal frame_id
                 generations = set()
+                served = False
                 deadline = time.monotonic() + WAIT_S
                 while time.monotonic() < deadline:
                     frame_id += 1
@@ -179,9 +181,11 @@ def test_supervised_pipeline_serves_again_after_its_worker_is_killed(tmp_path, s
                         if isinstance(msg, Heartbeat):
                             assert msg.stats["supervised"] is True
                             generations.add(msg.stats["generation"])
+                            if served:
+                                return generations
                         elif isinstance(msg, PoseResult) and msg.status == "ok" and msg.frame_acquired_ns > after_ns:
-                            return generations
-                raise AssertionError(f"no ok pose; supervisor rc {proc.poll()}")
+                            served = True
+                raise AssertionError(f"no ok pose and heartbeat; supervisor rc {proc.poll()}")
 
             assert serve_until_ok(0) == {0}
             [worker] = psutil.Process(proc.pid).children()
