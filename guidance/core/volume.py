@@ -394,6 +394,18 @@ def transform_volume(volume: Volume, T_new_from_old: np.ndarray, *, default_valu
     return volume.with_data(moved.astype(volume.data.dtype, copy=False))
 
 
+BODY_HU = -500.0
+"""CT numbers above this are the patient's body (tissue, not the air around it)."""
+
+
+def body_cut_faces(data: np.ndarray, body_value: float, *, min_share: float = 0.05) -> tuple[tuple[bool, bool], ...]:
+    """Per array axis (k, j, i), whether its first and last layer cut through the body: more
+    than ``min_share`` of the layer above ``body_value`` (``BODY_HU``, or its attenuation).
+    The patient goes on beyond such a face of the scanned box."""
+    return tuple(tuple(bool(np.mean(np.take(data, end, axis=axis) > body_value) > min_share) for end in (0, -1))
+                 for axis in range(data.ndim))
+
+
 CLINICAL_SPACING_MM = (0.7, 0.7, 2.5)
 CLINICAL_SIZE = (512, 512, 133)
 

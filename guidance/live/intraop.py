@@ -24,7 +24,7 @@ import numpy as np
 
 from guidance.core.errors import GuidanceError
 from guidance.core.geometry import invert_rigid
-from guidance.core.volume import Volume, affine_from_geometry, resample, volume_to_sitk
+from guidance.core.volume import BODY_HU, Volume, affine_from_geometry, resample, volume_to_sitk
 from guidance.live.wire import VolumeFrame
 from guidance.registration.register3d import Register3dSettings, register_volumes
 
@@ -53,7 +53,7 @@ class IntraopSettings:
     initialisations: tuple[str, ...] = ("identity", "geometry")
     min_ncc: float = 0.5
     min_overlap: float = 0.05
-    body_hu: float = -500.0
+    body_hu: float = BODY_HU
     quality_grid_mm: float = 2.0
 
 
