@@ -115,7 +115,7 @@ def _aim_world(args, subject):
 def cmd_render(args) -> int:
     from guidance.core.images import stretch_raw, write_xray
     from guidance.core.views import carm_view, read_view, view_path_for, write_view
-    from sim.xray import XrayParams, simulate_xray
+    from sim.xray import RAW_I0, XrayParams, simulate_xray
 
     subject = _subject(args)
     if args.view:
@@ -125,7 +125,8 @@ def cmd_render(args) -> int:
                          source_to_isocenter_mm=args.sid, detector_size_px=(args.size, args.size),
                          pixel_spacing_mm=(args.pitch, args.pitch), isocenter_world=_aim_world(args, subject),
                          patient_position=args.position)
-    params = XrayParams(dose=args.dose, distortion_k1=args.distortion_k1, seed=args.seed, noise=not args.no_noise)
+    params = XrayParams(I0=RAW_I0, dose=args.dose, distortion_k1=args.distortion_k1, seed=args.seed,
+                        noise=not args.no_noise)
     image, view = simulate_xray(subject.ct, view, params, intensity=args.intensity)
     image, view = stretch_raw(image, view)
     out = Path(args.out)

@@ -66,7 +66,7 @@ from guidance.core.views import INTENSITY_KINDS, View, carm_view
 from guidance.core.volume import Volume, VolumeError, label_centroid_world
 from sim.phantom import Phantom
 from sim.subject import Subject
-from sim.xray import XrayParams, acquire, labelled_view, prepare_anatomy
+from sim.xray import AEC_PHOTONS, RAW_I0, XrayParams, acquire, auto_exposure, labelled_view, prepare_anatomy
 
 __all__ = [
     "MODES",
@@ -163,8 +163,8 @@ class Scenario:
     (LAO, cranial) pairs as the C-arm displays them. The detector is ``detector_px``
     square pixels of ``pixel_spacing_mm``; ``sdd_mm`` / ``sid_mm``: source to detector /
     isocentre. ``intensity``: the pixels' intensity kind ("raw" uint16 counts with
-    ``XrayParams().I0``, "display" uint8, "line_integral" float32); ``dose`` scales the
-    photon count.
+    ``sim.xray.RAW_I0`` unattenuated, "display" uint8, "line_integral" float32), at the dose an exposure
+    control sets for the anatomy in view (``sim.xray.auto_exposure``), times ``dose``.
     ``instrument``: a name from ``guidance.core.instrument_models.INSTRUMENTS`` or None (no
     instrument in the images or the tracker); it advances along the planned trajectory,
     turned medially about the entry point by ``instrument_medial_deg`` (negative: laterally),
@@ -629,13 +629,14 @@ class ScenarioPlayer:
         s = self.scenario
         actual = state.view.with_pose(state.T_cam_from_world)
         line_integral = self._anatomy_line_integral(actual)
+        seed = int(np.random.SeedSequence([s.seed, 2, int(round(state.t_s * 1e6))]).generate_state(1)[0])
+        params = auto_exposure(line_integral, XrayParams(I0=RAW_I0, seed=seed), AEC_PHOTONS * s.dose)
         if self.model is not None:
             line_integral += instrument_line_integral(actual, state.T_cam_from_world @ state.T_world_from_tool,
                                                       self.model)
         for model, T_world_from_tool in extra_instruments:
             line_integral += instrument_line_integral(actual, state.T_cam_from_world @ T_world_from_tool, model)
-        seed = int(np.random.SeedSequence([s.seed, 2, int(round(state.t_s * 1e6))]).generate_state(1)[0])
-        pixels, _ = acquire(line_integral, actual, XrayParams(dose=s.dose, seed=seed), intensity=s.intensity)
+        pixels, _ = acquire(line_integral, actual, params, intensity=s.intensity)
         return SimFrame(**{f.name: getattr(state, f.name) for f in fields(SimState)}, pixels=pixels)
 
     def _anatomy_line_integral(self, view: View) -> np.ndarray:

@@ -38,6 +38,7 @@ from guidance.core.drr import DrrVolume, prepare_volume, render_drr
 from guidance.core.errors import GuidanceError
 from guidance.core.views import View, check_intensity
 from guidance.core.volume import Volume, hu_to_attenuation
+from sim.body import BODY_MARGIN_MM, SOFT_TISSUE_MAX_HU, continued_body
 
 __all__ = [
     "XrayError",
@@ -56,6 +57,8 @@ __all__ = [
     "undistort_points",
     "Anatomy",
     "prepare_anatomy",
+    "AEC_PHOTONS",
+    "RAW_I0",
     "acquire",
     "labelled_view",
     "auto_exposure",
@@ -69,8 +72,6 @@ BONE_STEP_MM = 0.5
 """DRR sampling step through bone (mm)."""
 SOFT_STEP_MM = 2.0
 """DRR sampling step through soft tissue (mm): smooth, so a coarse step is exact to <0.3%."""
-SOFT_TISSUE_MAX_HU = 100.0
-"""CT numbers up to this are soft tissue (rendered at SOFT_STEP_MM); the excess is bone."""
 RAW_DTYPES = ("float32", "uint16")
 DARK_FRACTION = 1.0e-3  # detector level outside the collimator, as a fraction of I0
 _SCATTER_SIGMA_FRACTION = 0.1  # scatter kernel sigma, fraction of the larger image side
@@ -330,8 +331,8 @@ def _raw_output(intensity: np.ndarray, dtype: str | None) -> np.ndarray:
 @dataclass(frozen=True)
 class Anatomy:
     """A CT (HU) prepared for simulated X-rays: attenuation at ``ENERGY_KEV`` split into
-    soft tissue (HU capped at ``SOFT_TISSUE_MAX_HU``, sampled coarsely) and the bone
-    excess (sampled finely); their line integrals add up to the full CT's."""
+    soft tissue (HU capped at ``SOFT_TISSUE_MAX_HU``, sampled coarsely at ``SOFT_STEP_MM``)
+    and the bone excess (sampled finely); their line integrals add up to the full CT's."""
 
     soft: DrrVolume
     bone: DrrVolume
@@ -343,15 +344,27 @@ class Anatomy:
 
 
 def prepare_anatomy(ct_hu: Volume, *, energy_kev: float = ENERGY_KEV, bone_step_mm: float = BONE_STEP_MM,
-                    soft_step_mm: float = SOFT_STEP_MM) -> Anatomy:
-    """The ``Anatomy`` of a CT in HU (soft tissue included), ready for many views."""
+                    soft_step_mm: float = SOFT_STEP_MM, body_margin_mm: float = BODY_MARGIN_MM) -> Anatomy:
+    """The ``Anatomy`` of a CT in HU (soft tissue included) and of the patient beyond its
+    box up to ``body_margin_mm`` (``sim.body.continued_body``; 0: the box alone), ready for
+    many views."""
+    ct_hu = continued_body(ct_hu, body_margin_mm)
     mu = hu_to_attenuation(ct_hu, energy_kev=energy_kev)
     soft = hu_to_attenuation(ct_hu.with_data(np.minimum(ct_hu.data, SOFT_TISSUE_MAX_HU)), energy_kev=energy_kev)
     bone = mu.with_data(np.maximum(mu.data - soft.data, 0.0).astype(np.float32))
     return Anatomy(soft=prepare_volume(soft, step_mm=soft_step_mm), bone=prepare_volume(bone, step_mm=bone_step_mm))
 
 
-def auto_exposure(line_integral: np.ndarray, params: XrayParams, photons_per_pixel: float) -> XrayParams:
+AEC_PHOTONS = 1000.0
+"""What a C-arm's automatic exposure control aims at: mean photons per pixel behind the
+patient (``auto_exposure``)."""
+
+RAW_I0 = 30000.0
+"""Unattenuated level of 16-bit raw images behind an exposure control: a 12-bit range
+(``XrayParams().I0``) leaves 6-18 counts behind a 300 mm wide body in a lateral view."""
+
+
+def auto_exposure(line_integral: np.ndarray, params: XrayParams, photons_per_pixel: float = AEC_PHOTONS) -> XrayParams:
     """``params`` with the dose an automatic exposure control sets: ``photons_per_pixel``
     photons on average behind the patient, over the central quarter of the detector."""
     H, W = line_integral.shape
@@ -377,7 +390,8 @@ def labelled_view(view: View, intensity: str, params: XrayParams = XrayParams())
 def simulate_xray(ct_hu: Volume | Anatomy, view: View, params: XrayParams = XrayParams(), *,
                   intensity: str) -> tuple[np.ndarray, View]:
     """A simulated X-ray of a CT (HU, or its prepared ``Anatomy``) seen in ``view``:
-    ``acquire`` of the anatomy's line integrals. Returns the stored pixels and the
-    labelled view."""
+    ``acquire`` of the anatomy's line integrals at the dose a C-arm's exposure control sets
+    (``auto_exposure``) times ``params.dose``. Returns the stored pixels and the labelled view."""
     anatomy = ct_hu if isinstance(ct_hu, Anatomy) else prepare_anatomy(ct_hu)
-    return acquire(anatomy.line_integral(view), view, params, intensity=intensity)
+    line = anatomy.line_integral(view)
+    return acquire(line, view, auto_exposure(line, params, AEC_PHOTONS * params.dose), intensity=intensity)

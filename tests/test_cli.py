@@ -19,6 +19,7 @@ from guidance.core.levels import level_label
 from guidance.core.views import read_view
 from guidance.core.volume import label_centroid_world, load_volume
 from guidance.live.transport import free_tcp_endpoint
+from sim.xray import RAW_I0
 
 NO_DATA = "/nonexistent-shared-data"
 
@@ -147,7 +148,7 @@ def test_render_aims_at_the_level_and_writes_a_visible_raw_png(phantom_dir, shot
     assert image.dtype == np.uint16 and image.max() > 30000  # visible in any viewer
     scale = view.extra["raw_scale"]
     assert scale == int(scale) and np.all(image % int(scale) == 0)  # raw counts = pixels / raw_scale
-    assert view.I0 == pytest.approx(4095.0 * scale)
+    assert view.I0 == pytest.approx(RAW_I0 * scale)
     labels = load_volume(phantom_dir / "labels.nii.gz", units="label")
     centroid = label_centroid_world(labels, level_label("L3"))
     assert np.allclose(project(view.P, centroid[None])[0], [31.5, 31.5], atol=1e-6)

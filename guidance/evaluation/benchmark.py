@@ -51,7 +51,7 @@ from guidance.evaluation.runners import run_benchmark
 from guidance.registration.register import RegistrationSettings
 from sim.phantom import Phantom
 from sim.subject import Subject, load_subject
-from sim.xray import SOFT_TISSUE_MAX_HU, XrayParams, acquire, auto_exposure, labelled_view, prepare_anatomy
+from sim.xray import AEC_PHOTONS, RAW_I0, XrayParams, acquire, auto_exposure, labelled_view, prepare_anatomy
 
 __all__ = [
     "BENCHMARK_SCHEMA",
@@ -72,9 +72,6 @@ log = logging.getLogger(__name__)
 
 BENCHMARK_SCHEMA = "guidance.benchmark/1"
 
-RAW_I0 = 30000.0  # unattenuated level of the 16-bit raw images (headroom for noise)
-AEC_PHOTONS = 1000.0  # automatic exposure control: mean photons per pixel behind the patient
-BODY_MARGIN_MM = 60.0  # soft tissue added beyond the faces of the CT box that cut the body
 DETECTOR_MM = 307.2  # detector side: 256 px at 1.2 mm, the lumbar spine fills it at ~1.7x
 # C-arm angles of successive views (LAO deg): AP, lateral, obliques; each jittered.
 _LAO_ANCHORS = (0.0, 90.0, -45.0, 45.0, -90.0, 20.0, -20.0, 65.0, -65.0)
@@ -187,26 +184,6 @@ def _acquisitions(
     return out
 
 
-def _extended_body(ct: Volume, margin_mm: float) -> Volume:
-    """The CT (HU) grown by ``margin_mm`` beyond each face of its box that cuts through
-    the body (more than 5% of the face denser than -500 HU), by repeating the face
-    voxels capped at ``sim.xray.SOFT_TISSUE_MAX_HU``: a patient does not end where the scan
-    does (above and below the scanned range, or beyond a truncated field of view), and
-    test images should not show the edges of the scanned box."""
-    widths = []
-    for axis, spacing in zip(range(3), ct.spacing[::-1]):  # array axes k, j, i
-        n = int(np.ceil(margin_mm / spacing))
-        cut = [np.mean(np.take(ct.data, end, axis=axis) > -500.0) > 0.05 for end in (0, -1)]
-        widths.append((n * cut[0], n * cut[1]))
-    data = np.pad(np.minimum(ct.data, SOFT_TISSUE_MAX_HU), widths, mode="edge")
-    (k0, _), (j0, _), (i0, _) = widths
-    nk, nj, ni = ct.data.shape
-    data[k0: k0 + nk, j0: j0 + nj, i0: i0 + ni] = ct.data
-    T = ct.T_world_from_index.copy()
-    T[:3, 3] = ct.index_to_world(-np.array([i0, j0, k0], dtype=float))[0]
-    return Volume(data=data, T_world_from_index=T, units="HU")
-
-
 def make_benchmark_set(
     ct: Volume,
     *,
@@ -230,7 +207,7 @@ def make_benchmark_set(
     [-20, 20] deg, SDD 1000-1200 mm, source-isocentre 600-700 mm, isocentre at the
     targets' centre plus a few mm; a square detector of ``detector_px`` pixels
     covering ``DETECTOR_MM`` (1.2 mm pitch at 256 px). Images: ``sim.xray`` of the full CT
-    (extended by ``BODY_MARGIN_MM`` of soft tissue where its box cuts the body), acquired
+    (and the body beyond its box, ``sim.body``), acquired
     with ``xray`` (default: Poisson noise, 0.7 px blur; raw at I0 = ``RAW_I0``) at the dose
     of an exposure control (``AEC_PHOTONS``) in the ``intensity`` kind ("raw", "display"
     or "line_integral"). Starts: ``perturbation`` with
@@ -243,7 +220,7 @@ def make_benchmark_set(
     rng = np.random.default_rng(seed)
     targets = target_points(ct, labels=labels, level=level, max_points=n_targets, seed=seed)
     centre = targets.mean(axis=0)
-    anatomy = prepare_anatomy(_extended_body(ct, BODY_MARGIN_MM))
+    anatomy = prepare_anatomy(ct)
     xray = XrayParams(I0=RAW_I0) if xray is None else xray
     cases = []
     for a, views in enumerate(_acquisitions(centre, rng, n_views=n_views, detector_px=detector_px,
