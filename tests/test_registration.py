@@ -21,8 +21,9 @@ from guidance.core.views import carm_view
 from guidance.core.volume import Volume, clinical_grid, hu_to_attenuation, load_volume, transform_volume
 from guidance.evaluation.benchmark import make_benchmark_set
 from guidance.evaluation.runners import score_case
+from sim.body import continued_body
 from sim.phantom import make_phantom
-from sim.xray import XrayParams, form_image
+from sim.xray import XrayParams, auto_exposure, form_image
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +38,9 @@ def registrator(phantom):
 
 @pytest.fixture(scope="module")
 def truth_volume(phantom):
-    """What the 'X-ray machine' sees: full CT (soft tissue too), 70 keV, fine steps."""
-    return prepare_volume(hu_to_attenuation(phantom.ct, energy_kev=70.0), step_mm=0.4)
+    """What the 'X-ray machine' sees: the full CT (soft tissue too) and the body beyond its
+    box, 70 keV, fine steps."""
+    return prepare_volume(hu_to_attenuation(continued_body(phantom.ct), energy_kev=70.0), step_mm=0.4)
 
 
 def targets(phantom, label=None):
@@ -57,10 +59,10 @@ def motion(centre, axis, angle_deg, shift):
 
 
 def shot(truth_volume, view, seed, variant="raw", M=np.eye(4)):
-    """An X-ray of the anatomy moved by M (world), taken with ``view``."""
-    image = form_image(render_drr(truth_volume, view.with_pose(view.T_cam_from_world @ M)),
-                       XrayParams(seed=seed), intensity=variant)
-    return image
+    """An X-ray of the anatomy moved by M (world), taken with ``view`` at the dose of an
+    exposure control (as the benchmark's)."""
+    line = render_drr(truth_volume, view.with_pose(view.T_cam_from_world @ M))
+    return form_image(line, auto_exposure(line, XrayParams(seed=seed)), intensity=variant)
 
 
 def test_pose_parameterisation_round_trip():
@@ -113,7 +115,8 @@ def test_analytic_jacobian_matches_central_differences(phantom, registrator, tru
     render per view and point) points where central differences of rendered residuals do,
     with the soft tissue, for one view and two, on the full and the 4x binned detector
     (phantom, measured: correlation 0.934-0.9996, the lowest where the residuals hardly
-    change: one view's depth, and a turn about the axis both views lie around).
+    change: one view's depth, and a turn about the axis both views lie around; with the soft
+    tissue continued beyond the CT's box, the two views' columns 0.937-0.998, mean 0.979).
     Without the prepared volumes' zero border the soft tissue's cut-off ends made the
     out-of-plane turn's column 0.57-0.90."""
     centre = registrator.centre(None)
@@ -139,7 +142,7 @@ def test_analytic_jacobian_matches_central_differences(phantom, registrator, tru
             central = (objective.residuals(x + h * np.eye(6)[k]) - objective.residuals(x - h * np.eye(6)[k])) / (2 * h)
             correlations.append(np.corrcoef(analytic[k], central)[0, 1])
             assert abs(np.dot(analytic[k], central) / np.dot(central, central) - 1.0) < 0.15, (n_views, factor, k)
-        assert min(correlations) > 0.9 and np.mean(correlations) > 0.98, (n_views, factor, correlations)
+        assert min(correlations) > 0.9 and np.mean(correlations) > 0.975, (n_views, factor, correlations)
 
 
 def test_points_evaluated_together_render_no_motion_derivative_yet_differentiate_later(
@@ -277,10 +280,11 @@ def test_biplane_beats_single_view_in_depth(phantom, registrator, truth_volume):
     assert depth_error(both) < depth_error(single)
     # The uncertainty knows: one view hardly sees depth, the second view pins it down.
     assert single.uncertainty_depth_mm > 3.0 * single.uncertainty_in_plane_mm
-    assert both.uncertainty_depth_mm < 0.5 * single.uncertainty_depth_mm
+    floor_in_plane, floor_depth = registrator.settings.model_error_mm
+    seen = [np.sqrt(max(r.uncertainty_depth_mm ** 2 - floor_depth ** 2, 0.0)) for r in (single, both)]  # the images'
+    assert seen[1] < 0.5 * seen[0]
     assert np.isfinite(both.uncertainty_in_plane_mm) and both.to_dict()["uncertainty_depth_mm"] > 0
     # Never below the error the residuals cannot show (the rendered anatomy is not the imaged one).
-    floor_in_plane, floor_depth = registrator.settings.model_error_mm
     assert both.uncertainty_in_plane_mm >= floor_in_plane and both.uncertainty_depth_mm >= floor_depth
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from guidance.core.drr import render_drr
 from guidance.core.views import carm_view
-from guidance.core.volume import Volume, hu_to_attenuation
+from guidance.core.volume import Volume, attenuation_from_hu, hu_to_attenuation
 from guidance.registration.prepared import AnatomyModel, PrepareSettings, load_or_prepare, prepare_ct
 from sim.phantom import make_phantom
 
@@ -77,12 +77,43 @@ def test_a_label_without_bone_is_centred_on_its_voxels(phantom):
     np.testing.assert_allclose(prepared.centre(99), expected, atol=1e-6)
 
 
+def test_soft_tissue_goes_on_beyond_the_faces_the_body_touches():
+    """A block of water whose box the body leaves through the low i face (the field of
+    view's edge) and both slice ends, with air beyond its high i face and both j faces:
+    the model's soft tissue goes on 60 mm beyond the cut faces, unchanged beyond the slices
+    and fading as exp(-3 d / 60 mm) beyond the field of view, and stops at the others."""
+    hu = np.full((20, 20, 20), -1000.0, np.float32)
+    hu[:, 5:15, :14] = 0.0  # water touching i = 0 and both k ends, 6 voxels of air before i = 19
+    hu[10, 10, 10] = 1000.0  # a bone voxel, which preparation needs
+    ct = Volume(hu, np.diag([4.0, 4.0, 4.0, 1.0]), "HU")
+    settings = PrepareSettings(pyramid_spacings_mm=(4.0,))
+    soft = prepare_ct(ct, None, settings).soft
+    water = float(attenuation_from_hu(0.0))
+
+    def mu_at(x, y, z):
+        ijk = np.linalg.solve(soft.T_world_from_index, [x, y, z, 1.0])[:3]
+        i, j, k = np.rint(ijk).astype(int)
+        return float(soft.codes[k, j, i]) * soft.mu_scale
+
+    for d in (4.0, 20.0, 40.0):
+        assert mu_at(-d, 40.0, 40.0) == pytest.approx(water * np.exp(-3.0 * d / 60.0), rel=0.02)  # beyond i = 0
+        assert mu_at(20.0, 40.0, 76.0 + d) == pytest.approx(water, rel=0.02)  # beyond the last slice
+        assert mu_at(-d, 40.0, -d) == pytest.approx(water * np.exp(-3.0 * d / 60.0), rel=0.02)  # both
+    ni, nj, nk = soft.size_ijk
+    corners = soft.T_world_from_index @ np.array([[0, 0, 0, 1.0], [ni - 1, nj - 1, nk - 1, 1.0]]).T
+    assert corners[0, 0] < -56.0 and corners[2, 0] < -56.0 and corners[2, 1] > 76.0 + 56.0  # 60 mm on
+    assert corners[0, 1] < 76.0 + 8.0 and corners[1, 0] > -8.0 and corners[1, 1] < 76.0 + 8.0  # not beyond air
+    plain = prepare_ct(ct, None, replace(settings, soft_continuation_mm=0.0))
+    assert plain.soft.size_ijk[0] < ni and plain.soft.size_ijk[2] < nk
+
+
 @pytest.mark.parametrize("lao, cranial", [(0.0, 0.0), (90.0, 0.0), (35.0, 15.0)])
 def test_bone_and_soft_tissue_draw_the_whole_ct(phantom, lao, cranial):
     """The registration's model (bone above the threshold's attenuation on its grid, the
     rest on a 4 mm grid drawn on a binned detector) gives the line integrals of the whole
-    CT, up to the soft tissue's blur; bone alone misses the body's share."""
-    prepared = prepare_ct(phantom.ct, None, SETTINGS)
+    CT, up to the soft tissue's blur; bone alone misses the body's share (the soft tissue
+    here ends where the CT does)."""
+    prepared = prepare_ct(phantom.ct, None, replace(SETTINGS, soft_continuation_mm=0.0))
     assert prepared.soft is not None and prepared.soft.step_mm == pytest.approx(4.0)
     centre = prepared.centre(None)
     view = carm_view(lao_deg=lao, cranial_deg=cranial, isocenter_world=centre, detector_size_px=(160, 128),

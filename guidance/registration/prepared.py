@@ -39,7 +39,9 @@ from guidance.core.downsample import downsample
 from guidance.core.drr import DrrVolume, prepare_volume, render_drr, render_drr_motion
 from guidance.core.errors import GuidanceError
 from guidance.core.views import View
-from guidance.core.volume import Volume, VolumeError, attenuation_from_hu, hu_to_attenuation, resample
+from guidance.core.volume import (
+    BODY_HU, Volume, VolumeError, attenuation_from_hu, body_cut_faces, hu_to_attenuation, resample,
+)
 
 __all__ = [
     "PREPARED_FORMAT",
@@ -52,7 +54,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PREPARED_FORMAT = "guidance.prepared_ct/5"
+PREPARED_FORMAT = "guidance.prepared_ct/6"
 LABEL_MARGIN_VOXELS = 1  # a vertebra's coarse volume keeps this many voxels around its label (smoothed edges)
 SOFT_PIXEL_PER_VOXEL = 0.6
 """Soft tissue is drawn on a detector whose pixel, back-projected to the anatomy, is this
@@ -74,6 +76,8 @@ class PrepareSettings:
     spacings of the smoothed coarse volumes (an axis already coarser keeps its samples;
     the native bone volume is always level 0);
     ``vertebra_height_mm``: the spine's repeat distance when no label map gives it.
+    ``soft_continuation_mm``: beyond each face of the CT's box that the body touches the soft
+    tissue goes on this far (``_continued``; 0: it ends at the face).
     """
 
     bone_threshold_hu: float | None = 150.0
@@ -81,6 +85,7 @@ class PrepareSettings:
     energy_kev: float = 60.0
     pyramid_spacings_mm: tuple[float, ...] = (1.0, 2.0, 4.0)
     vertebra_height_mm: float = 30.0
+    soft_continuation_mm: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -259,6 +264,40 @@ def _spine(ct: Volume, centres: dict[int, np.ndarray], default_height_mm: float)
     return vt[0], float(np.median([np.linalg.norm(s) for s in steps]))
 
 
+def _continued(soft: Volume, length_mm: float, body_mu_per_mm: float) -> Volume:
+    """The soft tissue (attenuation) continued by ``length_mm`` beyond each face of its grid
+    that the body touches (``body_cut_faces``, any voxel): the face's voxels repeated
+    outward. Beyond the first and last slice (array axis k) they go on unchanged, as a body
+    does over a few centimetres; beyond an edge of the field of view (j, i) they fade as
+    exp(-3 d / ``length_mm``) with the distance d beyond the face (to 5% at the end), as a
+    body rounds off within centimetres there.
+
+    A model that ends where the scan does has edges the X-ray does not show, and a single
+    view's depth (its magnification) follows them (docs/benchmarks.md, session 14). How much
+    tissue lies beyond a field-of-view edge is unknown: the fade makes the model's edge
+    soft, not right. A fade beyond the slices drew a ramp across anteroposterior views that
+    pulled the phantom's spine 40 mm off at an accepted similarity."""
+    if length_mm <= 0:
+        return soft
+    cut = body_cut_faces(soft.data, body_mu_per_mm, min_share=0.0)
+    widths = [(int(np.ceil(length_mm / spacing)) * low, int(np.ceil(length_mm / spacing)) * high)
+              for (low, high), spacing in zip(cut, soft.spacing[::-1])]
+    if not any(low or high for low, high in widths):
+        return soft
+    data = np.pad(soft.data, widths, mode="edge")
+    for axis in (1, 2):  # the field of view's edges
+        (low, high), spacing = widths[axis], soft.spacing[::-1][axis]
+        index = np.arange(data.shape[axis], dtype=float)
+        beyond_mm = np.maximum(np.maximum(low - index, index - (data.shape[axis] - 1 - high)), 0.0) * spacing
+        shape = [1, 1, 1]
+        shape[axis] = -1
+        data *= np.exp(-3.0 * beyond_mm / length_mm).astype(np.float32).reshape(shape)
+    (k0, _), (j0, _), (i0, _) = widths
+    T = soft.T_world_from_index.copy()
+    T[:3, 3] = soft.index_to_world(-np.array([i0, j0, k0], dtype=float))[0]
+    return Volume(data=data, T_world_from_index=T, units=soft.units)
+
+
 def prepare_ct(
     ct: Volume, labels: Volume | None = None, settings: PrepareSettings | None = None, *, key: str | None = None
 ) -> PreparedCT:
@@ -280,7 +319,9 @@ def prepare_ct(
             mu_threshold = float(attenuation_from_hu(s.bone_threshold_hu, energy_kev=s.energy_kev))
             bone = np.where(is_bone, np.maximum(mu.data - mu_threshold, 0.0), 0.0)
             soft_mu = mu.with_data(np.minimum(mu.data, mu_threshold).astype(np.float32))
-            soft = prepare_volume(downsample(soft_mu, s.soft_tissue_spacing_mm), margin_mm=s.soft_tissue_spacing_mm)
+            soft_grid = _continued(downsample(soft_mu, s.soft_tissue_spacing_mm), s.soft_continuation_mm,
+                                   float(attenuation_from_hu(BODY_HU, energy_kev=s.energy_kev)))
+            soft = prepare_volume(soft_grid, margin_mm=s.soft_tissue_spacing_mm)
         mu = mu.with_data(bone.astype(np.float32))
     if not (mu.data > 0).any():
         raise PreparedCTError("the CT has no attenuating voxel")

@@ -73,7 +73,10 @@ class RegistrationSettings:
     in-plane shifts up to ``search_range_mm`` at each rotation of
     ``search_rotations_deg`` about each axis (all combinations); ``n_candidates``
     peaks (plus the best one a vertebral height up and down the spine, and the start)
-    are refined; the best one and its rivals (those an ambiguity would name, below) go on to
+    are refined; with one view, the best one after the level binned ``depth_profile_binning``
+    times the finest is also refined from ``search_depths_mm`` along the ray through the
+    rotation centre, and the better goes on (one view's depth moves least of all); the best one
+    and its rivals (those an ambiguity would name, below) go on to
     the finer levels, at most ``n_refined[n]`` after level n, then one (a finer level
     decides again between them), with ``global_iterations[n]`` iterations on level n (the last entry for
     further levels; with ``n_survivors`` only that many distinct candidates get the second half
@@ -116,8 +119,8 @@ class RegistrationSettings:
     2.1-2.6x and biplane pairs 2.1x faster, with the same outcomes and an mTRE as good or
     better (docs/benchmarks.md session 9).
     ``bone_threshold_hu``, ``soft_tissue_spacing_mm``,
-    ``energy_kev``, ``pyramid_spacings_mm`` and ``vertebra_height_mm`` shape the
-    prepared CT (prepared.PrepareSettings).
+    ``energy_kev``, ``pyramid_spacings_mm``, ``vertebra_height_mm`` and ``soft_continuation_mm``
+    shape the prepared CT (prepared.PrepareSettings).
     """
 
     similarity: str = "gradient_ncc"
@@ -131,6 +134,7 @@ class RegistrationSettings:
     search_range_mm: float = 45.0
     search_rotations_deg: tuple[float, ...] = (-10.0, 0.0, 10.0)
     n_candidates: int = 6
+    search_depths_mm: tuple[float, ...] = (-8.0, 8.0)
     n_refined: tuple[int, ...] = (2,)
     n_survivors: int | None = 3
     global_iterations: tuple[int, ...] = (4, 3, 2)
@@ -140,6 +144,7 @@ class RegistrationSettings:
     energy_kev: float = 60.0
     pyramid_spacings_mm: tuple[float, ...] = (1.0, 2.0, 4.0)
     vertebra_height_mm: float = 30.0
+    soft_continuation_mm: float = 60.0
     fixed_blur_px: float = 0.7
     roi_margin_mm: float = 5.0
     prior_weight: float = 0.05
@@ -160,7 +165,8 @@ class RegistrationSettings:
         return PrepareSettings(bone_threshold_hu=self.bone_threshold_hu,
                                soft_tissue_spacing_mm=self.soft_tissue_spacing_mm, energy_kev=self.energy_kev,
                                pyramid_spacings_mm=self.pyramid_spacings_mm,
-                               vertebra_height_mm=self.vertebra_height_mm)
+                               vertebra_height_mm=self.vertebra_height_mm,
+                               soft_continuation_mm=self.soft_continuation_mm)
 
 
 @dataclass(frozen=True)
@@ -674,6 +680,17 @@ class Registrator:
                 # millimetres that matter: it said 0.9 mm where the cost was flat over 10 mm of depth.
                 along_ray = profile_sd(objective, starts[0], param.depth_step(), s.depth_profile_mm) * float(
                     np.sqrt(s.residual_correlation_px2)) * factors[-1] / factors[n]
+                # One view's depth is its flattest direction: a few iterations leave it near where
+                # the start put it (the real CT's near-lateral view: 3-7 mm off at a lower similarity).
+                ray_cam = param.T_cam_from_world_ref[:3, :3] @ centre + param.T_cam_from_world_ref[:3, 3]
+                tries = [starts[0] + np.r_[0.0, 0.0, 0.0, d * ray_cam / np.linalg.norm(ray_cam)]
+                         for d in s.search_depths_mm] if len(views) == 1 else []
+                deeper = self._refine(objective, tries, scale, fev, local_ftol, warm) if tries else []
+                iterations += sum(o.nit for o in deeper)
+                best_try = min(deeper, key=lambda o: o.fun, default=None)
+                if best_try is not None and best_try.fun < ranked[0].outcome.fun:
+                    starts[0] = best_try.x
+                    stops.append(f"{name}: a start {best_try.x[5] - ranked[0].x[5]:+.1f} mm along the ray fit better")
             stops.append(f"{name}: {ranked[0].outcome.stop_reason}, {model.bone.size_ijk} voxels")
             timings[name] = time.perf_counter() - t0
         best = candidates[0]
