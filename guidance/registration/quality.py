@@ -26,9 +26,10 @@ class QualityLimits:
     poses score 0.78-0.87 in AP and oblique views of the real abdominal CT, 0.68-0.73
     (mean of the two views) in its biplane pairs, 0.94-0.96 on the phantom, and 0.94-0.95
     when tracking the phantom's fluoroscopy; pure noise 0.02 and another patient's CT
-    0.08 at their best pose. Near-lateral views of the real CT score only 0.40-0.49 even
-    at their best pose, and there the depth came out up to 8 mm off at the same score:
-    below ``min_similarity`` the match is not trusted. With several views none may score
+    0.08 at their best pose. Near-lateral views of the real CT, imaged with the body beyond
+    its field of view, score 0.44-0.49 at their truth (one of them, raw, 0.711, but 0.667 at
+    a minimum 7.5 mm along the ray, which passes: docs/benchmarks.md, session 14): below
+    ``min_similarity`` the match is not trusted. With several views none may score
     below ``min_view_similarity`` (such a view pulls the joint pose off while the others
     keep the mean high). The reported confidence rises from 0 at ``min_similarity`` to 1
     at ``good_similarity``. A single vertebra's registration compares its model with an
@@ -38,9 +39,9 @@ class QualityLimits:
     ``max_depth_sd_mm`` is loose on purpose: one view fixes its projection (what an
     overlay needs) but sees depth only through magnification, so its result is ``ok`` with
     its depth uncertainty published beside it (measured on the real CTs' raw single views:
-    0.45-0.65 mm in AP and oblique views, 1.2 mm in a lateral view of the 30-slice CT,
-    1.4-8 mm or unbounded in the full CT's near-lateral views, up to 14 mm off in depth,
-    where the similarity gate fails them); only a depth the views leave unbounded fails.
+    0.55-0.65 mm in AP and oblique views, 1.5 mm in a lateral view of the 30-slice CT,
+    1.1-4.9 mm in the full CT's near-lateral views, session 14); only a depth the views
+    leave unbounded fails.
     """
 
     min_similarity: float = 0.5
