@@ -4,7 +4,7 @@ A CT ends at its first and last slice and, for a large patient or a small field 
 at the edge of its field of view; the patient does not, and a C-arm sees the whole body
 along each ray. An image of the CT's box alone has edges no X-ray has and hides the
 tissue the registration's model lacks (docs/benchmarks.md, session 14: the real CT's
-near-lateral views and the phantom's single views were 1-12 mm off in depth with that
+near-lateral views and the phantom's single views were 1-14 mm off in depth with that
 tissue, and a model that ended at the box was pulled by its own edges).
 
 Array axis 0 (k) is the slice axis: beyond the first and last slice the end slices go on;
