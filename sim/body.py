@@ -42,12 +42,14 @@ def continued_body(ct: Volume, margin_mm: float = BODY_MARGIN_MM) -> Volume:
     side = np.pad(capped, ((0, 0), (n_j, n_j), (n_i, n_i)), constant_values=-1000.0)
     beyond = np.ones(side.shape[1:], bool)
     beyond[n_j: n_j + nj, n_i: n_i + ni] = False
+    j_beyond, i_beyond = np.nonzero(beyond)
+    ji_beyond = np.column_stack([j_beyond - n_j, i_beyond - n_i]).astype(np.float32)  # in the slice's pixels
     for k in range(nk):
         edges = np.concatenate([capped[k, 0], capped[k, -1], capped[k, :, 0], capped[k, :, -1]])
         edge_body = edges[edges > BODY_HU]
         if len(edge_body):
-            ellipse = _outline_ellipse(ct.data[k] > BODY_HU, offset_ji=(n_j, n_i), shape=side.shape[1:])
-            side[k][beyond & ellipse] = float(np.median(edge_body))
+            inside = _in_outline_ellipse(ct.data[k] > BODY_HU, ji_beyond)
+            side[k][j_beyond[inside], i_beyond[inside]] = float(np.median(edge_body))
     data = np.pad(side, ((k0, k1), (0, 0), (0, 0)), mode="edge")
     data[k0: k0 + nk, n_j: n_j + nj, n_i: n_i + ni] = ct.data
     T = ct.T_world_from_index.copy()
@@ -55,26 +57,25 @@ def continued_body(ct: Volume, margin_mm: float = BODY_MARGIN_MM) -> Volume:
     return Volume(data=data, T_world_from_index=T, units="HU")
 
 
-def _outline_ellipse(body: np.ndarray, *, offset_ji: tuple[int, int], shape: tuple[int, int]) -> np.ndarray:
-    """Pixels of a ``shape`` grid (the slice ``body`` placed at ``offset_ji``) inside the
-    ellipse fitted to the outline of the slice's largest body region, leaving out the outline
-    along the edges of the slice (where the scan, not the skin, ends it). Empty when that
-    region does not reach the edges or its outline is too short to fit."""
-    empty = np.zeros(shape, bool)
+def _in_outline_ellipse(body: np.ndarray, ji: np.ndarray) -> np.ndarray:
+    """Which points ``ji`` (N x 2, the slice's row and column, outside it too) lie inside the
+    ellipse fitted to the outline of the slice's largest ``body`` region, leaving out the
+    outline along the edges of the slice (where the scan, not the skin, ends it). None when
+    that region does not reach the edges or its outline is too short to fit."""
+    none = np.zeros(len(ji), bool)
     count, regions, stats, _ = cv2.connectedComponentsWithStats(body.astype(np.uint8), connectivity=8)
     if count < 2:
-        return empty
+        return none
     largest = regions == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
     nj, ni = body.shape
     if not (largest[0].any() or largest[-1].any() or largest[:, 0].any() or largest[:, -1].any()):
-        return empty
+        return none
     contours, _ = cv2.findContours(largest.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     xy = np.concatenate(contours)[:, 0, :]
     xy = xy[(xy[:, 0] > 0) & (xy[:, 0] < ni - 1) & (xy[:, 1] > 0) & (xy[:, 1] < nj - 1)]
     if len(xy) < 20:
-        return empty
+        return none
     (cx, cy), (w, h), angle = cv2.fitEllipse(xy.astype(np.float32))
-    j, i = np.mgrid[: shape[0], : shape[1]]
-    x, y = i - offset_ji[1] - cx, j - offset_ji[0] - cy
+    x, y = ji[:, 1] - cx, ji[:, 0] - cy
     c, s = np.cos(np.radians(angle)), np.sin(np.radians(angle))
     return ((x * c + y * s) / (w / 2.0)) ** 2 + ((-x * s + y * c) / (h / 2.0)) ** 2 <= 1.0

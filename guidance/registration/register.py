@@ -672,7 +672,6 @@ class Registrator:
             else:
                 candidates = ranked
             starts = [c.x for c in candidates]
-            evaluations += objective.evaluations
             iterations += sum(o.nit for o in outcomes)
             if n == profile_level:
                 # Gauss-Newton takes the curvature from finite differences a fraction of a millimetre
@@ -680,17 +679,19 @@ class Registrator:
                 # millimetres that matter: it said 0.9 mm where the cost was flat over 10 mm of depth.
                 along_ray = profile_sd(objective, starts[0], param.depth_step(), s.depth_profile_mm) * float(
                     np.sqrt(s.residual_correlation_px2)) * factors[-1] / factors[n]
+            if n == profile_level and len(views) == 1 and s.search_depths_mm:
                 # One view's depth is its flattest direction: a few iterations leave it near where
                 # the start put it (the real CT's near-lateral view: 3-7 mm off at a lower similarity).
                 ray_cam = param.T_cam_from_world_ref[:3, :3] @ centre + param.T_cam_from_world_ref[:3, 3]
                 tries = [starts[0] + np.r_[0.0, 0.0, 0.0, d * ray_cam / np.linalg.norm(ray_cam)]
-                         for d in s.search_depths_mm] if len(views) == 1 else []
-                deeper = self._refine(objective, tries, scale, fev, local_ftol, warm) if tries else []
+                         for d in s.search_depths_mm]
+                deeper = self._refine(objective, tries, scale, fev, local_ftol, warm)
                 iterations += sum(o.nit for o in deeper)
-                best_try = min(deeper, key=lambda o: o.fun, default=None)
-                if best_try is not None and best_try.fun < ranked[0].outcome.fun:
-                    starts[0] = best_try.x
-                    stops.append(f"{name}: a start {best_try.x[5] - ranked[0].x[5]:+.1f} mm along the ray fit better")
+                k = int(np.argmin([o.fun for o in deeper]))
+                if deeper[k].fun < ranked[0].outcome.fun:
+                    starts[0] = deeper[k].x
+                    stops.append(f"{name}: the start {s.search_depths_mm[k]:+g} mm along the ray fit better")
+            evaluations += objective.evaluations
             stops.append(f"{name}: {ranked[0].outcome.stop_reason}, {model.bone.size_ijk} voxels")
             timings[name] = time.perf_counter() - t0
         best = candidates[0]
