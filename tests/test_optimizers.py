@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from guidance.registration.optimizers import OPTIMIZERS, minimize, profile_sd
+from guidance.registration.optimizers import OPTIMIZERS, minimize, profile_sd, profile_vertex
 
 
 class Quadratic:
@@ -124,3 +124,27 @@ def test_profile_sd_is_the_gauss_newton_sd_of_a_linear_model_and_infinite_where_
     for step in (0.2, 3.0):  # a linear model's curvature does not depend on the step
         assert profile_sd(objective, x, direction, step) == pytest.approx(expected, rel=1e-9)
     assert profile_sd(objective, x, np.eye(6)[5], 3.0) == np.inf
+
+
+class Concave:
+    """Residual sqrt(100 - (x0 - 1)^2): a cost that curves downward, lowest far from x0 = 1."""
+
+    def residuals(self, x):
+        return np.array([np.sqrt(100.0 - (x[0] - 1.0) ** 2)])
+
+    def residuals_many(self, xs):
+        return [self.residuals(x) for x in xs]
+
+
+def test_profile_vertex_is_a_linear_models_line_minimum_clipped_and_downhill_where_the_cost_is_concave():
+    objective = NoisyLinear()
+    x = objective.x_star + 0.1
+    direction = np.array([0.0, 0.6, 0.0, 0.8, 0.0, 0.0])
+    J, r = objective.A, objective.residuals(x)
+    expected = -float(direction @ J.T @ r) / float(direction @ J.T @ J @ direction)  # exact line search
+    assert abs(expected) > 0.05
+    for step in (0.2, 3.0):  # the parabola of a quadratic cost does not depend on the step
+        assert profile_vertex(objective, x, direction, step, 10.0) == pytest.approx(expected, rel=1e-9)
+    assert profile_vertex(objective, x, direction, 1.0, abs(expected) / 2) == pytest.approx(expected / 2, rel=1e-12)
+    assert profile_vertex(objective, x, np.eye(6)[5], 3.0, 10.0) == 0.0  # unconstrained: stays
+    assert profile_vertex(Concave(), np.zeros(1), np.ones(1), 1.0, 8.0) == -8.0

@@ -327,6 +327,38 @@ def test_only_far_candidates_of_nearly_equal_cost_are_rivals(registrator):
     assert "two poses 28 mm apart" in rivals[0][1] and "cost gap 0.020 < 0.030" in rivals[0][1]
 
 
+def test_one_view_left_off_in_depth_is_refined_again_where_the_depth_profile_points(registrator, truth_volume):
+    """The finest level's depth jump (``_depth_jump``): a single view's pose 8 mm too deep
+    along its ray (in-plane right) is refined again from the minimum of the cost's depth
+    profile and ends within 1 mm of the truth in depth at a lower cost; at the truth's
+    refined pose the profile's minimum lies within the probe and nothing is refined."""
+    from guidance.registration.optimizers import OptimizeOutcome, minimize
+    from guidance.registration.register import _Candidate
+
+    centre = registrator.centre(None)
+    s = registrator.settings
+    gt = carm_view(lao_deg=60, isocenter_world=centre, patient_position="prone", detector_size_px=(256, 256),
+                   pixel_spacing_mm=(1.2, 1.2), intensity="raw", I0=4095.0)
+    stage = registrator._pyramid([preprocess(shot(truth_volume, gt, seed=7), gt)], [gt], (1,))[0]
+    param = PoseParameterization("camera", centre, gt.T_cam_from_world)  # x[5]: mm along the ray
+    model = registrator.anatomy(None, registrator._footprint_mm(stage[0], centre))
+    deep = 8.0 * param.depth_step()
+    objective = registrator._objective(stage, model, param, [deep, np.zeros(6)], centre)
+    scale = np.asarray(s.search_scale)
+
+    def candidate(x):
+        return _Candidate(x, OptimizeOutcome(x=x, fun=objective.scalar(x), nfev=1, nit=0, stop_reason="test",
+                                             converged=False))
+
+    jumped = registrator._depth_jump(objective, param, candidate(deep), scale, 2, 1e-4)
+    assert jumped is not None
+    result, start, offset = jumped
+    assert -s.depth_jump_mm <= offset < -s.depth_probe_mm and start[5] == pytest.approx(8.0 + offset)
+    assert abs(result.x[5]) < 1.0 and result.outcome.fun < objective.scalar(deep)
+    refined = minimize("lm", objective, np.zeros(6), scale, max_fev=2)
+    assert registrator._depth_jump(objective, param, _Candidate(refined.x, refined), scale, 2, 1e-4) is None
+
+
 def test_display_image_of_unknown_polarity_registers_from_10mm(phantom, registrator, truth_volume):
     """A display (8-bit, windowed, bone dark) image read with the wrong polarity."""
     centre = registrator.centre(None)

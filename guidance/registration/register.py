@@ -47,7 +47,7 @@ from guidance.core.geometry import invert_rigid, project
 from guidance.core.images import PreparedImage
 from guidance.core.views import View
 from guidance.core.volume import Volume, VolumeError
-from guidance.registration.optimizers import OptimizeOutcome, minimize, profile_sd
+from guidance.registration.optimizers import OptimizeOutcome, minimize, profile_sd, profile_vertex
 from guidance.registration.pose import PoseParameterization, point_displacement_mm
 from guidance.registration.prepared import AnatomyModel, PreparedCT, PrepareSettings, load_or_prepare
 from guidance.registration.quality import QualityLimits, assess
@@ -75,7 +75,13 @@ class RegistrationSettings:
     peaks (plus the best one a vertebral height up and down the spine, and the start)
     are refined; with one view, the best one after the level binned ``depth_profile_binning``
     times the finest is also refined from ``search_depths_mm`` along the ray through the
-    rotation centre, and the better goes on (one view's depth moves least of all); the best one
+    rotation centre, and the better goes on (one view's depth moves least of all); the finest
+    level's result of one view whose depth the profile (below) leaves uncertain (1 sigma over a
+    third of ``depth_probe_mm``) is refined again from where the parabola through its cost at
+    +-``depth_probe_mm`` along the ray has its minimum, and from twice as far (the cost is
+    flattest near the result), when that lies farther than the probe (at most
+    ``depth_jump_mm``; None: never), and kept when it fits better (the local derivatives see
+    the fine ripples of the cost, not its slope over millimetres); the best one
     and its rivals (those an ambiguity would name, below) go on to
     the finer levels, at most ``n_refined[n]`` after level n, then one (a finer level
     decides again between them), with ``global_iterations[n]`` iterations on level n (the last entry for
@@ -135,6 +141,8 @@ class RegistrationSettings:
     search_rotations_deg: tuple[float, ...] = (-10.0, 0.0, 10.0)
     n_candidates: int = 6
     search_depths_mm: tuple[float, ...] = (-8.0, 8.0)
+    depth_probe_mm: float | None = 3.0
+    depth_jump_mm: float = 12.0
     n_refined: tuple[int, ...] = (2,)
     n_survivors: int | None = 3
     global_iterations: tuple[int, ...] = (4, 3, 2)
@@ -637,7 +645,7 @@ class Registrator:
                 name = f"search+local@{name} x{len(starts)}"
             else:
                 name = f"local@{name}" + (f" x{len(starts)}" if len(starts) > 1 else "")
-            x_final_start = starts[0]
+            level_starts = list(starts)
             if local_max_fev is not None:
                 fev = local_max_fev
             elif global_search:
@@ -691,14 +699,23 @@ class Registrator:
                 if deeper[k].fun < ranked[0].outcome.fun:
                     starts[0] = deeper[k].x
                     stops.append(f"{name}: the start {s.search_depths_mm[k]:+g} mm along the ray fit better")
-            evaluations += objective.evaluations
             stops.append(f"{name}: {ranked[0].outcome.stop_reason}, {model.bone.size_ijk} voxels")
+            if (n == len(stages) - 1 and global_search and len(views) == 1 and s.depth_probe_mm
+                    and along_ray > s.depth_probe_mm / 3.0):
+                jumped = self._depth_jump(objective, param, candidates[0], scale, fev, local_ftol)
+                if jumped is not None:
+                    candidates[0], level_starts = jumped[0], [jumped[1]]
+                    iterations += jumped[0].outcome.nit
+                    stops.append(f"{name}: refined again from {jumped[2]:+.1f} mm along the ray, where the "
+                                 f"depth profile has its minimum: {jumped[0].outcome.stop_reason}")
+            evaluations += objective.evaluations
             timings[name] = time.perf_counter() - t0
         best = candidates[0]
         x = best.x
         # A fixed budget often ends on the iteration limit: count it as converged when the
         # finest level moved the centre's image less than a millimetre (depth may still move).
-        moved = (param.correction(x) - param.correction(x_final_start))[:3] @ np.r_[centre, 1.0]
+        x_from = min(level_starts, key=lambda x0: float(np.linalg.norm((x - x0) / scale)))  # where best began
+        moved = (param.correction(x) - param.correction(x_from))[:3] @ np.r_[centre, 1.0]
         settled = float(np.linalg.norm((views[0].T_cam_from_world[:3, :3] @ moved)[:2])) < 1.0
         per_view_sim = objective.per_view(x)
         similarity = float(np.mean(per_view_sim))
@@ -751,6 +768,27 @@ class Registrator:
             return [refine(objective, x) for x in starts]
         serial = objective.one_thread()
         return list(objective.pool.map(lambda x: refine(serial, x), starts))
+
+    def _depth_jump(self, objective: "_Objective", param: PoseParameterization, best: _Candidate,
+                    scale: np.ndarray, max_fev: int, ftol: float
+                    ) -> tuple[_Candidate, np.ndarray, float] | None:
+        """One view's result refined again where the cost's depth profile over
+        +-``depth_probe_mm`` has its minimum, when that lies beyond the probe (at most
+        ``depth_jump_mm`` away), and from twice as far (both at once, one per thread): the
+        better result, its start and the offset (mm along the ray), or None when the
+        profile's minimum is near or neither refinement lowers the cost."""
+        s = self.settings
+        direction = param.depth_step()
+        offset = profile_vertex(objective, best.x, direction, s.depth_probe_mm, s.depth_jump_mm)
+        if abs(offset) <= s.depth_probe_mm:
+            return None
+        offsets = [offset, float(np.clip(2.0 * offset, -s.depth_jump_mm, s.depth_jump_mm))]
+        starts = [best.x + d * direction for d in offsets]
+        outcomes = self._refine(objective, starts, scale, max_fev, ftol, {})
+        k = int(np.argmin([o.fun for o in outcomes]))
+        if outcomes[k].fun >= best.outcome.fun:
+            return None
+        return _Candidate(outcomes[k].x, outcomes[k]), starts[k], offsets[k]
 
     def _profile_level(self, factors: tuple[int, ...]) -> int:
         """The pyramid level whose cost's depth profile is taken: the one binned
