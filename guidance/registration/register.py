@@ -17,7 +17,10 @@ A global registration runs, on the coarsest pyramid level:
    Jacobian from the DRR's motion derivative), the best few refined further; when two
    end far apart with nearly equal cost the result is failed as ambiguous (e.g. one
    vertebral level off), unless the next finer level, refining both, tells them apart;
-   the best one is refined on the finer levels;
+   the best one is refined on the finer levels; one view's depth, its flattest direction,
+   is also refined from starts nearer and farther along the ray (on the level binned twice
+   the finest's) and, where it stays uncertain, on the finest level again from where the
+   cost's profile along the ray has its minimum;
 3. the quality gate, which uses the similarity and the pose uncertainty (1 sigma at
    the rotation centre, in-plane and in depth of the first view: the Gauss-Newton
    covariance of the last refinement, and for the depth also the cost's curvature over a
