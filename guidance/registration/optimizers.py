@@ -290,9 +290,9 @@ def profile_vertex(objective: Objective, x: np.ndarray, direction: np.ndarray, s
                    max_offset: float) -> float:
     """Where along the unit ``direction`` from x (in its units, within +-``max_offset``) the
     parabola through the squared residual norm at x and x +- ``step`` has its minimum; the
-    lower side's ``max_offset`` where the three costs do not curve upward (0 where all equal). Over a step of
-    millimetres it sees the slope that an optimiser's local derivatives miss on a cost with
-    fine ripples."""
+    lower side's ``max_offset`` where the three costs do not curve upward (0 where all
+    equal). Over a step of millimetres it sees the slope that an optimiser's local
+    derivatives miss on a cost with fine ripples."""
     cost0, plus, minus, _ = _profile(objective, x, direction, step)
     curvature = plus + minus - 2.0 * cost0
     if curvature <= 0.0:
