@@ -27,9 +27,11 @@ class QualityLimits:
     (mean of the two views) in its biplane pairs, 0.94-0.96 on the phantom, and 0.94-0.95
     when tracking the phantom's fluoroscopy; pure noise 0.02 and another patient's CT
     0.08 at their best pose. Near-lateral views of the real CT, imaged with the body beyond
-    its field of view, score 0.44-0.49 at their truth (one of them, raw, 0.711, but 0.667 at
-    a minimum 7.5 mm along the ray, which passes: docs/benchmarks.md, session 14): below
-    ``min_similarity`` the match is not trusted. With several views none may score
+    its field of view, score 0.44-0.49 at their truth (one of them, raw, 0.711; 0.667 where
+    the finest level left it 7.5 mm along the ray, which passed until the registration
+    learned to refine it again: docs/benchmarks.md, sessions 14-15); wrong poses of one view
+    scored up to 0.76 (second set, session 15): below ``min_similarity`` the match is not
+    trusted, above it the similarity alone does not prove it. With several views none may score
     below ``min_view_similarity`` (such a view pulls the joint pose off while the others
     keep the mean high). The reported confidence rises from 0 at ``min_similarity`` to 1
     at ``good_similarity``. A single vertebra's registration compares its model with an
