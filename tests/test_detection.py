@@ -306,8 +306,8 @@ def _axis_error_deg(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("level, side, seed, depth_mm, needle_axis_deg, kwire_views",
-                         [("L1", "left", 15, 30.0, 2.0, 2), ("L4", "left", 3, 30.0, 2.0, 2),
-                          ("L4", "right", 33, 5.0, 3.0, 1)])
+                         [("L1", "left", 15, 30.0, 2.0, (2,)), ("L4", "left", 3, 30.0, 2.0, (2,)),
+                          ("L4", "right", 33, 5.0, 3.0, (1, 2))])
 def test_overlapping_instruments_are_both_found_in_both_views(phantom, level, side, seed, depth_mm,
                                                               needle_axis_deg, kwire_views):
     """A K-wire ``depth_mm`` into one pedicle and a Jamshidi needle 10 mm into the other: in
@@ -316,10 +316,11 @@ def test_overlapping_instruments_are_both_found_in_both_views(phantom, level, si
     fit absorbs part of it and its subtraction erased it before the guided search fitted
     the two jointly). Found in both views: the tips within 1 mm, the K-wire's axis within
     2 deg, the needle's within ``needle_axis_deg`` (the bench's needle axis error: 1.0 deg
-    median, 4.5 deg p90). Since the simulator images the body beyond the CT at an exposure
-    control's dose, the K-wire under the needle's shaft (5 mm) is not found in the lateral
-    view: it is placed from the AP view alone, in-plane within 1 mm and in depth within its
-    uncertainty (3 sigma), and never matched to the needle."""
+    median, 4.5 deg p90). The K-wire under the needle's shaft (5 mm) is faint in the lateral
+    view at an exposure control's dose, with the body beyond the CT imaged: found there or
+    not, depending on the noise (``kwire_views``, both seen), it is never matched to the
+    needle; placed from the AP view alone it lies in-plane within 1 mm and in depth within
+    its uncertainty (3 sigma)."""
     player = ScenarioPlayer(Scenario(detector_px=512, pixel_spacing_mm=0.6, target_level=level, target_side=side,
                                      seed=seed), phantom)
     t_s = (depth_mm + START_OUTSIDE_MM) / player.scenario.advance_mm_per_s
@@ -332,8 +333,9 @@ def test_overlapping_instruments_are_both_found_in_both_views(phantom, level, si
                                    focus_world=player.isocenter_world, bone=phantom.labels)
     for name, (tip, axis) in truth.items():
         (estimate,) = [e for e in estimates if e.model.name == name]
-        if name == "kwire" and kwire_views == 1:
-            assert estimate.n_views == 1
+        if name == "kwire":
+            assert estimate.n_views in kwire_views
+        if name == "kwire" and estimate.n_views == 1:
             ap_view = frames[0][1]
             assert _in_plane_mm(ap_view, project(ap_view.P, estimate.tip_world[None])[0], tip) <= 1.0
             assert np.linalg.norm(estimate.tip_world - tip) <= 3.0 * estimate.depth_sigma_mm

@@ -397,8 +397,8 @@ def test_rendering_releases_the_gil():
 
     mu = np.full((120, 120, 120), 0.02, np.float32)
     volume = prepare_volume(Volume(mu, affine_from_geometry((-59.5, -59.5, -59.5), (1.0, 1.0, 1.0), np.eye(3)),
-                                   "mu_per_mm"), step_mm=0.25)
-    view = carm_view(lao_deg=20.0, detector_size_px=(160, 160), pixel_spacing_mm=(1.0, 1.0))
+                                   "mu_per_mm"), step_mm=0.1)
+    view = carm_view(lao_deg=20.0, detector_size_px=(200, 200), pixel_spacing_mm=(1.0, 1.0))
     render_drr(volume, view, parallel=False)  # compiled and warm
     spans = []
 
