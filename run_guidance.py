@@ -215,19 +215,19 @@ def _add_real_ct_scenario_arguments(p: argparse.ArgumentParser, what: str) -> No
                    "where the pose error is scored; default: the --labels centroid of the level")
 
 
-def _machine() -> dict:
-    """The CPU model and numba's thread count, recorded with every benchmark table."""
-    import numba
+def _machine() -> tuple[dict, str]:
+    """The CPU, numba's threads and the package versions, recorded with every benchmark
+    table: the record and its line."""
+    from guidance.core.machine import machine_description, machine_line
 
-    from guidance.tools.bench import cpu_model
-
-    return {"cpu_model": cpu_model(), "numba_threads": numba.get_num_threads()}
+    machine = machine_description()
+    return machine, machine_line(machine)
 
 
 def cmd_bench(args) -> int:
-    machine = _machine()
+    machine, line = _machine()
     table, result = _run_bench(args)
-    print(f"CPU: {machine['cpu_model']}, {machine['numba_threads']} numba threads")
+    print(line)
     print(table)
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine, "result": result}, indent=2))
@@ -340,8 +340,8 @@ def cmd_compare(args) -> int:
         variants[text] = settings_from_text(text)
     subject = benchmark_subject(_benchmark_source(args), args.labels, clinical=args.clinical_grid)
     comparison = compare_settings(cases, subject.ct, variants, labels=subject.labels)
-    machine = _machine()
-    print(f"CPU: {machine['cpu_model']}, {machine['numba_threads']} numba threads; {len(cases)} cases of {args.set}")
+    machine, line = _machine()
+    print(f"{line}; {len(cases)} cases of {args.set}")
     print(format_comparison(comparison))
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine, "result": comparison}, indent=2, default=list))

@@ -244,6 +244,8 @@ def test_evaluate_on_dask_gives_the_table_of_the_process_pool(phantom_dir, tmp_p
         s.pop("time_s")
         s.pop("prepare_s")
     assert summaries[0] == summaries[1] and summaries[0]["errors"] == []
+    assert summaries[0]["machine"]["packages"]["numpy"] == np.__version__  # what the figures were measured with
+    assert "numpy " + np.__version__ in (tmp_path / "pool" / "raw" / "report.md").read_text()
     assert run("evaluate", "--dask-address", "tcp://127.0.0.1:1", "--out", str(tmp_path / "x")) == 2
     assert "--dask-address needs --scheduler dask" in capsys.readouterr().err
 

@@ -34,6 +34,7 @@ from guidance.core.geometry import make_rigid, rotation_about_axis
 from guidance.core.images import POLARITIES, read_xray, write_xray
 from guidance.core.jsonfile import read_json
 from guidance.core.levels import level_label
+from guidance.core.machine import machine_description, machine_line
 from guidance.core.views import View, check_intensity, carm_view, read_view, write_view
 from guidance.core.volume import Volume, clinical_grid
 from guidance.evaluation.metrics import (
@@ -429,6 +430,7 @@ def _markdown(summary: dict, title: str) -> str:
         f"{summary['n_cases']} cases; success = final mTRE < {summary['success_mm']:g} mm."
         + (f" {len(summary['errors'])} failed tasks: {', '.join(summary['errors'])}." if summary["errors"] else ""),
         "",
+        *([machine_line(summary["machine"]), ""] if "machine" in summary else []),
         "| initial mTRE (mm) | starts | successes | success rate |",
         "|---|---|---|---|",
     ]
@@ -562,7 +564,7 @@ def evaluate(
         write_benchmark_set(cases, out / kind / "set")
         records = run_benchmark(cases, subject.ct, labels=subject.labels, settings=settings, scheduler=scheduler,
                                 jobs=jobs, dask_address=dask_address, progress=progress)
-        summaries[kind] = summarize(records, bins=bins)
+        summaries[kind] = {**summarize(records, bins=bins), "machine": machine_description()}
         geometry = "biplane" if biplane else "single view"
         where = ("whole CT" if level_id is None else f"label {level_id}") + (", clinical grid" if clinical else "")
         write_report(summaries[kind], records, out / kind, title=f"{kind}, {geometry}, {where}")
@@ -591,7 +593,7 @@ def evaluate_external(
     subject = benchmark_subject(ct_path, labels_path, clinical=clinical)
     records = run_benchmark(cases, subject.ct, labels=subject.labels, settings=settings, scheduler=scheduler,
                             jobs=jobs, dask_address=dask_address, progress=progress)
-    summary = summarize(records)
+    summary = {**summarize(records), "machine": machine_description()}
     write_report(summary, records, Path(folder) / "report" if out_dir is None else out_dir,
                  title=title or f"benchmark {Path(folder).name}")
     return summary

@@ -7,7 +7,6 @@ that produced them.
 from __future__ import annotations
 
 import logging
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -18,10 +17,11 @@ import numpy as np
 from guidance.core.drr import prepare_volume, render_drr, render_drr_motion
 from guidance.core.errors import GuidanceError
 from guidance.core.geometry import invert_rigid
+from guidance.core.machine import cpu_model
 from guidance.core.views import View, carm_view
 from guidance.core.volume import Volume, clinical_grid, hu_to_attenuation, load_volume
 
-__all__ = ["DrrBenchRow", "bench_drr", "format_table", "clinical_grid", "cpu_model", "diffdrr_geometry",
+__all__ = ["DrrBenchRow", "bench_drr", "format_table", "clinical_grid", "diffdrr_geometry",
            "diffdrr_renderer"]
 
 log = logging.getLogger(__name__)
@@ -50,18 +50,6 @@ class DrrBenchRow:
     speedup: float | None = None  # empty-space skipping: time of every sample / time of this row
     cpu_model: str = ""
     threads: int = 0
-
-
-def cpu_model() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo, else what the platform says)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
 
 
 def _ap_view(volume: Volume, detector_px: int) -> View:
