@@ -3,7 +3,7 @@ so in its uncertainty), wrong images fail, a start one vertebral level off is co
 failed, display images of unknown polarity register, per-vertebra mode follows a vertebra
 moved on its own, tracking, 3D/3D."""
 
-from dataclasses import FrozenInstanceError
+from dataclasses import FrozenInstanceError, replace
 
 import numpy as np
 import pytest
@@ -80,6 +80,21 @@ def test_pose_parameterisation_round_trip():
         pytest.approx(10.0)
     with pytest.raises(ValueError, match="camera, world"):
         PoseParameterization("euler", np.zeros(3), np.eye(4))
+
+
+def test_depth_step_moves_the_centre_along_its_own_ray():
+    """``depth_step`` moves the rotation centre 1 mm farther from the source along the
+    reference view's ray through it (its image stays put, nothing turns), off the principal
+    axis and in both parameterisations."""
+    view = carm_view(lao_deg=30, cranial_deg=10)
+    centre = np.array([40.0, -25.0, 30.0])  # 50 mm off the isocentre
+    for kind in ("camera", "world"):
+        param = PoseParameterization(kind, centre, view.T_cam_from_world)
+        T = param.correction(7.0 * param.depth_step())
+        moved = view.with_pose(view.T_cam_from_world @ invert_rigid(T))
+        before, after = (transform_points(v.T_cam_from_world, centre[None])[0] for v in (view, moved))
+        np.testing.assert_allclose(after, before * (1.0 + 7.0 / np.linalg.norm(before)), atol=1e-9)
+        np.testing.assert_allclose(T[:3, :3], np.eye(3), atol=1e-12)
 
 
 def test_similarities_peak_at_identity_and_list_names():
@@ -357,6 +372,37 @@ def test_one_view_left_off_in_depth_is_refined_again_where_the_depth_profile_poi
     assert abs(result.x[5]) < 1.0 and result.outcome.fun < objective.scalar(deep)
     refined = minimize("lm", objective, np.zeros(6), scale, max_fev=2)
     assert registrator._depth_jump(objective, param, _Candidate(refined.x, refined), scale, 2, 1e-4) is None
+
+
+def test_the_depth_probe_runs_only_where_one_views_depth_is_uncertain(phantom, registrator, truth_volume, monkeypatch):
+    """The finest level's depth probe (``_depth_jump``) runs for a single view whose depth
+    profile (1 sigma) exceeds a third of ``depth_probe_mm``: not for an AP view whose depth
+    is known within 1 mm with the default 3 mm probe, for the same view with a 0.03 mm
+    probe, and never for two views."""
+    calls = []
+    probe = Registrator._depth_jump
+
+    def counted(self, *args, **kwargs):
+        calls.append(self.settings.depth_probe_mm)
+        return probe(self, *args, **kwargs)
+
+    monkeypatch.setattr(Registrator, "_depth_jump", counted)
+    centre = registrator.centre(None)
+    shots = []
+    for lao in (0, 90):
+        gt = carm_view(lao_deg=lao, isocenter_world=centre, patient_position="prone", detector_size_px=(256, 256),
+                       pixel_spacing_mm=(1.2, 1.2), intensity="raw", I0=4095.0)
+        start = gt.with_pose(gt.T_cam_from_world @ motion(centre, (0, 0, 1), 2.0, (3.0, -2.0, 2.0)))
+        shots.append((preprocess(shot(truth_volume, gt, seed=11 + lao), start), start))
+    ap = ([shots[0][0]], [shots[0][1]])
+    result = registrator.register(*ap)
+    assert result.ok and result.uncertainty_depth_mm < 1.0 and calls == [], result.reason
+    eager = Registrator(phantom.ct, labels=phantom.labels,
+                        settings=replace(registrator.settings, depth_probe_mm=0.03))
+    eager.register(*ap)
+    assert calls == [0.03]
+    eager.register([img for img, _ in shots], [view for _, view in shots])
+    assert calls == [0.03]
 
 
 def test_display_image_of_unknown_polarity_registers_from_10mm(phantom, registrator, truth_volume):

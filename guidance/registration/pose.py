@@ -80,14 +80,13 @@ class PoseParameterization:
         return invert_rigid(M)
 
     def depth_step(self) -> np.ndarray:
-        """The parameter change (deg, mm) that moves the anatomy 1 mm along the
-        reference view's principal ray (its camera z axis), turning nothing."""
-        step = np.zeros(6)
-        if self.kind == "camera":
-            step[5] = 1.0
-        else:
-            step[3:] = self.T_cam_from_world_ref[2, :3]
-        return step
+        """The parameter change (deg, mm) that moves the anatomy 1 mm along the reference
+        view's ray through the rotation centre, away from the source, turning nothing: the
+        centre's image stays where it is and only its depth changes."""
+        R, t = self.T_cam_from_world_ref[:3, :3], self.T_cam_from_world_ref[:3, 3]
+        ray_cam = R @ np.asarray(self.centre_world, dtype=float) + t
+        ray_cam = ray_cam / np.linalg.norm(ray_cam)
+        return np.r_[0.0, 0.0, 0.0, ray_cam if self.kind == "camera" else R.T @ ray_cam]
 
     def params(self, T_world_corrected_from_world: np.ndarray) -> np.ndarray:
         """Parameters (deg, mm) of a correction; ``params(correction(x)) == x``."""

@@ -693,9 +693,7 @@ class Registrator:
             if n == profile_level and len(views) == 1 and s.search_depths_mm:
                 # One view's depth is its flattest direction: a few iterations leave it near where
                 # the start put it (the real CT's near-lateral view: 3-7 mm off at a lower similarity).
-                ray_cam = param.T_cam_from_world_ref[:3, :3] @ centre + param.T_cam_from_world_ref[:3, 3]
-                tries = [starts[0] + np.r_[0.0, 0.0, 0.0, d * ray_cam / np.linalg.norm(ray_cam)]
-                         for d in s.search_depths_mm]
+                tries = [starts[0] + d * param.depth_step() for d in s.search_depths_mm]
                 deeper = self._refine(objective, tries, scale, fev, local_ftol, warm)
                 iterations += sum(o.nit for o in deeper)
                 k = int(np.argmin([o.fun for o in deeper]))
