@@ -82,19 +82,21 @@ def test_pose_parameterisation_round_trip():
         PoseParameterization("euler", np.zeros(3), np.eye(4))
 
 
-def test_depth_step_moves_the_centre_along_its_own_ray():
-    """``depth_step`` moves the rotation centre 1 mm farther from the source along the
-    reference view's ray through it (its image stays put, nothing turns), off the principal
-    axis and in both parameterisations."""
+def test_depth_and_ray_steps_move_the_anatomy_along_the_principal_ray_and_the_centres_ray():
+    """``ray_step`` moves the rotation centre 1 mm farther from the source along the reference
+    view's ray through it (its image stays put), ``depth_step`` 1 mm along the principal ray;
+    neither turns anything, in both parameterisations, with the centre off the principal axis."""
     view = carm_view(lao_deg=30, cranial_deg=10)
     centre = np.array([40.0, -25.0, 30.0])  # 50 mm off the isocentre
     for kind in ("camera", "world"):
         param = PoseParameterization(kind, centre, view.T_cam_from_world)
-        T = param.correction(7.0 * param.depth_step())
-        moved = view.with_pose(view.T_cam_from_world @ invert_rigid(T))
-        before, after = (transform_points(v.T_cam_from_world, centre[None])[0] for v in (view, moved))
-        np.testing.assert_allclose(after, before * (1.0 + 7.0 / np.linalg.norm(before)), atol=1e-9)
-        np.testing.assert_allclose(T[:3, :3], np.eye(3), atol=1e-12)
+        before = transform_points(view.T_cam_from_world, centre[None])[0]
+        for step, expected in ((param.ray_step(), before * (1.0 + 7.0 / np.linalg.norm(before))),
+                               (param.depth_step(), before + [0.0, 0.0, 7.0])):
+            T = param.correction(7.0 * step)
+            after = transform_points(view.T_cam_from_world @ invert_rigid(T), centre[None])[0]
+            np.testing.assert_allclose(after, expected, atol=1e-9)
+            np.testing.assert_allclose(T[:3, :3], np.eye(3), atol=1e-12)
 
 
 def test_similarities_peak_at_identity_and_list_names():

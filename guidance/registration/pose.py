@@ -80,6 +80,16 @@ class PoseParameterization:
         return invert_rigid(M)
 
     def depth_step(self) -> np.ndarray:
+        """The parameter change (deg, mm) that moves the anatomy 1 mm along the
+        reference view's principal ray (its camera z axis), turning nothing."""
+        step = np.zeros(6)
+        if self.kind == "camera":
+            step[5] = 1.0
+        else:
+            step[3:] = self.T_cam_from_world_ref[2, :3]
+        return step
+
+    def ray_step(self) -> np.ndarray:
         """The parameter change (deg, mm) that moves the anatomy 1 mm along the reference
         view's ray through the rotation centre, away from the source, turning nothing: the
         centre's image stays where it is and only its depth changes."""

@@ -693,7 +693,7 @@ class Registrator:
             if n == profile_level and len(views) == 1 and s.search_depths_mm:
                 # One view's depth is its flattest direction: a few iterations leave it near where
                 # the start put it (the real CT's near-lateral view: 3-7 mm off at a lower similarity).
-                tries = [starts[0] + d * param.depth_step() for d in s.search_depths_mm]
+                tries = [starts[0] + d * param.ray_step() for d in s.search_depths_mm]
                 deeper = self._refine(objective, tries, scale, fev, local_ftol, warm)
                 iterations += sum(o.nit for o in deeper)
                 k = int(np.argmin([o.fun for o in deeper]))
