@@ -16,7 +16,8 @@ def verdict(similarity=0.9, per_view=(), converged=True, T=np.eye(4), **uncertai
 
 
 def test_a_converged_good_match_within_every_limit_is_ok():
-    v = verdict(0.65, in_plane_sd_mm=0.2, depth_sd_mm=LIMITS.max_depth_sd_mm)
+    v = verdict(0.65, in_plane_sd_mm=0.2, depth_sd_mm=LIMITS.max_depth_sd_mm,
+                patch_agreement=LIMITS.min_patch_agreement)
     assert (v.status, v.reason) == ("ok", "converged")
     expected = (0.65 - LIMITS.min_similarity) / (LIMITS.good_similarity - LIMITS.min_similarity)
     assert v.confidence == pytest.approx(expected)
@@ -24,8 +25,10 @@ def test_a_converged_good_match_within_every_limit_is_ok():
 
 
 @pytest.mark.parametrize("kwargs,reason", [
-    ({"similarity": 0.49}, "similarity 0.490 below 0.500"),
+    ({"similarity": 0.39}, "similarity 0.390 below 0.400"),
     ({"similarity": float("nan")}, "similarity is not a number"),
+    ({"patch_agreement": 0.39}, "patch agreement 0.39 below 0.40: the model's edges do not lie on the image's"),
+    ({"patch_agreement": float("nan")}, "patch agreement nan below"),
     ({"per_view": (0.9, 0.15)}, "view 1 similarity 0.150 below 0.200"),
     ({"T": make_rigid(np.eye(3), np.array([0.0, 0.0, 81.0]))}, "correction of 81.0 mm"),
     ({"T": make_rigid(rotation_about_axis((0, 0, 1), 26.0), CENTRE - rotation_about_axis((0, 0, 1), 26.0) @ CENTRE)},
@@ -44,4 +47,5 @@ def test_one_vertebra_is_held_to_its_own_similarity_only():
     one = LIMITS.for_one_vertebra()
     assert one.min_similarity == LIMITS.min_vertebra_similarity < LIMITS.min_similarity
     assert one.max_depth_sd_mm == LIMITS.max_depth_sd_mm and one.max_in_plane_sd_mm == LIMITS.max_in_plane_sd_mm
-    assert assess(0.4, [], True, np.eye(4), CENTRE, one).status == "ok"
+    assert assess(0.35, [], True, np.eye(4), CENTRE, one).status == "ok"
+    assert assess(0.9, [], True, np.eye(4), CENTRE, one, patch_agreement=0.35).status == "failed"

@@ -15,7 +15,7 @@ from guidance.core.images import preprocess
 from guidance.registration.pose import PoseParameterization
 from guidance.registration.register import Registrator, RegistrationError, register_levels
 from guidance.registration.register3d import Register3dSettings, register_volumes
-from guidance.registration.similarity import SIMILARITIES, get_similarity
+from guidance.registration.similarity import SIMILARITIES, get_similarity, patch_agreement
 from guidance.registration.tracking import track
 from guidance.core.views import carm_view
 from guidance.core.volume import Volume, clinical_grid, hu_to_attenuation, load_volume, transform_volume
@@ -110,6 +110,60 @@ def test_similarities_peak_at_identity_and_list_names():
         assert np.dot(r, r) == pytest.approx(2 * m.n_blocks * (1 - m.score(np.roll(img, 2, axis=0))))
     with pytest.raises(ValueError, match="ncc, gradient_ncc, patch_ncc"):
         get_similarity("mutual_information")
+
+
+def test_patch_agreement_is_the_median_of_the_strong_patches_correlations():
+    """``patch_agreement`` against a patch-by-patch loop: each 16 px patch with at least half
+    its pixels in the mask's interior, the mean of its x and y Sobel gradients' correlations,
+    the median over the patches where the moving image's gradient energy is at least the
+    median."""
+    import cv2
+
+    rng = np.random.default_rng(0)
+    fixed = cv2.GaussianBlur(rng.normal(size=(100, 120)).astype(np.float32), (0, 0), 2.0)
+    moving = fixed + 0.7 * cv2.GaussianBlur(rng.normal(size=(100, 120)).astype(np.float32), (0, 0), 2.0)
+    mask = np.zeros(fixed.shape, bool)
+    mask[5:90, 10:115] = True
+    interior = cv2.erode(mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+    grads = [[cv2.Sobel(img, cv2.CV_32F, dx, 1 - dx, ksize=3).astype(float) for dx in (1, 0)]
+             for img in (fixed, moving)]
+    correlations, energies = [], []
+    for v in range(0, 100 - 15, 16):
+        for u in range(0, 120 - 15, 16):
+            inside = interior[v:v + 16, u:u + 16]
+            if inside.sum() < 128:
+                continue
+            pair = [(f[v:v + 16, u:u + 16][inside], m[v:v + 16, u:u + 16][inside]) for f, m in zip(*grads)]
+            pair = [(f - f.mean(), m - m.mean()) for f, m in pair]
+            correlations.append(np.mean([f @ m / np.linalg.norm(f) / np.linalg.norm(m) for f, m in pair]))
+            energies.append(sum(m @ m for _, m in pair))
+    correlations, energies = np.array(correlations), np.array(energies)
+    expected = np.median(correlations[energies >= np.median(energies)])
+    assert 0.3 < expected < 0.95
+    assert patch_agreement(fixed, moving, mask) == pytest.approx(expected, abs=1e-9)
+    assert np.isnan(patch_agreement(fixed, moving, np.zeros(fixed.shape, bool)))
+
+
+def test_patch_agreement_fails_a_shifted_model_and_passes_a_noisy_image(registrator, truth_volume):
+    """The model's DRR against a phantom X-ray: at the true pose its patches agree (more than
+    0.8 at the exposure control's dose, and still above the gate's limit at a twentieth of
+    it), moved 5-30 mm along the spine they do not (below 0.2)."""
+    from guidance.registration.quality import QualityLimits
+
+    centre = registrator.centre(None)
+    gt = carm_view(lao_deg=30, isocenter_world=centre, patient_position="prone", detector_size_px=(256, 256),
+                   pixel_spacing_mm=(1.2, 1.2), intensity="raw", I0=4095.0)
+    model = registrator.anatomy(None, 1.0)
+    line = render_drr(truth_volume, gt)
+    full, low = (preprocess(form_image(line, auto_exposure(line, XrayParams(seed=5), photons_per_pixel=photons),
+                                       intensity="raw"), gt).image for photons in (1000.0, 50.0))
+    right = model.render(gt)
+    assert patch_agreement(full, right) > 0.8
+    assert patch_agreement(low, right) >= QualityLimits().min_patch_agreement
+    along_spine = registrator.prepared.spine_axis_world
+    for shift_mm in (5.0, 15.0, 30.0):
+        moved = gt.with_pose(gt.T_cam_from_world @ motion(centre, (0, 0, 1), 0.0, shift_mm * along_spine))
+        assert patch_agreement(full, model.render(moved)) < 0.2, shift_mm
 
 
 def test_residual_derivatives_match_central_differences():

@@ -48,7 +48,7 @@ RETRIES = 1
 def score_case(registrator: Registrator, case: BenchmarkCase) -> dict:
     """Register one case and measure it: a JSON-ready record with the initial and final
     mTRE (mm), the final mPD (mm, detector and isocentre; means over the views), the
-    registration status, reason, similarity, pose uncertainty (mm, 1 sigma) and the error
+    registration status, reason, similarity, patch agreement, pose uncertainty (mm, 1 sigma) and the error
     it describes (the rotation centre's, across and along the first view's ray), time (s),
     CT preparation time (s) and success (mTRE < 2 mm)."""
     images = [preprocess(img, v, polarity=case.polarity) for img, v in zip(case.images, case.views_init)]
@@ -76,6 +76,7 @@ def score_case(registrator: Registrator, case: BenchmarkCase) -> dict:
         "similarity": float(result.similarity),
         "uncertainty_in_plane_mm": result.to_dict()["uncertainty_in_plane_mm"],
         "uncertainty_depth_mm": result.to_dict()["uncertainty_depth_mm"],
+        "patch_agreement": result.to_dict()["patch_agreement"],
         "centre_error_in_plane_mm": float(np.linalg.norm(centre_error[:2])),
         "centre_error_depth_mm": float(abs(centre_error[2])),
         "time_s": float(result.time_s),

@@ -55,7 +55,7 @@ from guidance.registration.pose import PoseParameterization, point_displacement_
 from guidance.registration.prepared import AnatomyModel, PreparedCT, PrepareSettings, load_or_prepare
 from guidance.registration.quality import QualityLimits, assess
 from guidance.registration.errors import RegistrationError
-from guidance.registration.similarity import get_similarity
+from guidance.registration.similarity import get_similarity, patch_agreement
 
 __all__ = ["RegistrationSettings", "RegistrationResult", "LeastSquaresJacobian", "Registrator", "RegistrationError",
            "register_levels"]
@@ -197,8 +197,9 @@ class LeastSquaresJacobian:
 class RegistrationResult:
     """Outcome of one registration: poses, status and its reason, similarity, the pose
     uncertainty (1 sigma, mm, at the rotation centre: in the image plane and along the
-    principal ray of the first view), timings (``time_s`` of this call, ``prepare_s``
-    of the CT preparation or cache load, done once per Registrator)."""
+    principal ray of the first view), the worst view's ``similarity.patch_agreement``,
+    timings (``time_s`` of this call, ``prepare_s`` of the CT preparation or cache load,
+    done once per Registrator)."""
 
     status: str
     reason: str
@@ -214,6 +215,7 @@ class RegistrationResult:
     timings_s: dict[str, float]
     uncertainty_in_plane_mm: float = float("inf")
     uncertainty_depth_mm: float = float("inf")
+    patch_agreement: float = float("nan")
     prepare_s: float = 0.0
     level: str | None = None
     level_poses: dict[str, np.ndarray] = field(default_factory=dict)
@@ -241,6 +243,7 @@ class RegistrationResult:
             "confidence": self.confidence,
             "uncertainty_in_plane_mm": finite(self.uncertainty_in_plane_mm),
             "uncertainty_depth_mm": finite(self.uncertainty_depth_mm),
+            "patch_agreement": finite(self.patch_agreement),
             "iterations": self.iterations,
             "evaluations": self.evaluations,
             "time_s": self.time_s,
@@ -720,6 +723,7 @@ class Registrator:
         settled = float(np.linalg.norm((views[0].T_cam_from_world[:3, :3] @ moved)[:2])) < 1.0
         per_view_sim = objective.per_view(x)
         similarity = float(np.mean(per_view_sim))
+        agreement = float(np.min(objective.patch_agreement(x)))
         in_plane_sd, depth_sd = self._uncertainty(best.outcome, stages[-1])
         depth_sd = max(depth_sd, along_ray)
         in_plane_sd = float(np.hypot(in_plane_sd, s.model_error_mm[0]))
@@ -728,7 +732,7 @@ class Registrator:
         converged = best.outcome.converged or settled
         verdict = assess(similarity, per_view_sim if len(views) > 1 else [], converged, T_corr, centre,
                          s.quality if level is None else s.quality.for_one_vertebra(),
-                         in_plane_sd_mm=in_plane_sd, depth_sd_mm=depth_sd)
+                         in_plane_sd_mm=in_plane_sd, depth_sd_mm=depth_sd, patch_agreement=agreement)
         if ambiguity is not None and verdict.status == "ok":
             verdict = replace(verdict, status="failed", reason=ambiguity)
         est_views = [v.with_pose(v.T_cam_from_world @ invert_rigid(T_corr)) for v in views]
@@ -747,6 +751,7 @@ class Registrator:
             timings_s=timings,
             uncertainty_in_plane_mm=in_plane_sd,
             uncertainty_depth_mm=depth_sd,
+            patch_agreement=agreement,
             prepare_s=self.prepare_s,
             level=None if level is None else str(level),
             jacobian=None if best.outcome.jacobian is None else LeastSquaresJacobian(
@@ -889,6 +894,12 @@ class _Objective:
         parts = np.split(r[:sum(self._view_sizes)], np.cumsum(self._view_sizes)[:-1])
         return [float(1.0 - np.dot(p, p) / (2.0 * m.n_blocks)) if m.n_blocks else 0.0
                 for m, p in zip(self.measures, parts)]
+
+    def patch_agreement(self, x: np.ndarray) -> list[float]:
+        """Each view's ``similarity.patch_agreement`` of its image and the DRR at x, over the
+        level's ROI (one more render per view)."""
+        return [patch_agreement(pl.image, drr, m.mask)
+                for pl, m, (drr, _) in zip(self.stage, self.measures, self._drrs(x, self.parallel, with_motion=False))]
 
     def scalar(self, x: np.ndarray) -> float:
         r = self.residuals(x)

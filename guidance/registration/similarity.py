@@ -15,7 +15,7 @@ import numpy as np
 
 from guidance.registration.errors import RegistrationError
 
-__all__ = ["SIMILARITIES", "Similarity", "NCC", "GradientNCC", "PatchNCC", "get_similarity"]
+__all__ = ["SIMILARITIES", "Similarity", "NCC", "GradientNCC", "PatchNCC", "get_similarity", "patch_agreement"]
 
 
 def _centred(values: np.ndarray) -> tuple[np.ndarray, float]:
@@ -134,3 +134,45 @@ def get_similarity(name: str) -> type[Similarity]:
         return SIMILARITIES[name]
     except KeyError:
         raise RegistrationError(f"unknown similarity {name!r}; choose one of {', '.join(SIMILARITIES)}") from None
+
+
+AGREEMENT_PATCH_PX = 16
+
+
+def _patches(image: np.ndarray, patch_px: int) -> np.ndarray:
+    """The image's whole patch_px x patch_px squares from its top-left corner, one per row
+    (n_patches, patch_px^2)."""
+    p = patch_px
+    h, w = image.shape[0] // p * p, image.shape[1] // p * p
+    return image[:h, :w].reshape(h // p, p, w // p, p).swapaxes(1, 2).reshape(-1, p * p)
+
+
+def patch_agreement(fixed: np.ndarray, moving: np.ndarray, mask: np.ndarray | None = None,
+                    patch_px: int = AGREEMENT_PATCH_PX) -> float:
+    """Median gradient correlation of the patches (``patch_px`` squares with at least half
+    their pixels in the mask's interior) in which the moving image (the model) has the
+    stronger half of its gradient energy; in [-1, 1], NaN without such patches.
+
+    Where the model's edges lie on the image's, most of those patches agree, even when
+    tissue the model lacks keeps the whole image's correlation low (0.56-0.68 on right poses
+    of the real CT's near-lateral views at similarity 0.41-0.53); a wrong pose puts many of
+    them over other structures (at most 0.32 on wrong poses scoring up to 0.74;
+    docs/benchmarks.md, session 16). Noise lowers it about as much as the correlation."""
+    mask = np.ones(fixed.shape, bool) if mask is None else mask.astype(bool)
+    interior = _patches(cv2.erode(mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(np.float64), patch_px)
+    keep = interior.sum(axis=1) >= patch_px * patch_px / 2
+    if not keep.any():
+        return float("nan")
+    weights = interior[keep]
+    count = weights.sum(axis=1, keepdims=True)
+    correlation = np.zeros(len(weights))
+    energy = np.zeros(len(weights))
+    for f, m in zip(_gradients(fixed), _gradients(moving)):
+        f, m = _patches(f, patch_px)[keep], _patches(m, patch_px)[keep]
+        f = (f - (f * weights).sum(axis=1, keepdims=True) / count) * weights
+        m = (m - (m * weights).sum(axis=1, keepdims=True) / count) * weights
+        f_norm, m_norm = np.sqrt((f * f).sum(axis=1)), np.sqrt((m * m).sum(axis=1))
+        norms = f_norm * m_norm
+        correlation += 0.5 * np.divide((f * m).sum(axis=1), norms, out=np.zeros(len(norms)), where=norms > 0)
+        energy += m_norm ** 2
+    return float(np.median(correlation[energy >= np.median(energy)]))
