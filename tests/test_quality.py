@@ -27,7 +27,7 @@ def test_a_converged_good_match_within_every_limit_is_ok():
 @pytest.mark.parametrize("kwargs,reason", [
     ({"similarity": 0.39}, "similarity 0.390 below 0.400"),
     ({"similarity": float("nan")}, "similarity is not a number"),
-    ({"patch_agreement": 0.39}, "patch agreement 0.39 below 0.40: the model's edges do not lie on the image's"),
+    ({"patch_agreement": 0.49}, "patch agreement 0.49 below 0.50: the model's edges do not lie on the image's"),
     ({"patch_agreement": float("nan")}, "patch agreement nan below"),
     ({"per_view": (0.9, 0.15)}, "view 1 similarity 0.150 below 0.200"),
     ({"T": make_rigid(np.eye(3), np.array([0.0, 0.0, 81.0]))}, "correction of 81.0 mm"),
@@ -48,4 +48,6 @@ def test_one_vertebra_is_held_to_its_own_similarity_only():
     assert one.min_similarity == LIMITS.min_vertebra_similarity < LIMITS.min_similarity
     assert one.max_depth_sd_mm == LIMITS.max_depth_sd_mm and one.max_in_plane_sd_mm == LIMITS.max_in_plane_sd_mm
     assert assess(0.35, [], True, np.eye(4), CENTRE, one).status == "ok"
+    assert one.min_patch_agreement == LIMITS.min_vertebra_patch_agreement < LIMITS.min_patch_agreement
+    assert assess(0.9, [], True, np.eye(4), CENTRE, one, patch_agreement=0.45).status == "ok"
     assert assess(0.9, [], True, np.eye(4), CENTRE, one, patch_agreement=0.35).status == "failed"

@@ -148,6 +148,8 @@ def test_patch_agreement_fails_a_shifted_model_and_passes_a_noisy_image(registra
     """The model's DRR against a phantom X-ray: at the true pose its patches agree (more than
     0.8 at the exposure control's dose, and still above the gate's limit at a twentieth of
     it), moved 5-30 mm along the spine they do not (below 0.2)."""
+    import cv2
+
     from guidance.registration.quality import QualityLimits
 
     centre = registrator.centre(None)
@@ -155,8 +157,10 @@ def test_patch_agreement_fails_a_shifted_model_and_passes_a_noisy_image(registra
                    pixel_spacing_mm=(1.2, 1.2), intensity="raw", I0=4095.0)
     model = registrator.anatomy(None, 1.0)
     line = render_drr(truth_volume, gt)
-    full, low = (preprocess(form_image(line, auto_exposure(line, XrayParams(seed=5), photons_per_pixel=photons),
-                                       intensity="raw"), gt).image for photons in (1000.0, 50.0))
+    blur_px = registrator.settings.fixed_blur_px  # as the registration compares them
+    full, low = (cv2.GaussianBlur(preprocess(form_image(line, auto_exposure(line, XrayParams(seed=5), photons),
+                                                        intensity="raw"), gt).image, (0, 0), blur_px)
+                 for photons in (1000.0, 50.0))
     right = model.render(gt)
     assert patch_agreement(full, right) > 0.8
     assert patch_agreement(low, right) >= QualityLimits().min_patch_agreement

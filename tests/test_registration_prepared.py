@@ -28,8 +28,8 @@ def _same(a, b):
         assert (va.mu_scale, va.size_ijk, va.step_mm) == (vb.mu_scale, vb.size_ijk, vb.step_mm)
         np.testing.assert_array_equal(va.occupancy, vb.occupancy)
         np.testing.assert_array_equal(va.nonzero_box_ijk, vb.nonzero_box_ijk)
-    assert (a.soft is None) == (b.soft is None)
-    for va, vb in zip(a.volumes + (a.soft,), b.volumes + (b.soft,)):
+    assert (a.soft is None) == (b.soft is None) and (a.soft_fine is None) == (b.soft_fine is None)
+    for va, vb in zip(a.volumes + (a.soft, a.soft_fine), b.volumes + (b.soft, b.soft_fine)):
         if va is not None:
             np.testing.assert_array_equal(va.codes, vb.codes)
             np.testing.assert_array_equal(va.T_world_from_index, vb.T_world_from_index)
@@ -110,11 +110,13 @@ def test_soft_tissue_goes_on_beyond_the_faces_the_body_touches():
 @pytest.mark.parametrize("lao, cranial", [(0.0, 0.0), (90.0, 0.0), (35.0, 15.0)])
 def test_bone_and_soft_tissue_draw_the_whole_ct(phantom, lao, cranial):
     """The registration's model (bone above the threshold's attenuation on its grid, the
-    rest on a 4 mm grid drawn on a binned detector) gives the line integrals of the whole
-    CT, up to the soft tissue's blur; bone alone misses the body's share (the soft tissue
-    here ends where the CT does)."""
+    rest on a 4 mm grid, 2 mm with the native bone grid, drawn on a binned detector) gives
+    the line integrals of the whole CT, up to the soft tissue's blur; bone alone misses the
+    body's share (the soft tissue here ends where the CT does)."""
     prepared = prepare_ct(phantom.ct, None, replace(SETTINGS, soft_continuation_mm=0.0))
     assert prepared.soft is not None and prepared.soft.step_mm == pytest.approx(4.0)
+    assert prepared.anatomy(0).soft.step_mm == pytest.approx(2.0)
+    assert all(prepared.anatomy(n).soft is prepared.soft for n in range(1, len(prepared.volumes)))
     centre = prepared.centre(None)
     view = carm_view(lao_deg=lao, cranial_deg=cranial, isocenter_world=centre, detector_size_px=(160, 128),
                      patient_position="prone")
@@ -126,7 +128,7 @@ def test_bone_and_soft_tissue_draw_the_whole_ct(phantom, lao, cranial):
     assert np.median(error) < 0.01 and np.quantile(error, 0.95) < 0.02
     assert np.median(np.abs(bone_only - whole)[body] / whole[body]) > 0.5
     # The soft tissue drawn on the binned detector equals it drawn on every pixel, up to interpolation.
-    soft_fine = render_drr(prepared.soft, view)
+    soft_fine = render_drr(prepared.anatomy(0).soft, view)
     soft_binned = model - bone_only
     assert np.median(np.abs(soft_binned - soft_fine)[body] / soft_fine[body]) < 0.005
 
@@ -140,7 +142,7 @@ def test_a_coarse_level_may_bin_the_soft_tissue_further(phantom):
                      patient_position="prone").downsampled(4)  # pixels about half the soft voxel
     model = prepared.anatomy(0)
     bone_only = AnatomyModel(prepared.volumes[0]).render(view)
-    soft_fine = render_drr(prepared.soft, view)
+    soft_fine = render_drr(model.soft, view)
     body = soft_fine > 0.05 * soft_fine.max()
     natural = model.render(view)
     np.testing.assert_array_equal(replace(model, soft_binning=0.5).render(view), natural)
@@ -150,9 +152,15 @@ def test_a_coarse_level_may_bin_the_soft_tissue_further(phantom):
     assert np.median(error) < 0.002 and np.quantile(error, 0.95) < 0.01
 
 
+def test_one_soft_tissue_grid_serves_every_level_without_a_fine_one(phantom):
+    prepared = prepare_ct(phantom.ct, None, replace(SETTINGS, fine_soft_tissue_spacing_mm=None))
+    assert prepared.soft_fine is None
+    assert all(prepared.anatomy(n).soft is prepared.soft for n in range(len(prepared.volumes)))
+
+
 def test_bone_only_preparation_keeps_no_soft_tissue(phantom):
     prepared = prepare_ct(phantom.ct, None, PrepareSettings(pyramid_spacings_mm=(4.0,), soft_tissue_spacing_mm=None))
-    assert prepared.soft is None
+    assert prepared.soft is None and prepared.soft_fine is None
     mu = hu_to_attenuation(phantom.ct, energy_kev=60.0).data
     assert prepared.volumes[0].mu.max() == pytest.approx(float(mu.max()), rel=1e-3)  # full bone attenuation
 

@@ -54,7 +54,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PREPARED_FORMAT = "guidance.prepared_ct/6"
+PREPARED_FORMAT = "guidance.prepared_ct/7"
 LABEL_MARGIN_VOXELS = 1  # a vertebra's coarse volume keeps this many voxels around its label (smoothed edges)
 SOFT_PIXEL_PER_VOXEL = 0.6
 """Soft tissue is drawn on a detector whose pixel, back-projected to the anatomy, is this
@@ -78,6 +78,11 @@ class PrepareSettings:
     ``vertebra_height_mm``: the spine's repeat distance when no label map gives it.
     ``soft_continuation_mm``: beyond each face of the CT's box that the body touches the soft
     tissue goes on this far (``_continued``; 0: it ends at the face).
+    ``fine_soft_tissue_spacing_mm``: the soft tissue's grid drawn with the native bone grid (the
+    finest pyramid level; None: ``soft_tissue_spacing_mm`` there too): the 4 mm grid alone left
+    one view of the phantom and one of the real CT 2.0-2.1 mm off in depth from every start,
+    halved no mTRE and lowered every view's similarity by 0.02-0.09 (docs/benchmarks.md,
+    sessions 15-16).
     """
 
     bone_threshold_hu: float | None = 150.0
@@ -86,6 +91,7 @@ class PrepareSettings:
     pyramid_spacings_mm: tuple[float, ...] = (1.0, 2.0, 4.0)
     vertebra_height_mm: float = 30.0
     soft_continuation_mm: float = 60.0
+    fine_soft_tissue_spacing_mm: float | None = 2.0
 
 
 @dataclass(frozen=True)
@@ -158,7 +164,8 @@ class PreparedCT:
 
     ``volumes[0]`` is the native grid cropped to the bone (plus margin), the others the
     coarser ``spacings_mm``; ``soft`` the soft tissue on its coarse grid (None when not
-    prepared); ``labels[n]`` is the label map on ``volumes[n]``'s grid
+    prepared), ``soft_fine`` on the finer grid drawn with ``volumes[0]`` (None: ``soft``
+    there too); ``labels[n]`` is the label map on ``volumes[n]``'s grid
     (None without labels). ``centres`` maps a label id (-1 for the whole CT) to the
     bone centroid (world mm). ``spine_axis_world`` is a unit vector (world) along the
     spine, ``vertebra_height_mm`` its repeat distance. ``key`` identifies the inputs,
@@ -173,6 +180,7 @@ class PreparedCT:
     vertebra_height_mm: float
     key: str
     soft: DrrVolume | None = None
+    soft_fine: DrrVolume | None = None
     prepare_s: float = 0.0
     from_cache: bool = False
 
@@ -190,7 +198,12 @@ class PreparedCT:
 
     def anatomy(self, index: int) -> AnatomyModel:
         """What registration renders on pyramid level ``index``: all bone and the soft tissue."""
-        return AnatomyModel(self.volumes[index], self.soft)
+        return AnatomyModel(self.volumes[index], self.soft_tissue(index))
+
+    def soft_tissue(self, index: int) -> DrrVolume | None:
+        """The soft tissue drawn with pyramid level ``index``'s bone: the fine grid with the
+        native one."""
+        return self.soft_fine if index == 0 and self.soft_fine is not None else self.soft
 
     def volume(self, index: int, label: int | None = None) -> DrrVolume:
         """Bone volume of pyramid level ``index``: all bone, or one label's bone
@@ -308,7 +321,7 @@ def prepare_ct(
     if labels is not None and labels.data.shape != ct.data.shape:
         raise VolumeError(f"labels grid {labels.data.shape} differs from the CT grid {ct.data.shape}")
     mu = hu_to_attenuation(ct, energy_kev=s.energy_kev)
-    soft = None
+    soft = soft_fine = None
     if s.bone_threshold_hu is not None:
         is_bone = ct.data >= s.bone_threshold_hu
         if not is_bone.any():
@@ -319,9 +332,15 @@ def prepare_ct(
             mu_threshold = float(attenuation_from_hu(s.bone_threshold_hu, energy_kev=s.energy_kev))
             bone = np.where(is_bone, np.maximum(mu.data - mu_threshold, 0.0), 0.0)
             soft_mu = mu.with_data(np.minimum(mu.data, mu_threshold).astype(np.float32))
-            soft_grid = _continued(downsample(soft_mu, s.soft_tissue_spacing_mm), s.soft_continuation_mm,
-                                   float(attenuation_from_hu(BODY_HU, energy_kev=s.energy_kev)))
-            soft = prepare_volume(soft_grid, margin_mm=s.soft_tissue_spacing_mm)
+            body_mu = float(attenuation_from_hu(BODY_HU, energy_kev=s.energy_kev))
+
+            def soft_on(spacing_mm: float) -> DrrVolume:
+                grid = _continued(downsample(soft_mu, spacing_mm), s.soft_continuation_mm, body_mu)
+                return prepare_volume(grid, margin_mm=spacing_mm)
+
+            soft = soft_on(s.soft_tissue_spacing_mm)
+            if s.fine_soft_tissue_spacing_mm is not None:
+                soft_fine = soft_on(s.fine_soft_tissue_spacing_mm)
         mu = mu.with_data(bone.astype(np.float32))
     if not (mu.data > 0).any():
         raise PreparedCTError("the CT has no attenuating voxel")
@@ -343,7 +362,7 @@ def prepare_ct(
     axis, height = _spine(ct, centres, s.vertebra_height_mm)
     return PreparedCT(volumes=tuple(volumes), spacings_mm=tuple(spacings), labels=label_maps, centres=centres,
                       spine_axis_world=axis, vertebra_height_mm=height, key=key or cache_key(ct, labels, s),
-                      soft=soft, prepare_s=time.perf_counter() - t0)
+                      soft=soft, soft_fine=soft_fine, prepare_s=time.perf_counter() - t0)
 
 
 def save_prepared(prepared: PreparedCT, path: str | Path) -> None:
@@ -356,6 +375,7 @@ def save_prepared(prepared: PreparedCT, path: str | Path) -> None:
         "vertebra_height_mm": prepared.vertebra_height_mm,
         "volumes": [_volume_header(dv) for dv in prepared.volumes],
         "soft": None if prepared.soft is None else _volume_header(prepared.soft),
+        "soft_fine": None if prepared.soft_fine is None else _volume_header(prepared.soft_fine),
         "has_labels": prepared.labels[0] is not None,
     }
     arrays = {"header": np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
@@ -366,8 +386,9 @@ def save_prepared(prepared: PreparedCT, path: str | Path) -> None:
         arrays.update(_volume_arrays(dv, str(n)))
         if prepared.labels[n] is not None:
             arrays[f"labels_{n}"] = prepared.labels[n]
-    if prepared.soft is not None:
-        arrays.update(_volume_arrays(prepared.soft, "soft"))
+    for name in ("soft", "soft_fine"):
+        if getattr(prepared, name) is not None:
+            arrays.update(_volume_arrays(getattr(prepared, name), name))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
     np.savez(tmp, **arrays)
@@ -385,12 +406,14 @@ def load_prepared(path: str | Path, key: str) -> PreparedCT:
         for n, meta in enumerate(header["volumes"]):
             volumes.append(_read_volume(f, meta, str(n), path))
             labels.append(np.array(f[f"labels_{n}"]) if header["has_labels"] else None)
-        soft = None if header["soft"] is None else _read_volume(f, header["soft"], "soft", path)
+        soft, soft_fine = (None if header[name] is None else _read_volume(f, header[name], name, path)
+                           for name in ("soft", "soft_fine"))
         centres = {int(k): np.array(c, dtype=np.float64) for k, c in zip(f["centre_ids"], f["centres"])}
         axis = np.array(f["spine_axis_world"], dtype=np.float64)
     return PreparedCT(volumes=tuple(volumes), spacings_mm=tuple(float(s) for s in header["spacings_mm"]),
                       labels=tuple(labels), centres=centres, spine_axis_world=axis,
-                      vertebra_height_mm=float(header["vertebra_height_mm"]), key=key, soft=soft, from_cache=True)
+                      vertebra_height_mm=float(header["vertebra_height_mm"]), key=key, soft=soft, soft_fine=soft_fine,
+                      from_cache=True)
 
 
 def _volume_header(dv: DrrVolume) -> dict:

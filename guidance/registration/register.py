@@ -127,7 +127,7 @@ class RegistrationSettings:
     differences (False; step ``jacobian_step``). On the clinical grid it made single views
     2.1-2.6x and biplane pairs 2.1x faster, with the same outcomes and an mTRE as good or
     better (docs/benchmarks.md session 9).
-    ``bone_threshold_hu``, ``soft_tissue_spacing_mm``,
+    ``bone_threshold_hu``, ``soft_tissue_spacing_mm``, ``fine_soft_tissue_spacing_mm``,
     ``energy_kev``, ``pyramid_spacings_mm``, ``vertebra_height_mm`` and ``soft_continuation_mm``
     shape the prepared CT (prepared.PrepareSettings).
     """
@@ -156,6 +156,7 @@ class RegistrationSettings:
     pyramid_spacings_mm: tuple[float, ...] = (1.0, 2.0, 4.0)
     vertebra_height_mm: float = 30.0
     soft_continuation_mm: float = 60.0
+    fine_soft_tissue_spacing_mm: float | None = 2.0
     fixed_blur_px: float = 0.7
     roi_margin_mm: float = 5.0
     prior_weight: float = 0.05
@@ -177,7 +178,8 @@ class RegistrationSettings:
                                soft_tissue_spacing_mm=self.soft_tissue_spacing_mm, energy_kev=self.energy_kev,
                                pyramid_spacings_mm=self.pyramid_spacings_mm,
                                vertebra_height_mm=self.vertebra_height_mm,
-                               soft_continuation_mm=self.soft_continuation_mm)
+                               soft_continuation_mm=self.soft_continuation_mm,
+                               fine_soft_tissue_spacing_mm=self.fine_soft_tissue_spacing_mm)
 
 
 @dataclass(frozen=True)
@@ -358,7 +360,7 @@ class Registrator:
         if key not in self._label_models:
             if self.prepared.labels[0] is None:
                 raise RegistrationError("per-vertebra registration needs a label map")
-            self._label_models[key] = AnatomyModel(self.prepared.volume(index, level), self.prepared.soft)
+            self._label_models[key] = AnatomyModel(self.prepared.volume(index, level), self.prepared.soft_tissue(index))
         return self._label_models[key]
 
     def centre(self, level: int | None) -> np.ndarray:
