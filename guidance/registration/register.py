@@ -76,8 +76,12 @@ class RegistrationSettings:
     in-plane shifts up to ``search_range_mm`` at each rotation of
     ``search_rotations_deg`` about each axis (all combinations); ``n_candidates``
     peaks (plus the best one a vertebral height up and down the spine, and the start)
-    are refined; with one view, the best one after the level binned ``depth_profile_binning``
-    times the finest is also refined from ``search_depths_mm`` along the ray through the
+    are refined (an image with more than ``search_mask_share`` of its pixels masked leaves them
+    out of each shift's correlation: as zeros they counted the DRR's edges behind them against
+    the shift, and a display image clipped black over 40% of its field drew the peaks 24-54 mm
+    off; below it they count as zeros, the same within a few percent and cheaper); with one
+    view, the best one after the level binned ``depth_profile_binning`` times the finest is
+    also refined from ``search_depths_mm`` along the ray through the
     rotation centre, and the better goes on (one view's depth moves least of all); the finest
     level's result of one view whose depth the profile (below) leaves uncertain (1 sigma over a
     third of ``depth_probe_mm``) is refined again from where the parabola through its cost at
@@ -143,6 +147,7 @@ class RegistrationSettings:
     search_range_mm: float = 45.0
     search_rotations_deg: tuple[float, ...] = (-10.0, 0.0, 10.0)
     n_candidates: int = 6
+    search_mask_share: float = 0.02
     search_depths_mm: tuple[float, ...] = (-8.0, 8.0)
     depth_probe_mm: float | None = 3.0
     depth_jump_mm: float = 12.0
@@ -490,7 +495,9 @@ class Registrator:
         fixed = []
         for pl in stage:
             interior = cv2.erode(pl.mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
-            fixed.append([np.where(interior, g, 0.0).astype(np.float32) for g in _gradients(pl.image)])
+            masked = interior.size - np.count_nonzero(interior) > s.search_mask_share * interior.size
+            mask = interior.astype(np.float32) if masked else None
+            fixed.append(([np.where(interior, g, 0.0).astype(np.float32) for g in _gradients(pl.image)], mask))
         rotations = list(itertools.product(s.search_rotations_deg, repeat=3))
         padded = []
         for rotation in rotations:
@@ -501,10 +508,10 @@ class Registrator:
         maps: dict[tuple[float, ...], list[np.ndarray]] = {}
         for rotation in rotations:
             maps[rotation] = []
-            for fx, fy in fixed:
+            for (fx, fy), mask in fixed:
                 dx, dy = _gradients(next(renders))
-                score = 0.5 * (cv2.matchTemplate(dx, fx, cv2.TM_CCOEFF_NORMED)
-                               + cv2.matchTemplate(dy, fy, cv2.TM_CCOEFF_NORMED))
+                score = 0.5 * (cv2.matchTemplate(dx, fx, cv2.TM_CCOEFF_NORMED, mask=mask)
+                               + cv2.matchTemplate(dy, fy, cv2.TM_CCOEFF_NORMED, mask=mask))
                 maps[rotation].append(score[::-1, ::-1])  # index [pad + sv, pad + su]: anatomy shifted by (su, sv)
         inverted = [False] * len(stage)
         for i, pl in enumerate(stage):
