@@ -495,8 +495,7 @@ class Registrator:
         fixed = []
         for pl in stage:
             interior = cv2.erode(pl.mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
-            masked = interior.size - np.count_nonzero(interior) > s.search_mask_share * interior.size
-            mask = interior.astype(np.float32) if masked else None
+            mask = interior.astype(np.float32) if np.mean(~interior) > s.search_mask_share else None
             fixed.append(([np.where(interior, g, 0.0).astype(np.float32) for g in _gradients(pl.image)], mask))
         rotations = list(itertools.product(s.search_rotations_deg, repeat=3))
         padded = []
@@ -906,9 +905,13 @@ class _Objective:
 
     def patch_agreement(self, x: np.ndarray) -> list[float]:
         """Each view's ``similarity.patch_agreement`` of its image and the DRR at x, over the
-        level's ROI (one more render per view)."""
-        return [patch_agreement(pl.image, drr, m.mask)
-                for pl, m, (drr, _) in zip(self.stage, self.measures, self._drrs(x, self.parallel, with_motion=False))]
+        level's ROI (the DRRs kept from x's evaluation, else one more render per view)."""
+        kept = self._recent.get(np.asarray(x, dtype=np.float64).tobytes())
+        if kept is not None and kept[1]:
+            drrs = kept[1]
+        else:
+            drrs = [drr for drr, _ in self._drrs(x, self.parallel, with_motion=False)]
+        return [patch_agreement(pl.image, drr, m.mask) for pl, m, drr in zip(self.stage, self.measures, drrs)]
 
     def scalar(self, x: np.ndarray) -> float:
         r = self.residuals(x)
