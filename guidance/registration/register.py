@@ -69,7 +69,11 @@ class RegistrationSettings:
     ``max_detector_px``), coarse first; level n renders the prepared volume whose
     spacing is at most ``volume_per_footprint[n]`` (the last entry for further levels) x
     the pixel footprint at the anatomy (coarser volumes are faster but bias the depth of
-    one view: the finer levels keep 1).
+    one view: the finer levels keep 1); each level's image is blurred by ``fixed_blur_px``
+    (sigma, px) from its valid pixels only (a plain blur spread the masked pixels' fill into an
+    edge along the mask's border: with a third of an image masked, the similarity at the truth
+    fell from 0.93 to 0.41-0.64, and the real CT's near-lateral views scored 0.44-0.55
+    at their truth instead of 0.81-0.85).
     ``search_scale`` is the typical step per parameter (rx, ry, rz deg; tx, ty, tz mm)
     of the local optimiser, ``jacobian_step`` its finite-difference step in units of
     it. Global search:
@@ -291,6 +295,15 @@ def _bin_image(image: np.ndarray, mask: np.ndarray, factor: int) -> tuple[np.nda
     return img.astype(np.float32), m
 
 
+def _masked_blur(image: np.ndarray, mask: np.ndarray, sigma_px: float) -> np.ndarray:
+    """Gaussian blur (sigma px) of the valid pixels from valid pixels only (normalised
+    convolution); masked pixels stay 0, and their fill never reaches a valid neighbour."""
+    valid = mask.astype(np.float32)
+    weight = cv2.GaussianBlur(valid, (0, 0), sigma_px)
+    blurred = cv2.GaussianBlur(np.where(mask, image, 0.0).astype(np.float32), (0, 0), sigma_px)
+    return np.where(mask, blurred / np.maximum(weight, 1e-6), 0.0).astype(np.float32)
+
+
 def _gradients(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     img = image.astype(np.float32, copy=False)
     return cv2.Sobel(img, cv2.CV_32F, 1, 0, ksize=3), cv2.Sobel(img, cv2.CV_32F, 0, 1, ksize=3)
@@ -393,7 +406,7 @@ class Registrator:
                 f = self.detector_binning(view) * factor
                 image, mask = _bin_image(img.image, img.mask, f)
                 if s.fixed_blur_px > 0:
-                    image = cv2.GaussianBlur(image, (0, 0), s.fixed_blur_px)
+                    image = _masked_blur(image, mask, s.fixed_blur_px)
                 v = view.downsampled(f) if f > 1 else view
                 v = replace(v, image_size=(image.shape[1], image.shape[0]))
                 per_view.append(_PyramidLevel(image=image, mask=mask, view=v))
