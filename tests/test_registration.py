@@ -457,6 +457,23 @@ def test_a_masked_region_leaves_the_similarity_at_the_truth_as_it_was(registrato
     np.testing.assert_allclose(similarities[1], similarities[0], atol=0.02)
 
 
+def test_the_move_across_the_view_is_taken_in_the_corrected_cameras_axes():
+    """A correction that moves the centre 4 mm along the corrected view's ray moves it 0 mm
+    across, however far the correction turned the camera (in the start camera's axes, 15 deg
+    read as 1 mm across); 1.5 mm across reads 1.5 mm."""
+    from guidance.registration.register import _moved_in_plane_mm
+
+    centre = np.array([10.0, -20.0, 30.0])
+    T_cam = carm_view(lao_deg=70, isocenter_world=centre, patient_position="prone").T_cam_from_world
+    T_from = motion(centre, (0.3, 1.0, 0.2), 15.0, (2.0, -1.0, 3.0))
+    T_cam_corrected = T_cam @ invert_rigid(T_from)
+    for step_cam, expected in (((0.0, 0.0, 4.0), 0.0), ((1.5, 0.0, 0.0), 1.5), ((0.0, -1.5, 4.0), 1.5)):
+        # move the anatomy by step_cam in the corrected camera: T_to = T_from + that move
+        step_world = T_cam_corrected[:3, :3].T @ np.asarray(step_cam)
+        T_to = make_rigid(np.eye(3), -step_world) @ T_from
+        assert _moved_in_plane_mm(T_cam, T_from, T_to, centre) == pytest.approx(expected, abs=1e-9)
+
+
 def test_only_far_candidates_of_nearly_equal_cost_are_rivals(registrator):
     """A candidate is a rival of the best (refined again on the finer level, and named in
     the ambiguity) when it lies over ``ambiguity_distance_mm`` away and its cost is
