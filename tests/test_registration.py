@@ -432,7 +432,7 @@ def test_the_masked_blur_takes_valid_pixels_only():
 def test_a_masked_region_leaves_the_similarity_at_the_truth_as_it_was(registrator, truth_volume, variant):
     """With a third of the image black (masked), every pyramid level's similarity at the truth
     stays within 0.02 of the whole image's. The fixed image's blur once took the masked
-    pixels' fill into their neighbours: raw, 0.92-0.94 fell to 0.41-0.64."""
+    pixels' fill into their neighbours: raw, 0.92-0.97 fell to 0.41-0.64."""
     s = registrator.settings
     centre = registrator.centre(None)
     gt = carm_view(lao_deg=30, isocenter_world=centre, patient_position="prone", detector_size_px=(256, 256),

@@ -72,8 +72,8 @@ class RegistrationSettings:
     one view: the finer levels keep 1); each level's image is blurred by ``fixed_blur_px``
     (sigma, px) from its valid pixels only (a plain blur spread the masked pixels' fill into an
     edge along the mask's border: with a third of an image masked, the similarity at the truth
-    fell from 0.93 to 0.41-0.64, and the real CT's near-lateral views scored 0.44-0.55
-    at their truth instead of 0.81-0.85).
+    fell from 0.92-0.97 to 0.41-0.64, and the real CT's near-lateral views scored 0.47-0.73
+    at their truth instead of 0.81-0.90).
     ``search_scale`` is the typical step per parameter (rx, ry, rz deg; tx, ty, tz mm)
     of the local optimiser, ``jacobian_step`` its finite-difference step in units of
     it. Global search:
@@ -83,7 +83,8 @@ class RegistrationSettings:
     are refined (an image with more than ``search_mask_share`` of its pixels masked leaves them
     out of each shift's correlation: as zeros they counted the DRR's edges behind them against
     the shift, and a display image clipped black over 40% of its field drew the peaks 24-54 mm
-    off; below it they count as zeros, the same within a few percent and cheaper); with one
+    off: 3 of the real CT's 60 display results still fail without it; below it they count as
+    zeros, the same within a few percent and cheaper); with one
     view, the best one after the level binned ``depth_profile_binning`` times the finest is
     also refined from ``search_depths_mm`` along the ray through the
     rotation centre, and the better goes on (one view's depth moves least of all); the finest

@@ -153,11 +153,11 @@ def patch_agreement(fixed: np.ndarray, moving: np.ndarray, mask: np.ndarray | No
     their pixels in the mask's interior) in which the moving image (the model) has the
     stronger half of its gradient energy; in [-1, 1], NaN without such patches.
 
-    Where the model's edges lie on the image's, most of those patches agree, even when
-    tissue the model lacks keeps the whole image's correlation low (0.60-0.75 on right poses
-    of the real CT's near-lateral views at similarity 0.44-0.55); a wrong pose puts many of
-    them over other structures (at most 0.43 on wrong poses scoring up to 0.75;
-    docs/benchmarks.md, session 16). Noise lowers it about as much as the correlation."""
+    Where the model's edges lie on the image's, most of those patches agree, even where
+    something the model lacks keeps the whole image's correlation low; a wrong pose puts many
+    of them over other structures (right poses 0.71-0.96, wrong ones at most 0.43 while
+    scoring up to 0.75; docs/benchmarks.md, session 17). Noise lowers it about as much as
+    the correlation."""
     mask = np.ones(fixed.shape, bool) if mask is None else mask.astype(bool)
     interior = _patches(cv2.erode(mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(np.float64), patch_px)
     keep = interior.sum(axis=1) >= patch_px * patch_px / 2
