@@ -14,6 +14,7 @@ from guidance.core.errors import GuidanceError
 from guidance.core.geometry import invert_rigid, make_rigid, rotation_about_axis, transform_points
 from guidance.core.images import preprocess
 from guidance.registration.pose import PoseParameterization, point_displacement_mm
+from guidance.registration.prepared import AnatomyModel
 from guidance.registration.register import Registrator, RegistrationError, register_levels
 from guidance.registration.register3d import Register3dSettings, register_volumes
 from guidance.registration.similarity import SIMILARITIES, get_similarity, patch_agreement
@@ -222,7 +223,7 @@ def test_analytic_jacobian_matches_central_differences(phantom, registrator, tru
 
 
 def test_points_evaluated_together_render_no_motion_derivative_yet_differentiate_later(
-        phantom, registrator, truth_volume):
+        phantom, registrator, truth_volume, monkeypatch):
     """``residuals_many`` (finite differences, the depth profile) renders plain DRRs; a
     later ``derivatives`` at such a point renders it again with its motion derivative and
     equals the one of a fresh objective."""
@@ -237,19 +238,17 @@ def test_points_evaluated_together_render_no_motion_derivative_yet_differentiate
     fresh = registrator._objective(stage, model, param, xs, centre)
     residuals = together.residuals_many(xs)
     calls = []
-    render_motion = model.render_motion
-    object.__setattr__(model, "render_motion", lambda *a, **k: calls.append(1) or render_motion(*a, **k))
-    try:
-        for x, r in zip(xs, residuals):
-            np.testing.assert_allclose(r, fresh.residuals(x), rtol=1e-5, atol=1e-6)
-            assert len(calls) == 1  # the fresh objective's one evaluation
-            later = together.derivatives(x)
-            assert len(calls) == 2  # rendered again, with the derivative
-            for k, column in fresh.derivatives(x).items():
-                np.testing.assert_array_equal(later[k], column)
-            calls.clear()
-    finally:
-        object.__delattr__(model, "render_motion")
+    render_motion = AnatomyModel.render_motion
+    monkeypatch.setattr(AnatomyModel, "render_motion",
+                        lambda self, *a, **k: calls.append(1) or render_motion(self, *a, **k))
+    for x, r in zip(xs, residuals):
+        np.testing.assert_allclose(r, fresh.residuals(x), rtol=1e-5, atol=1e-6)
+        assert len(calls) == 1  # the fresh objective's one evaluation
+        later = together.derivatives(x)
+        assert len(calls) == 2  # rendered again, with the derivative
+        for k, column in fresh.derivatives(x).items():
+            np.testing.assert_array_equal(later[k], column)
+        calls.clear()
 
 
 def test_the_biplane_search_picks_the_depth_a_depth_by_depth_scan_picks(registrator):
@@ -455,6 +454,22 @@ def test_a_masked_region_leaves_the_similarity_at_the_truth_as_it_was(registrato
     assert 1.0 - prepared.mask.mean() > 0.3
     assert min(similarities[0]) > 0.85
     np.testing.assert_allclose(similarities[1], similarities[0], atol=0.02)
+
+
+def test_each_views_soft_binning_is_fixed_for_the_whole_level(registrator):
+    """The cost of a level renders each view's soft tissue at the binning of that view (its
+    depth at the level's pose), whatever pose it evaluates: no step in the cost along the ray."""
+    s = registrator.settings
+    centre = registrator.centre(None)
+    views = [carm_view(lao_deg=lao, isocenter_world=centre, patient_position="prone", detector_size_px=(256, 256),
+                       pixel_spacing_mm=(1.2, 1.2), intensity="raw", I0=4095.0) for lao in (0, 90)]
+    images = [preprocess(np.random.default_rng(0).uniform(500.0, 2000.0, (256, 256)), v) for v in views]
+    param = PoseParameterization(s.parameterization, centre, views[0].T_cam_from_world)
+    stage = registrator._pyramid(images, views, s.pyramid)[1]
+    model = registrator.anatomy(None, registrator._footprint_mm(stage[0], centre))
+    objective = registrator._objective(stage, model, param, [np.zeros(6)], centre)
+    assert [m.soft_factor for m in objective.models] == [model.soft_factor_for(pl.view) for pl in stage]
+    assert all(m.bone is model.bone and m.soft is model.soft for m in objective.models)
 
 
 def test_the_move_across_the_view_is_taken_in_the_corrected_cameras_axes():

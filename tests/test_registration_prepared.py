@@ -152,6 +152,36 @@ def test_a_coarse_level_may_bin_the_soft_tissue_further(phantom):
     assert np.median(error) < 0.002 and np.quantile(error, 0.95) < 0.01
 
 
+def test_the_soft_binning_fixed_for_a_view_holds_across_its_boundary(phantom):
+    """Where the soft tissue's binning from each pose's depth switches between whole numbers
+    (here 3 -> 2 pixels, 0.02 mm of depth apart), the image jumped; fixed for the view
+    (``fixed_for``, one registration's), both poses take the same binning and the image moves
+    smoothly, far less than across the switch."""
+    from guidance.registration.prepared import SOFT_PIXEL_PER_VOXEL
+
+    prepared = prepare_ct(phantom.ct, None, SETTINGS)
+    model = prepared.anatomy(0)
+    view = carm_view(lao_deg=20.0, isocenter_world=prepared.centre(None), detector_size_px=(160, 128),
+                     patient_position="prone").downsampled(2)
+    T = model.soft.T_world_from_index
+    soft_centre = T[:3, :3] @ ((np.array(model.soft.size_ijk) - 1.0) / 2.0) + T[:3, 3]
+    depth_mm = float(view.T_cam_from_world[2, :3] @ soft_centre + view.T_cam_from_world[2, 3])
+    at_two = SOFT_PIXEL_PER_VOXEL * model.soft.step_mm * float(view.K[0, 0]) / 2.0  # the depth where it is 2
+
+    def at(offset_mm):
+        T_cam = view.T_cam_from_world.copy()
+        T_cam[2, 3] += at_two - depth_mm + offset_mm
+        return view.with_pose(T_cam)
+
+    near, far = at(-0.01), at(0.01)
+    assert (model.soft_factor_for(near), model.soft_factor_for(far)) == (3, 2)
+    fixed = model.fixed_for(near)
+    assert fixed.soft_factor == 3 and fixed.fixed_for(far).soft_factor == 2
+    jump = np.abs(model.render(far) - model.render(near)).max()
+    smooth = np.abs(fixed.render(far) - fixed.render(near)).max()
+    assert smooth < 0.1 * jump
+
+
 def test_one_soft_tissue_grid_serves_every_level_without_a_fine_one(phantom):
     prepared = prepare_ct(phantom.ct, None, replace(SETTINGS, fine_soft_tissue_spacing_mm=None))
     assert prepared.soft_fine is None

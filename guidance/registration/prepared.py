@@ -99,11 +99,34 @@ class AnatomyModel:
     """What a 2D/3D registration renders: ``bone`` on a pyramid grid plus, when prepared,
     the ``soft`` tissue on its coarse grid, drawn on a binned detector and interpolated
     up (its line integrals add to the bone's). That detector is binned a whole number of
-    times, at least ``soft_binning`` (a coarse search level, where it only steers candidates)."""
+    times (``soft_factor_for``), at least ``soft_binning`` (a coarse search level, where it only
+    steers candidates), or ``soft_factor`` times when that is set (``fixed_for``)."""
 
     bone: DrrVolume
     soft: DrrVolume | None = None
     soft_binning: float = 1.0
+    soft_factor: int | None = None
+
+    def soft_factor_for(self, view: View) -> int:
+        """The soft tissue's detector binning in ``view``: whole pixels that, back-projected to
+        the soft grid's centre, are about ``SOFT_PIXEL_PER_VOXEL`` of its voxel, at least
+        ``soft_binning`` (1: not binned, also without soft tissue)."""
+        soft = self.soft
+        if soft is None:
+            return 1
+        T = soft.T_world_from_index
+        centre = T[:3, :3] @ ((np.array(soft.size_ijk) - 1.0) / 2.0) + T[:3, 3]
+        depth_mm = float(view.T_cam_from_world[2, :3] @ centre + view.T_cam_from_world[2, 3])
+        footprint_mm = depth_mm / float(view.K[0, 0])
+        # A whole number of pixels: a binning that followed the depth continuously would move
+        # the binned detector's grid with every pose, and the image's motion derivative with it.
+        return max(1, int(np.ceil(max(SOFT_PIXEL_PER_VOXEL * soft.step_mm / footprint_mm, self.soft_binning))))
+
+    def fixed_for(self, view: View) -> "AnatomyModel":
+        """This model with the soft tissue's binning fixed at ``view``'s, for every pose near it
+        (one registration's): taken from each pose, it switched between whole numbers where
+        the depth crossed a boundary (2.002 -> 1.999 of a voxel over 1 mm), a step in the cost."""
+        return replace(self, soft_factor=self.soft_factor_for(view))
 
     def render(self, view: View, *, out: np.ndarray | None = None, parallel: bool | None = None) -> np.ndarray:
         """Line-integral image (H, W) float32 of the anatomy in ``view`` (render_drr's
@@ -128,13 +151,7 @@ class AnatomyModel:
         """The soft tissue's line integrals in ``view`` and, with ``with_motion``, their motion
         derivative (else None), drawn on a binned detector and interpolated up."""
         soft = self.soft
-        T = soft.T_world_from_index
-        centre = T[:3, :3] @ ((np.array(soft.size_ijk) - 1.0) / 2.0) + T[:3, 3]
-        depth_mm = float(view.T_cam_from_world[2, :3] @ centre + view.T_cam_from_world[2, 3])
-        footprint_mm = depth_mm / float(view.K[0, 0])
-        # A whole number of pixels: a binning that followed the depth continuously would move
-        # the binned detector's grid with every pose, and the image's motion derivative with it.
-        factor = float(np.ceil(max(SOFT_PIXEL_PER_VOXEL * soft.step_mm / footprint_mm, self.soft_binning)))
+        factor = float(self.soft_factor if self.soft_factor is not None else self.soft_factor_for(view))
         if factor <= 1.0:
             return render_drr_motion(soft, view, parallel=parallel) if with_motion else (
                 render_drr(soft, view, parallel=parallel), None)

@@ -451,7 +451,8 @@ class Registrator:
         centre: np.ndarray, rois: tuple[np.ndarray, ...] | None = None,
     ) -> "_Objective":
         """The cost of one pyramid level; its ROI is fixed, at the first start's pose, with
-        a margin that covers the other starts (or ``rois``, one per view, when given)."""
+        a margin that covers the other starts (or ``rois``, one per view, when given), and so
+        is each view's soft-tissue binning, at the level's view (``AnatomyModel.fixed_for``)."""
         similarity = get_similarity(self.settings.similarity)
         if rois is None:
             T_first = param.correction(starts[0])
@@ -460,7 +461,8 @@ class Registrator:
             T_inv = invert_rigid(T_first)
             rois = tuple(self._roi(model.bone, pl.view.with_pose(pl.view.T_cam_from_world @ T_inv), pl.mask, margin)
                          for pl in stage)
-        return _Objective(stage, model, param, [similarity(pl.image, roi) for pl, roi in zip(stage, rois)],
+        return _Objective(stage, [model.fixed_for(pl.view) for pl in stage], param,
+                          [similarity(pl.image, roi) for pl, roi in zip(stage, rois)],
                           parallel=self.settings.parallel_render, pool=self._pool(),
                           analytic=self.settings.analytic_jacobian)
 
@@ -476,12 +478,12 @@ class Registrator:
             self._evaluation_pool = (os.getpid(), ThreadPoolExecutor(threads, thread_name_prefix="registration"))
         return self._evaluation_pool[1]
 
-    def _render_all(self, model: AnatomyModel, views: list[View]) -> list[np.ndarray]:
-        """Renders of ``model`` in every view, concurrently on the evaluation threads when there are any."""
+    def _render_all(self, scenes: list[tuple[AnatomyModel, View]]) -> list[np.ndarray]:
+        """The render of each (model, view), concurrently on the evaluation threads when there are any."""
         pool = self._pool()
         if pool is None:
-            return [model.render(v, parallel=self.settings.parallel_render) for v in views]
-        return list(pool.map(lambda v: model.render(v, parallel=False), views))
+            return [model.render(v, parallel=self.settings.parallel_render) for model, v in scenes]
+        return list(pool.map(lambda scene: scene[0].render(scene[1], parallel=False), scenes))
 
     def _keeps_roi(self, jacobian: LeastSquaresJacobian, stage: list[_PyramidLevel], T_start: np.ndarray,
                    centre: np.ndarray) -> bool:
@@ -523,12 +525,13 @@ class Registrator:
             mask = interior.astype(np.float32) if np.mean(~interior) > s.search_mask_share else None
             fixed.append(([np.where(interior, g, 0.0).astype(np.float32) for g in _gradients(pl.image)], mask))
         rotations = list(itertools.product(s.search_rotations_deg, repeat=3))
-        padded = []
+        models = [model.fixed_for(pl.view) for pl in stage]
+        scenes = []
         for rotation in rotations:
             T_corr_inv = invert_rigid(param.correction(x0 + np.r_[rotation, 0.0, 0.0, 0.0]))
-            padded += [pl.view.with_pose(pl.view.T_cam_from_world @ T_corr_inv).cropped(
-                -pad, -pad, pl.view.width + 2 * pad, pl.view.height + 2 * pad) for pl in stage]
-        renders = iter(self._render_all(model, padded))
+            scenes += [(m, pl.view.with_pose(pl.view.T_cam_from_world @ T_corr_inv).cropped(
+                -pad, -pad, pl.view.width + 2 * pad, pl.view.height + 2 * pad)) for m, pl in zip(models, stage)]
+        renders = iter(self._render_all(scenes))
         maps: dict[tuple[float, ...], list[np.ndarray]] = {}
         for rotation in rotations:
             maps[rotation] = []
@@ -867,10 +870,10 @@ class _Objective:
 
     memory = 32  # enough for two optimisers running at once (``one_thread``)
 
-    def __init__(self, stage, model, param, measures, parallel: bool | None = None,
+    def __init__(self, stage, models, param, measures, parallel: bool | None = None,
                  pool: ThreadPoolExecutor | None = None, analytic: bool = False):
         self.stage = stage
-        self.model = model
+        self.models = models  # one per view (``AnatomyModel.fixed_for`` its view)
         self.param = param
         self.measures = measures
         self.parallel = parallel
@@ -910,12 +913,12 @@ class _Objective:
         if buffers is None:
             buffers = self._buffers.images = [np.empty(pl.view.shape, np.float32) for pl in self.stage]
         T_corr_inv = invert_rigid(self.param.correction(x))
-        for pl, buf in zip(self.stage, buffers):
+        for pl, model, buf in zip(self.stage, self.models, buffers):
             view = pl.view.with_pose(pl.view.T_cam_from_world @ T_corr_inv)
             if self.analytic and with_motion:
-                yield self.model.render_motion(view, parallel=parallel)
+                yield model.render_motion(view, parallel=parallel)
             else:
-                yield self.model.render(view, out=buf, parallel=parallel), None
+                yield model.render(view, out=buf, parallel=parallel), None
 
     def per_view(self, x: np.ndarray) -> list[float]:
         """Each view's similarity score at x (from the kept residuals when x was evaluated)."""
