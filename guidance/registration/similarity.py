@@ -155,7 +155,7 @@ def patch_agreement(fixed: np.ndarray, moving: np.ndarray, mask: np.ndarray | No
 
     Where the model's edges lie on the image's, most of those patches agree, even where
     something the model lacks keeps the whole image's correlation low; a wrong pose puts many
-    of them over other structures (right poses 0.71-0.96, wrong ones at most 0.43 while
+    of them over other structures (right poses 0.69-0.96, wrong ones at most 0.43 while
     scoring up to 0.75; docs/benchmarks.md, session 17). Noise lowers it about as much as
     the correlation."""
     mask = np.ones(fixed.shape, bool) if mask is None else mask.astype(bool)
